@@ -1,0 +1,118 @@
+"""Deblender configuration. Defaults follow the Rubin scarlet task where sensible."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+
+
+@dataclass
+class DeblendConfig:
+    """Settings of a deblend run.
+
+    Attributes
+    ----------
+    max_iter : int
+        Maximum optimiser iterations per blend.
+    relative_error : float
+        Convergence when the relative change of the log-likelihood is below this.
+    min_iter : int
+        Iterations always run before convergence is tested.
+    resize_every : int
+        Component boxes are grown / shrunk every this many iterations (0: never).
+    model_psf_sigma : float
+        Sigma (pixels) of the Gaussian model-frame PSF.
+    min_snr : float
+        Sources below this SNR start as the PSF; above ``2 * min_snr`` they get
+        two components (bulge + disk).
+    background_thresh, initial_background_thresh : float
+        Sparsity / box thresholds in units of the background noise.
+    optimizer : str
+        ``"adaprox"`` (proximal AMSGrad) or ``"fista"``.
+    use_weights : bool
+        Weight pixels by inverse variance (else uniform weights).
+    bad_mask_planes : list of str
+        Mask planes whose pixels get zero weight.
+    set_spectra : bool
+        Re-solve spectra by least squares after initialisation.
+    max_spectrum_cutoff : float
+        n_peaks x bbox area above which spectra are initialised per component
+        instead of jointly.
+    process_singles : bool
+        Fit single-peak parents; otherwise store them as isolated sources.
+    max_number_of_peaks, max_footprint_area, max_area_times_peaks : float
+        Size limits; a parent over one is skipped with its reason.
+    max_footprint_size : int
+        Maximum bbox side (0: off).
+    min_footprint_axis_ratio : float
+        Minimum bbox axis ratio (0: off).
+    mask_limits : dict
+        Mask plane -> maximum fraction of the footprint it may cover.
+    catch_failures : bool
+        A blend that raises is recorded as failed instead of stopping the run.
+    symmetric : bool
+        Add the symmetry constraint to morphologies.
+    monotonic : bool
+        Apply the monotonicity constraint.
+    """
+
+    max_iter: int = 300
+    relative_error: float = 1e-3
+    min_iter: int = 5
+    resize_every: int = 3
+    model_psf_sigma: float = 0.8
+    min_snr: float = 50.0
+    background_thresh: float = 1.0
+    initial_background_thresh: float = 1.0
+    optimizer: str = "adaprox"
+    use_weights: bool = True
+    bad_mask_planes: list = field(default_factory=lambda: ["BAD", "SAT", "SUSPECT", "NO_DATA", "EDGE"])
+    set_spectra: bool = True
+    max_spectrum_cutoff: float = 1e6
+    process_singles: bool = False
+    max_number_of_peaks: int = 600
+    max_footprint_area: float = 2e6
+    max_area_times_peaks: float = 1e9
+    max_footprint_size: int = 0
+    min_footprint_axis_ratio: float = 0.0
+    mask_limits: dict = field(default_factory=dict)
+    catch_failures: bool = True
+    symmetric: bool = False
+    monotonic: bool = True
+
+    def __post_init__(self):
+        if self.optimizer not in ("adaprox", "fista"):
+            raise InputError(f"optimizer must be 'adaprox' or 'fista', not {self.optimizer!r}")
+        if self.max_iter < 1 or self.min_iter < 0:
+            raise InputError("max_iter must be >= 1 and min_iter >= 0")
+        if self.relative_error <= 0:
+            raise InputError("relative_error must be positive")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DeblendConfig":
+        return cls(**json.loads(text))
+
+    def with_overrides(self, items: list[str]) -> "DeblendConfig":
+        """Apply ``KEY=VALUE`` strings (values parsed as JSON, else kept as strings)."""
+        values = dataclasses.asdict(self)
+        for item in items:
+            if "=" not in item:
+                raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            if key not in values:
+                raise InputError(f"unknown configuration key {key!r}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            if key == "bad_mask_planes" and isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            values[key] = value
+        return type(self)(**values)
