@@ -1,0 +1,319 @@
+"""Read multi-band exposures (FITS per band, or npz) into an exposure Dataset.
+
+Every problem with an input raises :class:`~scarletstore.errors.InputError`
+with a one-line message naming the file, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .errors import InputError
+from .schema import stamp, validate
+
+# LSST mask-plane convention, used when an input does not name its planes.
+LSST_MASK_PLANES = {
+    "BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
+    "DETECTED_NEGATIVE": 6, "SUSPECT": 7, "NO_DATA": 8,
+}
+DEFAULT_BAD_PLANES = ["BAD", "SAT", "SUSPECT", "NO_DATA", "EDGE"]
+
+
+def bad_bits(mask_planes: dict, bad_planes=DEFAULT_BAD_PLANES) -> int:
+    """The OR of the bits of the named bad planes that this mask defines."""
+    bits = 0
+    for name in bad_planes:
+        if name in mask_planes:
+            bits |= 1 << int(mask_planes[name])
+    return bits
+
+
+def bad_pixels(exposure: xr.Dataset, bad_planes=None) -> np.ndarray:
+    """(band, y, x) bool: pixels flagged in a bad plane of ``exposure``."""
+    planes = json.loads(exposure.attrs["mask_planes"])
+    if bad_planes is None:
+        bad_planes = json.loads(exposure.attrs["bad_mask_planes"])
+    return (np.asarray(exposure["mask"].values) & bad_bits(planes, bad_planes)) != 0
+
+
+def check_psf(psf, where: str) -> np.ndarray:
+    """Validate a PSF image and return it normalised to unit sum (float64)."""
+    psf = np.asarray(psf, dtype=np.float64)
+    if psf.ndim != 2:
+        raise InputError(f"{where}: PSF must be 2-D, got {psf.ndim}-D")
+    if psf.size == 0:
+        raise InputError(f"{where}: PSF is empty")
+    if psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0:
+        raise InputError(f"{where}: PSF must be odd-sized, got {psf.shape[0]}x{psf.shape[1]}")
+    if not np.all(np.isfinite(psf)):
+        raise InputError(f"{where}: PSF has non-finite values")
+    total = psf.sum()
+    if not total > 0:
+        raise InputError(f"{where}: PSF sums to {total:g}; it must have a positive sum")
+    return psf / total
+
+
+def _stack_psfs(psfs: list[np.ndarray]) -> np.ndarray:
+    """Zero-pad odd PSFs of different sizes to a common centred shape."""
+    ny = max(p.shape[0] for p in psfs)
+    nx = max(p.shape[1] for p in psfs)
+    out = np.zeros((len(psfs), ny, nx), dtype=np.float32)
+    for i, p in enumerate(psfs):
+        dy, dx = (ny - p.shape[0]) // 2, (nx - p.shape[1]) // 2
+        out[i, dy:dy + p.shape[0], dx:dx + p.shape[1]] = p
+    return out
+
+
+def _check_planes(image, variance, mask, bands, where, mask_planes, bad_planes):
+    names = list(bands)
+    dup = sorted({b for b in names if names.count(b) > 1})
+    if dup:
+        raise InputError(f"{where}: duplicate band name(s) {', '.join(dup)}")
+    bits = bad_bits(mask_planes, bad_planes)
+    for i, band in enumerate(names):
+        good = (mask[i] & bits) == 0
+        v = variance[i][good]
+        if not np.all(np.isfinite(v)):
+            raise InputError(f"{where[i] if isinstance(where, list) else where}: "
+                             f"band {band}: non-finite variance on unmasked pixels")
+        if np.any(v < 0):
+            raise InputError(f"{where[i] if isinstance(where, list) else where}: "
+                             f"band {band}: negative variance on unmasked pixels")
+        if not np.all(np.isfinite(image[i][good])):
+            raise InputError(f"{where[i] if isinstance(where, list) else where}: "
+                             f"band {band}: non-finite image values on unmasked pixels")
+
+
+def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(0, 0),
+                  mask_planes=None, bad_planes=None, known=None, sources=()) -> xr.Dataset:
+    """Build a validated exposure Dataset from arrays.
+
+    Parameters
+    ----------
+    image, variance : (band, y, x) arrays, stored as float32
+    mask : (band, y, x) int array or None (all zero)
+    psfs : list of 2-D arrays (validated, normalised, padded to one shape)
+    bands : list of str
+    wcs : FITS header text of the WCS ("" when unknown)
+    origin : global (y, x) of pixel (0, 0)
+    known : optional (y, x) arrays of known source positions
+    """
+    image = np.asarray(image, dtype=np.float32)
+    variance = np.asarray(variance, dtype=np.float32)
+    mask = np.zeros(image.shape, np.int32) if mask is None else np.asarray(mask).astype(np.int32)
+    mask_planes = dict(LSST_MASK_PLANES if mask_planes is None else mask_planes)
+    bad_planes = list(DEFAULT_BAD_PLANES if bad_planes is None else bad_planes)
+    where = ", ".join(str(s) for s in sources) or "input"
+    if image.ndim != 3 or variance.shape != image.shape or mask.shape != image.shape:
+        raise InputError(f"{where}: image {image.shape}, variance {variance.shape} and "
+                         f"mask {mask.shape} must be equal (band, y, x) shapes")
+    if len(bands) != image.shape[0] or len(psfs) != image.shape[0]:
+        raise InputError(f"{where}: {image.shape[0]} image planes but {len(bands)} band names "
+                         f"and {len(psfs)} PSFs")
+    _check_planes(image, variance, mask, bands, where, mask_planes, bad_planes)
+    psf = _stack_psfs([check_psf(p, f"{where} (band {b})") for p, b in zip(psfs, bands)])
+    ds = xr.Dataset(
+        {
+            "image": (("band", "y", "x"), image),
+            "variance": (("band", "y", "x"), variance),
+            "mask": (("band", "y", "x"), mask),
+            "psf": (("band", "psf_y", "psf_x"), psf),
+        },
+        coords={"band": np.array(list(bands), dtype=object)},
+        attrs={
+            "wcs": wcs,
+            "origin_y": int(origin[0]),
+            "origin_x": int(origin[1]),
+            "mask_planes": json.dumps(mask_planes, sort_keys=True),
+            "bad_mask_planes": json.dumps(bad_planes),
+            "sources": json.dumps([str(s) for s in sources]),
+        },
+    )
+    ds["image"].attrs["units"] = "counts"
+    ds["variance"].attrs["units"] = "counts^2"
+    if known is not None and len(known[0]):
+        ds["known_y"] = ("known", np.asarray(known[0], dtype=np.float64))
+        ds["known_x"] = ("known", np.asarray(known[1], dtype=np.float64))
+    stamp(ds, "exposure", 1)
+    return validate(ds)
+
+
+# ------------------------------------------------------------------ FITS
+def read_psf_file(path) -> np.ndarray:
+    """A PSF image from a FITS file (first HDU with 2-D data, or HDU ``PSF``) or ``.npy``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such PSF file")
+    if path.suffix == ".npy":
+        try:
+            return np.load(path)
+        except Exception as exc:  # numpy raises several types for bad files
+            raise InputError(f"{path}: unreadable PSF file ({exc.__class__.__name__})") from None
+    from astropy.io import fits
+    try:
+        with fits.open(path) as hdul:
+            if "PSF" in hdul:
+                return np.array(hdul["PSF"].data)
+            for hdu in hdul:
+                if hdu.data is not None and getattr(hdu.data, "ndim", 0) == 2:
+                    return np.array(hdu.data)
+    except OSError:
+        raise InputError(f"{path}: not a readable FITS file") from None
+    raise InputError(f"{path}: no 2-D PSF image found")
+
+
+def _wcs_text(header) -> str:
+    from astropy.wcs import WCS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            w = WCS(header)
+        except Exception:
+            return ""
+        if not w.has_celestial:
+            return ""
+        return w.to_header(relax=True).tostring()
+
+
+def read_fits_bands(paths, bands=None, psf_files=None) -> xr.Dataset:
+    """One FITS file per band (HDUs IMAGE, MASK, VARIANCE and PSF) -> exposure.
+
+    The band name comes from header ``BAND`` (primary or IMAGE HDU) or, in
+    order, from ``bands``; a PSF in ``psf_files[band]`` overrides the PSF HDU.
+    """
+    from astropy.io import fits
+
+    psf_files = dict(psf_files or {})
+    if bands is not None and len(bands) != len(paths):
+        raise InputError(f"--bands names {len(bands)} bands but {len(paths)} files were given")
+    images, variances, masks, psfs, names = [], [], [], [], []
+    wcs, mask_planes, shape, origin = None, None, None, (0, 0)
+    for i, path in enumerate(paths):
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        try:
+            hdul = fits.open(path, memmap=False)
+            hdul.verify("silentfix")
+        except Exception:
+            raise InputError(f"{path}: not a readable FITS file") from None
+        with hdul:
+            for name in ("IMAGE", "MASK", "VARIANCE"):
+                if name not in hdul:
+                    raise InputError(f"{path}: missing HDU {name}")
+            try:
+                img = np.array(hdul["IMAGE"].data)
+                var = np.array(hdul["VARIANCE"].data)
+                msk = np.array(hdul["MASK"].data)
+            except Exception:
+                raise InputError(f"{path}: unreadable image data") from None
+            band = bands[i] if bands is not None else (
+                hdul[0].header.get("BAND") or hdul["IMAGE"].header.get("BAND"))
+            if not band:
+                raise InputError(f"{path}: no BAND header; name the bands with --bands")
+            band = str(band).strip()
+            if band in psf_files:
+                psf = read_psf_file(psf_files.pop(band))
+            elif "PSF" in hdul and hdul["PSF"].data is not None:
+                psf = np.array(hdul["PSF"].data)
+            else:
+                raise InputError(f"{path}: missing HDU PSF (or give --psf {band}=FILE)")
+            if img.ndim != 2 or var.shape != img.shape or msk.shape != img.shape:
+                raise InputError(f"{path}: IMAGE {img.shape}, VARIANCE {var.shape} and MASK "
+                                 f"{msk.shape} must be equal 2-D shapes")
+            if shape is None:
+                shape = img.shape
+                hdr = hdul["IMAGE"].header
+                wcs = _wcs_text(hdr)
+                # LSST cut-outs carry their global pixel offset as LTV (negated).
+                origin = (int(-hdr.get("LTV2", 0)), int(-hdr.get("LTV1", 0)))
+            elif img.shape != shape:
+                raise InputError(f"{path}: band {band} has shape {img.shape[0]}x{img.shape[1]}, "
+                                 f"other bands {shape[0]}x{shape[1]}")
+            planes = {k[3:]: int(v) for k, v in hdul["MASK"].header.items() if k.startswith("MP_")}
+            if mask_planes is None:
+                mask_planes = planes or dict(LSST_MASK_PLANES)
+            elif planes and planes != mask_planes:
+                raise InputError(f"{path}: mask planes differ from the first band's")
+            psf = check_psf(psf, f"{path} (band {band})")
+            images.append(img)
+            variances.append(var)
+            masks.append(msk)
+            psfs.append(psf)
+            names.append(band)
+    if psf_files:
+        raise InputError(f"--psf names band(s) {', '.join(psf_files)} that no input provides")
+    return make_exposure(np.stack(images), np.stack(variances), np.stack(masks), psfs, names,
+                         wcs=wcs or "", origin=origin, mask_planes=mask_planes,
+                         sources=[Path(p).name for p in paths])
+
+
+# ------------------------------------------------------------------ npz
+def read_npz(path, bands=None, psf_files=None) -> xr.Dataset:
+    """An npz in the layout of hsc_cosmos_35.npz -> exposure.
+
+    Keys ``images`` (band, y, x), ``variance``, ``psfs`` (band, py, px),
+    ``filters``; optional ``mask`` (LSST bits) and ``catalog`` with ``x, y``
+    (kept as known peaks for detection).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        data = np.load(path, allow_pickle=False)
+        keys = set(data.files)
+    except Exception:
+        raise InputError(f"{path}: not a readable npz file") from None
+    with data:
+        if "images" not in keys:
+            raise InputError(f"{path}: npz has no 'images' array")
+        for key in ("variance", "psfs"):
+            if key not in keys:
+                raise InputError(f"{path}: npz has no {key!r} array")
+        images = data["images"]
+        if images.ndim != 3:
+            raise InputError(f"{path}: 'images' must be (band, y, x), got shape {images.shape}")
+        variance = data["variance"]
+        if variance.shape != images.shape:
+            raise InputError(f"{path}: 'variance' shape {variance.shape} differs from images {images.shape}")
+        mask = data["mask"] if "mask" in keys else None
+        if mask is not None and mask.shape != images.shape:
+            raise InputError(f"{path}: 'mask' shape {mask.shape} differs from images {images.shape}")
+        if bands is None:
+            if "filters" not in keys:
+                raise InputError(f"{path}: npz has no 'filters'; name the bands with --bands")
+            bands = [str(b) for b in data["filters"]]
+        elif len(bands) != images.shape[0]:
+            raise InputError(f"{path}: --bands names {len(bands)} bands, images have {images.shape[0]}")
+        psfs = list(data["psfs"])
+        if len(psfs) != images.shape[0]:
+            raise InputError(f"{path}: {len(psfs)} PSFs for {images.shape[0]} bands")
+        for band, pf in dict(psf_files or {}).items():
+            if band not in bands:
+                raise InputError(f"--psf names band {band} that {path.name} does not have")
+            psfs[bands.index(band)] = read_psf_file(pf)
+        known = None
+        if "catalog" in keys:
+            cat = data["catalog"]
+            if cat.dtype.names is None or not {"x", "y"} <= set(cat.dtype.names):
+                raise InputError(f"{path}: 'catalog' must be a table with x and y fields")
+            known = (np.asarray(cat["y"], np.float64), np.asarray(cat["x"], np.float64))
+    return make_exposure(images, variance, mask, psfs, bands, known=known,
+                         sources=[path.name])
+
+
+def read_inputs(paths, bands=None, psf_files=None) -> xr.Dataset:
+    """Dispatch on the inputs: a single ``.npz``, or FITS files (one per band)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError("no input files given")
+    if any(p.suffix == ".npz" for p in paths):
+        if len(paths) != 1:
+            raise InputError("give a single .npz input (it holds every band)")
+        return read_npz(paths[0], bands=bands, psf_files=psf_files)
+    return read_fits_bands(paths, bands=bands, psf_files=psf_files)

@@ -1,0 +1,174 @@
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from conftest import gaussian_psf, write_band_fits
+from scarletstore.cli import main
+from scarletstore.errors import InputError
+from scarletstore.ingest import bad_pixels, read_fits_bands, read_npz
+
+
+def run(argv):
+    return main([str(a) for a in argv])
+
+
+def test_fits_roundtrip_bit_identical_with_wcs(tmp_path, fits_bands):
+    paths, arrays, hdr = fits_bands
+    store = tmp_path / "s.h5"
+    assert run(["ingest", store, *paths]) == 0
+    with xr.open_dataset(store, group="exposure", engine="h5netcdf") as ds:
+        assert list(ds.band.values) == ["g", "r", "i"]
+        for i, band in enumerate("gri"):
+            image, variance, mask, psf = arrays[band]
+            np.testing.assert_array_equal(ds["image"].values[i], image)
+            np.testing.assert_array_equal(ds["variance"].values[i], variance)
+            np.testing.assert_array_equal(ds["mask"].values[i], mask)
+            assert ds["psf"].values[i].sum() == pytest.approx(1.0, abs=1e-6)
+            np.testing.assert_allclose(ds["psf"].values[i], psf / psf.sum(), rtol=1e-6, atol=1e-8)
+        w_in = WCS(hdr)
+        w_out = WCS(fits.Header.fromstring(ds.attrs["wcs"]))
+        pix = np.array([[0, 0], [10.5, 20.25], [49, 39]])
+        np.testing.assert_allclose(w_out.all_pix2world(pix, 0), w_in.all_pix2world(pix, 0), atol=1e-12)
+        planes = json.loads(ds.attrs["mask_planes"])
+        assert planes == {"BAD": 0, "SAT": 1, "DETECTED": 5}
+        # only bad planes make bad pixels: DETECTED is informational
+        bad = bad_pixels(ds)
+        assert bad[:, 5, 5:9].all() and bad.sum() == 3 * 4
+
+
+def test_bands_in_given_order(tmp_path, fits_bands):
+    paths, arrays, _ = fits_bands
+    ds = read_fits_bands(paths[::-1])
+    assert list(ds.band.values) == ["i", "r", "g"]
+    np.testing.assert_array_equal(ds["image"].values[0], arrays["i"][0])
+
+
+def test_bands_option_and_psf_option(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(20, 20)).astype(np.float32)
+    var = np.ones_like(img)
+    a = write_band_fits(tmp_path / "a.fits", "x", img, var, np.zeros((20, 20)), None, band_in_header=False)
+    b = write_band_fits(tmp_path / "b.fits", "x", img, var, np.zeros((20, 20)), gaussian_psf(7), band_in_header=False)
+    psf_file = tmp_path / "psf.fits"
+    fits.PrimaryHDU(gaussian_psf(9, 2.0).astype(np.float32) * 5).writeto(psf_file)
+    ds = read_fits_bands([a, b], bands=["r", "i"], psf_files={"r": psf_file})
+    assert list(ds.band.values) == ["r", "i"]
+    assert ds["psf"].shape == (2, 9, 9)  # padded to the larger PSF
+    np.testing.assert_allclose(ds["psf"].values[0].sum(), 1.0, rtol=1e-6)
+
+
+def test_npz_roundtrip_bit_identical(tmp_path, hsc_path):
+    store = tmp_path / "hsc.h5"
+    assert run(["ingest", store, hsc_path]) == 0
+    data = np.load(hsc_path)
+    with xr.open_dataset(store, group="exposure", engine="h5netcdf") as ds:
+        np.testing.assert_array_equal(ds["image"].values, data["images"])
+        np.testing.assert_array_equal(ds["variance"].values, data["variance"])
+        np.testing.assert_array_equal(ds["mask"].values, data["mask"])
+        assert list(ds.band.values) == [str(f) for f in data["filters"]]
+        np.testing.assert_allclose(ds["psf"].values, data["psfs"] / data["psfs"].sum(axis=(1, 2))[:, None, None],
+                                   rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(ds["known_x"].values, data["catalog"]["x"])
+        np.testing.assert_array_equal(ds["known_y"].values, data["catalog"]["y"])
+        assert ds.attrs["wcs"] == ""
+
+
+# ------------------------------------------------------------------ bad inputs
+def _bad(tmp_path, capsys, argv, match):
+    store = tmp_path / "bad.h5"
+    code = run(["ingest", store, *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and match in err, err
+    assert not store.exists()
+    assert not list(tmp_path.glob(".bad.h5*.tmp"))
+    return err
+
+
+def _band(tmp_path, name, shape=(20, 20), variance=None, psf="ok", band=None, image=None, hdus=None):
+    img = np.zeros(shape, np.float32) if image is None else image
+    var = np.ones(shape, np.float32) if variance is None else variance
+    p = gaussian_psf(7) if isinstance(psf, str) else psf
+    path = write_band_fits(tmp_path / f"{name}.fits", band or name, img, var, np.zeros(shape), p)
+    if hdus is not None:
+        with fits.open(path) as h:
+            fits.HDUList([x for x in h if x.name not in hdus]).writeto(path, overwrite=True)
+    return path
+
+
+def test_bad_shapes(tmp_path, capsys):
+    a, b = _band(tmp_path, "g"), _band(tmp_path, "r", shape=(20, 21))
+    err = _bad(tmp_path, capsys, [a, b], "shape")
+    assert "r.fits" in err
+
+
+def test_bad_variance(tmp_path, capsys):
+    var = np.ones((20, 20), np.float32)
+    var[3, 3] = np.nan
+    _bad(tmp_path, capsys, [_band(tmp_path, "g", variance=var)], "non-finite variance")
+    var[3, 3] = -1
+    _bad(tmp_path, capsys, [_band(tmp_path, "g", variance=var)], "negative variance")
+
+
+def test_bad_variance_on_masked_pixel_is_fine(tmp_path):
+    var = np.ones((20, 20), np.float32)
+    var[3, 3] = np.nan
+    mask = np.zeros((20, 20), np.int32)
+    mask[3, 3] = 1
+    p = write_band_fits(tmp_path / "g.fits", "g", np.zeros((20, 20)), var, mask, gaussian_psf(7))
+    assert run(["ingest", tmp_path / "ok.h5", p]) == 0
+
+
+@pytest.mark.parametrize("psf,match", [
+    (np.ones((6, 6)), "odd-sized"),
+    (np.zeros((5, 5)), "positive sum"),
+    (np.zeros((0, 5)), "empty"),
+])
+def test_bad_psf(tmp_path, capsys, psf, match):
+    _bad(tmp_path, capsys, [_band(tmp_path, "g", psf=psf)], match)
+
+
+def test_duplicate_bands(tmp_path, capsys):
+    a, b = _band(tmp_path, "g"), _band(tmp_path, "g2", band="g")
+    _bad(tmp_path, capsys, [a, b], "duplicate band")
+
+
+def test_unreadable_and_non_fits(tmp_path, capsys):
+    junk = tmp_path / "junk.fits"
+    junk.write_text("this is not FITS")
+    err = _bad(tmp_path, capsys, [junk], "not a readable FITS file")
+    assert "junk.fits" in err
+    _bad(tmp_path, capsys, [tmp_path / "missing.fits"], "no such file")
+
+
+@pytest.mark.parametrize("hdu", ["IMAGE", "MASK", "VARIANCE", "PSF"])
+def test_missing_hdu(tmp_path, capsys, hdu):
+    _bad(tmp_path, capsys, [_band(tmp_path, "g", hdus={hdu})], f"missing HDU {hdu}")
+
+
+def test_npz_without_images(tmp_path, capsys):
+    p = tmp_path / "x.npz"
+    np.savez(p, variance=np.ones((2, 5, 5)))
+    _bad(tmp_path, capsys, [p], "no 'images'")
+    q = tmp_path / "y.npz"
+    q.write_text("not a zip")
+    _bad(tmp_path, capsys, [q], "not a readable npz")
+
+
+def test_existing_store_unchanged(tmp_path, capsys, fits_bands):
+    paths, _, _ = fits_bands
+    store = tmp_path / "s.h5"
+    assert run(["ingest", store, *paths]) == 0
+    before = store.read_bytes()
+    assert run(["ingest", store, *paths]) == 2
+    assert "already holds an exposure" in capsys.readouterr().err
+    assert store.read_bytes() == before
+
+
+def test_read_npz_errors_are_input_errors(tmp_path):
+    with pytest.raises(InputError):
+        read_npz(tmp_path / "nope.npz")
