@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+import numpy as np
 from pathlib import Path
 
 from .errors import InputError, ScarletStoreError
@@ -94,6 +96,65 @@ def cmd_simulate(args):
           f"{' '.join(str(p) for p in out['bands'].values())}; truth in {out['truth']}")
 
 
+def cmd_detect(args):
+    from .detect import detect, read_peaks_table
+    from .store import Store
+
+    if args.threshold <= 0:
+        raise InputError(f"--threshold must be positive, got {args.threshold:g}")
+    store = Store(args.store)
+    if not store.has("exposure"):
+        raise InputError(f"{store.path}: no exposure group; run 'scarletstore ingest' first")
+    if store.has("parents") and not args.replace:
+        raise InputError(f"{store.path}: already has parents; pass --replace to detect again")
+    exposure = store.read("exposure")
+    known = read_peaks_table(args.peaks, exposure.attrs["wcs"]) if args.peaks else None
+    parents = detect(exposure, threshold=args.threshold, min_area=args.min_area, known=known,
+                     bands=_bands(args.bands), progress=True)
+    store.write({"parents": parents}, replace=args.replace)
+    n_ext = int(((parents["peak_flags"].values & 1) != 0).sum())
+    print(f"detected {parents.sizes['parent']} parents with {parents.sizes['peak']} peaks "
+          f"({n_ext} external) in {store.path}")
+
+
+def cmd_deblend(args):
+    from .deblend.config import DeblendConfig
+    from .deblend.run import deblend_exposure
+    from .store import Store, run_group
+
+    store = Store(args.store)
+    for group, hint in (("exposure", "ingest"), ("parents", "detect")):
+        if not store.has(group):
+            raise InputError(f"{store.path}: no {group} group; run 'scarletstore {hint}' first")
+    config = DeblendConfig().with_overrides(args.set or [])
+    runs = store.runs()
+    name = args.run or next(f"{args.method}-{k}" for k in range(1, 10**6) if f"{args.method}-{k}" not in runs)
+    if name in runs:
+        raise InputError(f"{store.path}: run {name!r} already exists (runs are never overwritten)")
+    if "/" in name or not name.strip():
+        raise InputError(f"invalid run name {name!r}")
+    blend_ids = None
+    if args.blends:
+        try:
+            blend_ids = [int(b) for b in args.blends.split(",") if b.strip()]
+        except ValueError:
+            raise InputError(f"--blends expects comma-separated parent ids, got {args.blends!r}") from None
+    run = deblend_exposure(
+        store.read("exposure"), store.read("parents"), config, args.method, blend_ids=blend_ids,
+        workers=args.workers, scheduler=args.scheduler, name=name, show_progress=True,
+        first_source_id=store.max_source_id() + 1, exposure_checksum=store.checksum("exposure"),
+        parents_checksum=store.checksum("parents"))
+    store.write({run_group(name): run})
+    nb = run.sizes["blend"]
+    fitted = int((run["blend_reason"].values == "").sum())
+    failed = int(sum(str(r).startswith("failed") for r in run["blend_reason"].values))
+    conv = int(run["blend_converged"].values[run["blend_reason"].values == ""].sum())
+    rt = run["blend_runtime"].values[run["blend_reason"].values == ""]
+    print(f"run {name}: {nb} parents, {fitted} fitted ({conv} converged, {failed} failed), "
+          f"{run.sizes['source']} sources, {run.sizes['component']} components; "
+          f"median {1e3 * (float(np.median(rt)) if rt.size else 0):.1f} ms per blend")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="scarletstore", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -116,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bands", default="ugrizy")
     s.add_argument("--density", type=float, default=90.0, help="sources per square arcminute")
     s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("detect", help="find parent footprints and peaks")
+    s.add_argument("store")
+    s.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
+    s.add_argument("--min-area", type=int, default=None, help="minimum footprint area (pixels)")
+    s.add_argument("--peaks", help="FITS or CSV table of known positions (ra/dec or x/y)")
+    s.add_argument("--bands", help="bands to detect in (default: all)")
+    s.add_argument("--replace", action="store_true", help="replace existing parents")
+    s.set_defaults(func=cmd_detect)
+
+    s = sub.add_parser("deblend", help="deblend every parent into a new run")
+    s.add_argument("store")
+    s.add_argument("--method", choices=["scarlet", "sdss"], default="scarlet")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="configuration override")
+    s.add_argument("--blends", help="comma-separated parent ids to deblend (default: all)")
+    s.add_argument("--run", help="name of the new run (default METHOD-N)")
+    s.add_argument("--workers", type=int, default=1, help="processes on a local dask cluster")
+    s.add_argument("--scheduler", help="address of an existing dask scheduler")
+    s.set_defaults(func=cmd_deblend)
     return p
 
 

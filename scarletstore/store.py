@@ -137,6 +137,16 @@ class Store:
             items = [(self._group_attrs(f, run_group(n)).get("created", ""), n) for n in f[RUNS].keys()]
         return [n for _, n in sorted(items)]
 
+    def max_source_id(self) -> int:
+        """Largest source id of any stored run (0 when there is none)."""
+        best = 0
+        with self._h5() as f:
+            for name in f[RUNS].keys() if RUNS in f else []:
+                ids = f[RUNS][name]["source_id"]
+                if ids.shape[0]:
+                    best = max(best, int(np.max(ids[()])))
+        return best
+
     def open(self, group: str, validate: bool = True) -> xr.Dataset:
         """Open ``group`` lazily (values are read when accessed). Close it when done."""
         if not self.has(group):

@@ -172,3 +172,23 @@ def test_existing_store_unchanged(tmp_path, capsys, fits_bands):
 def test_read_npz_errors_are_input_errors(tmp_path):
     with pytest.raises(InputError):
         read_npz(tmp_path / "nope.npz")
+
+
+def test_simulated_six_band_fits_ingest_exactly(tmp_path):
+    pytest.importorskip("galsim")
+    from scarletstore.simulate import simulate_field
+
+    out = simulate_field(tmp_path / "sim", size=64, seed=2, bands="ugrizy")
+    store = tmp_path / "sim.h5"
+    assert run(["ingest", store, *out["bands"].values()]) == 0
+    with xr.open_dataset(store, group="exposure", engine="h5netcdf") as ds:
+        assert list(ds.band.values) == list("ugrizy")
+        for i, (band, path) in enumerate(out["bands"].items()):
+            with fits.open(path) as h:
+                np.testing.assert_array_equal(ds["image"].values[i], h["IMAGE"].data)
+                np.testing.assert_array_equal(ds["variance"].values[i], h["VARIANCE"].data)
+                np.testing.assert_array_equal(ds["mask"].values[i], h["MASK"].data)
+                w_in = WCS(h["IMAGE"].header)
+        w_out = WCS(fits.Header.fromstring(ds.attrs["wcs"]))
+        pix = np.array([[0.0, 0.0], [31.5, 12.25]])
+        np.testing.assert_allclose(w_out.all_pix2world(pix, 0), w_in.all_pix2world(pix, 0), atol=1e-12)

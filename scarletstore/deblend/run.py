@@ -1,0 +1,256 @@
+"""Run a deblender over every parent of an exposure and assemble a run Dataset.
+
+Parents become independent :class:`BlendTask` objects (the blend's cut-outs,
+footprint and peaks). Size and mask limits are applied here, before any work
+is shipped; the fits run in this process or as tasks on dask.distributed, and
+this process alone collects the results (in any order) and builds the run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from .. import __version__
+from ..errors import InputError
+from ..footprint import counts_to_offsets, spans_to_mask
+from ..ingest import bad_bits
+from ..models import BLEND_FLAGS, SOURCE_ISOLATED, BlendRecord, build_run
+from ..progress import progress
+from .config import DeblendConfig
+from .result import BlendResult, Component, SourceResult
+
+METHODS = ("scarlet", "sdss")
+
+
+@dataclass
+class BlendTask:
+    """The inputs of one blend, small enough to ship to a worker."""
+
+    index: int
+    parent_id: int
+    bbox: tuple  # (y0, x0, height, width)
+    images: np.ndarray  # (band, h, w) float32
+    variance: np.ndarray
+    bad: np.ndarray  # (band, h, w) bool
+    footprint: np.ndarray  # (h, w) bool
+    psfs: np.ndarray
+    peaks: np.ndarray  # (n, 2) blend-local (y, x)
+    peak_ids: np.ndarray
+    init: BlendResult | None = None
+
+
+def _parent_tables(parents: xr.Dataset):
+    span_off = counts_to_offsets(parents["span_count"].values)
+    peak_off = counts_to_offsets(parents["peak_count"].values)
+    return span_off, peak_off
+
+
+def skip_reason(config: DeblendConfig, n_peaks: int, area: int, height: int, width: int,
+                masked_fraction: dict) -> tuple[str, int]:
+    """Why a parent is not fitted ('' and 0 when it is), with its flag bit."""
+    if n_peaks > config.max_number_of_peaks:
+        return "too_many_peaks", BLEND_FLAGS["too_many_peaks"]
+    if (area > config.max_footprint_area or area * n_peaks > config.max_area_times_peaks
+            or (config.max_footprint_size > 0 and max(height, width) > config.max_footprint_size)):
+        return "parent_too_big", BLEND_FLAGS["parent_too_big"]
+    if config.min_footprint_axis_ratio > 0 and min(height, width) < config.min_footprint_axis_ratio * max(height, width):
+        return "footprint_too_thin", BLEND_FLAGS["footprint_too_thin"]
+    for plane, limit in config.mask_limits.items():
+        if masked_fraction.get(plane, 0.0) > float(limit):
+            return "masked", BLEND_FLAGS["masked"]
+    if n_peaks == 1 and not config.process_singles:
+        return "isolated", BLEND_FLAGS["isolated"]
+    return "", 0
+
+
+def make_tasks(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig,
+               blend_ids=None):
+    """Split an exposure into blend tasks and records of parents that are not fitted.
+
+    Returns
+    -------
+    tasks : list of BlendTask
+        Parents to fit.
+    done : list of BlendRecord
+        Parents skipped (with reason and flag) or kept as isolated sources.
+    """
+    planes = json.loads(exposure.attrs["mask_planes"])
+    unknown = [p for p in list(config.bad_mask_planes) + list(config.mask_limits) if p not in planes]
+    if unknown:
+        raise InputError(f"mask plane(s) {', '.join(unknown)} are not defined by the exposure "
+                         f"(it has {', '.join(sorted(planes))})")
+    bits = bad_bits(planes, config.bad_mask_planes)
+    image = np.asarray(exposure["image"].values)
+    variance = np.asarray(exposure["variance"].values)
+    mask = np.asarray(exposure["mask"].values)
+    psfs = np.asarray(exposure["psf"].values)
+    span_off, peak_off = _parent_tables(parents)
+    pid = parents["parent_id"].values
+    wanted = None
+    if blend_ids is not None:
+        wanted = {int(b) for b in blend_ids}
+        missing = wanted - {int(p) for p in pid}
+        if missing:
+            raise InputError(f"no parent(s) with id {', '.join(str(m) for m in sorted(missing))}")
+    sy, sx0, sx1 = (parents[v].values for v in ("span_y", "span_x0", "span_x1"))
+    peak_y, peak_x, peak_ids = (parents[v].values for v in ("peak_y", "peak_x", "peak_id"))
+    tasks, done = [], []
+    for i, parent_id in enumerate(pid):
+        if wanted is not None and int(parent_id) not in wanted:
+            continue
+        y0, x0, h, w = (int(parents[v].values[i]) for v in ("bbox_y0", "bbox_x0", "bbox_height", "bbox_width"))
+        sl = slice(span_off[i], span_off[i + 1])
+        fp = spans_to_mask(sy[sl], sx0[sl], sx1[sl], (y0, x0, h, w))
+        pk = slice(peak_off[i], peak_off[i + 1])
+        peaks = np.stack([peak_y[pk], peak_x[pk]], axis=1).astype(np.float64)
+        ids = np.asarray(peak_ids[pk], np.int64)
+        box = (slice(None), slice(y0, y0 + h), slice(x0, x0 + w))
+        m = mask[box]
+        area = int(fp.sum())
+        fractions = {}
+        for plane in config.mask_limits:
+            hit = ((m & (1 << int(planes[plane]))) != 0).any(axis=0) & fp
+            fractions[plane] = hit.sum() / max(area, 1)
+        reason, flag = skip_reason(config, len(ids), area, h, w, fractions)
+        bad = ((m & bits) != 0) | ~np.isfinite(variance[box]) | (variance[box] <= 0)
+        if reason == "isolated":
+            done.append(_isolated_record(i, int(parent_id), (y0, x0, h, w), image[box], bad, fp,
+                                         peaks + [y0, x0], ids, flag))
+        elif reason:
+            done.append(BlendRecord(index=i, parent_id=int(parent_id), bbox=(y0, x0, h, w),
+                                    peak_ids=ids, peaks=peaks + [y0, x0], flags=flag, reason=reason))
+        else:
+            tasks.append(BlendTask(index=i, parent_id=int(parent_id), bbox=(y0, x0, h, w),
+                                   images=np.ascontiguousarray(image[box], np.float32),
+                                   variance=np.ascontiguousarray(variance[box], np.float32),
+                                   bad=np.ascontiguousarray(bad), footprint=fp, psfs=psfs,
+                                   peaks=peaks - [y0, x0], peak_ids=ids))
+    return tasks, done
+
+
+def _isolated_record(index, parent_id, bbox, image, bad, footprint, peaks, ids, flag):
+    """A single-peak parent kept as its footprint's pixels (a cube component)."""
+    cube = np.where(footprint[None] & ~bad, image, 0).astype(np.float32)
+    y, x = peaks[0] - [bbox[0], bbox[1]]
+    comp = Component(spectrum=cube.sum(axis=(1, 2)), morph=cube, y0=0, x0=0, peak=(y, x))
+    return BlendRecord(index=index, parent_id=parent_id, bbox=bbox, peak_ids=ids, peaks=peaks,
+                       sources=[SourceResult(peak_index=0, components=[comp], flags=SOURCE_ISOLATED)],
+                       iterations=0, converged=True, flags=flag, reason="isolated")
+
+
+def _deblender(method: str):
+    if method == "scarlet":
+        from .scarlet import deblend_scarlet
+        return deblend_scarlet
+    if method == "sdss":
+        from .sdss import deblend_sdss
+        return lambda *a, init=None: deblend_sdss(*a)
+    raise InputError(f"unknown method {method!r}; choose scarlet or sdss")
+
+
+def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendRecord:
+    """Fit one blend; a failure is recorded (with its error text) when catch_failures."""
+    y0, x0 = task.bbox[0], task.bbox[1]
+    rec = BlendRecord(index=task.index, parent_id=task.parent_id, bbox=task.bbox,
+                      peak_ids=task.peak_ids, peaks=task.peaks + [y0, x0])
+    start = time.perf_counter()
+    try:
+        fit = _deblender(method)
+        result = fit(task.images, task.variance, task.bad, task.footprint, task.psfs, task.peaks,
+                     config, init=task.init)
+    except Exception as exc:
+        if not config.catch_failures:
+            raise
+        rec.flags |= BLEND_FLAGS["failed"]
+        rec.reason = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:500]
+        rec.runtime = time.perf_counter() - start
+        return rec
+    rec.runtime = time.perf_counter() - start
+    rec.sources = result.sources
+    rec.iterations = int(result.iterations)
+    rec.log_likelihood = float(result.log_likelihood)
+    rec.chi2 = float(result.chi2)
+    rec.converged = bool(result.converged)
+    rec.flags |= int(result.flags) | (0 if result.converged else BLEND_FLAGS["not_converged"])
+    rec.model_psf = result.model_psf
+    return rec
+
+
+def _run_tasks(tasks, method, config, workers, scheduler, show):
+    """Yield records as they complete: in-process, or on dask.distributed."""
+    if scheduler is None and workers <= 1:
+        for task in tasks:
+            yield process_blend(task, method, config)
+        return
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise InputError("--workers/--scheduler need dask: pip install 'scarletstore[dask]'") from None
+    cluster = None
+    if scheduler is None:
+        # one thread per process: the numba kernels hold the GIL-free loops,
+        # and processes keep the fits independent and deterministic
+        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=40)
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
+    try:
+        futures = client.map(process_blend, tasks, method=method, config=config, pure=False)
+        for fut in as_completed(futures):
+            yield fut.result()
+            fut.release()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig | None = None,
+                     method: str = "scarlet", *, blend_ids=None, workers: int = 1,
+                     scheduler: str | None = None, name: str = "run", show_progress: bool = False,
+                     first_source_id: int = 1, exposure_checksum: str = "", parents_checksum: str = "",
+                     init=None, from_run: str = "") -> xr.Dataset:
+    """Deblend every parent and return the run Dataset (schema ``run`` v1).
+
+    Parameters
+    ----------
+    init : callable, optional
+        ``init(parent_id) -> BlendResult | None``: stored models to warm-start from.
+    """
+    config = config or DeblendConfig()
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose scarlet or sdss")
+    if workers < 1:
+        raise InputError("--workers must be at least 1")
+    tasks, records = make_tasks(exposure, parents, config, blend_ids)
+    if init is not None:
+        for task in tasks:
+            task.init = init(task.parent_id)
+    model_psf = None
+    bar = progress(total=len(tasks), desc=f"deblend ({method})", enabled=show_progress, unit="blend")
+    with bar:
+        for rec in _run_tasks(tasks, method, config, workers, scheduler, show_progress):
+            if model_psf is None and getattr(rec, "model_psf", None) is not None:
+                model_psf = rec.model_psf
+            records.append(rec)
+            bar.update(1)
+    if model_psf is None:
+        if method == "scarlet":
+            from .psf import gaussian_psf
+            model_psf = gaussian_psf(config.model_psf_sigma)
+        else:
+            model_psf = np.ones((1, 1), np.float32)  # observed-frame models: identity
+    return build_run(records, list(exposure.band.values), exposure["psf"].values, model_psf,
+                     name=name, method=method, config_json=config.to_json(),
+                     package_version=__version__, exposure_checksum=exposure_checksum,
+                     parents_checksum=parents_checksum, from_run=from_run,
+                     first_source_id=first_source_id)

@@ -1,0 +1,241 @@
+"""Run Datasets <-> per-blend models.
+
+A run (schema ``run``) stores every blend's sources and components in CF
+contiguous ragged arrays sorted by blend, so one blend is one contiguous slice
+of each. :func:`build_run` assembles that Dataset from deblender output;
+:class:`RunIndex` and :func:`read_blend` read one blend back without touching
+the others (the Dataset may be lazy).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import xarray as xr
+
+from .deblend.result import Component, SourceResult
+from .schema import stamp, validate
+
+# blend flags
+BLEND_FLAGS = {
+    "too_many_peaks": 1,
+    "parent_too_big": 2,
+    "masked": 4,
+    "isolated": 8,
+    "failed": 16,
+    "not_converged": 32,
+    "footprint_too_thin": 64,
+}
+SOURCE_FLAGS = {"psf_init": 1, "point_source": 2, "no_flux": 4, "edge": 8, "isolated": 16}
+SOURCE_ISOLATED = SOURCE_FLAGS["isolated"]
+
+FACTORIZED, CUBE = 0, 1
+
+
+@dataclass
+class BlendRecord:
+    """Everything a run keeps of one parent (fitted, isolated, skipped or failed)."""
+
+    index: int
+    parent_id: int
+    bbox: tuple  # (y0, x0, height, width) in exposure pixels
+    peak_ids: np.ndarray
+    peaks: np.ndarray  # (n, 2) exposure pixels
+    sources: list = field(default_factory=list)  # SourceResult, blend-local coordinates
+    iterations: int = 0
+    log_likelihood: float = np.nan
+    chi2: float = np.nan
+    converged: bool = False
+    runtime: float = 0.0
+    flags: int = 0
+    reason: str = ""
+    model_psf: object = None  # model-frame PSF the fit used (not stored per blend)
+
+
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def build_run(records: list[BlendRecord], bands, psf, model_psf, *, name: str, method: str,
+              config_json: str, package_version: str, exposure_checksum: str = "",
+              parents_checksum: str = "", from_run: str = "", first_source_id: int = 1) -> xr.Dataset:
+    """Assemble a validated run Dataset from per-blend records (sorted by ``index``)."""
+    records = sorted(records, key=lambda r: r.index)
+    nb = len(bands)
+    b_cols = {k: [] for k in ("parent", "y0", "x0", "h", "w", "npk", "ns", "it", "logl", "chi2",
+                              "conv", "rt", "flags", "reason")}
+    s_cols = {k: [] for k in ("id", "parent", "peak", "y", "x", "nc", "flags")}
+    c_cols = {k: [] for k in ("type", "y0", "x0", "h", "w", "py", "px", "spec", "npix")}
+    pixels = []
+    next_id = int(first_source_id)
+    for rec in records:
+        y0, x0, h, w = (int(v) for v in rec.bbox)
+        for key, val in (("parent", rec.parent_id), ("y0", y0), ("x0", x0), ("h", h), ("w", w),
+                         ("npk", len(rec.peak_ids)), ("ns", len(rec.sources)), ("it", rec.iterations),
+                         ("logl", rec.log_likelihood), ("chi2", rec.chi2), ("conv", rec.converged),
+                         ("rt", rec.runtime), ("flags", rec.flags), ("reason", rec.reason)):
+            b_cols[key].append(val)
+        for src in rec.sources:
+            py, px = rec.peaks[src.peak_index]
+            for key, val in (("id", next_id), ("parent", rec.parent_id),
+                             ("peak", rec.peak_ids[src.peak_index]), ("y", py), ("x", px),
+                             ("nc", len(src.components)), ("flags", src.flags)):
+                s_cols[key].append(val)
+            next_id += 1
+            for comp in src.components:
+                morph = np.asarray(comp.morph, np.float32)
+                c_cols["type"].append(CUBE if morph.ndim == 3 else FACTORIZED)
+                c_cols["y0"].append(comp.y0 + y0)
+                c_cols["x0"].append(comp.x0 + x0)
+                c_cols["h"].append(morph.shape[-2])
+                c_cols["w"].append(morph.shape[-1])
+                c_cols["py"].append(comp.peak[0] + y0)
+                c_cols["px"].append(comp.peak[1] + x0)
+                c_cols["spec"].append(np.asarray(comp.spectrum, np.float32).reshape(nb))
+                c_cols["npix"].append(morph.size)
+                pixels.append(morph.ravel())
+
+    def arr(values, dtype):
+        return np.asarray(values, dtype=dtype).reshape(len(values))
+
+    ds = xr.Dataset(
+        {
+            "blend_parent_id": ("blend", arr(b_cols["parent"], np.int64)),
+            "blend_y0": ("blend", arr(b_cols["y0"], np.int32)),
+            "blend_x0": ("blend", arr(b_cols["x0"], np.int32)),
+            "blend_height": ("blend", arr(b_cols["h"], np.int32)),
+            "blend_width": ("blend", arr(b_cols["w"], np.int32)),
+            "blend_n_peaks": ("blend", arr(b_cols["npk"], np.int32)),
+            "blend_n_sources": ("blend", arr(b_cols["ns"], np.int32), {"sample_dimension": "source"}),
+            "blend_iterations": ("blend", arr(b_cols["it"], np.int32)),
+            "blend_log_likelihood": ("blend", arr(b_cols["logl"], np.float64)),
+            "blend_chi2": ("blend", arr(b_cols["chi2"], np.float64)),
+            "blend_converged": ("blend", arr(b_cols["conv"], bool)),
+            "blend_runtime": ("blend", arr(b_cols["rt"], np.float64), {"units": "s"}),
+            "blend_flags": ("blend", arr(b_cols["flags"], np.int32)),
+            "blend_reason": ("blend", np.array(b_cols["reason"], dtype=object).reshape(len(records))),
+            "source_id": ("source", arr(s_cols["id"], np.int64)),
+            "source_parent_id": ("source", arr(s_cols["parent"], np.int64)),
+            "source_peak_id": ("source", arr(s_cols["peak"], np.int64)),
+            "source_y": ("source", arr(s_cols["y"], np.float64)),
+            "source_x": ("source", arr(s_cols["x"], np.float64)),
+            "source_n_components": ("source", arr(s_cols["nc"], np.int32), {"sample_dimension": "component"}),
+            "source_flags": ("source", arr(s_cols["flags"], np.int32)),
+            "component_type": ("component", arr(c_cols["type"], np.int8)),
+            "component_y0": ("component", arr(c_cols["y0"], np.int32)),
+            "component_x0": ("component", arr(c_cols["x0"], np.int32)),
+            "component_height": ("component", arr(c_cols["h"], np.int32)),
+            "component_width": ("component", arr(c_cols["w"], np.int32)),
+            "component_peak_y": ("component", arr(c_cols["py"], np.float64)),
+            "component_peak_x": ("component", arr(c_cols["px"], np.float64)),
+            "component_spectrum": (("component", "band"),
+                                   np.asarray(c_cols["spec"], np.float32).reshape(len(c_cols["spec"]), nb)),
+            "component_n_pixels": ("component", arr(c_cols["npix"], np.int64), {"sample_dimension": "pixel"}),
+            "morph": ("pixel", np.concatenate(pixels).astype(np.float32) if pixels else np.zeros(0, np.float32)),
+            "model_psf": (("model_psf_y", "model_psf_x"), np.asarray(model_psf, np.float32)),
+            "psf": (("band", "psf_y", "psf_x"), np.asarray(psf, np.float32)),
+        },
+        coords={"band": np.array([str(b) for b in bands], dtype=object)},
+        attrs={
+            "name": name,
+            "method": method,
+            "config": config_json,
+            "package_version": package_version,
+            "created": _utcnow(),
+            "exposure_checksum": exposure_checksum,
+            "parents_checksum": parents_checksum,
+            "from_run": from_run or "",
+            "blend_flag_bits": json.dumps(BLEND_FLAGS),
+            "source_flag_bits": json.dumps(SOURCE_FLAGS),
+        },
+    )
+    stamp(ds, "run", 1)
+    return validate(ds)
+
+
+def _offsets(counts) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.int64)
+    out = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+class RunIndex:
+    """Offsets of every blend's sources, components and pixels in a run.
+
+    Built from the count variables only (small), so a lazy run can then read
+    one blend's slice of the large ``morph`` array without touching the rest.
+    """
+
+    def __init__(self, run: xr.Dataset):
+        self.parent_ids = np.asarray(run["blend_parent_id"].values)
+        self.source_off = _offsets(run["blend_n_sources"].values)
+        self.comp_off = _offsets(run["source_n_components"].values)
+        self.pix_off = _offsets(run["component_n_pixels"].values)
+        self._by_parent = {int(p): i for i, p in enumerate(self.parent_ids)}
+        self.source_ids = np.asarray(run["source_id"].values)
+        self._by_source = None
+
+    def blend_of_parent(self, parent_id: int) -> int:
+        try:
+            return self._by_parent[int(parent_id)]
+        except KeyError:
+            raise KeyError(f"no blend for parent {parent_id} in this run") from None
+
+    def blend_of_source(self, source_id: int) -> int:
+        if self._by_source is None:
+            blend_of_row = np.repeat(np.arange(len(self.parent_ids)), np.diff(self.source_off))
+            self._by_source = dict(zip(self.source_ids.tolist(), blend_of_row.tolist()))
+        try:
+            return self._by_source[int(source_id)]
+        except KeyError:
+            raise KeyError(f"no source {source_id} in this run") from None
+
+
+@dataclass
+class StoredBlend:
+    """One blend read back from a run: sources with components in exposure pixels."""
+
+    index: int
+    parent_id: int
+    bbox: tuple
+    source_ids: np.ndarray
+    sources: list  # SourceResult with Component y0/x0/peak in exposure pixels
+
+
+def read_blend(run: xr.Dataset, index: RunIndex, b: int) -> StoredBlend:
+    """Read blend number ``b`` of ``run`` (reads only that blend's slices)."""
+    s0, s1 = index.source_off[b], index.source_off[b + 1]
+    c0, c1 = index.comp_off[s0], index.comp_off[s1]
+    p0, p1 = index.pix_off[c0], index.pix_off[c1]
+    comp = run[["component_type", "component_y0", "component_x0", "component_height",
+                "component_width", "component_peak_y", "component_peak_x",
+                "component_spectrum"]].isel(component=slice(c0, c1)).load()
+    pix = np.asarray(run["morph"].isel(pixel=slice(p0, p1)).values)
+    nb = run.sizes["band"]
+    local_pix = index.pix_off[c0:c1 + 1] - p0
+    comps = []
+    for k in range(c1 - c0):
+        h, w = int(comp["component_height"].values[k]), int(comp["component_width"].values[k])
+        flat = pix[local_pix[k]:local_pix[k + 1]]
+        morph = flat.reshape((nb, h, w) if comp["component_type"].values[k] == CUBE else (h, w))
+        comps.append(Component(
+            spectrum=comp["component_spectrum"].values[k],
+            morph=morph,
+            y0=int(comp["component_y0"].values[k]),
+            x0=int(comp["component_x0"].values[k]),
+            peak=(float(comp["component_peak_y"].values[k]), float(comp["component_peak_x"].values[k])),
+        ))
+    srcs = run[["source_id", "source_n_components", "source_flags"]].isel(source=slice(s0, s1)).load()
+    sources, k = [], 0
+    for j in range(s1 - s0):
+        n = int(srcs["source_n_components"].values[j])
+        sources.append(SourceResult(peak_index=j, components=comps[k:k + n],
+                                    flags=int(srcs["source_flags"].values[j])))
+        k += n
+    bbox = tuple(int(run[v].values[b]) for v in ("blend_y0", "blend_x0", "blend_height", "blend_width"))
+    return StoredBlend(index=b, parent_id=int(index.parent_ids[b]), bbox=bbox,
+                       source_ids=np.asarray(srcs["source_id"].values), sources=sources)
