@@ -226,9 +226,14 @@ def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset]) -> None:
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    """Serialise writers of one store through ``<store>.lock`` (readers never take it)."""
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Serialise writers of the stores in one folder (readers never take the lock).
+
+    The lock is on the folder, not on the store file: a write replaces the
+    store's inode, so a lock held on the old file would not exclude the next
+    writer, and a separate lock file would litter the folder.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -250,8 +255,12 @@ def _transaction(path: Path, new: bool):
             with h5py.File(tmp, "w") as f:
                 f.attrs["format"] = FORMAT
                 f.attrs["format_version"] = FORMAT_VERSION
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a store is an ordinary file
         else:
             shutil.copyfile(path, tmp)
+            shutil.copymode(path, tmp)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
