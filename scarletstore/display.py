@@ -47,4 +47,49 @@ def auto_stretch(images: np.ndarray) -> float:
     """A stretch about five times the robust noise of the composite."""
     mean = np.mean(images, axis=0)
     mad = np.median(np.abs(mean - np.median(mean)))
-    return float(max(5 * 1.4826 * mad, 1e-6))
+    # the floor keeps noise-free images from stretching float round-off into view
+    return float(max(5 * 1.4826 * mad, 1e-3 * np.abs(mean).max(), 1e-12))
+
+
+def show_blend(data, models, bands, path, title: str = "", source_ids=None) -> None:
+    """Write a PNG: data, model, residual, then each source's model (asinh RGB).
+
+    Parameters
+    ----------
+    data : (B, h, w) observed image or None
+    models : (n, B, h, w) per-source observed-frame models
+    bands : band names (three are picked for R, G, B)
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import InputError
+        raise InputError("pictures need matplotlib: pip install 'scarletstore[plot]'") from None
+    idx = rgb_bands(bands)
+    model = models.sum(axis=0)
+    panels = []
+    if data is not None:
+        panels += [("data", data), ("model", model), ("residual", data - model)]
+    else:
+        panels += [("model", model)]
+    for i, m in enumerate(models):
+        sid = source_ids[i] if source_ids is not None else i
+        panels.append((f"source {sid}", m))
+    stretch = auto_stretch((data if data is not None else model)[idx]) if data is not None else \
+        float(max(model.max() / 20, 1e-6))
+    ncol = min(len(panels), 5)
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.6 * nrow + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (label, img) in zip(axes.ravel(), panels):
+        rgb = img[idx]
+        # residuals show on the same stretch as the data; negatives clip to black
+        ax.imshow(lupton_rgb(rgb, stretch=stretch, q=8), origin="lower", interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(f"{title}  (R,G,B = {','.join(bands[i] for i in idx)})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,412 @@
+"""Lazy per-band catalogs and heavy footprints rebuilt from a stored run.
+
+``band_catalog`` returns an xarray Dataset with one row per child whose
+measured columns are lazy: they are xarray backend arrays that, when indexed,
+decode and measure only the blends behind the selected rows (blend by blend,
+keeping just the per-row values). Building one band never convolves another
+band's models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from xarray.core import indexing
+
+from .errors import InputError, StoreError
+from .footprint import counts_to_offsets, mask_to_spans, spans_to_mask
+from .ingest import bad_bits
+from .measure import COLUMNS, measure_children
+from .models import SOURCE_FLAGS, RunIndex, read_blend
+from .reconstruct import band_kernel, heavy_values, source_models
+
+# catalog flag bits (source flags keep their bits; these are added)
+CATALOG_FLAGS = dict(SOURCE_FLAGS, zero_flux=1 << 8, not_converged=1 << 9, no_data=1 << 10)
+
+
+@dataclass
+class HeavyFootprint:
+    """A child's pixels in one band: spans (y, x0, x1 inclusive) and their values."""
+
+    source_id: int
+    band: str
+    span_y: np.ndarray
+    span_x0: np.ndarray
+    span_x1: np.ndarray
+    values: np.ndarray  # pixel values in span order
+    bbox: tuple  # (y0, x0, h, w) of the parent box, exposure pixels
+
+    @property
+    def flux(self) -> float:
+        return float(self.values.sum(dtype=np.float64))
+
+    def cutout(self) -> np.ndarray:
+        """(h, w) image of the heavy footprint over the parent box (zero elsewhere)."""
+        y0, x0, h, w = self.bbox
+        out = np.zeros((h, w), np.float32)
+        k = 0
+        for y, a, b in zip(self.span_y, self.span_x0, self.span_x1):
+            n = b - a + 1
+            out[y - y0, a - x0:b - x0 + 1] = self.values[k:k + n]
+            k += n
+        return out
+
+
+class KernelCache:
+    """Difference kernels of a run: one per band, or per blend and band when the
+    run keeps each blend's own PSF (``psf_source == "blend"``, e.g. imports).
+
+    ``psf_override`` (band index -> PSF image) replaces the stored PSF of a
+    band for every blend (reanalysis with a new PSF).
+    """
+
+    def __init__(self, run: xr.Dataset, psf_override=None):
+        self.run = run
+        self.model_psf = np.asarray(run["model_psf"].values)
+        self.per_blend = run.attrs.get("psf_source", "run") == "blend" and "blend_psf" in run
+        self.override = dict(psf_override or {})
+        self._cache = {}
+
+    def get(self, b: int, band: int):
+        key = (b if self.per_blend and band not in self.override else -1, band)
+        if key not in self._cache:
+            if band in self.override:
+                psf = self.override[band]
+            elif self.per_blend:
+                psf = np.asarray(self.run["blend_psf"].isel(blend=b, band=band).values)
+            else:
+                psf = np.asarray(self.run["psf"].isel(band=band).values)
+            self._cache[key] = band_kernel(self.model_psf, psf)
+        return self._cache[key]
+
+
+class BlendMeasurer:
+    """Rebuilds and measures the children of one run in one band, blend by blend."""
+
+    def __init__(self, store, run_name: str, band: str, redistribute: bool = False,
+                 image_override=None, psf_override=None):
+        """``psf_override``: a PSF image for ``band``; ``image_override``: a dict with
+        ``image``, ``variance``, ``mask`` (h, w) arrays and ``mask_planes`` for ``band``."""
+        self.store = store
+        self.run_name = run_name
+        self.run = store.open(f"runs/{run_name}")
+        self.index = RunIndex(self.run)
+        bands = [str(b) for b in self.run.band.values]
+        if band not in bands:
+            raise InputError(f"band {band!r} is not in run {run_name} (bands {', '.join(bands)})")
+        self.band = band
+        self.b = bands.index(band)
+        self.redistribute = redistribute
+        self.kernels = KernelCache(self.run, None if psf_override is None else {self.b: psf_override})
+        self.exposure = store.open("exposure") if store.has("exposure") else None
+        self.image_override = image_override
+        self.config = json.loads(self.run.attrs.get("config", "{}"))
+        if redistribute and self.exposure is None and image_override is None:
+            raise InputError("redistribution needs an image: the store has no exposure "
+                             "(give a reprocessed image)")
+        self.parents = None
+        if store.has("parents"):
+            p = store.read("parents")
+            self.parents = {
+                "row": {int(v): i for i, v in enumerate(p["parent_id"].values)},
+                "off": counts_to_offsets(p["span_count"].values),
+                "spans": (p["span_y"].values, p["span_x0"].values, p["span_x1"].values),
+            }
+        self.decoded = []  # blend numbers decoded, in order (lets tests count reads)
+
+    def close(self):
+        self.run.close()
+        if self.exposure is not None:
+            self.exposure.close()
+
+    def _parent_row(self, parent_id: int):
+        if self.parents is None:
+            return None
+        return self.parents["row"].get(int(parent_id))
+
+    def footprint_mask(self, parent_id: int, bbox) -> np.ndarray:
+        y0, x0, h, w = bbox
+        i = self._parent_row(parent_id)
+        if i is None:
+            return np.ones((h, w), np.bool_)  # imported models: the (grown) blend box
+        sl = slice(self.parents["off"][i], self.parents["off"][i + 1])
+        sy, sx0, sx1 = self.parents["spans"]
+        return spans_to_mask(sy[sl], sx0[sl], sx1[sl], bbox)
+
+    def _data(self, bbox):
+        y0, x0, h, w = bbox
+        ys, xs = slice(y0, y0 + h), slice(x0, x0 + w)
+        if self.image_override is not None:
+            image = np.asarray(self.image_override["image"][ys, xs], np.float32)
+            variance = np.asarray(self.image_override["variance"][ys, xs], np.float32)
+            mask = np.asarray(self.image_override["mask"][ys, xs])
+            planes = self.image_override["mask_planes"]
+        elif self.exposure is not None:
+            sub = self.exposure[["image", "variance", "mask"]].isel(band=self.b, y=ys, x=xs)
+            image, variance, mask = (np.asarray(sub[v].values) for v in ("image", "variance", "mask"))
+            planes = json.loads(self.exposure.attrs["mask_planes"])
+        else:
+            return None
+        bits = bad_bits(planes, self.config.get("bad_mask_planes", ["BAD", "SAT", "SUSPECT", "NO_DATA", "EDGE"]))
+        good = ((mask & bits) == 0) & np.isfinite(variance) & (variance > 0) & np.isfinite(image)
+        return image, np.where(good, variance, 1).astype(np.float32), good
+
+    def blend_products(self, b: int):
+        """Models, heavy values, footprint and data of blend ``b`` in this band."""
+        blend = read_blend(self.run, self.index, b)
+        self.decoded.append(b)
+        kernel = self.kernels.get(b, self.b)
+        if self._parent_row(blend.parent_id) is None and self.exposure is None and kernel is not None:
+            # no parent footprint and no image grid to respect (imported models):
+            # render in the box grown by the kernel so convolved flux is not cut off
+            r = max(kernel.shape) // 2
+            y0, x0, h, w = blend.bbox
+            blend.bbox = (y0 - r, x0 - r, h + 2 * r, w + 2 * r)
+        models = source_models(blend.sources, self.b, kernel, blend.bbox)
+        fp = self.footprint_mask(blend.parent_id, blend.bbox)
+        data = self._data(blend.bbox)
+        redist = None
+        if data is not None:
+            redist = heavy_values(models, fp & data[2], data[0], redistribute_flux=True)
+        return blend, models, fp, data, redist
+
+    def measure_blend(self, b: int) -> dict:
+        """Every lazy column for the rows (children) of blend ``b``."""
+        blend, models, fp, data, redist = self.blend_products(b)
+        image, variance, good = data if data is not None else (None, None, None)
+        m = measure_children(models, fp, blend.bbox[0], blend.bbox[1], image, variance, good, redist)
+        flux = np.array([_model_flux(src, self.b) for src in blend.sources], np.float64)
+        cols = {name: m[:, k] for k, name in enumerate(COLUMNS)}
+        cols["flux"] = flux
+        flags = np.zeros(len(blend.sources), np.int32)
+        for k, src in enumerate(blend.sources):
+            flags[k] = src.flags
+        flags |= np.where(flux <= 0, CATALOG_FLAGS["zero_flux"], 0).astype(np.int32)
+        if not bool(self.run["blend_converged"].values[b]):
+            flags |= CATALOG_FLAGS["not_converged"]
+        if data is None:
+            flags |= CATALOG_FLAGS["no_data"]
+        cols["flags"] = flags
+        cols["n_pixels"] = cols["n_pixels"].astype(np.int64)
+        return cols
+
+    def heavy_footprint(self, source_id: int) -> HeavyFootprint:
+        b = self.index.blend_of_source(source_id)
+        blend, models, fp, data, redist = self.blend_products(b)
+        k = int(np.nonzero(blend.source_ids == source_id)[0][0])
+        if self.redistribute:
+            values = redist[k]
+            inside = fp & (models[k] > 0) & data[2]
+        else:
+            values = models[k]
+            inside = fp & (models[k] != 0)
+        y0, x0 = blend.bbox[0], blend.bbox[1]
+        sy, sx0, sx1 = mask_to_spans(inside, y0, x0)
+        vals = values[inside]  # row-major order == span order
+        return HeavyFootprint(int(source_id), self.band, sy, sx0, sx1, vals.astype(np.float32), blend.bbox)
+
+
+def _model_flux(src, band: int) -> float:
+    total = 0.0
+    for c in src.components:
+        if c.morph.ndim == 3:
+            total += float(c.morph[band].sum(dtype=np.float64))
+        else:
+            total += float(c.spectrum[band]) * float(c.morph.sum(dtype=np.float64))
+    return total
+
+
+class _RowCache:
+    """Per-blend column values, filled on demand (the lazy columns share it)."""
+
+    def __init__(self, measurer: BlendMeasurer):
+        self.measurer = measurer
+        self.blend_of_row = np.repeat(np.arange(len(measurer.index.parent_ids)),
+                                      np.diff(measurer.index.source_off))
+        self.values: dict[int, dict] = {}
+
+    def get(self, column: str, rows: np.ndarray, dtype) -> np.ndarray:
+        out = np.empty(rows.shape, dtype)
+        if rows.size == 0:
+            return out
+        blends = self.blend_of_row[rows]
+        for b in np.unique(blends):
+            if b not in self.values:
+                self.values[int(b)] = self.measurer.measure_blend(int(b))
+            sel = blends == b
+            out[sel] = self.values[int(b)][column][rows[sel] - self.measurer.index.source_off[b]]
+        return out
+
+
+class _LazyColumn(xr.backends.BackendArray):
+    def __init__(self, cache: _RowCache, column: str, dtype, n: int):
+        self.cache = cache
+        self.column = column
+        self.dtype = np.dtype(dtype)
+        self.shape = (n,)
+
+    def __getitem__(self, key):
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER,
+                                                  self._raw)
+
+    def _raw(self, key):
+        (k,) = key
+        rows = np.arange(self.shape[0])[k]
+        scalar = np.ndim(rows) == 0
+        values = self.cache.get(self.column, np.atleast_1d(rows), self.dtype)
+        return values[0] if scalar else values
+
+
+LAZY_DTYPES = dict({c: np.float64 for c in COLUMNS}, flux=np.float64, n_pixels=np.int64, flags=np.int32)
+
+
+def band_catalog(store, band: str, run: str | None = None, redistribute: bool = False,
+                 image_override=None, psf_override=None) -> xr.Dataset:
+    """One row per child of ``run`` (default: the newest) in ``band``; measured columns are lazy."""
+    runs = store.runs()
+    if not runs:
+        raise StoreError(f"{store.path}: no runs; run 'scarletstore deblend' first")
+    run = run or runs[-1]
+    if run not in runs:
+        raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
+    measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override)
+    cache = _RowCache(measurer)
+    r = measurer.run
+    n = r.sizes["source"]
+    src_b = cache.blend_of_row
+    x = np.asarray(r["source_x"].values)
+    y = np.asarray(r["source_y"].values)
+    ra, dec = _sky(measurer.exposure, x, y)
+    data = {
+        "id": ("row", np.asarray(r["source_id"].values)),
+        "parent": ("row", np.asarray(r["source_parent_id"].values)),
+        "blend": ("row", src_b.astype(np.int64)),
+        "x": ("row", x),
+        "y": ("row", y),
+        "ra": ("row", ra),
+        "dec": ("row", dec),
+    }
+    cols = ["flux", "flux_err", "centroid_x", "centroid_y", "ixx", "iyy", "ixy", "blendedness",
+            "chi2", "n_pixels", "data_coverage", "flags"]
+    if redistribute:
+        cols.insert(1, "flux_redistributed")
+    for c in cols:
+        lazy = indexing.LazilyIndexedArray(_LazyColumn(cache, c, LAZY_DTYPES[c], n))
+        data[c] = xr.Variable(("row",), lazy)
+    ds = xr.Dataset(data, attrs={"band": band, "run": run, "redistribute": int(redistribute),
+                                 "flag_bits": json.dumps(CATALOG_FLAGS)})
+    ds = ds.set_coords(["id"])
+    ds.attrs["_measurer"] = measurer  # kept so callers/tests can inspect reads; not serialised
+    return ds
+
+
+def _sky(exposure, x, y):
+    if exposure is None or not exposure.attrs.get("wcs"):
+        return np.full(x.shape, np.nan), np.full(x.shape, np.nan)
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    w = WCS(fits.Header.fromstring(exposure.attrs["wcs"]))
+    ox, oy = int(exposure.attrs.get("origin_x", 0)), int(exposure.attrs.get("origin_y", 0))
+    del ox, oy  # the WCS header describes the exposure arrays' own pixel grid
+    ra, dec = w.all_pix2world(x, y, 0)
+    return np.asarray(ra, np.float64), np.asarray(dec, np.float64)
+
+
+def heavy_footprint(store, source_id: int, band: str, run: str | None = None,
+                    redistribute: bool = False) -> HeavyFootprint:
+    """The heavy footprint of one child in one band."""
+    runs = store.runs()
+    run = run or (runs[-1] if runs else None)
+    if run is None or run not in runs:
+        raise InputError(f"{store.path}: no run {run!r}")
+    measurer = BlendMeasurer(store, run, band, redistribute)
+    try:
+        return measurer.heavy_footprint(source_id)
+    except KeyError as exc:
+        raise InputError(str(exc.args[0])) from None
+    finally:
+        measurer.close()
+
+
+def blend_views(store, parent_id: int, run: str | None = None):
+    """Data and per-source models of one blend in every band.
+
+    Returns
+    -------
+    data : (B, h, w) observed image of the blend box (None without an exposure)
+    models : (n_sources, B, h, w) observed-frame models
+    bands : list of band names
+    blend : the :class:`~scarletstore.models.StoredBlend`
+    """
+    runs = store.runs()
+    run = run or (runs[-1] if runs else None)
+    if run is None or run not in runs:
+        raise InputError(f"{store.path}: no run {run!r}")
+    with store.open(f"runs/{run}") as r:
+        index = RunIndex(r)
+        try:
+            b = index.blend_of_parent(parent_id)
+        except KeyError as exc:
+            raise InputError(f"{exc.args[0]} {run}") from None
+        blend = read_blend(r, index, b)
+        bands = [str(v) for v in r.band.values]
+        if not blend.sources:
+            raise InputError(f"blend {parent_id} of run {run} has no models ({r['blend_reason'].values[b]})")
+        kernels = KernelCache(r)
+        models = np.stack([source_models(blend.sources, k, kernels.get(b, k), blend.bbox)
+                           for k in range(len(bands))], axis=1)
+    data = None
+    if store.has("exposure"):
+        y0, x0, h, w = blend.bbox
+        with store.open("exposure") as ex:
+            data = np.asarray(ex["image"].isel(y=slice(y0, y0 + h), x=slice(x0, x0 + w)).values)
+    return data, models, bands, blend
+
+
+def export_catalog(cat: xr.Dataset, path, show_progress: bool = False) -> int:
+    """Compute ``cat`` blend by blend and write it as .fits, .csv or .h5; return the row count."""
+    from .progress import progress
+
+    path = Path(path)
+    n = cat.sizes["row"]
+    cat = cat.reset_coords()
+    lazy = [v for v in cat.data_vars if not isinstance(cat[v].variable._data, np.ndarray)]
+    columns = {v: np.asarray(cat[v].values) for v in cat.data_vars if v not in lazy}
+    # stream: compute lazy columns chunk by chunk of blends so memory stays flat
+    blend = columns["blend"]
+    edges = np.flatnonzero(np.diff(blend)) + 1 if n else np.array([], int)
+    starts = np.concatenate([[0], edges]) if n else np.array([], int)
+    chunk = 256
+    out = {v: np.empty(n, cat[v].dtype) for v in lazy}
+    for k in progress(range(0, len(starts), chunk), desc="catalog", enabled=show_progress):
+        a = starts[k]
+        b = starts[k + chunk] if k + chunk < len(starts) else n
+        sub = cat[lazy].isel(row=slice(a, b)).compute()
+        for v in lazy:
+            out[v][a:b] = sub[v].values
+    columns.update(out)
+    attrs = {k: v for k, v in cat.attrs.items() if not k.startswith("_")}
+    tmp = path.with_name(f".{path.name}.tmp")
+    suffix = path.suffix.lower()
+    if suffix == ".fits":
+        from astropy.table import Table
+        t = Table(columns)
+        t.meta.update({k.upper()[:8]: v for k, v in attrs.items() if k != "flag_bits"})
+        t.meta["FLAGBITS"] = attrs.get("flag_bits", "")
+        t.write(tmp, format="fits", overwrite=True)
+    elif suffix == ".csv":
+        import pandas as pd
+        pd.DataFrame(columns).to_csv(tmp, index=False)
+    elif suffix == ".h5":
+        ds = xr.Dataset({k: ("row", v) for k, v in columns.items()}, attrs=attrs)
+        ds.to_netcdf(tmp, engine="h5netcdf", encoding={k: {"_FillValue": None} for k in columns})
+    else:
+        raise InputError(f"{path}: output must end in .fits, .csv or .h5")
+    os.replace(tmp, path)
+    return n
