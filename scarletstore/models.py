@@ -61,8 +61,18 @@ def _utcnow() -> str:
 
 def build_run(records: list[BlendRecord], bands, psf, model_psf, *, name: str, method: str,
               config_json: str, package_version: str, exposure_checksum: str = "",
-              parents_checksum: str = "", from_run: str = "", first_source_id: int = 1) -> xr.Dataset:
-    """Assemble a validated run Dataset from per-blend records (sorted by ``index``)."""
+              parents_checksum: str = "", from_run: str = "", first_source_id: int = 1,
+              blend_psf=None, source_ids=None) -> xr.Dataset:
+    """Assemble a validated run Dataset from per-blend records (sorted by ``index``).
+
+    ``blend_psf`` (n_blend, band, py, px), when given, holds each blend's own
+    observed PSF (models imported from pipelines with a varying PSF); the
+    run-level ``psf`` is then only a representative.
+
+    ``source_ids``, when given, is one int64 id per source in record/source
+    order (records sorted by ``index``) and replaces the sequential ids that
+    would start at ``first_source_id`` (imports keep their own 64-bit ids).
+    """
     records = sorted(records, key=lambda r: r.index)
     nb = len(bands)
     b_cols = {k: [] for k in ("parent", "y0", "x0", "h", "w", "npk", "ns", "it", "logl", "chi2",
@@ -71,6 +81,12 @@ def build_run(records: list[BlendRecord], bands, psf, model_psf, *, name: str, m
     c_cols = {k: [] for k in ("type", "y0", "x0", "h", "w", "py", "px", "spec", "npix")}
     pixels = []
     next_id = int(first_source_id)
+    if source_ids is not None:
+        source_ids = [int(v) for v in source_ids]
+        n_src = sum(len(rec.sources) for rec in records)
+        if len(source_ids) != n_src:
+            raise ValueError(f"source_ids has {len(source_ids)} ids for {n_src} sources")
+    k_src = 0
     for rec in records:
         y0, x0, h, w = (int(v) for v in rec.bbox)
         for key, val in (("parent", rec.parent_id), ("y0", y0), ("x0", x0), ("h", h), ("w", w),
@@ -80,7 +96,9 @@ def build_run(records: list[BlendRecord], bands, psf, model_psf, *, name: str, m
             b_cols[key].append(val)
         for src in rec.sources:
             py, px = rec.peaks[src.peak_index]
-            for key, val in (("id", next_id), ("parent", rec.parent_id),
+            sid = next_id if source_ids is None else source_ids[k_src]
+            k_src += 1
+            for key, val in (("id", sid), ("parent", rec.parent_id),
                              ("peak", rec.peak_ids[src.peak_index]), ("y", py), ("x", px),
                              ("nc", len(src.components)), ("flags", src.flags)):
                 s_cols[key].append(val)
@@ -150,9 +168,12 @@ def build_run(records: list[BlendRecord], bands, psf, model_psf, *, name: str, m
             "from_run": from_run or "",
             "blend_flag_bits": json.dumps(BLEND_FLAGS),
             "source_flag_bits": json.dumps(SOURCE_FLAGS),
+            "psf_source": "run" if blend_psf is None else "blend",
         },
     )
-    stamp(ds, "run", 1)
+    if blend_psf is not None:
+        ds["blend_psf"] = (("blend", "band", "blend_psf_y", "blend_psf_x"), np.asarray(blend_psf, np.float32))
+    stamp(ds, "run", 2)
     return validate(ds)
 
 

@@ -147,23 +147,31 @@ class Store:
                     best = max(best, int(np.max(ids[()])))
         return best
 
-    def open(self, group: str, validate: bool = True) -> xr.Dataset:
-        """Open ``group`` lazily (values are read when accessed). Close it when done."""
+    def open(self, group: str, validate: bool = True, upgrade: bool = True) -> xr.Dataset:
+        """Open ``group`` lazily (values are read when accessed). Close it when done.
+
+        With ``upgrade`` (the default) an older schema version is migrated in
+        memory to the latest, so code only ever sees current layouts; the file
+        is not changed (``scarletstore migrate`` does that).
+        """
         if not self.has(group):
             raise StoreError(f"{self.path}: no {group!r} group")
         ds = xr.open_dataset(self.path, group=group, engine="h5netcdf",
                              mask_and_scale=False, decode_times=False, cache=False)
-        if validate:
-            try:
+        try:
+            if upgrade:
+                from .migrate import upgrade as _upgrade
+                ds = _upgrade(ds)
+            elif validate:
                 _schema.validate(ds)
-            except SchemaError:
-                ds.close()
-                raise
+        except SchemaError as exc:
+            ds.close()
+            raise SchemaError(f"{self.path}: group {group!r}: {exc}") from None
         return ds
 
-    def read(self, group: str, validate: bool = True) -> xr.Dataset:
+    def read(self, group: str, validate: bool = True, upgrade: bool = True) -> xr.Dataset:
         """Read ``group`` fully into memory and close the file."""
-        with self.open(group, validate=validate) as ds:
+        with self.open(group, validate=validate, upgrade=upgrade) as ds:
             return ds.load()
 
     def checksum(self, group: str) -> str:
