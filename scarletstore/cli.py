@@ -126,8 +126,20 @@ def cmd_deblend(args):
     for group, hint in (("exposure", "ingest"), ("parents", "detect")):
         if not store.has(group):
             raise InputError(f"{store.path}: no {group} group; run 'scarletstore {hint}' first")
-    config = DeblendConfig().with_overrides(args.set or [])
     runs = store.runs()
+    init, base = None, DeblendConfig()
+    if args.from_run:
+        from .deblend.run import init_from_run
+
+        if args.from_run not in runs:
+            raise InputError(f"{store.path}: no run {args.from_run!r} to start from (runs: {', '.join(runs) or 'none'})")
+        source_run = store.read(run_group(args.from_run))
+        if source_run.attrs["method"] != "scarlet" and args.method == "scarlet":
+            raise InputError(f"run {args.from_run!r} was made by {source_run.attrs['method']}; "
+                             "a scarlet warm start needs scarlet models")
+        base = DeblendConfig.from_json(source_run.attrs["config"])  # start from its settings
+        init = init_from_run(source_run)
+    config = base.with_overrides(args.set or [])
     name = args.run or next(f"{args.method}-{k}" for k in range(1, 10**6) if f"{args.method}-{k}" not in runs)
     if name in runs:
         raise InputError(f"{store.path}: run {name!r} already exists (runs are never overwritten)")
@@ -143,7 +155,7 @@ def cmd_deblend(args):
         store.read("exposure"), store.read("parents"), config, args.method, blend_ids=blend_ids,
         workers=args.workers, scheduler=args.scheduler, name=name, show_progress=True,
         first_source_id=store.max_source_id() + 1, exposure_checksum=store.checksum("exposure"),
-        parents_checksum=store.checksum("parents"))
+        parents_checksum=store.checksum("parents"), init=init, from_run=args.from_run or "")
     store.write({run_group(name): run})
     nb = run.sizes["blend"]
     fitted = int((run["blend_reason"].values == "").sum())
@@ -153,6 +165,154 @@ def cmd_deblend(args):
     print(f"run {name}: {nb} parents, {fitted} fitted ({conv} converged, {failed} failed), "
           f"{run.sizes['source']} sources, {run.sizes['component']} components; "
           f"median {1e3 * (float(np.median(rt)) if rt.size else 0):.1f} ms per blend")
+
+
+def _open_run_store(path, run):
+    from .store import Store
+
+    store = Store(path)
+    runs = store.runs()
+    if not runs:
+        raise InputError(f"{store.path}: no runs; run 'scarletstore deblend' first")
+    if run is not None and run not in runs:
+        raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
+    return store, run or runs[-1]
+
+
+def _reprocessed_image(store, path, band):
+    """One band of a reprocessed image (ingest FITS layout) checked against the store's grid."""
+    from .ingest import read_fits_bands
+
+    ex = read_fits_bands([path], bands=[band], psf_files=None, require_psf=False)
+    if store.has("exposure"):
+        ref = store.open("exposure")
+        shape = (ref.sizes["y"], ref.sizes["x"])
+        ref.close()
+        if (ex.sizes["y"], ex.sizes["x"]) != shape:
+            raise InputError(f"{path}: image is {ex.sizes['y']}x{ex.sizes['x']}, the store's grid is "
+                             f"{shape[0]}x{shape[1]}")
+    return {"image": ex["image"].values[0], "variance": ex["variance"].values[0],
+            "mask": ex["mask"].values[0], "mask_planes": json.loads(ex.attrs["mask_planes"])}
+
+
+def cmd_catalog(args):
+    from .catalog import band_catalog, export_catalog
+
+    store, run = _open_run_store(args.store, args.run)
+    out = Path(args.output)
+    if out.suffix.lower() not in (".fits", ".csv", ".h5"):
+        raise InputError(f"{out}: output must end in .fits, .csv or .h5")
+    psf_files, image_files = _band_files(args.psf, "--psf"), _band_files(args.image, "--image")
+    for flag, files in (("--psf", psf_files), ("--image", image_files)):
+        other = [b for b in files if b != args.band]
+        if other:
+            raise InputError(f"{flag} names band {other[0]} but the catalog is for band {args.band}")
+    psf_override = image_override = None
+    if args.band in psf_files:
+        from .ingest import check_psf, read_psf_file
+        psf_override = check_psf(read_psf_file(psf_files[args.band]), psf_files[args.band])
+    if args.band in image_files:
+        image_override = _reprocessed_image(store, image_files[args.band], args.band)
+    cat = band_catalog(store, args.band, run=run, redistribute=args.redistribute,
+                       image_override=image_override, psf_override=psf_override)
+    n = export_catalog(cat, out, show_progress=True)
+    print(f"wrote {n} rows of band {args.band} (run {run}{', redistributed' if args.redistribute else ''}) to {out}")
+
+
+def cmd_query(args):
+    from .query import blend_table, select
+
+    store, run = _open_run_store(args.store, args.run)
+    table = blend_table(store, run)
+    table = select(table, blend=args.blend, region=args.region, where=args.where,
+                   wcs=store.read("exposure").attrs["wcs"] if store.has("exposure") else "")
+    if table.empty:
+        print(f"no blends of run {run} match")
+        return
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", args.limit, "display.width", 200,
+                           "display.max_columns", 20):
+        print(table.head(args.limit).to_string(index=False))
+    if len(table) > args.limit:
+        print(f"... {len(table) - args.limit} more (raise --limit)")
+
+
+def cmd_show(args):
+    from .catalog import blend_views
+    from .display import show_blend
+
+    store, run = _open_run_store(args.store, args.run)
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"{out}: output must be a .png file")
+    data, models, bands, blend = blend_views(store, args.blend, run)
+    show_blend(data, models, bands, out, title=f"blend {args.blend} (run {run})",
+               source_ids=blend.source_ids)
+    print(f"wrote {out}: blend {args.blend} with {len(models)} sources")
+
+
+def cmd_migrate(args):
+    from .migrate import migrate_store
+    from .store import Store
+
+    store = Store(args.store)
+    changed = migrate_store(store)
+    if not changed:
+        print(f"{store.path}: every group is at its latest schema version; nothing to do")
+        return
+    for group, (old, new) in changed.items():
+        print(f"  {group}: v{old} -> v{new}")
+    print(f"migrated {len(changed)} group(s) of {store.path}")
+
+
+def cmd_diff(args):
+    from .compare import diff_runs
+    from .store import run_group
+
+    store, _ = _open_run_store(args.store, args.run_a)
+    _open_run_store(args.store, args.run_b)
+    table, summary = diff_runs(store.read(run_group(args.run_a)), store.read(run_group(args.run_b)))
+    print(f"{args.run_a} -> {args.run_b}: {summary['matched']} sources matched by (parent, peak); "
+          f"{summary['only_a']} only in {args.run_a}, {summary['only_b']} only in {args.run_b}")
+    for band, s in summary["bands"].items():
+        print(f"  {band}: median |dflux/flux| {s['median_abs_rel']:.4f}, 90th percentile {s['p90_abs_rel']:.4f}")
+    it_a, it_b = summary["median_iterations"]
+    print(f"  convergence: {summary['newly_converged']} sources newly converged, "
+          f"{summary['no_longer_converged']} no longer; median iterations {it_a:g} -> {it_b:g}")
+    if args.top and len(table):
+        cols = [c for c in table.columns if c.startswith("dflux_")]
+        worst = table.assign(worst=table[cols].abs().max(axis=1)).nlargest(args.top, "worst")
+        print(worst[["parent", "peak", "source_id_a", "source_id_b", *cols]].to_string(index=False))
+
+
+def cmd_import_lsst(args):
+    from .lsst import read_lsst_models
+    from .store import Store, run_group
+
+    path = Path(args.store)
+    store = Store(path) if path.exists() else None
+    runs = store.runs() if store else []
+    name = args.run or next(f"lsst-{k}" for k in range(1, 10**6) if f"lsst-{k}" not in runs)
+    if name in runs:
+        raise InputError(f"{path}: run {name!r} already exists (runs are never overwritten)")
+    run = read_lsst_models(args.models, name=name)
+    if store is None:
+        Store.create(path, {run_group(name): run})
+    else:
+        store.write({run_group(name): run})
+    print(f"imported {run.sizes['blend']} blends, {run.sizes['source']} sources, "
+          f"{run.sizes['component']} components from {args.models} into run {name} of {path}")
+
+
+def cmd_export_lsst(args):
+    from .lsst import write_lsst_models
+    from .store import run_group
+
+    store, run = _open_run_store(args.store, args.run)
+    ds = store.read(run_group(run))
+    write_lsst_models(ds, args.output)
+    print(f"wrote run {run} ({ds.sizes['blend']} blends, {ds.sizes['source']} sources) to {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +355,59 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", help="name of the new run (default METHOD-N)")
     s.add_argument("--workers", type=int, default=1, help="processes on a local dask cluster")
     s.add_argument("--scheduler", help="address of an existing dask scheduler")
+    s.add_argument("--from-run", help="warm-start from this run's stored models")
     s.set_defaults(func=cmd_deblend)
+
+    s = sub.add_parser("catalog", help="per-band catalog with heavy-footprint measurements")
+    s.add_argument("store")
+    s.add_argument("--band", required=True)
+    s.add_argument("--run", help="run name (default: the newest)")
+    s.add_argument("--redistribute", action="store_true", help="re-apportion the image among children")
+    s.add_argument("-o", "--output", required=True, help="OUT.fits, OUT.csv or OUT.h5")
+    s.add_argument("--psf", action="append", metavar="BAND=FILE",
+                   help="rebuild the band with a new PSF (no refit)")
+    s.add_argument("--image", action="append", metavar="BAND=FILE.fits",
+                   help="redistribute a reprocessed image (IMAGE/MASK/VARIANCE HDUs)")
+    s.set_defaults(func=cmd_catalog)
+
+    s = sub.add_parser("query", help="list blends of a run")
+    s.add_argument("store")
+    s.add_argument("--blend", type=int, help="parent id")
+    s.add_argument("--region", nargs=3, type=float, metavar=("RA", "DEC", "RADIUS_ARCSEC"))
+    s.add_argument("--where", help="condition on columns, e.g. \"n_sources > 3 and converged\"")
+    s.add_argument("--run", help="run name (default: the newest)")
+    s.add_argument("--limit", type=int, default=50)
+    s.set_defaults(func=cmd_query)
+
+    s = sub.add_parser("show", help="asinh RGB picture of a blend: data, model, residual, sources")
+    s.add_argument("store")
+    s.add_argument("--blend", type=int, required=True, help="parent id")
+    s.add_argument("--run", help="run name (default: the newest)")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("migrate", help="upgrade every group to its latest schema version (atomic)")
+    s.add_argument("store")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("diff", help="per-source flux and convergence changes between two runs")
+    s.add_argument("store")
+    s.add_argument("run_a")
+    s.add_argument("run_b")
+    s.add_argument("--top", type=int, default=10, help="list the N sources that changed most")
+    s.set_defaults(func=cmd_diff)
+
+    s = sub.add_parser("import-lsst", help="import Rubin persisted scarlet models (JSON) as a run")
+    s.add_argument("models")
+    s.add_argument("store", help="store to add the run to (created when missing)")
+    s.add_argument("--run", help="name of the new run (default lsst-N)")
+    s.set_defaults(func=cmd_import_lsst)
+
+    s = sub.add_parser("export-lsst", help="export a run in Rubin's versioned scarlet model JSON")
+    s.add_argument("store")
+    s.add_argument("--run", required=True)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_export_lsst)
     return p
 
 

@@ -180,7 +180,7 @@ def _wcs_text(header) -> str:
         return w.to_header(relax=True).tostring()
 
 
-def read_fits_bands(paths, bands=None, psf_files=None) -> xr.Dataset:
+def read_fits_bands(paths, bands=None, psf_files=None, require_psf: bool = True) -> xr.Dataset:
     """One FITS file per band (HDUs IMAGE, MASK, VARIANCE and PSF) -> exposure.
 
     The band name comes from header ``BAND`` (primary or IMAGE HDU) or, in
@@ -221,6 +221,8 @@ def read_fits_bands(paths, bands=None, psf_files=None) -> xr.Dataset:
                 psf = read_psf_file(psf_files.pop(band))
             elif "PSF" in hdul and hdul["PSF"].data is not None:
                 psf = np.array(hdul["PSF"].data)
+            elif not require_psf:
+                psf = np.ones((1, 1))  # a reprocessed image for redistribution needs no PSF
             else:
                 raise InputError(f"{path}: missing HDU PSF (or give --psf {band}=FILE)")
             if img.ndim != 2 or var.shape != img.shape or msk.shape != img.shape:

@@ -80,7 +80,9 @@ def make_tasks(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig,
         Parents skipped (with reason and flag) or kept as isolated sources.
     """
     planes = json.loads(exposure.attrs["mask_planes"])
-    unknown = [p for p in list(config.bad_mask_planes) + list(config.mask_limits) if p not in planes]
+    # an undefined bad plane flags nothing (inputs name different plane sets),
+    # but a mask limit on an undefined plane is a mistake worth reporting
+    unknown = [p for p in config.mask_limits if p not in planes]
     if unknown:
         raise InputError(f"mask plane(s) {', '.join(unknown)} are not defined by the exposure "
                          f"(it has {', '.join(sorted(planes))})")
@@ -214,6 +216,47 @@ def _run_tasks(tasks, method, config, workers, scheduler, show):
             cluster.close()
 
 
+def init_from_run(run: xr.Dataset):
+    """``init(parent_id, bbox, peak_ids) -> BlendResult | None`` from a stored run's models.
+
+    Components are moved to the new blend's local pixels; each stored source
+    is matched to the new blend's peaks by peak id, and a blend whose peaks
+    changed, or that the stored run did not fit, starts cold.
+    """
+    from ..models import RunIndex, read_blend
+
+    index = RunIndex(run)
+    frame = "model" if run.attrs.get("method") != "sdss" else "observed"
+    peak_of_source = np.asarray(run["source_peak_id"].values)
+    model_psf = np.asarray(run["model_psf"].values)
+
+    def init(parent_id, bbox, peak_ids):
+        try:
+            b = index.blend_of_parent(parent_id)
+        except KeyError:
+            return None
+        if run["blend_reason"].values[b] != "" or frame != "model":
+            return None
+        stored = read_blend(run, index, b)
+        rows = range(index.source_off[b], index.source_off[b + 1])
+        stored_peaks = [int(peak_of_source[r]) for r in rows]
+        if sorted(stored_peaks) != sorted(int(p) for p in peak_ids):
+            return None
+        where = {int(p): k for k, p in enumerate(peak_ids)}
+        y0, x0 = bbox[0], bbox[1]
+        sources = []
+        for src, pid in zip(stored.sources, stored_peaks):
+            comps = [Component(spectrum=np.array(c.spectrum, np.float32), morph=np.array(c.morph, np.float32),
+                               y0=c.y0 - y0, x0=c.x0 - x0, peak=(c.peak[0] - y0, c.peak[1] - x0))
+                     for c in src.components]
+            sources.append(SourceResult(peak_index=where[pid], components=comps, flags=src.flags))
+        return BlendResult(sources=sources, iterations=int(run["blend_iterations"].values[b]),
+                           log_likelihood=float(run["blend_log_likelihood"].values[b]),
+                           converged=bool(run["blend_converged"].values[b]),
+                           chi2=float(run["blend_chi2"].values[b]), model_psf=model_psf)
+    return init
+
+
 def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig | None = None,
                      method: str = "scarlet", *, blend_ids=None, workers: int = 1,
                      scheduler: str | None = None, name: str = "run", show_progress: bool = False,
@@ -224,7 +267,8 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
     Parameters
     ----------
     init : callable, optional
-        ``init(parent_id) -> BlendResult | None``: stored models to warm-start from.
+        ``init(parent_id, bbox, peak_ids) -> BlendResult | None``: stored models to
+        warm-start from (see :func:`init_from_run`).
     """
     config = config or DeblendConfig()
     if method not in METHODS:
@@ -234,7 +278,7 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
     tasks, records = make_tasks(exposure, parents, config, blend_ids)
     if init is not None:
         for task in tasks:
-            task.init = init(task.parent_id)
+            task.init = init(task.parent_id, task.bbox, task.peak_ids)
     model_psf = None
     bar = progress(total=len(tasks), desc=f"deblend ({method})", enabled=show_progress, unit="blend")
     with bar:

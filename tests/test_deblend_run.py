@@ -1,0 +1,172 @@
+"""The deblend driver: runs, skip reasons, failures, parallel equality, warm starts."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scarletstore.cli import main
+from scarletstore.deblend import DeblendConfig
+from scarletstore.deblend.run import deblend_exposure, init_from_run
+from scarletstore.ingest import read_fits_bands, read_npz
+from scarletstore.models import BLEND_FLAGS
+from scarletstore.store import Store
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    """A small simulated field, ingested and detected: (exposure, parents, store path)."""
+    pytest.importorskip("galsim")
+    from scarletstore.detect import detect
+    from scarletstore.simulate import simulate_field
+
+    tmp = tmp_path_factory.mktemp("field")
+    out = simulate_field(tmp / "sim", size=128, seed=11, bands="gri", density=150)
+    exposure = read_fits_bands(list(out["bands"].values()))
+    parents = detect(exposure)
+    path = tmp / "field.h5"
+    Store.create(path, {"exposure": exposure, "parents": parents})
+    return exposure, parents, path
+
+
+def _reasons(run):
+    return [str(r) for r in run["blend_reason"].values]
+
+
+def test_run_content(field):
+    exposure, parents, _ = field
+    run = deblend_exposure(exposure, parents, DeblendConfig(max_iter=30), "scarlet", name="a")
+    reasons = _reasons(run)
+    n_peaks = parents["peak_count"].values
+    assert run.sizes["blend"] == parents.sizes["parent"]
+    assert all((r == "isolated") == (n == 1) for r, n in zip(reasons, n_peaks))
+    fitted = np.array([r == "" for r in reasons])
+    assert fitted.sum() >= 2
+    # one source per peak, one or two components each
+    np.testing.assert_array_equal(run["blend_n_sources"].values[fitted], n_peaks[fitted])
+    assert set(np.unique(run["source_n_components"].values)) <= {1, 2}
+    assert np.all(np.isfinite(run["blend_log_likelihood"].values[fitted]))
+    assert np.all(run["blend_iterations"].values[fitted] >= 1)
+    # source ids unique, positions are the peaks
+    assert len(np.unique(run["source_id"].values)) == run.sizes["source"]
+    cfg = json.loads(run.attrs["config"])
+    assert cfg["max_iter"] == 30 and run.attrs["method"] == "scarlet"
+
+
+@pytest.mark.parametrize("override,reason", [
+    ({"max_number_of_peaks": 1}, "too_many_peaks"),
+    ({"max_footprint_area": 10}, "parent_too_big"),
+    ({"max_area_times_peaks": 20}, "parent_too_big"),
+    ({"max_footprint_size": 4}, "parent_too_big"),
+    ({"min_footprint_axis_ratio": 1.01}, "footprint_too_thin"),
+    ({"mask_limits": {"DETECTED": -1.0}}, "masked"),
+])
+def test_size_limits_set_their_flag(field, override, reason):
+    exposure, parents, _ = field
+    config = DeblendConfig(max_iter=5, process_singles=True, **override)
+    run = deblend_exposure(exposure, parents, config, "scarlet")
+    reasons = _reasons(run)
+    hit = [r == reason for r in reasons]
+    assert any(hit), reasons
+    flags = run["blend_flags"].values
+    assert np.all((flags[hit] & BLEND_FLAGS[reason]) != 0)
+    # skipped parents have no sources
+    assert np.all(run["blend_n_sources"].values[hit] == 0)
+
+
+def test_unknown_mask_plane_is_an_input_error(field):
+    from scarletstore.errors import InputError
+
+    exposure, parents, _ = field
+    with pytest.raises(InputError, match="NOPE"):
+        deblend_exposure(exposure, parents, DeblendConfig(mask_limits={"NOPE": 0.1}), "scarlet")
+
+
+def test_failing_blend_is_flagged_and_run_continues(field, monkeypatch):
+    exposure, parents, _ = field
+    import scarletstore.deblend.scarlet as scarlet
+
+    real = scarlet.deblend_scarlet
+    calls = []
+
+    def flaky(images, *args, **kwargs):
+        calls.append(images.shape)
+        if len(calls) == 1:
+            raise FloatingPointError("synthetic failure")
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(scarlet, "deblend_scarlet", flaky)
+    run = deblend_exposure(exposure, parents, DeblendConfig(max_iter=5), "scarlet")
+    reasons = _reasons(run)
+    failed = [r for r in reasons if r.startswith("failed")]
+    assert failed == ["failed: FloatingPointError: synthetic failure"]
+    assert sum(r == "" for r in reasons) == len(calls) - 1 >= 1
+    with pytest.raises(FloatingPointError):
+        calls.clear()
+        deblend_exposure(exposure, parents, DeblendConfig(max_iter=5, catch_failures=False), "scarlet")
+
+
+def test_later_run_leaves_earlier_unchanged(field, tmp_path):
+    _, _, src = field
+    path = tmp_path / "s.h5"
+    path.write_bytes(src.read_bytes())
+    assert main(["deblend", str(path), "--run", "first", "--set", "max_iter=5"]) == 0
+    first = Store(path).read("runs/first")
+    assert main(["deblend", str(path), "--run", "second", "--set", "max_iter=8", "--method", "sdss"]) == 0
+    assert main(["deblend", str(path), "--run", "first"]) == 2  # never overwritten
+    again = Store(path).read("runs/first")
+    for v in first.variables:
+        np.testing.assert_array_equal(again[v].values, first[v].values)
+    assert first.attrs == again.attrs
+    assert Store(path).runs() == ["first", "second"]
+    ids_a = set(first["source_id"].values.tolist())
+    ids_b = set(Store(path).read("runs/second")["source_id"].values.tolist())
+    assert not ids_a & ids_b  # store-unique ids
+
+
+def test_workers_two_equals_workers_one(field):
+    pytest.importorskip("distributed")
+    exposure, parents, _ = field
+    config = DeblendConfig(max_iter=20)
+    one = deblend_exposure(exposure, parents, config, "scarlet", workers=1)
+    two = deblend_exposure(exposure, parents, config, "scarlet", workers=2)
+    for v in one.data_vars:
+        if v == "blend_runtime":
+            continue
+        np.testing.assert_array_equal(two[v].values, one[v].values, err_msg=v)
+
+
+def test_cli_errors(field, tmp_path, capsys):
+    _, _, src = field
+    path = tmp_path / "s.h5"
+    path.write_bytes(src.read_bytes())
+    data = path.read_bytes()
+    for argv, msg in [
+        (["--set", "max_iter"], "KEY=VALUE"),
+        (["--set", "nonsense=3"], "unknown configuration key"),
+        (["--set", "optimizer=sgd"], "optimizer"),
+        (["--blends", "999999"], "no parent"),
+        (["--blends", "x"], "comma-separated"),
+        (["--from-run", "nope"], "no run"),
+        (["--workers", "0"], "--workers"),
+    ]:
+        assert main(["deblend", str(path), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, (argv, err)
+    assert path.read_bytes() == data
+
+
+def test_warm_start_on_hsc_needs_fewer_iterations(hsc_path):
+    from scarletstore.detect import detect
+
+    exposure = read_npz(hsc_path)
+    parents = detect(exposure)
+    config = DeblendConfig()
+    cold = deblend_exposure(exposure, parents, config, "scarlet", name="cold")
+    warm = deblend_exposure(exposure, parents, config, "scarlet", name="warm",
+                            init=init_from_run(cold), from_run="cold")
+    fitted = cold["blend_reason"].values == ""
+    assert fitted.any()
+    assert np.all(warm["blend_iterations"].values[fitted] < cold["blend_iterations"].values[fitted])
+    assert np.all(warm["blend_log_likelihood"].values[fitted] >= cold["blend_log_likelihood"].values[fitted] - 1e-6 * np.abs(cold["blend_log_likelihood"].values[fitted]))
+    assert warm.attrs["from_run"] == "cold"
