@@ -174,6 +174,16 @@ class Store:
         with self.open(group, validate=validate, upgrade=upgrade) as ds:
             return ds.load()
 
+    def catalog(self, band: str, run: str | None = None, redistribute: bool = False, **kwargs) -> xr.Dataset:
+        """Lazy per-band catalog of ``run`` (default: newest); see :func:`scarletstore.catalog.band_catalog`."""
+        from .catalog import band_catalog
+        return band_catalog(self, band, run=run, redistribute=redistribute, **kwargs)
+
+    def footprint(self, source_id: int, band: str, run: str | None = None, redistribute: bool = False):
+        """Heavy footprint of one child; see :func:`scarletstore.catalog.heavy_footprint`."""
+        from .catalog import heavy_footprint
+        return heavy_footprint(self, source_id, band, run=run, redistribute=redistribute)
+
     def checksum(self, group: str) -> str:
         """SHA-256 over the raw bytes of every variable of ``group`` (names sorted)."""
         h = hashlib.sha256()

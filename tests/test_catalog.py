@@ -83,7 +83,7 @@ def test_model_footprint_equals_direct_convolution(synthetic):
     store, image, kernels, records = synthetic
     for band_index, band in enumerate(BANDS):
         for sid, (rec, src) in enumerate([(r, s) for r in records for s in range(2)], start=1):
-            hf = heavy_footprint(store, sid, band)
+            hf = store.footprint(sid, band)
             expected = _direct_model(rec, src, band_index, kernels[band_index])
             got = hf.cutout()
             assert got.shape == expected.shape
@@ -113,7 +113,7 @@ def test_redistribution_conserves_image_flux(synthetic):
 
 def test_catalog_values(synthetic):
     store, image, kernels, records = synthetic
-    cat = band_catalog(store, "r").compute()
+    cat = store.catalog("r").compute()
     assert cat.sizes["row"] == 6
     np.testing.assert_array_equal(cat["id"].values, np.arange(1, 7))
     for k, (rec, s) in enumerate([(r, s) for r in records for s in range(2)]):
