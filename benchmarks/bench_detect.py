@@ -1,0 +1,277 @@
+"""Detection benchmark: quality on a simulated field, HSC peaks, and speed on a big patch.
+
+Prints
+* recall of true sources with i-band SNR > 10, the fraction of peaks that
+  match no true source, and the split rate of close pairs, on the field of
+  ``simulate_field(size=600, seed=7)``;
+* the offsets of the 7 catalogue peaks of ``../shared/data/hsc_cosmos_35.npz``;
+* numba compile time, then the median wall time and the peak memory of
+  detecting a 4000 x 4000 six-band patch (the size-600 field tiled, so its
+  content is realistic).
+
+Matching is one-to-one (closest pairs first) within 2 px. The SNR of a true
+source is its optimal (model-weighted) i-band SNR from the noise-free truth
+stamp and the variance plane. A pair counts when both members have SNR > 10,
+they are more than 1.5 i-band PSF FWHM apart and fall in one parent; it is
+split when both members are matched to (distinct) peaks.
+
+Usage: python benchmarks/bench_detect.py [--runs 3] [--skip-big] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from scipy.spatial import cKDTree
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scarletstore import footprint as fp  # noqa: E402
+
+HSC = ROOT.parent / "shared" / "data" / "hsc_cosmos_35.npz"
+LSST_PLANES = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
+               "DETECTED_NEGATIVE": 6, "SUSPECT": 7, "NO_DATA": 8}
+
+
+def make_exposure(image, variance, mask, psf, bands, planes=LSST_PLANES):
+    """Minimal exposure-v1 Dataset from arrays (band, y, x)."""
+    ds = xr.Dataset(
+        {"image": (("band", "y", "x"), np.asarray(image, np.float32)),
+         "variance": (("band", "y", "x"), np.asarray(variance, np.float32)),
+         "mask": (("band", "y", "x"), np.asarray(mask, np.int32)),
+         "psf": (("band", "psf_y", "psf_x"), np.asarray(psf, np.float32))},
+        coords={"band": list(bands)},
+        attrs={"wcs": "", "origin_y": 0, "origin_x": 0, "mask_planes": json.dumps(planes),
+               "bad_mask_planes": json.dumps(["BAD", "SAT", "SUSPECT", "NO_DATA", "EDGE"]),
+               "sources": "[]", "schema": "exposure", "schema_version": 1})
+    return ds
+
+
+def load_sim(out_dir):
+    """(exposure, truth table, optimal i-band SNR per true source) of a simulated field."""
+    from astropy.io import fits
+
+    from scarletstore.simulate import load_truth
+
+    out_dir = Path(out_dir)
+    table, stamps = load_truth(out_dir)
+    bands = list(table.meta["BANDS"])
+    imgs, vars_, masks, psfs = [], [], [], []
+    planes = None
+    for b in bands:
+        with fits.open(out_dir / f"{b}.fits") as h:
+            imgs.append(h["IMAGE"].data.astype(np.float32))
+            vars_.append(h["VARIANCE"].data.astype(np.float32))
+            masks.append(h["MASK"].data.astype(np.int32))
+            p = h["PSF"].data.astype(np.float64)
+            psfs.append(p / p.sum())
+            planes = planes or {k[3:]: int(v) for k, v in h["MASK"].header.items()
+                                if k.startswith("MP_")}
+    exp = make_exposure(np.stack(imgs), np.stack(vars_), np.stack(masks), np.stack(psfs), bands,
+                        planes or LSST_PLANES)
+    ib = bands.index("i")
+    var = vars_[ib]
+    ny, nx = var.shape
+    snr = np.zeros(len(table))
+    for k, sid in enumerate(table["id"]):
+        (y0, x0, h, w), st = stamps[int(sid)]
+        a0, b0 = max(y0, 0), max(x0, 0)
+        a1, b1 = min(y0 + h, ny), min(x0 + w, nx)
+        m = st[ib, a0 - y0:a1 - y0, b0 - x0:b1 - x0].astype(np.float64)
+        snr[k] = np.sqrt(np.sum(m * m / var[a0:a1, b0:b1]))
+    return exp, table, snr
+
+
+def match(ay, ax, by, bx, radius):
+    """One-to-one matching, closest pairs first; -1 where unmatched."""
+    ma = np.full(len(ay), -1)
+    mb = np.full(len(by), -1)
+    if len(ay) == 0 or len(by) == 0:
+        return ma, mb
+    sdm = cKDTree(np.c_[ay, ax]).sparse_distance_matrix(cKDTree(np.c_[by, bx]), radius,
+                                                         output_type="ndarray")
+    for k in np.argsort(sdm["v"], kind="stable"):
+        i, j = sdm["i"][k], sdm["j"][k]
+        if ma[i] < 0 and mb[j] < 0:
+            ma[i], mb[j] = j, i
+    return ma, mb
+
+
+def parent_labels(parents, shape):
+    """Label image (0 = none, else parent index + 1) rebuilt from the spans."""
+    lab = np.zeros(shape, np.int64)
+    off = fp.counts_to_offsets(parents["span_count"].values)
+    sy, s0, s1 = (parents[v].values for v in ("span_y", "span_x0", "span_x1"))
+    for i in range(parents.sizes["parent"]):
+        for k in range(off[i], off[i + 1]):
+            lab[sy[k], s0[k]:s1[k] + 1] = i + 1
+    return lab
+
+
+def quality(parents, table, snr, fwhm, snr_min=10.0, radius=2.0):
+    """Dict of recall, spurious fraction, pair-split rate and counts."""
+    ty, tx = np.asarray(table["y"], float), np.asarray(table["x"], float)
+    py, px = parents["peak_y"].values, parents["peak_x"].values
+    mt, mp = match(ty, tx, py, px, radius)
+    sel = snr > snr_min
+    shape = parents["background"].shape[1:]
+    lab = parent_labels(parents, shape)
+    iy = np.clip(np.round(ty).astype(int), 0, shape[0] - 1)
+    ix = np.clip(np.round(tx).astype(int), 0, shape[1] - 1)
+    tl = lab[iy, ix]
+    idx = np.flatnonzero(sel)
+    n_pairs = n_split = 0
+    if idx.size > 1:
+        for a, b in cKDTree(np.c_[ty[idx], tx[idx]]).query_pairs(np.inf, output_type="ndarray"):
+            a, b = idx[a], idx[b]
+            if tl[a] == 0 or tl[a] != tl[b]:
+                continue
+            if np.hypot(ty[a] - ty[b], tx[a] - tx[b]) <= 1.5 * fwhm:
+                continue
+            n_pairs += 1
+            n_split += int(mt[a] >= 0 and mt[b] >= 0)
+    return {"n_true": int(sel.sum()), "n_peaks": int(py.size), "n_parents": int(parents.sizes["parent"]),
+            "recall": float((mt[sel] >= 0).mean()) if sel.any() else float("nan"),
+            "spurious": float((mp < 0).mean()) if py.size else 0.0,
+            "n_pairs": n_pairs, "split_rate": n_split / n_pairs if n_pairs else float("nan")}
+
+
+def hsc_offsets():
+    from scarletstore.detect import detect
+
+    d = np.load(HSC)
+    exp = make_exposure(d["images"], d["variance"], d["mask"], d["psfs"], [str(b) for b in d["filters"]])
+    p = detect(exp)
+    off = [float(np.min(np.hypot(p["peak_y"].values - r["y"], p["peak_x"].values - r["x"])))
+           for r in d["catalog"]]
+    return off, int(p.sizes["peak"])
+
+
+def big_patch(exp, size=4000):
+    """A size x size patch tiled from a smaller field, all six bands."""
+    reps = (1, -(-size // exp.sizes["y"]), -(-size // exp.sizes["x"]))
+    tile = {v: np.tile(exp[v].values, reps)[:, :size, :size] for v in ("image", "variance", "mask")}
+    return make_exposure(tile["image"], tile["variance"], tile["mask"], exp["psf"].values,
+                         [str(b) for b in exp["band"].values])
+
+
+def _tiny_exposure():
+    rng = np.random.default_rng(0)
+    r = np.arange(-7, 8)
+    psf = np.exp(-0.5 * (r[:, None] ** 2 + r[None] ** 2) / 1.5 ** 2)
+    tiny = make_exposure(rng.normal(size=(2, 64, 64)), np.ones((2, 64, 64)), np.zeros((2, 64, 64)),
+                         np.stack([psf / psf.sum()] * 2), ["g", "r"])
+    tiny["image"][:, 30:34, 30:34] += 20
+    return tiny
+
+
+def cold_compile_seconds():
+    """Import + first tiny detection in a fresh process with an empty numba cache."""
+    import os
+    import subprocess
+
+    code = ("import sys, time; sys.path.insert(0, %r); t = time.perf_counter(); "
+            "import bench_detect as b; from scarletstore.detect import detect; "
+            "detect(b._tiny_exposure(), known=([5.0], [5.0])); print(time.perf_counter() - t)"
+            % str(Path(__file__).resolve().parent))
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3, help="timed runs of the big patch (median)")
+    ap.add_argument("--size", type=int, default=4000)
+    ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--work", default=None, help="directory for the simulated field")
+    args = ap.parse_args(argv)
+
+    cold = cold_compile_seconds()
+    t0 = time.perf_counter()
+    from scarletstore import detect as det_mod  # noqa: F401  (imports numba kernels)
+
+    t1 = time.perf_counter()
+    det_mod.detect(_tiny_exposure(), known=([5.0], [5.0]))
+    print(f"numba: cold compile of every kernel {cold:.1f} s (empty cache); with the on-disk "
+          f"cache: import {t1 - t0:.2f} s, first tiny detect {time.perf_counter() - t1:.2f} s")
+
+    exp = None
+    try:
+        import galsim  # noqa: F401
+        have_sim = True
+    except ImportError:
+        have_sim = False
+        print("simulated field: skipped (galsim not installed)")
+    if have_sim:
+        from scarletstore.simulate import simulate_field
+
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench_detect_"))
+        if not (work / "truth.fits").exists():
+            simulate_field(work, size=600, seed=7)
+        exp, table, snr = load_sim(work)
+        fwhm_i = det_mod.psf_fwhm(exp["psf"].values[list(exp["band"].values).index("i")])
+        t = time.perf_counter()
+        parents = det_mod.detect(exp)
+        dt = time.perf_counter() - t
+        q = quality(parents, table, snr, fwhm_i)
+        print(f"simulate --size 600 --seed 7: {q['n_true']} true sources with i SNR > 10, "
+              f"{q['n_peaks']} peaks in {q['n_parents']} parents ({dt:.2f} s)")
+        print(f"  recall (i SNR > 10, 2 px)      : {q['recall']:.3f}   (target >= 0.97)")
+        print(f"  peaks matching no true source  : {q['spurious']:.3f}   (target <= 0.03)")
+        print(f"  pairs > 1.5 FWHM in one parent : {q['n_pairs']}, split rate {q['split_rate']:.3f}"
+              f"   (target >= 0.90)")
+
+    if HSC.is_file():
+        off, npk = hsc_offsets()
+        print(f"hsc_cosmos_35: {npk} peaks; catalogue peak offsets (px): "
+              + " ".join(f"{o:.2f}" for o in off) + f"   max {max(off):.2f} (target <= 1.5)")
+    else:
+        print(f"hsc_cosmos_35: skipped ({HSC} not found)")
+
+    if args.skip_big or exp is None:
+        if exp is None:
+            print("big patch: skipped (needs the simulated field)")
+        return 0
+    big = big_patch(exp, args.size)
+    del exp
+    gc.collect()
+    times = []
+    for _ in range(max(1, args.runs)):
+        t = time.perf_counter()
+        res = det_mod.detect(big)
+        times.append(time.perf_counter() - t)
+        npar, npk = res.sizes["parent"], res.sizes["peak"]
+        del res
+        gc.collect()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB -> GiB
+    # detect's own allocations (numpy registers its buffers with tracemalloc), one untimed run
+    import tracemalloc
+
+    tracemalloc.start()
+    res = det_mod.detect(big)
+    traced = tracemalloc.get_traced_memory()[1] / 1024 ** 3
+    tracemalloc.stop()
+    del res
+    inp = sum(big[v].nbytes for v in ("image", "variance", "mask", "psf")) / 1024 ** 3
+    print(f"{args.size}x{args.size} x {big.sizes['band']} bands: median {np.median(times):.1f} s over "
+          f"{len(times)} runs ({', '.join(f'{t:.1f}' for t in times)}); {npar} parents, {npk} peaks")
+    print(f"  peak RSS {rss:.2f} GiB (whole process, includes the {inp:.2f} GiB input exposure); "
+          f"peak allocated by detect itself (tracemalloc) {traced:.2f} GiB; target < 60 s, < 3 GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
