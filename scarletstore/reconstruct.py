@@ -65,8 +65,9 @@ def convolve_stack(stack: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """
     n, h, w = stack.shape
     ky, kx = kernel.shape
-    fy = sfft.next_fast_len(h + ky // 2, real=True)
-    fx = sfft.next_fast_len(w + kx // 2, real=True)
+    # the grid must hold the kernel itself, even for boxes smaller than it
+    fy = sfft.next_fast_len(max(h + ky // 2, ky), real=True)
+    fx = sfft.next_fast_len(max(w + kx // 2, kx), real=True)
     kpad = np.zeros((fy, fx), np.float32)
     kpad[:ky, :kx] = kernel
     kpad = np.roll(kpad, (-(ky // 2), -(kx // 2)), axis=(0, 1))  # kernel centre at the origin

@@ -211,3 +211,15 @@ def test_catalog_errors(synthetic, tmp_path, capsys):
     assert "band 'z'" in capsys.readouterr().err
     assert main(["catalog", str(store.path), "--band", "r", "-o", str(tmp_path / "x.txt")]) == 2
     assert main(["catalog", str(store.path), "--band", "r", "--run", "nope", "-o", str(tmp_path / "x.csv")]) == 2
+
+
+def test_convolution_of_boxes_smaller_than_the_kernel():
+    from scarletstore.reconstruct import convolve_stack
+
+    rng = np.random.default_rng(0)
+    kernel = rng.random((39, 39))
+    for h, w in [(5, 7), (36, 50), (39, 39), (60, 12)]:
+        stack = rng.random((2, h, w)).astype(np.float32)
+        got = convolve_stack(stack, kernel)
+        for k in range(2):
+            np.testing.assert_allclose(got[k], fftconvolve(stack[k], kernel, mode="same"), rtol=1e-4, atol=1e-4)
