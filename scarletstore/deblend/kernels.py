@@ -1,0 +1,843 @@
+"""Numba kernels of the scarlet-style deblender.
+
+Everything that touches pixels inside the optimisation loop lives here, so
+one iteration is a handful of compiled calls plus two FFT round trips.
+
+Component storage ("flat layout") used by the loop kernels
+-----------------------------------------------------------
+``spec``  (K, B) float32      spectrum of component k
+``morph`` (P,) float32        all morphologies concatenated, row-major
+``box``   (K, 4) int64        y0, x0, h, w of each morphology box (blend pixels)
+``off``   (K,) int64          offset of component k's pixels in ``morph``
+``ctr``   (K, 2) int64        peak pixel (y, x) in blend pixels; always in the box
+
+All kernels are compiled with ``cache=True``. ``fastmath`` is not used: the
+kernels rely on exact comparisons (thresholds, maxima, zero tests) and on
+IEEE behaviour of ``sqrt`` for zero second moments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# --------------------------------------------------------------------------
+# Constraints on one morphology (2-D views)
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _mono_ref(m, y, x, cy, cx, weighted):
+    """Reference value of pixel (y, x) from its inward neighbours.
+
+    Inward neighbours are the 8-connected neighbours strictly closer (in
+    Euclidean distance) to the peak pixel (cy, cx). The reference is their
+    maximum (``weighted`` False) or their mean weighted by the cosine between
+    the neighbour step and the inward direction (``weighted`` True); either is
+    <= the largest inward neighbour, which is what makes a non-increasing path
+    to the peak exist.
+    """
+    h, w = m.shape
+    dy = y - cy
+    dx = x - cx
+    d2 = dy * dy + dx * dx
+    ref = 0.0
+    wsum = 0.0
+    rnorm = math.sqrt(d2)
+    for ey in range(-1, 2):
+        yy = y + ey
+        if yy < 0 or yy >= h:
+            continue
+        for ex in range(-1, 2):
+            if ey == 0 and ex == 0:
+                continue
+            xx = x + ex
+            if xx < 0 or xx >= w:
+                continue
+            ny = dy + ey
+            nx = dx + ex
+            if ny * ny + nx * nx >= d2:
+                continue
+            v = m[yy, xx]
+            if weighted:
+                # cosine between step e and the inward unit vector -d/|d|;
+                # positive for every strictly-closer neighbour.
+                cw = -(ey * dy + ex * dx) / (rnorm * math.sqrt(ey * ey + ex * ex))
+                ref += cw * v
+                wsum += cw
+            elif v > ref:
+                ref = v
+    if weighted and wsum > 0:
+        ref /= wsum
+    return ref
+
+
+@njit(cache=True)
+def _monotonic_pass(m, cy, cx, weighted, trim, tol_abs, tol_rel):
+    """Visit pixels outward from (cy, cx) and cap each at its inward reference.
+
+    Order: Chebyshev ring by ring, and inside a ring from the axes towards the
+    corners; this visits every pixel after all of its strictly closer
+    neighbours (a neighbour one ring further out is always farther, and
+    within a ring the closer pixels are those nearer the axis). With ``trim``
+    a pixel exceeding its reference by more than ``tol_abs + tol_rel * ref``
+    (the image rises again: another object's territory) is set to zero
+    instead of capped.
+    """
+    h, w = m.shape
+    for y in range(h):
+        for x in range(w):
+            if m[y, x] < 0:
+                m[y, x] = 0.0
+    rmax = max(max(cy, h - 1 - cy), max(cx, w - 1 - cx))
+    for r in range(1, rmax + 1):
+        for k in range(r + 1):
+            # the 8 symmetric offsets (+-r, +-k) and (+-k, +-r); pixels of one
+            # (r, k) group are never inward neighbours of each other.
+            for a in range(2):
+                if a == 1 and k == r:
+                    break
+                ay = r if a == 0 else k
+                ax = k if a == 0 else r
+                for sy in range(2):
+                    if sy == 1 and ay == 0:
+                        break
+                    y = cy + ay if sy == 0 else cy - ay
+                    if y < 0 or y >= h:
+                        continue
+                    for sx in range(2):
+                        if sx == 1 and ax == 0:
+                            break
+                        x = cx + ax if sx == 0 else cx - ax
+                        if x < 0 or x >= w:
+                            continue
+                        ref = _mono_ref(m, y, x, cy, cx, weighted)
+                        v = m[y, x]
+                        if v > ref:
+                            if trim and v > ref + tol_abs + tol_rel * ref:
+                                m[y, x] = 0.0
+                            else:
+                                m[y, x] = ref
+
+
+@njit(cache=True)
+def monotonic_inplace(m, cy, cx, weighted):
+    """Project a morphology onto "non-increasing away from the peak".
+
+    Each pixel, visited in order of distance from the peak pixel (cy, cx), is
+    capped at the reference value of its inward neighbours (``_mono_ref``).
+    Because inward neighbours are final when a pixel is visited, a second
+    application changes nothing (idempotent), and every pixel is <= its
+    brightest inward neighbour, so from every pixel a non-increasing path
+    leads to the peak. Negative values are set to zero first.
+
+    Parameters
+    ----------
+    m : (h, w) float array, modified in place
+    cy, cx : int
+        Peak pixel inside the array.
+    weighted : bool
+        Reference = cosine-weighted mean of inward neighbours instead of their
+        maximum (smoother, more restrictive).
+    """
+    _monotonic_pass(m, cy, cx, weighted, False, 0.0, 0.0)
+
+
+@njit(cache=True)
+def monotonic_trim_inplace(m, cy, cx, weighted, tol_abs, tol_rel):
+    """Monotonic projection that cuts a source's start off where the image rises.
+
+    Used to initialise morphologies from the detection image: plain
+    projection would let every source claim its neighbours at the saddle
+    level (a plateau over the whole blend); here pixels brighter than their
+    inward reference by more than ``tol_abs + tol_rel * ref`` are zeroed, so
+    each start covers the region reachable from its peak along paths that do
+    not climb significantly. The output is monotonic in the same sense as
+    :func:`monotonic_inplace`.
+    """
+    _monotonic_pass(m, cy, cx, weighted, True, tol_abs, tol_rel)
+
+
+@njit(cache=True)
+def symmetric_inplace(m, cy, cx):
+    """Euclidean projection onto morphologies symmetric about (cy, cx).
+
+    Each pixel and its 180-degree mirror get their mean; a pixel whose mirror
+    falls outside the box is set to zero (outside the box the model is zero,
+    so symmetry forces zero there).
+    """
+    h, w = m.shape
+    for y in range(h):
+        yy = 2 * cy - y
+        for x in range(w):
+            xx = 2 * cx - x
+            if yy < 0 or yy >= h or xx < 0 or xx >= w:
+                m[y, x] = 0.0
+            elif y * w + x < yy * w + xx:
+                v = 0.5 * (m[y, x] + m[yy, xx])
+                m[y, x] = v
+                m[yy, xx] = v
+
+
+# the 8 neighbour steps; bit j of a neighbour mask refers to (_NB_DY[j], _NB_DX[j])
+_NB_DY = np.array([-1, -1, -1, 0, 0, 1, 1, 1], np.int64)
+_NB_DX = np.array([-1, 0, 1, -1, 1, -1, 0, 1], np.int64)
+
+
+@njit(cache=True)
+def mono_plan(box, off, ctr, total):
+    """Precompute the monotonicity pass of every component box.
+
+    The projection visits the same pixels in the same order with the same
+    inward neighbours at every iteration; only the box changes (at resizes).
+    This records, per component, the visiting order (box-local flat indices,
+    peak excluded, ``h * w - 1`` entries from ``off[k]``) and per pixel a
+    bit mask of its inward neighbours inside the box, so the per-iteration
+    pass (:func:`monotonic_planned`) is a flat loop without geometry tests.
+    """
+    order = np.zeros(total, np.int32)
+    nbm = np.zeros(total, np.uint8)
+    K = box.shape[0]
+    for k in range(K):
+        h, w = box[k, 2], box[k, 3]
+        cy, cx = ctr[k, 0] - box[k, 0], ctr[k, 1] - box[k, 1]
+        o = off[k]
+        n = 0
+        rmax = max(max(cy, h - 1 - cy), max(cx, w - 1 - cx))
+        for r in range(1, rmax + 1):
+            for kk in range(r + 1):
+                for a in range(2):
+                    if a == 1 and kk == r:
+                        break
+                    ay = r if a == 0 else kk
+                    ax = kk if a == 0 else r
+                    for sy in range(2):
+                        if sy == 1 and ay == 0:
+                            break
+                        y = cy + ay if sy == 0 else cy - ay
+                        if y < 0 or y >= h:
+                            continue
+                        for sx in range(2):
+                            if sx == 1 and ax == 0:
+                                break
+                            x = cx + ax if sx == 0 else cx - ax
+                            if x < 0 or x >= w:
+                                continue
+                            i = y * w + x
+                            order[o + n] = i
+                            n += 1
+                            dy = y - cy
+                            dx = x - cx
+                            d2 = dy * dy + dx * dx
+                            mask = 0
+                            for j in range(8):
+                                yy = y + _NB_DY[j]
+                                xx = x + _NB_DX[j]
+                                if yy < 0 or yy >= h or xx < 0 or xx >= w:
+                                    continue
+                                ny = dy + _NB_DY[j]
+                                nx = dx + _NB_DX[j]
+                                if ny * ny + nx * nx < d2:
+                                    mask |= 1 << j
+                            nbm[o + i] = mask
+    return order, nbm
+
+
+@njit(cache=True)
+def monotonic_planned(morph, o, h, w, order, nbm):
+    """Max-variant monotonic projection of one component using its plan.
+
+    Same result as ``monotonic_inplace(m, cy, cx, False)`` on non-negative
+    input (the plan encodes the same order and inward neighbours).
+    """
+    off8 = np.empty(8, np.int64)
+    for j in range(8):
+        off8[j] = _NB_DY[j] * w + _NB_DX[j]
+    for t in range(h * w - 1):
+        i = order[o + t]
+        mask = nbm[o + i]
+        ref = 0.0
+        for j in range(8):
+            if mask & (1 << j):
+                v = morph[o + i + off8[j]]
+                if v > ref:
+                    ref = v
+        if morph[o + i] > ref:
+            morph[o + i] = ref
+
+
+@njit(cache=True)
+def symmetric_min_inplace(m, cy, cx):
+    """Replace each pixel and its mirror about (cy, cx) by their minimum.
+
+    The SDSS template trick (Lupton; Bosch et al. 2018): light of a
+    neighbour has no counterpart on the opposite side of the peak, so the
+    minimum removes most of it. Pixels whose mirror is outside the array are
+    left unchanged (no information there).
+    """
+    h, w = m.shape
+    for y in range(h):
+        yy = 2 * cy - y
+        if yy < 0 or yy >= h:
+            continue
+        for x in range(w):
+            xx = 2 * cx - x
+            if xx < 0 or xx >= w:
+                continue
+            if y * w + x < yy * w + xx:
+                v = min(m[y, x], m[yy, xx])
+                m[y, x] = v
+                m[yy, xx] = v
+
+
+@njit(cache=True)
+def nonzero_bounds(m):
+    """Inclusive bounds (ymin, ymax, xmin, xmax) of pixels > 0; (-1,-1,-1,-1) if none."""
+    h, w = m.shape
+    ymin = h
+    ymax = -1
+    xmin = w
+    xmax = -1
+    for y in range(h):
+        for x in range(w):
+            if m[y, x] > 0:
+                if y < ymin:
+                    ymin = y
+                if y > ymax:
+                    ymax = y
+                if x < xmin:
+                    xmin = x
+                if x > xmax:
+                    xmax = x
+    if ymax < 0:
+        return -1, -1, -1, -1
+    return ymin, ymax, xmin, xmax
+
+
+# --------------------------------------------------------------------------
+# Direct convolution (small kernels) and its adjoint
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def convolve_direct(img, kern, out):
+    """'same' zero-padded convolution per band: out_b = img_b * kern_b.
+
+    img, out: (B, H, W); kern: (B, ky, kx) with odd sizes, centred.
+    """
+    B, H, W = img.shape
+    ky, kx = kern.shape[1], kern.shape[2]
+    ry, rx = ky // 2, kx // 2
+    for b in range(B):
+        for y in range(H):
+            for x in range(W):
+                acc = 0.0
+                for i in range(ky):
+                    yy = y - (i - ry)
+                    if yy < 0 or yy >= H:
+                        continue
+                    for j in range(kx):
+                        xx = x - (j - rx)
+                        if xx < 0 or xx >= W:
+                            continue
+                        acc += kern[b, i, j] * img[b, yy, xx]
+                out[b, y, x] = acc
+
+
+@njit(cache=True)
+def correlate_direct(img, kern, out):
+    """Adjoint of :func:`convolve_direct` (correlation with the same kernel)."""
+    B, H, W = img.shape
+    ky, kx = kern.shape[1], kern.shape[2]
+    ry, rx = ky // 2, kx // 2
+    for b in range(B):
+        for y in range(H):
+            for x in range(W):
+                acc = 0.0
+                for i in range(ky):
+                    yy = y + (i - ry)
+                    if yy < 0 or yy >= H:
+                        continue
+                    for j in range(kx):
+                        xx = x + (j - rx)
+                        if xx < 0 or xx >= W:
+                            continue
+                        acc += kern[b, i, j] * img[b, yy, xx]
+                out[b, y, x] = acc
+
+
+# --------------------------------------------------------------------------
+# Loop kernels on the flat component layout
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def assemble_model(spec, morph, box, off, out):
+    """Model-frame scene: out[b] = sum_k spec[k, b] * morph_k (placed in its box)."""
+    out[:] = 0.0
+    K, B = spec.shape
+    for k in range(K):
+        y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
+        o = off[k]
+        for b in range(B):
+            s = spec[k, b]
+            if s == 0.0:
+                continue
+            for yy in range(h):
+                row = o + yy * w
+                for xx in range(w):
+                    out[b, y0 + yy, x0 + xx] += s * morph[row + xx]
+
+
+@njit(cache=True)
+def weighted_residual(model, data, weight, out):
+    """out = weight * (model - data); returns the loss 1/2 sum weight (model - data)^2."""
+    B, H, W = data.shape
+    loss = 0.0
+    for b in range(B):
+        for y in range(H):
+            for x in range(W):
+                r = model[b, y, x] - data[b, y, x]
+                wr = weight[b, y, x] * r
+                out[b, y, x] = wr
+                loss += wr * r
+    return 0.5 * loss
+
+
+@njit(cache=True)
+def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, inv_var, bg_thresh,
+                    monotonic, weighted, symmetric, order, nbm):
+    """Sparsity, symmetry and monotonicity of component k (positivity done by caller).
+
+    The sparsity threshold is ``bg_thresh`` noise sigmas expressed in
+    morphology units: a pixel of component k is measured with noise
+    ``1 / sqrt(sum_b spec_kb^2 / sigma_b^2)``. The peak pixel is exempt so a
+    faint source keeps at least a point-like core instead of vanishing.
+    """
+    B = spec.shape[1]
+    m = morph[o:o + h * w].reshape(h, w)
+    ly = cy - y0
+    lx = cx - x0
+    if bg_thresh > 0:
+        sn = 0.0
+        for b in range(B):
+            sn += spec[k, b] * spec[k, b] * inv_var[b]
+        if sn > 0:
+            thr = bg_thresh / math.sqrt(sn)
+            for yy in range(h):
+                for xx in range(w):
+                    if m[yy, xx] < thr and not (yy == ly and xx == lx):
+                        m[yy, xx] = 0.0
+    if symmetric:
+        symmetric_inplace(m, ly, lx)
+    if monotonic:
+        if weighted:
+            monotonic_inplace(m, ly, lx, True)
+        else:
+            monotonic_planned(morph, o, h, w, order, nbm)
+
+
+@njit(cache=True)
+def _normalise_component(spec, morph, k, o, n, mom_s, mom_m, grad_like):
+    """Rescale so the morphology maximum is 1 (spectrum carries the amplitude).
+
+    The factorisation is degenerate under s -> c s, m -> m / c; fixing the
+    peak keeps the morphology step size meaningful. Optimiser state is
+    rescaled consistently. With ``grad_like`` (Adam moments) index 0 of the
+    state scales like the gradient and the others like its square: the
+    gradient w.r.t. the morphology is proportional to the spectrum and vice
+    versa. Otherwise (FISTA's previous iterate, index 0 only) the state scales
+    like the parameter itself.
+    Returns False when the component has no flux left.
+    """
+    mx = 0.0
+    for p in range(o, o + n):
+        if morph[p] > mx:
+            mx = morph[p]
+    B = spec.shape[1]
+    if mx <= 0.0:
+        for b in range(B):
+            spec[k, b] = 0.0
+        return False
+    if abs(mx - 1.0) < 1e-2:
+        # within 1 %: skip the rescale (four passes over the box); the
+        # exact peak-1 normalisation is applied to the output
+        return True
+    inv = 1.0 / mx
+    for p in range(o, o + n):
+        morph[p] *= inv
+    for b in range(B):
+        spec[k, b] *= mx
+    fm = mx if grad_like else inv
+    fs = inv if grad_like else mx
+    for i in range(mom_m.shape[0]):
+        f = fm if i == 0 else fm * fm
+        for p in range(o, o + n):
+            mom_m[i, p] *= f
+    for i in range(mom_s.shape[0]):
+        f = fs if i == 0 else fs * fs
+        for b in range(B):
+            mom_s[i, k, b] *= f
+    return True
+
+
+@njit(cache=True)
+def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs):
+    """Gradients of the loss for component k from the model-frame gradient G.
+
+    d loss / d morph_k = sum_b spec_kb G_b[box]; d loss / d spec_kb = <G_b[box], morph_k>.
+    """
+    B = spec.shape[1]
+    for b in range(B):
+        gs[b] = 0.0
+    for yy in range(h):
+        for xx in range(w):
+            p = o + yy * w + xx
+            mv = morph[p]
+            g = 0.0
+            for b in range(B):
+                gv = G[b, y0 + yy, x0 + xx]
+                g += spec[k, b] * gv
+                gs[b] += gv * mv
+            gm[yy * w + xx] = g
+
+
+@njit(cache=True)
+def adaprox_step(spec, morph, box, off, ctr, G, it, b1, b2, step_m, rel_m, step_s,
+                 inv_var, bg_thresh, mom_s, mom_m, monotonic, weighted, symmetric, order, nbm):
+    """One proximal AMSGrad step for every component (in place).
+
+    Implements the adaptive proximal update of Melchior, Joseph & Moolekamp
+    (2019): bias-corrected first moment m, second moment v, AMSGrad keeps the
+    running maximum v_hat of the bias-corrected v, then
+    x <- prox(x - alpha * m_hat / sqrt(v_hat)). The prox is taken in the
+    Euclidean metric (one pass, no inner loop), as in the paper's practical
+    variant. Per-parameter step sizes alpha: for a morphology pixel
+    ``max(step_m * mean(morph_k), rel_m * pixel)`` -- a fraction of the
+    typical pixel of the box, so faint pixels are not kicked by a sizeable
+    part of the peak on Adam's first, sign-like steps, and a fraction of the
+    pixel itself so bright cores adapt quickly; for spectra
+    ``step_s * spec_kb`` (relative, floored at 1 % of the component's
+    brightest band so a band at zero can come back).
+
+    mom_s: (3, K, B) and mom_m: (3, P) hold m, v, v_hat.
+    Returns the number of components that still have flux.
+    """
+    K, B = spec.shape
+    bc1 = 1.0 - b1 ** it
+    bc2 = 1.0 - b2 ** it
+    eps = 1e-30
+    gs = np.empty(B, np.float64)
+    alive = 0
+    for k in range(K):
+        y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
+        o = off[k]
+        n = h * w
+        smax = 0.0
+        for b in range(B):
+            if spec[k, b] > smax:
+                smax = spec[k, b]
+        if smax <= 0.0:
+            continue
+        # morphology pixels (step sizes: see docstring). One fused pass:
+        # the morphology gradient uses the old spectrum (updated after the
+        # loop) and the spectrum gradient each pixel's value before its update.
+        msum = 0.0
+        for i in range(n):
+            msum += morph[o + i]
+        mstep = step_m * msum / n
+        for b in range(B):
+            gs[b] = 0.0
+        for yy in range(h):
+            for xx in range(w):
+                p = o + yy * w + xx
+                mv = morph[p]
+                g = 0.0
+                for b in range(B):
+                    gv = G[b, y0 + yy, x0 + xx]
+                    g += spec[k, b] * gv
+                    gs[b] += gv * mv
+                a = b1 * mom_m[0, p] + (1.0 - b1) * g
+                v = b2 * mom_m[1, p] + (1.0 - b2) * g * g
+                mom_m[0, p] = a
+                mom_m[1, p] = v
+                vh = mom_m[2, p]
+                vb = v / bc2
+                if vb > vh:
+                    vh = vb
+                    mom_m[2, p] = vh
+                alpha = mstep
+                if rel_m * mv > alpha:
+                    alpha = rel_m * mv
+                x = mv - alpha * (a / bc1) / (math.sqrt(vh) + eps)
+                morph[p] = x if x > 0.0 else 0.0
+        # spectrum
+        floor = 0.01 * smax
+        for b in range(B):
+            g = gs[b]
+            a = b1 * mom_s[0, k, b] + (1.0 - b1) * g
+            v = b2 * mom_s[1, k, b] + (1.0 - b2) * g * g
+            mom_s[0, k, b] = a
+            mom_s[1, k, b] = v
+            vh = mom_s[2, k, b]
+            vb = v / bc2
+            if vb > vh:
+                vh = vb
+                mom_s[2, k, b] = vh
+            s = spec[k, b]
+            alpha = step_s * (s if s > floor else floor)
+            x = s - alpha * (a / bc1) / (math.sqrt(vh) + eps)
+            spec[k, b] = x if x > 0.0 else 0.0
+        _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1],
+                        inv_var, bg_thresh, monotonic, weighted, symmetric, order, nbm)
+        if _normalise_component(spec, morph, k, o, n, mom_s, mom_m, True):
+            alive += 1
+    return alive
+
+
+@njit(cache=True)
+def fista_step(spec, morph, box, off, ctr, G, beta, kappa, nover, inv_var, bg_thresh,
+               prev_s, prev_m, monotonic, weighted, symmetric, order, nbm):
+    """One accelerated proximal gradient (FISTA) step for every component.
+
+    ``spec``/``morph`` hold the extrapolated point y at which G was computed;
+    ``prev_s``/``prev_m`` (shape (1, ...)) the previous iterate x_{t-1}. Step
+    sizes are 1/L per block from Lipschitz bounds of the block gradient:
+    L_morph,k = sum_b spec_kb^2 kappa_b and L_spec,kb = kappa_b sum morph_k^2,
+    kappa_b = max(weight_b) * max|K_hat_b|^2 (the operator norm of the
+    weighted, convolved model). On exit spec/morph hold the next extrapolated
+    point x_t + beta (x_t - x_{t-1}) and prev_* hold x_t.
+
+    All blocks move at once from the same gradient, so the joint Hessian can
+    exceed the block bounds by the coupling to overlapping components and the
+    spectrum-morphology cross terms; each block's L is multiplied by
+    ``2 * nover[k]`` (components whose boxes overlap k's, itself included), a
+    Gershgorin-style bound that keeps the joint step stable.
+    """
+    K, B = spec.shape
+    maxn = 0
+    for k in range(K):
+        n = box[k, 2] * box[k, 3]
+        if n > maxn:
+            maxn = n
+    gm = np.empty(maxn, np.float64)
+    gs = np.empty(B, np.float64)
+    alive = 0
+    for k in range(K):
+        y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
+        o = off[k]
+        n = h * w
+        smax = 0.0
+        for b in range(B):
+            if spec[k, b] > smax:
+                smax = spec[k, b]
+        if smax <= 0.0:
+            continue
+        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs)
+        fac = 2.0 * nover[k]
+        lm = 0.0
+        for b in range(B):
+            lm += spec[k, b] * spec[k, b] * kappa[b]
+        lm *= fac
+        m2 = 0.0
+        for i in range(n):
+            m2 += morph[o + i] * morph[o + i]
+        if lm > 0:
+            for i in range(n):
+                x = morph[o + i] - gm[i] / lm
+                morph[o + i] = x if x > 0.0 else 0.0
+        for b in range(B):
+            ls = kappa[b] * m2 * fac
+            if ls > 0:
+                x = spec[k, b] - gs[b] / ls
+                spec[k, b] = x if x > 0.0 else 0.0
+        _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1],
+                        inv_var, bg_thresh, monotonic, weighted, symmetric, order, nbm)
+        # normalise x_t; rescale x_{t-1} the same way so the momentum term
+        # x_t - x_{t-1} compares like with like.
+        ok = _normalise_component(spec, morph, k, o, n, prev_s, prev_m, False)
+        if ok:
+            alive += 1
+        for i in range(n):
+            p = o + i
+            x = morph[p]
+            y = x + beta * (x - prev_m[0, p])
+            prev_m[0, p] = x
+            morph[p] = y if y > 0.0 else 0.0
+        for b in range(B):
+            x = spec[k, b]
+            y = x + beta * (x - prev_s[0, k, b])
+            prev_s[0, k, b] = x
+            spec[k, b] = y if y > 0.0 else 0.0
+    return alive
+
+
+@njit(cache=True)
+def remap_flat(old, box_old, off_old, box_new, off_new, total_new, fill_max):
+    """Copy per-component data of shape (S, P_old) into new boxes.
+
+    ``old`` is (S, P_old) so optimiser states travel with the morphologies.
+    Pixels new to a box get 0, except in rows s with ``fill_max[s]``, where
+    they get the maximum of that row over the component's old box: for Adam's
+    second moments this makes the first steps of freshly added pixels small
+    (a zero second moment would turn their first step into a full-size
+    sign step and kick the fit at every box growth).
+    """
+    S = old.shape[0]
+    K = box_old.shape[0]
+    new = np.zeros((S, total_new), old.dtype)
+    for k in range(K):
+        oy0, ox0, oh, ow = box_old[k, 0], box_old[k, 1], box_old[k, 2], box_old[k, 3]
+        ny0, nx0, nh, nw = box_new[k, 0], box_new[k, 1], box_new[k, 2], box_new[k, 3]
+        ya = max(oy0, ny0)
+        yb = min(oy0 + oh, ny0 + nh)
+        xa = max(ox0, nx0)
+        xb = min(ox0 + ow, nx0 + nw)
+        for s in range(S):
+            if fill_max[s]:
+                mx = 0.0
+                for p in range(off_old[k], off_old[k] + oh * ow):
+                    if old[s, p] > mx:
+                        mx = old[s, p]
+                for p in range(off_new[k], off_new[k] + nh * nw):
+                    new[s, p] = mx
+            for y in range(ya, yb):
+                for x in range(xa, xb):
+                    new[s, off_new[k] + (y - ny0) * nw + (x - nx0)] = \
+                        old[s, off_old[k] + (y - oy0) * ow + (x - ox0)]
+    return new
+
+
+@njit(cache=True)
+def resized_boxes(morph, box, off, ctr, H, W, margin, grow_min, grow_frac):
+    """New component boxes: shrink to the non-zero pixels, grow edges with flux.
+
+    A side whose edge row/column carries flux moves out by
+    ``max(grow_min, grow_frac * side)`` pixels; any other side moves to the
+    non-zero region plus ``margin`` zero pixels (so the next check does not
+    see flux on the edge and grow again). Boxes always contain the peak pixel
+    and stay inside the (H, W) blend; a component without flux keeps only its
+    peak pixel. Returns (new_box, changed).
+    """
+    K = box.shape[0]
+    new = np.empty_like(box)
+    changed = False
+    for k in range(K):
+        y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
+        m = morph[off[k]:off[k] + h * w].reshape(h, w)
+        a, b, c, d = nonzero_bounds(m)
+        cy, cx = ctr[k, 0], ctr[k, 1]
+        if b < 0:
+            top, bot, left, right = cy, cy, cx, cx
+        else:
+            gy = max(grow_min, int(grow_frac * h))
+            gx = max(grow_min, int(grow_frac * w))
+            top = y0 - gy if a == 0 else y0 + a - margin
+            bot = y0 + h - 1 + gy if b == h - 1 else y0 + b + margin
+            left = x0 - gx if c == 0 else x0 + c - margin
+            right = x0 + w - 1 + gx if d == w - 1 else x0 + d + margin
+            top = min(top, cy)
+            bot = max(bot, cy)
+            left = min(left, cx)
+            right = max(right, cx)
+        top = min(max(top, 0), H - 1)
+        left = min(max(left, 0), W - 1)
+        bot = min(max(bot, 0), H - 1)
+        right = min(max(right, 0), W - 1)
+        new[k, 0] = top
+        new[k, 1] = left
+        new[k, 2] = bot - top + 1
+        new[k, 3] = right - left + 1
+        for i in range(4):
+            if new[k, i] != box[k, i]:
+                changed = True
+    return new, changed
+
+
+# --------------------------------------------------------------------------
+# Least-squares spectra: normal equations from overlapping boxes
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def place_boxes(morph, box, off, start, out):
+    """Zero ``out`` (n, Fy, Fx) and put morphologies start..start+n-1 at their blend positions."""
+    out[:] = 0.0
+    for i in range(out.shape[0]):
+        k = start + i
+        y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
+        for yy in range(h):
+            for xx in range(w):
+                out[i, y0 + yy, x0 + xx] = morph[off[k] + yy * w + xx]
+
+
+@njit(cache=True)
+def extract_boxes(frames, start, cbox, coff, flat):
+    """Copy component (start + i)'s box ``cbox`` from frame i into ``flat`` (zero off-frame)."""
+    Fy, Fx = frames.shape[1], frames.shape[2]
+    for i in range(frames.shape[0]):
+        k = start + i
+        y0, x0, h, w = cbox[k, 0], cbox[k, 1], cbox[k, 2], cbox[k, 3]
+        for yy in range(h):
+            y = y0 + yy
+            for xx in range(w):
+                x = x0 + xx
+                v = 0.0
+                if 0 <= y < Fy and 0 <= x < Fx:
+                    v = frames[i, y, x]
+                flat[coff[k] + yy * w + xx] = v
+
+
+@njit(cache=True)
+def normal_equations(conv, cbox, coff, data, weight, group):
+    """Weighted normal equations of one band for the component amplitudes.
+
+    conv: flat convolved component images, component k occupying ``cbox[k]``
+    (y0, x0, h, w; may extend past the blend box, the excess is ignored) at
+    offset ``coff[k]``. Only overlapping pairs are visited, so memory and
+    time scale with the summed box areas, never with K x H x W. Only pairs
+    with equal ``group`` labels are coupled (all zeros: the joint system;
+    source ids: independent per-source blocks for very large blends).
+
+    Returns A (K, K) with A_kl = sum w c_k c_l and r (K,) with r_k = sum w d c_k.
+    """
+    K = cbox.shape[0]
+    H, W = data.shape
+    A = np.zeros((K, K))
+    r = np.zeros(K)
+    for k in range(K):
+        ky0, kx0, kh, kw = cbox[k, 0], cbox[k, 1], cbox[k, 2], cbox[k, 3]
+        ya = max(ky0, 0)
+        yb = min(ky0 + kh, H)
+        xa = max(kx0, 0)
+        xb = min(kx0 + kw, W)
+        acc = 0.0
+        acd = 0.0
+        for y in range(ya, yb):
+            for x in range(xa, xb):
+                c = conv[coff[k] + (y - ky0) * kw + (x - kx0)]
+                wc = weight[y, x] * c
+                acc += wc * c
+                acd += wc * data[y, x]
+        A[k, k] = acc
+        r[k] = acd
+        for l in range(k + 1, K):
+            if group[l] != group[k]:
+                continue
+            ly0, lx0, lh, lw = cbox[l, 0], cbox[l, 1], cbox[l, 2], cbox[l, 3]
+            y1 = max(ya, ly0)
+            y2 = min(yb, ly0 + lh)
+            x1 = max(xa, lx0)
+            x2 = min(xb, lx0 + lw)
+            if y1 >= y2 or x1 >= x2:
+                continue
+            acc = 0.0
+            for y in range(y1, y2):
+                for x in range(x1, x2):
+                    acc += (weight[y, x] * conv[coff[k] + (y - ky0) * kw + (x - kx0)]
+                            * conv[coff[l] + (y - ly0) * lw + (x - lx0)])
+            A[k, l] = acc
+            A[l, k] = acc
+    return A, r

@@ -1,0 +1,740 @@
+"""Scarlet-style multi-band deblender on plain arrays.
+
+Each source is one or two components, each the outer product of a spectrum
+(one amplitude per band) and a non-negative morphology that is monotonically
+non-increasing away from the source's peak (Melchior et al. 2018). The scene
+lives in a "model frame" with a narrow Gaussian PSF and is convolved to each
+band with a difference kernel. Parameters maximise the weighted Gaussian
+log-likelihood under the constraints with proximal AMSGrad (Melchior, Joseph
+& Moolekamp 2019) or FISTA.
+
+Implementation notes
+--------------------
+* Components are kept in a flat layout (see :mod:`.kernels`): one float32
+  array of all morphology pixels plus a box table, so an iteration is
+  ``assemble_model`` -> FFT convolution -> ``weighted_residual`` -> FFT
+  correlation -> one compiled update over all components; Python only
+  checks convergence and, every ``resize_every`` iterations, resizes boxes.
+* The gradient with respect to the model-frame scene is the adjoint of the
+  convolution applied to the weighted residual, ``G_b = k_b (x) [w_b (k_b * M_b - d_b)]``
+  (correlation with the kernel), shared by all components.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+import numpy as np
+
+from . import kernels as _k
+from ..errors import InputError
+from .config import DeblendConfig
+from .psf import Convolver, difference_kernels, gaussian_psf
+from .result import (SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, BlendResult, Component,
+                     SourceResult)
+
+# Tuning constants, chosen on hsc_cosmos_35 (and its flips/transposes, to
+# avoid fitting one trajectory) and on the simulated blend of the tests.
+# Adam step sizes (per iteration, before Adam's normalisation): a morphology
+# pixel moves by up to max(STEP_MORPH * mean pixel of its box,
+# REL_MORPH * its own value); a spectrum entry by STEP_SPEC of its value.
+ADAM_B1 = 0.9
+ADAM_B2 = 0.999
+STEP_MORPH = 1.0
+REL_MORPH = 0.1
+STEP_SPEC = 0.005
+WARM_STEP_FACTOR = 0.01     # warm starts are near the optimum: smaller steps
+MONO_WEIGHTED = False       # monotonicity reference: max of inward neighbours
+BOX_MARGIN = 1              # zero pixels kept around the non-zero region
+BOX_GROW_MIN = 3            # pixels added to an edge that carries flux
+BOX_GROW_FRAC = 0.25        # ... or this fraction of the box side, if larger
+INIT_RISE_SIGMA = 3.0       # start morphologies stop where the image climbs by
+INIT_RISE_FRAC = 0.1        # more than 3 sigma + 10 % (another object)
+INIT_SYMMETRIC = True       # symmetric-minimum template before the monotonic start
+INIT_SHARE_POWER = 1.0      # exponent of the template share in _apportion
+CONVERGE_RUN = 3            # window (iterations) of the convergence test
+RESOLVE_SPECTRA_AT = (5, 15)  # iterations after which spectra are re-solved by least squares
+FINAL_LS_SPECTRA = True     # ... and once more for the final morphologies
+LS_FFT_BUDGET = 1 << 22     # max complex elements of one batched FFT in _ls_spectra
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+class _State:
+    """Flat component storage plus bookkeeping (see :mod:`.kernels`)."""
+
+    __slots__ = ("spec", "morph", "box", "off", "ctr", "source", "flags", "order", "nbm")
+
+    def __init__(self, spec, morphs, boxes, ctr, source, flags):
+        self.spec = np.ascontiguousarray(spec, dtype=np.float32)
+        self.box = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+        sizes = self.box[:, 2] * self.box[:, 3]
+        self.off = np.zeros(len(sizes), np.int64)
+        if len(sizes):
+            self.off[1:] = np.cumsum(sizes)[:-1]
+        self.morph = np.zeros(int(sizes.sum()), np.float32)
+        for k, m in enumerate(morphs):
+            self.morph[self.off[k]:self.off[k] + sizes[k]] = np.asarray(m, np.float32).ravel()
+        self.ctr = np.asarray(ctr, dtype=np.int64).reshape(-1, 2)
+        self.source = np.asarray(source, dtype=np.int64)
+        self.flags = flags  # per source
+        self.plan()
+
+    def plan(self):
+        """(Re)compute the monotonicity plan after the boxes changed."""
+        self.order, self.nbm = _k.mono_plan(self.box, self.off, self.ctr, self.morph.size)
+
+    def view(self, k):
+        """(h, w) view of component k's morphology."""
+        y0, x0, h, w = self.box[k]
+        return self.morph[self.off[k]:self.off[k] + h * w].reshape(h, w)
+
+
+def _good_and_weights(images, variance, bad, footprint, use_weights):
+    """Zero-filled data, per-pixel weights, the good-pixel mask and per-band noise.
+
+    Weights are 1/variance (or 1) on good pixels -- not bad, inside the
+    footprint, finite, positive variance -- and 0 elsewhere. The per-band
+    noise sigma (median variance of good pixels) sets the sparsity
+    thresholds; a band without good pixels gets a huge sigma (no threshold).
+    """
+    good = ~np.asarray(bad, bool) & np.asarray(footprint, bool)[None]
+    good &= np.isfinite(images) & np.isfinite(variance) & (variance > 0)
+    data = np.where(good, images, 0).astype(np.float32)
+    if use_weights:
+        with np.errstate(divide="ignore"):
+            w = np.where(good, 1.0 / variance, 0).astype(np.float32)
+    else:
+        w = good.astype(np.float32)
+    B = images.shape[0]
+    if good.all():
+        sig = np.sqrt(np.median(variance.reshape(B, -1), axis=1).astype(np.float64))
+    else:
+        sig = np.empty(B)
+        for b in range(B):
+            v = variance[b][good[b]]
+            sig[b] = math.sqrt(float(np.median(v))) if v.size else np.inf
+    finite = np.isfinite(sig) & (sig > 0)
+    if not finite.any():
+        sig[:] = 1.0
+    else:
+        sig[~finite] = sig[finite].max() * 1e3
+    return data, w, good, sig
+
+
+def _detection_image(data, good, inv_var):
+    """Inverse-variance weighted mean over bands and its (typical) noise."""
+    wb = good * inv_var[:, None, None]
+    den = wb.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        det = np.where(den > 0, (wb * data).sum(0) / den, 0.0)
+    return det, 1.0 / math.sqrt(inv_var.sum())
+
+
+def _peak_pixels(peaks, H, W):
+    """Peaks as float (N, 2) plus their nearest pixels, clipped into the blend."""
+    peaks = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
+    cy = np.clip(np.floor(peaks[:, 0] + 0.5), 0, H - 1).astype(np.int64)
+    cx = np.clip(np.floor(peaks[:, 1] + 0.5), 0, W - 1).astype(np.int64)
+    return peaks, cy, cx
+
+
+def _monotonic_start(det, cy, cx, thresh, noise):
+    """Start morphology of the source at (cy, cx) from the detection image.
+
+    The image is first reduced to its symmetric minimum about the peak (a
+    neighbour's light has no mirror counterpart), then projected to be
+    monotonic with trimming where it climbs again by more than
+    ``INIT_RISE_SIGMA * noise`` plus ``INIT_RISE_FRAC`` (another object), and
+    thresholded at ``thresh``. Small blends are done in one pass; large ones
+    in a window that doubles until the non-zero region no longer touches a
+    window edge (so cost follows the source size, not the blend size).
+    Returns (morph, y0, x0) with the box trimmed to the non-zero pixels plus a
+    margin, or None if the peak is below the threshold.
+    """
+    H, W = det.shape
+    if det[cy, cx] <= thresh:
+        return None
+    # small blends: one pass over the whole blend beats repeated doubling
+    r = max(H, W) if H * W <= 128 * 128 else 16
+    while True:
+        ya, yb = max(cy - r, 0), min(cy + r + 1, H)
+        xa, xb = max(cx - r, 0), min(cx + r + 1, W)
+        m = det[ya:yb, xa:xb].astype(np.float64)
+        if INIT_SYMMETRIC:
+            _k.symmetric_min_inplace(m, cy - ya, cx - xa)
+        _k.monotonic_trim_inplace(m, cy - ya, cx - xa, MONO_WEIGHTED,
+                                  INIT_RISE_SIGMA * noise, INIT_RISE_FRAC)
+        m[m < thresh] = 0.0
+        if MONO_WEIGHTED:
+            # thresholding keeps the max-variant property (a surviving pixel's
+            # brightest inward neighbour is at least as bright, so survives)
+            # but not the weighted one
+            _k.monotonic_inplace(m, cy - ya, cx - xa, True)
+        y1, y2, x1, x2 = _k.nonzero_bounds(m)
+        touches = ((y1 == 0 and ya > 0) or (y2 == m.shape[0] - 1 and yb < H)
+                   or (x1 == 0 and xa > 0) or (x2 == m.shape[1] - 1 and xb < W))
+        if not touches:
+            break
+        r *= 2
+    y1, x1 = max(y1 - BOX_MARGIN, 0), max(x1 - BOX_MARGIN, 0)
+    y2, x2 = min(y2 + BOX_MARGIN, m.shape[0] - 1), min(x2 + BOX_MARGIN, m.shape[1] - 1)
+    return m[y1:y2 + 1, x1:x2 + 1].copy(), ya + y1, xa + x1
+
+
+def _apportion(det, starts, cy, cx, thresh):
+    """Share the detection image among overlapping starts.
+
+    Each start T_k (monotonic, so it may claim its neighbours up to the
+    saddle level) is replaced by ``det * T_k^p / sum_j T_j^p``
+    (p = INIT_SHARE_POWER; 1 is the SDSS-style linear apportioning), then
+    re-projected to be monotonic and thresholded: where a neighbour's
+    template dominates, this source's share vanishes, so starts stop
+    overlapping heavily and boxes stay compact. p = 2 separates harder but
+    gave worse fluxes on the simulated blends, so the default is 1.
+    """
+    H, W = det.shape
+    den = np.zeros((H, W))
+    for st in starts:
+        if st is not None:
+            m, y0, x0 = st
+            den[y0:y0 + m.shape[0], x0:x0 + m.shape[1]] += m ** INIT_SHARE_POWER
+    out = []
+    for i, st in enumerate(starts):
+        if st is None:
+            out.append(None)
+            continue
+        m, y0, x0 = st
+        h, w = m.shape
+        d = den[y0:y0 + h, x0:x0 + w]
+        share = np.where(d > 0, det[y0:y0 + h, x0:x0 + w] * m ** INIT_SHARE_POWER
+                         / np.where(d > 0, d, 1), 0.0)
+        ly, lx = cy[i] - y0, cx[i] - x0
+        _k.monotonic_inplace(share, ly, lx, MONO_WEIGHTED)
+        share[share < thresh] = 0.0
+        if MONO_WEIGHTED:
+            _k.monotonic_inplace(share, ly, lx, True)
+        a, b, c, e = _k.nonzero_bounds(share)
+        if a < 0:
+            out.append(None)
+            continue
+        a, c = max(a - BOX_MARGIN, 0), max(c - BOX_MARGIN, 0)
+        b, e = min(b + BOX_MARGIN, h - 1), min(e + BOX_MARGIN, w - 1)
+        a, c = min(a, ly), min(c, lx)
+        b, e = max(b, ly), max(e, lx)
+        out.append((share[a:b + 1, c:e + 1].copy(), y0 + a, x0 + c))
+    return out
+
+
+def _psf_start(model_psf, cy, cx, H, W):
+    """Model PSF centred on the peak pixel, peak 1, clipped to the blend."""
+    r = model_psf.shape[0] // 2
+    ya, yb = max(cy - r, 0), min(cy + r + 1, H)
+    xa, xb = max(cx - r, 0), min(cx + r + 1, W)
+    m = model_psf[ya - cy + r:yb - cy + r, xa - cx + r:xb - cx + r]
+    return m / m.max(), ya, xa
+
+
+def _ls_spectra(state, conv, data, w, joint):
+    """Weighted least-squares spectra for fixed morphologies, band by band.
+
+    Each morphology is convolved with each band's difference kernel on the
+    blend's padded FFT grid (kernel transforms are the loop's own, so the
+    result is exactly the model the fit uses) and cut to its box grown by
+    half a kernel. The K x K normal equations of each band are then
+    accumulated from those boxes and their overlaps
+    (``kernels.normal_equations``), so memory is bounded by the summed box
+    areas of one band plus one chunk of FFT frames (at most LS_FFT_BUDGET
+    complex numbers), never bands x components x H x W. With ``joint`` False
+    each component is fitted alone (the diagonal), for very large blends.
+    """
+    K = state.box.shape[0]
+    B = data.shape[0]
+    H, W = data.shape[1:]
+    ky, kx = conv.kernels.shape[1:]
+    cbox = state.box.copy()
+    cbox[:, 0] -= ky // 2
+    cbox[:, 1] -= kx // 2
+    cbox[:, 2] += 2 * (ky // 2)
+    cbox[:, 3] += 2 * (kx // 2)
+    # clip to the blend: weights are zero outside it
+    y0 = np.maximum(cbox[:, 0], 0)
+    x0 = np.maximum(cbox[:, 1], 0)
+    y1 = np.minimum(cbox[:, 0] + cbox[:, 2], H)
+    x1 = np.minimum(cbox[:, 1] + cbox[:, 3], W)
+    cbox = np.stack([y0, x0, y1 - y0, x1 - x0], axis=1).astype(np.int64)
+    sizes = cbox[:, 2] * cbox[:, 3]
+    coff = np.zeros(K, np.int64)
+    coff[1:] = np.cumsum(sizes)[:-1]
+    Fy, Fx = conv.fshape
+    chunk = max(1, min(K, LS_FFT_BUDGET // (Fy * (Fx // 2 + 1))))
+    flats = [np.empty(int(sizes.sum()), np.float32) for _ in range(B)]
+    frames = np.empty((chunk, Fy, Fx), np.float32)
+    for start in range(0, K, chunk):
+        n = min(chunk, K - start)
+        _k.place_boxes(state.morph, state.box, state.off, start, frames[:n])
+        if conv.method == "fft":
+            f = conv.rfft(frames[:n])
+            prod = np.empty_like(f)
+        for b in range(B):
+            if conv.method == "fft":
+                np.multiply(f, conv.khat[b], out=prod)
+                out = conv.irfft(prod)
+            else:
+                out = np.empty((n, Fy, Fx), np.float32)
+                _k.convolve_direct(frames[:n], np.repeat(conv.kernels[b:b + 1], n, axis=0), out)
+            _k.extract_boxes(out, start, cbox, coff, flats[b])
+    if not joint:
+        # very large blends: each source's components (bulge + disk share
+        # their pixels, so they must be solved together) alone
+        spec = np.zeros((K, B), np.float32)
+        groups = [np.flatnonzero(state.source == i) for i in np.unique(state.source)]
+        for b in range(B):
+            A, r = _k.normal_equations(flats[b], cbox, coff, data[b], w[b], state.source)
+            for idx in groups:
+                spec[idx, b] = _solve_nonneg(A[np.ix_(idx, idx)], r[idx])
+        return spec
+    everyone = np.zeros(K, np.int64)  # one group: all pairs
+    As = np.empty((B, K, K))
+    rs = np.empty((B, K))
+    for b in range(B):
+        As[b], rs[b] = _k.normal_equations(flats[b], cbox, coff, data[b], w[b], everyone)
+    spec = np.zeros((K, B), np.float32)
+    # one batched solve for all bands; the active-set loop only for bands
+    # with an empty component or a negative amplitude
+    diag = np.einsum("bkk->bk", As)
+    ok = np.all(diag > 0, axis=1)
+    if ok.any():
+        ridge = 1e-12 * diag[ok].mean(axis=1)
+        Ar = As[ok] + ridge[:, None, None] * np.eye(K)
+        try:
+            sol = np.linalg.solve(Ar, rs[ok][..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            sol = np.full((int(ok.sum()), K), -1.0)
+        good = np.all(sol >= 0, axis=1)
+        idx = np.flatnonzero(ok)
+        spec[:, idx[good]] = sol[good].T
+        ok[idx[~good]] = False
+    for b in np.flatnonzero(~ok):
+        spec[:, b] = _solve_nonneg(As[b], rs[b])
+    return spec
+
+
+def _solve_nonneg(A, r):
+    """Least squares A s = r with s >= 0 by a few active-set passes.
+
+    Components whose amplitude comes out negative are fixed at zero and the
+    rest re-solved; a handful of passes suffices for the near-diagonal systems
+    of deblending and keeps exact solutions exact.
+    """
+    K = len(r)
+    s = np.zeros(K)
+    active = np.diag(A) > 0
+    for _ in range(5):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        Aa = A[np.ix_(idx, idx)]
+        ridge = 1e-12 * np.trace(Aa) / idx.size
+        try:
+            sol = np.linalg.solve(Aa + ridge * np.eye(idx.size), r[idx])
+        except np.linalg.LinAlgError:
+            sol = r[idx] / np.diag(Aa)
+        s[:] = 0
+        s[idx] = sol
+        neg = s < 0
+        if not neg.any():
+            break
+        active &= ~neg
+    return np.maximum(s, 0)
+
+
+def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W):
+    """Cold start: morphologies from the detection image, spectra by least squares."""
+    inv_var = 1.0 / sig ** 2
+    det, sig_det = _detection_image(data, good, inv_var)
+    thresh = config.initial_background_thresh * sig_det
+    morphs, boxes, ctrs, source = [], [], [], []
+    flags = np.zeros(len(peaks), np.int64)
+    starts = [_monotonic_start(det, cy[i], cx[i], thresh, sig_det) for i in range(len(peaks))]
+    if len(peaks) > 1:
+        starts = _apportion(det, starts, cy, cx, thresh)
+    for i in range(len(peaks)):
+        start = starts[i]
+        snr = 0.0
+        if start is not None:
+            m, y0, x0 = start
+            # aperture S/N of the start's flux in the detection image
+            snr = float(m.sum() / (sig_det * math.sqrt(np.count_nonzero(m))))
+        if start is None or snr < config.min_snr:
+            m, y0, x0 = _psf_start(model_psf, cy[i], cx[i], H, W)
+            flags[i] |= SOURCE_PSF_INIT
+            comps = [m]
+        else:
+            m = m / m[cy[i] - y0, cx[i] - x0]
+            if snr > 2 * config.min_snr:
+                # bulge + disk: the half-maximum core (a superlevel set of a
+                # monotonic image is still monotonic) and the full extent.
+                core = np.where(m >= 0.5, m, 0.0)
+                comps = [core, m]
+            else:
+                comps = [m]
+        for c in comps:
+            morphs.append(c)
+            boxes.append((y0, x0, c.shape[0], c.shape[1]))
+            ctrs.append((cy[i], cx[i]))
+            source.append(i)
+    K = len(morphs)
+    state = _State(np.zeros((K, data.shape[0])), morphs, boxes, ctrs, source, flags)
+    if config.set_spectra:
+        joint = len(peaks) * H * W <= config.max_spectrum_cutoff
+        state.spec[:] = _ls_spectra(state, conv, data, w, joint)
+    else:
+        ncomp = np.bincount(state.source, minlength=len(peaks))
+        for k in range(K):
+            i = state.source[k]
+            state.spec[k] = np.maximum(data[:, cy[i], cx[i]], 0) / ncomp[i]
+    # a component the least-squares fit switched off (e.g. the core of a
+    # source whose profile the disk already explains) restarts small rather
+    # than dead: a zero spectrum has a zero morphology gradient forever.
+    for k in range(K):
+        if not np.any(state.spec[k] > 0):
+            i = state.source[k]
+            state.spec[k] = np.maximum(data[:, cy[i], cx[i]], 0) * 0.1 + 1e-3 * sig
+    return state
+
+
+def _state_from_result(init, peaks, cy, cx, B, H, W):
+    """Warm start from an earlier BlendResult of the same blend and peaks."""
+    morphs, boxes, ctrs, source, specs = [], [], [], [], []
+    flags = np.zeros(len(peaks), np.int64)
+    have = sorted(src.peak_index for src in init.sources if src.components)
+    if have != list(range(len(peaks))):
+        raise InputError(f"warm start: init has components for peaks {have}, "
+                         f"expected one source per peak 0..{len(peaks) - 1}")
+    for src in init.sources:
+        i = src.peak_index
+        if not 0 <= i < len(peaks):
+            continue
+        flags[i] = src.flags & SOURCE_PSF_INIT
+        for c in src.components:
+            m = np.asarray(c.morph, np.float32)
+            if m.ndim != 2:
+                raise ValueError("warm start needs factorised (2-D morph) components")
+            y0, x0 = int(c.y0), int(c.x0)
+            h, w = m.shape
+            # the box must lie in the blend and contain the peak pixel
+            ny0, nx0 = max(min(y0, cy[i]), 0), max(min(x0, cx[i]), 0)
+            ny1, nx1 = min(max(y0 + h, cy[i] + 1), H), min(max(x0 + w, cx[i] + 1), W)
+            mm = np.zeros((ny1 - ny0, nx1 - nx0), np.float32)
+            ya, yb = max(y0, ny0), min(y0 + h, ny1)
+            xa, xb = max(x0, nx0), min(x0 + w, nx1)
+            if ya < yb and xa < xb:
+                mm[ya - ny0:yb - ny0, xa - nx0:xb - nx0] = m[ya - y0:yb - y0, xa - x0:xb - x0]
+            morphs.append(mm)
+            boxes.append((ny0, nx0, ny1 - ny0, nx1 - nx0))
+            ctrs.append((cy[i], cx[i]))
+            source.append(i)
+            specs.append(np.asarray(c.spectrum, np.float32))
+    spec = np.array(specs, np.float32).reshape(len(specs), B)
+    return _State(spec, morphs, boxes, ctrs, source, flags)
+
+
+def _overlaps(box):
+    """Number of components whose boxes overlap each component's box (itself included)."""
+    y0, x0 = box[:, 0], box[:, 1]
+    y1, x1 = y0 + box[:, 2], x0 + box[:, 3]
+    oy = (y0[:, None] < y1[None]) & (y0[None] < y1[:, None])
+    ox = (x0[:, None] < x1[None]) & (x0[None] < x1[:, None])
+    return (oy & ox).sum(axis=1).astype(np.float64)
+
+
+_NO_FILL = np.zeros(3, np.bool_)
+_ADAM_FILL = np.array([False, True, True])
+
+
+def _resize(state, moments, H, W):
+    """Shrink boxes to their non-zero pixels (+margin), grow edges carrying flux.
+
+    ``moments`` are (S, P) arrays travelling with the morphologies (optimiser
+    state). Returns the new moments (same list order); ``state`` is updated.
+    """
+    box = state.box
+    new, changed = _k.resized_boxes(state.morph, box, state.off, state.ctr, H, W,
+                                    BOX_MARGIN, BOX_GROW_MIN, BOX_GROW_FRAC)
+    if not changed:
+        return moments
+    sizes = new[:, 2] * new[:, 3]
+    off = np.zeros(len(sizes), np.int64)
+    off[1:] = np.cumsum(sizes)[:-1]
+    total = int(sizes.sum())
+    state.morph = _k.remap_flat(state.morph[None], box, state.off, new, off, total, _NO_FILL)[0]
+    # Adam state rows are (m, v, v_hat): new pixels inherit the largest
+    # second moments; FISTA's single row (previous iterate) starts at zero
+    moments = [_k.remap_flat(m, box, state.off, new, off, total,
+                             _ADAM_FILL if m.shape[0] == 3 else _NO_FILL) for m in moments]
+    state.box = new
+    state.off = off
+    state.plan()
+    return moments
+
+
+_KERNEL_CACHE: dict = {}
+_CONV_CACHE: dict = {}
+_CACHE_SIZE = 16
+
+
+def _cached(cache, key, make):
+    hit = cache.get(key)
+    if hit is None:
+        hit = make()
+        if len(cache) >= _CACHE_SIZE:
+            cache.pop(next(iter(cache)))  # FIFO bound
+        cache[key] = hit
+    return hit
+
+
+def _psf_setup(psfs, sigma, shape):
+    """Model PSF, difference kernels and convolver, memoised.
+
+    All blends of a coadd patch share the PSF images, and the kernels cost
+    a few ms of FFTs, so they are memoised by content (hash of the PSF bytes
+    and the model PSF width); the convolver (kernel transforms on the blend's
+    FFT grid) additionally by blend shape.
+    """
+    psfs = np.ascontiguousarray(psfs, dtype=np.float64)
+    key = (hashlib.sha1(psfs.tobytes()).hexdigest(), psfs.shape, float(sigma))
+
+    def make_kernels():
+        model_psf = gaussian_psf(sigma)
+        kern, kres = difference_kernels(psfs, model_psf)
+        return model_psf, kern, kres
+
+    model_psf, kern, kres = _cached(_KERNEL_CACHE, key, make_kernels)
+    conv = _cached(_CONV_CACHE, key + (tuple(shape),), lambda: Convolver(kern, shape))
+    return model_psf, kern, kres, conv
+
+
+# --------------------------------------------------------------------------
+# main entry point
+# --------------------------------------------------------------------------
+
+
+def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: DeblendConfig | None = None,
+                    init: BlendResult | None = None) -> BlendResult:
+    """Deblend one blend with a scarlet-style factorised model.
+
+    Parameters
+    ----------
+    images, variance : (B, H, W) float arrays of the blend box.
+    bad : (B, H, W) bool; True pixels get zero weight.
+    footprint : (H, W) bool; pixels outside the parent footprint get zero weight.
+    psfs : (B, py, px) observed PSFs (odd, centred, unit sum).
+    peaks : (N, 2) float (y, x) peak positions in blend pixels.
+    config : DeblendConfig, optional
+    init : BlendResult, optional
+        Earlier result for the same blend and peaks; the fit starts from its
+        components (warm start) instead of initialising.
+
+    Returns
+    -------
+    BlendResult
+        Components in the model frame (``frame="model"``), one source per
+        peak in input order, ``model_psf`` set. ``log_likelihood`` is
+        ``-1/2 sum w (data - model)^2`` with the weights used; ``chi2`` is
+        ``sum w (data - model)^2`` per good pixel. ``extra`` holds
+        ``diff_kernels`` (B, k, k), ``diff_kernel_residual`` (B,),
+        ``runtime`` and ``init_runtime`` (s), ``conv_method`` ("fft" or
+        "direct"), ``n_components``, ``logL_history`` (logL per evaluation)
+        and ``warm_start``.
+    """
+    t_start = time.perf_counter()
+    config = config or DeblendConfig()
+    images = np.asarray(images, np.float32)
+    variance = np.asarray(variance, np.float32)
+    if images.ndim != 3 or variance.shape != images.shape:
+        raise InputError("images and variance must be (B, H, W) arrays of one shape")
+    B, H, W = images.shape
+    bad = np.zeros(images.shape, bool) if bad is None else np.asarray(bad, bool)
+    footprint = np.ones((H, W), bool) if footprint is None else np.asarray(footprint, bool)
+    data, w, good, sig = _good_and_weights(images, variance, bad, footprint, config.use_weights)
+    inv_var = 1.0 / sig ** 2
+    peaks, cy, cx = _peak_pixels(peaks, H, W)
+
+    psfs = np.asarray(psfs, dtype=np.float64)
+    if psfs.ndim != 3 or psfs.shape[0] != B or psfs.shape[1] % 2 == 0 or psfs.shape[2] % 2 == 0:
+        raise InputError(f"psfs must be ({B}, odd, odd) images centred on their central pixel, "
+                         f"got shape {psfs.shape}")
+    psfs = psfs / psfs.sum(axis=(1, 2), keepdims=True)
+    model_psf, kern, kres, conv = _psf_setup(psfs, config.model_psf_sigma, (H, W))
+
+    warm = init is not None
+    joint = len(peaks) * H * W <= config.max_spectrum_cutoff
+    if len(peaks) == 0:
+        state = None
+    elif warm:
+        state = _state_from_result(init, peaks, cy, cx, B, H, W)
+    else:
+        state = _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W)
+    t_init = time.perf_counter() - t_start
+
+    # padded FFT work buffers; the loop writes only their [:, :H, :W] corner
+    scene_buf = conv.padded()
+    resid_buf = conv.padded()
+    scene = scene_buf[:, :H, :W]
+    resid = resid_buf[:, :H, :W]
+    history = []
+    converged = False
+    iterations = 0
+    if state is not None and state.box.shape[0] > 0:
+        K = state.box.shape[0]
+        adam = config.optimizer == "adaprox"
+        if adam:
+            mom_s = np.zeros((3, K, B))
+            mom_m = [np.zeros((3, state.morph.size))]
+        else:
+            mom_s = state.spec[None].astype(np.float64)
+            mom_m = [state.morph[None].astype(np.float64)]
+            kappa = (w.reshape(B, -1).max(axis=1).astype(np.float64) * conv.norm2)
+            t_f = 1.0
+        shrink = WARM_STEP_FACTOR if warm else 1.0
+        step_m, rel_m, step_s = STEP_MORPH * shrink, REL_MORPH * shrink, STEP_SPEC * shrink
+        bg = float(config.background_thresh)
+        prev = None
+        nover = None
+        for it in range(config.max_iter + 1):
+            _k.assemble_model(state.spec, state.morph, state.box, state.off, scene)
+            cm = conv.convolve_padded(scene_buf)[:, :H, :W]
+            loss = _k.weighted_residual(cm, data, w, resid)
+            history.append(-loss)
+            # mean relative change over the last CONVERGE_RUN iterations: Adam's
+            # loss decreases unevenly, and a single near-equal pair at a
+            # pause or turning point is not convergence
+            n = CONVERGE_RUN
+            if it >= max(config.min_iter, n) and \
+                    sum(abs(history[-1 - i] - history[-2 - i]) for i in range(n)) \
+                    <= n * config.relative_error * abs(loss):
+                converged = True
+                break
+            if it == config.max_iter:
+                break
+            if not adam and prev is not None and loss > prev:
+                # FISTA adaptive restart: drop the momentum when the loss goes up
+                t_f = 1.0
+            prev = loss
+            G = conv.adjoint_padded(resid_buf)[:, :H, :W]
+            if adam:
+                _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, G,
+                                it + 1, ADAM_B1, ADAM_B2, step_m, rel_m, step_s,
+                                inv_var, bg,
+                                mom_s, mom_m[0], config.monotonic, MONO_WEIGHTED, config.symmetric,
+                                state.order, state.nbm)
+            else:
+                t_new = 0.5 * (1 + math.sqrt(1 + 4 * t_f * t_f))
+                beta = (t_f - 1) / t_new
+                t_f = t_new
+                if nover is None:
+                    nover = _overlaps(state.box)
+                _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, G, beta,
+                              kappa, nover, inv_var, bg, mom_s, mom_m[0], config.monotonic,
+                              MONO_WEIGHTED, config.symmetric, state.order, state.nbm)
+            iterations = it + 1
+            if iterations in RESOLVE_SPECTRA_AT and config.set_spectra and not warm:
+                # the start morphologies are observed-frame and too wide, so
+                # the initial least-squares spectra mix neighbours' colours;
+                # once the morphologies have sharpened, re-solve (Adam moves
+                # spectra only by STEP_SPEC per iteration)
+                state.spec[:] = _ls_spectra(state, conv, data, w, joint)
+                if adam:
+                    mom_s[:] = 0
+                else:
+                    mom_s[0] = state.spec
+            if config.resize_every and iterations % config.resize_every == 0:
+                mom_m = _resize(state, mom_m, H, W)
+                nover = None
+        if not adam:
+            # FISTA's extrapolated point (where the loss was evaluated) may
+            # break the constraints; return the last proximal iterate x_t.
+            state.spec[:] = mom_s[0]
+            state.morph[:] = mom_m[0][0]
+        final_ls = FINAL_LS_SPECTRA and config.set_spectra
+        if final_ls:
+            # the (non-negative) least-squares spectra of the final
+            # morphologies: at least as good as the optimiser's, which move
+            # by a small relative step per iteration
+            state.spec[:] = _ls_spectra(state, conv, data, w, joint)
+        if final_ls or not adam:
+            _k.assemble_model(state.spec, state.morph, state.box, state.off, scene)
+            cm = conv.convolve_padded(scene_buf)[:, :H, :W]
+            loss = _k.weighted_residual(cm, data, w, resid)
+            history.append(-loss)
+    else:
+        scene[:] = 0
+        loss = _k.weighted_residual(conv.convolve_padded(scene_buf)[:, :H, :W], data, w, resid)
+        history.append(-loss)
+        converged = True
+
+    n_good = int(np.count_nonzero(w))
+    sources = _collect(state, peaks, cy, cx, H, W)
+    runtime = time.perf_counter() - t_start
+    return BlendResult(
+        sources=sources,
+        iterations=iterations,
+        log_likelihood=float(-loss),
+        converged=converged,
+        chi2=float(2 * loss / max(n_good, 1)),
+        frame="model",
+        model_psf=model_psf.astype(np.float32),
+        flags=0,
+        extra={
+            "diff_kernels": kern.astype(np.float32),
+            "diff_kernel_residual": kres,
+            "runtime": runtime,
+            "init_runtime": t_init,
+            "conv_method": conv.method,
+            "n_components": 0 if state is None else int(state.box.shape[0]),
+            "logL_history": np.asarray(history),
+            "warm_start": warm,
+        },
+    )
+
+
+def _collect(state, peaks, cy, cx, H, W):
+    """Turn the flat state into SourceResults with trimmed morphology boxes."""
+    out = []
+    if state is None:
+        return out
+    for i in range(len(peaks)):
+        comps = []
+        flags = int(state.flags[i])
+        any_flux = False
+        for k in np.flatnonzero(state.source == i):
+            m = state.view(k)
+            y0, x0 = int(state.box[k, 0]), int(state.box[k, 1])
+            a, b, c, d = _k.nonzero_bounds(m)
+            spec = state.spec[k].astype(np.float32).copy()
+            if a < 0 or not np.any(spec > 0):
+                mm = np.zeros((1, 1), np.float32)
+                y0, x0 = int(cy[i]), int(cx[i])
+                spec[:] = 0
+            else:
+                mm = m[a:b + 1, c:d + 1].copy()
+                y0, x0 = y0 + a, x0 + c
+                any_flux = True
+                # exact peak-1 normalisation (the loop tolerates 1 % drift)
+                mx = float(mm.max())
+                mm /= mx
+                spec *= mx
+            comps.append(Component(spectrum=spec, morph=mm, y0=y0, x0=x0,
+                                   peak=(float(peaks[i, 0]), float(peaks[i, 1]))))
+        if not any_flux:
+            flags |= SOURCE_NO_FLUX
+        if cy[i] in (0, H - 1) or cx[i] in (0, W - 1):
+            flags |= SOURCE_EDGE
+        out.append(SourceResult(peak_index=i, components=comps, flags=flags))
+    return out

@@ -1,0 +1,524 @@
+"""Tests of the scarlet-style deblending engine (scarletstore.deblend.scarlet / kernels / psf)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.signal import fftconvolve
+
+from scarletstore.deblend import DeblendConfig
+from scarletstore.deblend import kernels as K
+from scarletstore.deblend import scarlet as S
+from scarletstore.deblend.psf import Convolver, difference_kernels, gaussian_psf, render
+from scarletstore.deblend.result import SOURCE_EDGE, SOURCE_PSF_INIT, Component
+from scarletstore.errors import InputError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HSC_BAD_BITS = 1 | 2 | 16 | 128 | 256  # BAD, SAT, EDGE, SUSPECT, NO_DATA
+
+
+def shared(name):
+    path = DATA / name
+    if not path.is_file():
+        pytest.skip(f"reference data {name} not found in {DATA}")
+    return path
+
+
+def gaussian_image(shape, cy, cx, sigma):
+    y, x = np.mgrid[0:shape[0], 0:shape[1]]
+    return np.exp(-0.5 * ((y - cy) ** 2 + (x - cx) ** 2) / sigma**2)
+
+
+def psf_stack(sigmas, size=25):
+    return np.stack([gaussian_psf(s, size) for s in sigmas])
+
+
+# --------------------------------------------------------------------------
+# monotonicity / symmetry kernels
+# --------------------------------------------------------------------------
+
+
+def inward_max(m, y, x, cy, cx):
+    """Largest strictly-closer 8-neighbour of (y, x) w.r.t. the peak (cy, cx)."""
+    d2 = (y - cy) ** 2 + (x - cx) ** 2
+    best = -np.inf
+    for ey in (-1, 0, 1):
+        for ex in (-1, 0, 1):
+            yy, xx = y + ey, x + ex
+            if (ey or ex) and 0 <= yy < m.shape[0] and 0 <= xx < m.shape[1]:
+                if (yy - cy) ** 2 + (xx - cx) ** 2 < d2:
+                    best = max(best, m[yy, xx])
+    return best
+
+
+def assert_monotone(m, cy, cx):
+    for y in range(m.shape[0]):
+        for x in range(m.shape[1]):
+            if (y, x) != (cy, cx):
+                assert m[y, x] <= inward_max(m, y, x, cy, cx) + 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 14), w=st.integers(1, 14), seed=st.integers(0, 2**31 - 1),
+       fy=st.floats(0, 1), fx=st.floats(0, 1), weighted=st.booleans())
+def test_monotonic_projection_properties(h, w, seed, fy, fx, weighted):
+    rng = np.random.default_rng(seed)
+    m0 = rng.normal(0.3, 1.0, (h, w))
+    cy, cx = min(int(fy * h), h - 1), min(int(fx * w), w - 1)
+    m = m0.copy()
+    K.monotonic_inplace(m, cy, cx, weighted)
+    assert np.all(m >= 0)
+    assert np.all(m <= np.maximum(m0, 0) + 1e-12)       # only ever lowers pixels
+    assert m[cy, cx] == max(m0[cy, cx], 0)                # the peak is untouched
+    assert_monotone(m, cy, cx)                           # <= brightest inward neighbour
+    again = m.copy()
+    K.monotonic_inplace(again, cy, cx, weighted)
+    np.testing.assert_array_equal(again, m)               # idempotent
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 12), w=st.integers(1, 12), seed=st.integers(0, 2**31 - 1),
+       fy=st.floats(0, 1), fx=st.floats(0, 1))
+def test_planned_monotonic_matches_direct(h, w, seed, fy, fx):
+    """The loop's precomputed-plan projection equals the geometric one."""
+    rng = np.random.default_rng(seed)
+    m = rng.random((h, w))
+    cy, cx = min(int(fy * h), h - 1), min(int(fx * w), w - 1)
+    box = np.array([[3, 5, h, w]], np.int64)
+    off = np.array([0], np.int64)
+    ctr = np.array([[3 + cy, 5 + cx]], np.int64)
+    order, nbm = K.mono_plan(box, off, ctr, h * w)
+    flat = m.ravel().copy()
+    K.monotonic_planned(flat, 0, h, w, order, nbm)
+    want = m.copy()
+    K.monotonic_inplace(want, cy, cx, False)
+    np.testing.assert_array_equal(flat.reshape(h, w), want)
+
+
+def test_monotonic_paths_to_peak():
+    """Every pixel has a non-increasing path towards the peak (follow the inward max)."""
+    rng = np.random.default_rng(4)
+    m = rng.random((21, 17))
+    cy, cx = 8, 11
+    K.monotonic_inplace(m, cy, cx, False)
+    for y in range(m.shape[0]):
+        for x in range(m.shape[1]):
+            py, px, v = y, x, m[y, x]
+            while (py, px) != (cy, cx):
+                d2 = (py - cy) ** 2 + (px - cx) ** 2
+                cands = [(m[py + a, px + b], py + a, px + b) for a in (-1, 0, 1) for b in (-1, 0, 1)
+                         if (a or b) and 0 <= py + a < m.shape[0] and 0 <= px + b < m.shape[1]
+                         and (py + a - cy) ** 2 + (px + b - cx) ** 2 < d2]
+                nv, py, px = max(cands)
+                assert nv >= v
+                v = nv
+
+
+def test_monotonic_keeps_monotone_input():
+    g = gaussian_image((15, 15), 7, 7, 2.5)
+    m = g.copy()
+    K.monotonic_inplace(m, 7, 7, False)
+    np.testing.assert_allclose(m, g)
+
+
+def test_symmetric_projection():
+    rng = np.random.default_rng(1)
+    m = rng.random((9, 12))
+    K.symmetric_inplace(m, 4, 5)
+    for y in range(9):
+        for x in range(12):
+            yy, xx = 8 - y, 10 - x
+            if 0 <= yy < 9 and 0 <= xx < 12:
+                assert m[y, x] == pytest.approx(m[yy, xx])
+            else:
+                assert m[y, x] == 0
+    again = m.copy()
+    K.symmetric_inplace(again, 4, 5)
+    np.testing.assert_allclose(again, m)
+
+
+def test_nonzero_bounds():
+    m = np.zeros((6, 7))
+    assert K.nonzero_bounds(m) == (-1, -1, -1, -1)
+    m[2, 3] = m[4, 1] = 1
+    assert K.nonzero_bounds(m) == (2, 4, 1, 3)
+
+
+# --------------------------------------------------------------------------
+# PSF, difference kernels, convolution
+# --------------------------------------------------------------------------
+
+
+def test_gaussian_psf_normalised_and_centred():
+    p = gaussian_psf(0.8)
+    assert p.shape[0] % 2 == 1
+    assert p.sum() == pytest.approx(1.0)
+    assert np.unravel_index(p.argmax(), p.shape) == (p.shape[0] // 2,) * 2
+    np.testing.assert_allclose(p, p[::-1, ::-1])
+
+
+def test_difference_kernel_reproduces_observed_psf():
+    """model_psf (x) k_b == psf_b to 1e-3 of the PSF (relative L2), checked independently."""
+    psfs = psf_stack([1.4, 2.0, 2.7], size=31)
+    model = gaussian_psf(0.8)
+    kern, resid = difference_kernels(psfs, model)
+    assert np.all(resid < 1e-3)
+    for b in range(3):
+        full = fftconvolve(model, kern[b], mode="full")
+        n = max(full.shape[0], 31)
+        rec, ref = np.zeros((n, n)), np.zeros((n, n))
+        a, r = (n - full.shape[0]) // 2, (n - 31) // 2
+        rec[a:a + full.shape[0], a:a + full.shape[0]] = full
+        ref[r:r + 31, r:r + 31] = psfs[b]
+        assert np.linalg.norm(rec - ref) / np.linalg.norm(ref) < 1e-3
+        assert abs(kern[b].sum() - 1) < 1e-3
+
+
+def test_difference_kernel_hsc_psfs():
+    d = np.load(shared("hsc_cosmos_35.npz"))
+    _, resid = difference_kernels(d["psfs"], gaussian_psf(0.8))
+    assert np.all(resid < 1e-3)
+
+
+@pytest.mark.parametrize("method", ["fft", "direct"])
+def test_convolver_matches_scipy_and_adjoint(method):
+    rng = np.random.default_rng(2)
+    kern = rng.random((3, 7, 5)).astype(np.float32)
+    conv = Convolver(kern, (20, 17), method=method)
+    x = rng.random((3, 20, 17)).astype(np.float32)
+    y = rng.random((3, 20, 17)).astype(np.float32)
+    cx = conv.convolve(x)
+    for b in range(3):
+        np.testing.assert_allclose(cx[b], fftconvolve(x[b], kern[b], mode="same"), rtol=1e-4, atol=1e-4)
+    # <C x, y> == <x, C^T y>
+    lhs = float((cx.astype(np.float64) * y).sum())
+    rhs = float((x.astype(np.float64) * conv.adjoint(y)).sum())
+    assert lhs == pytest.approx(rhs, rel=1e-5)
+
+
+def test_scene_gradient_matches_finite_differences():
+    """G = C^T w (C M - d) is the gradient of 1/2 sum w (C M - d)^2 w.r.t. the scene M."""
+    rng = np.random.default_rng(3)
+    kern = np.stack([gaussian_psf(s, 9) for s in (1.0, 1.5)]).astype(np.float32)
+    conv = Convolver(kern, (12, 10))
+    M = rng.random((2, 12, 10)).astype(np.float32)
+    d = rng.random((2, 12, 10)).astype(np.float32)
+    w = rng.uniform(0.5, 2, (2, 12, 10)).astype(np.float32)
+
+    def loss(scene):
+        r = np.empty_like(scene)
+        return K.weighted_residual(conv.convolve(scene).astype(np.float32), d, w, r), r
+
+    L0, r = loss(M)
+    G = conv.adjoint(r)
+    for (b, y, x) in [(0, 3, 4), (1, 0, 0), (1, 11, 9), (0, 6, 2)]:
+        eps = 1e-2
+        Mp, Mm = M.copy(), M.copy()
+        Mp[b, y, x] += eps
+        Mm[b, y, x] -= eps
+        num = (loss(Mp)[0] - loss(Mm)[0]) / (2 * eps)
+        assert G[b, y, x] == pytest.approx(num, rel=2e-3, abs=2e-4)
+
+
+def test_convolver_auto_picks_fft_for_wide_kernels():
+    assert Convolver(np.ones((5, 41, 41)), (58, 48)).method == "fft"
+    assert Convolver(np.ones((5, 3, 3)), (58, 48)).method == "fft"   # measured: FFT 2x faster
+    assert Convolver(np.ones((1, 3, 3)), (8, 8)).method == "direct"
+
+
+# --------------------------------------------------------------------------
+# Synthetic exact scenes
+# --------------------------------------------------------------------------
+
+
+def synthetic_scene(shape=(40, 44), seed=0):
+    """Three sources: known spectra x monotonic Gaussian morphologies, rendered
+    through the engine's own path (model frame -> difference kernels)."""
+    rng = np.random.default_rng(seed)
+    psfs = psf_stack([1.2, 1.5, 1.8, 2.1], size=21)
+    model_psf = gaussian_psf(0.8)
+    kern, _ = difference_kernels(psfs, model_psf)
+    peaks = np.array([[12.0, 13.0], [25.0, 27.0], [14.0, 31.0]])
+    sigmas = [2.0, 3.0, 1.5]
+    comps = []
+    for (cy, cx), sg in zip(peaks, sigmas):
+        r = 9
+        m = gaussian_image((2 * r + 1, 2 * r + 1), r, r, sg)
+        m[m < 1e-3] = 0
+        K.monotonic_inplace(m, r, r, False)
+        spec = rng.uniform(5, 20, 4).astype(np.float32)
+        comps.append(Component(spectrum=spec, morph=m.astype(np.float32), y0=int(cy) - r,
+                               x0=int(cx) - r, peak=(cy, cx)))
+    images = render(comps, kern, shape)
+    return images, psfs, peaks, comps, kern
+
+
+def test_least_squares_spectra_exact():
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    B, H, W = images.shape
+    morphs = [c.morph for c in comps]
+    boxes = [(c.y0, c.x0) + c.morph.shape for c in comps]
+    state = S._State(np.zeros((3, B)), morphs, boxes, peaks.astype(int), [0, 1, 2], np.zeros(3, int))
+    w = np.ones_like(images)
+    truth = np.stack([c.spectrum for c in comps])
+    conv = Convolver(kern, (H, W))
+    got = S._ls_spectra(state, conv, images, w, joint=True)
+    np.testing.assert_allclose(got, truth, rtol=2e-4)
+    # non-uniform weights do not change an exact solution
+    w2 = np.random.default_rng(3).uniform(0.5, 2, images.shape).astype(np.float32)
+    np.testing.assert_allclose(S._ls_spectra(state, conv, images, w2, joint=True), truth, rtol=2e-4)
+    # the per-component fit is exact when boxes (after convolution) do not overlap
+    single = S._State(np.zeros((1, B)), morphs[:1], boxes[:1], peaks[:1].astype(int), [0], np.zeros(1, int))
+    img1 = render(comps[:1], kern, (H, W))
+    np.testing.assert_allclose(S._ls_spectra(single, conv, img1, w, joint=False)[0], truth[0], rtol=2e-4)
+    # the direct-convolution path gives the same spectra
+    direct = Convolver(kern, (H, W), method="direct")
+    np.testing.assert_allclose(S._ls_spectra(state, direct, images, w, joint=True), truth, rtol=2e-4)
+
+
+# FISTA converges monotonically to the exact optimum; Adam with fixed
+# (relative) step sizes approaches it slowly -- the spectra move by at most
+# 0.5 % per iteration -- so its per-source split is held to a looser bound.
+@pytest.mark.parametrize("optimizer,max_iter,tol_model,tol_flux", [
+    ("fista", 600, 2e-3, 0.01),
+    ("adaprox", 1500, 5e-3, 0.08),
+])
+def test_noise_free_exact_model_is_reproduced(optimizer, max_iter, tol_model, tol_flux):
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    B, H, W = images.shape
+    # tiny variance so the noise-level sparsity threshold sits far below the signal
+    variance = np.full(images.shape, 1e-6, np.float32)
+    cfg = DeblendConfig(relative_error=1e-9, max_iter=max_iter, min_snr=1e12,  # 1 component each
+                        optimizer=optimizer)
+    res = S.deblend_scarlet(images, variance, None, None, psfs, peaks, cfg)
+    model = render([c for s in res.sources for c in s.components], res.extra["diff_kernels"], (H, W))
+    rel = np.sqrt(((model - images) ** 2).sum() / (images**2).sum())
+    assert rel < tol_model
+    # log-likelihood relative to that of the empty model: ~0
+    logl0 = -0.5 * (images.astype(np.float64) ** 2).sum() / 1e-6
+    assert res.log_likelihood / logl0 < tol_model**2 * 4
+    # per-source fluxes
+    for src, c in zip(res.sources, comps):
+        got = render(src.components, res.extra["diff_kernels"], (H, W)).sum(axis=(1, 2))
+        want = render([c], kern, (H, W)).sum(axis=(1, 2))
+        np.testing.assert_allclose(got, want, rtol=tol_flux)
+    # results honour the contract
+    assert res.frame == "model" and res.model_psf is not None
+    for src in res.sources:
+        for c in src.components:
+            assert c.morph.max() == pytest.approx(1.0)
+            assert np.all(c.spectrum >= 0)
+
+
+def test_bad_pixels_and_footprint_get_zero_weight():
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    variance = np.full(images.shape, 1e-2, np.float32)
+    bad = np.zeros(images.shape, bool)
+    bad[1, 20:30, 20:30] = True
+    corrupted = images.copy()
+    corrupted[bad] = 1e6
+    footprint = np.ones(images.shape[1:], bool)
+    footprint[:, :3] = False
+    corrupted[:, :, :3] = -1e6
+    cfg = DeblendConfig(min_snr=1e12)
+    res = S.deblend_scarlet(corrupted, variance, bad, footprint, psfs, peaks, cfg)
+    ref = S.deblend_scarlet(images, variance, bad, footprint, psfs, peaks, cfg)
+    assert res.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-6)
+    assert np.isfinite(res.log_likelihood)
+
+
+def test_components_psf_init_and_two_components():
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    rng = np.random.default_rng(5)
+    sigma = 0.05
+    noisy = (images + rng.normal(0, sigma, images.shape)).astype(np.float32)
+    variance = np.full(images.shape, sigma**2, np.float32)
+    # a fourth, very faint peak in an empty corner starts as the PSF
+    peaks4 = np.vstack([peaks, [[34.0, 6.0]]])
+    res = S.deblend_scarlet(noisy, variance, None, None, psfs, peaks4, DeblendConfig())
+    assert res.sources[3].flags & SOURCE_PSF_INIT
+    assert all(len(s.components) == 2 for s in res.sources[:3])   # SNR >> 2 * min_snr
+    assert [s.peak_index for s in res.sources] == [0, 1, 2, 3]
+    one = S.deblend_scarlet(noisy, variance, None, None, psfs, peaks4, DeblendConfig(min_snr=1e9))
+    assert all(len(s.components) == 1 for s in one.sources)
+
+
+@pytest.mark.parametrize("optimizer", ["adaprox", "fista"])
+def test_optimizers_fit_noisy_scene(optimizer):
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    rng = np.random.default_rng(6)
+    sigma = 0.05
+    noisy = (images + rng.normal(0, sigma, images.shape)).astype(np.float32)
+    variance = np.full(images.shape, sigma**2, np.float32)
+    cfg = DeblendConfig(optimizer=optimizer, max_iter=400)
+    res = S.deblend_scarlet(noisy, variance, None, None, psfs, peaks, cfg)
+    # chi2 per pixel near 1 for a good fit of pure Gaussian noise
+    assert res.chi2 < 1.3
+    assert res.log_likelihood >= res.extra["logL_history"][0]
+    for src, c in zip(res.sources, comps):
+        got = render(src.components, res.extra["diff_kernels"], images.shape[1:]).sum()
+        want = render([c], kern, images.shape[1:]).sum()
+        assert got == pytest.approx(want, rel=0.05)
+
+
+def test_symmetric_option_gives_symmetric_morphs():
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    variance = np.full(images.shape, 1e-2, np.float32)
+    res = S.deblend_scarlet(images, variance, None, None, psfs, peaks,
+                            DeblendConfig(symmetric=True, min_snr=1e9, max_iter=30))
+    for src in res.sources:
+        c = src.components[0]
+        full = np.zeros(images.shape[1:])
+        full[c.y0:c.y0 + c.morph.shape[0], c.x0:c.x0 + c.morph.shape[1]] = c.morph
+        cy, cx = (int(round(v)) for v in c.peak)
+        r = 6
+        patch = full[cy - r:cy + r + 1, cx - r:cx + r + 1]
+        np.testing.assert_allclose(patch, patch[::-1, ::-1], atol=1e-6)
+
+
+def test_degenerate_inputs_stay_finite():
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    rng = np.random.default_rng(0)
+    noisy = (images + rng.normal(0, 0.05, images.shape)).astype(np.float32)
+    var = np.full(images.shape, 0.0025, np.float32)
+    bad = np.zeros(images.shape, bool)
+    bad[2] = True                                   # a whole band masked
+    noisy[0, 5, 5] = np.nan                         # unflagged non-finite pixel
+    var[1, :, :4] = 0                               # zero variance = no information
+    cases = [
+        (noisy, var, bad, peaks),
+        (noisy[:, :3, :4].copy(), var[:, :3, :4].copy(), None, np.array([[1.0, 1.0]])),  # blend < kernel
+        (noisy, np.zeros_like(var), None, peaks),    # nothing measurable
+        (noisy, var, None, np.array([[-5.0, -3.0], [100.0, 100.0]])),  # peaks off the box
+    ]
+    for img, v, b, pk in cases:
+        res = S.deblend_scarlet(img, v, b, None, psfs, pk)
+        assert np.isfinite(res.log_likelihood)
+        for src in res.sources:
+            for c in src.components:
+                assert np.all(np.isfinite(c.spectrum)) and np.all(np.isfinite(c.morph))
+    res = S.deblend_scarlet(*cases[-1][:3], None, psfs, cases[-1][3])
+    assert all(src.flags & SOURCE_EDGE for src in res.sources)
+
+
+def test_per_source_spectra_for_large_blends():
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    rng = np.random.default_rng(1)
+    noisy = (images + rng.normal(0, 0.05, images.shape)).astype(np.float32)
+    var = np.full(images.shape, 0.0025, np.float32)
+    joint = S.deblend_scarlet(noisy, var, None, None, psfs, peaks)
+    alone = S.deblend_scarlet(noisy, var, None, None, psfs, peaks, DeblendConfig(max_spectrum_cutoff=1))
+    # the per-source start ignores overlaps between sources (a cheaper, worse
+    # start for very large blends); both must still fit the data
+    assert joint.chi2 < 1.3
+    assert alone.chi2 < 2.5
+
+
+def test_bad_inputs_raise():
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    var = np.ones_like(images)
+    with pytest.raises(InputError):
+        S.deblend_scarlet(images, var, None, None, psfs[:, :-1, :-1], peaks)   # even PSF
+    with pytest.raises(InputError):
+        S.deblend_scarlet(images, var[:2], None, None, psfs, peaks)
+    cold = S.deblend_scarlet(images, var, None, None, psfs, peaks, DeblendConfig(max_iter=5))
+    with pytest.raises(InputError):
+        S.deblend_scarlet(images, var, None, None, psfs, peaks[:2], init=cold)
+
+
+def test_empty_peak_list():
+    images, psfs, peaks, comps, kern = synthetic_scene()
+    res = S.deblend_scarlet(images, np.ones_like(images), None, None, psfs, np.zeros((0, 2)))
+    assert res.sources == [] and res.converged
+
+
+# --------------------------------------------------------------------------
+# Reference data
+# --------------------------------------------------------------------------
+
+
+def load_hsc():
+    d = np.load(shared("hsc_cosmos_35.npz"))
+    bad = (d["mask"] & HSC_BAD_BITS) != 0
+    peaks = np.stack([d["catalog"]["y"], d["catalog"]["x"]], axis=1).astype(float)
+    fp = np.ones(d["images"].shape[1:], bool)
+    return d["images"], d["variance"], bad, fp, d["psfs"], peaks
+
+
+def test_hsc_cosmos_35_log_likelihood():
+    images, variance, bad, fp, psfs, peaks = load_hsc()
+    res = S.deblend_scarlet(images, variance, bad, fp, psfs, peaks, DeblendConfig())
+    assert res.converged
+    # peer (scarlet_lite, Rubin defaults): logL = -9011
+    assert res.log_likelihood >= -9011
+    # the reported value is the plain chi^2 form over the whole box
+    model = render([c for s in res.sources for c in s.components], res.extra["diff_kernels"],
+                   images.shape[1:])
+    logl = -0.5 * (((images - model) ** 2) / variance).sum()
+    assert logl == pytest.approx(res.log_likelihood, rel=1e-4)
+    assert len(res.sources) == 7
+    assert res.extra["diff_kernels"].shape[0] == 5 and res.extra["runtime"] > 0
+
+
+def test_hsc_warm_start_converges_faster():
+    images, variance, bad, fp, psfs, peaks = load_hsc()
+    cold = S.deblend_scarlet(images, variance, bad, fp, psfs, peaks, DeblendConfig())
+    warm = S.deblend_scarlet(images, variance, bad, fp, psfs, peaks, DeblendConfig(), init=cold)
+    assert warm.converged
+    assert warm.iterations < cold.iterations
+    assert warm.log_likelihood >= cold.log_likelihood - 0.01 * abs(cold.log_likelihood)
+
+
+# The psf_matched_sim truth: per-source noise-free images per band. Its
+# ``images`` plane already carries noise (std ~5), so the test builds its own
+# blend: sum of the truth images + Gaussian noise (sigma 5, fixed seeds). The
+# catalogue x is offset by +0.5 pixel from the 0-indexed pixel-centre
+# convention (the stars' truth centroids sit at x - 0.5, y), so peaks are
+# (y, x - 0.5). Its PSF (sigma ~0.5 pixel) is narrower than the default model
+# PSF, which cannot be deconvolved, so the model PSF is narrowed to 0.3 pixel.
+SIM_SIGMA = 5.0
+# Tolerances on each source's total flux in its three brightest bands,
+# chosen from what the engine achieves over noise seeds 0-9 (this test uses
+# seeds 42, 0, 7): the six bright sources (peak band flux > 3000) are within
+# 2-38 % (typically 10-20 %), the brightest galaxy taking flux from its
+# neighbours; the faint star (peak band flux ~1750) 6 pixels from that
+# galaxy, 8x brighter, is off by 44-92 %. Median over all: 0.10-0.21.
+SIM_TOL_BRIGHT = 0.4
+SIM_TOL_FAINT = 1.0
+SIM_MEDIAN_TOL = 0.25
+
+
+@pytest.mark.parametrize("seed", [42, 0, 7])
+def test_psf_matched_sim_fluxes(seed):
+    d = np.load(shared("psf_matched_sim.npz"))
+    cat = d["catalog"]
+    bands = [str(b) for b in d["filters"]]
+    truth = np.stack([np.stack([c[f"intensity_{b}"] for b in bands]) for c in cat])  # (N, B, H, W)
+    clean = truth.sum(axis=0)
+    rng = np.random.default_rng(seed)
+    images = (clean + rng.normal(0, SIM_SIGMA, clean.shape)).astype(np.float32)
+    variance = np.full(images.shape, SIM_SIGMA**2, np.float32)
+    peaks = np.stack([cat["y"], cat["x"] - 0.5], axis=1)
+    res = S.deblend_scarlet(images, variance, None, None, d["psfs"], peaks,
+                            DeblendConfig(model_psf_sigma=0.3))
+    tflux = truth.sum(axis=(2, 3))
+    errs = []
+    total = np.zeros(len(bands))
+    for src in res.sources:
+        flux = render(src.components, res.extra["diff_kernels"], images.shape[1:]).sum(axis=(1, 2))
+        total += flux
+        t = tflux[src.peak_index]
+        top = np.argsort(t)[-3:]
+        e = np.abs(flux[top] - t[top]) / t[top]
+        errs.extend(e)
+        tol = SIM_TOL_BRIGHT if t.max() > 3000 else SIM_TOL_FAINT
+        assert np.all(e < tol), (src.peak_index, e)
+    assert np.median(errs) < SIM_MEDIAN_TOL
+    # the blend total: 1-7 % low on seeds 0-9 and 42, because the noise-level
+    # sparsity threshold (1 sigma) cuts the faint wings; the noise on the
+    # image sum itself is 1-4 % here.
+    np.testing.assert_allclose(total, tflux.sum(axis=0), rtol=0.08)
