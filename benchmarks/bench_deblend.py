@@ -207,27 +207,16 @@ def _truth_figures(sim, exposure, bands):
     return table, blend, snr
 
 
-def _match(tx, ty, sx, sy, radius=2.0):
-    """One-to-one closest-first matching within ``radius`` px: {run row: truth row}."""
-    from scipy.spatial import cKDTree
-
-    pairs = cKDTree(np.c_[tx, ty]).sparse_distance_matrix(cKDTree(np.c_[sx, sy]), radius).items()
-    out, used_t = {}, set()
-    for (ti, si), d in sorted(pairs, key=lambda kv: kv[1]):
-        if ti not in used_t and si not in out:
-            out[si] = ti
-            used_t.add(ti)
-    return out
-
-
 def _score(run, table, blend, snr, bands, label):
     from scarletstore.compare import source_fluxes
+    from scarletstore.truth import match_positions
 
     flux = source_fluxes(run)
     sx, sy = run["source_x"].values, run["source_y"].values
-    m = _match(np.asarray(table["x"]), np.asarray(table["y"]), sx, sy)
+    _, to_truth = match_positions(np.asarray(table["y"]), np.asarray(table["x"]), sy, sx, 2.0)
     ids = np.asarray(table["id"])
-    rows, trows = np.array(list(m.keys()), int), np.array(list(m.values()), int)
+    rows = np.flatnonzero(to_truth >= 0)
+    trows = to_truth[rows]
     b = np.array([blend[int(ids[t])] for t in trows])
     sn = np.array([snr[int(ids[t])] for t in trows])
     out = {"matched": len(rows), "sources": run.sizes["source"]}

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scarletstore import footprint as fp  # noqa: E402
+from scarletstore.truth import match_positions  # noqa: E402
 
 HSC = ROOT.parent / "shared" / "data" / "hsc_cosmos_35.npz"
 LSST_PLANES = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
@@ -92,19 +93,7 @@ def load_sim(out_dir):
     return exp, table, snr
 
 
-def match(ay, ax, by, bx, radius):
-    """One-to-one matching, closest pairs first; -1 where unmatched."""
-    ma = np.full(len(ay), -1)
-    mb = np.full(len(by), -1)
-    if len(ay) == 0 or len(by) == 0:
-        return ma, mb
-    sdm = cKDTree(np.c_[ay, ax]).sparse_distance_matrix(cKDTree(np.c_[by, bx]), radius,
-                                                         output_type="ndarray")
-    for k in np.argsort(sdm["v"], kind="stable"):
-        i, j = sdm["i"][k], sdm["j"][k]
-        if ma[i] < 0 and mb[j] < 0:
-            ma[i], mb[j] = j, i
-    return ma, mb
+match = match_positions  # one-to-one, closest pairs first; -1 where unmatched
 
 
 def parent_labels(parents, shape):

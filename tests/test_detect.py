@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from scipy.spatial import cKDTree
 
 from scarletstore import footprint as fp
+from scarletstore.truth import match_positions
 from scarletstore.detect import (CHI2_BIT, PARENT_EXTERNAL_ONLY, PARENT_HAS_EXTERNAL, PEAK_EXTERNAL,
                                  PEAK_RESIDUAL,
                                  detect, psf_fwhm, read_peaks_table)
@@ -271,17 +271,6 @@ def test_hsc_catalog_peaks_found():
     assert ds.sizes["peak"] <= 25
 
 
-def _match(ay, ax, by, bx, radius):
-    ma, mb = np.full(len(ay), -1), np.full(len(by), -1)
-    sdm = cKDTree(np.c_[ay, ax]).sparse_distance_matrix(cKDTree(np.c_[by, bx]), radius,
-                                                         output_type="ndarray")
-    for k in np.argsort(sdm["v"], kind="stable"):
-        i, j = sdm["i"][k], sdm["j"][k]
-        if ma[i] < 0 and mb[j] < 0:
-            ma[i], mb[j] = j, i
-    return ma, mb
-
-
 def test_recall_and_purity_on_simulated_field(tmp_path):
     pytest.importorskip("galsim")
     from astropy.io import fits
@@ -309,7 +298,7 @@ def test_recall_and_purity_on_simulated_field(tmp_path):
         m = st[2, a0 - y0:a1 - y0, b0 - x0:b1 - x0].astype(float)
         snr[k] = np.sqrt(np.sum(m * m / var[a0:a1, b0:b1]))
     ty, tx = np.asarray(table["y"], float), np.asarray(table["x"], float)
-    mt, mp = _match(ty, tx, ds["peak_y"].values, ds["peak_x"].values, 2.0)
+    mt, mp = match_positions(ty, tx, ds["peak_y"].values, ds["peak_x"].values, 2.0)
     bright = snr > 10
     assert bright.sum() >= 20  # enough sources for the fractions to mean something
     recall = (mt[bright] >= 0).mean()
