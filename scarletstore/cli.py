@@ -61,6 +61,21 @@ def cmd_ingest(args):
           f"of {ny}x{nx} pixels into {path}")
 
 
+def _config_summary(text: str, method) -> str:
+    """The settings of a run that differ from the defaults (or the import record)."""
+    from .deblend.config import DeblendConfig
+
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError:
+        return "unreadable"
+    if method not in ("scarlet", "sdss"):
+        return ", ".join(f"{k}={cfg[k]}" for k in ("imported_from", "lsst_format") if k in cfg) or "-"
+    default = json.loads(DeblendConfig().to_json())
+    changed = [f"{k}={v}" for k, v in sorted(cfg.items()) if default.get(k) != v]
+    return ", ".join(changed) if changed else "defaults"
+
+
 def cmd_info(args):
     from .store import Store
 
@@ -79,6 +94,9 @@ def cmd_info(args):
         if g["schema"] == "run":
             print(f"    method {attrs.get('method')}; created {attrs.get('created')}; "
                   f"scarletstore {attrs.get('package_version')}; from run: {attrs.get('from_run') or '-'}")
+            print(f"    inputs: exposure sha256 {str(attrs.get('exposure_checksum') or '-')[:12]}, "
+                  f"parents sha256 {str(attrs.get('parents_checksum') or '-')[:12]}")
+            print(f"    config: {_config_summary(attrs.get('config', '{}'), attrs.get('method'))}")
     runs = store.runs()
     print(f"  runs: {', '.join(runs) if runs else 'none'}")
 

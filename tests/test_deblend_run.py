@@ -170,3 +170,58 @@ def test_warm_start_on_hsc_needs_fewer_iterations(hsc_path):
     assert np.all(warm["blend_iterations"].values[fitted] < cold["blend_iterations"].values[fitted])
     assert np.all(warm["blend_log_likelihood"].values[fitted] >= cold["blend_log_likelihood"].values[fitted] - 1e-6 * np.abs(cold["blend_log_likelihood"].values[fitted]))
     assert warm.attrs["from_run"] == "cold"
+
+
+def test_existing_scheduler_equals_in_process(field):
+    pytest.importorskip("distributed")
+    from dask.distributed import LocalCluster
+
+    exposure, parents, _ = field
+    config = DeblendConfig(max_iter=10)
+    one = deblend_exposure(exposure, parents, config, "scarlet", workers=1)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = deblend_exposure(exposure, parents, config, "scarlet", scheduler=cluster.scheduler_address)
+    np.testing.assert_array_equal(remote["morph"].values, one["morph"].values)
+    np.testing.assert_array_equal(remote["blend_log_likelihood"].values, one["blend_log_likelihood"].values)
+
+
+def test_detect_cli_errors_leave_store_unchanged(field, tmp_path, capsys):
+    _, _, src = field
+    path = tmp_path / "s.h5"
+    path.write_bytes(src.read_bytes())
+    data = path.read_bytes()
+    bad_table = tmp_path / "peaks.csv"
+    bad_table.write_text("a,b\n1,2\n")
+    for argv, msg in [
+        (["--threshold", "0"], "threshold"),
+        (["--threshold", "-2"], "threshold"),
+        (["--peaks", str(tmp_path / "missing.csv"), "--replace"], "missing.csv"),
+        (["--peaks", str(bad_table), "--replace"], "peaks.csv"),
+        ([], "already has parents"),
+    ]:
+        assert main(["detect", str(path), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, (argv, err)
+    assert path.read_bytes() == data
+    empty = tmp_path / "empty.h5"
+    Store.create(empty, {})
+    assert main(["detect", str(empty)]) == 2
+    assert "no exposure" in capsys.readouterr().err
+
+
+def test_diff_and_info_report_runs(field, tmp_path, capsys):
+    _, _, src = field
+    path = tmp_path / "s.h5"
+    path.write_bytes(src.read_bytes())
+    assert main(["deblend", str(path), "--run", "a", "--set", "max_iter=10"]) == 0
+    assert main(["deblend", str(path), "--run", "b", "--from-run", "a", "--set", "max_iter=30"]) == 0
+    capsys.readouterr()
+    assert main(["diff", str(path), "a", "b"]) == 0
+    out = capsys.readouterr().out
+    n = Store(path).read("runs/a").sizes["source"]
+    assert f"{n} sources matched" in out and "0 only in a, 0 only in b" in out
+    assert all(f"  {band}: median |dflux/flux|" in out for band in "gri")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "from run: a" in out and "config: max_iter=30" in out and "exposure sha256" in out
+    assert main(["diff", str(path), "a", "nope"]) == 2
