@@ -178,6 +178,25 @@ def test_difference_kernel_reproduces_observed_psf():
         assert abs(kern[b].sum() - 1) < 1e-3
 
 
+def test_difference_kernel_crop_is_per_band_and_flux_conserving():
+    """A band's kernel does not depend on the other bands it is computed with
+    (reconstruction recomputes single bands), and the crop keeps the sum."""
+    psfs = psf_stack([1.4, 2.0, 2.7], size=31)
+    model = gaussian_psf(0.8)
+    kern, _ = difference_kernels(psfs, model)
+    uncropped, _ = difference_kernels(psfs, model, truncate=0.0)
+    np.testing.assert_allclose(kern.sum(axis=(1, 2)), uncropped.sum(axis=(1, 2)), rtol=1e-9)
+    c = kern.shape[1] // 2
+    for b in range(3):
+        (single,), _ = difference_kernels(psfs[b:b + 1], model)
+        r = single.shape[0] // 2
+        assert r <= c
+        np.testing.assert_allclose(kern[b, c - r:c + r + 1, c - r:c + r + 1], single, atol=1e-12)
+        outside = kern[b].copy()
+        outside[c - r:c + r + 1, c - r:c + r + 1] = 0
+        assert not outside.any()
+
+
 def test_difference_kernel_hsc_psfs():
     d = np.load(shared("hsc_cosmos_35.npz"))
     _, resid = difference_kernels(d["psfs"], gaussian_psf(0.8))

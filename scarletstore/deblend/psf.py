@@ -27,6 +27,17 @@ _DIRECT_NS_PER_MAC = 1.4
 _FFT_NS_PER_POINT_LOG = 0.45
 _FFT_OVERHEAD_NS = 10_000.0
 
+# Default crop of the difference kernels: drop at most 0.1 % of the kernel's
+# absolute sum (was 0.01 %). On the simulated fields' PSFs this crops the
+# kernels from 41 to 33 pixels, so the FFT grid (blend + kernel) shrinks by
+# ~20 % in area and a blend fits ~10 % faster; the dropped wings lie far
+# below the noise (kernel residual <= 3e-4 of the PSF norm) and, with the
+# rescale below, cost no flux. Blend fluxes / colours were unchanged within
+# their scatter on seeds 7, 3, 11, 5; hsc_cosmos_35 (broad PSF wings) keeps
+# its 43-pixel kernels.
+KERNEL_TRUNCATE = 1e-3
+KERNEL_RENORMALISE = True   # rescale the cropped kernel to the full kernel's sum
+
 
 def gaussian_psf(sigma: float, size: int | None = None) -> np.ndarray:
     """Pixel-integrated, unit-sum circular Gaussian on an odd grid.
@@ -67,7 +78,7 @@ def _embed(img: np.ndarray, n: int) -> np.ndarray:
 
 
 def difference_kernels(psfs: np.ndarray, model_psf: np.ndarray, regularization: float = 1e-6,
-                       truncate: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+                       truncate: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Kernels k_b with ``model_psf * k_b ~= psfs[b]``.
 
     Solved per band in Fourier space as a Tikhonov-regularised deconvolution,
@@ -78,7 +89,9 @@ def difference_kernels(psfs: np.ndarray, model_psf: np.ndarray, regularization: 
     the regularisation bounds the kernel's amplification by
     ``1 / (2 sqrt(lam))`` (the residual is reported so callers can tell).
     The kernel is then cropped to the smallest odd square holding all but
-    ``truncate`` of its absolute sum, which keeps FFT padding small.
+    ``truncate`` of its absolute sum, which keeps FFT padding small, and
+    (``KERNEL_RENORMALISE``) rescaled to the uncropped kernel's sum so the
+    crop does not change fluxes.
 
     Parameters
     ----------
@@ -86,14 +99,17 @@ def difference_kernels(psfs: np.ndarray, model_psf: np.ndarray, regularization: 
     model_psf : (m, m) model-frame PSF, odd, centred.
     regularization : float
         lam above, relative to max |G|^2.
-    truncate : float
-        Fraction of the kernel's absolute sum that may be dropped by cropping.
+    truncate : float, optional
+        Fraction of the kernel's absolute sum that may be dropped by cropping
+        (default ``KERNEL_TRUNCATE``).
 
     Returns
     -------
     kernels : (B, k, k) float64
     residual : (B,) relative L2 error ``||G * k_b - psf_b|| / ||psf_b||``.
     """
+    if truncate is None:
+        truncate = KERNEL_TRUNCATE
     psfs = np.asarray(psfs, dtype=np.float64)
     B, py, px = psfs.shape
     n = max(py, px, model_psf.shape[0], model_psf.shape[1])
@@ -107,16 +123,35 @@ def difference_kernels(psfs: np.ndarray, model_psf: np.ndarray, regularization: 
         phat = sfft.fft2(sfft.ifftshift(_embed(psfs[b], n)))
         khat = phat * ghat.conj() / (g2 + lam)
         kern[b] = sfft.fftshift(sfft.ifft2(khat).real)
-    # crop: smallest half-width r (common to all bands) that keeps 1 - truncate
+    # crop: per band, the smallest half-width r_b that keeps 1 - truncate of
+    # the absolute sum; pixels outside r_b are zeroed and the stack is cut to
+    # the largest r_b. A band's kernel therefore does not depend on which
+    # other bands it was computed with (reconstruction recomputes single
+    # bands and must get the fit's kernel).
     c = n // 2
     total = np.abs(kern).sum(axis=(1, 2))
-    r = c
-    for rr in range(1, c + 1):
-        inner = np.abs(kern[:, c - rr:c + rr + 1, c - rr:c + rr + 1]).sum(axis=(1, 2))
-        if np.all(total - inner <= truncate * total):
-            r = rr
-            break
+    full_sum = kern.sum(axis=(1, 2))
+    rb = np.full(B, c)
+    for b in range(B):
+        for rr in range(1, c + 1):
+            inner = np.abs(kern[b, c - rr:c + rr + 1, c - rr:c + rr + 1]).sum()
+            if total[b] - inner <= truncate * total[b]:
+                rb[b] = rr
+                break
+    r = int(rb.max()) if B else c
     kern = kern[:, c - r:c + r + 1, c - r:c + r + 1].copy()
+    for b in range(B):
+        if rb[b] < r:
+            d = r - rb[b]
+            keep = np.zeros_like(kern[b], dtype=bool)
+            keep[d:2 * r + 1 - d, d:2 * r + 1 - d] = True
+            kern[b][~keep] = 0.0
+    if KERNEL_RENORMALISE:
+        # the dropped wings are tiny but of one sign far out; rescale so the
+        # cropped kernel keeps the full kernel's sum (fluxes conserved)
+        cs = kern.sum(axis=(1, 2))
+        ok = cs != 0
+        kern[ok] *= (full_sum[ok] / cs[ok])[:, None, None]
     # residual of the cropped kernel against the observed PSF, compared on a
     # common odd grid holding both the full convolution and the PSF
     m = model_psf.shape[0] + kern.shape[1] - 1
