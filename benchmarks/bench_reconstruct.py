@@ -58,7 +58,6 @@ def synthetic_store(path, n_blends, bands=("g", "r", "i"), seed=0):
 
 def main():
     from scarletstore.catalog import BlendMeasurer, export_catalog
-    from scarletstore.models import RunIndex, read_blend
     from scarletstore.store import Store
 
     print("== field: simulate --size 600 --seed 7, ugrizy; scarlet run with defaults")
@@ -101,10 +100,8 @@ def main():
     print(f"   10,000-blend store: {(tmp / 'big.h5').stat().st_size / 1e6:.1f} MB")
 
     def open_one():
-        s = Store(tmp / "big.h5")
-        with s.open("runs/big") as r:
-            idx = RunIndex(r)
-            read_blend(r, idx, 7321)
+        blend = Store(tmp / "big.h5").blend("big", 7321)
+        assert len(blend.sources) == 2
     med, times = timed(open_one, repeat=7)
     print(f"open store + read one blend's models (10,000 blends): {1e3 * med:.1f} ms median of 7")
 

@@ -22,7 +22,7 @@ from .errors import InputError, StoreError
 from .footprint import counts_to_offsets, mask_to_spans, spans_to_mask
 from .ingest import bad_bits
 from .measure import COLUMNS, measure_children
-from .models import SOURCE_FLAGS, RunIndex, read_blend
+from .models import SOURCE_FLAGS, RunIndex, RunTables, read_blend
 from .reconstruct import band_kernel, heavy_values, source_models
 
 # catalog flag bits (source flags keep their bits; these are added)
@@ -65,10 +65,10 @@ class KernelCache:
     band for every blend (reanalysis with a new PSF).
     """
 
-    def __init__(self, run: xr.Dataset, psf_override=None):
-        self.run = run
-        self.model_psf = np.asarray(run["model_psf"].values)
-        self.per_blend = run.attrs.get("psf_source", "run") == "blend" and "blend_psf" in run
+    def __init__(self, tables: RunTables, psf_override=None):
+        self.tables = tables
+        self.model_psf = tables.col("model_psf")
+        self.per_blend = tables.attrs.get("psf_source", "run") == "blend" and tables.has("blend_psf")
         self.override = dict(psf_override or {})
         self._cache = {}
 
@@ -78,11 +78,54 @@ class KernelCache:
             if band in self.override:
                 psf = self.override[band]
             elif self.per_blend:
-                psf = np.asarray(self.run["blend_psf"].isel(blend=b, band=band).values)
+                psf = self.tables.col("blend_psf")[b, band]
             else:
-                psf = np.asarray(self.run["psf"].isel(band=band).values)
+                psf = self.tables.col("psf")[band]
             self._cache[key] = band_kernel(self.model_psf, psf)
         return self._cache[key]
+
+
+class _Exposure:
+    """Per-blend slices of one band of the exposure, read straight from HDF5."""
+
+    def __init__(self, store):
+        opened = store.h5_group("exposure")
+        if opened is None:  # an older schema: read (and migrate) it whole
+            ds = store.read("exposure")
+            self.file, self.arrays = None, {v: ds[v].values for v in ("image", "variance", "mask")}
+            self.attrs = dict(ds.attrs)
+        else:
+            self.file, g = opened
+            self.arrays = {v: g[v] for v in ("image", "variance", "mask")}
+            self.attrs = store.group_attrs(self.file, "exposure")
+
+    def cutout(self, b, ys, xs):
+        return tuple(np.asarray(self.arrays[v][b, ys, xs]) for v in ("image", "variance", "mask"))
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def _parent_spans(store):
+    """Parent ids and their spans (without the background planes of the group)."""
+    opened = store.h5_group("parents")
+    if opened is None:
+        p = store.read("parents")
+        get = lambda v: p[v].values  # noqa: E731
+        f = None
+    else:
+        f, g = opened
+        get = lambda v: g[v][()]  # noqa: E731
+    try:
+        return {
+            "row": {int(v): i for i, v in enumerate(get("parent_id"))},
+            "off": counts_to_offsets(get("span_count")),
+            "spans": (get("span_y"), get("span_x0"), get("span_x1")),
+        }
+    finally:
+        if f is not None:
+            f.close()
 
 
 class BlendMeasurer:
@@ -94,33 +137,29 @@ class BlendMeasurer:
         ``image``, ``variance``, ``mask`` (h, w) arrays and ``mask_planes`` for ``band``."""
         self.store = store
         self.run_name = run_name
-        self.run = store.open(f"runs/{run_name}")
-        self.index = RunIndex(self.run)
-        bands = [str(b) for b in self.run.band.values]
+        self.tables = store.run_tables(run_name)
+        self.index = RunIndex(self.tables)
+        bands = self.tables.bands
         if band not in bands:
+            self.tables.close()
             raise InputError(f"band {band!r} is not in run {run_name} (bands {', '.join(bands)})")
         self.band = band
         self.b = bands.index(band)
         self.redistribute = redistribute
-        self.kernels = KernelCache(self.run, None if psf_override is None else {self.b: psf_override})
-        self.exposure = store.open("exposure") if store.has("exposure") else None
+        self.kernels = KernelCache(self.tables, None if psf_override is None else {self.b: psf_override})
+        self.exposure = _Exposure(store) if store.has("exposure") else None
         self.image_override = image_override
-        self.config = json.loads(self.run.attrs.get("config", "{}"))
+        self.config = json.loads(self.tables.attrs.get("config", "{}"))
         if redistribute and self.exposure is None and image_override is None:
+            self.close()
             raise InputError("redistribution needs an image: the store has no exposure "
                              "(give a reprocessed image)")
-        self.parents = None
-        if store.has("parents"):
-            p = store.read("parents")
-            self.parents = {
-                "row": {int(v): i for i, v in enumerate(p["parent_id"].values)},
-                "off": counts_to_offsets(p["span_count"].values),
-                "spans": (p["span_y"].values, p["span_x0"].values, p["span_x1"].values),
-            }
+        self.parents = _parent_spans(store) if store.has("parents") else None
+        self.converged = self.tables.col("blend_converged")
         self.decoded = []  # blend numbers decoded, in order (lets tests count reads)
 
     def close(self):
-        self.run.close()
+        self.tables.close()
         if self.exposure is not None:
             self.exposure.close()
 
@@ -147,8 +186,7 @@ class BlendMeasurer:
             mask = np.asarray(self.image_override["mask"][ys, xs])
             planes = self.image_override["mask_planes"]
         elif self.exposure is not None:
-            sub = self.exposure[["image", "variance", "mask"]].isel(band=self.b, y=ys, x=xs)
-            image, variance, mask = (np.asarray(sub[v].values) for v in ("image", "variance", "mask"))
+            image, variance, mask = self.exposure.cutout(self.b, ys, xs)
             planes = json.loads(self.exposure.attrs["mask_planes"])
         else:
             return None
@@ -158,7 +196,7 @@ class BlendMeasurer:
 
     def blend_products(self, b: int):
         """Models, heavy values, footprint and data of blend ``b`` in this band."""
-        blend = read_blend(self.run, self.index, b)
+        blend = read_blend(self.index, b)
         self.decoded.append(b)
         kernel = self.kernels.get(b, self.b)
         if self._parent_row(blend.parent_id) is None and self.exposure is None and kernel is not None:
@@ -187,7 +225,7 @@ class BlendMeasurer:
         for k, src in enumerate(blend.sources):
             flags[k] = src.flags
         flags |= np.where(flux <= 0, CATALOG_FLAGS["zero_flux"], 0).astype(np.int32)
-        if not bool(self.run["blend_converged"].values[b]):
+        if not bool(self.converged[b]):
             flags |= CATALOG_FLAGS["not_converged"]
         if data is None:
             flags |= CATALOG_FLAGS["no_data"]
@@ -276,15 +314,15 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
         raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
     measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override)
     cache = _RowCache(measurer)
-    r = measurer.run
-    n = r.sizes["source"]
+    t = measurer.tables
+    n = len(t.col("source_id"))
     src_b = cache.blend_of_row
-    x = np.asarray(r["source_x"].values)
-    y = np.asarray(r["source_y"].values)
+    x = t.col("source_x")
+    y = t.col("source_y")
     ra, dec = _sky(measurer.exposure, x, y)
     data = {
-        "id": ("row", np.asarray(r["source_id"].values)),
-        "parent": ("row", np.asarray(r["source_parent_id"].values)),
+        "id": ("row", t.col("source_id")),
+        "parent": ("row", t.col("source_parent_id")),
         "blend": ("row", src_b.astype(np.int64)),
         "x": ("row", x),
         "y": ("row", y),
@@ -348,19 +386,22 @@ def blend_views(store, parent_id: int, run: str | None = None):
     run = run or (runs[-1] if runs else None)
     if run is None or run not in runs:
         raise InputError(f"{store.path}: no run {run!r}")
-    with store.open(f"runs/{run}") as r:
-        index = RunIndex(r)
+    tables = store.run_tables(run)
+    try:
+        index = RunIndex(tables)
         try:
             b = index.blend_of_parent(parent_id)
         except KeyError as exc:
             raise InputError(f"{exc.args[0]} {run}") from None
-        blend = read_blend(r, index, b)
-        bands = [str(v) for v in r.band.values]
+        blend = read_blend(index, b)
+        bands = tables.bands
         if not blend.sources:
-            raise InputError(f"blend {parent_id} of run {run} has no models ({r['blend_reason'].values[b]})")
-        kernels = KernelCache(r)
+            raise InputError(f"blend {parent_id} of run {run} has no models ({tables.col('blend_reason')[b]})")
+        kernels = KernelCache(tables)
         models = np.stack([source_models(blend.sources, k, kernels.get(b, k), blend.bbox)
                            for k in range(len(bands))], axis=1)
+    finally:
+        tables.close()
     data = None
     if store.has("exposure"):
         y0, x0, h, w = blend.bbox

@@ -573,7 +573,7 @@ def lsst_models_dict(run: xr.Dataset) -> dict:
                  "model_psf_dtype": "float32", "bands": bands, "array_keys": ["model_psf"]})
     top: dict = {}
     for b in range(len(index.parent_ids)):
-        blend = read_blend(run, index, b)
+        blend = read_blend(index, b)
         y0, x0, h, w = blend.bbox
         psf = np.asarray(run["blend_psf"].isel(blend=b).values) if per_blend else run_psf
         s0 = index.source_off[b]

@@ -184,20 +184,86 @@ def _offsets(counts) -> np.ndarray:
     return out
 
 
+class RunTables:
+    """A run's small columns in memory plus a reader for slices of ``morph``.
+
+    Everything but the morphology pixels is O(number of components), so it is
+    read once; the pixels of one blend are then one slice of ``morph``. Built
+    from a Dataset (in memory or lazy) or straight from the store's HDF5
+    group, which avoids xarray's per-access overhead (milliseconds per
+    variable) on hot paths such as catalogs.
+    """
+
+    file = None  # an open h5py.File when built from the store
+
+    def __init__(self, column, morph_slice, attrs: dict, bands: list[str]):
+        self._column = column
+        self._morph_slice = morph_slice
+        self._cache: dict[str, np.ndarray] = {}
+        self.attrs = attrs
+        self.bands = bands
+
+    @classmethod
+    def from_dataset(cls, ds: xr.Dataset) -> "RunTables":
+        return cls(lambda name: np.asarray(ds[name].values),
+                   lambda a, b: np.asarray(ds["morph"].isel(pixel=slice(a, b)).values),
+                   dict(ds.attrs), [str(v) for v in ds.band.values])
+
+    @classmethod
+    def from_h5(cls, group, attrs: dict) -> "RunTables":
+        """From an open h5py group holding a run at the latest schema version
+        (``attrs``: its attributes as plain Python values)."""
+        def column(name):
+            obj = group[name]
+            if obj.dtype.kind == "O":
+                return np.asarray(obj.asstr()[()], dtype=object)
+            data = obj[()]
+            if obj.attrs.get("dtype") in (b"bool", "bool"):  # netCDF stores bool as int8
+                data = data.astype(bool)
+            return np.asarray(data)
+
+        bands = [b.decode() if isinstance(b, bytes) else str(b) for b in group["band"][()]]
+        morph = group["morph"]  # look the dataset up once: h5py lookups cost ~0.3 ms
+        return cls(column, lambda a, b: morph[a:b], attrs, bands)
+
+    def col(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = self._column(name)
+        return self._cache[name]
+
+    def has(self, name: str) -> bool:
+        try:
+            self.col(name)
+            return True
+        except KeyError:
+            return False
+
+    def morph(self, a: int, b: int) -> np.ndarray:
+        return np.asarray(self._morph_slice(int(a), int(b)))
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 class RunIndex:
     """Offsets of every blend's sources, components and pixels in a run.
 
-    Built from the count variables only (small), so a lazy run can then read
-    one blend's slice of the large ``morph`` array without touching the rest.
+    Built from the count variables only (small), so one blend's slice of the
+    large ``morph`` array can then be read without touching the rest.
+    ``run`` is a Dataset or a :class:`RunTables`.
     """
 
-    def __init__(self, run: xr.Dataset):
-        self.parent_ids = np.asarray(run["blend_parent_id"].values)
-        self.source_off = _offsets(run["blend_n_sources"].values)
-        self.comp_off = _offsets(run["source_n_components"].values)
-        self.pix_off = _offsets(run["component_n_pixels"].values)
+    def __init__(self, run):
+        self.tables = run if isinstance(run, RunTables) else RunTables.from_dataset(run)
+        t = self.tables
+        self.parent_ids = t.col("blend_parent_id")
+        self.source_off = _offsets(t.col("blend_n_sources"))
+        self.comp_off = _offsets(t.col("source_n_components"))
+        self.pix_off = _offsets(t.col("component_n_pixels"))
         self._by_parent = {int(p): i for i, p in enumerate(self.parent_ids)}
-        self.source_ids = np.asarray(run["source_id"].values)
+        self.source_ids = t.col("source_id")
         self._by_source = None
 
     def blend_of_parent(self, parent_id: int) -> int:
@@ -227,36 +293,31 @@ class StoredBlend:
     sources: list  # SourceResult with Component y0/x0/peak in exposure pixels
 
 
-def read_blend(run: xr.Dataset, index: RunIndex, b: int) -> StoredBlend:
-    """Read blend number ``b`` of ``run`` (reads only that blend's slices)."""
+def read_blend(index: RunIndex, b: int) -> StoredBlend:
+    """Read blend number ``b`` (reads only that blend's slice of ``morph``)."""
+    t = index.tables
     s0, s1 = index.source_off[b], index.source_off[b + 1]
     c0, c1 = index.comp_off[s0], index.comp_off[s1]
     p0, p1 = index.pix_off[c0], index.pix_off[c1]
-    comp = run[["component_type", "component_y0", "component_x0", "component_height",
-                "component_width", "component_peak_y", "component_peak_x",
-                "component_spectrum"]].isel(component=slice(c0, c1)).load()
-    pix = np.asarray(run["morph"].isel(pixel=slice(p0, p1)).values)
-    nb = run.sizes["band"]
+    pix = t.morph(p0, p1)
+    nb = len(t.bands)
     local_pix = index.pix_off[c0:c1 + 1] - p0
+    ctype, cy0, cx0 = t.col("component_type"), t.col("component_y0"), t.col("component_x0")
+    ch, cw = t.col("component_height"), t.col("component_width")
+    cpy, cpx, spec = t.col("component_peak_y"), t.col("component_peak_x"), t.col("component_spectrum")
     comps = []
-    for k in range(c1 - c0):
-        h, w = int(comp["component_height"].values[k]), int(comp["component_width"].values[k])
-        flat = pix[local_pix[k]:local_pix[k + 1]]
-        morph = flat.reshape((nb, h, w) if comp["component_type"].values[k] == CUBE else (h, w))
-        comps.append(Component(
-            spectrum=comp["component_spectrum"].values[k],
-            morph=morph,
-            y0=int(comp["component_y0"].values[k]),
-            x0=int(comp["component_x0"].values[k]),
-            peak=(float(comp["component_peak_y"].values[k]), float(comp["component_peak_x"].values[k])),
-        ))
-    srcs = run[["source_id", "source_n_components", "source_flags"]].isel(source=slice(s0, s1)).load()
+    for k in range(c0, c1):
+        h, w = int(ch[k]), int(cw[k])
+        flat = pix[local_pix[k - c0]:local_pix[k - c0 + 1]]
+        morph = flat.reshape((nb, h, w) if ctype[k] == CUBE else (h, w))
+        comps.append(Component(spectrum=spec[k], morph=morph, y0=int(cy0[k]), x0=int(cx0[k]),
+                               peak=(float(cpy[k]), float(cpx[k]))))
+    ncomp, sflags = t.col("source_n_components"), t.col("source_flags")
     sources, k = [], 0
-    for j in range(s1 - s0):
-        n = int(srcs["source_n_components"].values[j])
-        sources.append(SourceResult(peak_index=j, components=comps[k:k + n],
-                                    flags=int(srcs["source_flags"].values[j])))
+    for j in range(s0, s1):
+        n = int(ncomp[j])
+        sources.append(SourceResult(peak_index=j - s0, components=comps[k:k + n], flags=int(sflags[j])))
         k += n
-    bbox = tuple(int(run[v].values[b]) for v in ("blend_y0", "blend_x0", "blend_height", "blend_width"))
+    bbox = tuple(int(t.col(v)[b]) for v in ("blend_y0", "blend_x0", "blend_height", "blend_width"))
     return StoredBlend(index=b, parent_id=int(index.parent_ids[b]), bbox=bbox,
-                       source_ids=np.asarray(srcs["source_id"].values), sources=sources)
+                       source_ids=np.asarray(index.source_ids[s0:s1]), sources=sources)

@@ -99,7 +99,8 @@ class Store:
     def _h5(self):
         return h5py.File(self.path, "r")
 
-    def _group_attrs(self, f, name: str) -> dict:
+    def group_attrs(self, f, name: str) -> dict:
+        """Attributes of group ``name`` of the open file ``f`` as plain Python values."""
         return {k: _plain(v) for k, v in f[name].attrs.items()}
 
     def groups(self) -> dict[str, dict]:
@@ -110,7 +111,7 @@ class Store:
             if RUNS in f:
                 names += [run_group(n) for n in f[RUNS].keys()]
             for name in names:
-                attrs = self._group_attrs(f, name)
+                attrs = self.group_attrs(f, name)
                 dims = {}
                 for key, obj in f[name].items():
                     if isinstance(obj, h5py.Dataset) and obj.attrs.get("CLASS") == b"DIMENSION_SCALE":
@@ -134,7 +135,7 @@ class Store:
         with self._h5() as f:
             if RUNS not in f:
                 return []
-            items = [(self._group_attrs(f, run_group(n)).get("created", ""), n) for n in f[RUNS].keys()]
+            items = [(self.group_attrs(f, run_group(n)).get("created", ""), n) for n in f[RUNS].keys()]
         return [n for _, n in sorted(items)]
 
     def max_source_id(self) -> int:
@@ -173,6 +174,60 @@ class Store:
         """Read ``group`` fully into memory and close the file."""
         with self.open(group, validate=validate, upgrade=upgrade) as ds:
             return ds.load()
+
+    def h5_group(self, group: str):
+        """``(h5py.File, group)`` opened read-only when ``group`` is at its latest schema
+        version, else None (callers then use :meth:`read`, which migrates).
+
+        The raw HDF5 path skips xarray's per-variable overhead on hot loops.
+        """
+        f = h5py.File(self.path, "r")
+        try:
+            if group not in f:
+                raise StoreError(f"{self.path}: no {group!r} group")
+            attrs = self.group_attrs(f, group)
+            if int(attrs.get("schema_version", 0)) != _schema.latest_version(attrs.get("schema")):
+                f.close()
+                return None
+            return f, f[group]
+        except BaseException:
+            if f.id.valid:
+                f.close()
+            raise
+
+    def run_tables(self, run: str):
+        """:class:`~scarletstore.models.RunTables` of a stored run (fast path when current)."""
+        from .models import RunTables
+
+        group = run_group(run)
+        opened = self.h5_group(group)
+        if opened is None:
+            return RunTables.from_dataset(self.read(group))
+        f, g = opened
+        tables = RunTables.from_h5(g, self.group_attrs(f, group))
+        tables.file = f  # keeps the file open for morph slices; closed with the tables
+        return tables
+
+    def blend(self, run: str, parent_id: int):
+        """One blend's stored models (:class:`~scarletstore.models.StoredBlend`)."""
+        from .models import RunIndex, read_blend
+
+        if run not in self.runs():
+            raise StoreError(f"{self.path}: no run {run!r}")
+        tables = self.run_tables(run)
+        try:
+            index = RunIndex(tables)
+            try:
+                b = index.blend_of_parent(parent_id)
+            except KeyError as exc:
+                raise StoreError(f"{self.path}: {exc.args[0]} {run}") from None
+            blend = read_blend(index, b)
+            for src in blend.sources:  # detach from the file before closing it
+                for c in src.components:
+                    c.morph = np.array(c.morph)
+            return blend
+        finally:
+            tables.close()
 
     def catalog(self, band: str, run: str | None = None, redistribute: bool = False, **kwargs) -> xr.Dataset:
         """Lazy per-band catalog of ``run`` (default: newest); see :func:`scarletstore.catalog.band_catalog`."""

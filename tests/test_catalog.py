@@ -267,3 +267,14 @@ def test_reanalysis_with_reprocessed_image(synthetic, tmp_path):
     wrong = write_band_fits(tmp_path / "small.fits", "r", new[:50], np.ones_like(new[:50]),
                             np.zeros((50, new.shape[1]), np.int32), None)
     assert main(["catalog", str(store.path), "--band", "r", "--image", f"r={wrong}", "-o", str(out_new)]) == 2
+
+
+def test_store_blend_reads_one_blend(synthetic):
+    store, image, kernels, records = synthetic
+    blend = store.blend("t", 3)
+    rec = records[2]
+    assert blend.bbox == rec.bbox and len(blend.sources) == 2
+    for src, ref in zip(blend.sources, rec.sources):
+        np.testing.assert_array_equal(src.components[0].morph, ref.components[0].morph)
+        np.testing.assert_array_equal(src.components[0].spectrum, ref.components[0].spectrum)
+        assert src.components[0].y0 == ref.components[0].y0 + rec.bbox[0]

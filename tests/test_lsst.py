@@ -35,7 +35,7 @@ def _run_models(ds):
     index = RunIndex(ds)
     out = []
     for b in range(ds.sizes["blend"]):
-        blend = read_blend(ds, index, b)
+        blend = read_blend(index, b)
         out.append((blend.parent_id, blend.bbox, blend.source_ids.tolist(),
                     [(s.flags, [(c.spectrum, c.morph, c.y0, c.x0, c.peak) for c in s.components])
                      for s in blend.sources]))
@@ -82,7 +82,7 @@ def test_v29_ids_bands_and_values(v29, v29_path):
     index = RunIndex(ds)
     for b, bid in enumerate(BLEND_IDS):
         rb = raw["blends"][str(bid)]
-        blend = read_blend(ds, index, b)
+        blend = read_blend(index, b)
         assert blend.bbox == (*rb["origin"], *rb["shape"])
         (sid, rs), = rb["sources"].items()
         assert blend.source_ids.tolist() == [int(sid)]
@@ -116,7 +116,7 @@ def test_v29_footprints_without_exposure(v29):
     index = RunIndex(ds)
     model_psf = ds["model_psf"].values
     for b in range(ds.sizes["blend"]):
-        blend = read_blend(ds, index, b)
+        blend = read_blend(index, b)
         comp = blend.sources[0].components[0]
         y0, x0, h, w = blend.bbox
         for band in range(ds.sizes["band"]):
@@ -243,7 +243,7 @@ def test_versioned_hierarchical_isolated_cube(tmp_path):
     np.testing.assert_array_equal(ds["model_psf"].values, _psf(5, 0.8))
 
     index = RunIndex(ds)
-    a = read_blend(ds, index, 0)
+    a = read_blend(index, 0)
     fact, cub = a.sources[0].components
     np.testing.assert_array_equal(fact.morph, morph)
     np.testing.assert_array_equal(fact.spectrum, np.float32([0.5, 1.25]))
@@ -251,7 +251,7 @@ def test_versioned_hierarchical_isolated_cube(tmp_path):
     np.testing.assert_array_equal(cub.morph, cube)
     np.testing.assert_array_equal(cub.spectrum, cube.sum(axis=(1, 2)))
     assert ds["component_type"].values.tolist() == [0, CUBE, CUBE, CUBE]
-    iso = read_blend(ds, index, 1)
+    iso = read_blend(index, 1)
     assert iso.sources[0].flags & SOURCE_ISOLATED
     (c,) = iso.sources[0].components
     assert c.morph.shape == (2, 3, 4) and (c.y0, c.x0) == (31, 41)

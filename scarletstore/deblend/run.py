@@ -237,7 +237,7 @@ def init_from_run(run: xr.Dataset):
             return None
         if run["blend_reason"].values[b] != "" or frame != "model":
             return None
-        stored = read_blend(run, index, b)
+        stored = read_blend(index, b)
         rows = range(index.source_off[b], index.source_off[b + 1])
         stored_peaks = [int(peak_of_source[r]) for r in rows]
         if sorted(stored_peaks) != sorted(int(p) for p in peak_ids):
