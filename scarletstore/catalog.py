@@ -386,19 +386,18 @@ def blend_views(store, parent_id: int, run: str | None = None):
     run = run or (runs[-1] if runs else None)
     if run is None or run not in runs:
         raise InputError(f"{store.path}: no run {run!r}")
+    try:
+        blend = store.blend(run, parent_id)
+    except StoreError as exc:
+        raise InputError(str(exc)) from None
     tables = store.run_tables(run)
     try:
-        index = RunIndex(tables)
-        try:
-            b = index.blend_of_parent(parent_id)
-        except KeyError as exc:
-            raise InputError(f"{exc.args[0]} {run}") from None
-        blend = read_blend(index, b)
         bands = tables.bands
         if not blend.sources:
-            raise InputError(f"blend {parent_id} of run {run} has no models ({tables.col('blend_reason')[b]})")
+            raise InputError(f"blend {parent_id} of run {run} has no models "
+                             f"({tables.col('blend_reason')[blend.index]})")
         kernels = KernelCache(tables)
-        models = np.stack([source_models(blend.sources, k, kernels.get(b, k), blend.bbox)
+        models = np.stack([source_models(blend.sources, k, kernels.get(blend.index, k), blend.bbox)
                            for k in range(len(bands))], axis=1)
     finally:
         tables.close()
