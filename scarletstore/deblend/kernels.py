@@ -75,22 +75,16 @@ def _mono_ref(m, y, x, cy, cx, weighted):
 
 
 @njit(cache=True)
-def _monotonic_pass(m, cy, cx, weighted, trim, tol_abs, tol_rel):
-    """Visit pixels outward from (cy, cx) and cap each at its inward reference.
+def _ring_order(h, w, cy, cx, out):
+    """Write the box-local flat indices of every pixel but the peak into ``out``
+    in monotonicity visiting order; return how many were written.
 
     Order: Chebyshev ring by ring, and inside a ring from the axes towards the
     corners; this visits every pixel after all of its strictly closer
     neighbours (a neighbour one ring further out is always farther, and
-    within a ring the closer pixels are those nearer the axis). With ``trim``
-    a pixel exceeding its reference by more than ``tol_abs + tol_rel * ref``
-    (the image rises again: another object's territory) is set to zero
-    instead of capped.
+    within a ring the closer pixels are those nearer the axis).
     """
-    h, w = m.shape
-    for y in range(h):
-        for x in range(w):
-            if m[y, x] < 0:
-                m[y, x] = 0.0
+    n = 0
     rmax = max(max(cy, h - 1 - cy), max(cx, w - 1 - cx))
     for r in range(1, rmax + 1):
         for k in range(r + 1):
@@ -113,13 +107,38 @@ def _monotonic_pass(m, cy, cx, weighted, trim, tol_abs, tol_rel):
                         x = cx + ax if sx == 0 else cx - ax
                         if x < 0 or x >= w:
                             continue
-                        ref = _mono_ref(m, y, x, cy, cx, weighted)
-                        v = m[y, x]
-                        if v > ref:
-                            if trim and v > ref + tol_abs + tol_rel * ref:
-                                m[y, x] = 0.0
-                            else:
-                                m[y, x] = ref
+                        out[n] = y * w + x
+                        n += 1
+    return n
+
+
+@njit(cache=True)
+def _monotonic_pass(m, cy, cx, weighted, trim, tol_abs, tol_rel):
+    """Visit pixels outward from (cy, cx) and cap each at its inward reference.
+
+    Order: that of :func:`_ring_order`, so every pixel is visited after all
+    of its strictly closer neighbours. With ``trim``
+    a pixel exceeding its reference by more than ``tol_abs + tol_rel * ref``
+    (the image rises again: another object's territory) is set to zero
+    instead of capped.
+    """
+    h, w = m.shape
+    for y in range(h):
+        for x in range(w):
+            if m[y, x] < 0:
+                m[y, x] = 0.0
+    order = np.empty(h * w, np.int64)
+    n = _ring_order(h, w, cy, cx, order)
+    for t in range(n):
+        y = order[t] // w
+        x = order[t] - y * w
+        ref = _mono_ref(m, y, x, cy, cx, weighted)
+        v = m[y, x]
+        if v > ref:
+            if trim and v > ref + tol_abs + tol_rel * ref:
+                m[y, x] = 0.0
+            else:
+                m[y, x] = ref
 
 
 @njit(cache=True)
@@ -204,44 +223,25 @@ def mono_plan(box, off, ctr, total):
         h, w = box[k, 2], box[k, 3]
         cy, cx = ctr[k, 0] - box[k, 0], ctr[k, 1] - box[k, 1]
         o = off[k]
-        n = 0
-        rmax = max(max(cy, h - 1 - cy), max(cx, w - 1 - cx))
-        for r in range(1, rmax + 1):
-            for kk in range(r + 1):
-                for a in range(2):
-                    if a == 1 and kk == r:
-                        break
-                    ay = r if a == 0 else kk
-                    ax = kk if a == 0 else r
-                    for sy in range(2):
-                        if sy == 1 and ay == 0:
-                            break
-                        y = cy + ay if sy == 0 else cy - ay
-                        if y < 0 or y >= h:
-                            continue
-                        for sx in range(2):
-                            if sx == 1 and ax == 0:
-                                break
-                            x = cx + ax if sx == 0 else cx - ax
-                            if x < 0 or x >= w:
-                                continue
-                            i = y * w + x
-                            order[o + n] = i
-                            n += 1
-                            dy = y - cy
-                            dx = x - cx
-                            d2 = dy * dy + dx * dx
-                            mask = 0
-                            for j in range(8):
-                                yy = y + _NB_DY[j]
-                                xx = x + _NB_DX[j]
-                                if yy < 0 or yy >= h or xx < 0 or xx >= w:
-                                    continue
-                                ny = dy + _NB_DY[j]
-                                nx = dx + _NB_DX[j]
-                                if ny * ny + nx * nx < d2:
-                                    mask |= 1 << j
-                            nbm[o + i] = mask
+        n = _ring_order(h, w, cy, cx, order[o:o + h * w])
+        for t in range(n):
+            i = order[o + t]
+            y = i // w
+            x = i - y * w
+            dy = y - cy
+            dx = x - cx
+            d2 = dy * dy + dx * dx
+            mask = 0
+            for j in range(8):
+                yy = y + _NB_DY[j]
+                xx = x + _NB_DX[j]
+                if yy < 0 or yy >= h or xx < 0 or xx >= w:
+                    continue
+                ny = dy + _NB_DY[j]
+                nx = dx + _NB_DX[j]
+                if ny * ny + nx * nx < d2:
+                    mask |= 1 << j
+            nbm[o + i] = mask
     return order, nbm
 
 
