@@ -762,24 +762,33 @@ def resized_boxes(morph, box, off, ctr, H, W, margin, grow_min, grow_frac):
 
 
 @njit(cache=True)
-def place_boxes(morph, box, off, start, out):
-    """Zero ``out`` (n, Fy, Fx) and put morphologies start..start+n-1 at their blend positions."""
+def place_boxes(morph, box, off, idx, origin, out):
+    """Zero ``out`` (n, Fy, Fx); put morphology idx[i] into frame i.
+
+    Frame pixel (0, 0) is blend pixel ``origin[k]`` (all zeros: the blend's own
+    grid; box corner minus half a kernel: a component's local frame).
+    """
     out[:] = 0.0
-    for i in range(out.shape[0]):
-        k = start + i
-        y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
+    for i in range(idx.shape[0]):
+        k = idx[i]
+        y0, x0 = box[k, 0] - origin[k, 0], box[k, 1] - origin[k, 1]
+        h, w = box[k, 2], box[k, 3]
         for yy in range(h):
             for xx in range(w):
                 out[i, y0 + yy, x0 + xx] = morph[off[k] + yy * w + xx]
 
 
 @njit(cache=True)
-def extract_boxes(frames, start, cbox, coff, flat):
-    """Copy component (start + i)'s box ``cbox`` from frame i into ``flat`` (zero off-frame)."""
+def extract_boxes(frames, idx, origin, cbox, coff, flat):
+    """Copy component idx[i]'s box ``cbox`` out of frame i into ``flat`` (zero off-frame).
+
+    ``origin`` as for :func:`place_boxes`.
+    """
     Fy, Fx = frames.shape[1], frames.shape[2]
-    for i in range(frames.shape[0]):
-        k = start + i
-        y0, x0, h, w = cbox[k, 0], cbox[k, 1], cbox[k, 2], cbox[k, 3]
+    for i in range(idx.shape[0]):
+        k = idx[i]
+        y0, x0 = cbox[k, 0] - origin[k, 0], cbox[k, 1] - origin[k, 1]
+        h, w = cbox[k, 2], cbox[k, 3]
         for yy in range(h):
             y = y0 + yy
             for xx in range(w):

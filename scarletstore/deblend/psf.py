@@ -249,6 +249,22 @@ class Convolver:
             kh = sfft.rfft2(kernels.astype(np.float64), (Fy, Fx))
             self.norm2 = (np.abs(kh) ** 2).max(axis=(1, 2))
 
+    def kernel_hat(self, fshape: tuple[int, int]) -> np.ndarray:
+        """(B, fy, fx // 2 + 1) complex64 transforms of the kernels on a (fy, fx) grid.
+
+        Kernel centre at the origin, as for the blend grid; cached per shape
+        (least-squares spectra convolve each component on its own small frame).
+        """
+        cache = self.__dict__.setdefault("_khat_cache", {})
+        hit = cache.get(fshape)
+        if hit is None:
+            B, ky, kx = self.kernels.shape
+            pad = np.zeros((B,) + tuple(fshape), np.float32)
+            pad[:, :ky, :kx] = self.kernels
+            pad = np.roll(pad, (-(ky // 2), -(kx // 2)), axis=(1, 2))
+            hit = cache[fshape] = self.rfft(pad)
+        return hit
+
     # -- loop interface -------------------------------------------------------
     def padded(self) -> np.ndarray:
         """Zero (B, Fy, Fx) float32 work buffer (its [:, :H, :W] corner is the scene)."""
@@ -260,11 +276,15 @@ class Convolver:
             return _PF.r2c(buf, (1, 2), True, 0, None, 1)
         return sfft.rfft2(buf)
 
-    def irfft(self, f: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`rfft` (normalised), back to (n, Fy, Fx) float32."""
+    def irfft(self, f: np.ndarray, fshape: tuple[int, int] | None = None) -> np.ndarray:
+        """Inverse of :meth:`rfft` (normalised), back to (n, Fy, Fx) float32.
+
+        ``fshape`` is the real grid when it is not the blend's (local frames).
+        """
+        fshape = self.fshape if fshape is None else fshape
         if _PF is not None:
-            return _PF.c2r(f, (1, 2), self.fshape[1], False, 2, None, 1)
-        return sfft.irfft2(f, s=self.fshape)
+            return _PF.c2r(f, (1, 2), fshape[1], False, 2, None, 1)
+        return sfft.irfft2(f, s=fshape)
 
     def _apply_padded(self, buf, khat):
         f = self.rfft(buf)

@@ -243,9 +243,9 @@ def _psf_start(model_psf, cy, cx, H, W):
 def _ls_spectra(state, conv, data, w, joint):
     """Weighted least-squares spectra for fixed morphologies, band by band.
 
-    Each morphology is convolved with each band's difference kernel on the
-    blend's padded FFT grid (kernel transforms are the loop's own, so the
-    result is exactly the model the fit uses) and cut to its box grown by
+    Each morphology is convolved with each band's difference kernel on a
+    frame of its own (box plus a kernel, see :func:`_convolve_local`; equal to
+    the model the fit uses to float32 rounding) and cut to its box grown by
     half a kernel. The K x K normal equations of each band are then
     accumulated from those boxes and their overlaps
     (``kernels.normal_equations``), so memory is bounded by the summed box
@@ -271,24 +271,22 @@ def _ls_spectra(state, conv, data, w, joint):
     sizes = cbox[:, 2] * cbox[:, 3]
     coff = np.zeros(K, np.int64)
     coff[1:] = np.cumsum(sizes)[:-1]
-    Fy, Fx = conv.fshape
-    chunk = max(1, min(K, LS_FFT_BUDGET // (Fy * (Fx // 2 + 1))))
     flats = [np.empty(int(sizes.sum()), np.float32) for _ in range(B)]
-    frames = np.empty((chunk, Fy, Fx), np.float32)
-    for start in range(0, K, chunk):
-        n = min(chunk, K - start)
-        _k.place_boxes(state.morph, state.box, state.off, start, frames[:n])
-        if conv.method == "fft":
-            f = conv.rfft(frames[:n])
-            prod = np.empty_like(f)
-        for b in range(B):
-            if conv.method == "fft":
-                np.multiply(f, conv.khat[b], out=prod)
-                out = conv.irfft(prod)
-            else:
+    if conv.method == "fft":
+        _convolve_local(state, conv, cbox, coff, flats)
+    else:
+        Fy, Fx = conv.fshape
+        chunk = max(1, min(K, LS_FFT_BUDGET // (Fy * Fx)))
+        frames = np.empty((chunk, Fy, Fx), np.float32)
+        origin = np.zeros((K, 2), np.int64)
+        for start in range(0, K, chunk):
+            n = min(chunk, K - start)
+            idx = np.arange(start, start + n)
+            _k.place_boxes(state.morph, state.box, state.off, idx, origin, frames[:n])
+            for b in range(B):
                 out = np.empty((n, Fy, Fx), np.float32)
                 _k.convolve_direct(frames[:n], np.repeat(conv.kernels[b:b + 1], n, axis=0), out)
-            _k.extract_boxes(out, start, cbox, coff, flats[b])
+                _k.extract_boxes(out, idx, origin, cbox, coff, flats[b])
     if not joint:
         # very large blends: each source's components (bulge + disk share
         # their pixels, so they must be solved together) alone
@@ -323,6 +321,41 @@ def _ls_spectra(state, conv, data, w, joint):
     for b in np.flatnonzero(~ok):
         spec[:, b] = _solve_nonneg(As[b], rs[b])
     return spec
+
+
+def _convolve_local(state, conv, cbox, coff, flats):
+    """Each morphology convolved with every band's kernel on its own small frame.
+
+    A frame of at least box + 2 * (kernel // 2) pixels holds the full linear
+    convolution (no wrap-around), so this equals convolving on the blend's
+    grid, at the cost of the component's size rather than the blend's: the
+    spectra of a 14-source blend need 15 + 15 B small transforms instead of
+    15 + 15 B blend-sized ones. Components are batched by frame shape.
+    """
+    from scipy import fft as sfft
+
+    ky, kx = conv.kernels.shape[1:]
+    ry, rx = ky // 2, kx // 2
+    B = len(flats)
+    shapes = np.stack([[sfft.next_fast_len(int(h) + 2 * ry, real=True) for h in state.box[:, 2]],
+                       [sfft.next_fast_len(int(w) + 2 * rx, real=True) for w in state.box[:, 3]]],
+                      axis=1)
+    origin = state.box[:, :2] - np.array([ry, rx])
+    keys, inverse = np.unique(shapes, axis=0, return_inverse=True)
+    for g, (fy, fx) in enumerate(keys):
+        fshape = (int(fy), int(fx))
+        idx_all = np.flatnonzero(inverse.ravel() == g).astype(np.int64)
+        khat = conv.kernel_hat(fshape)
+        chunk = max(1, LS_FFT_BUDGET // (fshape[0] * (fshape[1] // 2 + 1)))
+        for start in range(0, idx_all.size, chunk):
+            idx = idx_all[start:start + chunk]
+            frames = np.empty((idx.size,) + fshape, np.float32)
+            _k.place_boxes(state.morph, state.box, state.off, idx, origin, frames)
+            f = conv.rfft(frames)
+            prod = np.empty_like(f)
+            for b in range(B):
+                np.multiply(f, khat[b], out=prod)
+                _k.extract_boxes(conv.irfft(prod, fshape), idx, origin, cbox, coff, flats[b])
 
 
 def _solve_nonneg(A, r):
