@@ -270,40 +270,49 @@ class Convolver:
         """Zero (B, Fy, Fx) float32 work buffer (its [:, :H, :W] corner is the scene)."""
         return np.zeros((self.kernels.shape[0],) + self.fshape, np.float32)
 
-    def rfft(self, buf: np.ndarray) -> np.ndarray:
+    def rfft(self, buf: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Forward real FFT over the last two axes of a (n, Fy, Fx) float32 array."""
         if _PF is not None:
-            return _PF.r2c(buf, (1, 2), True, 0, None, 1)
+            return _PF.r2c(buf, (1, 2), True, 0, out, 1)
         return sfft.rfft2(buf)
 
-    def irfft(self, f: np.ndarray, fshape: tuple[int, int] | None = None) -> np.ndarray:
+    def irfft(self, f: np.ndarray, fshape: tuple[int, int] | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
         """Inverse of :meth:`rfft` (normalised), back to (n, Fy, Fx) float32.
 
         ``fshape`` is the real grid when it is not the blend's (local frames).
         """
         fshape = self.fshape if fshape is None else fshape
         if _PF is not None:
-            return _PF.c2r(f, (1, 2), fshape[1], False, 2, None, 1)
+            return _PF.c2r(f, (1, 2), fshape[1], False, 2, out, 1)
         return sfft.irfft2(f, s=fshape)
 
-    def _apply_padded(self, buf, khat):
-        f = self.rfft(buf)
+    def _apply_padded(self, buf, khat, out):
+        # the loop transforms the same shapes twice per iteration: reuse one
+        # spectrum buffer rather than allocate (and page-fault) a new one
+        fbuf = self.__dict__.get("_fbuf")
+        shape = buf.shape[:2] + (buf.shape[2] // 2 + 1,)
+        if fbuf is None or fbuf.shape != shape:
+            fbuf = self._fbuf = np.empty(shape, np.complex64)
+        f = self.rfft(buf, fbuf)
         f *= khat
-        return self.irfft(f)
+        return self.irfft(f, out=out)
 
-    def convolve_padded(self, buf: np.ndarray) -> np.ndarray:
-        """Convolve a :meth:`padded` buffer; returns a full (B, Fy, Fx) array."""
+    def convolve_padded(self, buf: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Convolve a :meth:`padded` buffer; returns a full (B, Fy, Fx) array (``out`` if given)."""
         if self.method == "fft":
-            return self._apply_padded(buf, self.khat)
-        out = np.empty(buf.shape, np.float32)
+            return self._apply_padded(buf, self.khat, out)
+        if out is None:
+            out = np.empty(buf.shape, np.float32)
         _k.convolve_direct(buf, self.kernels, out)
         return out
 
-    def adjoint_padded(self, buf: np.ndarray) -> np.ndarray:
+    def adjoint_padded(self, buf: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Adjoint of :meth:`convolve_padded` (correlation with the kernels)."""
         if self.method == "fft":
-            return self._apply_padded(buf, self.khat_conj)
-        out = np.empty(buf.shape, np.float32)
+            return self._apply_padded(buf, self.khat_conj, out)
+        if out is None:
+            out = np.empty(buf.shape, np.float32)
         _k.correlate_direct(buf, self.kernels, out)
         return out
 

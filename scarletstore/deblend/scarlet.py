@@ -619,6 +619,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     # padded FFT work buffers; the loop writes only their [:, :H, :W] corner
     scene_buf = conv.padded()
     resid_buf = conv.padded()
+    conv_out, grad_out = np.empty_like(scene_buf), np.empty_like(scene_buf)
     scene = scene_buf[:, :H, :W]
     resid = resid_buf[:, :H, :W]
     history = []
@@ -642,7 +643,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         nover = None
         for it in range(config.max_iter + 1):
             _k.assemble_model(state.spec, state.morph, state.box, state.off, scene)
-            cm = conv.convolve_padded(scene_buf)[:, :H, :W]
+            cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
             loss = _k.weighted_residual(cm, data, w, resid)
             history.append(-loss)
             # mean relative change over the last CONVERGE_RUN iterations: Adam's
@@ -660,7 +661,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                 # FISTA adaptive restart: drop the momentum when the loss goes up
                 t_f = 1.0
             prev = loss
-            G = conv.adjoint_padded(resid_buf)[:, :H, :W]
+            G = conv.adjoint_padded(resid_buf, grad_out)[:, :H, :W]
             if adam:
                 _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, G,
                                 it + 1, ADAM_B1, ADAM_B2, step_m, rel_m, step_s,
@@ -703,7 +704,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             state.spec[:] = _ls_spectra(state, conv, data, w, joint)
         if final_ls or not adam:
             _k.assemble_model(state.spec, state.morph, state.box, state.off, scene)
-            cm = conv.convolve_padded(scene_buf)[:, :H, :W]
+            cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
             loss = _k.weighted_residual(cm, data, w, resid)
             history.append(-loss)
     else:
