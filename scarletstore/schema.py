@@ -16,7 +16,21 @@ import xarray as xr
 
 from .errors import SchemaError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+def _schema_dir() -> Path:
+    """The ``schemas/`` documents: the source tree's, else the copy a wheel ships.
+
+    The repository keeps them at top level (one versioned document per
+    product); a built wheel carries the same files as ``scarletstore/_schemas``
+    (see ``[tool.setuptools]`` in pyproject.toml).
+    """
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "schemas", here / "_schemas"):
+        if (cand / "exposure").is_dir():
+            return cand
+    return here.parent / "schemas"
+
+
+SCHEMA_DIR = _schema_dir()
 
 _ATTR_TYPES = {
     "str": (str,),

@@ -77,3 +77,17 @@ def test_unknown_schema():
     ds.attrs["schema"] = "nonsense"
     with pytest.raises(SchemaError):
         validate(ds)
+
+
+def test_every_schema_folder_ships_in_the_wheel():
+    """pyproject lists each schemas/<product> folder as a package of scarletstore._schemas."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert cfg["package-dir"]["scarletstore._schemas"] == "schemas"
+    folders = {p.name for p in (root / "schemas").iterdir() if p.is_dir()}
+    shipped = {p.split(".")[-1] for p in cfg["packages"] if p.startswith("scarletstore._schemas.")}
+    assert folders == shipped
+    assert all(known_versions(name) for name in folders)
