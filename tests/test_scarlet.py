@@ -299,7 +299,7 @@ def test_least_squares_spectra_exact():
     np.testing.assert_allclose(S._ls_spectra(state, direct, images, w, joint=True), truth, rtol=2e-4)
 
 
-@pytest.mark.parametrize("ksize", [(9, 9), (15, 11), (8, 6)])
+@pytest.mark.parametrize("ksize", [(9, 9), (15, 11), (8, 6), (31, 29)])  # the last: blend grid
 def test_local_frame_convolution_equals_blend_grid(ksize):
     """Spectra convolve each component on its own frame; it must equal the blend grid's."""
     rng = np.random.default_rng(11)

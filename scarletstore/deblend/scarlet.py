@@ -245,7 +245,8 @@ def _ls_spectra(state, conv, data, w, joint):
 
     Each morphology is convolved with each band's difference kernel on a
     frame of its own (box plus a kernel, see :func:`_convolve_local`; equal to
-    the model the fit uses to float32 rounding) and cut to its box grown by
+    the model the fit uses to float32 rounding; on the blend grid when that is
+    cheaper) and cut to its box grown by
     half a kernel. The K x K normal equations of each band are then
     accumulated from those boxes and their overlaps
     (``kernels.normal_equations``), so memory is bounded by the summed box
@@ -337,15 +338,21 @@ def _convolve_local(state, conv, cbox, coff, flats):
     ky, kx = conv.kernels.shape[1:]
     ry, rx = ky // 2, kx // 2
     B = len(flats)
+    K = state.box.shape[0]
     shapes = np.stack([[sfft.next_fast_len(int(h) + 2 * ry, real=True) for h in state.box[:, 2]],
                        [sfft.next_fast_len(int(w) + 2 * rx, real=True) for w in state.box[:, 3]]],
                       axis=1)
     origin = state.box[:, :2] - np.array([ry, rx])
+    if (shapes[:, 0] * shapes[:, 1]).sum() >= K * conv.fshape[0] * conv.fshape[1]:
+        # kernels as wide as the blend (e.g. 43 px on a 58 x 48 blend): the
+        # blend's own grid is no dearer, and its kernel transforms exist
+        shapes[:] = conv.fshape
+        origin[:] = 0
     keys, inverse = np.unique(shapes, axis=0, return_inverse=True)
     for g, (fy, fx) in enumerate(keys):
         fshape = (int(fy), int(fx))
         idx_all = np.flatnonzero(inverse.ravel() == g).astype(np.int64)
-        khat = conv.kernel_hat(fshape)
+        khat = conv.khat if fshape == tuple(conv.fshape) else conv.kernel_hat(fshape)
         chunk = max(1, LS_FFT_BUDGET // (fshape[0] * (fshape[1] // 2 + 1)))
         for start in range(0, idx_all.size, chunk):
             idx = idx_all[start:start + chunk]
