@@ -299,8 +299,9 @@ def test_least_squares_spectra_exact():
     np.testing.assert_allclose(S._ls_spectra(state, direct, images, w, joint=True), truth, rtol=2e-4)
 
 
-@pytest.mark.parametrize("ksize", [(9, 9), (15, 11), (8, 6), (31, 29)])  # the last: blend grid
-def test_local_frame_convolution_equals_blend_grid(ksize):
+@pytest.mark.parametrize("ksize,local", [((9, 9), True), ((15, 11), True), ((8, 6), True),
+                                         ((61, 61), False)])
+def test_local_frame_convolution_equals_blend_grid(ksize, local):
     """Spectra convolve each component on its own frame; it must equal the blend grid's."""
     rng = np.random.default_rng(11)
     B, H, W = 3, 37, 45
@@ -320,7 +321,12 @@ def test_local_frame_convolution_equals_blend_grid(ksize):
     sizes = cbox[:, 2] * cbox[:, 3]
     coff = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     flats = [np.full(int(sizes.sum()), np.nan, np.float32) for _ in range(B)]
+    shapes_used = []
+    kernel_hat = conv.kernel_hat
+    conv.kernel_hat = lambda fshape: shapes_used.append(fshape) or kernel_hat(fshape)
     S._convolve_local(state, conv, cbox, coff, flats)
+    # kernels wider than the blend take the blend grid (no local kernel transforms)
+    assert bool(shapes_used) == local
     for k, (y0, x0, h, w) in enumerate(boxes):
         scene = np.zeros((B, H, W), np.float32)
         scene[:, y0:y0 + h, x0:x0 + w] = morphs[k]
