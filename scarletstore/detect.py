@@ -114,7 +114,7 @@ DEFAULTS = {
     "residual_peaks": True,      # search companions in symmetric residuals
     "residual_seed_min": 20.0,   # peaks at least this bright (peak image) are searched around
     "residual_radius": None,     # -> 3 FWHM, search window radius
-    "residual_exclusion": None,  # -> 1 FWHM, no companion closer to a peak than this
+    "residual_exclusion": None,  # -> 0.6 FWHM, no companion closer to a peak than this
     "residual_min": 7.0,         # residual (units of the peak image noise) of a companion
     "residual_frac": 0.2,        # ... and at least this fraction of the local peak image
     "bkg_cell": 128,
@@ -875,7 +875,7 @@ def _resolve_config(exposure, threshold, min_area, overrides, fwhm):
     if cfg["residual_radius"] is None:
         cfg["residual_radius"] = 3.0 * fwhm
     if cfg["residual_exclusion"] is None:
-        cfg["residual_exclusion"] = 1.0 * fwhm
+        cfg["residual_exclusion"] = 0.6 * fwhm
     if cfg["min_separation"] is None:
         cfg["min_separation"] = max(2.0, 0.5 * fwhm)
     if cfg["association_radius"] is None:
