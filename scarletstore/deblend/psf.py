@@ -232,16 +232,12 @@ class Convolver:
         if method not in ("fft", "direct"):
             raise ValueError(f"unknown convolution method {method!r}")
         self.method = method
+        self._khat_cache = {}   # grid shape -> kernel transforms
+        self._fbuf = None       # the loop's reused spectrum buffer
         if method == "fft":
-            Fy, Fx = self.fshape
-            pad = np.zeros((B, Fy, Fx), np.float32)
-            pad[:, :ky, :kx] = kernels
-            # kernel centre at the origin so the 'same' output is the [:H, :W] corner
-            pad = np.roll(pad, (-(ky // 2), -(kx // 2)), axis=(1, 2))
-            khat = sfft.rfft2(pad)
+            self.khat = self.kernel_hat(self.fshape)
             # operator norm of band b's convolution (for Lipschitz constants)
-            self.norm2 = (np.abs(khat) ** 2).max(axis=(1, 2)).astype(np.float64)
-            self.khat = khat.astype(np.complex64)
+            self.norm2 = (np.abs(self.khat) ** 2).max(axis=(1, 2)).astype(np.float64)
             self.khat_conj = np.conj(self.khat)
         else:
             self.fshape = self.shape
@@ -252,17 +248,18 @@ class Convolver:
     def kernel_hat(self, fshape: tuple[int, int]) -> np.ndarray:
         """(B, fy, fx // 2 + 1) complex64 transforms of the kernels on a (fy, fx) grid.
 
-        Kernel centre at the origin, as for the blend grid; cached per shape
-        (least-squares spectra convolve each component on its own small frame).
+        Kernel centre at the origin, so the 'same' output of a scene placed at
+        (0, 0) is the grid's top-left corner. Cached per shape: the blend grid's
+        are the loop's, and least-squares spectra ask for small local frames.
         """
-        cache = self.__dict__.setdefault("_khat_cache", {})
-        hit = cache.get(fshape)
+        fshape = (int(fshape[0]), int(fshape[1]))
+        hit = self._khat_cache.get(fshape)
         if hit is None:
             B, ky, kx = self.kernels.shape
-            pad = np.zeros((B,) + tuple(fshape), np.float32)
+            pad = np.zeros((B,) + fshape, np.float32)
             pad[:, :ky, :kx] = self.kernels
             pad = np.roll(pad, (-(ky // 2), -(kx // 2)), axis=(1, 2))
-            hit = cache[fshape] = self.rfft(pad)
+            hit = self._khat_cache[fshape] = self.rfft(pad)
         return hit
 
     # -- loop interface -------------------------------------------------------
@@ -287,34 +284,28 @@ class Convolver:
             return _PF.c2r(f, (1, 2), fshape[1], False, 2, out, 1)
         return sfft.irfft2(f, s=fshape)
 
-    def _apply_padded(self, buf, khat, out):
+    def _apply_padded(self, buf, out, adjoint):
+        if out is None:
+            out = np.empty(buf.shape, np.float32)
+        if self.method != "fft":
+            (_k.correlate_direct if adjoint else _k.convolve_direct)(buf, self.kernels, out)
+            return out
         # the loop transforms the same shapes twice per iteration: reuse one
         # spectrum buffer rather than allocate (and page-fault) a new one
-        fbuf = self.__dict__.get("_fbuf")
         shape = buf.shape[:2] + (buf.shape[2] // 2 + 1,)
-        if fbuf is None or fbuf.shape != shape:
-            fbuf = self._fbuf = np.empty(shape, np.complex64)
-        f = self.rfft(buf, fbuf)
-        f *= khat
+        if self._fbuf is None or self._fbuf.shape != shape:
+            self._fbuf = np.empty(shape, np.complex64)
+        f = self.rfft(buf, self._fbuf)
+        f *= self.khat_conj if adjoint else self.khat
         return self.irfft(f, out=out)
 
     def convolve_padded(self, buf: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Convolve a :meth:`padded` buffer; returns a full (B, Fy, Fx) array (``out`` if given)."""
-        if self.method == "fft":
-            return self._apply_padded(buf, self.khat, out)
-        if out is None:
-            out = np.empty(buf.shape, np.float32)
-        _k.convolve_direct(buf, self.kernels, out)
-        return out
+        return self._apply_padded(buf, out, adjoint=False)
 
     def adjoint_padded(self, buf: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Adjoint of :meth:`convolve_padded` (correlation with the kernels)."""
-        if self.method == "fft":
-            return self._apply_padded(buf, self.khat_conj, out)
-        if out is None:
-            out = np.empty(buf.shape, np.float32)
-        _k.correlate_direct(buf, self.kernels, out)
-        return out
+        return self._apply_padded(buf, out, adjoint=True)
 
     # -- convenience ----------------------------------------------------------
     def convolve(self, x: np.ndarray) -> np.ndarray:

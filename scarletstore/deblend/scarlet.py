@@ -27,6 +27,7 @@ import math
 import time
 
 import numpy as np
+from scipy import fft as sfft
 
 from . import kernels as _k
 from ..errors import InputError
@@ -333,8 +334,6 @@ def _convolve_local(state, conv, cbox, coff, flats):
     spectra of a 14-source blend need 15 + 15 B small transforms instead of
     15 + 15 B blend-sized ones. Components are batched by frame shape.
     """
-    from scipy import fft as sfft
-
     ky, kx = conv.kernels.shape[1:]
     ry, rx = ky // 2, kx // 2
     B = len(flats)
@@ -352,7 +351,7 @@ def _convolve_local(state, conv, cbox, coff, flats):
     for g, (fy, fx) in enumerate(keys):
         fshape = (int(fy), int(fx))
         idx_all = np.flatnonzero(inverse.ravel() == g).astype(np.int64)
-        khat = conv.khat if fshape == tuple(conv.fshape) else conv.kernel_hat(fshape)
+        khat = conv.kernel_hat(fshape)
         chunk = max(1, LS_FFT_BUDGET // (fshape[0] * (fshape[1] // 2 + 1)))
         for start in range(0, idx_all.size, chunk):
             idx = idx_all[start:start + chunk]
