@@ -158,31 +158,21 @@ def disk_half_widths(radius):
 
 
 @numba.njit(cache=True)
-def _grow_rows(mask, half):
+def _grow_spans(span_y, span_x0, span_x1, half, ny, nx):
     # Dilation by a disk through the runs: every run stamps, on each of the
     # 2r+1 rows it reaches, one widened interval into a difference array; a
     # prefix sum per row then rasterises. Cost O(n_runs * r + n_pixels),
     # independent of the disk area, unlike a structuring-element dilation.
-    ny, nx = mask.shape
     r = (half.shape[0] - 1) // 2
     diff = np.zeros((ny, nx + 1), np.int32)
-    for y in range(ny):
-        x = 0
-        while x < nx:
-            if mask[y, x]:
-                start = x
-                while x + 1 < nx and mask[y, x + 1]:
-                    x += 1
-                for j in range(-r, r + 1):
-                    yy = y + j
-                    if yy < 0 or yy >= ny:
-                        continue
-                    w = half[j + r]
-                    a = max(start - w, 0)
-                    b = min(x + w, nx - 1)
-                    diff[yy, a] += 1
-                    diff[yy, b + 1] -= 1
-            x += 1
+    for k in range(span_y.shape[0]):
+        for j in range(-r, r + 1):
+            yy = span_y[k] + j
+            if yy < 0 or yy >= ny:
+                continue
+            w = half[j + r]
+            diff[yy, max(span_x0[k] - w, 0)] += 1
+            diff[yy, min(span_x1[k] + w, nx - 1) + 1] -= 1
     out = np.zeros((ny, nx), np.bool_)
     for y in range(ny):
         acc = 0
@@ -208,7 +198,8 @@ def grow_mask(mask, radius):
     mask = np.ascontiguousarray(mask, dtype=np.bool_)
     if radius <= 0 or not mask.any():
         return mask.copy()
-    return _grow_rows(mask, disk_half_widths(float(radius)))
+    ys, xs0, xs1 = mask_to_spans(mask)
+    return _grow_spans(ys, xs0, xs1, disk_half_widths(float(radius)), *mask.shape)
 
 
 # ---------------------------------------------------------------- labelling
