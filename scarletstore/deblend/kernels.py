@@ -505,6 +505,17 @@ def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs):
 
 
 @njit(cache=True)
+def _brightest_band(spec, k):
+    """Largest spectrum entry of component k (0 if none is positive): a dead
+    component (all zero) is skipped by the optimiser steps."""
+    smax = 0.0
+    for b in range(spec.shape[1]):
+        if spec[k, b] > smax:
+            smax = spec[k, b]
+    return smax
+
+
+@njit(cache=True)
 def adaprox_step(spec, morph, box, off, ctr, G, it, b1, b2, step_m, rel_m, step_s,
                  inv_var, bg_thresh, mom_s, mom_m, monotonic, weighted, symmetric, order, nbm):
     """One proximal AMSGrad step for every component (in place).
@@ -535,10 +546,7 @@ def adaprox_step(spec, morph, box, off, ctr, G, it, b1, b2, step_m, rel_m, step_
         y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
         o = off[k]
         n = h * w
-        smax = 0.0
-        for b in range(B):
-            if spec[k, b] > smax:
-                smax = spec[k, b]
+        smax = _brightest_band(spec, k)
         if smax <= 0.0:
             continue
         # morphology pixels (step sizes: see docstring). One fused pass:
@@ -629,10 +637,7 @@ def fista_step(spec, morph, box, off, ctr, G, beta, kappa, nover, inv_var, bg_th
         y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
         o = off[k]
         n = h * w
-        smax = 0.0
-        for b in range(B):
-            if spec[k, b] > smax:
-                smax = spec[k, b]
+        smax = _brightest_band(spec, k)
         if smax <= 0.0:
             continue
         _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs)
