@@ -505,6 +505,17 @@ def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs):
 
 
 @njit(cache=True)
+def _largest_box(box):
+    """Pixels in the largest component box (size of a per-component work buffer)."""
+    maxn = 0
+    for k in range(box.shape[0]):
+        n = box[k, 2] * box[k, 3]
+        if n > maxn:
+            maxn = n
+    return maxn
+
+
+@njit(cache=True)
 def _brightest_band(spec, k):
     """Largest spectrum entry of component k (0 if none is positive): a dead
     component (all zero) is skipped by the optimiser steps."""
@@ -540,6 +551,7 @@ def adaprox_step(spec, morph, box, off, ctr, G, it, b1, b2, step_m, rel_m, step_
     bc1 = 1.0 - b1 ** it
     bc2 = 1.0 - b2 ** it
     eps = 1e-30
+    gm = np.empty(_largest_box(box), np.float64)
     gs = np.empty(B, np.float64)
     alive = 0
     for k in range(K):
@@ -549,38 +561,32 @@ def adaprox_step(spec, morph, box, off, ctr, G, it, b1, b2, step_m, rel_m, step_
         smax = _brightest_band(spec, k)
         if smax <= 0.0:
             continue
-        # morphology pixels (step sizes: see docstring). One fused pass:
-        # the morphology gradient uses the old spectrum (updated after the
-        # loop) and the spectrum gradient each pixel's value before its update.
+        # both gradients at the current point (the spectrum is updated after
+        # the morphology, from the gradient taken before either moved)
+        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs)
+        # morphology pixels (step sizes: see docstring)
         msum = 0.0
         for i in range(n):
             msum += morph[o + i]
         mstep = step_m * msum / n
-        for b in range(B):
-            gs[b] = 0.0
-        for yy in range(h):
-            for xx in range(w):
-                p = o + yy * w + xx
-                mv = morph[p]
-                g = 0.0
-                for b in range(B):
-                    gv = G[b, y0 + yy, x0 + xx]
-                    g += spec[k, b] * gv
-                    gs[b] += gv * mv
-                a = b1 * mom_m[0, p] + (1.0 - b1) * g
-                v = b2 * mom_m[1, p] + (1.0 - b2) * g * g
-                mom_m[0, p] = a
-                mom_m[1, p] = v
-                vh = mom_m[2, p]
-                vb = v / bc2
-                if vb > vh:
-                    vh = vb
-                    mom_m[2, p] = vh
-                alpha = mstep
-                if rel_m * mv > alpha:
-                    alpha = rel_m * mv
-                x = mv - alpha * (a / bc1) / (math.sqrt(vh) + eps)
-                morph[p] = x if x > 0.0 else 0.0
+        for i in range(n):
+            p = o + i
+            mv = morph[p]
+            g = gm[i]
+            a = b1 * mom_m[0, p] + (1.0 - b1) * g
+            v = b2 * mom_m[1, p] + (1.0 - b2) * g * g
+            mom_m[0, p] = a
+            mom_m[1, p] = v
+            vh = mom_m[2, p]
+            vb = v / bc2
+            if vb > vh:
+                vh = vb
+                mom_m[2, p] = vh
+            alpha = mstep
+            if rel_m * mv > alpha:
+                alpha = rel_m * mv
+            x = mv - alpha * (a / bc1) / (math.sqrt(vh) + eps)
+            morph[p] = x if x > 0.0 else 0.0
         # spectrum
         floor = 0.01 * smax
         for b in range(B):
@@ -625,12 +631,7 @@ def fista_step(spec, morph, box, off, ctr, G, beta, kappa, nover, inv_var, bg_th
     Gershgorin-style bound that keeps the joint step stable.
     """
     K, B = spec.shape
-    maxn = 0
-    for k in range(K):
-        n = box[k, 2] * box[k, 3]
-        if n > maxn:
-            maxn = n
-    gm = np.empty(maxn, np.float64)
+    gm = np.empty(_largest_box(box), np.float64)
     gs = np.empty(B, np.float64)
     alive = 0
     for k in range(K):
