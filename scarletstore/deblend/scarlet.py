@@ -484,6 +484,16 @@ def _state_from_result(init, peaks, cy, cx, B, H, W):
     return _State(spec, morphs, boxes, ctrs, source, flags)
 
 
+def _symmetry_centres(peaks, ctr):
+    """Doubled symmetry centres (K, 2): each component's peak rounded to half a pixel.
+
+    Kept within half a pixel of the peak pixel ``ctr`` so the peak pixel's
+    mirror is itself or a neighbour.
+    """
+    c2 = np.rint(2 * np.asarray(peaks, np.float64)).astype(np.int64)
+    return np.clip(c2, 2 * ctr - 1, 2 * ctr + 1)
+
+
 def _overlaps(box):
     """Number of components whose boxes overlap each component's box (itself included)."""
     y0, x0 = box[:, 0], box[:, 1]
@@ -633,6 +643,8 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     iterations = 0
     if state is not None and state.box.shape[0] > 0:
         K = state.box.shape[0]
+        sym = _symmetry_centres(peaks[state.source], state.ctr)
+        sym_s = float(config.symmetry_strength) if config.symmetric else 0.0
         adam = config.optimizer == "adaprox"
         if adam:
             mom_s = np.zeros((3, K, B))
@@ -669,10 +681,10 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             prev = loss
             G = conv.adjoint_padded(resid_buf, grad_out)[:, :H, :W]
             if adam:
-                _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, G,
+                _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, G,
                                 it + 1, ADAM_B1, ADAM_B2, step_m, rel_m, step_s,
                                 inv_var, bg,
-                                mom_s, mom_m[0], config.monotonic, MONO_WEIGHTED, config.symmetric,
+                                mom_s, mom_m[0], config.monotonic, MONO_WEIGHTED, sym_s,
                                 state.order, state.nbm)
             else:
                 t_new = 0.5 * (1 + math.sqrt(1 + 4 * t_f * t_f))
@@ -680,9 +692,9 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                 t_f = t_new
                 if nover is None:
                     nover = _overlaps(state.box)
-                _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, G, beta,
+                _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, G, beta,
                               kappa, nover, inv_var, bg, mom_s, mom_m[0], config.monotonic,
-                              MONO_WEIGHTED, config.symmetric, state.order, state.nbm)
+                              MONO_WEIGHTED, sym_s, state.order, state.nbm)
             iterations = it + 1
             if iterations in RESOLVE_SPECTRA_AT and config.set_spectra and not warm:
                 # the start morphologies are observed-frame and too wide, so
