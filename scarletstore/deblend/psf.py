@@ -194,6 +194,9 @@ def _pocketfft_backend():
 _PF = _pocketfft_backend()
 
 
+_KHAT_CACHE_SIZE = 256  # grid shapes per kernel set (a few MB at most)
+
+
 class Convolver:
     """'same'-size, zero-padded convolution of (B, H, W) scenes with per-band kernels.
 
@@ -215,7 +218,8 @@ class Convolver:
     :meth:`adjoint_padded` then transform it without any copy or padding.
     """
 
-    def __init__(self, kernels: np.ndarray, shape: tuple[int, int], method: str = "auto"):
+    def __init__(self, kernels: np.ndarray, shape: tuple[int, int], method: str = "auto",
+                 khat_cache: dict | None = None):
         kernels = np.asarray(kernels, dtype=np.float32)
         B, ky, kx = kernels.shape
         H, W = shape
@@ -232,7 +236,9 @@ class Convolver:
         if method not in ("fft", "direct"):
             raise ValueError(f"unknown convolution method {method!r}")
         self.method = method
-        self._khat_cache = {}   # grid shape -> kernel transforms
+        # grid shape -> kernel transforms; may be shared by convolvers of the
+        # same kernels (blends of one patch ask for the same local frames)
+        self._khat_cache = {} if khat_cache is None else khat_cache
         self._fbuf = None       # the loop's reused spectrum buffer
         if method == "fft":
             self.khat = self.kernel_hat(self.fshape)
@@ -259,6 +265,8 @@ class Convolver:
             pad = np.zeros((B,) + fshape, np.float32)
             pad[:, :ky, :kx] = self.kernels
             pad = np.roll(pad, (-(ky // 2), -(kx // 2)), axis=(1, 2))
+            if len(self._khat_cache) >= _KHAT_CACHE_SIZE:
+                self._khat_cache.pop(next(iter(self._khat_cache)))  # FIFO bound
             hit = self._khat_cache[fshape] = self.rfft(pad)
         return hit
 

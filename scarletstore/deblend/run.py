@@ -102,10 +102,13 @@ def make_tasks(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig,
     sy, sx0, sx1 = (parents[v].values for v in ("span_y", "span_x0", "span_x1"))
     peak_y, peak_x, peak_ids = (parents[v].values for v in ("peak_y", "peak_x", "peak_id"))
     tasks, done = [], []
+    # plain arrays once: an xarray variable access per parent costs more than the cut-out
+    bboxes = np.stack([np.asarray(parents[v].values, np.int64)
+                       for v in ("bbox_y0", "bbox_x0", "bbox_height", "bbox_width")], axis=1)
     for i, parent_id in enumerate(pid):
         if wanted is not None and int(parent_id) not in wanted:
             continue
-        y0, x0, h, w = (int(parents[v].values[i]) for v in ("bbox_y0", "bbox_x0", "bbox_height", "bbox_width"))
+        y0, x0, h, w = (int(v) for v in bboxes[i])
         sl = slice(span_off[i], span_off[i + 1])
         fp = spans_to_mask(sy[sl], sx0[sl], sx1[sl], (y0, x0, h, w))
         pk = slice(peak_off[i], peak_off[i + 1])

@@ -347,10 +347,11 @@ def _convolve_local(state, conv, cbox, coff, flats):
         # blend's own grid is no dearer, and its kernel transforms exist
         shapes[:] = conv.fshape
         origin[:] = 0
-    keys, inverse = np.unique(shapes, axis=0, return_inverse=True)
-    for g, (fy, fx) in enumerate(keys):
-        fshape = (int(fy), int(fx))
-        idx_all = np.flatnonzero(inverse.ravel() == g).astype(np.int64)
+    groups = {}
+    for k, (fy, fx) in enumerate(shapes.tolist()):
+        groups.setdefault((fy, fx), []).append(k)
+    for fshape, members in sorted(groups.items()):
+        idx_all = np.array(members, np.int64)
         khat = conv.kernel_hat(fshape)
         chunk = max(1, LS_FFT_BUDGET // (fshape[0] * (fshape[1] // 2 + 1)))
         for start in range(0, idx_all.size, chunk):
@@ -564,8 +565,8 @@ def _psf_setup(psfs, sigma, shape):
         kern, kres = difference_kernels(psfs, model_psf)
         return model_psf, kern, kres
 
-    model_psf, kern, kres = _cached(_KERNEL_CACHE, key, make_kernels)
-    conv = _cached(_CONV_CACHE, key + (tuple(shape),), lambda: Convolver(kern, shape))
+    model_psf, kern, kres, khats = _cached(_KERNEL_CACHE, key, lambda: make_kernels() + ({},))
+    conv = _cached(_CONV_CACHE, key + (tuple(shape),), lambda: Convolver(kern, shape, khat_cache=khats))
     return model_psf, kern, kres, conv
 
 
