@@ -424,14 +424,15 @@ def weighted_residual(model, data, weight, out):
 
 @njit(cache=True)
 def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, inv_var, bg_thresh,
-                    monotonic, weighted, symmetric, order, nbm):
+                    monotonic, weighted, sym_strength, order, nbm):
     """Sparsity, symmetry and monotonicity of component k (positivity done by caller).
 
     The sparsity threshold is ``bg_thresh`` noise sigmas expressed in
     morphology units: a pixel of component k is measured with noise
     ``1 / sqrt(sum_b spec_kb^2 / sigma_b^2)``. The peak pixel is exempt so a
     faint source keeps at least a point-like core instead of vanishing.
-    ``symmetric`` is the symmetry strength (0: off) about (sy2 / 2, sx2 / 2).
+    ``sym_strength`` in [0, 1] pulls pixel pairs toward symmetry about
+    (sy2 / 2, sx2 / 2); 0 is off.
     """
     B = spec.shape[1]
     m = morph[o:o + h * w].reshape(h, w)
@@ -447,8 +448,8 @@ def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, inv_var, 
                 for xx in range(w):
                     if m[yy, xx] < thr and not (yy == ly and xx == lx):
                         m[yy, xx] = 0.0
-    if symmetric > 0:
-        symmetric_half_inplace(m, sy2 - 2 * y0, sx2 - 2 * x0, symmetric)
+    if sym_strength > 0:
+        symmetric_half_inplace(m, sy2 - 2 * y0, sx2 - 2 * x0, sym_strength)
     if monotonic:
         if weighted:
             monotonic_inplace(m, ly, lx, True)
@@ -545,7 +546,7 @@ def _brightest_band(spec, k):
 
 @njit(cache=True)
 def adaprox_step(spec, morph, box, off, ctr, sym, G, it, b1, b2, step_m, rel_m, step_s,
-                 inv_var, bg_thresh, mom_s, mom_m, monotonic, weighted, symmetric, order, nbm):
+                 inv_var, bg_thresh, mom_s, mom_m, monotonic, weighted, sym_strength, order, nbm):
     """One proximal AMSGrad step for every component (in place).
 
     Implements the adaptive proximal update of Melchior, Joseph & Moolekamp
@@ -622,7 +623,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, G, it, b1, b2, step_m, rel_m, 
             x = s - alpha * (a / bc1) / (math.sqrt(vh) + eps)
             spec[k, b] = x if x > 0.0 else 0.0
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
-                        inv_var, bg_thresh, monotonic, weighted, symmetric, order, nbm)
+                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm)
         if _normalise_component(spec, morph, k, o, n, mom_s, mom_m, True):
             alive += 1
     return alive
@@ -630,7 +631,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, G, it, b1, b2, step_m, rel_m, 
 
 @njit(cache=True)
 def fista_step(spec, morph, box, off, ctr, sym, G, beta, kappa, nover, inv_var, bg_thresh,
-               prev_s, prev_m, monotonic, weighted, symmetric, order, nbm):
+               prev_s, prev_m, monotonic, weighted, sym_strength, order, nbm):
     """One accelerated proximal gradient (FISTA) step for every component.
 
     ``spec``/``morph`` hold the extrapolated point y at which G was computed;
@@ -677,7 +678,7 @@ def fista_step(spec, morph, box, off, ctr, sym, G, beta, kappa, nover, inv_var, 
                 x = spec[k, b] - gs[b] / ls
                 spec[k, b] = x if x > 0.0 else 0.0
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
-                        inv_var, bg_thresh, monotonic, weighted, symmetric, order, nbm)
+                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm)
         # normalise x_t; rescale x_{t-1} the same way so the momentum term
         # x_t - x_{t-1} compares like with like.
         ok = _normalise_component(spec, morph, k, o, n, prev_s, prev_m, False)

@@ -197,6 +197,17 @@ _PF = _pocketfft_backend()
 _KHAT_CACHE_SIZE = 256  # grid shapes per kernel set (a few MB at most)
 
 
+def memoised(cache: dict, key, make, size: int):
+    """``cache[key]``, made by ``make()`` on a miss; at most ``size`` entries (FIFO)."""
+    hit = cache.get(key)
+    if hit is None:
+        hit = make()
+        if len(cache) >= size:
+            cache.pop(next(iter(cache)))
+        cache[key] = hit
+    return hit
+
+
 class Convolver:
     """'same'-size, zero-padded convolution of (B, H, W) scenes with per-band kernels.
 
@@ -259,16 +270,13 @@ class Convolver:
         are the loop's, and least-squares spectra ask for small local frames.
         """
         fshape = (int(fshape[0]), int(fshape[1]))
-        hit = self._khat_cache.get(fshape)
-        if hit is None:
+        def make():
             B, ky, kx = self.kernels.shape
             pad = np.zeros((B,) + fshape, np.float32)
             pad[:, :ky, :kx] = self.kernels
-            pad = np.roll(pad, (-(ky // 2), -(kx // 2)), axis=(1, 2))
-            if len(self._khat_cache) >= _KHAT_CACHE_SIZE:
-                self._khat_cache.pop(next(iter(self._khat_cache)))  # FIFO bound
-            hit = self._khat_cache[fshape] = self.rfft(pad)
-        return hit
+            return self.rfft(np.roll(pad, (-(ky // 2), -(kx // 2)), axis=(1, 2)))
+
+        return memoised(self._khat_cache, fshape, make, _KHAT_CACHE_SIZE)
 
     # -- loop interface -------------------------------------------------------
     def padded(self) -> np.ndarray:

@@ -32,7 +32,7 @@ from scipy import fft as sfft
 from . import kernels as _k
 from ..errors import InputError
 from .config import DeblendConfig
-from .psf import Convolver, difference_kernels, gaussian_psf
+from .psf import Convolver, difference_kernels, gaussian_psf, memoised
 from .result import (SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, BlendResult, Component,
                      SourceResult)
 
@@ -539,23 +539,15 @@ _CONV_CACHE: dict = {}
 _CACHE_SIZE = 16
 
 
-def _cached(cache, key, make):
-    hit = cache.get(key)
-    if hit is None:
-        hit = make()
-        if len(cache) >= _CACHE_SIZE:
-            cache.pop(next(iter(cache)))  # FIFO bound
-        cache[key] = hit
-    return hit
-
-
 def _psf_setup(psfs, sigma, shape):
     """Model PSF, difference kernels and convolver, memoised.
 
     All blends of a coadd patch share the PSF images, and the kernels cost
     a few ms of FFTs, so they are memoised by content (hash of the PSF bytes
     and the model PSF width); the convolver (kernel transforms on the blend's
-    FFT grid) additionally by blend shape.
+    FFT grid) additionally by blend shape. Convolvers of one PSF set share
+    one dict of kernel transforms per grid shape (the least-squares spectra's
+    local frames recur across blends).
     """
     psfs = np.ascontiguousarray(psfs, dtype=np.float64)
     key = (hashlib.sha1(psfs.tobytes()).hexdigest(), psfs.shape, float(sigma))
@@ -563,10 +555,11 @@ def _psf_setup(psfs, sigma, shape):
     def make_kernels():
         model_psf = gaussian_psf(sigma)
         kern, kres = difference_kernels(psfs, model_psf)
-        return model_psf, kern, kres
+        return model_psf, kern, kres, {}
 
-    model_psf, kern, kres, khats = _cached(_KERNEL_CACHE, key, lambda: make_kernels() + ({},))
-    conv = _cached(_CONV_CACHE, key + (tuple(shape),), lambda: Convolver(kern, shape, khat_cache=khats))
+    model_psf, kern, kres, khats = memoised(_KERNEL_CACHE, key, make_kernels, _CACHE_SIZE)
+    conv = memoised(_CONV_CACHE, key + (tuple(shape),),
+                    lambda: Convolver(kern, shape, khat_cache=khats), _CACHE_SIZE)
     return model_psf, kern, kres, conv
 
 
