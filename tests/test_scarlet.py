@@ -628,3 +628,110 @@ def test_symmetry_strength_is_validated():
         DeblendConfig(symmetry_strength=0.0)
     with pytest.raises(InputError):
         DeblendConfig(symmetry_strength=1.5)
+
+
+def _flat(morphs, boxes):
+    sizes = [m.size for m in morphs]
+    off = np.zeros(len(morphs), np.int64)
+    off[1:] = np.cumsum(sizes)[:-1]
+    return (np.concatenate([m.ravel() for m in morphs]).astype(np.float32),
+            np.array(boxes, np.int64), off)
+
+
+def test_subpixel_shift_is_bilinear_and_gradient_is_its_adjoint():
+    rng = np.random.default_rng(5)
+    H, W, B = 20, 22, 3
+    morphs = [rng.random((5, 6)), rng.random((4, 4))]
+    # the second box touches the blend's top-left corner: light shifted off it is lost
+    morph, box, off = _flat(morphs, [(6, 7, 5, 6), (0, 0, 4, 4)])
+    shift = np.array([[0.3, -0.2], [-0.4, 0.25]])
+    box2 = K.shifted_boxes(box, shift, H, W)
+    assert box2.tolist() == [[6, 6, 6, 7], [0, 0, 4, 5]]
+    off2 = np.array([0, box2[0, 2] * box2[0, 3]], np.int64)
+    out = np.empty(int((box2[:, 2] * box2[:, 3]).sum()), np.float32)
+    K.shift_flat(morph, box, off, shift, box2, off2, out)
+    # component 0 rendered by hand: row y takes 0.7 of row y and 0.3 of row y - 1,
+    # column x takes 0.8 of column x and 0.2 of column x + 1
+    big = np.zeros((H + 2, W + 2))
+    big[7:12, 8:14] = morphs[0]
+    want = 0.7 * 0.8 * big + 0.3 * 0.8 * np.roll(big, 1, 0) + 0.7 * 0.2 * np.roll(big, -1, 1) \
+        + 0.3 * 0.2 * np.roll(np.roll(big, 1, 0), -1, 1)
+    np.testing.assert_allclose(out[:42].reshape(6, 7), want[7:13, 7:14], atol=1e-6)
+    assert out[:42].sum() == pytest.approx(morphs[0].sum(), rel=1e-6)  # nothing lost inside the blend
+    assert out[42:].sum() < morphs[1].sum()  # part of the corner source left the blend
+    # <G, scene(T m)> = sum_k <grad_morph_k, m_k>, and d/d spec likewise (adjoint)
+    spec = rng.random((2, B)).astype(np.float32)
+    scene = np.zeros((B, H, W))
+    K.assemble_model(spec, out, box2, off2, scene)
+    G = rng.standard_normal((B, H, W))
+    lhs = float((G * scene).sum())
+    gm = np.empty(64)
+    gs = np.empty(B)
+    rhs = 0.0
+    for k in range(2):
+        y0, x0, h, w = box[k]
+        K._component_gradient(spec, morph, k, y0, x0, h, w, off[k], G, gm, gs, shift[k, 0], shift[k, 1])
+        rhs += float((gm[:h * w] * morph[off[k]:off[k] + h * w]).sum())
+        ts = np.zeros((B, H, W))
+        K.assemble_model(np.where(np.arange(2)[:, None] == k, spec, 0).astype(np.float32),
+                         out, box2, off2, ts)
+        np.testing.assert_allclose(gs * spec[k], [(G[b] * ts[b]).sum() for b in range(B)], rtol=1e-5)
+    assert rhs == pytest.approx(lhs, rel=1e-5)
+
+
+def test_symmetry_leaves_pixels_mirrored_off_the_blend_free():
+    rng = np.random.default_rng(3)
+    m = rng.random((6, 9))
+    before = m.copy()
+    # box at blend column 0, centre (2.5, 2): columns 5..8 mirror to -1..-4, off the blend
+    K.symmetric_in_blend_inplace(m, 5, 4, 1.0, -10, 10, 0, 30)
+    np.testing.assert_array_equal(m[:, 5:], before[:, 5:])
+    np.testing.assert_allclose(m[:, :5], m[::-1, 4::-1])
+    # the same mirrors inside the blend but outside the box are pulled to zero
+    m = before.copy()
+    K.symmetric_in_blend_inplace(m, 5, 4, 1.0, -10, 10, -10, 30)
+    assert not m[:, 5:].any()
+
+
+def test_symmetric_boxes_grow_on_both_sides():
+    # flux on the right (and top, bottom) edges: the box grows right, and with
+    # symmetry about column 12 left as well
+    m = np.zeros((5, 5), np.float32)
+    m[:, 2:] = 1.0
+    morph, box, off = _flat([m], [(10, 10, 5, 5)])
+    ctr = np.array([[12, 12]], np.int64)
+    plain, _ = K.resized_boxes(morph, box, off, ctr, 2 * ctr, False, 40, 40, 1, 3, 0.25)
+    sym, _ = K.resized_boxes(morph, box, off, ctr, 2 * ctr, True, 40, 40, 1, 3, 0.25)
+    assert plain[0].tolist() == [7, 11, 11, 7]  # left side shrinks to the flux + margin
+    assert sym[0].tolist() == [7, 7, 11, 11]    # columns 7..17 about column 12
+    # the blend edge still clips (columns 7..15 of a 16-wide blend)
+    edge, _ = K.resized_boxes(morph, box, off, ctr, 2 * ctr, True, 40, 16, 1, 3, 0.25)
+    assert edge[0].tolist() == [7, 7, 11, 9]
+
+
+@pytest.mark.parametrize("dy, dx", [(0.25, -0.2), (-0.1, 0.15)])
+def test_symmetric_fit_at_quarter_pixel_peak(dy, dx):
+    # a symmetric galaxy a quarter pixel off the half-pixel grid: with the
+    # render shift it is fitted to logL ~ 0 and keeps its flux; the stored
+    # morphology is the rendered one (model equals the fit)
+    B, H, W = 2, 31, 31
+    yy, xx = np.mgrid[:H, :W]
+    psf = np.exp(-((np.mgrid[:11, :11] - 5.0) ** 2).sum(0) / (2 * 1.2 ** 2))
+    psfs = np.stack([psf / psf.sum()] * B)
+    py, px = 15 + dy, 14 + dx
+    gal = np.exp(-np.hypot(yy - py, xx - px) / 1.5)
+    img = np.stack([a * fftconvolve(gal, psfs[0], mode="same") for a in (100.0, 60.0)]).astype(np.float32)
+    var = np.full(img.shape, 1e-2, np.float32)
+    cfg = DeblendConfig(symmetric=True, min_snr=1e9, max_iter=150, background_thresh=0.0)
+    res = S.deblend_scarlet(img, var, None, None, psfs, np.array([[py, px]]), cfg)
+    model = render(res.sources[0].components, res.extra["diff_kernels"], (H, W))
+    logl = -0.5 * float(((img - model) ** 2 / var).sum())
+    assert logl == pytest.approx(res.log_likelihood, rel=1e-3)
+    assert logl > -300
+    assert model.sum() == pytest.approx(img.sum(), rel=0.005)
+    # the rendered morphology's centroid is the peak
+    c = res.sources[0].components[0]
+    my, mx = np.mgrid[:c.morph.shape[0], :c.morph.shape[1]]
+    f = c.morph / c.morph.sum()
+    assert (f * my).sum() + c.y0 == pytest.approx(py, abs=0.03)
+    assert (f * mx).sum() + c.x0 == pytest.approx(px, abs=0.03)

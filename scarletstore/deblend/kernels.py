@@ -11,6 +11,10 @@ Component storage ("flat layout") used by the loop kernels
 ``off``   (K,) int64          offset of component k's pixels in ``morph``
 ``ctr``   (K, 2) int64        peak pixel (y, x) in blend pixels; always in the box
 ``sym``   (K, 2) int64        twice the symmetry centre (y, x): the peak to half a pixel
+``shift`` (K, 2) float64      sub-pixel shift (dy, dx), |d| < 1, applied when the
+                              morphology is rendered into the scene (bilinear); the
+                              rendered box is the box grown by one pixel on the
+                              side each non-zero shift moves light to (clipped)
 
 All kernels are compiled with ``cache=True``. ``fastmath`` is not used: the
 kernels rely on exact comparisons (thresholds, maxima, zero tests) and on
@@ -203,13 +207,28 @@ def symmetric_half_inplace(m, cy2, cx2, strength):
     exact; symmetry about the nearest whole pixel instead would be off by up
     to half a pixel and bias the fluxes of compact sources.
     """
+    big = 1 << 40
+    symmetric_in_blend_inplace(m, cy2, cx2, strength, -big, big, -big, big)
+
+
+@njit(cache=True)
+def symmetric_in_blend_inplace(m, cy2, cx2, strength, ylo, yhi, xlo, xhi):
+    """:func:`symmetric_half_inplace` for a box inside a blend.
+
+    Box rows ``ylo <= y < yhi`` and columns ``xlo <= x < xhi`` (box
+    coordinates) are inside the blend. A pixel whose mirror is off the blend
+    is left free: nothing is known there, and forcing it to zero would cut a
+    source near the blend edge in half. A mirror inside the blend but outside
+    the box is zero in the model, so the pixel is pulled to zero.
+    """
     h, w = m.shape
     for y in range(h):
         yy = cy2 - y
         for x in range(w):
             xx = cx2 - x
             if yy < 0 or yy >= h or xx < 0 or xx >= w:
-                m[y, x] *= 1.0 - strength
+                if ylo <= yy < yhi and xlo <= xx < xhi:
+                    m[y, x] *= 1.0 - strength
             elif y * w + x < yy * w + xx:
                 d = 0.5 * strength * (m[yy, xx] - m[y, x])
                 m[y, x] += d
@@ -408,6 +427,72 @@ def assemble_model(spec, morph, box, off, out):
 
 
 @njit(cache=True)
+def shifted_boxes(box, shift, H, W):
+    """Boxes of the rendered (sub-pixel shifted) morphologies, clipped to the blend."""
+    out = box.copy()
+    for k in range(box.shape[0]):
+        ya, xa = box[k, 0], box[k, 1]
+        yb, xb = ya + box[k, 2], xa + box[k, 3]
+        if shift[k, 0] > 0:
+            yb += 1
+        elif shift[k, 0] < 0:
+            ya -= 1
+        if shift[k, 1] > 0:
+            xb += 1
+        elif shift[k, 1] < 0:
+            xa -= 1
+        ya, xa = max(ya, 0), max(xa, 0)
+        yb, xb = min(yb, H), min(xb, W)
+        out[k, 0], out[k, 1], out[k, 2], out[k, 3] = ya, xa, yb - ya, xb - xa
+    return out
+
+
+@njit(cache=True)
+def _taps(d):
+    """Bilinear taps of a shift d (|d| < 1): offsets (0, sign d), weights (1 - |d|, |d|)."""
+    if d >= 0:
+        return 1, 1.0 - d, d
+    return -1, 1.0 + d, -d
+
+
+@njit(cache=True)
+def shift_flat(morph, box, off, shift, box2, off2, out):
+    """Render each morphology shifted by (dy, dx): out_k(y, x) = morph_k(y - dy, x - dx).
+
+    Bilinear interpolation, so the rendered morphology stays non-negative and
+    its sum is kept except for light moved off the blend. ``box2``/``off2``
+    come from :func:`shifted_boxes`. A morphology is symmetric and monotonic
+    in its own (pixel-centred) grid; the shift moves its centre to the exact
+    sub-pixel peak.
+    """
+    out[:] = 0.0
+    for k in range(box.shape[0]):
+        y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
+        Y0, X0, h2, w2 = box2[k, 0], box2[k, 1], box2[k, 2], box2[k, 3]
+        o, o2 = off[k], off2[k]
+        ty, wy0, wy1 = _taps(shift[k, 0])
+        tx, wx0, wx1 = _taps(shift[k, 1])
+        for yy in range(h):
+            for xx in range(w):
+                v = morph[o + yy * w + xx]
+                if v == 0.0:
+                    continue
+                Y = y0 + yy - Y0
+                X = x0 + xx - X0
+                for iy in range(2):
+                    Yt = Y + iy * ty
+                    fy = wy0 if iy == 0 else wy1
+                    if fy == 0.0 or Yt < 0 or Yt >= h2:
+                        continue
+                    for ix in range(2):
+                        Xt = X + ix * tx
+                        fx = wx0 if ix == 0 else wx1
+                        if fx == 0.0 or Xt < 0 or Xt >= w2:
+                            continue
+                        out[o2 + Yt * w2 + Xt] += fy * fx * v
+
+
+@njit(cache=True)
 def weighted_residual(model, data, weight, out):
     """out = weight * (model - data); returns the loss 1/2 sum weight (model - data)^2."""
     B, H, W = data.shape
@@ -423,7 +508,7 @@ def weighted_residual(model, data, weight, out):
 
 
 @njit(cache=True)
-def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, inv_var, bg_thresh,
+def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, H, W, inv_var, bg_thresh,
                     monotonic, weighted, sym_strength, order, nbm):
     """Sparsity, symmetry and monotonicity of component k (positivity done by caller).
 
@@ -432,7 +517,7 @@ def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, inv_var, 
     ``1 / sqrt(sum_b spec_kb^2 / sigma_b^2)``. The peak pixel is exempt so a
     faint source keeps at least a point-like core instead of vanishing.
     ``sym_strength`` in [0, 1] pulls pixel pairs toward symmetry about
-    (sy2 / 2, sx2 / 2); 0 is off.
+    (sy2 / 2, sx2 / 2); 0 is off. (H, W) is the blend's shape.
     """
     B = spec.shape[1]
     m = morph[o:o + h * w].reshape(h, w)
@@ -449,7 +534,8 @@ def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, inv_var, 
                     if m[yy, xx] < thr and not (yy == ly and xx == lx):
                         m[yy, xx] = 0.0
     if sym_strength > 0:
-        symmetric_half_inplace(m, sy2 - 2 * y0, sx2 - 2 * x0, sym_strength)
+        symmetric_in_blend_inplace(m, sy2 - 2 * y0, sx2 - 2 * x0, sym_strength,
+                                   -y0, H - y0, -x0, W - x0)
     if monotonic:
         if weighted:
             monotonic_inplace(m, ly, lx, True)
@@ -502,21 +588,49 @@ def _normalise_component(spec, morph, k, o, n, mom_s, mom_m, grad_like):
 
 
 @njit(cache=True)
-def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs):
+def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, dy, dx):
     """Gradients of the loss for component k from the model-frame gradient G.
 
-    d loss / d morph_k = sum_b spec_kb G_b[box]; d loss / d spec_kb = <G_b[box], morph_k>.
+    d loss / d morph_k = sum_b spec_kb (T^T G_b)[box]; d loss / d spec_kb =
+    <(T^T G_b)[box], morph_k>, with T the bilinear shift by (dy, dx) of
+    :func:`shift_flat` (the identity when both are 0); taps off the blend
+    carry no light, as in the forward shift.
     """
     B = spec.shape[1]
     for b in range(B):
         gs[b] = 0.0
+    if dy == 0.0 and dx == 0.0:
+        for yy in range(h):
+            for xx in range(w):
+                p = o + yy * w + xx
+                mv = morph[p]
+                g = 0.0
+                for b in range(B):
+                    gv = G[b, y0 + yy, x0 + xx]
+                    g += spec[k, b] * gv
+                    gs[b] += gv * mv
+                gm[yy * w + xx] = g
+        return
+    H, W = G.shape[1], G.shape[2]
+    ty, wy0, wy1 = _taps(dy)
+    tx, wx0, wx1 = _taps(dx)
     for yy in range(h):
         for xx in range(w):
-            p = o + yy * w + xx
-            mv = morph[p]
+            mv = morph[o + yy * w + xx]
             g = 0.0
             for b in range(B):
-                gv = G[b, y0 + yy, x0 + xx]
+                gv = 0.0
+                for iy in range(2):
+                    Y = y0 + yy + iy * ty
+                    fy = wy0 if iy == 0 else wy1
+                    if fy == 0.0 or Y < 0 or Y >= H:
+                        continue
+                    for ix in range(2):
+                        X = x0 + xx + ix * tx
+                        fx = wx0 if ix == 0 else wx1
+                        if fx == 0.0 or X < 0 or X >= W:
+                            continue
+                        gv += fy * fx * G[b, Y, X]
                 g += spec[k, b] * gv
                 gs[b] += gv * mv
             gm[yy * w + xx] = g
@@ -545,7 +659,7 @@ def _brightest_band(spec, k):
 
 
 @njit(cache=True)
-def adaprox_step(spec, morph, box, off, ctr, sym, G, it, b1, b2, step_m, rel_m, step_s,
+def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, rel_m, step_s,
                  inv_var, bg_thresh, mom_s, mom_m, monotonic, weighted, sym_strength, order, nbm):
     """One proximal AMSGrad step for every component (in place).
 
@@ -581,7 +695,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, G, it, b1, b2, step_m, rel_m, 
             continue
         # both gradients at the current point (the spectrum is updated after
         # the morphology, from the gradient taken before either moved)
-        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs)
+        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, shift[k, 0], shift[k, 1])
         # morphology pixels (step sizes: see docstring)
         msum = 0.0
         for i in range(n):
@@ -623,6 +737,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, G, it, b1, b2, step_m, rel_m, 
             x = s - alpha * (a / bc1) / (math.sqrt(vh) + eps)
             spec[k, b] = x if x > 0.0 else 0.0
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
+                        G.shape[1], G.shape[2],
                         inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm)
         if _normalise_component(spec, morph, k, o, n, mom_s, mom_m, True):
             alive += 1
@@ -630,7 +745,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, G, it, b1, b2, step_m, rel_m, 
 
 
 @njit(cache=True)
-def fista_step(spec, morph, box, off, ctr, sym, G, beta, kappa, nover, inv_var, bg_thresh,
+def fista_step(spec, morph, box, off, ctr, sym, shift, G, beta, kappa, nover, inv_var, bg_thresh,
                prev_s, prev_m, monotonic, weighted, sym_strength, order, nbm):
     """One accelerated proximal gradient (FISTA) step for every component.
 
@@ -659,7 +774,7 @@ def fista_step(spec, morph, box, off, ctr, sym, G, beta, kappa, nover, inv_var, 
         smax = _brightest_band(spec, k)
         if smax <= 0.0:
             continue
-        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs)
+        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, shift[k, 0], shift[k, 1])
         fac = 2.0 * nover[k]
         lm = 0.0
         for b in range(B):
@@ -678,6 +793,7 @@ def fista_step(spec, morph, box, off, ctr, sym, G, beta, kappa, nover, inv_var, 
                 x = spec[k, b] - gs[b] / ls
                 spec[k, b] = x if x > 0.0 else 0.0
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
+                        G.shape[1], G.shape[2],
                         inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm)
         # normalise x_t; rescale x_{t-1} the same way so the momentum term
         # x_t - x_{t-1} compares like with like.
@@ -735,7 +851,7 @@ def remap_flat(old, box_old, off_old, box_new, off_new, total_new, fill_max):
 
 
 @njit(cache=True)
-def resized_boxes(morph, box, off, ctr, H, W, margin, grow_min, grow_frac):
+def resized_boxes(morph, box, off, ctr, sym, symmetric, H, W, margin, grow_min, grow_frac):
     """New component boxes: shrink to the non-zero pixels, grow edges with flux.
 
     A side whose edge row/column carries flux moves out by
@@ -743,7 +859,10 @@ def resized_boxes(morph, box, off, ctr, H, W, margin, grow_min, grow_frac):
     non-zero region plus ``margin`` zero pixels (so the next check does not
     see flux on the edge and grow again). Boxes always contain the peak pixel
     and stay inside the (H, W) blend; a component without flux keeps only its
-    peak pixel. Returns (new_box, changed).
+    peak pixel. With ``symmetric`` each box is widened to be symmetric about
+    its component's symmetry centre (``sym`` / 2) before clipping, so the
+    symmetry operator never cuts a source whose box grew on one side only.
+    Returns (new_box, changed).
     """
     K = box.shape[0]
     new = np.empty_like(box)
@@ -766,6 +885,9 @@ def resized_boxes(morph, box, off, ctr, H, W, margin, grow_min, grow_frac):
             bot = max(bot, cy)
             left = min(left, cx)
             right = max(right, cx)
+            if symmetric:
+                top, bot = min(top, sym[k, 0] - bot), max(bot, sym[k, 0] - top)
+                left, right = min(left, sym[k, 1] - right), max(right, sym[k, 1] - left)
         top = min(max(top, 0), H - 1)
         left = min(max(left, 0), W - 1)
         bot = min(max(bot, 0), H - 1)

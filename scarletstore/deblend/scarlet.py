@@ -96,6 +96,39 @@ class _State:
         return self.morph[self.off[k]:self.off[k] + h * w].reshape(h, w)
 
 
+class _Rendered:
+    """Morphologies as rendered into the scene (sub-pixel shifted), flat layout.
+
+    Has the fields of :class:`_State` that model building, the least-squares
+    spectra and the output read (spec is shared with the state).
+    """
+
+    __slots__ = ("spec", "morph", "box", "off", "source")
+    view = _State.view
+
+
+def _rendered(state, shift, H, W):
+    """The state itself when nothing is shifted, else its rendered morphologies."""
+    if shift is None:
+        return state
+    r = _Rendered()
+    r.spec, r.source = state.spec, state.source
+    r.box = _k.shifted_boxes(state.box, shift, H, W)
+    sizes = r.box[:, 2] * r.box[:, 3]
+    r.off = np.zeros(len(sizes), np.int64)
+    if len(sizes):
+        r.off[1:] = np.cumsum(sizes)[:-1]
+    r.morph = np.empty(int(sizes.sum()), np.float32)
+    _k.shift_flat(state.morph, state.box, state.off, shift, r.box, r.off, r.morph)
+    return r
+
+
+def _assemble(state, shift, H, W, scene):
+    """Model-frame scene of the state (rendered with its sub-pixel shifts)."""
+    r = _rendered(state, shift, H, W)
+    _k.assemble_model(r.spec, r.morph, r.box, r.off, scene)
+
+
 def _good_and_weights(images, variance, bad, footprint, use_weights):
     """Zero-filled data, per-pixel weights, the good-pixel mask and per-band noise.
 
@@ -495,6 +528,21 @@ def _symmetry_centres(peaks, ctr):
     return np.clip(c2, 2 * ctr - 1, 2 * ctr + 1)
 
 
+def _subpixel_shifts(peaks, sym):
+    """Render shifts (K, 2) that move each symmetry centre onto its exact peak.
+
+    Symmetry is exact only about a multiple of half a pixel; a morphology kept
+    symmetric about ``sym / 2`` and rendered shifted by ``peak - sym / 2``
+    (at most a quarter pixel per axis, bilinear) is symmetric about the peak
+    itself. A quarter pixel matters: on four simulated fields at true peaks,
+    full symmetry about the half-pixel centres gave median blended flux
+    errors of 10.7 % (r) / 11.7 % (i) and 3.5 % for isolated sources; about
+    the exact peaks 7.5 / 8.2 % and 1.9 %. Returns None when nothing moves.
+    """
+    shift = np.clip(np.asarray(peaks, np.float64) - 0.5 * sym, -0.5, 0.5)
+    return shift if np.any(shift != 0) else None
+
+
 def _overlaps(box):
     """Number of components whose boxes overlap each component's box (itself included)."""
     y0, x0 = box[:, 0], box[:, 1]
@@ -508,14 +556,18 @@ _NO_FILL = np.zeros(3, np.bool_)
 _ADAM_FILL = np.array([False, True, True])
 
 
-def _resize(state, moments, H, W):
+def _resize(state, moments, H, W, sym=None):
     """Shrink boxes to their non-zero pixels (+margin), grow edges carrying flux.
+
+    With ``sym`` (doubled symmetry centres, symmetry on) boxes are kept
+    symmetric about them.
 
     ``moments`` are (S, P) arrays travelling with the morphologies (optimiser
     state). Returns the new moments (same list order); ``state`` is updated.
     """
     box = state.box
-    new, changed = _k.resized_boxes(state.morph, box, state.off, state.ctr, H, W,
+    new, changed = _k.resized_boxes(state.morph, box, state.off, state.ctr,
+                                    state.ctr * 2 if sym is None else sym, sym is not None, H, W,
                                     BOX_MARGIN, BOX_GROW_MIN, BOX_GROW_FRAC)
     if not changed:
         return moments
@@ -639,6 +691,10 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         K = state.box.shape[0]
         sym = _symmetry_centres(peaks[state.source], state.ctr)
         sym_s = float(config.symmetry_strength) if config.symmetric else 0.0
+        # sub-pixel rendering only serves symmetry; a warm start's stored
+        # morphologies are already rendered (shifted), so they are not moved again
+        shift = _subpixel_shifts(peaks[state.source], sym) if sym_s > 0 and not warm else None
+        shift_k = np.zeros((K, 2)) if shift is None else shift
         adam = config.optimizer == "adaprox"
         if adam:
             mom_s = np.zeros((3, K, B))
@@ -654,7 +710,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         prev = None
         nover = None
         for it in range(config.max_iter + 1):
-            _k.assemble_model(state.spec, state.morph, state.box, state.off, scene)
+            _assemble(state, shift, H, W, scene)
             cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
             loss = _k.weighted_residual(cm, data, w, resid)
             history.append(-loss)
@@ -675,7 +731,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             prev = loss
             G = conv.adjoint_padded(resid_buf, grad_out)[:, :H, :W]
             if adam:
-                _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, G,
+                _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift_k, G,
                                 it + 1, ADAM_B1, ADAM_B2, step_m, rel_m, step_s,
                                 inv_var, bg,
                                 mom_s, mom_m[0], config.monotonic, MONO_WEIGHTED, sym_s,
@@ -686,8 +742,8 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                 t_f = t_new
                 if nover is None:
                     nover = _overlaps(state.box)
-                _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, G, beta,
-                              kappa, nover, inv_var, bg, mom_s, mom_m[0], config.monotonic,
+                _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift_k, G,
+                              beta, kappa, nover, inv_var, bg, mom_s, mom_m[0], config.monotonic,
                               MONO_WEIGHTED, sym_s, state.order, state.nbm)
             iterations = it + 1
             if iterations in RESOLVE_SPECTRA_AT and config.set_spectra and not warm:
@@ -695,13 +751,13 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                 # the initial least-squares spectra mix neighbours' colours;
                 # once the morphologies have sharpened, re-solve (Adam moves
                 # spectra only by STEP_SPEC per iteration)
-                state.spec[:] = _ls_spectra(state, conv, data, w, joint)
+                state.spec[:] = _ls_spectra(_rendered(state, shift, H, W), conv, data, w, joint)
                 if adam:
                     mom_s[:] = 0
                 else:
                     mom_s[0] = state.spec
             if config.resize_every and iterations % config.resize_every == 0:
-                mom_m = _resize(state, mom_m, H, W)
+                mom_m = _resize(state, mom_m, H, W, sym if sym_s > 0 else None)
                 nover = None
         if not adam:
             # FISTA's extrapolated point (where the loss was evaluated) may
@@ -713,20 +769,22 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             # the (non-negative) least-squares spectra of the final
             # morphologies: at least as good as the optimiser's, which move
             # by a small relative step per iteration
-            state.spec[:] = _ls_spectra(state, conv, data, w, joint)
+            state.spec[:] = _ls_spectra(_rendered(state, shift, H, W), conv, data, w, joint)
         if final_ls or not adam:
-            _k.assemble_model(state.spec, state.morph, state.box, state.off, scene)
+            _assemble(state, shift, H, W, scene)
             cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
             loss = _k.weighted_residual(cm, data, w, resid)
             history.append(-loss)
     else:
+        shift = None
         scene[:] = 0
         loss = _k.weighted_residual(conv.convolve_padded(scene_buf)[:, :H, :W], data, w, resid)
         history.append(-loss)
         converged = True
 
     n_good = int(np.count_nonzero(w))
-    sources = _collect(state, peaks, cy, cx, H, W)
+    sources = _collect(state, None if state is None else _rendered(state, shift, H, W),
+                       peaks, cy, cx, H, W)
     runtime = time.perf_counter() - t_start
     return BlendResult(
         sources=sources,
@@ -750,8 +808,12 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     )
 
 
-def _collect(state, peaks, cy, cx, H, W):
-    """Turn the flat state into SourceResults with trimmed morphology boxes."""
+def _collect(state, rend, peaks, cy, cx, H, W):
+    """Turn the flat state into SourceResults with trimmed morphology boxes.
+
+    ``rend`` holds the morphologies as rendered (see :func:`_rendered`): the
+    stored model is the one that was fitted.
+    """
     out = []
     if state is None:
         return out
@@ -760,8 +822,8 @@ def _collect(state, peaks, cy, cx, H, W):
         flags = int(state.flags[i])
         any_flux = False
         for k in np.flatnonzero(state.source == i):
-            m = state.view(k)
-            y0, x0 = int(state.box[k, 0]), int(state.box[k, 1])
+            m = rend.view(k)
+            y0, x0 = int(rend.box[k, 0]), int(rend.box[k, 1])
             a, b, c, d = _k.nonzero_bounds(m)
             spec = state.spec[k].astype(np.float32).copy()
             if a < 0 or not np.any(spec > 0):
