@@ -55,8 +55,10 @@ class DeblendConfig:
         A blend that raises is recorded as failed instead of stopping the run.
     symmetric : bool
         Add the symmetry constraint to morphologies: 180-degree symmetry
-        about the peak position rounded to half a pixel (exact on the pixel
-        grid; whole-pixel centres bias compact sources).
+        about each exact peak position (symmetric about the peak rounded to
+        half a pixel, rendered shifted by the rest; see docs/design.md). Pays
+        with accurate positions (e.g. from an external catalogue); off by
+        default because real, irregular galaxies break it.
     symmetry_strength : float
         In (0, 1]: each step moves a pixel and its mirror this fraction of
         the way to their mean (1 = projection). Softer symmetry tolerates
