@@ -456,6 +456,15 @@ def _taps(d):
 
 
 @njit(cache=True)
+def _tap(base, i, t, w0, w1, n):
+    """Index and weight of tap i (0 or 1) of :func:`_taps` from ``base``; weight 0 off [0, n)."""
+    j = base + i * t
+    if j < 0 or j >= n:
+        return j, 0.0
+    return j, (w0 if i == 0 else w1)
+
+
+@njit(cache=True)
 def shift_flat(morph, box, off, shift, box2, off2, out):
     """Render each morphology shifted by (dy, dx): out_k(y, x) = morph_k(y - dy, x - dx).
 
@@ -480,16 +489,13 @@ def shift_flat(morph, box, off, shift, box2, off2, out):
                 Y = y0 + yy - Y0
                 X = x0 + xx - X0
                 for iy in range(2):
-                    Yt = Y + iy * ty
-                    fy = wy0 if iy == 0 else wy1
-                    if fy == 0.0 or Yt < 0 or Yt >= h2:
+                    Yt, fy = _tap(Y, iy, ty, wy0, wy1, h2)
+                    if fy == 0.0:
                         continue
                     for ix in range(2):
-                        Xt = X + ix * tx
-                        fx = wx0 if ix == 0 else wx1
-                        if fx == 0.0 or Xt < 0 or Xt >= w2:
-                            continue
-                        out[o2 + Yt * w2 + Xt] += fy * fx * v
+                        Xt, fx = _tap(X, ix, tx, wx0, wx1, w2)
+                        if fx != 0.0:
+                            out[o2 + Yt * w2 + Xt] += fy * fx * v
 
 
 @njit(cache=True)
@@ -621,16 +627,13 @@ def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, dy, dx):
             for b in range(B):
                 gv = 0.0
                 for iy in range(2):
-                    Y = y0 + yy + iy * ty
-                    fy = wy0 if iy == 0 else wy1
-                    if fy == 0.0 or Y < 0 or Y >= H:
+                    Y, fy = _tap(y0 + yy, iy, ty, wy0, wy1, H)
+                    if fy == 0.0:
                         continue
                     for ix in range(2):
-                        X = x0 + xx + ix * tx
-                        fx = wx0 if ix == 0 else wx1
-                        if fx == 0.0 or X < 0 or X >= W:
-                            continue
-                        gv += fy * fx * G[b, Y, X]
+                        X, fx = _tap(x0 + xx, ix, tx, wx0, wx1, W)
+                        if fx != 0.0:
+                            gv += fy * fx * G[b, Y, X]
                 g += spec[k, b] * gv
                 gs[b] += gv * mv
             gm[yy * w + xx] = g
