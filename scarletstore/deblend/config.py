@@ -56,9 +56,17 @@ class DeblendConfig:
     symmetric : bool
         Add the symmetry constraint to morphologies: 180-degree symmetry
         about each exact peak position (symmetric about the peak rounded to
-        half a pixel, rendered shifted by the rest; see docs/design.md). Pays
-        with accurate positions (e.g. from an external catalogue); off by
-        default because real, irregular galaxies break it.
+        half a pixel, rendered shifted by the rest; see docs/design.md).
+    symmetry_region : str
+        Where symmetry applies. ``"contested"`` (default): only to mirror
+        pairs where another source's model light exceeds ``contest_ratio``
+        times this source's, i.e. where flux is shared and symmetry decides
+        who owns it; a source's own core and wings away from neighbours stay
+        free, so real, irregular galaxies (and cores a little off their
+        peak) are not forced. ``"all"``: the whole box, the strongest
+        separation when positions are exact, but it breaks real galaxies.
+    contest_ratio : float
+        Neighbour light / own light above which a pixel is contested (> 0).
     symmetry_strength : float
         In (0, 1]: each step moves a pixel and its mirror this fraction of
         the way to their mean (1 = projection). Softer symmetry tolerates
@@ -88,7 +96,9 @@ class DeblendConfig:
     min_footprint_axis_ratio: float = 0.0
     mask_limits: dict = field(default_factory=dict)
     catch_failures: bool = True
-    symmetric: bool = False
+    symmetric: bool = True
+    symmetry_region: str = "contested"
+    contest_ratio: float = 0.5
     symmetry_strength: float = 1.0
     monotonic: bool = True
 
@@ -99,6 +109,10 @@ class DeblendConfig:
             raise InputError("max_iter must be >= 1 and min_iter >= 0")
         if self.relative_error <= 0:
             raise InputError("relative_error must be positive")
+        if self.symmetry_region not in ("contested", "all"):
+            raise InputError(f"symmetry_region must be 'contested' or 'all', not {self.symmetry_region!r}")
+        if not self.contest_ratio > 0:
+            raise InputError(f"contest_ratio must be positive, not {self.contest_ratio!r}")
         if not 0 < self.symmetry_strength <= 1:
             raise InputError(f"symmetry_strength must be in (0, 1], not {self.symmetry_strength!r}")
 

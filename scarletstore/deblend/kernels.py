@@ -235,6 +235,62 @@ def symmetric_in_blend_inplace(m, cy2, cx2, strength, ylo, yhi, xlo, xhi):
                 m[yy, xx] -= d
 
 
+@njit(cache=True)
+def _source_light(spec_sum, morph, box, off, lo, hi, Y, X):
+    """Model-frame light (summed over bands) of components lo..hi-1 at blend pixel (Y, X)."""
+    v = 0.0
+    for j in range(lo, hi):
+        yy = Y - box[j, 0]
+        xx = X - box[j, 1]
+        if 0 <= yy < box[j, 2] and 0 <= xx < box[j, 3]:
+            v += spec_sum[j] * morph[off[j] + yy * box[j, 3] + xx]
+    return v
+
+
+@njit(cache=True)
+def symmetric_contested_inplace(morph, k, box, off, spec_sum, lo, hi, cy2, cx2, strength, H, W,
+                                tsum, ratio):
+    """Symmetry of component k only where another source's light competes.
+
+    A pixel is *contested* when the rest of the scene there (``tsum``, the
+    band-summed model frame, minus the light of this source's own
+    components ``lo..hi-1``, so a bulge does not contest its disk) exceeds
+    ``ratio`` times this source's light. A mirror pair with a contested
+    pixel is pulled toward its mean, as in :func:`symmetric_half_inplace`
+    about (cy2 / 2, cx2 / 2) in box pixels; where the source dominates both
+    pixels the pair is left free, so the asymmetric core of a real galaxy
+    (or a core a little off its catalogue peak) is not forced. Symmetry is
+    what keeps a source from taking a neighbour's light, and that only
+    matters where the neighbour has light. Mirrors off the blend leave a
+    pixel free; mirrors in the blend but off the box are zero.
+    """
+    y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
+    o = off[k]
+    keep = 1.0 - strength
+    for y in range(h):
+        yy = cy2 - y
+        for x in range(w):
+            xx = cx2 - x
+            p = o + y * w + x
+            outside = yy < 0 or yy >= h or xx < 0 or xx >= w
+            if not outside and y * w + x >= yy * w + xx:
+                continue  # each in-box pair once, from its first pixel
+            v = _source_light(spec_sum, morph, box, off, lo, hi, y0 + y, x0 + x)
+            cp = tsum[y0 + y, x0 + x] - v > ratio * v
+            if outside:
+                if cp and 0 <= y0 + yy < H and 0 <= x0 + xx < W:
+                    morph[p] *= keep
+                continue
+            q = o + yy * w + xx
+            if not cp:
+                u = _source_light(spec_sum, morph, box, off, lo, hi, y0 + yy, x0 + xx)
+                if tsum[y0 + yy, x0 + xx] - u <= ratio * u:
+                    continue
+            d = 0.5 * strength * (morph[q] - morph[p])
+            morph[p] += d
+            morph[q] -= d
+
+
 # the 8 neighbour steps; bit j of a neighbour mask refers to (_NB_DY[j], _NB_DX[j])
 _NB_DY = np.array([-1, -1, -1, 0, 0, 1, 1, 1], np.int64)
 _NB_DX = np.array([-1, 0, 1, -1, 1, -1, 0, 1], np.int64)
@@ -515,7 +571,7 @@ def weighted_residual(model, data, weight, out):
 
 @njit(cache=True)
 def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, H, W, inv_var, bg_thresh,
-                    monotonic, weighted, sym_strength, order, nbm):
+                    monotonic, weighted, sym_strength, order, nbm, tsum, contest, box, off, spec_sum, sib):
     """Sparsity, symmetry and monotonicity of component k (positivity done by caller).
 
     The sparsity threshold is ``bg_thresh`` noise sigmas expressed in
@@ -539,7 +595,10 @@ def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, H, W, inv
                 for xx in range(w):
                     if m[yy, xx] < thr and not (yy == ly and xx == lx):
                         m[yy, xx] = 0.0
-    if sym_strength > 0:
+    if sym_strength > 0 and contest >= 0:
+        symmetric_contested_inplace(morph, k, box, off, spec_sum, sib[k, 0], sib[k, 1], sy2 - 2 * y0,
+                                    sx2 - 2 * x0, sym_strength, H, W, tsum, contest)
+    elif sym_strength > 0:
         symmetric_in_blend_inplace(m, sy2 - 2 * y0, sx2 - 2 * x0, sym_strength,
                                    -y0, H - y0, -x0, W - x0)
     if monotonic:
@@ -663,7 +722,8 @@ def _brightest_band(spec, k):
 
 @njit(cache=True)
 def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, rel_m, step_s,
-                 inv_var, bg_thresh, mom_s, mom_m, monotonic, weighted, sym_strength, order, nbm):
+                 inv_var, bg_thresh, mom_s, mom_m, monotonic, weighted, sym_strength, order, nbm,
+                 tsum, contest, spec_sum, sib):
     """One proximal AMSGrad step for every component (in place).
 
     Implements the adaptive proximal update of Melchior, Joseph & Moolekamp
@@ -741,7 +801,8 @@ def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, 
             spec[k, b] = x if x > 0.0 else 0.0
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
                         G.shape[1], G.shape[2],
-                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm)
+                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm, tsum, contest,
+                        box, off, spec_sum, sib)
         if _normalise_component(spec, morph, k, o, n, mom_s, mom_m, True):
             alive += 1
     return alive
@@ -749,7 +810,8 @@ def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, 
 
 @njit(cache=True)
 def fista_step(spec, morph, box, off, ctr, sym, shift, G, beta, kappa, nover, inv_var, bg_thresh,
-               prev_s, prev_m, monotonic, weighted, sym_strength, order, nbm):
+               prev_s, prev_m, monotonic, weighted, sym_strength, order, nbm, tsum, contest,
+               spec_sum, sib):
     """One accelerated proximal gradient (FISTA) step for every component.
 
     ``spec``/``morph`` hold the extrapolated point y at which G was computed;
@@ -797,7 +859,8 @@ def fista_step(spec, morph, box, off, ctr, sym, shift, G, beta, kappa, nover, in
                 spec[k, b] = x if x > 0.0 else 0.0
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
                         G.shape[1], G.shape[2],
-                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm)
+                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm, tsum, contest,
+                        box, off, spec_sum, sib)
         # normalise x_t; rescale x_{t-1} the same way so the momentum term
         # x_t - x_{t-1} compares like with like.
         ok = _normalise_component(spec, morph, k, o, n, prev_s, prev_m, False)

@@ -702,6 +702,14 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             mom_m = [state.morph[None].astype(np.float64)]
             kappa = (w.reshape(B, -1).max(axis=1).astype(np.float64) * conv.norm2)
             t_f = 1.0
+        # ratio < 0: symmetry over the whole box (symmetry_region "all")
+        contest = float(config.contest_ratio) if sym_s > 0 and config.symmetry_region == "contested" else -1.0
+        tsum = np.zeros((1, 1))
+        spec_sum = np.zeros(K)
+        # components of one source are contiguous: [lo, hi) per component
+        lo = np.searchsorted(state.source, state.source, side="left")
+        hi = np.searchsorted(state.source, state.source, side="right")
+        sib = np.stack([lo, hi], axis=1).astype(np.int64)
         shrink = WARM_STEP_FACTOR if warm else 1.0
         step_m, rel_m, step_s = STEP_MORPH * shrink, REL_MORPH * shrink, STEP_SPEC * shrink
         bg = float(config.background_thresh)
@@ -728,12 +736,15 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                 t_f = 1.0
             prev = loss
             G = conv.adjoint_padded(resid_buf, grad_out)[:, :H, :W]
+            if contest >= 0:
+                tsum = scene.sum(axis=0, dtype=np.float64)
+                spec_sum = state.spec.sum(axis=1)
             if adam:
                 _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
                                 it + 1, ADAM_B1, ADAM_B2, step_m, rel_m, step_s,
                                 inv_var, bg,
                                 mom_s, mom_m[0], config.monotonic, MONO_WEIGHTED, sym_s,
-                                state.order, state.nbm)
+                                state.order, state.nbm, tsum, contest, spec_sum, sib)
             else:
                 t_new = 0.5 * (1 + math.sqrt(1 + 4 * t_f * t_f))
                 beta = (t_f - 1) / t_new
@@ -742,7 +753,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                     nover = _overlaps(state.box)
                 _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
                               beta, kappa, nover, inv_var, bg, mom_s, mom_m[0], config.monotonic,
-                              MONO_WEIGHTED, sym_s, state.order, state.nbm)
+                              MONO_WEIGHTED, sym_s, state.order, state.nbm, tsum, contest, spec_sum, sib)
             iterations = it + 1
             if iterations in RESOLVE_SPECTRA_AT and config.set_spectra and not warm:
                 # the start morphologies are observed-frame and too wide, so
