@@ -237,7 +237,14 @@ def symmetric_in_blend_inplace(m, cy2, cx2, strength, ylo, yhi, xlo, xhi):
 
 @njit(cache=True)
 def _source_light(spec_sum, morph, box, off, lo, hi, Y, X):
-    """Model-frame light (summed over bands) of components lo..hi-1 at blend pixel (Y, X)."""
+    """Model-frame light (summed over bands) of components lo..hi-1 at blend pixel (Y, X).
+
+    (Y, X) lies in the box of the component being constrained, one of lo..hi-1.
+    """
+    if hi - lo == 1:  # the common single-component source: no box search
+        yy = Y - box[lo, 0]
+        xx = X - box[lo, 1]
+        return spec_sum[lo] * morph[off[lo] + yy * box[lo, 3] + xx]
     v = 0.0
     for j in range(lo, hi):
         yy = Y - box[j, 0]

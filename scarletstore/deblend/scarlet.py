@@ -704,7 +704,8 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             t_f = 1.0
         # ratio < 0: symmetry over the whole box (symmetry_region "all")
         contest = float(config.contest_ratio) if sym_s > 0 and config.symmetry_region == "contested" else -1.0
-        tsum = np.zeros((1, 1))
+        # band-summed model frame, for the contested-symmetry test
+        tsum = np.zeros((H, W) if contest >= 0 else (1, 1), np.float32)
         spec_sum = np.zeros(K)
         # components of one source are contiguous: [lo, hi) per component
         lo = np.searchsorted(state.source, state.source, side="left")
@@ -737,7 +738,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             prev = loss
             G = conv.adjoint_padded(resid_buf, grad_out)[:, :H, :W]
             if contest >= 0:
-                tsum = scene.sum(axis=0, dtype=np.float64)
+                np.sum(scene, axis=0, out=tsum)
                 spec_sum = state.spec.sum(axis=1)
             if adam:
                 _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
