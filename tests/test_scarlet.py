@@ -830,3 +830,11 @@ def test_symmetry_config_is_validated():
     cfg = DeblendConfig().with_overrides(["symmetry_region=all", "contest_ratio=0.25"])
     assert (cfg.symmetry_region, cfg.contest_ratio) == ("all", 0.25)
     assert DeblendConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_source_runs_need_no_sorted_sources():
+    # a warm start may list sources out of order; each component's sibling
+    # range is still its own source's run
+    got = S._source_runs(np.array([2, 2, 0, 1, 1, 1]))
+    np.testing.assert_array_equal(got, [[0, 2], [0, 2], [2, 3], [3, 6], [3, 6], [3, 6]])
+    assert S._source_runs(np.array([], int)).shape == (0, 2)

@@ -542,6 +542,20 @@ def _subpixel_shifts(peaks, sym):
     return np.clip(np.asarray(peaks, np.float64) - 0.5 * sym, -0.5, 0.5)
 
 
+def _source_runs(source):
+    """(K, 2) [lo, hi) of the run of components that share each component's source.
+
+    Components of one source are contiguous (both the cold and the warm start
+    append a source's components together), but sources need not be in order.
+    """
+    source = np.asarray(source)
+    K = source.size
+    starts = np.flatnonzero(np.r_[True, source[1:] != source[:-1]]) if K else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], K]
+    run = np.repeat(np.arange(starts.size), ends - starts)
+    return np.stack([starts[run], ends[run]], axis=1).astype(np.int64)
+
+
 def _overlaps(box):
     """Number of components whose boxes overlap each component's box (itself included)."""
     y0, x0 = box[:, 0], box[:, 1]
@@ -707,10 +721,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         # band-summed model frame, for the contested-symmetry test
         tsum = np.zeros((H, W) if contest >= 0 else (1, 1), np.float32)
         spec_sum = np.zeros(K)
-        # components of one source are contiguous: [lo, hi) per component
-        lo = np.searchsorted(state.source, state.source, side="left")
-        hi = np.searchsorted(state.source, state.source, side="right")
-        sib = np.stack([lo, hi], axis=1).astype(np.int64)
+        sib = _source_runs(state.source)
         shrink = WARM_STEP_FACTOR if warm else 1.0
         step_m, rel_m, step_s = STEP_MORPH * shrink, REL_MORPH * shrink, STEP_SPEC * shrink
         bg = float(config.background_thresh)
