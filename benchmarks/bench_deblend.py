@@ -27,6 +27,10 @@ Sections (run all with ``python benchmarks/bench_deblend.py``, or name some:
 * ``field_seeds`` -- the flux and colour figures of ``field`` pooled over
   seeds 3, 5, 7 and 11 (no timing): one field's median moves by a few per
   cent with any small change, four fields' much less.
+* ``field_positions`` -- what limits the detected-peak figures: the same
+  pooled fields with the default configuration, detected peaks as they are,
+  moved onto their true positions, moved and scattered by 0.15 / 0.3 px, and
+  all true positions (no timing).
 
 Timing method: wall-clock (``time.perf_counter``) per call, median over
 ``--repeats`` (>= 5) calls after one warm-up call, with ``time.process_time``
@@ -366,6 +370,21 @@ def bench_field(repeats=3):
     return out
 
 
+def _seed_field(seed):
+    """Simulated 600 x 600 field of ``seed``: exposure, bands, truth figures, detected parents."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import simulated_field
+
+    from scarletstore.detect import detect
+    from scarletstore.ingest import read_fits_bands
+
+    sim = simulated_field(600, seed)
+    exposure = read_fits_bands(list(sim["bands"].values()))
+    bands = [str(b) for b in exposure.band.values]
+    table, blend, snr = _truth_figures(sim, exposure, bands)
+    return exposure, bands, table, blend, snr, detect(exposure)
+
+
 def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
     """Flux and colour figures pooled over several simulated fields (no timing).
 
@@ -377,13 +396,9 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
     except ImportError:
         print("field_seeds: skipped (galsim not installed)")
         return None
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import simulated_field
-
     from scarletstore.deblend import DeblendConfig
     from scarletstore.deblend.run import deblend_exposure
     from scarletstore.detect import detect
-    from scarletstore.ingest import read_fits_bands
 
     rows = (("scarlet (defaults)", "scarlet", DeblendConfig(), False),
             ("scarlet no symmetry", "scarlet", _no_symmetry_config(), False),
@@ -395,11 +410,7 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
             ("sdss baseline", "sdss", DeblendConfig(), True))
     pooled = {i: {} for i in range(len(rows))}
     for seed in seeds:
-        sim = simulated_field(600, seed)
-        exposure = read_fits_bands(list(sim["bands"].values()))
-        bands = [str(b) for b in exposure.band.values]
-        table, blend, snr = _truth_figures(sim, exposure, bands)
-        det = detect(exposure)
+        exposure, bands, table, blend, snr, det = _seed_field(seed)
         true = detect(exposure, known=(np.asarray(table["y"]), np.asarray(table["x"])))
         for i, (label, method, config, at_truth) in enumerate(rows):
             run = deblend_exposure(exposure, true if at_truth else det, config, method)
@@ -420,6 +431,76 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
     return out
 
 
+def _moved_peaks(parents, table, noise, rng, radius=1.5):
+    """Detected peaks within ``radius`` of a truth position moved onto it, plus
+    Gaussian noise of ``noise`` pixels per axis; returns the new parents."""
+    from scipy.spatial import cKDTree
+
+    ty, tx = np.asarray(table["y"]), np.asarray(table["x"])
+    py, px = parents["peak_y"].values.copy(), parents["peak_x"].values.copy()
+    d, k = cKDTree(np.c_[ty, tx]).query(np.c_[py, px])
+    near = d < radius
+    py[near] = ty[k[near]] + noise * rng.standard_normal(near.sum())
+    px[near] = tx[k[near]] + noise * rng.standard_normal(near.sum())
+    out = parents.copy()
+    out["peak_y"] = (parents["peak_y"].dims, py)
+    out["peak_x"] = (parents["peak_x"].dims, px)
+    return out
+
+
+def bench_field_positions(repeats=1, seeds=(3, 5, 7, 11)):
+    """What limits the detected-peak figures: the peak positions (no timing).
+
+    Pooled over the ``field_seeds`` fields, with the default configuration:
+    detected peaks as they are; the same peaks moved onto their true
+    positions (those within 1.5 px of one); moved and then scattered by
+    Gaussian noise of 0.15 and 0.3 px per axis; and all true positions
+    (adds the sources detection missed). Also prints the median distance of
+    the blended sources' detected peaks from the truth.
+    """
+    try:
+        import galsim  # noqa: F401
+    except ImportError:
+        print("field_positions: skipped (galsim not installed)")
+        return None
+    from scarletstore.deblend import DeblendConfig
+    from scarletstore.deblend.run import deblend_exposure
+    from scarletstore.detect import detect
+    from scarletstore.truth import match_positions
+
+    rows = ("detected peaks", "detected, moved to truth", "moved + 0.15 px noise", "moved + 0.3 px noise",
+            "all true positions")
+    pooled = {r: {} for r in rows}
+    dist = []
+    rng = np.random.default_rng(1)
+    for seed in seeds:
+        exposure, bands, table, blend, snr, det = _seed_field(seed)
+        ty, tx, ids = np.asarray(table["y"]), np.asarray(table["x"]), np.asarray(table["id"])
+        to_peak, _ = match_positions(ty, tx, det["peak_y"].values, det["peak_x"].values, 2.0)
+        for t in np.flatnonzero(to_peak >= 0):
+            if blend[int(ids[t])] > 0.1 and snr[int(ids[t])] > 10:
+                j = to_peak[t]
+                dist.append(np.hypot(det["peak_y"].values[j] - ty[t], det["peak_x"].values[j] - tx[t]))
+        inputs = (det, _moved_peaks(det, table, 0.0, rng), _moved_peaks(det, table, 0.15, rng),
+                  _moved_peaks(det, table, 0.3, rng), detect(exposure, known=(ty, tx)))
+        for label, parents in zip(rows, inputs):
+            run = deblend_exposure(exposure, parents, DeblendConfig())
+            _score(run, table, blend, snr, bands, f"seed {seed}, {label}"[:28])
+            for k, v in _score.errors.items():
+                pooled[label].setdefault(k, []).append(v)
+    print(f"  blended sources (SNR > 10): detected peak to truth, median {np.median(dist):.2f} px, "
+          f"75th percentile {np.percentile(dist, 75):.2f} px (n={len(dist)})")
+    print(f"  pooled over seeds {', '.join(map(str, seeds))}, defaults:")
+    out = {"peak_distance_median": float(np.median(dist))}
+    for label in rows:
+        e = {k: np.concatenate(v) for k, v in pooled[label].items()}
+        out[label] = {k: float(np.median(v)) for k, v in e.items()}
+        print(f"  {label:<28} |dflux| blended r {100 * out[label]['blended_r']:5.1f} %  i "
+              f"{100 * out[label]['blended_i']:5.1f} % (n={e['blended_r'].size});  g-i blended "
+              f"{out[label]['gi_blended']:.3f} mag")
+    return out
+
+
 SECTIONS = {
     "hsc": bench_hsc,
     "hsc_fista": lambda repeats: bench_hsc(repeats, optimizer="fista"),
@@ -429,6 +510,7 @@ SECTIONS = {
     "compile": bench_compile,
     "field": bench_field,
     "field_seeds": bench_field_seeds,
+    "field_positions": bench_field_positions,
 }
 
 
