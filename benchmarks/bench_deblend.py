@@ -290,6 +290,21 @@ def _score(run, table, blend, snr, bands, label):
     return out
 
 
+def _seed_field(seed):
+    """Simulated 600 x 600 field of ``seed``: exposure, bands, truth figures, detected parents."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import simulated_field
+
+    from scarletstore.detect import detect
+    from scarletstore.ingest import read_fits_bands
+
+    sim = simulated_field(600, seed)
+    exposure = read_fits_bands(list(sim["bands"].values()))
+    bands = [str(b) for b in exposure.band.values]
+    table, blend, snr = _truth_figures(sim, exposure, bands)
+    return exposure, bands, table, blend, snr, detect(exposure)
+
+
 def bench_field(repeats=3):
     """simulate --size 600 --seed 7 (ugrizy), detect, deblend end to end; score against truth."""
     try:
@@ -297,19 +312,11 @@ def bench_field(repeats=3):
     except ImportError:
         print("field: skipped (galsim not installed)")
         return None
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import simulated_field
-
     from scarletstore.deblend import DeblendConfig
     from scarletstore.deblend.run import deblend_exposure, init_from_run
     from scarletstore.detect import detect
-    from scarletstore.ingest import read_fits_bands
 
-    sim = simulated_field(600, 7)
-    exposure = read_fits_bands(list(sim["bands"].values()))
-    bands = [str(b) for b in exposure.band.values]
-    parents = detect(exposure)
-    table, blend, snr = _truth_figures(sim, exposure, bands)
+    exposure, bands, table, blend, snr, parents = _seed_field(7)
     # the peer's figures use true peak positions: detection plus the truth
     # positions as known (external) peaks
     parents_true = detect(exposure, known=(np.asarray(table["y"]), np.asarray(table["x"])))
@@ -370,19 +377,12 @@ def bench_field(repeats=3):
     return out
 
 
-def _seed_field(seed):
-    """Simulated 600 x 600 field of ``seed``: exposure, bands, truth figures, detected parents."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import simulated_field
-
-    from scarletstore.detect import detect
-    from scarletstore.ingest import read_fits_bands
-
-    sim = simulated_field(600, seed)
-    exposure = read_fits_bands(list(sim["bands"].values()))
-    bands = [str(b) for b in exposure.band.values]
-    table, blend, snr = _truth_figures(sim, exposure, bands)
-    return exposure, bands, table, blend, snr, detect(exposure)
+def _pooled_medians(lists):
+    """Concatenate per-field error arrays (name -> list of arrays); medians and the blended count."""
+    e = {k: np.concatenate(v) for k, v in lists.items()}
+    out = {k: float(np.median(v)) for k, v in e.items()}
+    out["n_blended"] = int(e["blended_r"].size)
+    return out
 
 
 def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
@@ -421,12 +421,10 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
     print(f"  pooled over seeds {', '.join(map(str, seeds))}:")
     out = {}
     for i, (label, _, _, at_truth) in enumerate(rows):
-        e = {k: np.concatenate(v) for k, v in pooled[i].items()}
         name = f"{label}, {'true' if at_truth else 'detected'} peaks"
-        out[name] = {k: float(np.median(v)) for k, v in e.items()}
-        out[name]["n_blended"] = int(e["blended_r"].size)
+        out[name] = _pooled_medians(pooled[i])
         print(f"  {name:<38} |dflux| blended r {100 * out[name]['blended_r']:5.1f} %  i "
-              f"{100 * out[name]['blended_i']:5.1f} % (n={e['blended_r'].size});  isolated r "
+              f"{100 * out[name]['blended_i']:5.1f} % (n={out[name]['n_blended']});  isolated r "
               f"{100 * out[name]['isolated_r']:4.1f} %;  g-i blended {out[name]['gi_blended']:.3f} mag")
     return out
 
@@ -493,10 +491,9 @@ def bench_field_positions(repeats=1, seeds=(3, 5, 7, 11)):
     print(f"  pooled over seeds {', '.join(map(str, seeds))}, defaults:")
     out = {"peak_distance_median": float(np.median(dist))}
     for label in rows:
-        e = {k: np.concatenate(v) for k, v in pooled[label].items()}
-        out[label] = {k: float(np.median(v)) for k, v in e.items()}
+        out[label] = _pooled_medians(pooled[label])
         print(f"  {label:<28} |dflux| blended r {100 * out[label]['blended_r']:5.1f} %  i "
-              f"{100 * out[label]['blended_i']:5.1f} % (n={e['blended_r'].size});  g-i blended "
+              f"{100 * out[label]['blended_i']:5.1f} % (n={out[label]['n_blended']});  g-i blended "
               f"{out[label]['gi_blended']:.3f} mag")
     return out
 
