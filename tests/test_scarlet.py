@@ -299,15 +299,20 @@ def test_least_squares_spectra_exact():
     np.testing.assert_allclose(S._ls_spectra(state, direct, images, w, joint=True), truth, rtol=2e-4)
 
 
-@pytest.mark.parametrize("ksize,local", [((9, 9), True), ((15, 11), True), ((8, 6), True),
-                                         ((61, 61), False)])
-def test_local_frame_convolution_equals_blend_grid(ksize, local):
-    """Spectra convolve each component on its own frame; it must equal the blend grid's."""
+_EDGE_BOXES = [(10, 12, 5, 7), (0, 0, 6, 4), (33, 40, 4, 5), (0, 30, 37, 3), (5, 0, 9, 45)]
+_SMALL_BOXES = [(10, 12, 5, 7), (0, 0, 6, 4), (33, 40, 4, 5), (20, 25, 8, 6)]
+
+
+@pytest.mark.parametrize("ksize,boxes,local", [
+    ((9, 9), _SMALL_BOXES, True), ((15, 11), _SMALL_BOXES, True), ((8, 6), _SMALL_BOXES, True),
+    # boxes as tall / wide as the blend: the shared local frame would be no
+    # smaller than the blend grid, which is taken instead
+    ((9, 9), _EDGE_BOXES, False), ((61, 61), _EDGE_BOXES, False)])
+def test_local_frame_convolution_equals_blend_grid(ksize, boxes, local):
+    """Spectra convolve each component on a local frame; it must equal the blend grid's."""
     rng = np.random.default_rng(11)
     B, H, W = 3, 37, 45
     kern = rng.random((B,) + ksize).astype(np.float32)
-    # boxes inside, touching every edge, and one wider than the kernel
-    boxes = [(10, 12, 5, 7), (0, 0, 6, 4), (33, 40, 4, 5), (0, 30, 37, 3), (5, 0, 9, 45)]
     morphs = [rng.random(b[2:]).astype(np.float32) for b in boxes]
     ctr = [(b[0], b[1]) for b in boxes]
     state = S._State(np.ones((len(boxes), B)), morphs, boxes, ctr, range(len(boxes)),
@@ -320,12 +325,12 @@ def test_local_frame_convolution_equals_blend_grid(ksize, local):
                      for y0, x0, h, w in boxes], np.int64)
     sizes = cbox[:, 2] * cbox[:, 3]
     coff = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    flats = [np.full(int(sizes.sum()), np.nan, np.float32) for _ in range(B)]
+    flats = np.full((B, int(sizes.sum())), np.nan, np.float32)
     shapes_used = []
     kernel_hat = conv.kernel_hat
     conv.kernel_hat = lambda fshape: shapes_used.append(fshape) or kernel_hat(fshape)
     S._convolve_local(state, conv, cbox, coff, flats)
-    # kernels wider than the blend take the blend grid (no local frame shapes)
+    # a shared frame no smaller than the blend grid gives way to it
     assert any(sh != conv.fshape for sh in shapes_used) == local
     for k, (y0, x0, h, w) in enumerate(boxes):
         scene = np.zeros((B, H, W), np.float32)
@@ -670,7 +675,8 @@ def test_subpixel_shift_is_bilinear_and_gradient_is_its_adjoint():
     rhs = 0.0
     for k in range(2):
         y0, x0, h, w = box[k]
-        K._component_gradient(spec, morph, k, y0, x0, h, w, off[k], G, gm, gs, shift[k, 0], shift[k, 1])
+        K._component_gradient(spec, morph, k, y0, x0, h, w, off[k], G, gm, gs, shift[k, 0], shift[k, 1],
+                               np.empty(2 * (h + 1) * (w + 1)))
         rhs += float((gm[:h * w] * morph[off[k]:off[k] + h * w]).sum())
         ts = np.zeros((B, H, W))
         K.assemble_model(np.where(np.arange(2)[:, None] == k, spec, 0).astype(np.float32),
@@ -788,7 +794,7 @@ def test_contested_symmetry_matches_rule(sibling):
     hi = 2 if sibling else 1
     want = _contested_reference(morph, box, off, spec_sum, 0, hi, 0, 6, 7, 1.0, H, W, tsum, 0.5)
     got = morph.copy()
-    K.symmetric_contested_inplace(got, 0, box, off, spec_sum, 0, hi, 6, 7, 1.0, H, W, tsum, 0.5)
+    K.symmetric_contested_inplace(got, 0, box, off, spec_sum, 0, hi, 6, 7, 1.0, H, W, tsum, 0.5, np.empty(49))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     changed = np.abs(got[:49] - morph[:49]) > 1e-12
     if sibling:

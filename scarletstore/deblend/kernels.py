@@ -236,27 +236,33 @@ def symmetric_in_blend_inplace(m, cy2, cx2, strength, ylo, yhi, xlo, xhi):
 
 
 @njit(cache=True)
-def _source_light(spec_sum, morph, box, off, lo, hi, Y, X):
-    """Model-frame light (summed over bands) of components lo..hi-1 at blend pixel (Y, X).
+def _contest_flags(morph, k, box, off, spec_sum, lo, hi, tsum, ratio, flags):
+    """flags[i] = 1.0 where pixel i of component k's box is contested, else 0.0.
 
-    (Y, X) lies in the box of the component being constrained, one of lo..hi-1.
+    The source's own light (components lo..hi-1, band-summed) is accumulated
+    on k's box first, one overlap rectangle per component, so the test is a
+    flat pass instead of a box search per pixel.
     """
-    if hi - lo == 1:  # the common single-component source: no box search
-        yy = Y - box[lo, 0]
-        xx = X - box[lo, 1]
-        return spec_sum[lo] * morph[off[lo] + yy * box[lo, 3] + xx]
-    v = 0.0
+    y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
+    for i in range(h * w):
+        flags[i] = 0.0
     for j in range(lo, hi):
-        yy = Y - box[j, 0]
-        xx = X - box[j, 1]
-        if 0 <= yy < box[j, 2] and 0 <= xx < box[j, 3]:
-            v += spec_sum[j] * morph[off[j] + yy * box[j, 3] + xx]
-    return v
+        ya, yb = max(y0, box[j, 0]), min(y0 + h, box[j, 0] + box[j, 2])
+        xa, xb = max(x0, box[j, 1]), min(x0 + w, box[j, 1] + box[j, 3])
+        s, oj, wj = spec_sum[j], off[j], box[j, 3]
+        for Y in range(ya, yb):
+            for X in range(xa, xb):
+                flags[(Y - y0) * w + X - x0] += s * morph[oj + (Y - box[j, 0]) * wj + X - box[j, 1]]
+    for y in range(h):
+        for x in range(w):
+            i = y * w + x
+            v = flags[i]
+            flags[i] = 1.0 if tsum[y0 + y, x0 + x] - v > ratio * v else 0.0
 
 
 @njit(cache=True)
 def symmetric_contested_inplace(morph, k, box, off, spec_sum, lo, hi, cy2, cx2, strength, H, W,
-                                tsum, ratio):
+                                tsum, ratio, work):
     """Symmetry of component k only where another source's light competes.
 
     A pixel is *contested* when the rest of the scene there (``tsum``, the
@@ -269,33 +275,32 @@ def symmetric_contested_inplace(morph, k, box, off, spec_sum, lo, hi, cy2, cx2, 
     (or a core a little off its catalogue peak) is not forced. Symmetry is
     what keeps a source from taking a neighbour's light, and that only
     matters where the neighbour has light. Mirrors off the blend leave a
-    pixel free; mirrors in the blend but off the box are zero.
+    pixel free; mirrors in the blend but off the box are zero. ``work``
+    holds at least the box's pixels (the contest flags, taken before any
+    pixel moves: each pixel moves once, at its pair's visit).
     """
     y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
     o = off[k]
     keep = 1.0 - strength
+    _contest_flags(morph, k, box, off, spec_sum, lo, hi, tsum, ratio, work)
     for y in range(h):
         yy = cy2 - y
         for x in range(w):
             xx = cx2 - x
-            p = o + y * w + x
+            i = y * w + x
             outside = yy < 0 or yy >= h or xx < 0 or xx >= w
-            if not outside and y * w + x >= yy * w + xx:
-                continue  # each in-box pair once, from its first pixel
-            v = _source_light(spec_sum, morph, box, off, lo, hi, y0 + y, x0 + x)
-            cp = tsum[y0 + y, x0 + x] - v > ratio * v
             if outside:
-                if cp and 0 <= y0 + yy < H and 0 <= x0 + xx < W:
-                    morph[p] *= keep
+                if work[i] != 0.0 and 0 <= y0 + yy < H and 0 <= x0 + xx < W:
+                    morph[o + i] *= keep
                 continue
-            q = o + yy * w + xx
-            if not cp:
-                u = _source_light(spec_sum, morph, box, off, lo, hi, y0 + yy, x0 + xx)
-                if tsum[y0 + yy, x0 + xx] - u <= ratio * u:
-                    continue
-            d = 0.5 * strength * (morph[q] - morph[p])
-            morph[p] += d
-            morph[q] -= d
+            j = yy * w + xx
+            if i >= j:
+                continue  # each in-box pair once, from its first pixel
+            if work[i] == 0.0 and work[j] == 0.0:
+                continue
+            d = 0.5 * strength * (morph[o + j] - morph[o + i])
+            morph[o + i] += d
+            morph[o + j] -= d
 
 
 # the 8 neighbour steps; bit j of a neighbour mask refers to (_NB_DY[j], _NB_DX[j])
@@ -578,7 +583,8 @@ def weighted_residual(model, data, weight, out):
 
 @njit(cache=True)
 def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, H, W, inv_var, bg_thresh,
-                    monotonic, weighted, sym_strength, order, nbm, tsum, contest, box, off, spec_sum, sib):
+                    monotonic, weighted, sym_strength, order, nbm, tsum, contest, box, off, spec_sum, sib,
+                    work):
     """Sparsity, symmetry and monotonicity of component k (positivity done by caller).
 
     The sparsity threshold is ``bg_thresh`` noise sigmas expressed in
@@ -604,7 +610,7 @@ def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, H, W, inv
                         m[yy, xx] = 0.0
     if sym_strength > 0 and contest >= 0:
         symmetric_contested_inplace(morph, k, box, off, spec_sum, sib[k, 0], sib[k, 1], sy2 - 2 * y0,
-                                    sx2 - 2 * x0, sym_strength, H, W, tsum, contest)
+                                    sx2 - 2 * x0, sym_strength, H, W, tsum, contest, work)
     elif sym_strength > 0:
         symmetric_in_blend_inplace(m, sy2 - 2 * y0, sx2 - 2 * x0, sym_strength,
                                    -y0, H - y0, -x0, W - x0)
@@ -660,13 +666,18 @@ def _normalise_component(spec, morph, k, o, n, mom_s, mom_m, grad_like):
 
 
 @njit(cache=True)
-def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, dy, dx):
+def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, dy, dx, work):
     """Gradients of the loss for component k from the model-frame gradient G.
 
     d loss / d morph_k = sum_b spec_kb (T^T G_b)[box]; d loss / d spec_kb =
-    <(T^T G_b)[box], morph_k>, with T the bilinear shift by (dy, dx) of
-    :func:`shift_flat` (the identity when both are 0); taps off the blend
-    carry no light, as in the forward shift.
+    <(T^T G_b)[box], morph_k> = <G_b, T morph_k>, with T the bilinear shift by
+    (dy, dx) of :func:`shift_flat` (the identity when both are 0); taps off the
+    blend carry no light, as in the forward shift. T is the same in every
+    band, so with a shift the bands are summed first (``S = sum_b spec_kb
+    G_b`` on the rendered box) and T^T is applied once, and the spectrum
+    gradient takes the rendered morphology ``T morph_k``: two tap passes per
+    pixel instead of two per pixel and band. ``work`` holds at least
+    ``2 (h + 1) (w + 1)`` floats.
     """
     B = spec.shape[1]
     for b in range(B):
@@ -686,31 +697,53 @@ def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, dy, dx):
     H, W = G.shape[1], G.shape[2]
     ty, wy0, wy1 = _taps(dy)
     tx, wx0, wx1 = _taps(dx)
+    # the rendered box (as shifted_boxes): one pixel more on the side the
+    # shift moves toward, clipped to the blend; every in-blend tap lands in it
+    ya = max(y0 - (1 if dy < 0 else 0), 0)
+    yb = min(y0 + h + (1 if dy > 0 else 0), H)
+    xa = max(x0 - (1 if dx < 0 else 0), 0)
+    xb = min(x0 + w + (1 if dx > 0 else 0), W)
+    h2, w2 = yb - ya, xb - xa
+    S = work[:h2 * w2]
+    R = work[h2 * w2:2 * h2 * w2]
+    for Y in range(ya, yb):
+        for X in range(xa, xb):
+            s = 0.0
+            for b in range(B):
+                s += spec[k, b] * G[b, Y, X]
+            q = (Y - ya) * w2 + X - xa
+            S[q] = s
+            R[q] = 0.0
     for yy in range(h):
         for xx in range(w):
             mv = morph[o + yy * w + xx]
             g = 0.0
-            for b in range(B):
-                gv = 0.0
-                for iy in range(2):
-                    Y, fy = _tap(y0 + yy, iy, ty, wy0, wy1, H)
-                    if fy == 0.0:
-                        continue
-                    for ix in range(2):
-                        X, fx = _tap(x0 + xx, ix, tx, wx0, wx1, W)
-                        if fx != 0.0:
-                            gv += fy * fx * G[b, Y, X]
-                g += spec[k, b] * gv
-                gs[b] += gv * mv
+            for iy in range(2):
+                Y, fy = _tap(y0 + yy, iy, ty, wy0, wy1, H)
+                if fy == 0.0:
+                    continue
+                for ix in range(2):
+                    X, fx = _tap(x0 + xx, ix, tx, wx0, wx1, W)
+                    if fx != 0.0:
+                        q = (Y - ya) * w2 + X - xa
+                        f = fy * fx
+                        g += f * S[q]
+                        R[q] += f * mv
             gm[yy * w + xx] = g
+    for Y in range(ya, yb):
+        for X in range(xa, xb):
+            r = R[(Y - ya) * w2 + X - xa]
+            if r != 0.0:
+                for b in range(B):
+                    gs[b] += r * G[b, Y, X]
 
 
 @njit(cache=True)
-def _largest_box(box):
-    """Pixels in the largest component box (size of a per-component work buffer)."""
+def _largest_box(box, grow=0):
+    """Pixels in the largest component box, each side grown by ``grow`` (size of a work buffer)."""
     maxn = 0
     for k in range(box.shape[0]):
-        n = box[k, 2] * box[k, 3]
+        n = (box[k, 2] + grow) * (box[k, 3] + grow)
         if n > maxn:
             maxn = n
     return maxn
@@ -754,6 +787,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, 
     bc2 = 1.0 - b2 ** it
     eps = 1e-30
     gm = np.empty(_largest_box(box), np.float64)
+    work = np.empty(2 * _largest_box(box, 1), np.float64)
     gs = np.empty(B, np.float64)
     alive = 0
     for k in range(K):
@@ -765,7 +799,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, 
             continue
         # both gradients at the current point (the spectrum is updated after
         # the morphology, from the gradient taken before either moved)
-        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, shift[k, 0], shift[k, 1])
+        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, shift[k, 0], shift[k, 1], work)
         # morphology pixels (step sizes: see docstring)
         msum = 0.0
         for i in range(n):
@@ -809,7 +843,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, 
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
                         G.shape[1], G.shape[2],
                         inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm, tsum, contest,
-                        box, off, spec_sum, sib)
+                        box, off, spec_sum, sib, work)
         if _normalise_component(spec, morph, k, o, n, mom_s, mom_m, True):
             alive += 1
     return alive
@@ -837,6 +871,7 @@ def fista_step(spec, morph, box, off, ctr, sym, shift, G, beta, kappa, nover, in
     """
     K, B = spec.shape
     gm = np.empty(_largest_box(box), np.float64)
+    work = np.empty(2 * _largest_box(box, 1), np.float64)
     gs = np.empty(B, np.float64)
     alive = 0
     for k in range(K):
@@ -846,7 +881,7 @@ def fista_step(spec, morph, box, off, ctr, sym, shift, G, beta, kappa, nover, in
         smax = _brightest_band(spec, k)
         if smax <= 0.0:
             continue
-        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, shift[k, 0], shift[k, 1])
+        _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, shift[k, 0], shift[k, 1], work)
         fac = 2.0 * nover[k]
         lm = 0.0
         for b in range(B):
@@ -867,7 +902,7 @@ def fista_step(spec, morph, box, off, ctr, sym, shift, G, beta, kappa, nover, in
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
                         G.shape[1], G.shape[2],
                         inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm, tsum, contest,
-                        box, off, spec_sum, sib)
+                        box, off, spec_sum, sib, work)
         # normalise x_t; rescale x_{t-1} the same way so the momentum term
         # x_t - x_{t-1} compares like with like.
         ok = _normalise_component(spec, morph, k, o, n, prev_s, prev_m, False)
@@ -998,59 +1033,63 @@ def place_boxes(morph, box, off, idx, origin, out):
 
 
 @njit(cache=True)
-def extract_boxes(frames, idx, origin, cbox, coff, flat):
-    """Copy component idx[i]'s box ``cbox`` out of frame i into ``flat`` (zero off-frame).
+def extract_boxes(frames, idx, origin, cbox, coff, flats):
+    """Copy component idx[i]'s box ``cbox`` out of frame (b, i) into ``flats[b]`` (zero off-frame).
 
-    ``origin`` as for :func:`place_boxes`.
+    frames: (B, n, Fy, Fx), one convolved frame per band and component;
+    flats: (B, total). ``origin`` as for :func:`place_boxes`.
     """
-    Fy, Fx = frames.shape[1], frames.shape[2]
+    B, Fy, Fx = frames.shape[0], frames.shape[2], frames.shape[3]
     for i in range(idx.shape[0]):
         k = idx[i]
         y0, x0 = cbox[k, 0] - origin[k, 0], cbox[k, 1] - origin[k, 1]
         h, w = cbox[k, 2], cbox[k, 3]
-        for yy in range(h):
-            y = y0 + yy
-            for xx in range(w):
-                x = x0 + xx
-                v = 0.0
-                if 0 <= y < Fy and 0 <= x < Fx:
-                    v = frames[i, y, x]
-                flat[coff[k] + yy * w + xx] = v
+        for b in range(B):
+            for yy in range(h):
+                y = y0 + yy
+                for xx in range(w):
+                    x = x0 + xx
+                    v = 0.0
+                    if 0 <= y < Fy and 0 <= x < Fx:
+                        v = frames[b, i, y, x]
+                    flats[b, coff[k] + yy * w + xx] = v
 
 
 @njit(cache=True)
 def normal_equations(conv, cbox, coff, data, weight, group):
-    """Weighted normal equations of one band for the component amplitudes.
+    """Weighted normal equations of every band for the component amplitudes.
 
-    conv: flat convolved component images, component k occupying ``cbox[k]``
-    (y0, x0, h, w; may extend past the blend box, the excess is ignored) at
-    offset ``coff[k]``. Only overlapping pairs are visited, so memory and
-    time scale with the summed box areas, never with K x H x W. Only pairs
-    with equal ``group`` labels are coupled (all zeros: the joint system;
-    source ids: independent per-source blocks for very large blends).
+    conv: (B, total) flat convolved component images, component k occupying
+    ``cbox[k]`` (y0, x0, h, w; may extend past the blend box, the excess is
+    ignored) at offset ``coff[k]``. Only overlapping pairs are visited, so
+    memory and time scale with the summed box areas, never with K x H x W.
+    Only pairs with equal ``group`` labels are coupled (all zeros: the joint
+    system; source ids: independent per-source blocks for very large blends).
 
-    Returns A (K, K) with A_kl = sum w c_k c_l and r (K,) with r_k = sum w d c_k.
+    Returns A (B, K, K) with A_bkl = sum w_b c_bk c_bl and r (B, K) with
+    r_bk = sum w_b d_b c_bk.
     """
     K = cbox.shape[0]
-    H, W = data.shape
-    A = np.zeros((K, K))
-    r = np.zeros(K)
+    B, H, W = data.shape
+    A = np.zeros((B, K, K))
+    r = np.zeros((B, K))
     for k in range(K):
         ky0, kx0, kh, kw = cbox[k, 0], cbox[k, 1], cbox[k, 2], cbox[k, 3]
         ya = max(ky0, 0)
         yb = min(ky0 + kh, H)
         xa = max(kx0, 0)
         xb = min(kx0 + kw, W)
-        acc = 0.0
-        acd = 0.0
-        for y in range(ya, yb):
-            for x in range(xa, xb):
-                c = conv[coff[k] + (y - ky0) * kw + (x - kx0)]
-                wc = weight[y, x] * c
-                acc += wc * c
-                acd += wc * data[y, x]
-        A[k, k] = acc
-        r[k] = acd
+        for b in range(B):
+            acc = 0.0
+            acd = 0.0
+            for y in range(ya, yb):
+                for x in range(xa, xb):
+                    c = conv[b, coff[k] + (y - ky0) * kw + (x - kx0)]
+                    wc = weight[b, y, x] * c
+                    acc += wc * c
+                    acd += wc * data[b, y, x]
+            A[b, k, k] = acc
+            r[b, k] = acd
         for l in range(k + 1, K):
             if group[l] != group[k]:
                 continue
@@ -1061,11 +1100,112 @@ def normal_equations(conv, cbox, coff, data, weight, group):
             x2 = min(xb, lx0 + lw)
             if y1 >= y2 or x1 >= x2:
                 continue
-            acc = 0.0
-            for y in range(y1, y2):
-                for x in range(x1, x2):
-                    acc += (weight[y, x] * conv[coff[k] + (y - ky0) * kw + (x - kx0)]
-                            * conv[coff[l] + (y - ly0) * lw + (x - lx0)])
-            A[k, l] = acc
-            A[l, k] = acc
+            for b in range(B):
+                acc = 0.0
+                for y in range(y1, y2):
+                    for x in range(x1, x2):
+                        acc += (weight[b, y, x] * conv[b, coff[k] + (y - ky0) * kw + (x - kx0)]
+                                * conv[b, coff[l] + (y - ly0) * lw + (x - lx0)])
+                A[b, k, l] = acc
+                A[b, l, k] = acc
     return A, r
+
+
+@njit(cache=True)
+def _ridge_solve(A, r, idx, out):
+    """Solve (A[idx, idx] + ridge I) x = r[idx] by Cholesky into ``out[:n]``.
+
+    A is a weighted Gram matrix (positive semi-definite); the ridge, 1e-12 of
+    the mean diagonal, keeps nearly identical components solvable without
+    moving an exact solution. Should a pivot still vanish in rounding, the
+    diagonal solve r / diag is taken instead.
+    """
+    n = idx.shape[0]
+    tr = 0.0
+    for i in range(n):
+        tr += A[idx[i], idx[i]]
+    ridge = 1e-12 * tr / n
+    L = np.zeros((n, n))
+    ok = True
+    for j in range(n):
+        s = A[idx[j], idx[j]] + ridge
+        for q in range(j):
+            s -= L[j, q] * L[j, q]
+        if not s > 0.0:
+            ok = False
+            break
+        d = math.sqrt(s)
+        L[j, j] = d
+        for i in range(j + 1, n):
+            t = A[idx[i], idx[j]]
+            for q in range(j):
+                t -= L[i, q] * L[j, q]
+            L[i, j] = t / d
+    if not ok:
+        for i in range(n):
+            out[i] = r[idx[i]] / A[idx[i], idx[i]]
+        return
+    for i in range(n):  # L y = r
+        t = r[idx[i]]
+        for q in range(i):
+            t -= L[i, q] * out[q]
+        out[i] = t / L[i, i]
+    for i in range(n - 1, -1, -1):  # L^T x = y
+        t = out[i]
+        for q in range(i + 1, n):
+            t -= L[q, i] * out[q]
+        out[i] = t / L[i, i]
+
+
+@njit(cache=True)
+def solve_spectra(A, r, group):
+    """Non-negative least-squares amplitudes from :func:`normal_equations`.
+
+    Per band and per ``group`` label (the coupled blocks), components with a
+    non-positive diagonal (no weighted pixels) get 0; the rest are solved,
+    those that come out negative are fixed at zero and the others re-solved,
+    for at most five passes -- enough for the near-diagonal systems of
+    deblending, and an exact solution stays exact. Returns (K, B) float32.
+    """
+    B, K = r.shape
+    spec = np.zeros((K, B), np.float32)
+    labels = np.unique(group)
+    members = np.empty(K, np.int64)
+    active = np.empty(K, np.bool_)
+    sol = np.empty(K)
+    for b in range(B):
+        for lab in labels:
+            m = 0
+            for k in range(K):
+                if group[k] == lab:
+                    members[m] = k
+                    active[m] = A[b, k, k] > 0.0
+                    m += 1
+            idx = np.empty(0, np.int64)
+            n = 0
+            for _ in range(5):
+                idx = np.empty(m, np.int64)
+                n = 0
+                for i in range(m):
+                    if active[i]:
+                        idx[n] = members[i]
+                        n += 1
+                if n == 0:
+                    break
+                idx = idx[:n]
+                _ridge_solve(A[b], r[b], idx, sol)
+                neg = False
+                j = 0
+                for i in range(m):
+                    if active[i]:
+                        if sol[j] < 0.0:
+                            active[i] = False
+                            neg = True
+                        j += 1
+                if not neg:
+                    break
+            # the last solve's values, negatives clipped (the rest stay 0)
+            for i in range(n):
+                v = sol[i]
+                spec[idx[i], b] = v if v > 0.0 else 0.0
+    return spec

@@ -280,13 +280,14 @@ def _ls_spectra(state, conv, data, w, joint):
     Each morphology is convolved with each band's difference kernel on a
     frame of its own (box plus a kernel, see :func:`_convolve_local`; equal to
     the model the fit uses to float32 rounding; on the blend grid when that is
-    cheaper) and cut to its box grown by
-    half a kernel. The K x K normal equations of each band are then
-    accumulated from those boxes and their overlaps
-    (``kernels.normal_equations``), so memory is bounded by the summed box
-    areas of one band plus one chunk of FFT frames (at most LS_FFT_BUDGET
-    complex numbers), never bands x components x H x W. With ``joint`` False
-    each component is fitted alone (the diagonal), for very large blends.
+    cheaper) and cut to its box grown by half a kernel. The K x K normal
+    equations of every band are then accumulated from those boxes and their
+    overlaps (``kernels.normal_equations``) and solved with non-negative
+    amplitudes (``kernels.solve_spectra``), so memory is bounded by the
+    summed box areas times the bands plus one chunk of FFT frames (at most
+    LS_FFT_BUDGET complex numbers), never bands x components x H x W. With
+    ``joint`` False each source's components are fitted alone, for very
+    large blends.
     """
     K = state.box.shape[0]
     B = data.shape[0]
@@ -306,125 +307,67 @@ def _ls_spectra(state, conv, data, w, joint):
     sizes = cbox[:, 2] * cbox[:, 3]
     coff = np.zeros(K, np.int64)
     coff[1:] = np.cumsum(sizes)[:-1]
-    flats = [np.empty(int(sizes.sum()), np.float32) for _ in range(B)]
+    flats = np.empty((B, int(sizes.sum())), np.float32)
     if conv.method == "fft":
         _convolve_local(state, conv, cbox, coff, flats)
     else:
         Fy, Fx = conv.fshape
-        chunk = max(1, min(K, LS_FFT_BUDGET // (Fy * Fx)))
+        chunk = max(1, min(K, LS_FFT_BUDGET // (B * Fy * Fx)))
         frames = np.empty((chunk, Fy, Fx), np.float32)
+        out = np.empty((B, chunk, Fy, Fx), np.float32)
         origin = np.zeros((K, 2), np.int64)
         for start in range(0, K, chunk):
             n = min(chunk, K - start)
             idx = np.arange(start, start + n)
             _k.place_boxes(state.morph, state.box, state.off, idx, origin, frames[:n])
             for b in range(B):
-                out = np.empty((n, Fy, Fx), np.float32)
-                _k.convolve_direct(frames[:n], np.repeat(conv.kernels[b:b + 1], n, axis=0), out)
-                _k.extract_boxes(out, idx, origin, cbox, coff, flats[b])
-    if not joint:
-        # very large blends: each source's components (bulge + disk share
-        # their pixels, so they must be solved together) alone
-        spec = np.zeros((K, B), np.float32)
-        groups = [np.flatnonzero(state.source == i) for i in np.unique(state.source)]
-        for b in range(B):
-            A, r = _k.normal_equations(flats[b], cbox, coff, data[b], w[b], state.source)
-            for idx in groups:
-                spec[idx, b] = _solve_nonneg(A[np.ix_(idx, idx)], r[idx])
-        return spec
-    everyone = np.zeros(K, np.int64)  # one group: all pairs
-    As = np.empty((B, K, K))
-    rs = np.empty((B, K))
-    for b in range(B):
-        As[b], rs[b] = _k.normal_equations(flats[b], cbox, coff, data[b], w[b], everyone)
-    spec = np.zeros((K, B), np.float32)
-    # one batched solve for all bands; the active-set loop only for bands
-    # with an empty component or a negative amplitude
-    diag = np.einsum("bkk->bk", As)
-    ok = np.all(diag > 0, axis=1)
-    if ok.any():
-        ridge = 1e-12 * diag[ok].mean(axis=1)
-        Ar = As[ok] + ridge[:, None, None] * np.eye(K)
-        try:
-            sol = np.linalg.solve(Ar, rs[ok][..., None])[..., 0]
-        except np.linalg.LinAlgError:
-            sol = np.full((int(ok.sum()), K), -1.0)
-        good = np.all(sol >= 0, axis=1)
-        idx = np.flatnonzero(ok)
-        spec[:, idx[good]] = sol[good].T
-        ok[idx[~good]] = False
-    for b in np.flatnonzero(~ok):
-        spec[:, b] = _solve_nonneg(As[b], rs[b])
-    return spec
+                _k.convolve_direct(frames[:n], np.repeat(conv.kernels[b:b + 1], n, axis=0), out[b, :n])
+            _k.extract_boxes(out[:, :n], idx, origin, cbox, coff, flats)
+    # joint: one group, all pairs coupled; else per source (a bulge and its
+    # disk share their pixels, so they are solved together)
+    group = np.zeros(K, np.int64) if joint else np.asarray(state.source, np.int64)
+    A, r = _k.normal_equations(flats, cbox, coff, data, w, group)
+    return _k.solve_spectra(A, r, group)
 
 
 def _convolve_local(state, conv, cbox, coff, flats):
-    """Each morphology convolved with every band's kernel on its own small frame.
+    """Each morphology convolved with every band's kernel on a small frame.
 
     A frame of at least box + 2 * (kernel // 2) pixels holds the full linear
     convolution (no wrap-around), so this equals convolving on the blend's
-    grid, at the cost of the component's size rather than the blend's: the
-    spectra of a 14-source blend need 15 + 15 B small transforms instead of
-    15 + 15 B blend-sized ones. Components are batched by frame shape.
+    grid, at the cost of the components' size rather than the blend's. All
+    components share one frame shape (the largest box's, or the blend grid
+    when that is no larger), so a blend costs one forward and one batched
+    inverse transform per chunk instead of a few per component shape; the
+    kernel transforms of that shape are cached across blends.
+    ``flats``: (B, total) output, see :func:`_ls_spectra`.
     """
     ky, kx = conv.kernels.shape[1:]
     ry, rx = ky // 2, kx // 2
-    B = len(flats)
+    B = flats.shape[0]
     K = state.box.shape[0]
-    shapes = np.stack([[sfft.next_fast_len(int(h) + 2 * ry, real=True) for h in state.box[:, 2]],
-                       [sfft.next_fast_len(int(w) + 2 * rx, real=True) for w in state.box[:, 3]]],
-                      axis=1)
+    fshape = (sfft.next_fast_len(int(state.box[:, 2].max()) + 2 * ry, real=True),
+              sfft.next_fast_len(int(state.box[:, 3].max()) + 2 * rx, real=True))
     origin = state.box[:, :2] - np.array([ry, rx])
-    if (shapes[:, 0] * shapes[:, 1]).sum() >= K * conv.fshape[0] * conv.fshape[1]:
+    if fshape[0] * fshape[1] >= conv.fshape[0] * conv.fshape[1]:
         # kernels as wide as the blend (e.g. 43 px on a 58 x 48 blend): the
         # blend's own grid is no dearer, and its kernel transforms exist
-        shapes[:] = conv.fshape
-        origin[:] = 0
-    groups = {}
-    for k, (fy, fx) in enumerate(shapes.tolist()):
-        groups.setdefault((fy, fx), []).append(k)
-    for fshape, members in sorted(groups.items()):
-        idx_all = np.array(members, np.int64)
-        khat = conv.kernel_hat(fshape)
-        chunk = max(1, LS_FFT_BUDGET // (fshape[0] * (fshape[1] // 2 + 1)))
-        for start in range(0, idx_all.size, chunk):
-            idx = idx_all[start:start + chunk]
-            frames = np.empty((idx.size,) + fshape, np.float32)
-            _k.place_boxes(state.morph, state.box, state.off, idx, origin, frames)
-            f = conv.rfft(frames)
-            prod = np.empty_like(f)
-            for b in range(B):
-                np.multiply(f, khat[b], out=prod)
-                _k.extract_boxes(conv.irfft(prod, fshape), idx, origin, cbox, coff, flats[b])
-
-
-def _solve_nonneg(A, r):
-    """Least squares A s = r with s >= 0 by a few active-set passes.
-
-    Components whose amplitude comes out negative are fixed at zero and the
-    rest re-solved; a handful of passes suffices for the near-diagonal systems
-    of deblending and keeps exact solutions exact.
-    """
-    K = len(r)
-    s = np.zeros(K)
-    active = np.diag(A) > 0
-    for _ in range(5):
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        Aa = A[np.ix_(idx, idx)]
-        ridge = 1e-12 * np.trace(Aa) / idx.size
-        try:
-            sol = np.linalg.solve(Aa + ridge * np.eye(idx.size), r[idx])
-        except np.linalg.LinAlgError:
-            sol = r[idx] / np.diag(Aa)
-        s[:] = 0
-        s[idx] = sol
-        neg = s < 0
-        if not neg.any():
-            break
-        active &= ~neg
-    return np.maximum(s, 0)
+        fshape = conv.fshape
+        origin = np.zeros((K, 2), np.int64)
+    khat = conv.kernel_hat(fshape)
+    nf = fshape[0] * (fshape[1] // 2 + 1)
+    chunk = max(1, min(K, LS_FFT_BUDGET // (B * nf)))
+    frames = np.empty((chunk,) + fshape, np.float32)
+    prod = np.empty((B, chunk, fshape[0], fshape[1] // 2 + 1), np.complex64)
+    for start in range(0, K, chunk):
+        n = min(chunk, K - start)
+        idx = np.arange(start, start + n, dtype=np.int64)
+        _k.place_boxes(state.morph, state.box, state.off, idx, origin, frames[:n])
+        f = conv.rfft(frames[:n])
+        p = prod[:, :n]
+        np.multiply(f[None], khat[:, None], out=p)
+        out = conv.irfft(p.reshape((B * n,) + p.shape[2:]), fshape)
+        _k.extract_boxes(out.reshape((B, n) + fshape), idx, origin, cbox, coff, flats)
 
 
 def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W):
