@@ -480,18 +480,81 @@ def correlate_direct(img, kern, out):
 def assemble_model(spec, morph, box, off, out):
     """Model-frame scene: out[b] = sum_k spec[k, b] * morph_k (placed in its box)."""
     out[:] = 0.0
+    for k in range(spec.shape[0]):
+        _add_component(out, spec, k, morph, off[k], box[k, 0], box[k, 1], box[k, 2], box[k, 3])
+
+
+@njit(cache=True)
+def _add_component(out, spec, k, src, o, y0, x0, h, w):
+    """out[b, box] += spec[k, b] * the (h, w) image at src[o:] (corner y0, x0)."""
+    for b in range(spec.shape[1]):
+        s = spec[k, b]
+        if s == 0.0:
+            continue
+        for yy in range(h):
+            row = o + yy * w
+            for xx in range(w):
+                out[b, y0 + yy, x0 + xx] += s * src[row + xx]
+
+
+@njit(cache=True)
+def _rendered_box(y0, x0, h, w, dy, dx, H, W):
+    """Box (Y0, X0, h2, w2) of a morphology box rendered with shift (dy, dx):
+    one pixel more on the side the shift moves toward, clipped to the blend."""
+    ya, xa = y0, x0
+    yb, xb = y0 + h, x0 + w
+    if dy > 0:
+        yb += 1
+    elif dy < 0:
+        ya -= 1
+    if dx > 0:
+        xb += 1
+    elif dx < 0:
+        xa -= 1
+    ya, xa = max(ya, 0), max(xa, 0)
+    yb, xb = min(yb, H), min(xb, W)
+    return ya, xa, yb - ya, xb - xa
+
+
+@njit(cache=True)
+def assemble_scene(spec, morph, box, off, shift, scene, tsum, spec_sum, work):
+    """The loop's model-frame scene, rendered with the sub-pixel shifts, in one pass.
+
+    Equals :func:`assemble_model` of the :func:`shift_flat` rendering (same
+    float32 rendering and summation order). With ``tsum`` of the scene's
+    (H, W) shape it also fills the band-summed scene and ``spec_sum`` (each
+    component's band-summed spectrum) for contested symmetry; pass a (1, 1)
+    ``tsum`` to skip that. ``work``: float32, at least the largest box grown
+    by one pixel per side.
+    """
+    scene[:] = 0.0
     K, B = spec.shape
+    H, W = scene.shape[1], scene.shape[2]
     for k in range(K):
         y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
         o = off[k]
-        for b in range(B):
-            s = spec[k, b]
-            if s == 0.0:
-                continue
-            for yy in range(h):
-                row = o + yy * w
-                for xx in range(w):
-                    out[b, y0 + yy, x0 + xx] += s * morph[row + xx]
+        dy, dx = shift[k, 0], shift[k, 1]
+        if dy == 0.0 and dx == 0.0:
+            _add_component(scene, spec, k, morph, o, y0, x0, h, w)
+            continue
+        # rendered as shift_flat, into the work buffer
+        Y0, X0, h2, w2 = _rendered_box(y0, x0, h, w, dy, dx, H, W)
+        for i in range(h2 * w2):
+            work[i] = 0.0
+        _render_shifted(morph, o, y0, x0, h, w, dy, dx, Y0, X0, h2, w2, work, 0)
+        _add_component(scene, spec, k, work, 0, Y0, X0, h2, w2)
+    if tsum.shape[0] == H and tsum.shape[1] == W:
+        for y in range(H):
+            for x in range(W):
+                t = scene[0, y, x]
+                for b in range(1, B):
+                    t += scene[b, y, x]
+                tsum[y, x] = t
+        for k in range(K):
+            t = spec[k, 0]
+            for b in range(1, B):
+                t += spec[k, b]
+            spec_sum[k] = t
 
 
 @njit(cache=True)
@@ -499,19 +562,8 @@ def shifted_boxes(box, shift, H, W):
     """Boxes of the rendered (sub-pixel shifted) morphologies, clipped to the blend."""
     out = box.copy()
     for k in range(box.shape[0]):
-        ya, xa = box[k, 0], box[k, 1]
-        yb, xb = ya + box[k, 2], xa + box[k, 3]
-        if shift[k, 0] > 0:
-            yb += 1
-        elif shift[k, 0] < 0:
-            ya -= 1
-        if shift[k, 1] > 0:
-            xb += 1
-        elif shift[k, 1] < 0:
-            xa -= 1
-        ya, xa = max(ya, 0), max(xa, 0)
-        yb, xb = min(yb, H), min(xb, W)
-        out[k, 0], out[k, 1], out[k, 2], out[k, 3] = ya, xa, yb - ya, xb - xa
+        out[k, 0], out[k, 1], out[k, 2], out[k, 3] = _rendered_box(
+            box[k, 0], box[k, 1], box[k, 2], box[k, 3], shift[k, 0], shift[k, 1], H, W)
     return out
 
 
@@ -544,26 +596,32 @@ def shift_flat(morph, box, off, shift, box2, off2, out):
     """
     out[:] = 0.0
     for k in range(box.shape[0]):
-        y0, x0, h, w = box[k, 0], box[k, 1], box[k, 2], box[k, 3]
-        Y0, X0, h2, w2 = box2[k, 0], box2[k, 1], box2[k, 2], box2[k, 3]
-        o, o2 = off[k], off2[k]
-        ty, wy0, wy1 = _taps(shift[k, 0])
-        tx, wx0, wx1 = _taps(shift[k, 1])
-        for yy in range(h):
-            for xx in range(w):
-                v = morph[o + yy * w + xx]
-                if v == 0.0:
+        _render_shifted(morph, off[k], box[k, 0], box[k, 1], box[k, 2], box[k, 3], shift[k, 0],
+                        shift[k, 1], box2[k, 0], box2[k, 1], box2[k, 2], box2[k, 3], out, off2[k])
+
+
+@njit(cache=True)
+def _render_shifted(morph, o, y0, x0, h, w, dy, dx, Y0, X0, h2, w2, out, o2):
+    """Add the (h, w) morphology at ``morph[o:]`` (box corner y0, x0), shifted
+    bilinearly by (dy, dx), into the zeroed (h2, w2) rendered box at
+    ``out[o2:]`` (corner Y0, X0); taps outside the rendered box are dropped."""
+    ty, wy0, wy1 = _taps(dy)
+    tx, wx0, wx1 = _taps(dx)
+    for yy in range(h):
+        for xx in range(w):
+            v = morph[o + yy * w + xx]
+            if v == 0.0:
+                continue
+            Y = y0 + yy - Y0
+            X = x0 + xx - X0
+            for iy in range(2):
+                Yt, fy = _tap(Y, iy, ty, wy0, wy1, h2)
+                if fy == 0.0:
                     continue
-                Y = y0 + yy - Y0
-                X = x0 + xx - X0
-                for iy in range(2):
-                    Yt, fy = _tap(Y, iy, ty, wy0, wy1, h2)
-                    if fy == 0.0:
-                        continue
-                    for ix in range(2):
-                        Xt, fx = _tap(X, ix, tx, wx0, wx1, w2)
-                        if fx != 0.0:
-                            out[o2 + Yt * w2 + Xt] += fy * fx * v
+                for ix in range(2):
+                    Xt, fx = _tap(X, ix, tx, wx0, wx1, w2)
+                    if fx != 0.0:
+                        out[o2 + Yt * w2 + Xt] += fy * fx * v
 
 
 @njit(cache=True)
@@ -697,13 +755,9 @@ def _component_gradient(spec, morph, k, y0, x0, h, w, o, G, gm, gs, dy, dx, work
     H, W = G.shape[1], G.shape[2]
     ty, wy0, wy1 = _taps(dy)
     tx, wx0, wx1 = _taps(dx)
-    # the rendered box (as shifted_boxes): one pixel more on the side the
-    # shift moves toward, clipped to the blend; every in-blend tap lands in it
-    ya = max(y0 - (1 if dy < 0 else 0), 0)
-    yb = min(y0 + h + (1 if dy > 0 else 0), H)
-    xa = max(x0 - (1 if dx < 0 else 0), 0)
-    xb = min(x0 + w + (1 if dx > 0 else 0), W)
-    h2, w2 = yb - ya, xb - xa
+    # every in-blend tap lands in the rendered box
+    ya, xa, h2, w2 = _rendered_box(y0, x0, h, w, dy, dx, H, W)
+    yb, xb = ya + h2, xa + w2
     S = work[:h2 * w2]
     R = work[h2 * w2:2 * h2 * w2]
     for Y in range(ya, yb):

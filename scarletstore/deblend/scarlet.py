@@ -663,7 +663,8 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         contest = float(config.contest_ratio) if sym_s > 0 and config.symmetry_region == "contested" else -1.0
         # band-summed model frame, for the contested-symmetry test
         tsum = np.zeros((H, W) if contest >= 0 else (1, 1), np.float32)
-        spec_sum = np.zeros(K)
+        spec_sum = np.zeros(K, np.float32)
+        work = None
         sib = _source_runs(state.source)
         shrink = WARM_STEP_FACTOR if warm else 1.0
         step_m, rel_m, step_s = STEP_MORPH * shrink, REL_MORPH * shrink, STEP_SPEC * shrink
@@ -671,7 +672,12 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         prev = None
         nover = None
         for it in range(config.max_iter + 1):
-            _assemble(state, shift, H, W, scene)
+            if work is None or work.size < _k._largest_box(state.box, 2):
+                work = np.empty(_k._largest_box(state.box, 2), np.float32)
+            # the scene plus, for contested symmetry, its band sum and the
+            # components' band-summed spectra (tsum, spec_sum)
+            _k.assemble_scene(state.spec, state.morph, state.box, state.off, shift, scene, tsum,
+                              spec_sum, work)
             cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
             loss = _k.weighted_residual(cm, data, w, resid)
             history.append(-loss)
@@ -691,9 +697,6 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                 t_f = 1.0
             prev = loss
             G = conv.adjoint_padded(resid_buf, grad_out)[:, :H, :W]
-            if contest >= 0:
-                np.sum(scene, axis=0, out=tsum)
-                spec_sum = state.spec.sum(axis=1)
             if adam:
                 _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
                                 it + 1, ADAM_B1, ADAM_B2, step_m, rel_m, step_s,
