@@ -9,6 +9,7 @@ with a difference kernel k_b such that ``G * k_b ~= psf_b``
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 from scipy import fft as sfft
@@ -196,6 +197,25 @@ _PF = _pocketfft_backend()
 
 _KHAT_CACHE_SIZE = 256  # grid shapes per kernel set (a few MB at most)
 
+# Per-thread scratch arrays for transforms. Fresh multi-MB arrays are
+# page-faulted on every use (half the cost of a least-squares spectrum solve
+# on hsc_cosmos_35); convolvers are memoised and shared, so scratch is kept
+# per thread (a dask worker may run blends in several threads), one array per
+# purpose, grown to the largest request seen.
+_SCRATCH = threading.local()
+
+
+def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A C-contiguous work array of ``shape``, reused by the calling thread (contents undefined)."""
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    n = int(np.prod(shape))
+    buf = pool.get(name)
+    if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
+        buf = pool[name] = np.empty(max(n, 1), dtype)
+    return buf[:n].reshape(shape)
+
 
 def memoised(cache: dict, key, make, size: int):
     """``cache[key]``, made by ``make()`` on a miss; at most ``size`` entries (FIFO)."""
@@ -250,7 +270,6 @@ class Convolver:
         # grid shape -> kernel transforms; may be shared by convolvers of the
         # same kernels (blends of one patch ask for the same local frames)
         self._khat_cache = {} if khat_cache is None else khat_cache
-        self._fbuf = None       # the loop's reused spectrum buffer
         if method == "fft":
             self.khat = self.kernel_hat(self.fshape)
             # operator norm of band b's convolution (for Lipschitz constants)
@@ -298,7 +317,11 @@ class Convolver:
         fshape = self.fshape if fshape is None else fshape
         if _PF is not None:
             return _PF.c2r(f, (1, 2), fshape[1], False, 2, out, 1)
-        return sfft.irfft2(f, s=fshape)
+        res = sfft.irfft2(f, s=fshape)
+        if out is None:
+            return res
+        out[...] = res
+        return out
 
     def _apply_padded(self, buf, out, adjoint):
         if out is None:
@@ -308,10 +331,7 @@ class Convolver:
             return out
         # the loop transforms the same shapes twice per iteration: reuse one
         # spectrum buffer rather than allocate (and page-fault) a new one
-        shape = buf.shape[:2] + (buf.shape[2] // 2 + 1,)
-        if self._fbuf is None or self._fbuf.shape != shape:
-            self._fbuf = np.empty(shape, np.complex64)
-        f = self.rfft(buf, self._fbuf)
+        f = self.rfft(buf, scratch("spectrum", buf.shape[:2] + (buf.shape[2] // 2 + 1,), np.complex64))
         f *= self.khat_conj if adjoint else self.khat
         return self.irfft(f, out=out)
 

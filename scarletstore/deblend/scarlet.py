@@ -32,7 +32,7 @@ from scipy import fft as sfft
 from . import kernels as _k
 from ..errors import InputError
 from .config import DeblendConfig
-from .psf import Convolver, difference_kernels, gaussian_psf, memoised
+from .psf import Convolver, difference_kernels, gaussian_psf, memoised, scratch
 from .result import (SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, BlendResult, Component,
                      SourceResult)
 
@@ -355,18 +355,19 @@ def _convolve_local(state, conv, cbox, coff, flats):
         fshape = conv.fshape
         origin = np.zeros((K, 2), np.int64)
     khat = conv.kernel_hat(fshape)
-    nf = fshape[0] * (fshape[1] // 2 + 1)
-    chunk = max(1, min(K, LS_FFT_BUDGET // (B * nf)))
-    frames = np.empty((chunk,) + fshape, np.float32)
-    prod = np.empty((B, chunk, fshape[0], fshape[1] // 2 + 1), np.complex64)
+    hshape = (fshape[0], fshape[1] // 2 + 1)
+    chunk = max(1, min(K, LS_FFT_BUDGET // (B * hshape[0] * hshape[1])))
     for start in range(0, K, chunk):
         n = min(chunk, K - start)
         idx = np.arange(start, start + n, dtype=np.int64)
-        _k.place_boxes(state.morph, state.box, state.off, idx, origin, frames[:n])
-        f = conv.rfft(frames[:n])
-        p = prod[:, :n]
-        np.multiply(f[None], khat[:, None], out=p)
-        out = conv.irfft(p.reshape((B * n,) + p.shape[2:]), fshape)
+        # per-thread scratch: these are MBs, page-faulted afresh if allocated
+        frames = scratch("ls_frames", (n,) + fshape, np.float32)
+        _k.place_boxes(state.morph, state.box, state.off, idx, origin, frames)
+        f = conv.rfft(frames, scratch("ls_spectra", (n,) + hshape, np.complex64))
+        prod = scratch("ls_product", (B, n) + hshape, np.complex64)
+        np.multiply(f[None], khat[:, None], out=prod)
+        out = conv.irfft(prod.reshape((B * n,) + hshape), fshape,
+                         out=scratch("ls_out", (B * n,) + fshape, np.float32))
         _k.extract_boxes(out.reshape((B, n) + fshape), idx, origin, cbox, coff, flats)
 
 
