@@ -210,7 +210,7 @@ def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
     pool = getattr(_SCRATCH, "pool", None)
     if pool is None:
         pool = _SCRATCH.pool = {}
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     buf = pool.get(name)
     if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
         buf = pool[name] = np.empty(max(n, 1), dtype)
