@@ -315,12 +315,16 @@ def mono_plan(box, off, ctr, total):
     The projection visits the same pixels in the same order with the same
     inward neighbours at every iteration; only the box changes (at resizes).
     This records, per component, the visiting order (box-local flat indices,
-    peak excluded, ``h * w - 1`` entries from ``off[k]``) and per pixel a
-    bit mask of its inward neighbours inside the box, so the per-iteration
-    pass (:func:`monotonic_planned`) is a flat loop without geometry tests.
+    peak excluded, ``h * w - 1`` entries from ``off[k]``) and, per visit,
+    the box-local indices of the pixel's inward neighbours inside the box
+    (at most 4 of the 8 are strictly closer to the peak; unused slots repeat
+    the first, which leaves a maximum unchanged; -1 when there is none), so
+    the per-iteration pass (:func:`monotonic_planned`) is a flat loop of
+    four loads and a maximum, without geometry tests or branches per
+    neighbour.
     """
     order = np.zeros(total, np.int32)
-    nbm = np.zeros(total, np.uint8)
+    nbr = np.full((total, 4), -1, np.int32)
     K = box.shape[0]
     for k in range(K):
         h, w = box[k, 2], box[k, 3]
@@ -334,7 +338,7 @@ def mono_plan(box, off, ctr, total):
             dy = y - cy
             dx = x - cx
             d2 = dy * dy + dx * dx
-            mask = 0
+            c = 0
             for j in range(8):
                 yy = y + _NB_DY[j]
                 xx = x + _NB_DX[j]
@@ -343,30 +347,29 @@ def mono_plan(box, off, ctr, total):
                 ny = dy + _NB_DY[j]
                 nx = dx + _NB_DX[j]
                 if ny * ny + nx * nx < d2:
-                    mask |= 1 << j
-            nbm[o + i] = mask
-    return order, nbm
+                    nbr[o + t, c] = yy * w + xx
+                    c += 1
+            for j in range(c, 4):
+                if c > 0:
+                    nbr[o + t, j] = nbr[o + t, 0]
+    return order, nbr
 
 
 @njit(cache=True)
-def monotonic_planned(morph, o, h, w, order, nbm):
+def monotonic_planned(morph, o, h, w, order, nbr):
     """Max-variant monotonic projection of one component using its plan.
 
     Same result as ``monotonic_inplace(m, cy, cx, False)`` on non-negative
     input (the plan encodes the same order and inward neighbours).
     """
-    off8 = np.empty(8, np.int64)
-    for j in range(8):
-        off8[j] = _NB_DY[j] * w + _NB_DX[j]
     for t in range(h * w - 1):
         i = order[o + t]
-        mask = nbm[o + i]
-        ref = 0.0
-        for j in range(8):
-            if mask & (1 << j):
-                v = morph[o + i + off8[j]]
-                if v > ref:
-                    ref = v
+        a = nbr[o + t, 0]
+        if a < 0:
+            morph[o + i] = 0.0  # no inward neighbour in the box
+            continue
+        ref = max(max(morph[o + a], morph[o + nbr[o + t, 1]]),
+                  max(morph[o + nbr[o + t, 2]], morph[o + nbr[o + t, 3]]))
         if morph[o + i] > ref:
             morph[o + i] = ref
 
@@ -641,7 +644,7 @@ def weighted_residual(model, data, weight, out):
 
 @njit(cache=True)
 def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, H, W, inv_var, bg_thresh,
-                    monotonic, weighted, sym_strength, order, nbm, tsum, contest, box, off, spec_sum, sib,
+                    monotonic, weighted, sym_strength, order, nbr, tsum, contest, box, off, spec_sum, sib,
                     work):
     """Sparsity, symmetry and monotonicity of component k (positivity done by caller).
 
@@ -676,7 +679,7 @@ def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, H, W, inv
         if weighted:
             monotonic_inplace(m, ly, lx, True)
         else:
-            monotonic_planned(morph, o, h, w, order, nbm)
+            monotonic_planned(morph, o, h, w, order, nbr)
 
 
 @njit(cache=True)
@@ -816,7 +819,7 @@ def _brightest_band(spec, k):
 
 @njit(cache=True)
 def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, rel_m, step_s,
-                 inv_var, bg_thresh, mom_s, mom_m, monotonic, weighted, sym_strength, order, nbm,
+                 inv_var, bg_thresh, mom_s, mom_m, monotonic, weighted, sym_strength, order, nbr,
                  tsum, contest, spec_sum, sib):
     """One proximal AMSGrad step for every component (in place).
 
@@ -896,7 +899,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, 
             spec[k, b] = x if x > 0.0 else 0.0
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
                         G.shape[1], G.shape[2],
-                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm, tsum, contest,
+                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbr, tsum, contest,
                         box, off, spec_sum, sib, work)
         if _normalise_component(spec, morph, k, o, n, mom_s, mom_m, True):
             alive += 1
@@ -905,7 +908,7 @@ def adaprox_step(spec, morph, box, off, ctr, sym, shift, G, it, b1, b2, step_m, 
 
 @njit(cache=True)
 def fista_step(spec, morph, box, off, ctr, sym, shift, G, beta, kappa, nover, inv_var, bg_thresh,
-               prev_s, prev_m, monotonic, weighted, sym_strength, order, nbm, tsum, contest,
+               prev_s, prev_m, monotonic, weighted, sym_strength, order, nbr, tsum, contest,
                spec_sum, sib):
     """One accelerated proximal gradient (FISTA) step for every component.
 
@@ -955,7 +958,7 @@ def fista_step(spec, morph, box, off, ctr, sym, shift, G, beta, kappa, nover, in
                 spec[k, b] = x if x > 0.0 else 0.0
         _prox_component(spec, morph, k, y0, x0, h, w, o, ctr[k, 0], ctr[k, 1], sym[k, 0], sym[k, 1],
                         G.shape[1], G.shape[2],
-                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbm, tsum, contest,
+                        inv_var, bg_thresh, monotonic, weighted, sym_strength, order, nbr, tsum, contest,
                         box, off, spec_sum, sib, work)
         # normalise x_t; rescale x_{t-1} the same way so the momentum term
         # x_t - x_{t-1} compares like with like.

@@ -69,7 +69,7 @@ LS_FFT_BUDGET = 1 << 22     # max complex elements of one batched FFT in _ls_spe
 class _State:
     """Flat component storage plus bookkeeping (see :mod:`.kernels`)."""
 
-    __slots__ = ("spec", "morph", "box", "off", "ctr", "source", "flags", "order", "nbm")
+    __slots__ = ("spec", "morph", "box", "off", "ctr", "source", "flags", "order", "nbr")
 
     def __init__(self, spec, morphs, boxes, ctr, source, flags):
         self.spec = np.ascontiguousarray(spec, dtype=np.float32)
@@ -88,7 +88,7 @@ class _State:
 
     def plan(self):
         """(Re)compute the monotonicity plan after the boxes changed."""
-        self.order, self.nbm = _k.mono_plan(self.box, self.off, self.ctr, self.morph.size)
+        self.order, self.nbr = _k.mono_plan(self.box, self.off, self.ctr, self.morph.size)
 
     def view(self, k):
         """(h, w) view of component k's morphology."""
@@ -703,7 +703,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                                 it + 1, ADAM_B1, ADAM_B2, step_m, rel_m, step_s,
                                 inv_var, bg,
                                 mom_s, mom_m[0], config.monotonic, MONO_WEIGHTED, sym_s,
-                                state.order, state.nbm, tsum, contest, spec_sum, sib)
+                                state.order, state.nbr, tsum, contest, spec_sum, sib)
             else:
                 t_new = 0.5 * (1 + math.sqrt(1 + 4 * t_f * t_f))
                 beta = (t_f - 1) / t_new
@@ -712,7 +712,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                     nover = _overlaps(state.box)
                 _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
                               beta, kappa, nover, inv_var, bg, mom_s, mom_m[0], config.monotonic,
-                              MONO_WEIGHTED, sym_s, state.order, state.nbm, tsum, contest, spec_sum, sib)
+                              MONO_WEIGHTED, sym_s, state.order, state.nbr, tsum, contest, spec_sum, sib)
             iterations = it + 1
             if iterations in RESOLVE_SPECTRA_AT and config.set_spectra and not warm:
                 # the start morphologies are observed-frame and too wide, so
