@@ -303,6 +303,46 @@ _EDGE_BOXES = [(10, 12, 5, 7), (0, 0, 6, 4), (33, 40, 4, 5), (0, 30, 37, 3), (5,
 _SMALL_BOXES = [(10, 12, 5, 7), (0, 0, 6, 4), (33, 40, 4, 5), (20, 25, 8, 6)]
 
 
+def test_solve_spectra_is_nonnegative_least_squares():
+    """The compiled active-set solve against scipy's NNLS, per band and group."""
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(4)
+    nc, B, P = 5, 3, 40
+    A = np.empty((B, nc, nc))
+    r = np.empty((B, nc))
+    M = []
+    for b in range(B):
+        # strongly overlapping templates, data with one component absent, so
+        # the unconstrained solution has negative amplitudes to clip
+        m = rng.random((P, nc)) + 2 * rng.random((P, 1))
+        d = m[:, :3] @ rng.uniform(1, 3, 3) + rng.normal(0, 0.3, P)
+        M.append((m, d))
+        A[b], r[b] = m.T @ m, m.T @ d
+    joint = np.zeros(nc, np.int64)
+    got = K.solve_spectra(A, r, joint)
+    assert got.shape == (nc, B) and got.dtype == np.float32 and (got >= 0).all()
+    for b, (m, d) in enumerate(M):
+        np.testing.assert_allclose(got[:, b], nnls(m, d)[0], rtol=1e-4, atol=1e-5)
+    # groups are independent blocks: the same as solving each block alone
+    group = np.array([0, 0, 1, 1, 1])
+    got = K.solve_spectra(A, r, group)
+    for b, (m, d) in enumerate(M):
+        for g in (0, 1):
+            idx = np.flatnonzero(group == g)
+            np.testing.assert_allclose(got[idx, b], nnls(m[:, idx], d)[0], rtol=1e-4, atol=1e-5)
+    # a component with no weighted pixels (zero diagonal) gets zero
+    A0, r0 = A.copy(), r.copy()
+    A0[:, 1, :] = 0
+    A0[:, :, 1] = 0
+    r0[:, 1] = 0
+    got = K.solve_spectra(A0, r0, joint)
+    assert (got[1] == 0).all()
+    for b, (m, d) in enumerate(M):
+        keep = [0, 2, 3, 4]
+        np.testing.assert_allclose(got[keep, b], nnls(m[:, keep], d)[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("ksize,boxes,local", [
     ((9, 9), _SMALL_BOXES, True), ((15, 11), _SMALL_BOXES, True), ((8, 6), _SMALL_BOXES, True),
     # boxes as tall / wide as the blend: the shared local frame would be no
