@@ -750,6 +750,38 @@ def test_subpixel_shift_is_bilinear_and_gradient_is_its_adjoint():
     assert rhs == pytest.approx(lhs, rel=1e-5)
 
 
+def test_assemble_scene_equals_rendering_then_assembly():
+    """The loop's one-pass scene equals shift_flat + assemble_model exactly,
+    with the band-summed scene and spectra that contested symmetry reads."""
+    rng = np.random.default_rng(9)
+    H, W, B = 20, 22, 4
+    morphs = [rng.random((5, 6)), rng.random((4, 4)), rng.random((3, 7))]
+    morph, box, off = _flat(morphs, [(6, 7, 5, 6), (0, 0, 4, 4), (15, 10, 3, 7)])
+    shift = np.array([[0.3, -0.2], [-0.4, 0.25], [0.0, 0.0]])  # the last unshifted
+    spec = rng.random((3, B)).astype(np.float32)
+    box2 = K.shifted_boxes(box, shift, H, W)
+    sizes = box2[:, 2] * box2[:, 3]
+    off2 = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    rendered = np.empty(int(sizes.sum()), np.float32)
+    K.shift_flat(morph, box, off, shift, box2, off2, rendered)
+    want = np.zeros((B, H, W), np.float32)
+    K.assemble_model(spec, rendered, box2, off2, want)
+    buf = np.full((B, H + 3, W + 5), np.nan, np.float32)  # a padded FFT buffer's corner
+    scene = buf[:, :H, :W]
+    tsum = np.empty((H, W), np.float32)
+    spec_sum = np.empty(3, np.float32)
+    K.assemble_scene(spec, morph, box, off, shift, scene, tsum, spec_sum, np.empty(100, np.float32))
+    np.testing.assert_array_equal(scene, want)
+    np.testing.assert_array_equal(tsum, want.sum(axis=0))
+    np.testing.assert_array_equal(spec_sum, spec.sum(axis=1))
+    assert np.isnan(buf[:, H:]).all() and np.isnan(buf[:, :, W:]).all()  # padding untouched
+    # a (1, 1) tsum skips the sums
+    tiny = np.zeros((1, 1), np.float32)
+    K.assemble_scene(spec, morph, box, off, shift, scene, tiny, spec_sum, np.empty(100, np.float32))
+    np.testing.assert_array_equal(scene, want)
+    assert tiny[0, 0] == 0
+
+
 def test_symmetry_leaves_pixels_mirrored_off_the_blend_free():
     rng = np.random.default_rng(3)
     m = rng.random((6, 9))
