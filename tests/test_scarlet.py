@@ -99,6 +99,25 @@ def test_planned_monotonic_matches_direct(h, w, seed, fy, fx):
     np.testing.assert_array_equal(flat.reshape(h, w), want)
 
 
+def test_replanning_after_a_resize_equals_planning_afresh():
+    box = np.array([[3, 5, 9, 7], [0, 0, 6, 6], [10, 4, 5, 11], [2, 2, 4, 3]], np.int64)
+    ctr = box[:, :2] + box[:, 2:] // 2
+    def layout(b):
+        sizes = b[:, 2] * b[:, 3]
+        return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64), int(sizes.sum())
+    off, total = layout(box)
+    order, nbr = K.mono_plan(box, off, ctr, total)
+    new = box.copy()
+    new[1, 2:] += 2          # grown
+    new[2, 0] -= 1           # moved and grown
+    new[2, 2] += 1
+    noff, ntotal = layout(new)
+    got = K.mono_replan(new, noff, ctr, ntotal, box, off, order, nbr)
+    want = K.mono_plan(new, noff, ctr, ntotal)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_monotonic_paths_to_peak():
     """Every pixel has a non-increasing path towards the peak (follow the inward max)."""
     rng = np.random.default_rng(4)

@@ -303,7 +303,7 @@ def symmetric_contested_inplace(morph, k, box, off, spec_sum, lo, hi, cy2, cx2, 
             morph[o + j] -= d
 
 
-# the 8 neighbour steps; bit j of a neighbour mask refers to (_NB_DY[j], _NB_DX[j])
+# the 8 neighbour steps
 _NB_DY = np.array([-1, -1, -1, 0, 0, 1, 1, 1], np.int64)
 _NB_DX = np.array([-1, 0, 1, -1, 1, -1, 0, 1], np.int64)
 
@@ -325,34 +325,58 @@ def mono_plan(box, off, ctr, total):
     """
     order = np.zeros(total, np.int32)
     nbr = np.full((total, 4), -1, np.int32)
-    K = box.shape[0]
-    for k in range(K):
-        h, w = box[k, 2], box[k, 3]
-        cy, cx = ctr[k, 0] - box[k, 0], ctr[k, 1] - box[k, 1]
-        o = off[k]
-        n = _ring_order(h, w, cy, cx, order[o:o + h * w])
-        for t in range(n):
-            i = order[o + t]
-            y = i // w
-            x = i - y * w
-            dy = y - cy
-            dx = x - cx
-            d2 = dy * dy + dx * dx
-            c = 0
-            for j in range(8):
-                yy = y + _NB_DY[j]
-                xx = x + _NB_DX[j]
-                if yy < 0 or yy >= h or xx < 0 or xx >= w:
-                    continue
-                ny = dy + _NB_DY[j]
-                nx = dx + _NB_DX[j]
-                if ny * ny + nx * nx < d2:
-                    nbr[o + t, c] = yy * w + xx
-                    c += 1
-            for j in range(c, 4):
-                if c > 0:
-                    nbr[o + t, j] = nbr[o + t, 0]
+    for k in range(box.shape[0]):
+        _plan_component(box[k, 2], box[k, 3], ctr[k, 0] - box[k, 0], ctr[k, 1] - box[k, 1],
+                        off[k], order, nbr)
     return order, nbr
+
+
+@njit(cache=True)
+def mono_replan(box, off, ctr, total, box_old, off_old, order_old, nbr_old):
+    """:func:`mono_plan` after a resize: components whose box did not change
+    keep their plan (box-local, so it only moves to the new offset); late in
+    a fit most boxes are stable and the plan is most of a resize's cost."""
+    order = np.zeros(total, np.int32)
+    nbr = np.full((total, 4), -1, np.int32)
+    for k in range(box.shape[0]):
+        h, w = box[k, 2], box[k, 3]
+        if box[k, 0] == box_old[k, 0] and box[k, 1] == box_old[k, 1] and \
+                h == box_old[k, 2] and w == box_old[k, 3]:
+            o, oo = off[k], off_old[k]
+            for t in range(h * w):
+                order[o + t] = order_old[oo + t]
+                for j in range(4):
+                    nbr[o + t, j] = nbr_old[oo + t, j]
+        else:
+            _plan_component(h, w, ctr[k, 0] - box[k, 0], ctr[k, 1] - box[k, 1], off[k], order, nbr)
+    return order, nbr
+
+
+@njit(cache=True)
+def _plan_component(h, w, cy, cx, o, order, nbr):
+    """Fill the plan of one (h, w) box with its peak at (cy, cx), from offset o."""
+    n = _ring_order(h, w, cy, cx, order[o:o + h * w])
+    for t in range(n):
+        i = order[o + t]
+        y = i // w
+        x = i - y * w
+        dy = y - cy
+        dx = x - cx
+        d2 = dy * dy + dx * dx
+        c = 0
+        for j in range(8):
+            yy = y + _NB_DY[j]
+            xx = x + _NB_DX[j]
+            if yy < 0 or yy >= h or xx < 0 or xx >= w:
+                continue
+            ny = dy + _NB_DY[j]
+            nx = dx + _NB_DX[j]
+            if ny * ny + nx * nx < d2:
+                nbr[o + t, c] = yy * w + xx
+                c += 1
+        for j in range(c, 4):
+            if c > 0:
+                nbr[o + t, j] = nbr[o + t, 0]
 
 
 @njit(cache=True)

@@ -86,9 +86,14 @@ class _State:
         self.flags = flags  # per source
         self.plan()
 
-    def plan(self):
-        """(Re)compute the monotonicity plan after the boxes changed."""
-        self.order, self.nbr = _k.mono_plan(self.box, self.off, self.ctr, self.morph.size)
+    def plan(self, box_old=None, off_old=None):
+        """(Re)compute the monotonicity plan after the boxes changed (reusing
+        the plans of unchanged boxes when the previous layout is given)."""
+        if box_old is None:
+            self.order, self.nbr = _k.mono_plan(self.box, self.off, self.ctr, self.morph.size)
+        else:
+            self.order, self.nbr = _k.mono_replan(self.box, self.off, self.ctr, self.morph.size,
+                                                  box_old, off_old, self.order, self.nbr)
 
     def view(self, k):
         """(h, w) view of component k's morphology."""
@@ -532,6 +537,7 @@ def _resize(state, moments, H, W, sym=None):
     off = np.zeros(len(sizes), np.int64)
     off[1:] = np.cumsum(sizes)[:-1]
     total = int(sizes.sum())
+    off_old = state.off
     state.morph = _k.remap_flat(state.morph[None], box, state.off, new, off, total, _NO_FILL)[0]
     # Adam state rows are (m, v, v_hat): new pixels inherit the largest
     # second moments; FISTA's single row (previous iterate) starts at zero
@@ -539,7 +545,7 @@ def _resize(state, moments, H, W, sym=None):
                              _ADAM_FILL if m.shape[0] == 3 else _NO_FILL) for m in moments]
     state.box = new
     state.off = off
-    state.plan()
+    state.plan(box, off_old)
     return moments
 
 
@@ -665,7 +671,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         # band-summed model frame, for the contested-symmetry test
         tsum = np.zeros((H, W) if contest >= 0 else (1, 1), np.float32)
         spec_sum = np.zeros(K, np.float32)
-        work = None
+        work = np.empty(_k._largest_box(state.box, 2), np.float32)  # one rendered box
         sib = _source_runs(state.source)
         shrink = WARM_STEP_FACTOR if warm else 1.0
         step_m, rel_m, step_s = STEP_MORPH * shrink, REL_MORPH * shrink, STEP_SPEC * shrink
@@ -673,8 +679,6 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         prev = None
         nover = None
         for it in range(config.max_iter + 1):
-            if work is None or work.size < _k._largest_box(state.box, 2):
-                work = np.empty(_k._largest_box(state.box, 2), np.float32)
             # the scene plus, for contested symmetry, its band sum and the
             # components' band-summed spectra (tsum, spec_sum)
             _k.assemble_scene(state.spec, state.morph, state.box, state.off, shift, scene, tsum,
@@ -727,6 +731,8 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             if config.resize_every and iterations % config.resize_every == 0:
                 mom_m = _resize(state, mom_m, H, W, sym if sym_s > 0 else None)
                 nover = None
+                if work.size < _k._largest_box(state.box, 2):
+                    work = np.empty(_k._largest_box(state.box, 2), np.float32)
         if not adam:
             # FISTA's extrapolated point (where the loss was evaluated) may
             # break the constraints; return the last proximal iterate x_t.
