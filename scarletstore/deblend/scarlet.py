@@ -12,7 +12,7 @@ Implementation notes
 --------------------
 * Components are kept in a flat layout (see :mod:`.kernels`): one float32
   array of all morphology pixels plus a box table, so an iteration is
-  ``assemble_model`` -> FFT convolution -> ``weighted_residual`` -> FFT
+  ``assemble_scene`` -> FFT convolution -> ``weighted_residual`` -> FFT
   correlation -> one compiled update over all components; Python only
   checks convergence and, every ``resize_every`` iterations, resizes boxes.
 * The gradient with respect to the model-frame scene is the adjoint of the
@@ -126,12 +126,6 @@ def _rendered(state, shift, H, W):
     r.morph = np.empty(int(sizes.sum()), np.float32)
     _k.shift_flat(state.morph, state.box, state.off, shift, r.box, r.off, r.morph)
     return r
-
-
-def _assemble(state, shift, H, W, scene):
-    """Model-frame scene of the state (rendered with its sub-pixel shifts)."""
-    r = _rendered(state, shift, H, W)
-    _k.assemble_model(r.spec, r.morph, r.box, r.off, scene)
 
 
 def _good_and_weights(images, variance, bad, footprint, use_weights):
@@ -318,8 +312,8 @@ def _ls_spectra(state, conv, data, w, joint):
     else:
         Fy, Fx = conv.fshape
         chunk = max(1, min(K, LS_FFT_BUDGET // (B * Fy * Fx)))
-        frames = np.empty((chunk, Fy, Fx), np.float32)
-        out = np.empty((B, chunk, Fy, Fx), np.float32)
+        frames = scratch("ls_frames", (chunk, Fy, Fx), np.float32)
+        out = scratch("ls_out", (B, chunk, Fy, Fx), np.float32)
         origin = np.zeros((K, 2), np.int64)
         for start in range(0, K, chunk):
             n = min(chunk, K - start)
@@ -745,7 +739,8 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             # by a small relative step per iteration
             state.spec[:] = _ls_spectra(_rendered(state, shift, H, W), conv, data, w, joint)
         if final_ls or not adam:
-            _assemble(state, shift, H, W, scene)
+            _k.assemble_scene(state.spec, state.morph, state.box, state.off, shift, scene, tsum,
+                              spec_sum, work)
             cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
             loss = _k.weighted_residual(cm, data, w, resid)
             history.append(-loss)
