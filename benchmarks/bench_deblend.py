@@ -296,7 +296,74 @@ def _truth_figures(sim, exposure, bands):
                           / var_gi[b][y0:y0 + h, x0:x0 + w]).sum()) for b in "gi"]
         floor[int(sid)] = 1.0857 * float(np.hypot(1 / sn_gi[0], 1 / sn_gi[1]))
     _truth_figures.colour_sigma = floor
+    _truth_figures.blended_floor = _blended_floor(exposure, stamps, bands)
     return table, blend, snr
+
+
+def _blended_floor(exposure, stamps, bands):
+    """What a deblender with perfect morphologies achieves: every true source's
+    noise-free stamp as its template, fluxes by the joint inverse-variance
+    weighted least-squares fit of the observed image in each band (the best
+    linear unbiased estimate). Returns per source id: fitted fluxes (r, i, g)
+    from this noise realisation, and the relative flux sigmas in r, i, g from
+    the inverse normal matrix, which include the overlap with neighbours."""
+    ids = [int(s) for s in stamps]
+    boxes = np.array([stamps[s][0] for s in stamps], np.int64)
+    y0, x0, h, w = boxes.T
+    # overlapping pairs (i <= j), found once for all bands
+    iy = np.maximum(y0[:, None], y0[None]) < np.minimum((y0 + h)[:, None], (y0 + h)[None])
+    ix = np.maximum(x0[:, None], x0[None]) < np.minimum((x0 + w)[:, None], (x0 + w)[None])
+    pairs = np.argwhere(np.triu(iy & ix))
+    out = {"flux": {}, "sigma": {}}
+    for band in ("r", "i", "g"):
+        b = bands.index(band)
+        wgt = 1.0 / np.asarray(exposure["variance"].values[b], np.float64)
+        img = np.asarray(exposure["image"].values[b], np.float64)
+        tmpl = [np.asarray(stamps[s][1][b], np.float64) for s in stamps]
+        A = np.zeros((len(ids), len(ids)))
+        for i, j in pairs:
+            ya, yb = max(y0[i], y0[j]), min(y0[i] + h[i], y0[j] + h[j])
+            xa, xb = max(x0[i], x0[j]), min(x0[i] + w[i], x0[j] + w[j])
+            A[i, j] = A[j, i] = (wgt[ya:yb, xa:xb]
+                                 * tmpl[i][ya - y0[i]:yb - y0[i], xa - x0[i]:xb - x0[i]]
+                                 * tmpl[j][ya - y0[j]:yb - y0[j], xa - x0[j]:xb - x0[j]]).sum()
+        r = np.array([(wgt[y0[i]:y0[i] + h[i], x0[i]:x0[i] + w[i]] * tmpl[i]
+                       * img[y0[i]:y0[i] + h[i], x0[i]:x0[i] + w[i]]).sum() for i in range(len(ids))])
+        A[np.diag_indices_from(A)] += 1e-30
+        amp = np.linalg.solve(A, r)  # template amplitudes; the truth is 1
+        cov = np.linalg.inv(A)
+        for k, s in enumerate(ids):
+            out["flux"].setdefault(s, {})[band] = amp[k] * tmpl[k].sum()
+            out["sigma"].setdefault(s, {})[band] = float(np.sqrt(cov[k, k]))
+    return out
+
+
+def _blended_floor_errors(table, sel):
+    """Per selected source: the perfect deblender's sigmas (relative flux r, i;
+    g - i in mag) and its errors on this noise realisation (same order)."""
+    bf = _truth_figures.blended_floor
+    tf = {b: dict(zip((int(t) for t in table["id"]), np.asarray(table[f"flux_{b}"]))) for b in "rig"}
+    sig = np.array([[bf["sigma"][i][b] for b in "rig"] for i in sel]).reshape(-1, 3)
+    rel = np.array([[bf["flux"][i][b] / tf[b][i] - 1 for b in "rig"] for i in sel]).reshape(-1, 3)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        col = np.abs(2.5 * np.log10((1 + rel[:, 2]) / (1 + rel[:, 1])))
+    col[~np.isfinite(col)] = np.inf  # a non-positive flux: no colour
+    return {"sigma": np.c_[sig[:, :2], 1.0857 * np.hypot(sig[:, 2], sig[:, 1])],
+            "error": np.c_[np.abs(rel[:, :2]), col]}
+
+
+def _print_blended_floor(fl, rng, indent="  "):
+    """Print the perfect deblender's expected medians (2000 Gaussian draws) and this realisation's."""
+    sd = fl["sigma"]
+    draws = [np.median(np.abs(rng.normal(0, sd)), axis=0) for _ in range(2000)]
+    exp_r, exp_i, exp_c = np.median(draws, axis=0)
+    real_r, real_i, real_c = np.median(fl["error"], axis=0)
+    print(f"{indent}blended floor (perfect deblender: true templates of every source, joint weighted"
+          f" least squares; n={len(sd)}): expected median |dflux| r {100 * exp_r:.1f} %  i {100 * exp_i:.1f} %,"
+          f" |d(g-i)| {exp_c:.3f} mag; this noise realisation r {100 * real_r:.1f} %  i {100 * real_i:.1f} %,"
+          f" |d(g-i)| {real_c:.3f} mag")
+    return {"expected": [float(exp_r), float(exp_i), float(exp_c)],
+            "realised": [float(real_r), float(real_i), float(real_c)]}
 
 
 def _score(run, table, blend, snr, bands, label):
@@ -385,7 +452,7 @@ def bench_field(repeats=3):
     print(f"  noise floor over the {len(sel)} blended truth sources (ideal template fit, no blending,"
           f" Gaussian errors drawn 2000 times): median |dflux| r {100 * fl_f:.1f} %,"
           f" median |d(g-i)| {fl_c:.3f} mag")
-    out = {}
+    out = {"blended_floor": _print_blended_floor(_blended_floor_errors(table, sel), rng)}
     for method, config, label, peaks in (
         ("scarlet", DeblendConfig(), "scarlet (defaults)", parents),
         ("scarlet", DeblendConfig(process_singles=True), "scarlet, process_singles", parents),
@@ -456,8 +523,11 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
             ("scarlet symmetric all", "scarlet", _symmetric_config(), True),
             ("sdss baseline", "sdss", DeblendConfig(), True))
     pooled = {i: {} for i in range(len(rows))}
+    floors = []
     for seed in seeds:
         exposure, bands, table, blend, snr, det = _seed_field(seed)
+        floors.append(_blended_floor_errors(
+            table, [int(i) for i in table["id"] if blend[int(i)] > 0.1 and snr[int(i)] > 10]))
         true = detect(exposure, known=(np.asarray(table["y"]), np.asarray(table["x"])))
         for i, (label, method, config, at_truth) in enumerate(rows):
             run = deblend_exposure(exposure, true if at_truth else det, config, method)
@@ -466,7 +536,8 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
             for k, v in _score.errors.items():
                 pooled[i].setdefault(k, []).append(v)
     print(f"  pooled over seeds {', '.join(map(str, seeds))}:")
-    out = {}
+    out = {"blended_floor": _print_blended_floor(
+        {k: np.concatenate([f[k] for f in floors]) for k in ("sigma", "error")}, np.random.default_rng(0))}
     for i, (label, _, _, at_truth) in enumerate(rows):
         name = f"{label}, {'true' if at_truth else 'detected'} peaks"
         out[name] = _pooled_medians(pooled[i])
