@@ -652,6 +652,48 @@ def _render_shifted(morph, o, y0, x0, h, w, dy, dx, Y0, X0, h2, w2, out, o2):
 
 
 @njit(cache=True)
+def unshift_flat(morph, box, off, shift):
+    """Invert :func:`shift_flat` in place: each (rendered) morphology becomes the
+    one whose bilinear shift by ``shift[k]`` it is, on the same box.
+
+    The shift is separable, ``R[i] = (1 - |d|) M[i] + |d| M[i - sign d]``
+    per axis, so each row and column is solved by recursion from the side the
+    shift moves away from (where M has nothing before the box). The recursion
+    factor |d| / (1 - |d|) is at most 1/3 for the quarter-pixel render shifts,
+    so rounding errors die out; tiny negatives from rounding are set to 0.
+    A warm start uses this to recover the morphologies its proximal operators
+    act on (symmetric in their own pixel grid) from the stored rendered ones.
+    """
+    for k in range(box.shape[0]):
+        h, w = box[k, 2], box[k, 3]
+        o = off[k]
+        dy, dx = shift[k, 0], shift[k, 1]
+        if dy != 0.0:
+            a = abs(dy)
+            r = a / (1.0 - a)
+            for xx in range(w):
+                prev = 0.0
+                for i in range(h):
+                    yy = i if dy > 0 else h - 1 - i
+                    v = morph[o + yy * w + xx] / (1.0 - a) - r * prev
+                    morph[o + yy * w + xx] = v
+                    prev = v
+        if dx != 0.0:
+            a = abs(dx)
+            r = a / (1.0 - a)
+            for yy in range(h):
+                prev = 0.0
+                for i in range(w):
+                    xx = i if dx > 0 else w - 1 - i
+                    v = morph[o + yy * w + xx] / (1.0 - a) - r * prev
+                    morph[o + yy * w + xx] = v
+                    prev = v
+        for i in range(h * w):
+            if morph[o + i] < 0.0:
+                morph[o + i] = 0.0
+
+
+@njit(cache=True)
 def weighted_residual(model, data, weight, out):
     """out = weight * (model - data); returns the loss 1/2 sum weight (model - data)^2."""
     B, H, W = data.shape

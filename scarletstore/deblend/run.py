@@ -231,6 +231,8 @@ def init_from_run(run: xr.Dataset):
     index = RunIndex(run)
     frame = "model" if run.attrs.get("method") != "sdss" else "observed"
     peak_of_source = np.asarray(run["source_peak_id"].values)
+    # the stored fit's configuration: a warm start with the same one refines it
+    config = run.attrs.get("config", "")
     model_psf = np.asarray(run["model_psf"].values)
 
     def init(parent_id, bbox, peak_ids):
@@ -256,7 +258,8 @@ def init_from_run(run: xr.Dataset):
         return BlendResult(sources=sources, iterations=int(run["blend_iterations"].values[b]),
                            log_likelihood=float(run["blend_log_likelihood"].values[b]),
                            converged=bool(run["blend_converged"].values[b]),
-                           chi2=float(run["blend_chi2"].values[b]), model_psf=model_psf)
+                           chi2=float(run["blend_chi2"].values[b]), model_psf=model_psf,
+                           extra={"config": config})
     return init
 
 
