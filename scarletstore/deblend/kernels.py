@@ -667,30 +667,28 @@ def unshift_flat(morph, box, off, shift):
     for k in range(box.shape[0]):
         h, w = box[k, 2], box[k, 3]
         o = off[k]
-        dy, dx = shift[k, 0], shift[k, 1]
-        if dy != 0.0:
-            a = abs(dy)
-            r = a / (1.0 - a)
-            for xx in range(w):
-                prev = 0.0
-                for i in range(h):
-                    yy = i if dy > 0 else h - 1 - i
-                    v = morph[o + yy * w + xx] / (1.0 - a) - r * prev
-                    morph[o + yy * w + xx] = v
-                    prev = v
-        if dx != 0.0:
-            a = abs(dx)
-            r = a / (1.0 - a)
-            for yy in range(h):
-                prev = 0.0
-                for i in range(w):
-                    xx = i if dx > 0 else w - 1 - i
-                    v = morph[o + yy * w + xx] / (1.0 - a) - r * prev
-                    morph[o + yy * w + xx] = v
-                    prev = v
+        if shift[k, 0] != 0.0:
+            for xx in range(w):  # columns
+                _unshift_line(morph, o + xx, w, h, shift[k, 0])
+        if shift[k, 1] != 0.0:
+            for yy in range(h):  # rows
+                _unshift_line(morph, o + yy * w, 1, w, shift[k, 1])
         for i in range(h * w):
             if morph[o + i] < 0.0:
                 morph[o + i] = 0.0
+
+
+@njit(cache=True)
+def _unshift_line(morph, start, stride, n, d):
+    """Invert a bilinear shift by d along one line of n pixels (see :func:`unshift_flat`)."""
+    a = abs(d)
+    r = a / (1.0 - a)
+    prev = 0.0
+    for i in range(n):
+        j = start + stride * (i if d > 0 else n - 1 - i)
+        v = morph[j] / (1.0 - a) - r * prev
+        morph[j] = v
+        prev = v
 
 
 @njit(cache=True)
