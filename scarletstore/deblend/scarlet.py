@@ -664,8 +664,9 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         if warm and shift.any():
             # stored morphologies are rendered (shifted); the proximal operators
             # need them in their own grid, where symmetry about ``sym`` holds.
-            # Without this, symmetry about the half-pixel centre distorts them
-            # and a warm restart of hsc_cosmos_35 fell from logL -8242 to -8428.
+            # Without this, symmetry about the half-pixel centre distorts them:
+            # a quarter-pixel symmetric test fit fell from logL -1192 to -16831
+            # on restart (test_warm_start_continues_a_subpixel_symmetric_fit).
             _k.unshift_flat(state.morph, state.box, state.off, shift)
         # a warm start from a fit with this same configuration refines it: if
         # the continued fit ends worse (the proximal operators need not leave
