@@ -823,6 +823,20 @@ def test_warm_start_continues_a_subpixel_symmetric_fit():
     assert same.iterations < cold.iterations
 
 
+def test_good_variance_medians_equal_numpy():
+    rng = np.random.default_rng(11)
+    var = (rng.random((4, 9, 7)) * 10).astype(np.float32)
+    good = rng.random(var.shape) > 0.3
+    good[1] = True        # every pixel (odd count)
+    good[2] = False       # no good pixel
+    good[3, :, :] = False
+    good[3, 0, :4] = True  # an even count: mean of the two middle values
+    got = K.good_variance_medians(var, good)
+    for b in (0, 1, 3):
+        assert got[b] == float(np.median(var[b][good[b]]))
+    assert np.isnan(got[2])
+
+
 def test_assemble_scene_equals_rendering_then_assembly():
     """The loop's one-pass scene equals shift_flat + assemble_model exactly,
     with the band-summed scene and spectra that contested symmetry reads."""

@@ -692,6 +692,31 @@ def _unshift_line(morph, start, stride, n, d):
 
 
 @njit(cache=True)
+def good_variance_medians(variance, good):
+    """(B,) median of each band's variance over its good pixels (NaN where none).
+
+    The same values as ``np.median(variance[b][good[b]])`` (for an even count
+    the mean of the two middle values, exact in float32 as in numpy), without
+    numpy's per-call overhead (80 us a band on field blends).
+    """
+    B, H, W = variance.shape
+    out = np.empty(B)
+    buf = np.empty(H * W, variance.dtype)
+    for b in range(B):
+        n = 0
+        for y in range(H):
+            for x in range(W):
+                if good[b, y, x]:
+                    buf[n] = variance[b, y, x]
+                    n += 1
+        if n == 0:
+            out[b] = np.nan
+        else:
+            out[b] = np.median(buf[:n])
+    return out
+
+
+@njit(cache=True)
 def weighted_residual(model, data, weight, out):
     """out = weight * (model - data); returns the loss 1/2 sum weight (model - data)^2."""
     B, H, W = data.shape

@@ -144,14 +144,8 @@ def _good_and_weights(images, variance, bad, footprint, use_weights):
             w = np.where(good, 1.0 / variance, 0).astype(np.float32)
     else:
         w = good.astype(np.float32)
-    B = images.shape[0]
-    if good.all():
-        sig = np.sqrt(np.median(variance.reshape(B, -1), axis=1).astype(np.float64))
-    else:
-        sig = np.empty(B)
-        for b in range(B):
-            v = variance[b][good[b]]
-            sig[b] = math.sqrt(float(np.median(v))) if v.size else np.inf
+    sig = np.sqrt(_k.good_variance_medians(np.ascontiguousarray(variance), good))
+    sig[np.isnan(sig)] = np.inf  # a band without good pixels
     finite = np.isfinite(sig) & (sig > 0)
     if not finite.any():
         sig[:] = 1.0
