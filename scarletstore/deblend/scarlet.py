@@ -493,10 +493,13 @@ def _source_runs(source):
     """
     source = np.asarray(source)
     K = source.size
-    starts = np.flatnonzero(np.r_[True, source[1:] != source[:-1]]) if K else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], K]
-    run = np.repeat(np.arange(starts.size), ends - starts)
-    return np.stack([starts[run], ends[run]], axis=1).astype(np.int64)
+    out = np.empty((K, 2), np.int64)
+    lo = 0
+    for k in range(1, K + 1):  # plain loop: K is small and np.r_ costs more
+        if k == K or source[k] != source[k - 1]:
+            out[lo:k, 0], out[lo:k, 1] = lo, k
+            lo = k
+    return out
 
 
 def _overlaps(box):
