@@ -300,6 +300,16 @@ def _truth_figures(sim, exposure, bands):
     return table, blend, snr
 
 
+def _blended(b, sn):
+    """Issue 4's blended truth sources: r-band blendedness > 0.1 and r SNR > 10 (scalars or arrays)."""
+    return (b > 0.1) & (sn > 10)
+
+
+def _blended_ids(table, blend, snr):
+    """Truth ids of the blended sources (see :func:`_blended`)."""
+    return [int(i) for i in table["id"] if _blended(blend[int(i)], snr[int(i)])]
+
+
 def _blended_floor(exposure, stamps, bands):
     """What a deblender with perfect morphologies achieves: every true source's
     noise-free stamp as its template, fluxes by the joint inverse-variance
@@ -384,7 +394,7 @@ def _score(run, table, blend, snr, bands, label):
         k = bands.index(band)
         true = np.asarray(table[f"flux_{band}"])[trows]
         err = np.abs(flux[rows, k] / true - 1)
-        errors[f"blended_{band}"] = err[(b > 0.1) & (sn > 10)]
+        errors[f"blended_{band}"] = err[_blended(b, sn)]
         errors[f"isolated_{band}"] = err[(b < 0.01) & (sn > 10)]
         out[f"blended_{band}"] = float(np.median(errors[f"blended_{band}"]))
         out[f"isolated_{band}"] = float(np.median(errors[f"isolated_{band}"]))
@@ -392,11 +402,11 @@ def _score(run, table, blend, snr, bands, label):
     with np.errstate(divide="ignore", invalid="ignore"):
         col = -2.5 * np.log10(flux[rows, kg] / flux[rows, ki])
         tcol = -2.5 * np.log10(np.asarray(table["flux_g"])[trows] / np.asarray(table["flux_i"])[trows])
-    sel = (b > 0.1) & (sn > 10) & np.isfinite(col)
+    sel = _blended(b, sn) & np.isfinite(col)
     errors["gi_blended"] = np.abs(col - tcol)[sel]
     out["gi_blended"] = float(np.median(errors["gi_blended"]))
     _score.errors = errors
-    out["n_blended"] = int(((b > 0.1) & (sn > 10)).sum())
+    out["n_blended"] = int(_blended(b, sn).sum())
     out["n_isolated"] = int(((b < 0.01) & (sn > 10)).sum())
     print(f"  {label:<28} |dflux| blended r {100 * out['blended_r']:5.1f} %  i {100 * out['blended_i']:5.1f} %"
           f" (n={out['n_blended']});  isolated r {100 * out['isolated_r']:4.1f} %  i {100 * out['isolated_i']:4.1f} %"
@@ -442,7 +452,7 @@ def bench_field(repeats=3):
     # What noise alone costs an ideal estimator (true profile, no neighbours):
     # each source's error is Gaussian with sigma_F/F = 1/SNR (colour: both
     # bands); the median |error| of the sample is found by drawing them.
-    sel = [int(i) for i in table["id"] if blend[int(i)] > 0.1 and snr[int(i)] > 10]
+    sel = _blended_ids(table, blend, snr)
     sig_f = np.array([1 / snr[i] for i in sel])
     sig_c = np.array([_truth_figures.colour_sigma[i] for i in sel])
     rng = np.random.default_rng(0)
@@ -526,8 +536,7 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
     floors = []
     for seed in seeds:
         exposure, bands, table, blend, snr, det = _seed_field(seed)
-        floors.append(_blended_floor_errors(
-            table, [int(i) for i in table["id"] if blend[int(i)] > 0.1 and snr[int(i)] > 10]))
+        floors.append(_blended_floor_errors(table, _blended_ids(table, blend, snr)))
         true = detect(exposure, known=(np.asarray(table["y"]), np.asarray(table["x"])))
         for i, (label, method, config, at_truth) in enumerate(rows):
             run = deblend_exposure(exposure, true if at_truth else det, config, method)
@@ -594,7 +603,7 @@ def bench_field_positions(repeats=1, seeds=(3, 5, 7, 11)):
         ty, tx, ids = np.asarray(table["y"]), np.asarray(table["x"]), np.asarray(table["id"])
         to_peak, _ = match_positions(ty, tx, det["peak_y"].values, det["peak_x"].values, 2.0)
         for t in np.flatnonzero(to_peak >= 0):
-            if blend[int(ids[t])] > 0.1 and snr[int(ids[t])] > 10:
+            if _blended(blend[int(ids[t])], snr[int(ids[t])]):
                 j = to_peak[t]
                 dist.append(np.hypot(det["peak_y"].values[j] - ty[t], det["peak_x"].values[j] - tx[t]))
         inputs = (det, _moved_peaks(det, table, 0.0, rng), _moved_peaks(det, table, 0.15, rng),
