@@ -33,7 +33,9 @@ Sections (run all with ``python benchmarks/bench_deblend.py``, or name some:
 * ``field_positions`` -- what limits the detected-peak figures: the same
   pooled fields with the default configuration, detected peaks as they are,
   moved onto their true positions, moved and scattered by 0.15 / 0.3 px, and
-  all true positions (no timing).
+  all true positions (no timing); with the Cramer-Rao bound on the blended
+  sources' centres (every true profile known) beside the detected peaks'
+  distance from the truth.
 
 Timing method: wall-clock (``time.perf_counter``) per call, median over
 ``--repeats`` (>= 5) calls after one warm-up call, with ``time.process_time``
@@ -297,6 +299,7 @@ def _truth_figures(sim, exposure, bands):
         floor[int(sid)] = 1.0857 * float(np.hypot(1 / sn_gi[0], 1 / sn_gi[1]))
     _truth_figures.colour_sigma = floor
     _truth_figures.blended_floor = _blended_floor(exposure, stamps, bands)
+    _truth_figures.stamps = stamps
     return table, blend, snr
 
 
@@ -374,6 +377,77 @@ def _print_blended_floor(fl, rng, indent="  "):
           f" |d(g-i)| {real_c:.3f} mag")
     return {"expected": [float(exp_r), float(exp_i), float(exp_c)],
             "realised": [float(real_r), float(real_i), float(real_c)]}
+
+
+def _position_floor(exposure, stamps, ids, flux_band):
+    """Cramer-Rao bound on the centres of the sources ``ids``.
+
+    Every true source's noise-free stamp is its (known) profile; free are
+    every source's per-band amplitudes and its (y, x) shift. The Fisher
+    matrix of all sources of the field (inverse-variance weights, shift
+    derivatives by central differences, pixel sums over each overlapping
+    pair of stamps) is inverted once: each source's 2 x 2 centre covariance
+    bounds any unbiased centre estimate, even one that knows every profile.
+    Also returns the relative ``flux_band`` amplitude sigmas of ``ids`` with
+    the shifts free and with them known.
+    """
+    var = np.asarray(exposure["variance"].values, np.float64)
+    nb = var.shape[0]
+    kb = [str(b) for b in exposure.band.values].index(flux_band)
+    keys = [int(s) for s in stamps]
+    boxes = np.array([stamps[s][0] for s in stamps], np.int64)
+    y0, x0, h, w = boxes.T
+    # per source and band: profile, d/dy and d/dx (a shift by +d subtracts d times these)
+    basis = []
+    for s in stamps:
+        st = np.asarray(stamps[s][1], np.float64)
+        basis.append(np.stack([st, np.gradient(st, axis=1), np.gradient(st, axis=2)], axis=1))
+    iy = np.maximum(y0[:, None], y0[None]) < np.minimum((y0 + h)[:, None], (y0 + h)[None])
+    ix = np.maximum(x0[:, None], x0[None]) < np.minimum((x0 + w)[:, None], (x0 + w)[None])
+    npar = nb + 2  # per source: nb amplitudes, then the y and x shifts
+    F = np.zeros((len(keys) * npar, len(keys) * npar))
+    for i, j in np.argwhere(np.triu(iy & ix)):
+        ya, yb = max(y0[i], y0[j]), min(y0[i] + h[i], y0[j] + h[j])
+        xa, xb = max(x0[i], x0[j]), min(x0[i] + w[i], x0[j] + w[j])
+        bi = basis[i][:, :, ya - y0[i]:yb - y0[i], xa - x0[i]:xb - x0[i]].reshape(nb, 3, -1)
+        bj = basis[j][:, :, ya - y0[j]:yb - y0[j], xa - x0[j]:xb - x0[j]].reshape(nb, 3, -1)
+        M = np.einsum("bpn,bqn->bpq", bi, bj / var[:, ya:yb, xa:xb].reshape(nb, 1, -1))
+        blk = np.zeros((npar, npar))
+        blk[np.arange(nb), np.arange(nb)] = M[:, 0, 0]  # amplitudes meet only in their own band
+        blk[:nb, nb:] = M[:, 0, 1:]
+        blk[nb:, :nb] = M[:, 1:, 0].T
+        blk[nb:, nb:] = M[:, 1:, 1:].sum(axis=0)
+        F[i * npar:(i + 1) * npar, j * npar:(j + 1) * npar] = blk
+        F[j * npar:(j + 1) * npar, i * npar:(i + 1) * npar] = blk.T
+    used = np.flatnonzero(np.diag(F) > 0)  # a band where a stamp is empty has no amplitude
+    C = np.full_like(F, np.nan)
+    C[np.ix_(used, used)] = np.linalg.inv(F[np.ix_(used, used)])
+    amps = used[used % npar < nb]
+    Ck = np.full_like(F, np.nan)
+    Ck[np.ix_(amps, amps)] = np.linalg.inv(F[np.ix_(amps, amps)])
+    at = [keys.index(int(t)) * npar for t in ids]
+    return {"centre_cov": np.array([C[k + nb:k + nb + 2, k + nb:k + nb + 2] for k in at]).reshape(-1, 2, 2),
+            "flux_sigma_free": np.sqrt([C[k + kb, k + kb] for k in at]),
+            "flux_sigma_known": np.sqrt([Ck[k + kb, k + kb] for k in at])}
+
+
+def _print_position_floor(fl, rng, indent="  "):
+    """Expected medians over 2000 Gaussian draws of :func:`_position_floor`'s bounds."""
+    L = np.linalg.cholesky(fl["centre_cov"] + 1e-12 * np.eye(2))
+    radial, flux_free, flux_known = [], [], []
+    for _ in range(2000):
+        z = np.einsum("nij,nj->ni", L, rng.standard_normal((len(L), 2)))
+        radial.append(np.percentile(np.hypot(z[:, 0], z[:, 1]), [50, 75]))
+        flux_free.append(np.median(np.abs(rng.normal(0, fl["flux_sigma_free"]))))
+        flux_known.append(np.median(np.abs(rng.normal(0, fl["flux_sigma_known"]))))
+    med, p75 = np.median(radial, axis=0)
+    out = {"centre_median_px": float(med), "centre_p75_px": float(p75),
+           "flux_free": float(np.median(flux_free)), "flux_known": float(np.median(flux_known))}
+    print(f"{indent}centre floor (Cramer-Rao: every profile known, every source's amplitudes and centre"
+          f" free; n={len(L)}): expected distance from the truth, median {med:.2f} px,"
+          f" 75th percentile {p75:.2f} px; flux floor r {100 * out['flux_free']:.1f} % with centres"
+          f" free, {100 * out['flux_known']:.1f} % with centres known")
+    return out
 
 
 def _score(run, table, blend, snr, bands, label):
@@ -581,7 +655,8 @@ def bench_field_positions(repeats=1, seeds=(3, 5, 7, 11)):
     positions (those within 1.5 px of one); moved and then scattered by
     Gaussian noise of 0.15 and 0.3 px per axis; and all true positions
     (adds the sources detection missed). Also prints the median distance of
-    the blended sources' detected peaks from the truth.
+    the blended sources' detected peaks from the truth, and the Cramer-Rao
+    floor of that distance (:func:`_position_floor`).
     """
     try:
         import galsim  # noqa: F401
@@ -596,10 +671,11 @@ def bench_field_positions(repeats=1, seeds=(3, 5, 7, 11)):
     rows = ("detected peaks", "detected, moved to truth", "moved + 0.15 px noise", "moved + 0.3 px noise",
             "all true positions")
     pooled = {r: {} for r in rows}
-    dist = []
+    dist, floors = [], []
     rng = np.random.default_rng(1)
     for seed in seeds:
         exposure, bands, table, blend, snr, det = _seed_field(seed)
+        floors.append(_position_floor(exposure, _truth_figures.stamps, _blended_ids(table, blend, snr), "r"))
         ty, tx, ids = np.asarray(table["y"]), np.asarray(table["x"]), np.asarray(table["id"])
         to_peak, _ = match_positions(ty, tx, det["peak_y"].values, det["peak_x"].values, 2.0)
         for t in np.flatnonzero(to_peak >= 0):
@@ -615,8 +691,9 @@ def bench_field_positions(repeats=1, seeds=(3, 5, 7, 11)):
                 pooled[label].setdefault(k, []).append(v)
     print(f"  blended sources (SNR > 10): detected peak to truth, median {np.median(dist):.2f} px, "
           f"75th percentile {np.percentile(dist, 75):.2f} px (n={len(dist)})")
+    out = {"peak_distance_median": float(np.median(dist)), "position_floor": _print_position_floor(
+        {k: np.concatenate([f[k] for f in floors]) for k in floors[0]}, np.random.default_rng(0))}
     print(f"  pooled over seeds {', '.join(map(str, seeds))}, defaults:")
-    out = {"peak_distance_median": float(np.median(dist))}
     for label in rows:
         out[label] = _pooled_medians(pooled[label])
         print(f"  {label:<28} |dflux| blended r {100 * out[label]['blended_r']:5.1f} %  i "
