@@ -240,6 +240,8 @@ def cmd_catalog(args):
 def cmd_query(args):
     from .query import blend_table, select
 
+    if args.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {args.limit}")
     store, run = _open_run_store(args.store, args.run)
     table = blend_table(store, run)
     table = select(table, blend=args.blend, region=args.region, where=args.where,

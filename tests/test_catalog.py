@@ -194,6 +194,10 @@ def test_query_errors(synthetic, capsys):
     assert main(["query", str(store.path), "--where", "nonsense >"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["query", str(store.path), "--blend", "99"]) == 2
+    capsys.readouterr()
+    assert main(["query", str(store.path), "--limit", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--limit must be at least 1" in err and err.count("\n") == 1
 
 
 def test_show_writes_png(synthetic, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 from scarletstore.cli import main
 from scarletstore.deblend import DeblendConfig
 from scarletstore.deblend.run import deblend_exposure, init_from_run
+from scarletstore.errors import InputError
 from scarletstore.ingest import read_fits_bands, read_npz
 from scarletstore.models import BLEND_FLAGS
 from scarletstore.store import Store
@@ -59,10 +60,14 @@ def test_run_content(field):
     ({"max_area_times_peaks": 20}, "parent_too_big"),
     ({"max_footprint_size": 4}, "parent_too_big"),
     ({"min_footprint_axis_ratio": 1.01}, "footprint_too_thin"),
-    ({"mask_limits": {"DETECTED": -1.0}}, "masked"),
+    ({"mask_limits": {"DETECTED": 0.5}}, "masked"),
 ])
 def test_size_limits_set_their_flag(field, override, reason):
     exposure, parents, _ = field
+    if reason == "masked":  # flag every pixel of the image in the plane
+        bit = 1 << json.loads(exposure.attrs["mask_planes"])["DETECTED"]
+        exposure = exposure.copy()
+        exposure["mask"] = exposure["mask"] | bit
     config = DeblendConfig(max_iter=5, process_singles=True, **override)
     run = deblend_exposure(exposure, parents, config, "scarlet")
     reasons = _reasons(run)
@@ -149,11 +154,32 @@ def test_cli_errors(field, tmp_path, capsys):
         (["--blends", "x"], "comma-separated"),
         (["--from-run", "nope"], "no run"),
         (["--workers", "0"], "--workers"),
+        # wrong types and ranges are one-line errors, not tracebacks
+        (["--set", "max_iter=abc"], "max_iter must be a whole number"),
+        (["--set", "bad_mask_planes=3"], "bad_mask_planes must be a list"),
+        (["--set", "mask_limits={'BAD':0.1}"], "mask_limits must be a JSON object"),
+        (["--set", 'mask_limits={"BAD":2}'], "fraction in [0, 1]"),
+        (["--set", "symmetric=1"], "symmetric must be true or false"),
+        (["--set", "model_psf_sigma=0"], "model_psf_sigma must be positive"),
+        (["--set", "min_snr=NaN"], "min_snr must be >= 0"),
     ]:
         assert main(["deblend", str(path), *argv]) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, (argv, err)
     assert path.read_bytes() == data
+
+
+def test_config_overrides_take_the_fields_types():
+    c = DeblendConfig().with_overrides(["max_iter=1e2", "min_snr=40", "symmetric=False",
+                                        "bad_mask_planes=BAD,SAT", 'mask_limits={"BAD": 1}'])
+    assert c.max_iter == 100 and type(c.max_iter) is int
+    assert c.min_snr == 40.0 and type(c.min_snr) is float
+    assert c.symmetric is False
+    assert c.bad_mask_planes == ["BAD", "SAT"]
+    assert c.mask_limits == {"BAD": 1.0}
+    assert DeblendConfig.from_json(c.to_json()) == c
+    with pytest.raises(InputError, match="max_iter must be a whole number"):
+        DeblendConfig(max_iter=2.5)
 
 
 def test_warm_start_on_hsc_needs_fewer_iterations(hsc_path):

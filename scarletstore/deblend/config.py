@@ -103,6 +103,7 @@ class DeblendConfig:
     monotonic: bool = True
 
     def __post_init__(self):
+        self._check_types()
         if self.optimizer not in ("adaprox", "fista"):
             raise InputError(f"optimizer must be 'adaprox' or 'fista', not {self.optimizer!r}")
         if self.max_iter < 1 or self.min_iter < 0:
@@ -115,6 +116,56 @@ class DeblendConfig:
             raise InputError(f"contest_ratio must be positive, not {self.contest_ratio!r}")
         if not 0 < self.symmetry_strength <= 1:
             raise InputError(f"symmetry_strength must be in (0, 1], not {self.symmetry_strength!r}")
+        if not self.model_psf_sigma > 0:
+            raise InputError(f"model_psf_sigma must be positive, not {self.model_psf_sigma!r}")
+        if self.max_number_of_peaks < 1:
+            raise InputError(f"max_number_of_peaks must be at least 1, not {self.max_number_of_peaks!r}")
+        for name in ("resize_every", "min_snr", "background_thresh", "initial_background_thresh",
+                     "max_spectrum_cutoff", "max_footprint_area", "max_area_times_peaks",
+                     "max_footprint_size", "min_footprint_axis_ratio"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise InputError(f"{name} must be >= 0, not {getattr(self, name)!r}")
+        for plane, limit in self.mask_limits.items():
+            if not 0 <= limit <= 1:
+                raise InputError(f"mask_limits[{plane!r}] must be a fraction in [0, 1], not {limit!r}")
+
+    def _check_types(self):
+        """Refuse values of the wrong type (``--set`` parses JSON, so a typo
+        arrives as a string) and make numbers the fields' own type: a float
+        that is a whole number is accepted for an int field (1e3), an int for
+        a float field."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind == "bool":
+                ok = isinstance(value, bool)
+            elif kind == "int":
+                ok = number and float(value).is_integer()
+                if ok:
+                    value = int(value)
+            elif kind == "float":
+                ok = number
+                if ok:
+                    value = float(value)
+            elif kind == "str":
+                ok = isinstance(value, str)
+            elif kind == "list":
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+                if ok:
+                    value = list(value)
+            else:  # dict: mask plane -> fraction
+                ok = isinstance(value, dict) and all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for k, v in value.items())
+                if ok:
+                    value = {k: float(v) for k, v in value.items()}
+            if not ok:
+                expect = {"bool": "true or false", "int": "a whole number", "float": "a number",
+                          "str": "a string", "list": "a list of names (JSON, or comma-separated)",
+                          }.get(kind, 'a JSON object of plane -> fraction, e.g. {"BAD": 0.5}')
+                raise InputError(f"{f.name} must be {expect}, not {value!r}")
+            setattr(self, f.name, value)
 
     def to_json(self) -> str:
         # the fields directly: dataclasses.asdict deep-copies (250 us), and
@@ -142,5 +193,8 @@ class DeblendConfig:
                 value = raw
             if key == "bad_mask_planes" and isinstance(value, str):
                 value = [v for v in value.split(",") if v]
+            if isinstance(values[key], bool) and isinstance(value, str) \
+                    and value.lower() in ("true", "false"):
+                value = value.lower() == "true"  # Python's spelling, True / False
             values[key] = value
         return type(self)(**values)
