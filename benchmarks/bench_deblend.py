@@ -313,6 +313,21 @@ def _blended_ids(table, blend, snr):
     return [int(i) for i in table["id"] if _blended(blend[int(i)], snr[int(i)])]
 
 
+def _stamp_overlaps(boxes):
+    """Every pair (i <= j) of overlapping (y0, x0, h, w) boxes with the overlap's
+    slices in each box's own pixels: (i, j, in_i, in_j, in_exposure)."""
+    y0, x0, h, w = np.asarray(boxes, np.int64).T
+    iy = np.maximum(y0[:, None], y0[None]) < np.minimum((y0 + h)[:, None], (y0 + h)[None])
+    ix = np.maximum(x0[:, None], x0[None]) < np.minimum((x0 + w)[:, None], (x0 + w)[None])
+    out = []
+    for i, j in np.argwhere(np.triu(iy & ix)):
+        ya, yb = max(y0[i], y0[j]), min(y0[i] + h[i], y0[j] + h[j])
+        xa, xb = max(x0[i], x0[j]), min(x0[i] + w[i], x0[j] + w[j])
+        out.append((i, j, np.s_[ya - y0[i]:yb - y0[i], xa - x0[i]:xb - x0[i]],
+                    np.s_[ya - y0[j]:yb - y0[j], xa - x0[j]:xb - x0[j]], np.s_[ya:yb, xa:xb]))
+    return out
+
+
 def _blended_floor(exposure, stamps, bands):
     """What a deblender with perfect morphologies achieves: every true source's
     noise-free stamp as its template, fluxes by the joint inverse-variance
@@ -323,10 +338,7 @@ def _blended_floor(exposure, stamps, bands):
     ids = [int(s) for s in stamps]
     boxes = np.array([stamps[s][0] for s in stamps], np.int64)
     y0, x0, h, w = boxes.T
-    # overlapping pairs (i <= j), found once for all bands
-    iy = np.maximum(y0[:, None], y0[None]) < np.minimum((y0 + h)[:, None], (y0 + h)[None])
-    ix = np.maximum(x0[:, None], x0[None]) < np.minimum((x0 + w)[:, None], (x0 + w)[None])
-    pairs = np.argwhere(np.triu(iy & ix))
+    pairs = _stamp_overlaps(boxes)  # found once for all bands
     out = {"flux": {}, "sigma": {}}
     for band in ("r", "i", "g"):
         b = bands.index(band)
@@ -334,12 +346,8 @@ def _blended_floor(exposure, stamps, bands):
         img = np.asarray(exposure["image"].values[b], np.float64)
         tmpl = [np.asarray(stamps[s][1][b], np.float64) for s in stamps]
         A = np.zeros((len(ids), len(ids)))
-        for i, j in pairs:
-            ya, yb = max(y0[i], y0[j]), min(y0[i] + h[i], y0[j] + h[j])
-            xa, xb = max(x0[i], x0[j]), min(x0[i] + w[i], x0[j] + w[j])
-            A[i, j] = A[j, i] = (wgt[ya:yb, xa:xb]
-                                 * tmpl[i][ya - y0[i]:yb - y0[i], xa - x0[i]:xb - x0[i]]
-                                 * tmpl[j][ya - y0[j]:yb - y0[j], xa - x0[j]:xb - x0[j]]).sum()
+        for i, j, in_i, in_j, on in pairs:
+            A[i, j] = A[j, i] = (wgt[on] * tmpl[i][in_i] * tmpl[j][in_j]).sum()
         r = np.array([(wgt[y0[i]:y0[i] + h[i], x0[i]:x0[i] + w[i]] * tmpl[i]
                        * img[y0[i]:y0[i] + h[i], x0[i]:x0[i] + w[i]]).sum() for i in range(len(ids))])
         A[np.diag_indices_from(A)] += 1e-30
@@ -395,23 +403,17 @@ def _position_floor(exposure, stamps, ids, flux_band):
     nb = var.shape[0]
     kb = [str(b) for b in exposure.band.values].index(flux_band)
     keys = [int(s) for s in stamps]
-    boxes = np.array([stamps[s][0] for s in stamps], np.int64)
-    y0, x0, h, w = boxes.T
     # per source and band: profile, d/dy and d/dx (a shift by +d subtracts d times these)
     basis = []
     for s in stamps:
         st = np.asarray(stamps[s][1], np.float64)
         basis.append(np.stack([st, np.gradient(st, axis=1), np.gradient(st, axis=2)], axis=1))
-    iy = np.maximum(y0[:, None], y0[None]) < np.minimum((y0 + h)[:, None], (y0 + h)[None])
-    ix = np.maximum(x0[:, None], x0[None]) < np.minimum((x0 + w)[:, None], (x0 + w)[None])
     npar = nb + 2  # per source: nb amplitudes, then the y and x shifts
     F = np.zeros((len(keys) * npar, len(keys) * npar))
-    for i, j in np.argwhere(np.triu(iy & ix)):
-        ya, yb = max(y0[i], y0[j]), min(y0[i] + h[i], y0[j] + h[j])
-        xa, xb = max(x0[i], x0[j]), min(x0[i] + w[i], x0[j] + w[j])
-        bi = basis[i][:, :, ya - y0[i]:yb - y0[i], xa - x0[i]:xb - x0[i]].reshape(nb, 3, -1)
-        bj = basis[j][:, :, ya - y0[j]:yb - y0[j], xa - x0[j]:xb - x0[j]].reshape(nb, 3, -1)
-        M = np.einsum("bpn,bqn->bpq", bi, bj / var[:, ya:yb, xa:xb].reshape(nb, 1, -1))
+    for i, j, in_i, in_j, on in _stamp_overlaps([stamps[s][0] for s in stamps]):
+        bi = basis[i][(Ellipsis,) + in_i].reshape(nb, 3, -1)
+        bj = basis[j][(Ellipsis,) + in_j].reshape(nb, 3, -1)
+        M = np.einsum("bpn,bqn->bpq", bi, bj / var[(slice(None),) + on].reshape(nb, 1, -1))
         blk = np.zeros((npar, npar))
         blk[np.arange(nb), np.arange(nb)] = M[:, 0, 0]  # amplitudes meet only in their own band
         blk[:nb, nb:] = M[:, 0, 1:]
@@ -425,7 +427,8 @@ def _position_floor(exposure, stamps, ids, flux_band):
     amps = used[used % npar < nb]
     Ck = np.full_like(F, np.nan)
     Ck[np.ix_(amps, amps)] = np.linalg.inv(F[np.ix_(amps, amps)])
-    at = [keys.index(int(t)) * npar for t in ids]
+    row = {k: n for n, k in enumerate(keys)}
+    at = [row[int(t)] * npar for t in ids]
     return {"centre_cov": np.array([C[k + nb:k + nb + 2, k + nb:k + nb + 2] for k in at]).reshape(-1, 2, 2),
             "flux_sigma_free": np.sqrt([C[k + kb, k + kb] for k in at]),
             "flux_sigma_known": np.sqrt([Ck[k + kb, k + kb] for k in at])}
