@@ -23,7 +23,7 @@ from .footprint import counts_to_offsets, mask_to_spans, spans_to_mask
 from .ingest import bad_bits
 from .measure import COLUMNS, measure_children
 from .models import SOURCE_FLAGS, RunIndex, RunTables, read_blend
-from .reconstruct import band_kernel, heavy_values, source_models
+from .reconstruct import apportion_weights, band_kernel, heavy_values, source_models
 
 # catalog flag bits (source flags keep their bits; these are added)
 CATALOG_FLAGS = dict(SOURCE_FLAGS, zero_flux=1 << 8, not_converged=1 << 9, no_data=1 << 10)
@@ -210,8 +210,15 @@ class BlendMeasurer:
         data = self._data(blend.bbox)
         redist = None
         if data is not None:
-            redist = heavy_values(models, fp & data[2], data[0], redistribute_flux=True)
+            redist = heavy_values(models, fp & data[2], data[0], redistribute_flux=True,
+                                  peaks=self._local_peaks(b, blend.bbox))
         return blend, models, fp, data, redist
+
+    def _local_peaks(self, b: int, bbox) -> np.ndarray:
+        """(n, 2) peak (y, x) of blend ``b``'s children in its box (they take stray flux)."""
+        rows = slice(self.index.source_off[b], self.index.source_off[b + 1])
+        return np.stack([self.tables.col("source_y")[rows] - bbox[0],
+                         self.tables.col("source_x")[rows] - bbox[1]], axis=1)
 
     def measure_blend(self, b: int) -> dict:
         """Every lazy column for the rows (children) of blend ``b``."""
@@ -220,6 +227,10 @@ class BlendMeasurer:
         m = measure_children(models, fp, blend.bbox[0], blend.bbox[1], image, variance, good, redist)
         flux = np.array([_model_flux(src, self.b) for src in blend.sources], np.float64)
         cols = {name: m[:, k] for k, name in enumerate(COLUMNS)}
+        if redist is not None:
+            # every pixel of the redistributed footprint counts, stray and negative ones
+            # too: the children then sum to the image over the parent footprint
+            cols["flux_redistributed"] = redist.sum(axis=(1, 2), dtype=np.float64)
         cols["flux"] = flux
         flags = np.zeros(len(blend.sources), np.int32)
         for k, src in enumerate(blend.sources):
@@ -239,7 +250,8 @@ class BlendMeasurer:
         k = int(np.nonzero(blend.source_ids == source_id)[0][0])
         if self.redistribute:
             values = redist[k]
-            inside = fp & (models[k] > 0) & data[2]
+            share = apportion_weights(models, fp & data[2], self._local_peaks(b, blend.bbox))
+            inside = share[k] > 0
         else:
             values = models[k]
             inside = fp & (models[k] != 0)

@@ -3,8 +3,9 @@
 Model mode: each source's model-frame image in the band, convolved with the
 band's difference kernel, inside the parent footprint. Redistribute mode: the
 observed image apportioned in proportion to those models clipped at zero,
-``image * T_i / sum_j T_j``, so the children sum exactly to the image wherever
-some template is positive.
+``image * T_i / sum_j T_j``; footprint pixels where no template is positive
+go to the nearest child's peak, so the children sum exactly to the image over
+the whole footprint.
 """
 
 from __future__ import annotations
@@ -85,37 +86,73 @@ def _add_clipped(target, img, oy, ox):
 
 
 @njit(cache=True)
-def _apportion(image, templates, footprint, out):
+def _apportion(templates, footprint, peak_y, peak_x, out):
     n, h, w = templates.shape
     for y in range(h):
         for x in range(w):
+            for i in range(n):
+                out[i, y, x] = 0.0
+            if not footprint[y, x] or n == 0:
+                continue
             total = 0.0
-            if footprint[y, x]:
+            for i in range(n):
+                t = templates[i, y, x]
+                if t > 0:
+                    total += t
+            if total > 0:
                 for i in range(n):
                     t = templates[i, y, x]
                     if t > 0:
-                        total += t
+                        out[i, y, x] = t / total
+                continue
+            # stray flux (no positive template here): all of it to the nearest peak,
+            # so the children still sum to the image over the whole footprint
+            best, best_d = 0, np.inf
             for i in range(n):
-                t = templates[i, y, x]
-                if total > 0 and t > 0:
-                    out[i, y, x] = image[y, x] * t / total
-                else:
-                    out[i, y, x] = 0.0
+                d = (y - peak_y[i]) ** 2 + (x - peak_x[i]) ** 2
+                if d < best_d:
+                    best, best_d = i, d
+            out[best, y, x] = 1.0
 
 
-def redistribute(image: np.ndarray, templates: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """``image * T_i+ / sum_j T_j+`` inside ``footprint`` (zero elsewhere)."""
+def apportion_weights(templates: np.ndarray, footprint: np.ndarray, peaks=None) -> np.ndarray:
+    """(n, h, w) share of every footprint pixel that goes to each child (sums to 1 there).
+
+    A pixel is shared in proportion to the positive templates, ``T_i+ / sum_j T_j+``;
+    a footprint pixel where no template is positive (stray flux: faint wings,
+    noise, a single child's own negative pixels) goes whole to the child whose
+    peak is nearest. ``peaks`` (n, 2) are (y, x) in the box's pixels; without
+    them stray pixels go to the first child.
+    """
+    templates = np.ascontiguousarray(templates, np.float32)
+    n = templates.shape[0]
+    peaks = np.zeros((n, 2)) if peaks is None else np.asarray(peaks, np.float64).reshape(n, 2)
     out = np.empty(templates.shape, np.float32)
-    _apportion(np.ascontiguousarray(image, np.float32), np.ascontiguousarray(templates, np.float32),
-               np.ascontiguousarray(footprint, np.bool_), out)
+    _apportion(templates, np.ascontiguousarray(footprint, np.bool_),
+               np.ascontiguousarray(peaks[:, 0]), np.ascontiguousarray(peaks[:, 1]), out)
     return out
 
 
+def redistribute(image: np.ndarray, templates: np.ndarray, footprint: np.ndarray,
+                 peaks=None) -> np.ndarray:
+    """The image apportioned to the children inside ``footprint`` (zero elsewhere).
+
+    The children sum exactly to the image over the footprint (see
+    :func:`apportion_weights`); a lone child's share is the image itself.
+    """
+    weights = apportion_weights(templates, footprint, peaks)
+    return (weights * np.asarray(image, np.float32)[None]).astype(np.float32)
+
+
 def heavy_values(models: np.ndarray, footprint: np.ndarray, image: np.ndarray | None = None,
-                 redistribute_flux: bool = False) -> np.ndarray:
-    """Pixel values of every child's heavy footprint (zero outside it)."""
+                 redistribute_flux: bool = False, peaks=None) -> np.ndarray:
+    """Pixel values of every child's heavy footprint (zero outside it).
+
+    ``peaks`` (n, 2): the children's (y, x) in the box, which take the stray
+    flux when redistributing.
+    """
     if redistribute_flux:
         if image is None:
             raise ValueError("redistribution needs the observed image")
-        return redistribute(image, models, footprint)
+        return redistribute(image, models, footprint, peaks)
     return np.where(footprint[None], models, 0).astype(np.float32)

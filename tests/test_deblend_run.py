@@ -9,6 +9,7 @@ from scarletstore.cli import main
 from scarletstore.deblend import DeblendConfig
 from scarletstore.deblend.run import deblend_exposure, init_from_run
 from scarletstore.errors import InputError
+from scarletstore.footprint import counts_to_offsets
 from scarletstore.ingest import read_fits_bands, read_npz
 from scarletstore.models import BLEND_FLAGS
 from scarletstore.store import Store
@@ -251,3 +252,47 @@ def test_diff_and_info_report_runs(field, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "from run: a" in out and "config: max_iter=30" in out and "exposure sha256" in out
     assert main(["diff", str(path), "a", "nope"]) == 2
+
+
+def test_catalog_positions_and_redistribution_conserve_flux(field, tmp_path):
+    """Every row lies on its own peak, and the redistributed children of every
+    parent (isolated or fitted) sum to the image over its footprint."""
+    from scarletstore.catalog import band_catalog
+    from scarletstore.models import SOURCE_FLAGS
+
+    exposure, parents, src = field
+    path = tmp_path / "s.h5"
+    path.write_bytes(src.read_bytes())
+    run = deblend_exposure(exposure, parents, DeblendConfig(max_iter=20), "scarlet", name="a")
+    Store(path).write({"runs/a": run})
+    h, w = exposure.sizes["y"], exposure.sizes["x"]
+    iso = (run["source_flags"].values & SOURCE_FLAGS["isolated"]) != 0
+    assert iso.sum() >= 2 and (~iso).sum() >= 3  # both kinds are exercised
+    x, y = run["source_x"].values, run["source_y"].values
+    assert ((x >= 0) & (x < w) & (y >= 0) & (y < h)).all()
+    peak_at = {int(i): (py, px) for i, py, px in zip(parents["peak_id"].values, parents["peak_y"].values,
+                                                      parents["peak_x"].values)}
+    true = np.array([peak_at[int(p)] for p in run["source_peak_id"].values])
+    assert np.abs(np.stack([y, x], axis=1) - true).max() <= 1.0
+    # component peaks are stored in exposure pixels like the rows
+    first_comp = counts_to_offsets(run["source_n_components"].values)[:-1]
+    np.testing.assert_allclose(run["component_peak_y"].values[first_comp][iso], y[iso])
+    np.testing.assert_allclose(run["component_peak_x"].values[first_comp][iso], x[iso])
+
+    store = Store(path)
+    for band in ("g", "i"):
+        cat = band_catalog(store, band, redistribute=True)
+        measurer = cat.attrs["_measurer"]
+        flux = cat["flux_redistributed"].values
+        blend_of_row = cat["blend"].values
+        for b in range(run.sizes["blend"]):
+            blend, models, fp, data, redist = measurer.blend_products(b)
+            if not blend.sources:
+                continue
+            image, _, good = data
+            inside = float(image[fp & good].sum(dtype=np.float64))
+            rows = np.flatnonzero(blend_of_row == b)
+            np.testing.assert_allclose(flux[rows].sum(), inside, rtol=1e-4, atol=1e-3)
+            if len(rows) == 1 and iso[rows[0]]:
+                np.testing.assert_array_equal(redist[0], np.where(fp & good, image, 0))
+        measurer.close()

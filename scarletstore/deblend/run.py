@@ -124,11 +124,12 @@ def make_tasks(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig,
         reason, flag = skip_reason(config, len(ids), area, h, w, fractions)
         bad = ((m & bits) != 0) | ~np.isfinite(variance[box]) | (variance[box] <= 0)
         if reason == "isolated":
+            # the parents' peaks are already exposure pixels
             done.append(_isolated_record(i, int(parent_id), (y0, x0, h, w), image[box], bad, fp,
-                                         peaks + [y0, x0], ids, flag))
+                                         peaks, ids, flag))
         elif reason:
             done.append(BlendRecord(index=i, parent_id=int(parent_id), bbox=(y0, x0, h, w),
-                                    peak_ids=ids, peaks=peaks + [y0, x0], flags=flag, reason=reason))
+                                    peak_ids=ids, peaks=peaks, flags=flag, reason=reason))
         else:
             tasks.append(BlendTask(index=i, parent_id=int(parent_id), bbox=(y0, x0, h, w),
                                    images=np.ascontiguousarray(image[box], np.float32),
@@ -139,7 +140,11 @@ def make_tasks(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig,
 
 
 def _isolated_record(index, parent_id, bbox, image, bad, footprint, peaks, ids, flag):
-    """A single-peak parent kept as its footprint's pixels (a cube component)."""
+    """A single-peak parent kept as its footprint's pixels (a cube component).
+
+    ``peaks`` are exposure pixels; the component's peak is blend-local, as
+    every component of a record is.
+    """
     cube = np.where(footprint[None] & ~bad, image, 0).astype(np.float32)
     y, x = peaks[0] - [bbox[0], bbox[1]]
     comp = Component(spectrum=cube.sum(axis=(1, 2)), morph=cube, y0=0, x0=0, peak=(y, x))
