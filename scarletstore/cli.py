@@ -307,7 +307,7 @@ def cmd_diff(args):
 
 
 def cmd_import_lsst(args):
-    from .lsst import read_lsst_models
+    from .lsst import place_on_exposure, read_lsst_models
     from .store import Store, run_group
 
     path = Path(args.store)
@@ -317,6 +317,9 @@ def cmd_import_lsst(args):
     if name in runs:
         raise InputError(f"{path}: run {name!r} already exists (runs are never overwritten)")
     run = read_lsst_models(args.models, name=name)
+    if store is not None and store.has("exposure"):
+        with store.open("exposure") as exposure:
+            run = place_on_exposure(run, exposure)
     if store is None:
         Store.create(path, {run_group(name): run})
     else:

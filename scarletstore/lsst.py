@@ -114,13 +114,46 @@ def _get(d, key, where):
     return d[key]
 
 
+# geometry limits: every box a file declares is allocated when a catalog is
+# rebuilt, so a crafted shape must not be able to ask for gigabytes
+MAX_SIDE = 1 << 14  # pixels along one axis of any box (a Rubin patch is ~4200)
+MAX_BOX_PIXELS = 1 << 25  # pixels of one box (128 MiB per float32 plane)
+MAX_COORD = 1 << 30  # |origin| (stored as int32)
+
+
 def _ints(value, n, what):
-    try:
-        out = [int(v) for v in value]
-    except (TypeError, ValueError):
-        raise _Fail(f"{what} is not a list of integers") from None
+    """``n`` integers; floats must be integral and finite (no silent truncation)."""
+    if not isinstance(value, (list, tuple)):
+        raise _Fail(f"{what} is not a list of integers")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _Fail(f"{what} is not a list of integers")
+        if isinstance(v, float) and not (math.isfinite(v) and v == int(v)):
+            raise _Fail(f"{what} has a non-integer value {v!r}")
+        out.append(int(v))
     if len(out) != n:
         raise _Fail(f"{what} has {len(out)} values, expected {n}")
+    return out
+
+
+def _origin(value, what):
+    out = _ints(value, 2, what)
+    if any(abs(v) > MAX_COORD for v in out):
+        raise _Fail(f"{what} {out} is beyond +-{MAX_COORD} pixels")
+    return out
+
+
+def _shape(value, n, what):
+    """A box shape: ``n`` positive integers within :data:`MAX_SIDE` / :data:`MAX_BOX_PIXELS`."""
+    if isinstance(value, (list, tuple)) and len(value) != n:
+        raise _Fail(f"{what} has {len(value)} values, expected {n}")
+    out = _ints(value, n, what)
+    if any(v <= 0 for v in out):
+        raise _Fail(f"{what} {out} must be positive")
+    if any(v > MAX_SIDE for v in out[-2:]) or math.prod(out[-2:]) > MAX_BOX_PIXELS:
+        raise _Fail(f"{what} {out} is larger than {MAX_SIDE} pixels a side "
+                    f"or {MAX_BOX_PIXELS} pixels")
     return out
 
 
@@ -133,11 +166,20 @@ def _floats(value, what, dtype=np.float32):
 
 
 def _shaped(data, shape, what, dtype=np.float32):
+    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4:
+        raise _Fail(f"{what} shape {shape!r} is not a list of 1 to 4 integers")
+    shape = tuple(_ints(shape, len(shape), f"{what} shape"))
+    if any(s <= 0 for s in shape):
+        raise _Fail(f"{what} shape {list(shape)} must be positive")
     arr = _floats(data, what, dtype).ravel()
-    shape = tuple(int(s) for s in shape)
-    if arr.size != int(np.prod(shape)):
-        raise _Fail(f"{what} has {arr.size} values, shape {list(shape)} needs {int(np.prod(shape))}")
+    if arr.size != math.prod(shape):
+        raise _Fail(f"{what} has {arr.size} values, shape {list(shape)} needs {math.prod(shape)}")
     return arr.reshape(shape)
+
+
+def _overlaps(origin, shape, box_origin, box_shape) -> bool:
+    return all(o < bo + bs and bo < o + s
+               for o, s, bo, bs in zip(origin, shape, box_origin, box_shape))
 
 
 def _meta_array(container, key, where):
@@ -203,18 +245,25 @@ class _Leaf:
 def _component(c, nb, where):
     """(kind, spectrum, array, origin, peak) of one component dict (global pixels)."""
     kind = c.get("component_type", "factorized")
-    origin = _ints(_get(c, "origin", where), 2, f"{where} origin")
+    origin = _origin(_get(c, "origin", where), f"{where} origin")
     peak = c.get("peak")
-    peak = (math.nan, math.nan) if peak is None else tuple(float(p) for p in peak[:2])
+    if peak is None:
+        peak = (math.nan, math.nan)
+    else:
+        peak = _floats(peak, f"{where} peak", np.float64).ravel()
+        if peak.size < 2:
+            raise _Fail(f"{where} peak has {peak.size} values, expected 2")
+        peak = (float(peak[0]), float(peak[1]))
     if kind == "factorized":
-        shape = _ints(_get(c, "shape", where), 2, f"{where} shape")
+        shape = _shape(_get(c, "shape", where), 2, f"{where} shape")
         morph = _shaped(_get(c, "morph", where), shape, f"{where} morph")
         spectrum = _floats(_get(c, "spectrum", where), f"{where} spectrum").ravel()
         if spectrum.size != nb:
             raise _Fail(f"{where} spectrum has {spectrum.size} values for {nb} bands")
         return spectrum, morph, origin, peak
     if kind in _CUBE_TYPES:
-        shape = [int(s) for s in _get(c, "shape", where)]
+        shape = _get(c, "shape", where)
+        shape = _shape(shape, len(shape) if isinstance(shape, list) else 3, f"{where} shape")
         if len(shape) == 2:
             shape = [nb] + shape
         if len(shape) != 3 or shape[0] != nb:
@@ -232,9 +281,11 @@ def _component(c, nb, where):
 
 def _isolated(src, nb, where):
     """Components and peak of an isolated source (pixels, or its footprint mask)."""
-    origin = _ints(_get(src, "origin", where), 2, f"{where} origin")
-    shape = [int(s) for s in _get(src, "shape", where)]
-    peak = tuple(float(p) for p in _get(src, "peak", where)[:2])
+    origin = _origin(_get(src, "origin", where), f"{where} origin")
+    shape = _get(src, "shape", where)
+    shape = _shape(shape, len(shape) if isinstance(shape, list) and len(shape) == 3 else 2,
+                   f"{where} shape")
+    peak = tuple(_floats(_get(src, "peak", where), f"{where} peak", np.float64).ravel()[:2])
     if src.get("model") is not None:
         cube_shape = shape if len(shape) == 3 else [nb] + shape[-2:]
         cube = _shaped(src["model"], cube_shape, f"{where} model")
@@ -316,8 +367,8 @@ def _walk(blend_id, blend, ctx, path, leaves, where, legacy):
         raise _Fail(f"{where} has no 'bands'")
     if ctx["psf"] is None:
         raise _Fail(f"{where} has no observed 'psf'")
-    origin = _ints(_get(blend, "origin", where), 2, f"{where} origin")
-    shape = _ints(_get(blend, "shape", where), 2, f"{where} shape")
+    origin = _origin(_get(blend, "origin", where), f"{where} origin")
+    shape = _shape(_get(blend, "shape", where), 2, f"{where} shape")
     leaf = _Leaf(blend_id, origin, shape, ctx["bands"], ctx["psf"], ctx["psf_center"], path)
     sources = _get(blend, "sources", where)
     if not isinstance(sources, dict):
@@ -409,8 +460,10 @@ def _read(data, fname, fmt, name):
         if ctx["bands"] is None or ctx["psf"] is None:
             raise _Fail(f"{where}: the model metadata has no 'bands' or observed 'psf'")
         sid, _, smeta = _source_ids(key, src, where)
-        origin = _ints(_get(src, "origin", where), 2, f"{where} origin")
-        shape = [int(s) for s in _get(src, "shape", where)][-2:]
+        origin = _origin(_get(src, "origin", where), f"{where} origin")
+        shape = _get(src, "shape", where)
+        shape = _shape(shape, len(shape) if isinstance(shape, list) and len(shape) == 3 else 2,
+                       f"{where} shape")[-2:]
         leaf = _Leaf(int(smeta.get("parent_id", sid)), origin, shape, ctx["bands"], ctx["psf"],
                      smeta.get("psf_center"), [])
         _add_source(leaf, key, dict(src, source_type="isolated"), len(ctx["bands"]), where, False)
@@ -443,6 +496,9 @@ def _assemble(leaves, model_psf, fname, fmt, data, meta, name):
         for k, (sid, peak_id, peak, flags, comps) in enumerate(leaf.sources):
             out = []
             for spectrum, morph, (cy, cx), (py, px) in comps:
+                if not _overlaps((cy, cx), morph.shape[-2:], leaf.origin, leaf.shape):
+                    raise _Fail(f"blend {leaf.blend_id} source {sid}: component box at {[cy, cx]} "
+                                f"of shape {list(morph.shape[-2:])} lies outside the blend box")
                 spectrum = spectrum[order]
                 if morph.ndim == 3:
                     morph = morph[order]
@@ -475,6 +531,57 @@ def _assemble(leaves, model_psf, fname, fmt, data, meta, name):
                      config_json=config_json, package_version=__version__,
                      exposure_checksum="", parents_checksum="", from_run="",
                      blend_psf=blend_psf, source_ids=source_ids)
+
+
+_FRAME_VARS = (("blend_y0", "blend_x0"), ("component_y0", "component_x0"),
+               ("component_peak_y", "component_peak_x"), ("source_y", "source_x"))
+
+
+def _shifted(run: xr.Dataset, dy: int, dx: int) -> xr.Dataset:
+    """``run`` with every position moved by (dy, dx) pixels."""
+    run = run.copy()
+    for vy, vx in _FRAME_VARS:
+        run[vy] = run[vy] + np.asarray(dy).astype(run[vy].dtype)
+        run[vx] = run[vx] + np.asarray(dx).astype(run[vx].dtype)
+    return run
+
+
+def place_on_exposure(run: xr.Dataset, exposure: xr.Dataset) -> xr.Dataset:
+    """Put imported models on a store exposure's pixel grid, or refuse them.
+
+    Catalogs cut the exposure at each blend's box, so every box must lie inside
+    the exposure. Models in the exposure's own array pixels are kept as they
+    are; models in global pixels (Rubin writes tract coordinates) are moved by
+    the exposure's ``origin_y``/``origin_x`` when that puts them inside, and the
+    offset is kept in the run's config (``pixel_offset``) so that export writes
+    the original coordinates back. Raises InputError when neither frame holds
+    every blend (models of another patch, or cut by the exposure's edge).
+    """
+    height, width = int(exposure.sizes["y"]), int(exposure.sizes["x"])
+    oy, ox = int(exposure.attrs.get("origin_y", 0)), int(exposure.attrs.get("origin_x", 0))
+    y0 = np.asarray(run["blend_y0"].values, np.int64)
+    x0 = np.asarray(run["blend_x0"].values, np.int64)
+    h = np.asarray(run["blend_height"].values, np.int64)
+    w = np.asarray(run["blend_width"].values, np.int64)
+
+    def outside(dy, dx):
+        return ~((y0 - dy >= 0) & (x0 - dx >= 0) & (y0 - dy + h <= height) & (x0 - dx + w <= width))
+
+    out = outside(0, 0)
+    if not out.any():
+        return run
+    if (oy, ox) != (0, 0) and not outside(oy, ox).any():
+        run = _shifted(run, -oy, -ox)
+        config = json.loads(run.attrs.get("config") or "{}")
+        config["pixel_offset"] = [oy, ox]
+        run.attrs["config"] = json.dumps(config, allow_nan=True, default=str)
+        return run
+    k = int(np.flatnonzero(out)[0])
+    raise InputError(
+        f"{int(out.sum())} of {out.size} blends lie outside the store's exposure "
+        f"({height} x {width} pixels, origin {[oy, ox]}), e.g. blend {int(run['blend_parent_id'].values[k])} "
+        f"at {[int(y0[k]), int(x0[k])]} of shape {[int(h[k]), int(w[k])]}: "
+        "these models belong to another image")
 
 
 _ARRAY_META = ("psf", "model_psf", "bands", "array_keys")
@@ -553,7 +660,6 @@ def _source_dict(sid, peak_id, src: SourceResult, position) -> dict:
 def lsst_models_dict(run: xr.Dataset) -> dict:
     """The versioned 1.0.0 JSON object of a run (see :func:`write_lsst_models`)."""
     bands = [str(b) for b in run["band"].values]
-    index = RunIndex(run)
     per_blend = run.attrs.get("psf_source", "run") == "blend" and "blend_psf" in run
     run_psf = None if per_blend else np.asarray(run["psf"].values, np.float32)
     try:
@@ -562,6 +668,10 @@ def lsst_models_dict(run: xr.Dataset) -> dict:
         config = {}
     if not isinstance(config, dict) or config.get("imported_from") is None:
         config = {}
+    offset = config.get("pixel_offset")
+    if offset:  # placed on a store exposure: write the file's own (global) pixels back
+        run = _shifted(run, int(offset[0]), int(offset[1]))
+    index = RunIndex(run)
     hierarchy = config.get("hierarchy") or {}
     centers = config.get("psf_center") or {}
     peak_ids = np.asarray(run["source_peak_id"].values)

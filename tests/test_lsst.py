@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from conftest import shared_file
 from scarletstore.errors import InputError
-from scarletstore.lsst import read_lsst_models, write_lsst_models
+from scarletstore.lsst import lsst_models_dict, read_lsst_models, write_lsst_models
 from scarletstore.models import CUBE, SOURCE_ISOLATED, RunIndex, read_blend
 from scarletstore.reconstruct import band_kernel, source_models
 from scarletstore.schema import validate
@@ -415,3 +416,116 @@ def test_heavy_footprints_without_exposure_keep_model_flux(tmp_path):
                 row = int(np.nonzero(cat["id"].values == int(sid))[0][0])
                 assert cat["flux"].values[row] == pytest.approx(expected, rel=1e-6)
                 assert np.isnan(cat["flux_err"].values[row])  # no data: no noise estimate
+
+
+# ------------------------------------------------------------------ crafted geometry
+
+def _import(tmp_path, doc, store_path, capsys):
+    from scarletstore.cli import main
+
+    path = tmp_path / "crafted.json"
+    path.write_text(json.dumps(doc))
+    code = main(["import-lsst", str(path), str(store_path), "--run", "x"])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda leaf: leaf.update(shape=[100000, 100000]), "larger than"),
+    (lambda leaf: leaf.update(shape=[9000, 9000]), "larger than"),  # each side fine, area not
+    (lambda leaf: leaf.update(shape=[-6, 8]), "must be positive"),
+    (lambda leaf: leaf.update(shape=[0, 8]), "must be positive"),
+    (lambda leaf: leaf.update(origin=[10.5, 20]), "non-integer"),
+    (lambda leaf: leaf.update(origin=[1e300, 20]), "non-integer|beyond"),
+    (lambda leaf: leaf.update(origin=[3e9, 20]), "beyond"),
+    (lambda leaf: leaf.update(origin=["10", 20]), "not a list of integers"),
+    # a product that matches the data but with negative sides
+    (lambda leaf: leaf["sources"]["9000000000000000001"]["components"][0].update(shape=[-4, -5]),
+     "must be positive"),
+    (lambda leaf: leaf["sources"]["9000000000000000001"]["components"][1].update(shape=[2, -3, -3]),
+     "must be positive"),
+    # a component far from its blend would make the blend's catalog box meaningless
+    (lambda leaf: leaf["sources"]["9000000000000000001"]["components"][0].update(origin=[5000, 21]),
+     "outside the blend box"),
+    (lambda leaf: leaf["sources"]["9000000000000000001"]["components"][0].update(peak=["a", 1]),
+     "peak"),
+])
+def test_crafted_geometry_is_refused(tmp_path, capsys, edit, message):
+    doc, *_ = _versioned_doc()
+    edit(doc["blends"]["8000000000000000000"]["children"]["8000000000000000001"])
+    store_path = tmp_path / "s.h5"
+    code, err = _import(tmp_path, doc, store_path, capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "crafted.json" in err
+    assert re.search(message, err), err
+    assert not store_path.exists()
+
+
+def _move(doc, oy, ox):
+    """Shift every box and peak of a model document by (oy, ox) pixels."""
+    def move(node):
+        if "origin" in node:
+            node["origin"] = [node["origin"][0] + oy, node["origin"][1] + ox]
+        if "peak" in node:
+            node["peak"] = [node["peak"][0] + oy, node["peak"][1] + ox]
+        for key in ("children", "sources"):
+            for child in node.get(key, {}).values():
+                move(child)
+        for comp in node.get("components", []):
+            move(comp)
+
+    for blend in doc["blends"].values():
+        move(blend)
+
+
+def _exposure_store(path, shape=(60, 60), origin=(0, 0)):
+    from scarletstore.ingest import make_exposure
+
+    rng = np.random.default_rng(2)
+    image = rng.normal(0, 1, (2, *shape)).astype(np.float32)
+    exposure = make_exposure(image, np.ones_like(image), None, [_psf(7, 1.5), _psf(7, 2.0)], BANDS,
+                             origin=origin)
+    return Store.create(path, {"exposure": exposure})
+
+
+def test_models_off_the_exposure_are_refused(tmp_path, capsys):
+    doc, *_ = _versioned_doc()  # boxes span y 0..35, x 0..46
+    store_path = tmp_path / "s.h5"
+    store = _exposure_store(store_path, shape=(30, 60))  # cuts blend 8000000000000000002 (y 30..34)
+    before = store_path.read_bytes()
+    code, err = _import(tmp_path, doc, store_path, capsys)
+    assert code == 2 and "1 of 3 blends lie outside the store's exposure" in err
+    assert len(err.splitlines()) == 1
+    assert store_path.read_bytes() == before and Store(store_path).runs() == []
+    # models of another patch (global pixels far from this exposure's origin): refused
+    other = tmp_path / "o.h5"
+    _exposure_store(other, origin=(100, 100))
+    _move(doc, 4000, 4000)
+    code, err = _import(tmp_path, doc, other, capsys)
+    assert code == 2 and "3 of 3 blends" in err and Store(other).runs() == []
+
+
+def test_models_in_global_pixels_are_placed_on_the_exposure(tmp_path, capsys):
+    """Models written in tract pixels land on an exposure whose origin is that tract
+    offset; the catalog then cuts the right pixels and export restores the file's frame."""
+    from scarletstore.catalog import band_catalog
+
+    doc, *_ = _versioned_doc()
+    oy, ox = 1000, 2000
+
+    _move(doc, oy, ox)
+    store_path = tmp_path / "s.h5"
+    _exposure_store(store_path, origin=(oy, ox))
+    code, err = _import(tmp_path, doc, store_path, capsys)
+    assert code == 0, err
+    run = Store(store_path).read("runs/x")
+    assert run["blend_y0"].values.tolist() == [10, 30, 0]
+    assert run["blend_x0"].values.tolist() == [20, 40, 0]
+    assert run["source_y"].values.tolist()[0] == 13.0
+    cat = band_catalog(Store(store_path), "g").compute()
+    assert np.all(cat["data_coverage"].values[cat["n_pixels"].values > 0] == 1.0)
+    back = lsst_models_dict(run)
+    leaf = back["blends"]["8000000000000000000"]["children"]["8000000000000000001"]
+    assert leaf["origin"] == [10 + oy, 20 + ox]
+    comp = leaf["sources"]["9000000000000000001"]["components"][0]
+    assert comp["origin"] == [11 + oy, 21 + ox] and comp["peak"] == [13 + oy, 23 + ox]
