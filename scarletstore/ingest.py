@@ -7,6 +7,7 @@ with a one-line message naming the file, before anything is written.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,18 @@ LSST_MASK_PLANES = {
     "DETECTED_NEGATIVE": 6, "SUSPECT": 7, "NO_DATA": 8,
 }
 DEFAULT_BAD_PLANES = ["BAD", "SAT", "SUSPECT", "NO_DATA", "EDGE"]
+# a PSF image is centred on its central pixel; real PSF stamps sit within a
+# few tenths of a pixel of it, so a centroid further than this is a wrong image
+PSF_MAX_OFFSET = 1.0
+# PSF sums further than this from 1 are renormalised with a warning
+PSF_SUM_TOLERANCE = 0.01
+# pixel positions of two bands' WCSs may differ by this much and still be one grid
+GRID_TOLERANCE = 0.01
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (what a scientist should know, not a traceback)."""
+    sys.stderr.write(f"scarletstore: warning: {message}\n")
 
 
 def bad_bits(mask_planes: dict, bad_planes=DEFAULT_BAD_PLANES) -> int:
@@ -42,7 +55,14 @@ def bad_pixels(exposure: xr.Dataset, bad_planes=None) -> np.ndarray:
 
 
 def check_psf(psf, where: str) -> np.ndarray:
-    """Validate a PSF image and return it normalised to unit sum (float64)."""
+    """Validate a PSF image and return it normalised to unit sum (float64).
+
+    Refused: not 2-D, empty, even-sized, non-finite, a sum that is not
+    positive, or a centroid more than :data:`PSF_MAX_OFFSET` pixels from the
+    central pixel (the deblender centres every model on it, so such a PSF
+    shifts every source). A sum further than :data:`PSF_SUM_TOLERANCE` from 1
+    (a stamp in counts, a star cut-out) is renormalised with one warning line.
+    """
     psf = np.asarray(psf, dtype=np.float64)
     if psf.ndim != 2:
         raise InputError(f"{where}: PSF must be 2-D, got {psf.ndim}-D")
@@ -55,6 +75,14 @@ def check_psf(psf, where: str) -> np.ndarray:
     total = psf.sum()
     if not total > 0:
         raise InputError(f"{where}: PSF sums to {total:g}; it must have a positive sum")
+    y, x = np.indices(psf.shape)
+    cy = (psf * y).sum() / total - psf.shape[0] // 2
+    cx = (psf * x).sum() / total - psf.shape[1] // 2
+    if np.hypot(cy, cx) > PSF_MAX_OFFSET:
+        raise InputError(f"{where}: PSF centroid is ({cy:+.2f}, {cx:+.2f}) px (y, x) from its central "
+                         f"pixel; a PSF image must be centred on it (within {PSF_MAX_OFFSET:g} px)")
+    if abs(total - 1) > PSF_SUM_TOLERANCE:
+        warn(f"{where}: PSF sums to {total:.4g}, renormalised to 1")
     return psf / total
 
 
@@ -87,6 +115,12 @@ def _check_planes(image, variance, mask, bands, where, mask_planes, bad_planes):
         if not np.all(np.isfinite(image[i][good])):
             raise InputError(f"{where[i] if isinstance(where, list) else where}: "
                              f"band {band}: non-finite image values on unmasked pixels")
+        if not np.any(v > 0):
+            # a pixel with variance 0 is unusable, so the band would hold no data
+            # and give fluxes of 0 +- 0 that look like measurements
+            raise InputError(f"{where[i] if isinstance(where, list) else where}: band {band}: "
+                             + ("variance is zero on every unmasked pixel (no noise estimate)"
+                                if v.size else "every pixel is masked"))
 
 
 def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(0, 0),
@@ -112,6 +146,9 @@ def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(
     if image.ndim != 3 or variance.shape != image.shape or mask.shape != image.shape:
         raise InputError(f"{where}: image {image.shape}, variance {variance.shape} and "
                          f"mask {mask.shape} must be equal (band, y, x) shapes")
+    if image.size == 0:
+        raise InputError(f"{where}: the image is empty ({' x '.join(str(n) for n in image.shape)} "
+                         "band x y x x pixels)")
     if len(bands) != image.shape[0] or len(psfs) != image.shape[0]:
         raise InputError(f"{where}: {image.shape[0]} image planes but {len(bands)} band names "
                          f"and {len(psfs)} PSFs")
@@ -167,17 +204,51 @@ def read_psf_file(path) -> np.ndarray:
     raise InputError(f"{path}: no 2-D PSF image found")
 
 
-def _wcs_text(header) -> str:
+def _celestial_wcs(header):
+    """The header's celestial WCS, or None (astropy's fix-up warnings kept quiet)."""
     from astropy.wcs import WCS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             w = WCS(header)
         except Exception:
-            return ""
-        if not w.has_celestial:
-            return ""
+            return None
+    return w if w.has_celestial else None
+
+
+def _wcs_text(header) -> str:
+    w = _celestial_wcs(header)
+    if w is None:
+        return ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return w.to_header(relax=True).tostring()
+
+
+def _grid_mismatch(first, other, shape) -> str:
+    """Why two bands' WCSs put the same pixels on different sky positions ('' when they agree).
+
+    The sky position of a grid of pixels (corners, edges and centre) under
+    ``other`` must map back through ``first`` to the same pixels, to
+    :data:`GRID_TOLERANCE` pixels.
+    """
+    if (first is None) != (other is None):
+        return "has no WCS" if other is None else "has a WCS the first band lacks"
+    if first is None:
+        return ""
+    ny, nx = shape
+    y, x = np.meshgrid(np.linspace(0, max(ny - 1, 0), 5), np.linspace(0, max(nx - 1, 0), 5), indexing="ij")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ra, dec = other.celestial.all_pix2world(x.ravel(), y.ravel(), 0)
+            bx, by = first.celestial.all_world2pix(ra, dec, 0)
+        except Exception:
+            return "has a WCS that cannot be compared with the first band's"
+    off = float(np.nanmax(np.hypot(bx - x.ravel(), by - y.ravel()))) if np.size(bx) else 0.0
+    if not np.isfinite(off) or off > GRID_TOLERANCE:
+        return f"is on a different pixel grid (its pixels sit up to {off:.3g} px from the first band's)"
+    return ""
 
 
 def read_fits_bands(paths, bands=None, psf_files=None, require_psf: bool = True) -> xr.Dataset:
@@ -185,14 +256,26 @@ def read_fits_bands(paths, bands=None, psf_files=None, require_psf: bool = True)
 
     The band name comes from header ``BAND`` (primary or IMAGE HDU) or, in
     order, from ``bands``; a PSF in ``psf_files[band]`` overrides the PSF HDU.
+    Every band must be on the first band's pixel grid (same WCS and LTV
+    origin): bands on different grids are refused, never silently given the
+    first band's WCS.
     """
-    from astropy.io import fits
-
     psf_files = dict(psf_files or {})
     if bands is not None and len(bands) != len(paths):
         raise InputError(f"--bands names {len(bands)} bands but {len(paths)} files were given")
+    with warnings.catch_warnings():
+        # astropy reports the files' header fix-ups (FITSFixedWarning, VerifyWarning
+        # on trailing bytes, ...) as warnings: the data are read all the same, and a
+        # problem that matters is refused below with one line
+        warnings.simplefilter("ignore")
+        return _read_fits_bands(paths, bands, psf_files, require_psf)
+
+
+def _read_fits_bands(paths, bands, psf_files, require_psf):
+    from astropy.io import fits
+
     images, variances, masks, psfs, names = [], [], [], [], []
-    wcs, mask_planes, shape, origin = None, None, None, (0, 0)
+    wcs, first_wcs, mask_planes, shape, origin = None, None, None, None, (0, 0)
     for i, path in enumerate(paths):
         path = Path(path)
         if not path.is_file():
@@ -228,15 +311,22 @@ def read_fits_bands(paths, bands=None, psf_files=None, require_psf: bool = True)
             if img.ndim != 2 or var.shape != img.shape or msk.shape != img.shape:
                 raise InputError(f"{path}: IMAGE {img.shape}, VARIANCE {var.shape} and MASK "
                                  f"{msk.shape} must be equal 2-D shapes")
+            hdr = hdul["IMAGE"].header
+            # LSST cut-outs carry their global pixel offset as LTV (negated).
+            band_origin = (int(-hdr.get("LTV2", 0)), int(-hdr.get("LTV1", 0)))
             if shape is None:
                 shape = img.shape
-                hdr = hdul["IMAGE"].header
-                wcs = _wcs_text(hdr)
-                # LSST cut-outs carry their global pixel offset as LTV (negated).
-                origin = (int(-hdr.get("LTV2", 0)), int(-hdr.get("LTV1", 0)))
+                wcs, first_wcs, origin = _wcs_text(hdr), _celestial_wcs(hdr), band_origin
             elif img.shape != shape:
                 raise InputError(f"{path}: band {band} has shape {img.shape[0]}x{img.shape[1]}, "
                                  f"other bands {shape[0]}x{shape[1]}")
+            else:
+                why = _grid_mismatch(first_wcs, _celestial_wcs(hdr), shape)
+                if not why and band_origin != origin:
+                    why = f"has pixel origin {list(band_origin)} (LTV), the first band {list(origin)}"
+                if why:
+                    raise InputError(f"{path}: band {band} {why}; every band must be on one pixel "
+                                     "grid: resample them onto a common grid (a coadd) first")
             planes = {k[3:]: int(v) for k, v in hdul["MASK"].header.items() if k.startswith("MP_")}
             if mask_planes is None:
                 mask_planes = planes or dict(LSST_MASK_PLANES)

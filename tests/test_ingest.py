@@ -6,7 +6,7 @@ import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from conftest import gaussian_psf, write_band_fits
+from conftest import gaussian_psf, make_wcs_header, write_band_fits
 from scarletstore.cli import main
 from scarletstore.errors import InputError
 from scarletstore.ingest import bad_pixels, read_fits_bands, read_npz
@@ -192,3 +192,100 @@ def test_simulated_six_band_fits_ingest_exactly(tmp_path):
         w_out = WCS(fits.Header.fromstring(ds.attrs["wcs"]))
         pix = np.array([[0.0, 0.0], [31.5, 12.25]])
         np.testing.assert_allclose(w_out.all_pix2world(pix, 0), w_in.all_pix2world(pix, 0), atol=1e-12)
+
+
+# ------------------------------------------------------------------ inputs that look fine but are wrong
+def _wcs_band(tmp_path, name, shift=(0.0, 0.0), ltv=None, wcs=True, psf=None):
+    rng = np.random.default_rng(len(name) + int(shift[0] * 10))
+    hdr = make_wcs_header(30, 40) if wcs else None
+    if wcs:
+        hdr["CRPIX1"] += shift[1]
+        hdr["CRPIX2"] += shift[0]
+    path = write_band_fits(tmp_path / f"{name}.fits", name, rng.normal(0, 1, (30, 40)),
+                           np.ones((30, 40)), np.zeros((30, 40)),
+                           gaussian_psf(9, 1.5) if psf is None else psf, hdr)
+    if ltv is not None:
+        with fits.open(path) as h:
+            h["IMAGE"].header["LTV1"], h["IMAGE"].header["LTV2"] = -ltv[1], -ltv[0]
+            h.writeto(path, overwrite=True)
+    return path
+
+
+def test_zero_variance_band_is_refused(tmp_path, capsys):
+    ok = _band(tmp_path, "g")
+    err = _bad(tmp_path, capsys, [ok, _band(tmp_path, "r", variance=np.zeros((20, 20), np.float32))],
+               "variance is zero on every unmasked pixel")
+    assert "band r" in err
+
+
+def test_fully_masked_band_is_refused(tmp_path, capsys):
+    mask = np.ones((20, 20), np.int32)  # BAD everywhere
+    p = write_band_fits(tmp_path / "r.fits", "r", np.zeros((20, 20)), np.ones((20, 20)), mask, gaussian_psf(7))
+    _bad(tmp_path, capsys, [_band(tmp_path, "g"), p], "every pixel is masked")
+
+
+@pytest.mark.parametrize("second, match", [
+    (dict(shift=(0.0, 3.0)), "different pixel grid"),
+    (dict(shift=(0.5, 0.0)), "different pixel grid"),  # half a pixel is a different grid too
+    (dict(wcs=False), "has no WCS"),
+    (dict(ltv=(100, 200)), "pixel origin"),
+])
+def test_bands_on_different_grids_are_refused(tmp_path, capsys, second, match):
+    err = _bad(tmp_path, capsys, [_wcs_band(tmp_path, "g"), _wcs_band(tmp_path, "r", **second)], match)
+    assert "r.fits" in err and "common grid" in err
+
+
+def test_bands_on_one_grid_are_accepted(tmp_path, capsys):
+    store = tmp_path / "ok.h5"
+    assert run(["ingest", store, _wcs_band(tmp_path, "g"), _wcs_band(tmp_path, "r", shift=(0.001, 0.0))]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_off_centre_psf_is_refused(tmp_path, capsys):
+    corner = np.zeros((9, 9))
+    corner[:3, :3] = gaussian_psf(3, 0.8)  # all the light in a corner
+    err = _bad(tmp_path, capsys, [_band(tmp_path, "g", psf=corner)], "PSF centroid")
+    assert "(-3.00, -3.00)" in err
+    shifted = np.roll(gaussian_psf(11, 1.5), 2, axis=1)  # two pixels off: a wrong stamp
+    _bad(tmp_path, capsys, [_band(tmp_path, "g", psf=shifted)], "PSF centroid")
+
+
+def test_psf_sum_far_from_one_is_renormalised_with_one_warning(tmp_path, capsys):
+    store = tmp_path / "ok.h5"
+    psf = 5 * gaussian_psf(9, 1.5)
+    assert run(["ingest", store, _band(tmp_path, "g", psf=psf), _band(tmp_path, "r")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "g.fits" in err[0] and "PSF sums to 5" in err[0] and "renormalised" in err[0]
+    from scarletstore.store import Store
+    stored = Store(store).read("exposure")["psf"].values
+    np.testing.assert_allclose(stored.sum(axis=(1, 2)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(stored[0], gaussian_psf(9, 1.5), atol=1e-7)
+
+
+def test_zero_size_image_is_refused(tmp_path, capsys):
+    p = tmp_path / "empty.npz"
+    np.savez(p, images=np.zeros((2, 0, 10), np.float32), variance=np.ones((2, 0, 10), np.float32),
+             psfs=np.stack([gaussian_psf(7)] * 2), filters=np.array(["g", "r"]))
+    _bad(tmp_path, capsys, [p], "image is empty")
+
+
+def test_astropy_header_warnings_do_not_leak(tmp_path, capsys):
+    """A file with bytes after its last HDU (a common truncated-copy artefact) and a
+    header astropy fixes on reading: the data are read and stderr stays empty."""
+    paths = []
+    for name in "gr":
+        path = _wcs_band(tmp_path, name)
+        with fits.open(path) as h:
+            h["IMAGE"].header["DATE-OBS"] = "2020-01-01"  # FITSFixedWarning: MJD-OBS set from it
+            h["IMAGE"].header["RADECSYS"] = "ICRS"  # deprecated keyword, fixed by astropy
+            h.writeto(path, overwrite=True)
+        with open(path, "ab") as f:
+            f.write(b"\0" * 80)
+        paths.append(path)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # pytest would otherwise swallow them
+        assert run(["ingest", tmp_path / "ok.h5", *paths]) == 0
+    assert [str(w.message) for w in caught] == []
+    assert capsys.readouterr().err == ""
