@@ -77,18 +77,34 @@ def _config_summary(text: str, method) -> str:
 
 
 def cmd_info(args):
+    from .errors import SchemaError, StoreError
     from .store import Store
 
     store = Store(args.store)
+    if args.check:
+        problems = store.check(deep=True)
+        if len(problems) == 1:
+            raise SchemaError(problems[0])
+        if problems:
+            raise SchemaError(f"{len(problems)} problems: " + "; ".join(problems))
+        print(f"{store.path}: {len(store.groups())} groups checked, no problems")
+        return
     groups = store.groups()
     print(f"store {store.path} ({store.path.stat().st_size / 1e6:.2f} MB)")
+    damaged = 0
     for name, g in groups.items():
         dims = ", ".join(f"{k}={v}" for k, v in sorted(g["dims"].items()))
         print(f"  {name:<24} {g['schema']} v{g['schema_version']}  {dims}  "
               f"{g['nbytes'] / 1e6:.2f} MB")
+        try:
+            store.validate(name)
+        except (SchemaError, StoreError) as exc:  # list the rest; --check exits 2 on it
+            damaged += 1
+            print(f"    DAMAGED: {str(exc).split(': ', 1)[-1]}")
+            continue
         attrs = g["attrs"]
         if g["schema"] == "exposure":
-            ex = store.read(name, validate=False)
+            ex = store.read(name)
             print(f"    bands: {','.join(ex.band.values)}; wcs: {'yes' if attrs.get('wcs') else 'no'}; "
                   f"sources: {', '.join(json.loads(attrs.get('sources', '[]')))}")
         if g["schema"] == "run":
@@ -99,6 +115,8 @@ def cmd_info(args):
             print(f"    config: {_config_summary(attrs.get('config', '{}'), attrs.get('method'))}")
     runs = store.runs()
     print(f"  runs: {', '.join(runs) if runs else 'none'}")
+    if damaged:
+        print(f"  {damaged} damaged group(s): 'scarletstore info --check' lists every problem")
 
 
 def cmd_simulate(args):
@@ -138,13 +156,16 @@ def cmd_detect(args):
 def cmd_deblend(args):
     from .deblend.config import DeblendConfig
     from .deblend.run import deblend_exposure
-    from .store import Store, run_group
+    from .store import Store, check_run_name, run_group
 
     store = Store(args.store)
     for group, hint in (("exposure", "ingest"), ("parents", "detect")):
         if not store.has(group):
             raise InputError(f"{store.path}: no {group} group; run 'scarletstore {hint}' first")
+    if args.run is not None:
+        check_run_name(args.run)
     runs = store.runs()
+    first_id = store.max_source_id() + 1  # checks every run now, not after the fit
     init, base = None, DeblendConfig()
     if args.from_run:
         from .deblend.run import init_from_run
@@ -158,11 +179,8 @@ def cmd_deblend(args):
         base = DeblendConfig.from_json(source_run.attrs["config"])  # start from its settings
         init = init_from_run(source_run)
     config = base.with_overrides(args.set or [])
-    name = args.run or next(f"{args.method}-{k}" for k in range(1, 10**6) if f"{args.method}-{k}" not in runs)
-    if name in runs:
-        raise InputError(f"{store.path}: run {name!r} already exists (runs are never overwritten)")
-    if "/" in name or not name.strip():
-        raise InputError(f"invalid run name {name!r}")
+    if args.run in runs:
+        raise InputError(f"{store.path}: run {args.run!r} already exists (runs are never overwritten)")
     blend_ids = None
     if args.blends:
         try:
@@ -171,10 +189,11 @@ def cmd_deblend(args):
             raise InputError(f"--blends expects comma-separated parent ids, got {args.blends!r}") from None
     run = deblend_exposure(
         store.read("exposure"), store.read("parents"), config, args.method, blend_ids=blend_ids,
-        workers=args.workers, scheduler=args.scheduler, name=name, show_progress=True,
-        first_source_id=store.max_source_id() + 1, exposure_checksum=store.checksum("exposure"),
+        workers=args.workers, scheduler=args.scheduler, name=args.run or args.method, show_progress=True,
+        first_source_id=first_id, exposure_checksum=store.checksum("exposure"),
         parents_checksum=store.checksum("parents"), init=init, from_run=args.from_run or "")
-    store.write({run_group(name): run})
+    # name and source ids are final only at commit, inside the writer lock
+    name = store.add_run(run, name=args.run, prefix=args.method)
     nb = run.sizes["blend"]
     fitted = int((run["blend_reason"].values == "").sum())
     failed = int(sum(str(r).startswith("failed") for r in run["blend_reason"].values))
@@ -308,22 +327,22 @@ def cmd_diff(args):
 
 def cmd_import_lsst(args):
     from .lsst import place_on_exposure, read_lsst_models
-    from .store import Store, run_group
+    from .store import Store, check_run_name, run_group
 
     path = Path(args.store)
+    if args.run is not None:
+        check_run_name(args.run)
     store = Store(path) if path.exists() else None
-    runs = store.runs() if store else []
-    name = args.run or next(f"lsst-{k}" for k in range(1, 10**6) if f"lsst-{k}" not in runs)
-    if name in runs:
-        raise InputError(f"{path}: run {name!r} already exists (runs are never overwritten)")
-    run = read_lsst_models(args.models, name=name)
+    run = read_lsst_models(args.models, name=args.run or "lsst")
     if store is not None and store.has("exposure"):
         with store.open("exposure") as exposure:
             run = place_on_exposure(run, exposure)
     if store is None:
+        name = args.run or "lsst-1"
+        run.attrs["name"] = name
         Store.create(path, {run_group(name): run})
-    else:
-        store.write({run_group(name): run})
+    else:  # the survey's source ids are kept (refused if already stored)
+        name = store.add_run(run, name=args.run, prefix="lsst", keep_ids=True)
     print(f"imported {run.sizes['blend']} blends, {run.sizes['source']} sources, "
           f"{run.sizes['component']} components from {args.models} into run {name} of {path}")
 
@@ -351,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="list a store's groups, schemas, bands and runs")
     s.add_argument("store")
+    s.add_argument("--check", action="store_true",
+                   help="validate every group and array; exit 2 with the problems found")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("simulate", help="simulate a multi-band field (needs galsim)")

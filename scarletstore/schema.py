@@ -94,8 +94,10 @@ def validate(ds: xr.Dataset, name: str | None = None, version: int | None = None
         version = ds.attrs.get("schema_version")
         if version is None:
             raise SchemaError(f"{name}: dataset has no 'schema_version' attribute")
+    if not isinstance(name, str) or not known_versions(name):
+        raise SchemaError(f"unknown schema {name!r}")
     known = known_versions(name)
-    if known and int(version) > known[-1]:
+    if int(version) > known[-1]:
         raise SchemaError(
             f"{name}: schema version {int(version)} is newer than this scarletstore knows "
             f"(latest {known[-1]}); upgrade scarletstore")
@@ -114,16 +116,172 @@ def validate(ds: xr.Dataset, name: str | None = None, version: int | None = None
             if "dtype" in spec and not _dtype_ok(da.dtype, spec["dtype"]):
                 raise SchemaError(
                     f"{name} v{version}: variable {var!r} has dtype {da.dtype}, expected {spec['dtype']}")
-    for attr, spec in doc.get("attrs", {}).items():
-        if attr not in ds.attrs:
-            if spec.get("required", True):
-                raise SchemaError(f"{name} v{version}: missing attribute {attr!r}")
+    where = f"{name} v{version}"
+    _check_attrs(where, doc, dict(ds.attrs))
+    check_layout(name, int(version), lambda v: ds[v].values, dict(ds.sizes))
+    return ds
+
+
+# CF contiguous ragged arrays of each product: (count variable, the dim it counts).
+# Readers slice flat arrays with the running sums of these counts, so a count that
+# disagrees with its dim's length sends them past the end or into a neighbour.
+RAGGED = {
+    "run": (("blend_n_sources", "source"), ("source_n_components", "component"),
+            ("component_n_pixels", "pixel")),
+    "parents": (("span_count", "span"), ("peak_count", "peak")),
+}
+
+
+def check_layout(name: str, version: int, get, sizes: dict) -> None:
+    """Cross-variable checks of the count variables (no scan of the large arrays).
+
+    Parameters
+    ----------
+    name, version : the product's schema
+    get : callable
+        ``get(variable) -> ndarray`` reading one (small) variable.
+    sizes : dict
+        Length of every dim of the group.
+
+    Raises SchemaError naming the first inconsistency.
+    """
+    where = f"{name} v{version}"
+    for var, dim in RAGGED.get(name, ()):
+        counts = np.asarray(get(var))
+        if counts.size and int(counts.min()) < 0:
+            raise SchemaError(f"{where}: {var!r} has negative counts")
+        total, n = int(counts.sum(dtype=np.int64)), int(sizes.get(dim, 0))
+        if total != n:
+            raise SchemaError(f"{where}: sum of {var!r} is {total} but dim {dim!r} has length {n}")
+    if name == "run":
+        ctype = np.asarray(get("component_type"))
+        if ctype.size and not np.isin(ctype, (0, 1)).all():
+            raise SchemaError(f"{where}: 'component_type' holds values other than 0 and 1")
+        h = np.asarray(get("component_height"), np.int64)
+        w = np.asarray(get("component_width"), np.int64)
+        expected = h * w * np.where(ctype == 1, int(sizes.get("band", 0)), 1)
+        bad = np.flatnonzero(np.asarray(get("component_n_pixels")) != expected)
+        if bad.size:
+            raise SchemaError(f"{where}: 'component_n_pixels' of component {int(bad[0])} is not "
+                              "its height x width (x bands for a cube)")
+    if name == "parents":
+        owner = np.repeat(np.asarray(get("parent_id")), np.asarray(get("peak_count")))
+        if not np.array_equal(owner, np.asarray(get("peak_parent"))):
+            raise SchemaError(f"{where}: 'peak_parent' disagrees with 'peak_count'")
+
+
+def _attr_value(value):
+    """HDF5 attribute -> Python value (netCDF writes scalars as 1-element arrays)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _h5_dims(obj) -> tuple:
+    """netCDF dims of an h5py dataset: the dimension scales attached to each axis
+    (a dimension scale is its own dim)."""
+    if obj.attrs.get("CLASS") == b"DIMENSION_SCALE":
+        return (obj.name.rsplit("/", 1)[-1],)
+    dims = []
+    for axis in obj.dims:
+        scales = list(axis.values())
+        if len(scales) != 1:
+            return None
+        dims.append(scales[0].name.rsplit("/", 1)[-1])
+    return tuple(dims)
+
+
+def _h5_dtype_ok(obj, expected: str) -> bool:
+    import h5py
+
+    if expected == "str":
+        return h5py.check_string_dtype(obj.dtype) is not None or obj.dtype.kind in "SU"
+    if expected == "bool":
+        return obj.dtype == np.dtype("int8") or obj.dtype.kind == "b"
+    return obj.dtype == np.dtype(expected)
+
+
+def header_of(group) -> tuple[str, int]:
+    """``(schema, schema_version)`` of an h5py group, or SchemaError if they are
+    missing, unknown or newer than this package."""
+    attrs = group.attrs
+    name = _attr_value(attrs["schema"]) if "schema" in attrs else None
+    if not isinstance(name, str):
+        raise SchemaError("group has no 'schema' attribute")
+    known = known_versions(name)
+    if not known:
+        raise SchemaError(f"unknown schema {name!r}")
+    version = _attr_value(attrs["schema_version"]) if "schema_version" in attrs else None
+    if isinstance(version, (float, np.floating)) and float(version).is_integer():
+        version = int(version)
+    if not isinstance(version, (int, np.integer)) or isinstance(version, bool):
+        raise SchemaError(f"{name}: group has no integer 'schema_version' attribute")
+    if version > known[-1]:
+        raise SchemaError(
+            f"{name}: schema version {int(version)} is newer than this scarletstore knows "
+            f"(latest {known[-1]}); upgrade scarletstore")
+    if version not in known:
+        raise SchemaError(f"{name}: unknown schema version {int(version)}")
+    return name, int(version)
+
+
+def validate_h5(group) -> tuple[str, int]:
+    """Check an h5py group written by the store against its schema without reading
+    any large array: attributes, presence, dtype and dims of every variable, one
+    length per dim, and the ragged counts against the lengths they count.
+
+    Returns ``(schema, schema_version)``; raises SchemaError naming the problem.
+    """
+    import h5py
+
+    name, version = header_of(group)
+    where = f"{name} v{version}"
+    doc = load_schema(name, version)
+    sizes, objs = {}, {}
+    for key, obj in group.items():
+        if not isinstance(obj, h5py.Dataset):
             continue
-        value = ds.attrs[attr]
+        dims = _h5_dims(obj)
+        if dims is None or len(dims) != obj.ndim:
+            raise SchemaError(f"{where}: variable {key!r} has no netCDF dimensions")
+        for dim, n in zip(dims, obj.shape):
+            if sizes.setdefault(dim, n) != n:
+                raise SchemaError(f"{where}: variable {key!r} has length {n} along {dim!r}, "
+                                  f"other variables {sizes[dim]}")
+        objs[key] = (obj, dims)
+    for section in ("coords", "variables"):
+        for var, spec in doc.get(section, {}).items():
+            if var not in objs:
+                if spec.get("required", True):
+                    raise SchemaError(f"{where}: missing variable {var!r}")
+                continue
+            obj, dims = objs[var]
+            if dims != tuple(spec["dims"]):
+                raise SchemaError(f"{where}: variable {var!r} has dims {dims}, "
+                                  f"expected {tuple(spec['dims'])}")
+            if "dtype" in spec and not _h5_dtype_ok(obj, spec["dtype"]):
+                raise SchemaError(f"{where}: variable {var!r} has dtype {obj.dtype}, "
+                                  f"expected {spec['dtype']}")
+    attrs = {k: _attr_value(v) for k, v in group.attrs.items()}
+    _check_attrs(where, doc, attrs)
+    check_layout(name, version, lambda v: group[v][()], sizes)
+    return name, version
+
+
+def _check_attrs(where: str, doc: dict, attrs: dict) -> None:
+    for attr, spec in doc.get("attrs", {}).items():
+        if attr not in attrs:
+            if spec.get("required", True):
+                raise SchemaError(f"{where}: missing attribute {attr!r}")
+            continue
+        value = attrs[attr]
         types = _ATTR_TYPES.get(spec.get("type", ""), (object,))
         if not isinstance(value, types):
             raise SchemaError(
-                f"{name} v{version}: attribute {attr!r} is {type(value).__name__}, expected {spec['type']}")
+                f"{where}: attribute {attr!r} is {type(value).__name__}, expected {spec['type']}")
         if "value" in spec and value != spec["value"]:
-            raise SchemaError(f"{name} v{version}: attribute {attr!r} is {value!r}, expected {spec['value']!r}")
-    return ds
+            raise SchemaError(f"{where}: attribute {attr!r} is {value!r}, expected {spec['value']!r}")

@@ -23,7 +23,9 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -39,8 +41,24 @@ FORMAT_VERSION = 1
 RUNS = "runs"
 
 
+# Run names become HDF5 path components and file names of exports: one plain word.
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_run_name(name) -> str:
+    """Return ``name`` if it is a valid run name (``[A-Za-z0-9._-]+``, not ``.``
+    or ``..``), else raise StoreError (one line, the name shown escaped)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+        raise StoreError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
 def run_group(name: str) -> str:
     return f"{RUNS}/{name}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def _encoding(ds: xr.Dataset) -> dict:
@@ -67,23 +85,71 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _file_stamp(f) -> tuple:
+    """Identity of the file version ``f`` (an open h5py.File) holds: a write
+    renames a new inode over the store, an in-place edit changes mtime/size."""
+    st = os.fstat(f.id.get_vfd_handle())
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _path_stamp(path: Path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _group_names(f) -> list[str]:
+    names = [n for n in f.keys() if n != RUNS]
+    if RUNS in f and isinstance(f[RUNS], h5py.Group):
+        names += [run_group(n) for n in f[RUNS].keys()]
+    return names
+
+
+def _newer_groups(f) -> list[str]:
+    """Problems of groups whose schema version is newer than this package knows."""
+    out = []
+    for name in _group_names(f):
+        try:
+            _schema.header_of(f[name])
+        except SchemaError as exc:
+            if "newer" in str(exc):
+                out.append(f"group {name!r}: {exc}")
+    return out
+
+
 class Store:
     """A scarletstore HDF5 file.
 
     Parameters
     ----------
     path : str or Path
-        The store file. Opening checks it exists and is a scarletstore file.
+        The store file. Opening checks it exists, is a scarletstore file and
+        holds no group of a schema version newer than this package knows
+        (SchemaError then: reading or writing it could lose what the newer
+        version stored).
+
+    Notes
+    -----
+    Every read validates the groups it touches (attributes, variables, dtypes,
+    dims and ragged counts; no scan of the large arrays) once per version of
+    the file: results, and the set-up of heavy-footprint reads, are cached on
+    the object and dropped when the file changes (inode, mtime or size).
     """
 
     def __init__(self, path):
         self.path = Path(path)
+        self._stamp = None
+        self._valid: set[str] = set()
+        self._cache: dict = {}
         if not self.path.exists():
             raise StoreError(f"{self.path}: no such store")
         try:
             with self._h5() as f:
                 fmt = f.attrs.get("format")
                 version = f.attrs.get("format_version")
+                newer = _newer_groups(f)
         except OSError:
             raise StoreError(f"{self.path}: not an HDF5 file") from None
         if isinstance(fmt, bytes):
@@ -94,23 +160,116 @@ class Store:
             raise StoreError(
                 f"{self.path}: store format version {int(version)} is newer than this "
                 f"scarletstore supports ({FORMAT_VERSION}); upgrade scarletstore")
+        if newer:
+            raise SchemaError(f"{self.path}: {newer[0]}")
 
     # ------------------------------------------------------------------ reading
     def _h5(self):
         return h5py.File(self.path, "r")
 
+    def _sync(self, stamp) -> None:
+        """Drop every cached result when the file is not the version they came from."""
+        if stamp != self._stamp:
+            for value in self._cache.values():
+                close = getattr(value, "close", None)
+                if close is not None:
+                    close()
+            self._cache.clear()
+            self._valid.clear()
+            self._stamp = stamp
+
+    def _check(self, f, group: str) -> None:
+        """Validate ``group`` of the open file ``f`` (cheap; cached per file version)."""
+        self._sync(_file_stamp(f))
+        if group in self._valid:
+            return
+        if group not in f or not isinstance(f[group], h5py.Group):
+            raise StoreError(f"{self.path}: no {group!r} group")
+        try:
+            _schema.validate_h5(f[group])
+        except SchemaError as exc:
+            raise SchemaError(f"{self.path}: group {group!r}: {_one_line(exc)}") from None
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            # h5py raises these on structurally broken objects (dangling dimension
+            # references, unreadable attributes)
+            raise SchemaError(f"{self.path}: group {group!r} is unreadable: "
+                              f"{type(exc).__name__}: {_one_line(exc)}") from None
+        self._valid.add(group)
+
+    def validate(self, group: str) -> None:
+        """Raise SchemaError (one line) unless ``group`` follows its schema (cheap checks)."""
+        with self._h5() as f:
+            self._check(f, group)
+
+    def check(self, deep: bool = True) -> list[str]:
+        """Every problem of the store, one line each (empty when it is sound).
+
+        The cheap checks of every group; with ``deep`` also every array read
+        through xarray (unreadable data) and source ids unique across runs.
+        """
+        problems, bad = [], set()
+        with self._h5() as f:
+            names = _group_names(f)
+            for name in names:
+                try:
+                    self._check(f, name)
+                except (SchemaError, StoreError) as exc:
+                    problems.append(str(exc))
+                    bad.add(name)
+        if not deep:
+            return problems
+        seen: dict[int, str] = {}
+        for name in names:
+            if name in bad:
+                continue
+            try:
+                ds = self.read(name, upgrade=False)
+            except (SchemaError, StoreError) as exc:
+                problems.append(str(exc))
+                continue
+            if ds.attrs.get("schema") == "run":
+                problems += self._id_problems(name, ds["source_id"].values, seen)
+        return problems
+
+    def _id_problems(self, name: str, ids, seen: dict) -> list[str]:
+        """Source ids repeated within run ``name`` or shared with a run in ``seen`` (updated)."""
+        uniq, counts = np.unique(ids, return_counts=True)
+        out = []
+        if (counts > 1).any():
+            out.append(f"{self.path}: group {name!r}: source id {int(uniq[counts > 1][0])} "
+                       "appears more than once")
+        shared = [sid for sid in uniq.tolist() if sid in seen]
+        if shared:
+            out.append(f"{self.path}: source id {shared[0]} is in both {seen[shared[0]]!r} and {name!r}")
+        seen.update((sid, name) for sid in uniq.tolist())
+        return out
+
     def group_attrs(self, f, name: str) -> dict:
         """Attributes of group ``name`` of the open file ``f`` as plain Python values."""
         return {k: _plain(v) for k, v in f[name].attrs.items()}
 
+    def _snapshot(self) -> dict:
+        """Group names and run order of the current file version (cached)."""
+        stamp = _path_stamp(self.path)
+        if stamp is not None and stamp == self._stamp and "snapshot" in self._cache:
+            return self._cache["snapshot"]
+        with self._h5() as f:
+            self._sync(_file_stamp(f))
+            names = _group_names(f)
+            runs = []
+            if RUNS in f and isinstance(f[RUNS], h5py.Group):
+                items = [(str(_plain(f[RUNS][n].attrs.get("created", ""))), n) for n in f[RUNS].keys()]
+                runs = [n for _, n in sorted(items)]
+        snap = {"groups": set(names), "runs": runs}
+        self._cache["snapshot"] = snap
+        return snap
+
     def groups(self) -> dict[str, dict]:
-        """Every product group: ``{name: {"schema", "schema_version", "dims", "attrs"}}``."""
+        """Every product group: ``{name: {"schema", "schema_version", "dims", "attrs"}}``
+        (as stored; not validated, see :meth:`check`)."""
         out = {}
         with self._h5() as f:
-            names = [n for n in f.keys() if n != RUNS]
-            if RUNS in f:
-                names += [run_group(n) for n in f[RUNS].keys()]
-            for name in names:
+            for name in _group_names(f):
                 attrs = self.group_attrs(f, name)
                 dims = {}
                 for key, obj in f[name].items():
@@ -127,38 +286,36 @@ class Store:
         return out
 
     def has(self, group: str) -> bool:
-        with self._h5() as f:
-            return group in f
+        return group in self._snapshot()["groups"]
 
     def runs(self) -> list[str]:
         """Names of the stored runs, oldest first."""
-        with self._h5() as f:
-            if RUNS not in f:
-                return []
-            items = [(self.group_attrs(f, run_group(n)).get("created", ""), n) for n in f[RUNS].keys()]
-        return [n for _, n in sorted(items)]
+        return list(self._snapshot()["runs"])
 
     def max_source_id(self) -> int:
-        """Largest source id of any stored run (0 when there is none)."""
-        best = 0
+        """Largest source id of any stored run (0 when there is none); every run is validated."""
         with self._h5() as f:
-            for name in f[RUNS].keys() if RUNS in f else []:
-                ids = f[RUNS][name]["source_id"]
-                if ids.shape[0]:
-                    best = max(best, int(np.max(ids[()])))
-        return best
+            return _max_source_id(f, lambda group: self._check(f, group))
 
     def open(self, group: str, validate: bool = True, upgrade: bool = True) -> xr.Dataset:
         """Open ``group`` lazily (values are read when accessed). Close it when done.
 
         With ``upgrade`` (the default) an older schema version is migrated in
         memory to the latest, so code only ever sees current layouts; the file
-        is not changed (``scarletstore migrate`` does that).
+        is not changed (``scarletstore migrate`` does that). The group is
+        checked against its schema first (cheap checks, cached per file
+        version) unless ``validate`` is False.
         """
-        if not self.has(group):
+        if validate or upgrade:
+            self.validate(group)
+        elif not self.has(group):
             raise StoreError(f"{self.path}: no {group!r} group")
-        ds = xr.open_dataset(self.path, group=group, engine="h5netcdf",
-                             mask_and_scale=False, decode_times=False, cache=False)
+        try:
+            ds = xr.open_dataset(self.path, group=group, engine="h5netcdf",
+                                 mask_and_scale=False, decode_times=False, cache=False)
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise SchemaError(f"{self.path}: group {group!r} is unreadable: "
+                              f"{type(exc).__name__}: {_one_line(exc)}") from None
         try:
             if upgrade:
                 from .migrate import upgrade as _upgrade
@@ -167,26 +324,30 @@ class Store:
                 _schema.validate(ds)
         except SchemaError as exc:
             ds.close()
-            raise SchemaError(f"{self.path}: group {group!r}: {exc}") from None
+            raise SchemaError(f"{self.path}: group {group!r}: {_one_line(exc)}") from None
         return ds
 
     def read(self, group: str, validate: bool = True, upgrade: bool = True) -> xr.Dataset:
         """Read ``group`` fully into memory and close the file."""
         with self.open(group, validate=validate, upgrade=upgrade) as ds:
-            return ds.load()
+            try:
+                return ds.load()
+            except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+                raise SchemaError(f"{self.path}: group {group!r} is unreadable: "
+                                  f"{type(exc).__name__}: {_one_line(exc)}") from None
 
     def h5_group(self, group: str):
         """``(h5py.File, group)`` opened read-only when ``group`` is at its latest schema
         version, else None (callers then use :meth:`read`, which migrates).
 
+        The group is validated first (cheap checks, cached per file version).
         The raw HDF5 path skips xarray's per-variable overhead on hot loops.
         """
         f = h5py.File(self.path, "r")
         try:
-            if group not in f:
-                raise StoreError(f"{self.path}: no {group!r} group")
+            self._check(f, group)
             attrs = self.group_attrs(f, group)
-            if int(attrs.get("schema_version", 0)) != _schema.latest_version(attrs.get("schema")):
+            if int(attrs["schema_version"]) != _schema.latest_version(attrs["schema"]):
                 f.close()
                 return None
             return f, f[group]
@@ -239,10 +400,28 @@ class Store:
         from .catalog import heavy_footprint
         return heavy_footprint(self, source_id, band, run=run, redistribute=redistribute)
 
+    def cached(self, key, build):
+        """``build()`` memoised on this object for the current file version.
+
+        Values with a ``close()`` method are closed when the file changes.
+        """
+        stamp = _path_stamp(self.path)
+        if stamp != self._stamp:
+            self._sync(stamp)
+        if key not in self._cache:
+            value = build()
+            # building may have seen a newer file (a write in between): keep the
+            # value only if it belongs to the version the cache describes
+            if _path_stamp(self.path) != self._stamp:
+                return value
+            self._cache[key] = value
+        return self._cache[key]
+
     def checksum(self, group: str) -> str:
         """SHA-256 over the raw bytes of every variable of ``group`` (names sorted)."""
         h = hashlib.sha256()
         with self._h5() as f:
+            self._check(f, group)
             g = f[group]
             for key in sorted(g.keys()):
                 obj = g[key]
@@ -264,9 +443,11 @@ class Store:
         Either the complete store appears at ``path`` or nothing does.
         """
         path = Path(path)
-        for ds in (datasets or {}).values():
+        for name, ds in (datasets or {}).items():
+            _check_group_name(name)
             _schema.validate(ds)
         with _locked(path):
+            _remove_stale_temps(path)
             if path.exists():
                 raise StoreError(f"{path}: already exists")
             with _transaction(path, new=True) as tmp:
@@ -277,19 +458,126 @@ class Store:
         """Add (or with ``replace`` overwrite) groups in one atomic transaction.
 
         Every Dataset is validated against its own schema attributes first;
-        nothing is written unless all are valid.
+        nothing is written unless all are valid. A group of a newer schema
+        version than this package knows is never replaced, and nothing is
+        written to a store holding one.
         """
         for name, ds in datasets.items():
+            _check_group_name(name)
             _schema.validate(ds)
+        with self._commit() as tmp:
+            with h5py.File(tmp, "a") as f:
+                for name in datasets:
+                    if name in f:
+                        if not replace:
+                            raise StoreError(f"{self.path}: group {name!r} already exists")
+                        del f[name]
+            _write_groups(tmp, datasets)
+
+    def add_run(self, run: xr.Dataset, name: str | None = None, prefix: str = "scarlet",
+                keep_ids: bool = False) -> str:
+        """Add ``run`` as a new run and return its name; name and ids are chosen at commit.
+
+        Both are decided inside the writer lock against the store as it is
+        then, so runs fitted at the same time by different processes never
+        share a name or a source id.
+
+        Parameters
+        ----------
+        run : xr.Dataset
+            A run Dataset (schema ``run``).
+        name : str, optional
+            The run's name (refused if taken or invalid). Default: the first
+            free ``<prefix>-<k>``, k = 1, 2, ...
+        prefix : str
+            Prefix of the default name.
+        keep_ids : bool
+            Keep the run's own source ids (imports carry survey ids); they must
+            not collide with any stored id. Otherwise the run's sources are
+            renumbered in row order from the largest stored id + 1.
+        """
+        _schema.validate(run)
+        if name is not None:
+            check_run_name(name)
+        check_run_name(prefix)
+        with self._commit() as tmp:
+            with h5py.File(tmp, "r") as f:
+                taken = set(f[RUNS].keys()) if RUNS in f else set()
+                if name is None:
+                    final = next(f"{prefix}-{k}" for k in range(1, len(taken) + 2)
+                                 if f"{prefix}-{k}" not in taken)
+                elif name in taken:
+                    raise StoreError(f"{self.path}: run {name!r} already exists "
+                                     "(runs are never overwritten)")
+                else:
+                    final = name
+                ids = run["source_id"].values
+                check = _checker(self, f)
+                if keep_ids:
+                    clash = _stored_ids_in(f, ids, check)
+                    if clash is not None:
+                        raise StoreError(f"{self.path}: source id {clash} of the new run is "
+                                         "already in the store")
+                else:
+                    first = _max_source_id(f, check) + 1
+                    run = run.assign(source_id=("source", np.arange(first, first + ids.size,
+                                                                    dtype=np.int64)))
+            run = run.copy()
+            run.attrs["name"] = final
+            _write_groups(tmp, {run_group(final): run})
+        return final
+
+    @contextlib.contextmanager
+    def _commit(self):
+        """Writer lock + temporary copy, checked: leftovers of dead writers are
+        removed and a store holding a newer-version group is refused."""
         with _locked(self.path):
+            _remove_stale_temps(self.path)
+            with h5py.File(self.path, "r") as f:
+                newer = _newer_groups(f)
+            if newer:
+                raise SchemaError(f"{self.path}: {newer[0]}; refusing to write")
             with _transaction(self.path, new=False) as tmp:
-                with h5py.File(tmp, "a") as f:
-                    for name in datasets:
-                        if name in f:
-                            if not replace:
-                                raise StoreError(f"{self.path}: group {name!r} already exists")
-                            del f[name]
-                _write_groups(tmp, datasets)
+                yield tmp
+
+
+def _check_group_name(name: str) -> None:
+    if name.startswith(RUNS + "/"):
+        check_run_name(name[len(RUNS) + 1:])
+
+
+def _max_source_id(f, check) -> int:
+    """Largest source id in the runs of the open file ``f``; ``check(group)`` validates each."""
+    best = 0
+    for name in f[RUNS].keys() if RUNS in f else []:
+        group = run_group(name)
+        check(group)
+        ids = f[group]["source_id"]
+        if ids.shape[0]:
+            best = max(best, int(np.max(ids[()])))
+    return best
+
+
+def _checker(store: Store, f):
+    """Uncached validation of the groups of ``f``, a transaction's copy of ``store``."""
+    def check(group):
+        try:
+            _schema.validate_h5(f[group])
+        except SchemaError as exc:
+            raise SchemaError(f"{store.path}: group {group!r}: {_one_line(exc)}") from None
+    return check
+
+
+def _stored_ids_in(f, ids, check) -> int | None:
+    """The first of ``ids`` already used by a run of the open file ``f``, else None."""
+    ids = np.asarray(ids, np.int64)
+    for name in f[RUNS].keys() if RUNS in f else []:
+        group = run_group(name)
+        check(group)
+        hit = np.intersect1d(ids, f[group]["source_id"][()])
+        if hit.size:
+            return int(hit[0])
+    return None
 
 
 def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset]) -> None:
@@ -315,12 +603,60 @@ def _locked(path: Path):
         os.close(fd)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.<store>.<pid>-<host>.``: who wrote a temporary copy is in its name."""
+    return f".{path.name}.{os.getpid()}-{_HOST}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary copies that killed writers left beside ``path``.
+
+    Call with the writer lock held. Every writer makes and removes its copy
+    while holding that lock, so a copy seen now belongs to a writer that is
+    gone, unless its name says it was made by a process of this host that is
+    still alive (a reused pid; left alone) or by another host (cannot be
+    told; left alone). Copies named before writers put their pid in the name
+    were also made under the lock, so they are removed too.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)-([A-Za-z0-9_-]+)\.)?[A-Za-z0-9_]+\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        pid, host = m.group(1), m.group(2)
+        if pid is not None and (host != _HOST or (int(pid) != os.getpid() and _pid_alive(int(pid)))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def _transaction(path: Path, new: bool):
     """Yield a temporary copy of the store; rename it over the store on success."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

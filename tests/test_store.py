@@ -136,3 +136,171 @@ def test_killed_writer_leaves_store_readable(tmp_path, delay):
     for name in groups:  # every committed group is complete
         if name.startswith("extra"):
             assert store.read(name)["image"].shape == (3, 600, 600)
+
+
+def test_killed_writer_leftover_removed_by_next_write(tmp_path):
+    """A writer killed mid-write leaves its temporary copy; the next writer removes it."""
+    path = tmp_path / "s.h5"
+    ex = _exposure(0)
+    Store.create(path, {"exposure": ex})
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(path)])
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".s.h5.*.tmp")) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    leftovers = list(tmp_path.glob(".s.h5.*.tmp"))
+    assert len(leftovers) == 1 and f".{proc.pid}-" in leftovers[0].name  # the writer is named
+    legacy = tmp_path / ".s.h5.k2j4x_9a.tmp"  # named before writers put their pid in it
+    legacy.write_bytes(b"x" * 1000)
+    store = Store(path)
+    store.write({"after": _exposure(3)})
+    assert not list(tmp_path.glob(".s.h5.*.tmp"))
+    assert "after" in store.groups()
+    np.testing.assert_array_equal(store.read("exposure")["image"].values, ex["image"].values)
+
+
+def test_leftover_of_live_writer_kept(tmp_path):
+    """A temporary copy whose writer (by its name) still runs on this host is not removed."""
+    from scarletstore.store import _HOST
+
+    path = tmp_path / "s.h5"
+    store = Store.create(path, {"exposure": _exposure(0)})
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        keep = tmp_path / f".s.h5.{live.pid}-{_HOST}.abc123.tmp"
+        gone = tmp_path / f".s.h5.{dead.pid}-{_HOST}.abc124.tmp"
+        other = tmp_path / f".s.h5.{dead.pid}-elsewhere.abc125.tmp"  # another host: undecidable
+        for p in (keep, gone, other):
+            p.write_bytes(b"x")
+        store.write({"more": _exposure(1)})
+        assert keep.exists() and other.exists() and not gone.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+BAD_NAMES = ["a\nb", "ctl\x07x", "..", ".", "a/b", "/abs", "", "tab\tname", "sp ace", "é"]
+
+
+def _tiny_run(first_id=1, n_sources=2):
+    from scarletstore.deblend.result import Component, SourceResult
+    from scarletstore.models import BlendRecord, build_run
+
+    srcs = [SourceResult(k, [Component(np.ones(3, np.float32), np.ones((3, 3), np.float32), k, k,
+                                       (k + 1.0, k + 1.0))]) for k in range(n_sources)]
+    rec = BlendRecord(index=0, parent_id=1, bbox=(0, 0, 8, 8), peak_ids=np.arange(n_sources) + 1,
+                      peaks=np.array([[k + 1.0, k + 1.0] for k in range(n_sources)]), sources=srcs)
+    return build_run([rec], ["g", "r", "i"], np.ones((3, 3, 3), np.float32) / 9,
+                     np.ones((1, 1), np.float32), name="x", method="scarlet", config_json="{}",
+                     package_version="test", first_source_id=first_id)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_run_names_refused_at_store_level(tmp_path, name):
+    path = tmp_path / "s.h5"
+    store = Store.create(path, {"exposure": _exposure(0)})
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="invalid run name"):
+        store.add_run(_tiny_run(), name=name)
+    with pytest.raises(StoreError, match="invalid run name"):
+        store.write({f"runs/{name}": _tiny_run()})
+    with pytest.raises(StoreError, match="invalid run name"):
+        Store.create(tmp_path / "new.h5", {f"runs/{name}": _tiny_run()})
+    assert path.read_bytes() == before and not (tmp_path / "new.h5").exists()
+
+
+def test_bad_run_names_one_line_from_cli(tmp_path, capsys):
+    from scarletstore.cli import main
+    from scarletstore.lsst import write_lsst_models
+
+    path = tmp_path / "s.h5"
+    Store.create(path, {"exposure": _exposure(0)})
+    models = write_lsst_models(_tiny_run(), tmp_path / "m.json")
+    before = path.read_bytes()
+    for name in BAD_NAMES:
+        for argv in (["import-lsst", str(models), str(path), "--run", name],
+                     ["import-lsst", str(models), str(tmp_path / "new.h5"), "--run", name]):
+            capsys.readouterr()
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert "invalid run name" in err and err.count("\n") == 1, err
+    assert path.read_bytes() == before and not (tmp_path / "new.h5").exists()
+    assert main(["import-lsst", str(models), str(path), "--run", "ok.v1_2-3"]) == 0
+
+
+def test_add_run_names_and_numbers_at_commit(tmp_path):
+    path = tmp_path / "s.h5"
+    store = Store.create(path, {"exposure": _exposure(0)})
+    assert store.add_run(_tiny_run(first_id=1)) == "scarlet-1"
+    assert store.add_run(_tiny_run(first_id=1, n_sources=3)) == "scarlet-2"
+    assert store.add_run(_tiny_run(first_id=1), prefix="sdss") == "sdss-1"
+    runs = {r: store.read(f"runs/{r}") for r in store.runs()}
+    assert runs["scarlet-2"].attrs["name"] == "scarlet-2"
+    assert runs["scarlet-1"]["source_id"].values.tolist() == [1, 2]
+    assert runs["scarlet-2"]["source_id"].values.tolist() == [3, 4, 5]
+    assert runs["sdss-1"]["source_id"].values.tolist() == [6, 7]
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_run(_tiny_run(), name="sdss-1")
+    # imports keep their own ids, which must not collide with stored ones
+    assert store.add_run(_tiny_run(first_id=100), name="imp", keep_ids=True) == "imp"
+    assert store.read("runs/imp")["source_id"].values.tolist() == [100, 101]
+    with pytest.raises(StoreError, match="source id 6 of the new run"):
+        store.add_run(_tiny_run(first_id=6), name="imp2", keep_ids=True)
+    assert store.check() == []
+
+
+def _deblend_child(path, barrier, results, name):
+    """``scarletstore deblend`` whose fit waits for the other process before committing."""
+    import scarletstore.deblend.run as deblend_run
+    from scarletstore.cli import main
+
+    real = deblend_run.deblend_exposure
+
+    def fit_then_wait(*args, **kwargs):
+        run = real(*args, **kwargs)
+        barrier.wait(timeout=300)  # both fits are done before either commits
+        return run
+
+    deblend_run.deblend_exposure = fit_then_wait
+    results.put(main(["deblend", str(path), "--method", "sdss", *(["--run", name] if name else [])]))
+
+
+@pytest.mark.parametrize("names", [(None, None), ("x", "y")])
+def test_concurrent_deblends_get_distinct_names_and_ids(tmp_path, names):
+    """Two deblend processes whose fits overlap: both runs land, ids disjoint.
+
+    Default names used to collide (the second failed after its fit); named
+    runs used to share source ids (both numbered from the same maximum)."""
+    import multiprocessing
+
+    from scarletstore.cli import main
+    from test_damage import _field
+
+    path = tmp_path / "s.h5"
+    Store.create(path, {"exposure": _field(seed=5)})
+    assert main(["detect", str(path)]) == 0
+    assert main(["deblend", str(path), "--method", "sdss", "--run", "first"]) == 0
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_deblend_child, args=(path, barrier, results, n)) for n in names]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert sorted(results.get(timeout=5) for _ in procs) == [0, 0]
+    store = Store(path)
+    expected = ["sdss-1", "sdss-2"] if names[0] is None else list(names)
+    assert sorted(store.runs()) == ["first", *expected]
+    ids = [store.read(f"runs/{r}")["source_id"].values for r in store.runs()]
+    assert all(len(i) > 0 for i in ids)
+    flat = np.concatenate(ids)
+    assert len(np.unique(flat)) == len(flat)  # store-unique ids
+    assert store.check() == []
