@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import numpy as np
 from pathlib import Path
@@ -145,8 +146,13 @@ def cmd_detect(args):
         raise InputError(f"{store.path}: already has parents; pass --replace to detect again")
     exposure = store.read("exposure")
     known = read_peaks_table(args.peaks, exposure.attrs["wcs"]) if args.peaks else None
-    parents = detect(exposure, threshold=args.threshold, min_area=args.min_area, known=known,
-                     bands=_bands(args.bands), progress=True)
+    extra = {} if args.bad_planes is None else {"bad_mask_planes": args.bad_planes}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parents = detect(exposure, threshold=args.threshold, min_area=args.min_area, known=known,
+                         bands=_bands(args.bands), progress=True, **extra)
+    for w in caught:  # one line each (e.g. known positions outside the image)
+        sys.stderr.write(f"scarletstore detect: warning: {w.message}\n")
     store.write({"parents": parents}, replace=args.replace)
     n_ext = int(((parents["peak_flags"].values & 1) != 0).sum())
     print(f"detected {parents.sizes['parent']} parents with {parents.sizes['peak']} peaks "
@@ -388,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-area", type=int, default=None, help="minimum footprint area (pixels)")
     s.add_argument("--peaks", help="FITS or CSV table of known positions (ra/dec or x/y)")
     s.add_argument("--bands", help="bands to detect in (default: all)")
+    s.add_argument("--bad-planes", metavar="PLANES",
+                   help="comma-separated mask planes to ignore (default: "
+                        "BAD,CR,NO_DATA,SAT,SUSPECT,EDGE plus those the exposure records)")
     s.add_argument("--replace", action="store_true", help="replace existing parents")
     s.set_defaults(func=cmd_detect)
 

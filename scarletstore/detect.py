@@ -77,6 +77,7 @@ __all__ = [
     "DEFAULTS",
     "PEAK_EXTERNAL",
     "PEAK_RESIDUAL",
+    "PEAK_NO_FOOTPRINT",
     "PARENT_EDGE",
     "PARENT_HAS_EXTERNAL",
     "PARENT_EXTERNAL_ONLY",
@@ -87,6 +88,8 @@ __all__ = [
 PEAK_EXTERNAL = 1
 #: peak_flags bit 1: found in the symmetric residual of a brighter peak (a companion).
 PEAK_RESIDUAL = 2
+#: peak_flags bit 2: a known position on no detected footprint (it got a PSF-sized one).
+PEAK_NO_FOOTPRINT = 4
 #: parent_flags bits.
 PARENT_EDGE = 1 << 0            # footprint touches the image border
 PARENT_HAS_EXTERNAL = 1 << 1    # at least one peak is external
@@ -94,7 +97,9 @@ PARENT_EXTERNAL_ONLY = 1 << 2   # created for a known position, nothing detected
 #: peak_bands bit of the multi-band (chi^2) detection image.
 CHI2_BIT = 30
 
-DEFAULT_BAD_PLANES = ["BAD", "SAT", "SUSPECT", "NO_DATA", "EDGE"]
+#: Mask planes whose pixels never enter detection: the default bad mask of
+#: Rubin's deblender (its ``badMask`` setting), so detect and deblend agree.
+DEFAULT_BAD_PLANES = ["BAD", "CR", "NO_DATA", "SAT", "SUSPECT", "EDGE"]
 
 #: Default configuration; ``None`` entries are derived from the PSF (see :func:`detect`).
 DEFAULTS = {
@@ -121,7 +126,7 @@ DEFAULTS = {
     "bkg_nsigma": 3.0,
     "bkg_passes": 2,
     "bkg_mask_threshold": 3.0,   # pass-2 background excludes nu > this (grown)
-    "bad_mask_planes": None,     # -> the exposure's bad_mask_planes attr
+    "bad_mask_planes": None,     # -> DEFAULT_BAD_PLANES + the exposure's bad_mask_planes attr
 }
 
 
@@ -317,6 +322,115 @@ def gaussian_significance(image, variance, good, sigma, background=None, sigma_w
     np.divide(d, v, out=d, where=ok)
     d[~ok] = 0
     return d
+
+
+def _kernel_coverage(good, sigma):
+    """Fraction of the peak kernel's S/N weight (its square) that falls on usable pixels."""
+    from scipy import ndimage
+
+    k = _gauss1d(sigma) if sigma > 0 else np.ones(1, np.float32)
+    k2 = k * k
+    w = good.astype(np.float32)
+    ndimage.correlate1d(w, k2, axis=0, output=w, mode="constant")
+    ndimage.correlate1d(w, k2, axis=1, output=w, mode="constant")
+    w /= np.float32(k2.sum() ** 2)
+    return w
+
+
+def refilter_holes(sig, image, variance, good, psf, background=None):
+    """Matched filter with the whole PSF inside holes its cut kernel cannot see across.
+
+    :func:`matched_filter` cuts the PSF to its S/N-bearing core, so in a bad
+    region wider than that core (a saturated star's centre) no usable pixel
+    is in reach and the significance is left at zero: the footprint gets a
+    hole and the star's peaks land on its rim. Around each such region
+    (padded by the PSF radius) the significance is recomputed with the full
+    PSF image, which reaches the unsaturated wings.
+
+    Parameters
+    ----------
+    sig : (ny, nx) float32
+        Significance from :func:`matched_filter`, modified in place.
+    image, variance, good, psf, background
+        As for :func:`matched_filter`.
+
+    Returns
+    -------
+    sig
+    """
+    from scipy import ndimage, signal
+
+    deep = ~good & (sig == 0)
+    if not deep.any():
+        return sig
+    labels, _ = ndimage.label(deep, structure=np.ones((3, 3), bool))
+    p = np.asarray(psf, np.float64)
+    ry, rx = p.shape[0] // 2, p.shape[1] // 2
+    ny, nx = sig.shape
+    kern, kern2 = p[::-1, ::-1], (p * p)[::-1, ::-1]
+    for sl in ndimage.find_objects(labels):
+        y0, y1 = max(sl[0].start - 2 * ry, 0), min(sl[0].stop + 2 * ry, ny)
+        x0, x1 = max(sl[1].start - 2 * rx, 0), min(sl[1].stop + 2 * rx, nx)
+        g = good[y0:y1, x0:x1]
+        d = image[y0:y1, x0:x1].astype(np.float64)
+        if background is not None:
+            d = d - background[y0:y1, x0:x1]
+        d = np.where(g, d, 0.0)
+        v = np.where(g, variance[y0:y1, x0:x1], 0.0).astype(np.float64)
+        num = signal.fftconvolve(d, kern, mode="same")
+        den = signal.fftconvolve(v, kern2, mode="same")
+        ok = den > 1e-7 * max(float(den.max()), 1e-30)
+        out = np.zeros(num.shape)
+        out[ok] = num[ok] / np.sqrt(den[ok])
+        # only the outer PSF radius of the cutout lacks data beyond its edge
+        iy0, iy1 = (ry if y0 > 0 else 0), (y1 - y0 - ry if y1 < ny else y1 - y0)
+        ix0, ix1 = (rx if x0 > 0 else 0), (x1 - x0 - rx if x1 < nx else x1 - x0)
+        sig[y0 + iy0:y0 + iy1, x0 + ix0:x0 + ix1] = out[iy0:iy1, ix0:ix1]
+    return sig
+
+
+def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5, window=15):
+    """Fill the peak image where bad pixels leave its narrow kernel without support.
+
+    Where less than ``min_coverage`` of the narrow kernel's weight lies on
+    usable pixels (a cosmic ray, a bad column, a saturated core), the peak
+    image is undefined: left at zero it cuts a source in two or rings a
+    saturated star with maxima. There it is replaced by the PSF-matched
+    significance ``sig``, the only good-pixel statistic that spans the hole
+    (by Cauchy-Schwarz its expectation peaks at the centre of a source even
+    when the source's core is masked), scaled by the local least-squares
+    ratio ``sharp / sig`` on the rim of usable pixels around the hole (a
+    ``window``-pixel box) so the fill joins the narrow image without a step.
+
+    Parameters
+    ----------
+    sharp, sig : (ny, nx) float32
+        Peak image and PSF-matched significance of one band (modified: ``sharp``).
+    good : (ny, nx) bool
+        Usable pixels.
+    sigma : float
+        Sigma (pixels) of the peak image's Gaussian.
+
+    Returns
+    -------
+    (ny, nx) float32, ``sharp`` filled in place.
+    """
+    from scipy import ndimage
+
+    if good.all():
+        return sharp
+    low = _kernel_coverage(good, sigma) < min_coverage
+    if not low.any():
+        return sharp
+    rim = ndimage.binary_dilation(low, structure=np.ones((3, 3), bool)) & ~low
+    # Local least squares fit sharp ~ s * sig over rim pixels: sums in a box.
+    num = ndimage.uniform_filter(np.where(rim, sharp * sig, 0).astype(np.float32), window,
+                                 mode="constant")
+    den = ndimage.uniform_filter(np.where(rim, sig * sig, 0).astype(np.float32), window,
+                                 mode="constant")
+    ok = low & (den > 0)
+    sharp[ok] = num[ok] / den[ok] * sig[ok]
+    return sharp
 
 
 # ------------------------------------------------------------------ chi^2 image
@@ -846,6 +960,31 @@ def _bad_bits(exposure, planes):
     return bits
 
 
+def _bad_planes(exposure, planes):
+    """The mask planes detection ignores.
+
+    ``None`` gives :data:`DEFAULT_BAD_PLANES` plus any further planes the
+    exposure records as bad (``bad_mask_planes`` attr, written at ingest);
+    an explicit list (or comma-separated string) is used as given, and every
+    name in it must be a plane of the exposure's mask.
+    """
+    if planes is None:
+        recorded = json.loads(exposure.attrs.get("bad_mask_planes", "null") or "null") or []
+        return list(DEFAULT_BAD_PLANES) + [p for p in recorded if p not in DEFAULT_BAD_PLANES]
+    if isinstance(planes, str):
+        planes = [p.strip() for p in planes.split(",") if p.strip()]
+    try:
+        planes = [str(p) for p in planes]
+    except TypeError:
+        raise InputError(f"bad mask planes must be a list of plane names, got {planes!r}") from None
+    defined = json.loads(exposure.attrs.get("mask_planes", "{}") or "{}")
+    unknown = [p for p in planes if p not in defined]
+    if unknown:
+        raise InputError(f"unknown mask plane(s) {', '.join(unknown)}; the exposure's mask has "
+                         f"{', '.join(sorted(defined)) or 'none'}")
+    return planes
+
+
 def _resolve_config(exposure, threshold, min_area, overrides, fwhm):
     cfg = dict(DEFAULTS)
     unknown = set(overrides) - set(cfg)
@@ -880,9 +1019,7 @@ def _resolve_config(exposure, threshold, min_area, overrides, fwhm):
         cfg["min_separation"] = max(2.0, 0.5 * fwhm)
     if cfg["association_radius"] is None:
         cfg["association_radius"] = max(2.0, 1.0 * fwhm)
-    if cfg["bad_mask_planes"] is None:
-        cfg["bad_mask_planes"] = json.loads(exposure.attrs.get("bad_mask_planes", "null")
-                                            or "null") or list(DEFAULT_BAD_PLANES)
+    cfg["bad_mask_planes"] = _bad_planes(exposure, cfg["bad_mask_planes"])
     cfg["fwhm"] = float(fwhm)
     cfg["grow_radius"] = float(cfg["grow_fwhm"] * fwhm)
     return cfg
@@ -1004,10 +1141,12 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
             sig, den, _ = matched_filter(img, var, good, psfs[i], bkg, denominator=den,
                                          convolver=conv)
         del conv
+        refilter_holes(sig, img, var, good, psfs[i], bkg)
         background[i] = bkg
         nvalid += den > 0
         del den
         sharp = gaussian_significance(img, var, good, peak_sigma, bkg, cfg["peak_sigma_wide"])
+        fill_unsupported(sharp, sig, good, peak_sigma, window=2 * int(np.ceil(2 * fwhm)) + 1)
         del bkg, good
         _accumulate_positive_square(chi2, sig)
         if cfg["peak_combine"] == "sum":
@@ -1092,8 +1231,9 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     # ---- known (external) positions
     ky, kx = _known_positions(exposure, known)
     inside = (ky > -0.5) & (ky < ny - 0.5) & (kx > -0.5) & (kx < nx - 0.5)
-    if (~inside).any():
-        warnings.warn(f"{int((~inside).sum())} known position(s) outside the image ignored",
+    n_known, n_outside = int(ky.size), int((~inside).sum())
+    if n_outside:
+        warnings.warn(f"{n_outside} of {n_known} known position(s) outside the image ignored",
                       stacklevel=2)
     ky, kx = ky[inside], kx[inside]
     grow_r = cfg["grow_radius"]
@@ -1123,6 +1263,7 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
             sel = np.asarray(new_y)
             outside = ~final[kiy[sel], kix[sel]]
             # Known positions outside every footprint get a disk of their own.
+            new_flags = np.where(outside, PEAK_EXTERNAL | PEAK_NO_FOOTPRINT, PEAK_EXTERNAL)
             if outside.any():
                 disk = np.zeros((ny, nx), bool)
                 disk[kiy[sel][outside], kix[sel][outside]] = True
@@ -1135,7 +1276,7 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
             p_ix = np.concatenate([p_ix, kix[sel].astype(np.int32)])
             p_sig = np.concatenate([p_sig, ext_sig])
             p_bands = np.concatenate([p_bands, np.zeros(sel.size, np.int64)])
-            p_flags = np.concatenate([p_flags, np.full(sel.size, PEAK_EXTERNAL, np.int64)])
+            p_flags = np.concatenate([p_flags, new_flags.astype(np.int64)])
     # integer pixel of externals moved to the known position
     p_iy = np.clip(np.round(p_y), 0, ny - 1).astype(np.int32)
     p_ix = np.clip(np.round(p_x), 0, nx - 1).astype(np.int32)
@@ -1157,6 +1298,9 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     # Drop weak single-band-only peaks, except the best one of a parent that
     # would otherwise have no peak at all.
     keep = np.concatenate([keep, np.ones(p_parent.size - keep.size, bool)])
+    # A known position is never dropped, even when it was merged into a weak
+    # peak that would be on its own.
+    keep |= (p_flags & PEAK_EXTERNAL) != 0
     has = np.zeros(nparent + 1, bool)
     has[p_parent[keep]] = True
     rescue = np.flatnonzero(~keep & ~has[p_parent])

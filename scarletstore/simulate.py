@@ -28,6 +28,24 @@ Model choices (all stated so that benchmarks can quote them):
   have i in [18, 25.5] and colours along a main-sequence stellar locus.
   Profiles are truncated (disk at 4.5, bulge at 8 nominal half-light radii)
   so every stamp holds the whole profile and sums to the truth flux.
+
+Options make fields unlike the default (each off by default, and the default
+output does not change when they are off; their random draws come from
+generators of their own):
+
+* ``psf_beta``: the Moffat beta of every band's PSF (2.5-3 gives strong
+  wings, as in poor seeing with a bright halo).
+* ``bright_stars``: that many extra stars with i in [14.5, 18] on the same
+  stellar locus; with ``saturation`` (nJy per pixel) the pixels of the
+  observed image above it are clipped to it and flagged SAT.
+* ``cosmic_rays``: per band, that many raw cosmic-ray tracks (1-8 px long,
+  20-300 sigma per pixel) added to the image and flagged CR.
+* ``bad_columns``: per band, that many hot columns (half to full height,
+  +5 to +50 sigma) kept at their raw value and flagged BAD.
+* ``density`` near zero gives mostly-sky fields.
+
+When any artifact is made, ``truth_artifacts.fits`` lists each one (kind,
+band, the source a saturated core belongs to, centre, bounding box, pixels).
 """
 
 from __future__ import annotations
@@ -42,7 +60,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["simulate_field", "load_truth", "truth_image", "ALL_BANDS"]
+__all__ = ["simulate_field", "load_truth", "load_artifacts", "truth_image", "ALL_BANDS"]
 
 ALL_BANDS = "ugrizy"
 PIXEL_SCALE = 0.2  # arcsec per pixel
@@ -63,6 +81,10 @@ STAR_COUNT_SLOPE = 0.10
 DISK_TRUNC = 4.5  # in nominal half-light radii
 BULGE_TRUNC = 8.0
 MAX_DISK_HLR = 2.0  # arcsec; bounds the largest stamp
+BRIGHT_STAR_MAG_RANGE = (14.5, 18.0)  # i band, the ``bright_stars`` option
+COSMIC_RAY_LENGTH = (1, 8)  # pixels
+COSMIC_RAY_SIGMA = (20.0, 300.0)  # per-pixel amplitude in units of the noise
+BAD_COLUMN_SIGMA = (5.0, 50.0)  # hot-column offset in units of the noise
 
 # Colours m_band - m_i of the two galaxy components: an old red bulge and a
 # star-forming blue disk (rough z ~ 0.5 templates).
@@ -88,6 +110,15 @@ MASK_PLANES = {
 }
 
 TRUTH_VERSION = 1
+
+#: Settings of :func:`simulate_field` that make fields unlike the default.
+DEFAULT_OPTIONS = {
+    "psf_beta": PSF_BETA,
+    "bright_stars": 0,
+    "saturation": None,
+    "cosmic_rays": 0,
+    "bad_columns": 0,
+}
 
 
 # ----------------------------------------------------------------------------
@@ -185,14 +216,7 @@ def _draw_catalogue(rng, size, density) -> dict:
     stretch_b = 1.0 + 0.1 * rng.standard_normal(n)
     stretch_d = 1.0 + 0.25 * rng.standard_normal(n)
     gr = rng.uniform(_LOCUS_GR[0], _LOCUS_GR[-1], n)
-    star_colour = {
-        "r": np.interp(gr, _LOCUS_GR, _LOCUS_RI),
-        "z": -np.interp(gr, _LOCUS_GR, _LOCUS_IZ),
-    }
-    star_colour["g"] = star_colour["r"] + gr
-    star_colour["u"] = star_colour["g"] + np.interp(gr, _LOCUS_GR, _LOCUS_UG)
-    star_colour["y"] = star_colour["z"] - np.interp(gr, _LOCUS_GR, _LOCUS_ZY)
-    star_colour["i"] = np.zeros(n)
+    star_colour = _star_colours(gr)
 
     flux_i = _mag_to_flux(mag_i)
     for band in ALL_BANDS:
@@ -211,6 +235,39 @@ def _draw_catalogue(rng, size, density) -> dict:
         cat[f"flux_disk_{band}"] = np.where(star, 0.0, fd)
         cat[f"flux_{band}"] = np.where(star, fs, fb + fd)
     return cat
+
+
+def _star_colours(gr):
+    """Colours m_band - m_i along the stellar locus for stars of colour g - r."""
+    col = {
+        "r": np.interp(gr, _LOCUS_GR, _LOCUS_RI),
+        "z": -np.interp(gr, _LOCUS_GR, _LOCUS_IZ),
+    }
+    col["g"] = col["r"] + gr
+    col["u"] = col["g"] + np.interp(gr, _LOCUS_GR, _LOCUS_UG)
+    col["y"] = col["z"] - np.interp(gr, _LOCUS_GR, _LOCUS_ZY)
+    col["i"] = np.zeros(np.shape(gr))
+    return col
+
+
+def _add_bright_stars(cat, rng, size, n):
+    """Append ``n`` bright stars (i in BRIGHT_STAR_MAG_RANGE) to the catalogue in place."""
+    if n <= 0:
+        return
+    gr = rng.uniform(_LOCUS_GR[0], _LOCUS_GR[-1], n)
+    col = _star_colours(gr)
+    mag_i = rng.uniform(*BRIGHT_STAR_MAG_RANGE, n)
+    new = {k: np.zeros(n, dtype=np.asarray(v).dtype) for k, v in cat.items()}
+    new["x"] = rng.uniform(-0.5, size - 0.5, n)
+    new["y"] = rng.uniform(-0.5, size - 0.5, n)
+    new["is_star"] = np.ones(n, bool)
+    new["mag_i"] = mag_i
+    new["hlr_disk_nominal"] = np.full(n, 0.08)
+    new["hlr_bulge_nominal"] = np.full(n, 0.05)
+    for band in ALL_BANDS:
+        new[f"flux_{band}"] = _mag_to_flux(mag_i) * 10.0 ** (-0.4 * col[band])
+    for k in cat:
+        cat[k] = np.concatenate([cat[k], new[k]])
 
 
 # ----------------------------------------------------------------------------
@@ -232,8 +289,8 @@ def _make_wcs(size):
     return wcs
 
 
-def _psf_profile(galsim, band):
-    return galsim.Moffat(beta=PSF_BETA, fwhm=PSF_FWHM[band], trunc=PSF_TRUNC).shear(
+def _psf_profile(galsim, band, beta=PSF_BETA):
+    return galsim.Moffat(beta=beta, fwhm=PSF_FWHM[band], trunc=PSF_TRUNC).shear(
         g1=PSF_SHEAR[0], g2=PSF_SHEAR[1]
     )
 
@@ -290,26 +347,34 @@ def _bad_pixels(rng, size):
     return bad
 
 
-def _simulate(size, seed, bands, density, progress=False) -> dict:
+def _simulate(size, seed, bands, density, progress=False, options=None) -> dict:
     """Render everything in memory; :func:`simulate_field` writes it out.
 
+    ``options`` holds the checked settings of :func:`simulate_field` that
+    make fields unlike the default (see :data:`DEFAULT_OPTIONS`).
+
     Returns a dict with the catalogue, WCS, per-band PSF images, noise-free
-    fields, images, variances, masks, and the clipped stamps of every source.
+    fields, images, variances, masks, the clipped stamps of every source, and
+    the list of artifacts made.
     """
+    opts = dict(DEFAULT_OPTIONS)
+    opts.update(options or {})
     with warnings.catch_warnings():
         # Truncated PSF and profiles have hard edges: GalSim advises real-space
         # convolution, which is far slower; FFT is accurate enough here.
         warnings.filterwarnings("ignore", message="Doing convolution of 2 objects, both with hard edges")
-        return _render(size, seed, bands, density, progress)
+        return _render(size, seed, bands, density, progress, opts)
 
 
-def _render(size, seed, bands, density, progress):
+def _render(size, seed, bands, density, progress, opts):
     galsim = _import_galsim()
     rng = np.random.default_rng(seed)
     cat = _draw_catalogue(rng, size, density)
+    # Extra draws use generators of their own so the default field is unchanged.
+    _add_bright_stars(cat, np.random.default_rng([seed, 101]), size, opts["bright_stars"])
     n = len(cat["x"])
     nb = len(bands)
-    psfs = {b: _psf_profile(galsim, b) for b in bands}
+    psfs = {b: _psf_profile(galsim, b, opts["psf_beta"]) for b in bands}
     psf_images = {}
     for b in bands:
         img = psfs[b].drawImage(nx=PSF_SIZE, ny=PSF_SIZE, scale=PIXEL_SCALE, method="fft").array
@@ -388,6 +453,7 @@ def _render(size, seed, bands, density, progress):
             bar.close()
 
     images, variances, masks, sigmas = {}, {}, {}, {}
+    artifacts = []
     for j, b in enumerate(bands):
         # One generator per band, keyed by the band's place in ugrizy, so the
         # r-band noise is the same whichever other bands are simulated.
@@ -400,6 +466,8 @@ def _render(size, seed, bands, density, progress):
         image[bad] = 0.0  # garbage, as a dead pixel would read
         mask = np.zeros((size, size), dtype=np.int32)
         mask[bad] |= np.int32(1 << MASK_PLANES["BAD"])
+        arng = np.random.default_rng([seed, 201 + ALL_BANDS.index(b)])
+        artifacts += _add_artifacts(arng, image, mask, var, b, opts, noise_free[j], bboxes, stamps, j)
         images[b] = image.astype(np.float32)
         variances[b] = var
         masks[b] = mask
@@ -420,7 +488,81 @@ def _render(size, seed, bands, density, progress):
         "sigma": sigmas,
         "bbox": bboxes,
         "stamps": stamps,
+        "artifacts": artifacts,
+        "options": opts,
     }
+
+
+def _line_pixels(rng, size, length):
+    """Pixels (y, x) of a straight track of ``length`` pixels at a random angle."""
+    y0, x0 = rng.uniform(0, size - 1, 2)
+    ang = rng.uniform(0, np.pi)
+    t = np.arange(length)
+    ys = np.clip(np.round(y0 + t * np.sin(ang)).astype(int), 0, size - 1)
+    xs = np.clip(np.round(x0 + t * np.cos(ang)).astype(int), 0, size - 1)
+    keep = np.unique(ys * size + xs)
+    return keep // size, keep % size
+
+
+def _artifact(kind, band, ys, xs, added, source_id=0):
+    return {"kind": kind, "band": band, "source_id": int(source_id),
+            "y": float(np.mean(ys)), "x": float(np.mean(xs)),
+            "y0": int(ys.min()), "x0": int(xs.min()), "y1": int(ys.max()), "x1": int(xs.max()),
+            "n_pixels": int(ys.size), "max_added": float(added)}
+
+
+def _add_artifacts(rng, image, mask, var, band, opts, noise_free, bboxes, stamps, j):
+    """Saturation, raw cosmic rays and hot bad columns of one band, in place.
+
+    Returns one truth record per artifact. Draws come from ``rng`` only when
+    an option asks for them, so the default field does not change.
+    """
+    size = image.shape[0]
+    sigma = np.sqrt(var.astype(np.float64))
+    out = []
+    level = opts["saturation"]
+    if level is not None:
+        from scipy import ndimage
+
+        sat = image > level
+        labels, nlab = ndimage.label(sat, structure=np.ones((3, 3), bool))
+        image[sat] = level
+        mask[sat] |= np.int32(1 << MASK_PLANES["SAT"])
+        for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+            ys, xs = np.nonzero(labels[sl] == lab)
+            ys, xs = ys + sl[0].start, xs + sl[1].start
+            # the source that puts the most light on the core's brightest pixel
+            k = int(np.argmax(noise_free[ys, xs]))
+            out.append(_artifact("SAT", band, ys, xs, 0.0,
+                                 _dominant_source(bboxes, stamps, j, ys[k], xs[k])))
+    for _ in range(int(opts["cosmic_rays"])):
+        ys, xs = _line_pixels(rng, size, int(rng.integers(COSMIC_RAY_LENGTH[0], COSMIC_RAY_LENGTH[1] + 1)))
+        amp = np.exp(rng.uniform(*np.log(COSMIC_RAY_SIGMA))) * rng.uniform(0.5, 1.0, ys.size)
+        image[ys, xs] += amp * sigma[ys, xs]  # raw: the value stays in the image
+        mask[ys, xs] |= np.int32(1 << MASK_PLANES["CR"])
+        out.append(_artifact("CR", band, ys, xs, float((amp * sigma[ys, xs]).max())))
+    for _ in range(int(opts["bad_columns"])):
+        length = int(rng.integers(size // 2, size + 1))
+        col = int(rng.integers(0, size))
+        start = int(rng.integers(0, size - length + 1))
+        ys = np.arange(start, start + length)
+        xs = np.full(length, col)
+        add = rng.uniform(*BAD_COLUMN_SIGMA) * sigma[ys, xs]
+        image[ys, xs] += add
+        mask[ys, xs] |= np.int32(1 << MASK_PLANES["BAD"])
+        out.append(_artifact("BAD_COLUMN", band, ys, xs, float(add.max())))
+    return out
+
+
+def _dominant_source(bboxes, stamps, j, y, x):
+    """Truth id (from 1) of the source with the most band-``j`` light at pixel (y, x)."""
+    best, best_v = 0, 0.0
+    for k, (y0, x0, h, w) in enumerate(bboxes):
+        if y0 <= y < y0 + h and x0 <= x < x0 + w:
+            v = float(stamps[k][j, y - y0, x - x0])
+            if v > best_v:
+                best, best_v = k + 1, v
+    return best
 
 
 # ----------------------------------------------------------------------------
@@ -458,7 +600,7 @@ def _write_band(path, band, sim, seed, size):
     psf = fits.ImageHDU(sim["psf"][band], name="PSF")
     psf.header["BAND"] = band
     psf.header["FWHM"] = (PSF_FWHM[band], "[arcsec] Moffat FWHM")
-    psf.header["BETA"] = (PSF_BETA, "Moffat beta")
+    psf.header["BETA"] = (float(sim["options"]["psf_beta"]), "Moffat beta")
     fits.HDUList([primary, image, mask, variance, psf]).writeto(path, overwrite=True)
 
 
@@ -529,7 +671,42 @@ def _write_truth_images(path, sim):
     )
 
 
-def simulate_field(out_dir, size=512, seed=1, bands="ugrizy", density=90.0, progress=False) -> dict:
+def _write_artifacts(path, sim, seed):
+    from astropy.table import Table
+
+    rows = sim["artifacts"]
+    cols = ["kind", "band", "source_id", "y", "x", "y0", "x0", "y1", "x1", "n_pixels", "max_added"]
+    t = Table(rows=[[r[c] for c in cols] for r in rows], names=cols) if rows else Table(
+        names=cols, dtype=["U10", "U1", "i8", "f8", "f8", "i8", "i8", "i8", "i8", "i8", "f8"])
+    t.meta["TRUTHVER"] = TRUTH_VERSION
+    t.meta["SIMSEED"] = int(seed)
+    for k, v in sim["options"].items():
+        t.meta[k.upper()[:8]] = -1.0 if v is None else float(v)
+    t.write(path, format="fits", overwrite=True)
+
+
+def _check_options(psf_beta, bright_stars, saturation, cosmic_rays, bad_columns):
+    try:
+        psf_beta = float(psf_beta)
+        bright_stars, cosmic_rays, bad_columns = int(bright_stars), int(cosmic_rays), int(bad_columns)
+        saturation = None if saturation is None else float(saturation)
+    except (TypeError, ValueError):
+        raise InputError("psf_beta and saturation must be numbers; bright_stars, cosmic_rays "
+                         "and bad_columns integers") from None
+    if not np.isfinite(psf_beta) or psf_beta <= 1.5:
+        # beta <= 1.5 has no finite second moment and GalSim refuses beta <= 1.1.
+        raise InputError(f"psf_beta must be > 1.5, got {psf_beta}")
+    if min(bright_stars, cosmic_rays, bad_columns) < 0:
+        raise InputError("bright_stars, cosmic_rays and bad_columns must be non-negative")
+    if saturation is not None and not (np.isfinite(saturation) and saturation > 0):
+        raise InputError(f"saturation must be a positive level in nJy, got {saturation}")
+    return {"psf_beta": psf_beta, "bright_stars": bright_stars, "saturation": saturation,
+            "cosmic_rays": cosmic_rays, "bad_columns": bad_columns}
+
+
+def simulate_field(out_dir, size=512, seed=1, bands="ugrizy", density=90.0, progress=False, *,
+                   psf_beta=PSF_BETA, bright_stars=0, saturation=None, cosmic_rays=0,
+                   bad_columns=0) -> dict:
     """Simulate an LSST-like multi-band coadd patch with its truth.
 
     Parameters
@@ -548,11 +725,24 @@ def simulate_field(out_dir, size=512, seed=1, bands="ugrizy", density=90.0, prog
         Mean number of sources (galaxies and stars) per square arcminute.
     progress : bool
         Show a progress bar on stderr when it is a terminal.
+    psf_beta : float
+        Moffat beta of the PSF (default 3.5; 2.5-3 gives strong wings).
+    bright_stars : int
+        Extra stars with i in [14.5, 18] (appended after the other sources).
+    saturation : float, optional
+        Level (nJy per pixel) above which observed pixels are clipped to it
+        and flagged SAT.
+    cosmic_rays : int
+        Raw cosmic-ray tracks per band, kept in the image and flagged CR.
+    bad_columns : int
+        Hot bad columns per band, kept at their raw value and flagged BAD.
 
     Returns
     -------
     dict
-        ``{"bands": {band: path}, "truth": path, "truth_images": path}``.
+        ``{"bands": {band: path}, "truth": path, "truth_images": path}``, and
+        ``"artifacts": path`` of ``truth_artifacts.fits`` when any
+        saturation, cosmic ray or bad column was asked for.
 
     Raises
     ------
@@ -587,11 +777,12 @@ def simulate_field(out_dir, size=512, seed=1, bands="ugrizy", density=90.0, prog
     if not np.isfinite(density) or density < 0:
         raise InputError(f"density must be a non-negative number, got {density}")
     names = _parse_bands(bands)
+    opts = _check_options(psf_beta, bright_stars, saturation, cosmic_rays, bad_columns)
     _import_galsim()  # fail before creating anything
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sim = _simulate(size, seed, names, density, progress=progress)
+    sim = _simulate(size, seed, names, density, progress=progress, options=opts)
 
     paths = {"bands": {}, "truth": out / "truth.fits", "truth_images": out / "truth_images.npz"}
     for b in names:
@@ -600,6 +791,9 @@ def simulate_field(out_dir, size=512, seed=1, bands="ugrizy", density=90.0, prog
         paths["bands"][b] = p
     _write_truth_table(paths["truth"], sim, seed, size)
     _write_truth_images(paths["truth_images"], sim)
+    if opts["saturation"] is not None or opts["cosmic_rays"] or opts["bad_columns"]:
+        paths["artifacts"] = out / "truth_artifacts.fits"
+        _write_artifacts(paths["artifacts"], sim, seed)
     return paths
 
 
@@ -645,6 +839,28 @@ def load_truth(out_dir):
         stamp = pixels[off:off + nb * h * w].reshape(nb, h, w)
         images[int(sid)] = (tuple(int(v) for v in bb), stamp)
     return table, images
+
+
+def load_artifacts(out_dir):
+    """The artifact truth (``truth_artifacts.fits``) of a field, or None when it has none.
+
+    Returns
+    -------
+    astropy.table.Table or None
+        One row per artifact: ``kind`` (``SAT``, ``CR`` or ``BAD_COLUMN``),
+        ``band``, ``source_id`` (truth id of a saturated star, else 0),
+        centre ``y``, ``x``, inclusive bbox ``y0, x0, y1, x1``, ``n_pixels``
+        and ``max_added`` (largest value added to a pixel, nJy; 0 for SAT).
+    """
+    from astropy.table import Table
+
+    path = Path(out_dir) / "truth_artifacts.fits"
+    if not path.is_file():
+        return None
+    try:
+        return Table.read(path, format="fits")
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
 
 
 def truth_image(truth_images, source_id, shape):

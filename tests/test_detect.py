@@ -323,3 +323,167 @@ def test_faint_companion_on_bright_slope_found_in_symmetric_residual():
     k = np.argmin(np.hypot(ds["peak_y"].values - 40, ds["peak_x"].values - 40 - 1.5 * fwhm))
     assert np.hypot(ds["peak_y"][k] - 40, ds["peak_x"][k] - 40 - 1.5 * fwhm) < 1.0
     assert ds["peak_flags"][k] & PEAK_RESIDUAL
+
+
+# ---------------------------------------------------------------- flagged pixels (bad planes)
+def _moffat(shape, y, x, fwhm=2.3548 * SIGMA, beta=2.5):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    m = (1 + ((yy - y) ** 2 + (xx - x) ** 2) / alpha ** 2) ** -beta
+    return m / m.sum()
+
+
+def _cosmic_rays(exp, n, seed):
+    """Raw, CR-flagged tracks 1-6 px long, 30-200 sigma; returns their (y, x) centres."""
+    rng = np.random.default_rng(seed)
+    nb, ny, nx = exp["image"].shape
+    centres = []
+    for b in range(nb):
+        for _ in range(n):
+            y0, x0 = rng.uniform(3, ny - 9), rng.uniform(3, nx - 9)
+            ang, length = rng.uniform(0, np.pi), int(rng.integers(1, 7))
+            t = np.arange(length)
+            ys = np.round(y0 + t * np.sin(ang)).astype(int)
+            xs = np.round(x0 + t * np.cos(ang)).astype(int)
+            exp["image"].values[b, ys, xs] += rng.uniform(30, 200, length)
+            exp["mask"].values[b, ys, xs] |= 1 << PLANES["CR"]
+            centres.append((ys.mean(), xs.mean()))
+    return np.array(centres)
+
+
+def test_cosmic_rays_flagged_cr_make_no_peaks_by_default():
+    # Two sources and 6 raw cosmic rays per band. CR is a default bad plane
+    # (as in Rubin's deblender): no peak may sit on a cosmic ray. Told to
+    # ignore only BAD, the same field does grow peaks on them, so the test
+    # measures the default, not an easy field.
+    exp = _field([(30, 30, [400] * 3), (60, 70, [600] * 3)], shape=(100, 110), seed=21)
+    crs = _cosmic_rays(exp, 6, seed=22)
+    ds = detect(exp)
+    _check_layout(ds)
+    py, px = ds["peak_y"].values, ds["peak_x"].values
+    d_cr = np.hypot(py[:, None] - crs[None, :, 0], px[:, None] - crs[None, :, 1]).min(1)
+    assert ds.sizes["peak"] == 2, (py, px)
+    assert (d_cr > 3).all()
+    assert "CR" in json.loads(ds.attrs["config"])["bad_mask_planes"]
+    loose = detect(exp, bad_mask_planes=["BAD"])
+    lpy, lpx = loose["peak_y"].values, loose["peak_x"].values
+    d_cr = np.hypot(lpy[:, None] - crs[None, :, 0], lpx[:, None] - crs[None, :, 1]).min(1)
+    assert (d_cr < 3).sum() >= 5
+
+
+def test_saturated_star_is_one_peak_from_its_wings():
+    # A strong-wing (Moffat beta 2.5) star clipped at a saturation level in
+    # every band, its core flagged SAT (100-160 px): the footprint covers the
+    # core by growth from the good wings and the star keeps exactly one peak,
+    # near its true centre, estimated from the unsaturated wings. A faint
+    # galaxy-like neighbour 12 px away stays a separate peak.
+    shape = (90, 90)
+    rng = np.random.default_rng(23)
+    img = rng.normal(0, 1, (3,) + shape)
+    mask = np.zeros((3,) + shape, np.int32)
+    star = (44.3, 45.6)
+    level = 400.0
+    for b, flux in enumerate([3e5, 5e5, 7e5]):
+        img[b] += flux * _moffat(shape, *star)
+        img[b] += 400 * _gauss(shape, star[0] + 7, star[1] - 9.6)
+        sat = img[b] > level
+        img[b][sat] = level
+        mask[b][sat] = 1 << PLANES["SAT"]
+    assert 80 <= (mask[0] > 0).sum() and (mask[2] > 0).sum() <= 200
+    psf = _moffat((31, 31), 15, 15)
+    exp = _exposure(img, np.ones_like(img), mask, np.stack([psf] * 3), "gri")
+    ds = detect(exp)
+    _check_layout(ds)
+    py, px = ds["peak_y"].values, ds["peak_x"].values
+    d = np.hypot(py - star[0], px - star[1])
+    assert (d < 10).sum() == 1, np.c_[py, px][d < 15]
+    assert d.min() < 0.6
+    d2 = np.hypot(py - star[0] - 7, px - star[1] + 9.6)
+    assert d2.min() < 1.5
+
+
+def test_bad_column_through_a_source_does_not_split_it():
+    # A hot column (flagged BAD) through the core of an extended source: its
+    # raw values never enter, and the hole it leaves in the narrow peak image
+    # is bridged, so the source keeps one peak on the column.
+    exp = _field([], shape=(80, 80), seed=24)
+    yy, xx = np.mgrid[:80, :80]
+    gal = np.exp(-0.5 * (((yy - 40) / 4.0) ** 2 + ((xx - 40.2) / 2.5) ** 2))
+    exp["image"].values[:] += 60 * gal
+    exp["image"].values[:, 10:70, 40] += 50.0
+    exp["mask"].values[:, 10:70, 40] |= 1 << PLANES["BAD"]
+    ds = detect(exp)
+    _check_layout(ds)
+    assert ds.sizes["peak"] == 1, np.c_[ds["peak_y"].values, ds["peak_x"].values]
+    assert abs(ds["peak_y"][0] - 40) < 1.0 and abs(ds["peak_x"][0] - 40.2) < 1.0
+
+
+def test_bad_planes_setting_is_checked():
+    exp = _field([(30, 30, [400] * 3)])
+    with pytest.raises(InputError, match="unknown mask plane.*CRX"):
+        detect(exp, bad_mask_planes="BAD,CRX")
+    ds = detect(exp, bad_mask_planes="BAD, CR")
+    assert json.loads(ds.attrs["config"])["bad_mask_planes"] == ["BAD", "CR"]
+
+
+def test_deblend_default_bad_planes_follow_detection():
+    from scarletstore.deblend.config import DeblendConfig
+    from scarletstore.detect import DEFAULT_BAD_PLANES
+
+    assert DeblendConfig().bad_mask_planes == DEFAULT_BAD_PLANES
+    assert set(DEFAULT_BAD_PLANES) == {"BAD", "CR", "NO_DATA", "SAT", "SUSPECT", "EDGE"}
+
+
+def test_cli_detect_bad_planes(tmp_path, capsys):
+    from scarletstore.cli import main
+    from scarletstore.ingest import make_exposure
+    from scarletstore.store import Store
+
+    src = _field([(30, 30, [400] * 3)], seed=25)
+    exp = make_exposure(src["image"].values, src["variance"].values, src["mask"].values,
+                        list(src["psf"].values), ["g", "r", "i"])
+    path = tmp_path / "s.h5"
+    Store.create(path, {"exposure": exp})
+    assert main(["detect", str(path), "--bad-planes", "BAD,NOPE"]) == 2
+    err = capsys.readouterr().err
+    assert "NOPE" in err and err.count("\n") == 1
+    assert not Store(path).has("parents")
+    assert main(["detect", str(path), "--bad-planes", "BAD,CR,SAT"]) == 0
+    parents = Store(path).read("parents")
+    assert json.loads(parents.attrs["config"])["bad_mask_planes"] == ["BAD", "CR", "SAT"]
+
+
+# ---------------------------------------------------------------- known positions
+def test_every_known_position_is_kept():
+    # 40 known positions: on faint sources seen in one band only (weak
+    # single-band peaks that detection alone drops), on bright sources, and
+    # in empty sky. Every one must come back as an external peak at its
+    # position; those on no footprint are flagged and get one of their own.
+    from scarletstore.detect import PEAK_NO_FOOTPRINT
+
+    rng = np.random.default_rng(26)
+    faint = [(y, x, [f, 0, 0]) for y, x, f in zip(rng.uniform(8, 112, 24), rng.uniform(8, 122, 24),
+                                                  rng.uniform(60, 110, 24))]
+    bright = [(y, x, [800] * 3) for y, x in zip(rng.uniform(8, 112, 6), rng.uniform(8, 122, 6))]
+    exp = _field(faint + bright, shape=(120, 130), seed=27)
+    ky = np.r_[[s[0] for s in faint + bright], rng.uniform(0, 119, 10)]
+    kx = np.r_[[s[1] for s in faint + bright], rng.uniform(0, 129, 10)]
+    ds = detect(exp, known=(ky, kx))
+    _check_layout(ds)
+    ext = (ds["peak_flags"].values & PEAK_EXTERNAL) != 0
+    py, px = ds["peak_y"].values[ext], ds["peak_x"].values[ext]
+    assert ext.sum() == ky.size
+    d = np.hypot(py[:, None] - ky[None], px[:, None] - kx[None])
+    assert (d.min(0) < 1e-6).all(), "a known position moved or vanished"
+    # the ones on no detected footprint are flagged and sit alone
+    nofp = (ds["peak_flags"].values & PEAK_NO_FOOTPRINT) != 0
+    assert nofp.sum() >= 1 and not (nofp & ~ext).any()
+    pflags = ds["parent_flags"].values[ds["peak_parent"].values[nofp] - 1]
+    assert np.all(pflags & PARENT_EXTERNAL_ONLY)
+
+
+def test_known_positions_outside_image_are_counted(tmp_path, capsys):
+    exp = _field([(30, 30, [400] * 3)], seed=28)
+    with pytest.warns(UserWarning, match="2 of 4 known position"):
+        ds = detect(exp, known=(np.array([30.0, 50.0, -3.0, 500.0]), np.array([30.0, 60.0, 5.0, 5.0])))
+    assert ((ds["peak_flags"].values & PEAK_EXTERNAL) != 0).sum() == 2

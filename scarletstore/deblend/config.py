@@ -85,7 +85,7 @@ class DeblendConfig:
     initial_background_thresh: float = 1.0
     optimizer: str = "adaprox"
     use_weights: bool = True
-    bad_mask_planes: list = field(default_factory=lambda: ["BAD", "SAT", "SUSPECT", "NO_DATA", "EDGE"])
+    bad_mask_planes: list = field(default_factory=lambda: ["BAD", "CR", "NO_DATA", "SAT", "SUSPECT", "EDGE"])
     set_spectra: bool = True
     max_spectrum_cutoff: float = 1e6
     process_singles: bool = False
