@@ -238,7 +238,8 @@ def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True) -> Blen
     Panels keep the blend's aspect: the long side of the data/model/residual
     panels grows with the blend (0.045 inch per pixel, between 2.4 and 6 inches,
     and the row at most 16 inches wide); source panels are half as large (at
-    least 1.4 inches on the long side) in a grid as wide as the main row. The
+    least 1.4 inches on the long side), grown up to the main size so that they
+    fill a grid as wide as the main row. The
     margins are fixed in inches, so the figure has no white space beyond the
     titles and labels.
     """
@@ -253,11 +254,17 @@ def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True) -> Blen
         f = (16.0 - (row - n_main * pw)) / (n_main * pw)
         pw, ph = pw * f, ph * f
         row = 16.0
+    # source panels: at least half the main size (and 1.4 inch), then grown to fill the
+    # row with as few rows as that smallest size needs
     s_long = max(long_side / 2, 1.4)
-    sw, sh = s_long * w / max(h, w), s_long * h / max(h, w)
-    s_title = 0.36  # two lines: id and band fluxes
+    sw = s_long * w / max(h, w)
     ncol = max(1, min(n_sources, int((row + gap) // (sw + gap)))) if n_sources else 1
     nrow = -(-n_sources // ncol) if n_sources else 0
+    if n_sources:
+        ncol = -(-n_sources // nrow)
+        sw = max(sw, min(pw, (row + gap) / ncol - gap))
+    sh = sw * h / w
+    s_title = 0.36  # two lines: id and band fluxes
     width = left + max(row, ncol * sw + (ncol - 1) * gap) + right
     height = top + title + ph + nrow * (s_title + sh + gap) + 0.1
     W, H = width, height
@@ -580,8 +587,7 @@ def _draw_residual(fig, lay, pic, model, fontsize):
     n_b, h, w = model.shape
     chi = combined_residual(residual_sigma(pic.data, model, pic.variance, pic.bad))
     lim = symmetric_limit(chi)
-    cmap = matplotlib.colormaps["RdBu_r"].copy()
-    cmap.set_bad("#7f7f7f")
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#7f7f7f")  # unusable pixels grey
     ax = fig.add_axes(lay.residual)
     im = ax.imshow(chi, origin="lower", interpolation="nearest", cmap=cmap, vmin=-lim, vmax=lim)
     _draw_outline(ax, pic.footprint, colour="black", lw=0.7)
