@@ -71,18 +71,29 @@ def saturating_stretch(level: float, q: float = 8.0) -> float:
     return float(level) * q / np.sinh(q)
 
 
-def source_stretch(rgb, q: float = 8.0, percentile: float = 99.5):
+def source_stretch(rgb, q: float = 5.0, percentile: float = 99.9):
     """Stretch for one source's (3, h, w) model from its own intensity range.
 
-    The ``percentile`` of the source's positive intensities is put at full
-    brightness, so a faint source fills the same grey levels as a bright one
-    and its asinh wings stay visible. None when no pixel is positive.
+    The pixel at the ``percentile`` of the source's positive intensities is
+    put just at full brightness in its brightest channel, so a faint source
+    fills the same grey levels as a bright one, its core keeps its profile
+    instead of a flat saturated top, and its asinh wings stay visible down to
+    about 1 % of the peak. None when no pixel is positive.
+
+    With the composite's mapping, channel c of a pixel of intensity I shows as
+    (c / I) asinh(q I / stretch) / q; that is 1 for the brightest channel m when
+    stretch = q I / sinh(q I / m).
     """
-    intensity = np.clip(np.nan_to_num(np.asarray(rgb, np.float64)), 0, None).mean(axis=0)
-    positive = intensity[intensity > 0]
-    if positive.size == 0:
+    img = np.clip(np.nan_to_num(np.asarray(rgb, np.float64)), 0, None)
+    intensity = img.mean(axis=0)
+    positive = intensity > 0
+    if not positive.any():
         return None
-    return saturating_stretch(np.percentile(positive, percentile), q)
+    level = np.percentile(intensity[positive], percentile)
+    near = positive & (intensity >= level)  # the pixels at (or just above) that level
+    k = np.flatnonzero(near.ravel())[np.argmin(intensity.ravel()[near.ravel()])]
+    i_level, brightest = intensity.ravel()[k], img.reshape(3, -1)[:, k].max()
+    return float(q * i_level / np.sinh(q * i_level / brightest))
 
 
 @dataclass
@@ -617,7 +628,7 @@ def _draw_source(fig, rect, model_i, idx, sid, flux, bands, pos):
         ax.set_facecolor("#7f7f7f")
         ax.text(0.5, 0.5, "zero model", transform=ax.transAxes, ha="center", va="center",
                 fontsize=7, color="white")
-    ax.plot([pos[1]], [pos[0]], marker="+", ms=4, mew=0.7, color="#00e5ff")
+    ax.plot([pos[1]], [pos[0]], marker="+", ms=3, mew=0.6, color="#00e5ff", alpha=0.7)
     _bare(ax, h, w)
     per = [f"{b} {format_flux(f)}" for b, f in zip(bands, flux)]
     lines = [" ".join(per[k:k + 3]) for k in range(0, len(per), 3)]
