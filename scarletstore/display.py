@@ -656,15 +656,15 @@ def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 3
     _, H, W = image.shape
     factor = max(1, int(np.ceil(max(H, W) / 2000)))
     shown = bin_image(image, factor)
-    minimum = np.nanmedian(shown.reshape(3, -1), axis=1)  # sky level per channel -> black
-    # twice the blend panels' stretch (about 10 sigma): a whole field is mostly sky, and the
-    # noisiest (reddest) channel would otherwise tint it
-    rgb = lupton_rgb(shown, stretch=2 * auto_stretch(shown - minimum[:, None, None]), minimum=minimum)
+    # black at zero, the sky level the deblender assumes (a median would be biased high in a
+    # crowded cut-out); twice the blend panels' stretch (about 10 sigma), because a whole field
+    # is mostly sky and the noisiest (reddest) channel would otherwise tint it
+    rgb = lupton_rgb(shown, stretch=2 * auto_stretch(shown))
     long_in = min(max(max(H, W) / 60, 6.0), 12.0)
     iw, ih = long_in * W / max(H, W), long_in * H / max(H, W)
     entries = legend_entries(boxes)
     ticks = 0.3  # room for the x tick labels under the image
-    top, bottom, side = 0.32, ticks + 0.1 + 0.17 * len(entries), 0.4
+    top, bottom, side = 0.32, ticks + 0.15 + 0.17 * len(entries), 0.4
     fig_w, fig_h = iw + side + 0.15, ih + top + bottom
     dpi = int(min(max(max(H, W) / long_in, 100), dpi_max))
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
@@ -688,7 +688,10 @@ def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 3
     handles = [Line2D([], [], color=c, lw=1.5, ls=FIELD_STYLES[s][1], label=t) for s, c, t in entries]
     if handles:
         fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(side / fig_w, 0.05 / fig_h),
-                   fontsize=7, frameon=False, ncol=1, handlelength=2.0, borderaxespad=0.0)
+                   fontsize=7, ncol=1, handlelength=2.0, borderaxespad=0.0,
+                   # a dark key, as behind the boxes, so the light "deblended" line shows
+                   frameon=True, facecolor="#1a1a1a", edgecolor="none", framealpha=1.0,
+                   labelcolor="white")
     fig.text(side / fig_w, 1 - 0.08 / fig_h, f"{title}   R,G,B = {','.join(bands[i] for i in idx)}"
              + (f"   (shown binned {factor}x{factor})" if factor > 1 else ""),
              fontsize=8, ha="left", va="top")
