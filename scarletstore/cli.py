@@ -284,17 +284,32 @@ def cmd_query(args):
 
 
 def cmd_show(args):
-    from .catalog import blend_views
-    from .display import show_blend
+    from .store import Store
 
-    store, run = _open_run_store(args.store, args.run)
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise InputError(f"{out}: output must be a .png file")
-    data, models, bands, blend = blend_views(store, args.blend, run)
-    show_blend(data, models, bands, out, title=f"blend {args.blend} (run {run})",
-               source_ids=blend.source_ids)
-    print(f"wrote {out}: blend {args.blend} with {len(models)} sources")
+    if args.field:
+        from .display import read_field, show_field
+
+        store = Store(args.store)
+        runs = store.runs()
+        if args.run is not None and args.run not in runs:
+            raise InputError(f"{store.path}: no run {args.run!r} (runs: {', '.join(runs) or 'none'})")
+        run = args.run or (runs[-1] if runs else None)
+        bands, idx, image, boxes = read_field(store, run)
+        title = f"{store.path.name}: {len(boxes)} parents, " + (f"run {run}" if run else "no run")
+        size = show_field(bands, idx, image, boxes, out, title=title)
+        marked = sum(b.status in ("skipped", "failed") for b in boxes)
+        print(f"wrote {out} ({size[0]}x{size[1]} px): {len(boxes)} parent boxes"
+              + (f", {marked} skipped or failed in run {run}" if run else ""))
+        return
+    from .display import read_blend_picture, show_blend
+
+    store, run = _open_run_store(args.store, args.run)
+    pic = read_blend_picture(store, args.blend, run)
+    size = show_blend(pic, out)
+    print(f"wrote {out} ({size[0]}x{size[1]} px): blend {args.blend} with {len(pic.models)} sources")
 
 
 def cmd_migrate(args):
@@ -432,9 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_query)
 
-    s = sub.add_parser("show", help="asinh RGB picture of a blend: data, model, residual, sources")
+    s = sub.add_parser("show", help="asinh RGB picture of a blend (data, model, residual, sources) "
+                                     "or of the whole field with every parent's box")
     s.add_argument("store")
-    s.add_argument("--blend", type=int, required=True, help="parent id")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--blend", type=int, help="parent id")
+    what.add_argument("--field", action="store_true",
+                      help="the whole exposure with parent boxes (skipped/failed ones marked)")
     s.add_argument("--run", help="run name (default: the newest)")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_show)

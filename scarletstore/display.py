@@ -4,11 +4,22 @@ The stretch acts on the total intensity I = (r + g + b) / 3 and every channel
 is scaled by the same factor asinh(Q I / stretch) / (Q I), so colours are kept
 even where bright cores saturate; a pixel whose largest channel exceeds 1 is
 scaled down as a whole rather than clipped per channel.
+
+The module is split in two: functions that build the arrays a picture shows
+(composites, residuals in sigma, footprint outlines, layouts, the field's box
+list) need only numpy and are what the tests check; the renderers
+:func:`show_blend` and :func:`show_field` import matplotlib (Agg) only when
+called, so the command line starts without it.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+
 import numpy as np
+
+# ---------------------------------------------------------------- composites
 
 
 def lupton_rgb(rgb, stretch: float = 0.5, q: float = 8.0, minimum=0.0) -> np.ndarray:
@@ -22,7 +33,7 @@ def lupton_rgb(rgb, stretch: float = 0.5, q: float = 8.0, minimum=0.0) -> np.nda
     minimum : black level, per channel or scalar
     """
     img = np.asarray(rgb, dtype=np.float64) - np.reshape(np.broadcast_to(minimum, (3,)), (3, 1, 1))
-    img = np.clip(img, 0, None)
+    img = np.clip(np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0), 0, None)
     intensity = img.mean(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         scale = np.where(intensity > 0, np.arcsinh(q * intensity / stretch) / (q * intensity), 0.0)
@@ -45,21 +56,445 @@ def rgb_bands(bands) -> list[int]:
 
 def auto_stretch(images: np.ndarray) -> float:
     """A stretch about five times the robust noise of the composite."""
-    mean = np.mean(images, axis=0)
+    mean = np.nan_to_num(np.mean(images, axis=0))
     mad = np.median(np.abs(mean - np.median(mean)))
     # the floor keeps noise-free images from stretching float round-off into view
     return float(max(5 * 1.4826 * mad, 1e-3 * np.abs(mean).max(), 1e-12))
 
 
-def show_blend(data, models, bands, path, title: str = "", source_ids=None) -> None:
-    """Write a PNG: data, model, residual, then each source's model (asinh RGB).
+def saturating_stretch(level: float, q: float = 8.0) -> float:
+    """The stretch at which intensity ``level`` just reaches full brightness.
+
+    With the composite's mapping asinh(q I / stretch) / q, full scale (1) is
+    reached at I = stretch sinh(q) / q.
+    """
+    return float(level) * q / np.sinh(q)
+
+
+def source_stretch(rgb, q: float = 5.0, percentile: float = 99.9):
+    """Stretch for one source's (3, h, w) model from its own intensity range.
+
+    The pixel at the ``percentile`` of the source's positive intensities is
+    put just at full brightness in its brightest channel, so a faint source
+    fills the same grey levels as a bright one, its core keeps its profile
+    instead of a flat saturated top, and its asinh wings stay visible down to
+    about 1 % of the peak. None when no pixel is positive.
+
+    With the composite's mapping, channel c of a pixel of intensity I shows as
+    (c / I) asinh(q I / stretch) / q; that is 1 for the brightest channel m when
+    stretch = q I / sinh(q I / m).
+    """
+    img = np.clip(np.nan_to_num(np.asarray(rgb, np.float64)), 0, None)
+    intensity = img.mean(axis=0)
+    positive = intensity > 0
+    if not positive.any():
+        return None
+    level = np.percentile(intensity[positive], percentile)
+    near = positive & (intensity >= level)  # the pixels at (or just above) that level
+    k = np.flatnonzero(near.ravel())[np.argmin(intensity.ravel()[near.ravel()])]
+    i_level, brightest = intensity.ravel()[k], img.reshape(3, -1)[:, k].max()
+    return float(q * i_level / np.sinh(q * i_level / brightest))
+
+
+@dataclass
+class SourcePanel:
+    """What one source's panel shows.
+
+    kind is "rgb" (``image`` (h, w, 3) uint8 on the source's own stretch),
+    "signed" (``image`` (h, w) float: the band sum of a model without positive
+    flux in the colour bands, shown on a diverging map within +-``limit``) or
+    "empty" (the model is zero everywhere; ``image`` is None).
+    """
+
+    kind: str
+    image: np.ndarray | None
+    limit: float = 0.0
+
+
+def source_panel(model, idx, q: float = 5.0) -> SourcePanel:
+    """The picture of one source's (B, h, w) model (never an all-black image).
+
+    A source with positive flux in the R, G, B bands gets its own asinh stretch
+    (:func:`source_stretch`); one with flux only in other bands, or negative
+    flux, shows its signed band sum; an all-zero model is reported as empty.
+    """
+    model = np.nan_to_num(np.asarray(model, np.float64))
+    rgb = model[list(idx)]
+    stretch = source_stretch(rgb, q)
+    if stretch is not None:
+        return SourcePanel("rgb", lupton_rgb(rgb, stretch=stretch, q=q))
+    total = model.sum(axis=0)
+    limit = float(np.abs(total).max())
+    if limit > 0:
+        return SourcePanel("signed", total, limit)
+    return SourcePanel("empty", None)
+
+
+# ---------------------------------------------------------------- residuals
+
+
+def residual_sigma(data, model, variance, bad=None) -> np.ndarray:
+    """Per-band residual in units of the noise, (data - model) / sqrt(variance).
 
     Parameters
     ----------
-    data : (B, h, w) observed image or None
-    models : (n, B, h, w) per-source observed-frame models
-    bands : band names (three are picked for R, G, B)
+    data, model, variance : (B, h, w) arrays
+    bad : (B, h, w) bool, optional
+        Pixels to leave out (bad mask planes).
+
+    Returns
+    -------
+    (B, h, w) float64, NaN where the variance is not positive and finite or the
+    pixel is bad.
     """
+    data = np.asarray(data, np.float64)
+    variance = np.asarray(variance, np.float64)
+    usable = np.isfinite(variance) & (variance > 0) & np.isfinite(data)
+    if bad is not None:
+        usable &= ~np.asarray(bad, bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        chi = (data - np.asarray(model, np.float64)) / np.sqrt(np.where(usable, variance, 1.0))
+    return np.where(usable, chi, np.nan)
+
+
+def combined_residual(chi) -> np.ndarray:
+    """Bands of a (B, h, w) sigma residual combined into one unit-variance map.
+
+    sum_b chi_b / sqrt(N) over the N bands usable at each pixel: pure noise
+    stays N(0, 1), while a residual common to all bands adds up. NaN where no
+    band is usable.
+    """
+    chi = np.asarray(chi, np.float64)
+    n = np.isfinite(chi).sum(axis=0)
+    total = np.nansum(chi, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, total / np.sqrt(np.maximum(n, 1)), np.nan)
+
+
+def symmetric_limit(values, percentile: float = 99.5, floor: float = 3.0) -> float:
+    """Colour limit +-L of a residual map: its ``percentile`` of |value|, at least ``floor``."""
+    finite = np.abs(np.asarray(values, np.float64))
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return floor
+    return float(max(np.percentile(finite, percentile), floor))
+
+
+def footprint_edges(mask) -> np.ndarray:
+    """Boundary of a footprint mask as pixel-edge segments.
+
+    Pixel (y, x) covers [x - 0.5, x + 0.5] x [y - 0.5, y + 0.5] (pixel centres on
+    integers, as ``imshow`` draws them). An edge is kept where a footprint pixel
+    meets a pixel outside (or the mask border).
+
+    Returns
+    -------
+    (n, 2, 2) float array of segments ((x_a, y_a), (x_b, y_b)).
+    """
+    m = np.pad(np.asarray(mask, bool), 1)
+    segs = []
+    # horizontal edges: between rows y-1 and y of the unpadded mask
+    ys, xs = np.nonzero(m[1:, 1:-1] != m[:-1, 1:-1])
+    for y, x in zip(ys, xs):
+        segs.append(((x - 0.5, y - 0.5), (x + 0.5, y - 0.5)))
+    ys, xs = np.nonzero(m[1:-1, 1:] != m[1:-1, :-1])
+    for y, x in zip(ys, xs):
+        segs.append(((x - 0.5, y - 0.5), (x - 0.5, y + 0.5)))
+    return np.asarray(segs, np.float64).reshape(-1, 2, 2)
+
+
+def format_flux(value: float) -> str:
+    """A flux in at most about five characters (3 significant digits)."""
+    v = float(value)
+    if not np.isfinite(v):
+        return "nan"
+    a = abs(v)
+    if a >= 1e5:
+        mant, exp = f"{v:.1e}".split("e")
+        return f"{mant}e{int(exp)}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 0.01 or a == 0:
+        return f"{v:.3g}"
+    mant, exp = f"{v:.1e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def label_band(bands) -> int:
+    """Index of the band quoted next to each peak: r when present, else the middle band."""
+    bands = list(bands)
+    return bands.index("r") if "r" in bands else len(bands) // 2
+
+
+# ---------------------------------------------------------------- layout
+
+
+@dataclass
+class BlendLayout:
+    """Figure size (inches) and axes rectangles (figure fractions) of a blend picture."""
+
+    figsize: tuple
+    data: tuple
+    model: tuple
+    residual: tuple
+    colorbar: tuple
+    sources: list = field(default_factory=list)
+    main_inches: tuple = (0.0, 0.0)  # width, height of a main panel
+    source_inches: tuple = (0.0, 0.0)
+
+
+def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True) -> BlendLayout:
+    """Panel sizes and positions for an ``h`` x ``w`` blend with ``n_sources`` sources.
+
+    Panels keep the blend's aspect: the long side of the data/model/residual
+    panels grows with the blend (0.045 inch per pixel, between 2.4 and 6 inches,
+    and the row at most 16 inches wide); source panels are half as large (at
+    least 1.4 inches on the long side), grown up to the main size so that they
+    fill a grid as wide as the main row. The
+    margins are fixed in inches, so the figure has no white space beyond the
+    titles and labels.
+    """
+    h, w = max(int(h), 1), max(int(w), 1)
+    long_side = min(max(max(h, w) * 0.045, 2.4), 6.0)
+    pw, ph = long_side * w / max(h, w), long_side * h / max(h, w)
+    gap, title, top, left, right, cbar, cbar_pad = 0.12, 0.22, 0.42, 0.08, 0.08, 0.12, 0.05
+    cbar_labels = 0.42
+    n_main = 3 if with_data else 1
+    row = n_main * pw + (n_main - 1) * gap + (cbar + cbar_pad + cbar_labels if with_data else 0)
+    if row > 16.0:  # very wide blends: shrink everything to keep the figure on a screen
+        f = (16.0 - (row - n_main * pw)) / (n_main * pw)
+        pw, ph = pw * f, ph * f
+        row = 16.0
+    # source panels: at least half the main size (and 1.4 inch), then grown to fill the
+    # row with as few rows as that smallest size needs
+    s_long = max(long_side / 2, 1.4)
+    sw = s_long * w / max(h, w)
+    ncol = max(1, min(n_sources, int((row + gap) // (sw + gap)))) if n_sources else 1
+    nrow = -(-n_sources // ncol) if n_sources else 0
+    if n_sources:
+        ncol = -(-n_sources // nrow)
+        sw = max(sw, min(pw, (row + gap) / ncol - gap))
+    sh = sw * h / w
+    s_title = 0.36  # two lines: id and band fluxes
+    width = left + max(row, ncol * sw + (ncol - 1) * gap) + right
+    height = top + title + ph + nrow * (s_title + sh + gap) + 0.1
+    W, H = width, height
+
+    def rect(x_in, y_top_in, wi, hi):  # inches from the top-left -> figure fraction
+        return (x_in / W, 1 - (y_top_in + hi) / H, wi / W, hi / H)
+
+    y_main = top + title
+    panels = [rect(left + k * (pw + gap), y_main, pw, ph) for k in range(n_main)]
+    if with_data:
+        data, model, resid = panels
+        cb = rect(left + 3 * pw + 2 * gap + cbar_pad, y_main, cbar, ph)
+    else:
+        data, model, resid, cb = None, panels[0], None, None
+    sources = []
+    for i in range(n_sources):
+        r, c = divmod(i, ncol)
+        y = y_main + ph + gap + r * (s_title + sh + gap) + s_title
+        sources.append(rect(left + c * (sw + gap), y, sw, sh))
+    return BlendLayout(figsize=(W, H), data=data, model=model, residual=resid, colorbar=cb,
+                       sources=sources, main_inches=(pw, ph), source_inches=(sw, sh))
+
+
+# ---------------------------------------------------------------- field boxes
+
+FIELD_STYLES = {
+    # status: (colour, line style, legend text)
+    "parent": ("#d9d9d9", "-", "parent"),
+    "deblended": ("#d9d9d9", "-", "deblended"),
+    "skipped": ("#ff9f1c", "-", "skipped"),
+    "failed": ("#ff2e63", "-", "failed"),
+    "absent": ("#8c8c8c", ":", "not in run"),
+}
+
+
+@dataclass
+class FieldBox:
+    """One parent's box on the field picture."""
+
+    parent_id: int
+    y0: int
+    x0: int
+    height: int
+    width: int
+    status: str  # a key of FIELD_STYLES
+    reason: str = ""
+
+    @property
+    def colour(self) -> str:
+        return FIELD_STYLES[self.status][0]
+
+    @property
+    def linestyle(self) -> str:
+        return FIELD_STYLES[self.status][1]
+
+
+def blend_status(reason: str) -> str:
+    """Status of a run's blend from its stored reason ('' fitted, 'isolated', 'failed: ...', else skipped)."""
+    reason = str(reason)
+    if reason in ("", "isolated"):
+        return "deblended"
+    if reason.startswith("failed"):
+        return "failed"
+    return "skipped"
+
+
+def field_boxes(parent_ids, bboxes, run_parent_ids=None, run_reasons=None) -> list[FieldBox]:
+    """One box per parent, coloured by what the run did with it.
+
+    Parameters
+    ----------
+    parent_ids : (n,) int
+    bboxes : (n, 4) int, (y0, x0, height, width) per parent
+    run_parent_ids, run_reasons : per-blend parent id and reason of a run, or
+        None for no run (every box is a plain "parent").
+
+    Returns
+    -------
+    list of :class:`FieldBox` in parent order; a parent the run does not hold
+    (a run of selected blends) has status "absent".
+    """
+    bboxes = np.asarray(bboxes, np.int64).reshape(-1, 4)
+    by_parent = None
+    if run_parent_ids is not None:
+        by_parent = {int(p): str(r) for p, r in zip(run_parent_ids, run_reasons)}
+    boxes = []
+    for pid, (y0, x0, h, w) in zip(np.asarray(parent_ids).tolist(), bboxes.tolist()):
+        if by_parent is None:
+            status, reason = "parent", ""
+        elif pid in by_parent:
+            reason = by_parent[pid]
+            status = blend_status(reason)
+        else:
+            status, reason = "absent", ""
+        boxes.append(FieldBox(int(pid), y0, x0, h, w, status, reason))
+    return boxes
+
+
+def legend_entries(boxes) -> list[tuple[str, str, str]]:
+    """(status, colour, text) of each status present, with counts and skip reasons."""
+    out = []
+    for status, (colour, _, text) in FIELD_STYLES.items():
+        these = [b for b in boxes if b.status == status]
+        if not these:
+            continue
+        label = f"{text}: {len(these)}"
+        if status in ("skipped", "failed"):
+            reasons = {}
+            for b in these:
+                key = b.reason.split(":")[1].strip() if status == "failed" and ":" in b.reason else b.reason
+                reasons[key] = reasons.get(key, 0) + 1
+            label += " (" + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ")"
+        out.append((status, colour, label))
+    return out
+
+
+def bin_image(img, factor: int) -> np.ndarray:
+    """Block-average the last two axes of ``img`` by ``factor`` (edges trimmed)."""
+    if factor <= 1:
+        return np.asarray(img)
+    h, w = img.shape[-2] // factor * factor, img.shape[-1] // factor * factor
+    cut = np.asarray(img)[..., :h, :w]
+    shape = cut.shape[:-2] + (h // factor, factor, w // factor, factor)
+    return np.nanmean(cut.reshape(shape), axis=(-3, -1))
+
+
+# ---------------------------------------------------------------- store readers
+
+
+@dataclass
+class BlendPicture:
+    """Everything the blend picture draws, in blend-local pixels."""
+
+    parent_id: int
+    run: str
+    bands: list
+    bbox: tuple
+    models: np.ndarray  # (n, B, h, w)
+    source_ids: np.ndarray
+    positions: np.ndarray  # (n, 2) y, x of each source's first component peak
+    data: np.ndarray | None = None
+    variance: np.ndarray | None = None
+    bad: np.ndarray | None = None
+    footprint: np.ndarray | None = None
+    summary: str = ""
+
+
+def read_blend_picture(store, parent_id: int, run: str) -> BlendPicture:
+    """Read one blend's data, variance, bad pixels, footprint and models from a store."""
+    from .catalog import blend_views
+    from .footprint import counts_to_offsets, spans_to_mask
+    from .ingest import DEFAULT_BAD_PLANES, bad_bits
+
+    data, models, bands, blend = blend_views(store, parent_id, run)
+    y0, x0, h, w = blend.bbox
+    positions = np.array([[s.components[0].peak[0] - y0, s.components[0].peak[1] - x0]
+                          for s in blend.sources], np.float64).reshape(-1, 2)
+    pic = BlendPicture(parent_id=int(parent_id), run=run, bands=list(bands), bbox=blend.bbox,
+                       models=models, source_ids=np.asarray(blend.source_ids), positions=positions,
+                       data=data)
+    if data is not None:
+        with store.open("exposure") as ex:
+            box = dict(y=slice(y0, y0 + h), x=slice(x0, x0 + w))
+            pic.variance = np.asarray(ex["variance"].isel(**box).values)
+            planes = json.loads(ex.attrs.get("mask_planes", "{}"))
+            bad_planes = json.loads(ex.attrs.get("bad_mask_planes", json.dumps(DEFAULT_BAD_PLANES)))
+            pic.bad = (np.asarray(ex["mask"].isel(**box).values) & bad_bits(planes, bad_planes)) != 0
+    if store.has("parents"):
+        with store.open("parents") as p:
+            ids = p["parent_id"].values
+            hit = np.flatnonzero(ids == int(parent_id))
+            if hit.size:
+                off = counts_to_offsets(p["span_count"].values)
+                sl = slice(off[hit[0]], off[hit[0] + 1])
+                pic.footprint = spans_to_mask(p["span_y"].values[sl], p["span_x0"].values[sl],
+                                              p["span_x1"].values[sl], blend.bbox)
+    tables = store.run_tables(run)
+    try:
+        b = blend.index
+        it, logl = int(tables.col("blend_iterations")[b]), float(tables.col("blend_log_likelihood")[b])
+        conv, reason = bool(tables.col("blend_converged")[b]), str(tables.col("blend_reason")[b])
+    finally:
+        tables.close()
+    fit = reason or (f"{it} iterations, logL {logl:.6g}, " + ("converged" if conv else "NOT converged"))
+    pic.summary = f"blend {parent_id} (run {run}): {len(models)} sources, {h}x{w} px, {fit}"
+    return pic
+
+
+def read_field(store, run: str | None = None):
+    """(bands, rgb index, (3, H, W) image, boxes) of a store's whole exposure."""
+    if not store.has("exposure"):
+        from .errors import InputError
+        raise InputError(f"{store.path}: no exposure group; run 'scarletstore ingest' first")
+    if not store.has("parents"):
+        from .errors import InputError
+        raise InputError(f"{store.path}: no parents; run 'scarletstore detect' first")
+    with store.open("exposure") as ex:
+        bands = [str(b) for b in ex["band"].values]
+        idx = rgb_bands(bands)
+        image = np.stack([np.asarray(ex["image"].isel(band=k).values) for k in idx])
+    with store.open("parents") as p:
+        ids = np.asarray(p["parent_id"].values)
+        bboxes = np.stack([np.asarray(p[v].values) for v in
+                           ("bbox_y0", "bbox_x0", "bbox_height", "bbox_width")], axis=1)
+    run_ids = run_reasons = None
+    if run is not None:
+        tables = store.run_tables(run)
+        try:
+            run_ids = np.asarray(tables.col("blend_parent_id"))
+            run_reasons = np.asarray(tables.col("blend_reason"))
+        finally:
+            tables.close()
+    return bands, idx, image, field_boxes(ids, bboxes, run_ids, run_reasons)
+
+
+# ---------------------------------------------------------------- renderers
+
+
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -67,29 +502,200 @@ def show_blend(data, models, bands, path, title: str = "", source_ids=None) -> N
     except ImportError:
         from .errors import InputError
         raise InputError("pictures need matplotlib: pip install 'scarletstore[plot]'") from None
+    return plt
+
+
+def _mark_sources(ax, positions, labels, colour="#00e5ff", fontsize=6.5):
+    """Peak markers with a text label each, legible on light and dark pixels."""
+    import matplotlib.patheffects as pe
+
+    halo = [pe.withStroke(linewidth=1.6, foreground="black")]
+    x_max = ax.get_xlim()[1]
+    for (y, x), text in zip(positions, labels):
+        ax.plot([x], [y], marker="+", ms=5, mew=0.9, color=colour, path_effects=halo)
+        # labels of peaks near the right edge go to the left so they stay on the panel
+        left = x > 0.7 * x_max
+        ax.annotate(text, (x, y), xytext=(-2.5 if left else 2.5, 2.5), textcoords="offset points",
+                    fontsize=fontsize, color=colour, path_effects=halo, ha="right" if left else "left",
+                    annotation_clip=False)
+
+
+def _draw_outline(ax, footprint, colour="#ffd60a", lw=0.8):
+    from matplotlib.collections import LineCollection
+
+    if footprint is None:
+        return
+    segs = footprint_edges(footprint)
+    if len(segs):
+        ax.add_collection(LineCollection(segs, colors=colour, linewidths=lw, alpha=0.9))
+
+
+def _bare(ax, h, w):
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(-0.5, h - 0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
+    """Write the blend picture: data, model, residual in sigma, then each source.
+
+    Data and model share one noise-based asinh stretch and carry the sources'
+    peaks with ids (model: with the flux in :func:`label_band`); the residual
+    is :func:`combined_residual` of :func:`residual_sigma` on a diverging map
+    with symmetric limits and a colour bar; the parent footprint is outlined on
+    all three. Every source panel has its own stretch (:func:`source_panel`)
+    and is titled with the source's flux in each band.
+
+    Returns
+    -------
+    (width, height) of the written image in pixels.
+    """
+    plt = _pyplot()
+    bands, models = pic.bands, pic.models
+    n, _, h, w = models.shape
     idx = rgb_bands(bands)
     model = models.sum(axis=0)
-    panels = []
-    if data is not None:
-        panels += [("data", data), ("model", model), ("residual", data - model)]
-    else:
-        panels += [("model", model)]
-    for i, m in enumerate(models):
-        sid = source_ids[i] if source_ids is not None else i
-        panels.append((f"source {sid}", m))
-    stretch = auto_stretch((data if data is not None else model)[idx]) if data is not None else \
-        float(max(model.max() / 20, 1e-6))
-    ncol = min(len(panels), 5)
-    nrow = (len(panels) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.6 * nrow + 0.4), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (label, img) in zip(axes.ravel(), panels):
-        rgb = img[idx]
-        # residuals show on the same stretch as the data; negatives clip to black
-        ax.imshow(lupton_rgb(rgb, stretch=stretch, q=8), origin="lower", interpolation="nearest")
-        ax.set_title(label, fontsize=9)
-    fig.suptitle(f"{title}  (R,G,B = {','.join(bands[i] for i in idx)})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fluxes = models.sum(axis=(2, 3))
+    lb = label_band(bands)
+    lay = blend_layout(h, w, n, with_data=pic.data is not None)
+    fig = plt.figure(figsize=lay.figsize, dpi=dpi)
+    fig.patch.set_facecolor("white")
+    stretch = auto_stretch(pic.data[idx]) if pic.data is not None else saturating_stretch(
+        np.percentile(model[idx].mean(axis=0), 99.5) or 1.0)
+    ids = [str(int(s)) for s in pic.source_ids]
+    rgb_text = ",".join(bands[i] for i in idx)
+    main_font = 8
+    if pic.data is not None:
+        ax = fig.add_axes(lay.data)
+        ax.imshow(lupton_rgb(pic.data[idx], stretch=stretch), origin="lower", interpolation="nearest")
+        _bare(ax, h, w)
+        _draw_outline(ax, pic.footprint)
+        _mark_sources(ax, pic.positions, ids)
+        ax.set_title(f"data (R,G,B = {rgb_text})", fontsize=main_font)
+    ax = fig.add_axes(lay.model)
+    ax.imshow(lupton_rgb(model[idx], stretch=stretch), origin="lower", interpolation="nearest")
+    _bare(ax, h, w)
+    _draw_outline(ax, pic.footprint)
+    _mark_sources(ax, pic.positions, [f"{i}: {format_flux(f)}" for i, f in zip(ids, fluxes[:, lb])])
+    ax.set_title(f"model (labels: id: {bands[lb]} flux)", fontsize=main_font)
+    if pic.data is not None:
+        _draw_residual(fig, lay, pic, model, main_font)
+    for i, rect in enumerate(lay.sources):
+        _draw_source(fig, rect, models[i], idx, ids[i], fluxes[i], bands, pic.positions[i])
+    fig.suptitle(pic.summary + "\nfootprint outlined; data and model on one stretch, "
+                 "each source on its own", fontsize=8, linespacing=1.3,
+                 x=0.08 / lay.figsize[0], y=1 - 0.1 / lay.figsize[1], ha="left", va="top")
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    size = fig.canvas.get_width_height()
     plt.close(fig)
+    return size
+
+
+def _draw_residual(fig, lay, pic, model, fontsize):
+    import matplotlib
+
+    n_b, h, w = model.shape
+    chi = combined_residual(residual_sigma(pic.data, model, pic.variance, pic.bad))
+    lim = symmetric_limit(chi)
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#7f7f7f")  # unusable pixels grey
+    ax = fig.add_axes(lay.residual)
+    im = ax.imshow(chi, origin="lower", interpolation="nearest", cmap=cmap, vmin=-lim, vmax=lim)
+    _draw_outline(ax, pic.footprint, colour="black", lw=0.7)
+    _bare(ax, h, w)
+    inside = pic.footprint if pic.footprint is not None else np.ones((h, w), bool)
+    vals = chi[inside & np.isfinite(chi)]
+    rms = float(np.sqrt(np.mean(vals**2))) if vals.size else float("nan")
+    ax.set_title(f"residual in sigma, rms {rms:.2f}", fontsize=fontsize)
+    cax = fig.add_axes(lay.colorbar)
+    cb = fig.colorbar(im, cax=cax)
+    cb.ax.tick_params(labelsize=6.5)
+    cb.set_label(r"$\sum_b (d-m)/\sigma_b\,/\sqrt{N_b}$", fontsize=7)
+
+
+def _draw_source(fig, rect, model_i, idx, sid, flux, bands, pos):
+    import matplotlib
+
+    h, w = model_i.shape[-2:]
+    ax = fig.add_axes(rect)
+    panel = source_panel(model_i, idx)
+    if panel.kind == "rgb":
+        ax.imshow(panel.image, origin="lower", interpolation="nearest")
+    elif panel.kind == "signed":
+        ax.imshow(panel.image, origin="lower", interpolation="nearest",
+                  cmap=matplotlib.colormaps["RdBu_r"], vmin=-panel.limit, vmax=panel.limit)
+    else:
+        ax.set_facecolor("#7f7f7f")
+        ax.text(0.5, 0.5, "zero model", transform=ax.transAxes, ha="center", va="center",
+                fontsize=7, color="white")
+    ax.plot([pos[1]], [pos[0]], marker="+", ms=3, mew=0.6, color="#00e5ff", alpha=0.7)
+    _bare(ax, h, w)
+    per = [f"{b} {format_flux(f)}" for b, f in zip(bands, flux)]
+    lines = [" ".join(per[k:k + 3]) for k in range(0, len(per), 3)]
+    note = "" if panel.kind == "rgb" else ("  (band sum)" if panel.kind == "signed" else "")
+    ax.set_title(f"source {sid}{note}\n" + "\n".join(lines[:2]), fontsize=6, linespacing=1.05, pad=2)
+
+
+def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 300) -> tuple[int, int]:
+    """Write the whole exposure as an asinh RGB with every parent's box.
+
+    Boxes are coloured by :data:`FIELD_STYLES` (skipped and failed parents
+    stand out, with a legend giving counts and reasons); parent ids are written
+    at the box corners when there are few enough boxes to read them. Fields over
+    2000 pixels are block-averaged for display (boxes stay in exposure pixels).
+
+    Returns
+    -------
+    (width, height) of the written image in pixels.
+    """
+    import matplotlib.patheffects as pe
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    _, H, W = image.shape
+    factor = max(1, int(np.ceil(max(H, W) / 2000)))
+    shown = bin_image(image, factor)
+    # black at zero, the sky level the deblender assumes (a median would be biased high in a
+    # crowded cut-out); twice the blend panels' stretch (about 10 sigma), because a whole field
+    # is mostly sky and the noisiest (reddest) channel would otherwise tint it
+    rgb = lupton_rgb(shown, stretch=2 * auto_stretch(shown))
+    long_in = min(max(max(H, W) / 60, 6.0), 12.0)
+    iw, ih = long_in * W / max(H, W), long_in * H / max(H, W)
+    entries = legend_entries(boxes)
+    ticks = 0.3  # room for the x tick labels under the image
+    top, bottom, side = 0.32, ticks + 0.15 + 0.17 * len(entries), 0.4
+    fig_w, fig_h = iw + side + 0.15, ih + top + bottom
+    dpi = int(min(max(max(H, W) / long_in, 100), dpi_max))
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
+    ax = fig.add_axes((side / fig_w, bottom / fig_h, iw / fig_w, ih / fig_h))
+    ax.imshow(rgb, origin="lower", interpolation="nearest",
+              extent=(-0.5, shown.shape[-1] * factor - 0.5, -0.5, shown.shape[-2] * factor - 0.5))
+    ax.set_xlim(-0.5, W - 0.5)
+    ax.set_ylim(-0.5, H - 0.5)
+    ax.tick_params(labelsize=6.5)
+    lw = 0.5 if len(boxes) > 500 else 0.8
+    label_ids = len(boxes) <= 400
+    halo = [pe.withStroke(linewidth=1.2, foreground="black")]
+    for b in boxes:
+        # the box encloses whole pixels: edges half a pixel outside the pixel centres
+        ax.add_patch(Rectangle((b.x0 - 0.5, b.y0 - 0.5), b.width, b.height, fill=False,
+                               edgecolor=b.colour, linestyle=b.linestyle,
+                               linewidth=lw * (1.6 if b.status in ("skipped", "failed") else 1)))
+        if label_ids or b.status in ("skipped", "failed"):
+            ax.text(b.x0 - 0.5, b.y0 + b.height - 0.5, str(b.parent_id), fontsize=5.5,
+                    color=b.colour, ha="left", va="bottom", path_effects=halo, clip_on=True)
+    handles = [Line2D([], [], color=c, lw=1.5, ls=FIELD_STYLES[s][1], label=t) for s, c, t in entries]
+    if handles:
+        fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(side / fig_w, 0.05 / fig_h),
+                   fontsize=7, ncol=1, handlelength=2.0, borderaxespad=0.0,
+                   # a dark key, as behind the boxes, so the light "deblended" line shows
+                   frameon=True, facecolor="#1a1a1a", edgecolor="none", framealpha=1.0,
+                   labelcolor="white")
+    fig.text(side / fig_w, 1 - 0.08 / fig_h, f"{title}   R,G,B = {','.join(bands[i] for i in idx)}"
+             + (f"   (shown binned {factor}x{factor})" if factor > 1 else ""),
+             fontsize=8, ha="left", va="top")
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    size = fig.canvas.get_width_height()
+    plt.close(fig)
+    return size

@@ -1,0 +1,300 @@
+"""Pictures: residuals in sigma, per-source stretches, layouts sized by the blend, field boxes."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import gaussian_psf
+from scarletstore.cli import main
+from scarletstore.display import (
+    BlendPicture, auto_stretch, blend_layout, combined_residual, field_boxes, footprint_edges,
+    legend_entries, lupton_rgb, read_blend_picture, read_field, residual_sigma, rgb_bands,
+    show_blend, source_panel,
+)
+from scarletstore.store import Store
+
+pytest.importorskip("matplotlib")
+
+
+def png_size(path):
+    """(width, height) from a PNG's IHDR chunk."""
+    head = open(path, "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def _blob(shape, cy, cx, sy, sx):
+    y, x = np.mgrid[:shape[0], :shape[1]]
+    return np.exp(-0.5 * (((y - cy) / sy) ** 2 + ((x - cx) / sx) ** 2))
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """A 3-band store of Gaussian blobs: a wide pair, a tall pair, a triple and singles, detected.
+
+    Not a simulated galaxy field: elongated Gaussians on flat noise with a
+    different noise level per band, so the tests do not lean on the fields the
+    pictures were tuned on.
+    """
+    from scarletstore.detect import detect
+    from scarletstore.ingest import make_exposure
+
+    ny, nx = 130, 170
+    rng = np.random.default_rng(21)
+    sed = {"wide": (3.0, 5.0, 8.0), "tall": (9.0, 6.0, 2.0), "tri": (4.0, 4.0, 4.0), "one": (6.0, 6.0, 6.0)}
+    truth = np.zeros((3, ny, nx))
+    blobs = [("wide", 20, 25, 2.5, 2.5), ("wide", 20, 40, 2.5, 2.5), ("wide", 21, 55, 2.5, 2.5),
+             ("tall", 60, 140, 2.5, 2.5), ("tall", 78, 141, 2.5, 2.5), ("tall", 96, 140, 2.5, 2.5),
+             ("tri", 95, 40, 2.2, 2.2), ("tri", 100, 50, 2.2, 2.2), ("tri", 108, 44, 2.2, 2.2),
+             ("one", 60, 80, 2.0, 2.0)]
+    for kind, cy, cx, sy, sx in blobs:
+        for b in range(3):
+            truth[b] += 60 * sed[kind][b] * _blob((ny, nx), cy, cx, sy, sx)
+    sigma = np.array([1.0, 1.5, 2.5])
+    image = (truth + rng.normal(0, 1, truth.shape) * sigma[:, None, None]).astype(np.float32)
+    variance = np.broadcast_to((sigma**2)[:, None, None], image.shape).astype(np.float32).copy()
+    psfs = [gaussian_psf(15, s) for s in (1.3, 1.4, 1.5)]
+    ex = make_exposure(image, variance, None, psfs, ["g", "r", "i"])
+    parents = detect(ex)
+    tmp = tmp_path_factory.mktemp("display")
+    path = tmp / "scene.h5"
+    Store.create(path, {"exposure": ex, "parents": parents})
+    return path, image, variance
+
+
+@pytest.fixture(scope="module")
+def deblended(scene, tmp_path_factory):
+    """The scene's store with a full run and a run that skips parents of more than two peaks."""
+    import shutil
+
+    src, *_ = scene
+    path = tmp_path_factory.mktemp("display_run") / "run.h5"
+    shutil.copy(src, path)
+    assert main(["deblend", str(path), "--run", "all"]) == 0
+    assert main(["deblend", str(path), "--run", "capped", "--set", "max_number_of_peaks=2"]) == 0
+    return path
+
+
+# ---------------------------------------------------------------- residual
+
+
+def test_residual_sigma_is_data_minus_model_over_sigma():
+    rng = np.random.default_rng(5)
+    data, model = rng.normal(3, 2, (2, 4, 9, 7))
+    variance = rng.uniform(0.5, 4.0, (4, 9, 7))
+    variance[1, 2, 3] = 0.0
+    variance[2, 0, 0] = np.nan
+    bad = np.zeros((4, 9, 7), bool)
+    bad[3, 5, 5] = True
+    chi = residual_sigma(data, model, variance, bad)
+    usable = np.isfinite(variance) & (variance > 0) & ~bad
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = (data - model) / np.sqrt(variance)
+    np.testing.assert_allclose(chi[usable], expected[usable], rtol=1e-12)
+    assert np.isnan(chi[~usable]).all() and (~usable).sum() == 3
+    # one unit-variance map from the bands: a 1-sigma residual in all 4 bands is 2 sigma
+    assert combined_residual(np.ones((4, 2, 2)))[0, 0] == pytest.approx(2.0)
+    noise = combined_residual(rng.normal(0, 1, (3, 200, 200)))
+    assert np.std(noise) == pytest.approx(1.0, abs=0.02)
+    partial = np.full((3, 1, 1), np.nan)
+    partial[0] = 1.5
+    assert combined_residual(partial)[0, 0] == pytest.approx(1.5)  # only the usable band counts
+
+
+def test_blend_picture_residual_matches_exposure(deblended):
+    """The residual the blend picture draws is (image - model) / sqrt(variance) in the blend box."""
+    store = Store(deblended)
+    ex = store.read("exposure")
+    pid = int(store.read("parents")["parent_id"].values[0])
+    pic = read_blend_picture(store, pid, "all")
+    y0, x0, h, w = pic.bbox
+    image = ex["image"].values[:, y0:y0 + h, x0:x0 + w]
+    var = ex["variance"].values[:, y0:y0 + h, x0:x0 + w]
+    model = pic.models.sum(axis=0)
+    chi = residual_sigma(pic.data, model, pic.variance, pic.bad)
+    np.testing.assert_allclose(chi, (image - model) / np.sqrt(var), rtol=1e-6, atol=1e-9)
+    # a good fit leaves noise: the combined residual in the footprint has rms near 1
+    c = combined_residual(chi)[pic.footprint]
+    assert 0.8 < np.sqrt(np.mean(c**2)) < 1.3
+    assert pic.footprint.shape == (h, w) and pic.footprint.any() and not pic.footprint.all()
+    assert len(pic.positions) == len(pic.models) >= 2
+
+
+# ---------------------------------------------------------------- source panels
+
+
+def test_faint_and_negative_sources_are_not_black():
+    shape = (30, 40)
+    bright = 500 * np.stack([_blob(shape, 10, 10, 2, 2)] * 3)
+    faint = 1e-4 * np.stack([_blob(shape, 20, 30, 3, 2)] * 3)
+    idx = [2, 1, 0]
+    # on the blend's shared stretch the faint source is black (what the pictures used to show)
+    shared = auto_stretch(bright[idx] + np.random.default_rng(1).normal(0, 1, (3,) + shape))
+    assert lupton_rgb(faint[idx], stretch=shared).max() == 0
+    panel = source_panel(faint, idx)
+    assert panel.kind == "rgb" and panel.image.max() >= 200
+    assert (panel.image.max(axis=2) > 20).sum() > 20  # more than a dot: the wings show too
+    # the same source scaled by 1e6 looks the same: the stretch follows the source
+    np.testing.assert_array_equal(source_panel(faint * 1e6, idx).image, panel.image)
+    negative = -faint
+    p = source_panel(negative, idx)
+    assert p.kind == "signed" and p.limit > 0 and p.image.min() < -0.5 * p.limit
+    other_band = np.zeros((4,) + shape)
+    other_band[3] = faint[0]  # flux only in a band that is not one of R, G, B
+    p = source_panel(other_band, [2, 1, 0])
+    assert p.kind == "signed" and p.image.max() == pytest.approx(faint[0].max())
+    assert source_panel(np.zeros((3,) + shape), idx).kind == "empty"
+
+
+# ---------------------------------------------------------------- layout and files
+
+
+def test_layout_follows_blend_shape():
+    wide, tall = blend_layout(20, 80, 3), blend_layout(80, 20, 3)
+    assert wide.main_inches[0] / wide.main_inches[1] == pytest.approx(4.0)
+    assert tall.main_inches[1] / tall.main_inches[0] == pytest.approx(4.0)
+    assert wide.source_inches[0] / wide.source_inches[1] == pytest.approx(4.0)
+    assert wide.figsize[0] > wide.figsize[1] and tall.figsize[1] > tall.figsize[0]
+    small, big = blend_layout(30, 30, 2), blend_layout(120, 120, 2)
+    assert big.main_inches[0] > 2 * small.main_inches[0]
+    for lay in (wide, tall, small, big, blend_layout(40, 60, 17)):
+        # panels, not white space, fill most of the figure
+        covered = sum(r[2] * r[3] for r in [lay.data, lay.model, lay.residual] + lay.sources)
+        assert covered > 0.45, lay
+        for r in [lay.data, lay.model, lay.residual, lay.colorbar] + lay.sources:
+            assert r[0] >= 0 and r[1] >= 0 and r[0] + r[2] <= 1 + 1e-9 and r[1] + r[3] <= 1 + 1e-9
+    # a very wide blend stays on a screen
+    assert blend_layout(30, 900, 2).figsize[0] < 16.5
+
+
+def _picture(h, w, n=2):
+    rng = np.random.default_rng(0)
+    models = np.stack([10 * np.stack([_blob((h, w), h / 2, w * (k + 1) / (n + 1), 2, 2)] * 3)
+                       for k in range(n)])
+    data = models.sum(0) + rng.normal(0, 1, (3, h, w))
+    return BlendPicture(parent_id=1, run="r", bands=["g", "r", "i"], bbox=(0, 0, h, w), models=models,
+                        source_ids=np.arange(1, n + 1), positions=np.array([[h / 2, w * (k + 1) / (n + 1)]
+                                                                             for k in range(n)]),
+                        data=data, variance=np.ones((3, h, w)), bad=np.zeros((3, h, w), bool),
+                        footprint=np.ones((h, w), bool), summary="test")
+
+
+def test_show_blend_png_size_follows_blend(tmp_path):
+    sizes = {}
+    for h, w in ((20, 100), (100, 20), (30, 30), (130, 130)):
+        out = tmp_path / f"b{h}x{w}.png"
+        returned = show_blend(_picture(h, w), out)
+        sizes[h, w] = png_size(out)
+        assert sizes[h, w] == tuple(returned)
+    assert sizes[20, 100][0] > 1.5 * sizes[20, 100][1]  # wide blend: wide picture
+    assert sizes[100, 20][1] > 1.2 * sizes[100, 20][0]  # tall blend: tall picture
+    assert sizes[130, 130][0] > 1.5 * sizes[30, 30][0]  # larger blend: larger picture
+
+
+def test_show_cli_blend_picture_shapes(deblended, tmp_path, capsys):
+    store = Store(deblended)
+    p = store.read("parents")
+    shapes = {int(i): (int(h), int(w)) for i, h, w in
+              zip(p["parent_id"].values, p["bbox_height"].values, p["bbox_width"].values)}
+    wide = max(shapes, key=lambda k: shapes[k][1] / shapes[k][0])
+    tall = max(shapes, key=lambda k: shapes[k][0] / shapes[k][1])
+    assert shapes[wide][1] > 1.5 * shapes[wide][0] and shapes[tall][0] > 1.5 * shapes[tall][1]
+    for pid in (wide, tall):
+        out = tmp_path / f"p{pid}.png"
+        assert main(["show", str(deblended), "--blend", str(pid), "--run", "all", "-o", str(out)]) == 0
+        assert f"blend {pid}" in capsys.readouterr().out
+    (ww, wh), (tw, th) = png_size(tmp_path / f"p{wide}.png"), png_size(tmp_path / f"p{tall}.png")
+    assert ww / wh > 1.3 * tw / th
+
+
+def test_footprint_edges_trace_the_boundary():
+    mask = np.zeros((5, 6), bool)
+    mask[1:3, 1:4] = True  # 2 x 3 rectangle: perimeter 10 pixel edges
+    segs = footprint_edges(mask)
+    assert segs.shape == (10, 2, 2)
+    assert np.allclose(np.linalg.norm(segs[:, 1] - segs[:, 0], axis=1), 1.0)
+    assert segs[..., 0].min() == 0.5 and segs[..., 0].max() == 3.5
+    assert segs[..., 1].min() == 0.5 and segs[..., 1].max() == 2.5
+    mask[3, 1] = True  # L shape: +2 edges
+    assert len(footprint_edges(mask)) == 12
+    assert len(footprint_edges(np.ones((3, 3), bool))) == 12  # the mask border closes the outline
+
+
+# ---------------------------------------------------------------- field
+
+
+def test_field_boxes_mark_run_status():
+    ids = [1, 2, 3, 4, 5]
+    bboxes = [(0, 0, 5, 5), (10, 0, 6, 4), (0, 20, 3, 3), (30, 30, 8, 9), (50, 50, 2, 2)]
+    plain = field_boxes(ids, bboxes)
+    assert [b.status for b in plain] == ["parent"] * 5
+    assert len({b.colour for b in plain}) == 1
+    boxes = field_boxes(ids, bboxes, run_parent_ids=[1, 2, 3, 4],
+                        run_reasons=["", "isolated", "too_many_peaks", "failed: ValueError: nan"])
+    assert [b.status for b in boxes] == ["deblended", "deblended", "skipped", "failed", "absent"]
+    assert (boxes[3].y0, boxes[3].x0, boxes[3].height, boxes[3].width) == (30, 30, 8, 9)
+    colours = {b.status: b.colour for b in boxes}
+    assert len(set(colours.values())) == 4  # skipped, failed and absent each stand out
+    legend = {status: text for status, _, text in legend_entries(boxes)}
+    assert legend["deblended"] == "deblended: 2"
+    assert legend["skipped"] == "skipped: 1 (too_many_peaks 1)"
+    assert legend["failed"] == "failed: 1 (ValueError 1)"
+
+
+def test_show_field_cli(deblended, scene, tmp_path, capsys):
+    norun, image, _ = scene
+    store = Store(deblended)
+    n_parents = store.read("parents").sizes["parent"]
+    bands, idx, img, boxes = read_field(Store(norun), None)
+    assert len(boxes) == n_parents and {b.status for b in boxes} == {"parent"}
+    np.testing.assert_array_equal(img, image[rgb_bands(bands)])
+    out = tmp_path / "f0.png"
+    assert main(["show", str(norun), "--field", "-o", str(out)]) == 0
+    assert f"{n_parents} parent boxes" in capsys.readouterr().out
+    w0, h0 = png_size(out)
+    assert w0 > h0  # the 130 x 170 field is wider than tall
+    # the capped run skips every parent of more than two peaks; the newest run is the default
+    run = store.read("runs/capped")
+    n_skip = int(sum(str(r) == "too_many_peaks" for r in run["blend_reason"].values))
+    assert n_skip >= 2
+    _, _, _, boxes = read_field(store, "capped")
+    assert sum(b.status == "skipped" for b in boxes) == n_skip
+    assert main(["show", str(deblended), "--field", "-o", str(tmp_path / "f1.png")]) == 0
+    assert f"{n_skip} skipped or failed in run capped" in capsys.readouterr().out
+    assert main(["show", str(deblended), "--field", "--run", "all", "-o", str(tmp_path / "f2.png")]) == 0
+    assert "0 skipped or failed in run all" in capsys.readouterr().out
+
+
+def _exit_code(argv):
+    """main's status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--blend", "1", "--field"], "not allowed with argument"),
+    ([], "one of the arguments --blend --field is required"),
+    (["--field", "--run", "nope"], "no run 'nope'"),
+    (["--field", "-o", "x.jpg"], "must be a .png"),
+])
+def test_show_bad_arguments_exit_2(deblended, tmp_path, capsys, argv, message):
+    if "-o" not in argv:
+        argv = argv + ["-o", str(tmp_path / "x.png")]
+    assert _exit_code(["show", str(deblended)] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_show_field_needs_parents(tmp_path, capsys):
+    from scarletstore.ingest import make_exposure
+
+    ex = make_exposure(np.zeros((1, 8, 8)), np.ones((1, 8, 8)), None, [gaussian_psf(5, 1.0)], ["r"])
+    path = tmp_path / "bare.h5"
+    Store.create(path, {"exposure": ex})
+    assert main(["show", str(path), "--field", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no parents" in err and err.count("\n") == 1
