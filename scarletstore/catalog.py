@@ -23,10 +23,12 @@ from .footprint import counts_to_offsets, mask_to_spans, spans_to_mask
 from .ingest import bad_bits
 from .measure import COLUMNS, measure_children
 from .models import SOURCE_FLAGS, RunIndex, RunTables, read_blend
+from .photometry import PHOT_FLAGS, PhotometryConfig, suite_columns
+from .photometry.blend import BlendPhotometry
 from .reconstruct import apportion_weights, band_kernel, heavy_values, source_models
 
 # catalog flag bits (source flags keep their bits; these are added)
-CATALOG_FLAGS = dict(SOURCE_FLAGS, zero_flux=1 << 8, not_converged=1 << 9, no_data=1 << 10)
+CATALOG_FLAGS = dict(SOURCE_FLAGS, zero_flux=1 << 8, not_converged=1 << 9, no_data=1 << 10, **PHOT_FLAGS)
 
 
 @dataclass
@@ -132,9 +134,10 @@ class BlendMeasurer:
     """Rebuilds and measures the children of one run in one band, blend by blend."""
 
     def __init__(self, store, run_name: str, band: str, redistribute: bool = False,
-                 image_override=None, psf_override=None):
+                 image_override=None, psf_override=None, photometry: PhotometryConfig | None = None):
         """``psf_override``: a PSF image for ``band``; ``image_override``: a dict with
-        ``image``, ``variance``, ``mask`` (h, w) arrays and ``mask_planes`` for ``band``."""
+        ``image``, ``variance``, ``mask`` (h, w) arrays and ``mask_planes`` for ``band``;
+        ``photometry``: settings of the measurement suite (apertures, GAaP size)."""
         self.store = store
         self.run_name = run_name
         self.tables = store.run_tables(run_name)
@@ -157,6 +160,7 @@ class BlendMeasurer:
         self.parents = _parent_spans(store) if store.has("parents") else None
         self.converged = self.tables.col("blend_converged")
         self.decoded = []  # blend numbers decoded, in order (lets tests count reads)
+        self.photometry = BlendPhotometry(self, photometry)
 
     def close(self):
         self.tables.close()
@@ -240,7 +244,10 @@ class BlendMeasurer:
             flags |= CATALOG_FLAGS["not_converged"]
         if data is None:
             flags |= CATALOG_FLAGS["no_data"]
-        cols["flags"] = flags
+        # the measurement suite (PSF, aperture, Kron, GAaP fluxes, adaptive moments)
+        phot, phot_flags = self.photometry.children(b, blend, models, fp, data, redist, m)
+        cols.update(phot)
+        cols["flags"] = flags | phot_flags
         cols["n_pixels"] = cols["n_pixels"].astype(np.int64)
         return cols
 
@@ -315,16 +322,50 @@ class _LazyColumn(xr.backends.BackendArray):
 LAZY_DTYPES = dict({c: np.float64 for c in COLUMNS}, flux=np.float64, n_pixels=np.int64, flags=np.int32)
 
 
+# units of the catalog's own columns ("1": dimensionless); the suite's come with it
+UNITS = {"id": "1", "parent": "1", "blend": "1", "x": "pixel", "y": "pixel", "ra": "deg", "dec": "deg",
+         "centroid_x": "pixel", "centroid_y": "pixel", "ixx": "pixel^2", "iyy": "pixel^2", "ixy": "pixel^2",
+         "blendedness": "1", "chi2": "1", "n_pixels": "pixel", "data_coverage": "1", "flags": "1"}
+FLUX_COLUMNS = ("flux", "flux_redistributed", "flux_err")
+
+
+def photometry_config(apertures=None, **settings) -> PhotometryConfig:
+    """Suite settings with the given aperture radii (pixels); refuses bad radii."""
+    if apertures is not None:
+        radii = tuple(float(r) for r in apertures)
+        if not radii or any(not (np.isfinite(r) and r > 0) for r in radii):
+            raise InputError(f"aperture radii must be positive pixels, got {list(apertures)}")
+        settings["apertures"] = tuple(sorted(set(radii)))
+    return PhotometryConfig(**settings)
+
+
+def _flux_units(measurer) -> str:
+    """Units of the band's pixel values (the exposure's image units; counts if unrecorded)."""
+    ex = measurer.exposure
+    units = None
+    if ex is not None:
+        units = getattr(ex.arrays["image"], "attrs", {}).get("units")
+    if isinstance(units, bytes):
+        units = units.decode()
+    return str(units) if units else "counts"
+
+
 def band_catalog(store, band: str, run: str | None = None, redistribute: bool = False,
-                 image_override=None, psf_override=None) -> xr.Dataset:
-    """One row per child of ``run`` (default: the newest) in ``band``; measured columns are lazy."""
+                 image_override=None, psf_override=None, apertures=None) -> xr.Dataset:
+    """One row per child of ``run`` (default: the newest) in ``band``; measured columns are lazy.
+
+    ``apertures``: radii (pixels) of the circular aperture fluxes (default 3, 6, 12).
+    Every column carries its units (variable attribute ``units``; all of them in
+    the dataset attribute ``units`` as JSON).
+    """
     runs = store.runs()
     if not runs:
         raise StoreError(f"{store.path}: no runs; run 'scarletstore deblend' first")
     run = run or runs[-1]
     if run not in runs:
         raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
-    measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override)
+    config = photometry_config(apertures)
+    measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
     cache = _RowCache(measurer)
     t = measurer.tables
     n = len(t.col("source_id"))
@@ -345,11 +386,18 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
             "chi2", "n_pixels", "data_coverage", "flags"]
     if redistribute:
         cols.insert(1, "flux_redistributed")
+    flux_units = _flux_units(measurer)
+    units = dict(UNITS, **{c: flux_units for c in FLUX_COLUMNS}, **suite_columns(config, flux_units))
+    cols[-1:-1] = list(suite_columns(config, flux_units))  # flags stay last
     for c in cols:
-        lazy = indexing.LazilyIndexedArray(_LazyColumn(cache, c, LAZY_DTYPES[c], n))
-        data[c] = xr.Variable(("row",), lazy)
+        lazy = indexing.LazilyIndexedArray(_LazyColumn(cache, c, LAZY_DTYPES.get(c, np.float64), n))
+        data[c] = xr.Variable(("row",), lazy, attrs={"units": units[c]})
     ds = xr.Dataset(data, attrs={"band": band, "run": run, "redistribute": int(redistribute),
                                  "flag_bits": json.dumps(CATALOG_FLAGS)})
+    for c in ds.variables:
+        if c in units:
+            ds[c].attrs["units"] = units[c]
+    ds.attrs["units"] = json.dumps({c: units[c] for c in ds.variables if c in units})
     ds = ds.set_coords(["id"])
     ds.attrs["_measurer"] = measurer  # kept so callers/tests can inspect reads; not serialised
     return ds

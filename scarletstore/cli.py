@@ -238,6 +238,16 @@ def _reprocessed_image(store, path, band):
             "mask": ex["mask"].values[0], "mask_planes": json.loads(ex.attrs["mask_planes"])}
 
 
+def _radii(text):
+    """Aperture radii from ``--apertures 3,6,12`` (None: the defaults)."""
+    if text is None:
+        return None
+    try:
+        return [float(r) for r in text.split(",")]
+    except ValueError:
+        raise InputError(f"--apertures: expected comma-separated radii in pixels, got {text!r}") from None
+
+
 def cmd_catalog(args):
     from .catalog import band_catalog, export_catalog
 
@@ -257,7 +267,8 @@ def cmd_catalog(args):
     if args.band in image_files:
         image_override = _reprocessed_image(store, image_files[args.band], args.band)
     cat = band_catalog(store, args.band, run=run, redistribute=args.redistribute,
-                       image_override=image_override, psf_override=psf_override)
+                       image_override=image_override, psf_override=psf_override,
+                       apertures=_radii(args.apertures))
     n = export_catalog(cat, out, show_progress=True)
     print(f"wrote {n} rows of band {args.band} (run {run}{', redistributed' if args.redistribute else ''}) to {out}")
 
@@ -436,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild the band with a new PSF (no refit)")
     s.add_argument("--image", action="append", metavar="BAND=FILE.fits",
                    help="redistribute a reprocessed image (IMAGE/MASK/VARIANCE HDUs)")
+    s.add_argument("--apertures", metavar="R1,R2,...",
+                   help="radii (pixels) of the circular aperture fluxes (default 3,6,12)")
     s.set_defaults(func=cmd_catalog)
 
     s = sub.add_parser("query", help="list blends of a run")

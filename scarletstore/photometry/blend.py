@@ -1,0 +1,100 @@
+"""The measurement suite on one blend of a stored run: children and the parent as a whole.
+
+Glue between :class:`scarletstore.catalog.BlendMeasurer` (which rebuilds the
+models, footprint and data of a blend in one band) and the families: it
+builds each child's pixels, effective variance and fit weight, and the
+band PSF with its Gaussian covariance (once per PSF).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import PhotometryConfig, measure_suite
+from .moments import psf_covariance
+
+
+def child_shares(models: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Each child's share ``T_i+ / sum_j T_j+`` of every footprint pixel (0 where no template is positive)."""
+    pos = np.where(footprint[None], np.clip(models, 0, None), 0).astype(np.float64)
+    total = pos.sum(axis=0)
+    return np.divide(pos, total, out=np.zeros_like(pos), where=total > 0)
+
+
+def moments_of(img: np.ndarray):
+    """Centre (x, y) and second moments (xx, yy, xy) of the positive part of ``img``."""
+    p = np.clip(np.asarray(img, np.float64), 0, None)
+    s = p.sum()
+    if not s > 0:
+        return (np.nan, np.nan), (np.nan, np.nan, np.nan)
+    y, x = np.indices(p.shape)
+    cx, cy = (p * x).sum() / s, (p * y).sum() / s
+    return (cx, cy), ((p * (x - cx) ** 2).sum() / s, (p * (y - cy) ** 2).sum() / s,
+                      (p * (x - cx) * (y - cy)).sum() / s)
+
+
+class BlendPhotometry:
+    """Runs :func:`~scarletstore.photometry.measure_suite` on the blends a measurer rebuilds."""
+
+    def __init__(self, measurer, config: PhotometryConfig | None = None):
+        self.measurer = measurer
+        self.config = config or PhotometryConfig()
+        self._psf = {}
+
+    def psf(self, b: int):
+        """The band PSF used for blend ``b`` (override, the blend's own, or the run's) and its covariance."""
+        k = self.measurer.kernels
+        band = self.measurer.b
+        key = b if (k.per_blend and band not in k.override) else -1
+        if key not in self._psf:
+            if band in k.override:
+                psf = k.override[band]
+            elif k.per_blend:
+                psf = k.tables.col("blend_psf")[b, band]
+            else:
+                psf = k.tables.col("psf")[band]
+            psf = np.asarray(psf, np.float64)
+            psf = psf / psf.sum()
+            self._psf[key] = (psf, psf_covariance(psf))
+        return self._psf[key]
+
+    def _noise(self, fp, data, shares):
+        """(weight, var_eff) of the PSF fit and of each child's pixels."""
+        if data is None:
+            return fp.astype(np.float64), None
+        _, variance, good = data
+        use = fp & good
+        var = np.where(use, variance, 0).astype(np.float64)
+        weight = np.divide(1.0, var, out=np.zeros_like(var), where=use)
+        return weight, shares * shares * var[None]
+
+    def children(self, b, blend, models, fp, data, redist, m):
+        """Suite columns of the children; ``m`` is :func:`measure_children`'s output."""
+        y0, x0 = blend.bbox[0], blend.bbox[1]
+        geometry = np.where(fp[None], models, 0)
+        values = redist if (self.measurer.redistribute and redist is not None) else geometry
+        weight, var_eff = self._noise(fp, data, child_shares(models, fp))
+        centroids = np.stack([m[:, 2] - x0, m[:, 3] - y0], axis=1)
+        psf, cov = self.psf(b)
+        return measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
+
+    def parent(self, b, blend, models, fp, data):
+        """Suite columns of the parent as a whole (one row).
+
+        Model mode measures the sum of the children's models; redistribute mode
+        the observed image inside the footprint (which is what the children's
+        re-apportioned pixels add up to). Geometry comes from the summed model.
+        """
+        geometry = np.where(fp, models.sum(axis=0), 0)[None]
+        if self.measurer.redistribute and data is not None:
+            values = np.where(fp & data[2], data[0], 0)[None]
+        else:
+            values = geometry
+        weight, var_eff = self._noise(fp, data, fp[None].astype(np.float64))
+        (cx, cy), mom = moments_of(geometry[0])
+        psf, cov = self.psf(b)
+        cols, flags = measure_suite(values, geometry, var_eff, weight, np.array([[cx, cy]]), np.array([mom]),
+                                    psf, cov, self.config)
+        cols.update(centroid_x=np.array([cx + blend.bbox[1]]), centroid_y=np.array([cy + blend.bbox[0]]),
+                    flux=np.array([float(geometry.sum(dtype=np.float64))]))
+        return cols, flags

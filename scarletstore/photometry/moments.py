@@ -1,0 +1,105 @@
+"""Adaptive second moments (Bernstein & Jarvis 2002, AJ 123, 583).
+
+The weight is an elliptical Gaussian whose centre and covariance are iterated
+to match the object's: with weight covariance ``M`` and an object of
+covariance ``S``, the weighted covariance is ``(M^-1 + S^-1)^-1``, which is
+``M / 2`` at the fixed point ``M = S``. Each iteration therefore sets ``M``
+to twice the weighted covariance and the centre to the weighted centroid. For
+a Gaussian object the fixed point is exactly its covariance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# status codes of adaptive_moments
+OK, NOT_CONVERGED, FAILED = 0, 1, 2
+
+
+@njit(cache=True)
+def _weighted_sums(img, cx, cy, m_xx, m_yy, m_xy, out):
+    """Weighted sums of ``img`` under the Gaussian weight (centre, covariance M)."""
+    h, w = img.shape
+    det = m_xx * m_yy - m_xy * m_xy
+    i_xx, i_yy, i_xy = m_yy / det, m_xx / det, -m_xy / det
+    # 5 sigma of the weight: the product weight x object is narrower still
+    ry, rx = 5.0 * np.sqrt(m_yy), 5.0 * np.sqrt(m_xx)
+    ya, yb = max(int(np.floor(cy - ry)), 0), min(int(np.ceil(cy + ry)) + 1, h)
+    xa, xb = max(int(np.floor(cx - rx)), 0), min(int(np.ceil(cx + rx)) + 1, w)
+    s0 = sx = sy = sxx = syy = sxy = 0.0
+    for y in range(ya, yb):
+        dy = y - cy
+        for x in range(xa, xb):
+            v = img[y, x]
+            if v == 0.0:
+                continue
+            dx = x - cx
+            q = i_xx * dx * dx + 2.0 * i_xy * dx * dy + i_yy * dy * dy
+            if q > 25.0:
+                continue
+            wv = np.exp(-0.5 * q) * v
+            s0 += wv
+            sx += wv * dx
+            sy += wv * dy
+            sxx += wv * dx * dx
+            syy += wv * dy * dy
+            sxy += wv * dx * dy
+    out[0], out[1], out[2], out[3], out[4], out[5] = s0, sx, sy, sxx, syy, sxy
+
+
+@njit(cache=True)
+def adaptive_moments(img, cx, cy, sigma0, max_iter, tol):
+    """Adaptive moments of ``img`` (h, w) started at (cx, cy) with a round weight ``sigma0``.
+
+    Returns
+    -------
+    (m_xx, m_yy, m_xy, cx, cy, status) : the object's covariance (pixel^2),
+    its centre (box pixels) and OK / NOT_CONVERGED / FAILED. Failure means the
+    weighted flux is not positive, the covariance stops being positive definite
+    or grows beyond the image, or the centre leaves it.
+    """
+    h, w = img.shape
+    m_xx = m_yy = sigma0 * sigma0
+    m_xy = 0.0
+    sums = np.zeros(6)
+    limit = 4.0 * (h * h + w * w)
+    for _ in range(max_iter):
+        _weighted_sums(img, cx, cy, m_xx, m_yy, m_xy, sums)
+        s0 = sums[0]
+        if not s0 > 0.0:
+            return np.nan, np.nan, np.nan, cx, cy, FAILED
+        ddx, ddy = sums[1] / s0, sums[2] / s0
+        c_xx = sums[3] / s0 - ddx * ddx
+        c_yy = sums[4] / s0 - ddy * ddy
+        c_xy = sums[5] / s0 - ddx * ddy
+        n_xx, n_yy, n_xy = 2.0 * c_xx, 2.0 * c_yy, 2.0 * c_xy
+        if not (n_xx > 0.0 and n_yy > 0.0 and n_xx * n_yy - n_xy * n_xy > 0.0) or n_xx + n_yy > limit:
+            return np.nan, np.nan, np.nan, cx, cy, FAILED
+        cx += ddx
+        cy += ddy
+        if not (0.0 <= cx < w and 0.0 <= cy < h):
+            return np.nan, np.nan, np.nan, cx, cy, FAILED
+        change = abs(n_xx - m_xx) + abs(n_yy - m_yy) + 2.0 * abs(n_xy - m_xy)
+        m_xx, m_yy, m_xy = n_xx, n_yy, n_xy
+        if change < tol * (m_xx + m_yy) and abs(ddx) + abs(ddy) < 1e-4:
+            return m_xx, m_yy, m_xy, cx, cy, OK
+    return m_xx, m_yy, m_xy, cx, cy, NOT_CONVERGED
+
+
+def psf_covariance(psf: np.ndarray) -> tuple[float, float, float]:
+    """Adaptive-moment covariance (xx, yy, xy) of a PSF image centred on its central pixel.
+
+    Used as the Gaussian approximation of the PSF (GAaP). Falls back to the
+    unweighted second moments of the positive pixels if the iteration fails.
+    """
+    psf = np.ascontiguousarray(psf, np.float64)
+    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+    xx, yy, xy, _, _, status = adaptive_moments(psf, float(cx), float(cy), 2.0, 100, 1e-8)
+    if status == FAILED:
+        y, x = np.mgrid[:psf.shape[0], :psf.shape[1]]
+        p = np.clip(psf, 0, None)
+        p = p / p.sum()
+        mx, my = (p * x).sum(), (p * y).sum()
+        xx, yy, xy = (p * (x - mx) ** 2).sum(), (p * (y - my) ** 2).sum(), (p * (x - mx) * (y - my)).sum()
+    return float(xx), float(yy), float(xy)

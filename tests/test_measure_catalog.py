@@ -1,0 +1,182 @@
+"""The measurement suite inside the lazy band catalog, the parent catalog and the CLI."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.signal import fftconvolve
+from scipy.special import erf
+
+from conftest import make_wcs_header
+from scarletstore.catalog import band_catalog
+from scarletstore.cli import main
+from scarletstore.deblend.psf import difference_kernels, gaussian_psf
+from scarletstore.deblend.result import Component, SourceResult
+from scarletstore.ingest import make_exposure
+from scarletstore.models import BlendRecord, build_run
+from scarletstore.photometry.parents import parent_catalog
+from scarletstore.store import Store
+
+H, W = 90, 110
+BANDS = ["g", "i"]
+PSF_SIGMA = (1.4, 2.3)
+MODEL_SIGMA = 0.8
+NOISE = 0.05
+
+
+def _blob(size, cx, cy, sx, sy):
+    """Pixel-integrated axis-aligned Gaussian with peak 1 (a model-frame morphology)."""
+    def edges(c, s, n):
+        return 0.5 * np.diff(erf((np.arange(n + 1) - 0.5 - c) / (np.sqrt(2) * s)))
+    m = np.outer(edges(cy, sy, size), edges(cx, sx, size))
+    return (m / m.max()).astype(np.float32)
+
+
+# blend 1: a star (the model PSF at a sub-pixel centre) next to a round galaxy;
+# blend 2: an isolated elliptical galaxy. (bbox, [(y0, x0, morph, spectrum)])
+STAR = _blob(21, 10.3, 9.6, MODEL_SIGMA, MODEL_SIGMA)
+GALAXY = _blob(31, 15.0, 15.0, 2.6, 2.6)
+ELLIPSE = _blob(41, 20.0, 20.0, 3.4, 2.1)
+BLENDS = [((5, 5, 50, 60), [(10, 10, STAR, (60.0, 150.0)), (15, 28, GALAXY, (20.0, 35.0))]),
+          ((40, 60, 50, 50), [(45, 64, ELLIPSE, (30.0, 30.0))])]
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("meas")
+    psfs = [gaussian_psf(s, 25) for s in PSF_SIGMA]
+    model_psf = gaussian_psf(MODEL_SIGMA)
+    kernels, _ = difference_kernels(np.array(psfs), model_psf)
+    truth = np.zeros((2, H, W))
+    records = []
+    for i, (bbox, comps) in enumerate(BLENDS):
+        sources = []
+        for j, (cy, cx, morph, spec) in enumerate(comps):
+            n = morph.shape[0]
+            c = Component(np.array(spec, np.float32), morph, cy - bbox[0], cx - bbox[1],
+                          (cy + n // 2 - bbox[0], cx + n // 2 - bbox[1]))
+            sources.append(SourceResult(j, [c]))
+            for b in range(2):
+                scene = np.zeros((H, W))
+                scene[cy:cy + n, cx:cx + n] = morph * spec[b]
+                truth[b] += fftconvolve(scene, kernels[b], mode="same")
+        peaks = np.array([[cy + m.shape[0] // 2, cx + m.shape[0] // 2] for cy, cx, m, _ in comps], float)
+        records.append(BlendRecord(index=i, parent_id=i + 1, bbox=bbox, peak_ids=np.arange(len(comps)) + 10 * i,
+                                   peaks=peaks, sources=sources, iterations=5, log_likelihood=-1.0,
+                                   chi2=1.0, converged=True))
+    rng = np.random.default_rng(21)
+    image = (truth + rng.normal(0, NOISE, truth.shape)).astype(np.float32)
+    var = np.full((2, H, W), NOISE ** 2, np.float32)
+    ex = make_exposure(image, var, np.zeros((2, H, W), np.int32), psfs, BANDS,
+                       wcs=make_wcs_header(H, W).tostring())
+    run = build_run(records, BANDS, ex["psf"].values, model_psf, name="m", method="scarlet",
+                    config_json="{}", package_version="test")
+    path = tmp / "m.h5"
+    Store.create(path, {"exposure": ex, "runs/m": run})
+    return Store(path)
+
+
+def _flux(morph, spec):
+    return spec * morph.sum(dtype=np.float64)
+
+
+def test_suite_columns_in_the_catalog(field):
+    cats = {b: field.catalog(b).compute() for b in BANDS}
+    star_flux = [_flux(STAR, s) for s in BLENDS[0][1][0][3]]
+    for k, b in enumerate(BANDS):
+        cat = cats[b]
+        assert np.all(cat["flags"].values == 0)
+        # the star's model is the band PSF at a sub-pixel centre: the PSF fit is its flux
+        assert cat["psf_flux"].values[0] == pytest.approx(star_flux[k], rel=1e-3)
+        assert cat["gaap_flux"].values[0] == pytest.approx(star_flux[k], rel=1e-2)
+        # an isolated star's PSF-flux error is 1 / sqrt(sum P^2 / var)
+        psf = gaussian_psf(PSF_SIGMA[k], 25)
+        assert cat["psf_flux_err"].values[0] == pytest.approx(NOISE / np.sqrt((psf ** 2).sum()), rel=0.02)
+        for name in ("aperture_flux_3", "aperture_flux_6", "aperture_flux_12", "kron_flux"):
+            assert np.all(cat[name].values > 0) and np.all(cat[name + "_err"].values > 0)
+        assert np.all(np.diff(np.c_[cat["aperture_flux_3"], cat["aperture_flux_6"]], axis=1) > 0)
+        # the elliptical galaxy: adaptive moments are the model's covariance (intrinsic + band PSF - model PSF)
+        extra = PSF_SIGMA[k] ** 2 - MODEL_SIGMA ** 2
+        assert cat["shape_xx"].values[2] == pytest.approx(3.4 ** 2 + extra, rel=0.03)
+        assert cat["shape_yy"].values[2] == pytest.approx(2.1 ** 2 + extra, rel=0.03)
+        assert abs(cat["shape_xy"].values[2]) < 0.02
+        assert cat["kron_radius"].values[2] > cat["kron_radius"].values[0]
+    # GAaP colours of every source equal its spectrum ratio despite the different seeing
+    for row, (_, _, morph, spec) in enumerate([c for _, comps in BLENDS for c in comps]):
+        colour = cats["g"]["gaap_flux"].values[row] / cats["i"]["gaap_flux"].values[row]
+        assert colour == pytest.approx(spec[0] / spec[1], rel=0.01)
+        aper = cats["g"]["aperture_flux_3"].values[row] / cats["i"]["aperture_flux_3"].values[row]
+        assert abs(aper / (spec[0] / spec[1]) - 1) > 0.03  # a fixed aperture does not
+    # redistributed pixels: the star's PSF flux is the noisy one, within its error
+    red = field.catalog("i", redistribute=True).compute()
+    assert abs(red["psf_flux"].values[0] - star_flux[1]) < 4 * red["psf_flux_err"].values[0]
+    assert red["psf_flux"].values[0] != cats["i"]["psf_flux"].values[0]
+
+
+def test_every_column_has_units_and_flags_are_named(field):
+    cat = field.catalog("g")
+    units = json.loads(cat.attrs["units"])
+    for name in list(cat.variables):
+        assert cat[name].attrs.get("units"), name
+        assert units[name] == cat[name].attrs["units"]
+    assert cat["psf_flux"].attrs["units"] == "counts"
+    assert cat["kron_radius"].attrs["units"] == "pixel" and cat["shape_xx"].attrs["units"] == "pixel^2"
+    bits = json.loads(cat.attrs["flag_bits"])
+    for flag in ("psf_flux_failed", "kron_failed", "gaap_psf_too_broad", "shape_failed"):
+        assert flag in bits
+    assert len(set(bits.values())) == len(bits)  # no two flags share a bit
+
+
+def test_suite_stays_lazy(field):
+    cat = band_catalog(field, "i")
+    measurer = cat.attrs["_measurer"]
+    assert cat.isel(row=[2])["shape_xx"].values[0] > 0
+    assert measurer.decoded == [1]
+
+
+def test_psf_broader_than_gaap_aperture_is_flagged(field, tmp_path):
+    """A reanalysis PSF wider than the GAaP aperture sets the flag; the other columns stay."""
+    from scarletstore.catalog import CATALOG_FLAGS
+
+    cat = band_catalog(field, "i", psf_override=gaussian_psf(3.1, 31)).compute()
+    assert np.all(cat["flags"].values & CATALOG_FLAGS["gaap_psf_too_broad"])
+    assert np.all(np.isnan(cat["gaap_flux"].values))
+    assert np.all(np.isfinite(cat["psf_flux"].values))
+
+
+def test_parent_catalog(field):
+    children = field.catalog("g").compute()
+    parents = parent_catalog(field, "g").compute()
+    assert list(parents["parent"].values) == [1, 2]
+    assert list(parents["n_children"].values) == [2, 1]
+    for k, pid in enumerate((1, 2)):
+        sel = children["parent"].values == pid
+        f = children["flux"].values[sel]
+        assert parents["flux"].values[k] == pytest.approx(f.sum(), rel=1e-5)
+        cx = (children["centroid_x"].values[sel] * f).sum() / f.sum()
+        assert parents["centroid_x"].values[k] == pytest.approx(cx, abs=0.05)
+    # the isolated parent is its only child
+    for name in ("psf_flux", "aperture_flux_6", "kron_flux", "gaap_flux", "shape_xx"):
+        assert parents[name].values[1] == pytest.approx(children[name].values[2], rel=1e-4)
+    # a parent's large aperture holds both children
+    assert parents["aperture_flux_12"].values[0] > children["aperture_flux_12"].values[0]
+    assert all(parents[v].attrs["units"] for v in parents.variables)
+    # redistribute mode measures the image: the parent's flux inside the aperture is the data's
+    red = parent_catalog(field, "g", redistribute=True).compute()
+    assert abs(red["aperture_flux_12"].values[1] - parents["aperture_flux_12"].values[1]) \
+        < 4 * red["aperture_flux_12_err"].values[1]
+
+
+def test_cli_apertures(field, tmp_path, capsys):
+    out = tmp_path / "c.csv"
+    assert main(["catalog", str(field.path), "--band", "g", "--apertures", "2.5,8", "-o", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert {"aperture_flux_2p5", "aperture_flux_8", "aperture_flux_8_err", "psf_flux", "gaap_flux_err",
+            "kron_radius", "shape_xy"} <= set(df.columns)
+    assert "aperture_flux_3" not in df.columns
+    assert np.all(df["aperture_flux_8"] > df["aperture_flux_2p5"])
+    for bad in ("0", "3,x", "-2", "nan"):
+        assert main(["catalog", str(field.path), "--band", "g", "--apertures", bad, "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "aperture" in err
