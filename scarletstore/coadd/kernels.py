@@ -5,7 +5,8 @@ the input pixel position of every output pixel (already computed) and
 returns the resampled image, its variance, the OR of the touched mask bits
 and a status per output pixel.
 
-All kernels are compiled with ``cache=True``.
+All kernels are compiled with ``cache=True``; the loops release the GIL
+(``nogil``) so visits can be warped on threads.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _weights(pos, w):
     return i0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def warp_lanczos3(image, variance, mask, bad_bits, u, v, scale,
                   out_image, out_variance, out_mask, status):
     """Resample ``image`` at input positions (u, v) of every output pixel.
@@ -119,7 +120,7 @@ def warp_lanczos3(image, variance, mask, bad_bits, u, v, scale,
             status[y, x] = GOOD
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def resample_plain(image, u, v, out):
     """Lanczos-3 resampling of an image that is zero outside its bounds (a PSF).
 
@@ -147,7 +148,7 @@ def resample_plain(image, u, v, out):
             out[y, x] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def accumulate(sum_wi, sum_w2v, sum_w, image, variance, status, weight):
     """Add one warp to the running sums of a weighted-mean stack (in place).
 
