@@ -123,6 +123,14 @@ def cmd_info(args):
 def cmd_simulate(args):
     from .simulate import simulate_field
 
+    if args.visits is not None:
+        from .simulate_visits import simulate_visits
+
+        out = simulate_visits(args.out_dir, n_visits=args.visits, size=args.size, seed=args.seed,
+                              bands=_bands(args.bands), density=args.density, progress=True)
+        print(f"simulated {len(out['visits'])} visits of a {args.size}x{args.size} grid in "
+              f"{args.out_dir}; grid {out['grid']}; truth in {out['truth']}")
+        return
     if args.size < 16:
         raise InputError("--size must be at least 16 pixels")
     if args.density <= 0:
@@ -131,6 +139,25 @@ def cmd_simulate(args):
                          density=args.density, progress=True)
     print(f"simulated {args.size}x{args.size} field in {len(out['bands'])} bands: "
           f"{' '.join(str(p) for p in out['bands'].values())}; truth in {out['truth']}")
+
+
+def cmd_coadd(args):
+    from .coadd.stack import direct_coadd
+    from .coadd.visits import read_grid, read_visits
+    from .store import Store, StoreError
+
+    path = Path(args.store)
+    if path.exists():
+        raise StoreError(f"{path}: already exists; coadd creates a new store")
+    grid = read_grid(args.grid)
+    visits = read_visits(args.visits, grid, bands=_bands(args.bands))
+    exposure, table = direct_coadd(visits, grid, kernel=args.kernel, workers=args.workers,
+                                   progress=True)
+    Store.create(path, {"exposure": exposure, "visits": table})
+    ny, nx = grid.shape
+    print(f"coadded {len(visits)} visits in {exposure.sizes['band']} bands "
+          f"({','.join(exposure.band.values)}) onto {ny}x{nx} pixels at zero point "
+          f"{exposure.attrs['zeropoint']:g} into {path}")
 
 
 def cmd_detect(args):
@@ -412,7 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--bands", default="ugrizy")
     s.add_argument("--density", type=float, default=90.0, help="sources per square arcminute")
+    s.add_argument("--visits", type=int, default=None,
+                   help="write N calibrated visits per band (and grid.fits) instead of a coadd")
     s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("coadd", help="warp visits onto a grid and stack them into a new store")
+    s.add_argument("store")
+    s.add_argument("visits", nargs="+", help="one FITS file per visit")
+    s.add_argument("--grid", required=True, help="FITS file whose IMAGE WCS and shape define the grid")
+    s.add_argument("--bands", help="bands to coadd, in this order (default: all, in input order)")
+    s.add_argument("--kernel", choices=["lanczos3"], default="lanczos3")
+    s.add_argument("--workers", type=int, default=1, help="visits warped at once (threads)")
+    s.set_defaults(func=cmd_coadd)
 
     s = sub.add_parser("detect", help="find parent footprints and peaks")
     s.add_argument("store")

@@ -1,0 +1,164 @@
+"""Numba kernels of the coadd warp.
+
+The resampling loop is kept apart from the WCS work and the I/O: it takes
+the input pixel position of every output pixel (already computed) and
+returns the resampled image, its variance, the OR of the touched mask bits
+and a status per output pixel.
+
+All kernels are compiled with ``cache=True``; the loops release the GIL
+(``nogil``) so visits can be warped on threads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# Status of an output pixel.
+GOOD = 0
+BAD_INPUT = 1  # the kernel touched a bad, non-finite or zero-variance pixel
+NO_DATA = 2  # the kernel's support is not wholly inside the input image
+
+LANCZOS_A = 3
+
+
+@njit(cache=True)
+def lanczos3(x):
+    """Lanczos-3 kernel sinc(x) sinc(x / 3), zero outside |x| < 3."""
+    ax = abs(x)
+    if ax < 1e-12:
+        return 1.0
+    if ax >= 3.0:
+        return 0.0
+    px = math.pi * x
+    return 3.0 * math.sin(px) * math.sin(px / 3.0) / (px * px)
+
+
+@njit(cache=True)
+def _weights(pos, w):
+    """The six normalised Lanczos-3 weights of the taps floor(pos)-2 .. floor(pos)+3.
+
+    Normalising to unit sum makes a constant image stay constant whatever the
+    sub-pixel phase (the raw Lanczos weights sum to 1 only at integer phases).
+    Returns the first tap.
+    """
+    i0 = int(math.floor(pos)) - 2
+    s = 0.0
+    for k in range(6):
+        w[k] = lanczos3(pos - (i0 + k))
+        s += w[k]
+    for k in range(6):
+        w[k] /= s
+    return i0
+
+
+@njit(cache=True, nogil=True)
+def warp_lanczos3(image, variance, mask, bad_bits, u, v, scale,
+                  out_image, out_variance, out_mask, status):
+    """Resample ``image`` at input positions (u, v) of every output pixel.
+
+    Parameters
+    ----------
+    image, variance : (ny_in, nx_in) float64
+    mask : (ny_in, nx_in) int32 bit planes of the input
+    bad_bits : int, the OR of the bits of the planes whose pixels are unusable
+    u, v : (ny_out, nx_out) float64, input x (column) and y (row) of each
+        output pixel centre; pixel centres are at integers
+    scale : (ny_out, nx_out) float64, factor applied to the resampled value
+        (pixel-area ratio times photometric scale); the variance gets its square
+    out_image, out_variance : (ny_out, nx_out) float64, written
+    out_mask : (ny_out, nx_out) int32, OR of the mask bits of the touched pixels
+    status : (ny_out, nx_out) int8, GOOD, BAD_INPUT or NO_DATA
+    """
+    ny_in, nx_in = image.shape
+    ny, nx = u.shape
+    wx = np.empty(6)
+    wy = np.empty(6)
+    for y in range(ny):
+        for x in range(nx):
+            uu = u[y, x]
+            vv = v[y, x]
+            out_image[y, x] = np.nan
+            out_variance[y, x] = np.nan
+            out_mask[y, x] = 0
+            if not (math.isfinite(uu) and math.isfinite(vv)):
+                status[y, x] = NO_DATA
+                continue
+            i0 = _weights(uu, wx)
+            j0 = _weights(vv, wy)
+            if i0 < 0 or j0 < 0 or i0 + 5 >= nx_in or j0 + 5 >= ny_in:
+                status[y, x] = NO_DATA
+                continue
+            acc = 0.0
+            acc_var = 0.0
+            bits = 0
+            bad = False
+            for j in range(6):
+                for i in range(6):
+                    w = wy[j] * wx[i]
+                    m = mask[j0 + j, i0 + i]
+                    bits |= m
+                    if w == 0.0:
+                        continue  # an exact-integer phase does not use this pixel
+                    p = image[j0 + j, i0 + i]
+                    q = variance[j0 + j, i0 + i]
+                    if (m & bad_bits) != 0 or not math.isfinite(p) or not (q > 0.0) \
+                            or not math.isfinite(q):
+                        bad = True
+                        continue
+                    acc += w * p
+                    acc_var += w * w * q
+            out_mask[y, x] = bits
+            if bad:
+                status[y, x] = BAD_INPUT
+                continue
+            s = scale[y, x]
+            out_image[y, x] = acc * s
+            out_variance[y, x] = acc_var * s * s
+            status[y, x] = GOOD
+
+
+@njit(cache=True, nogil=True)
+def resample_plain(image, u, v, out):
+    """Lanczos-3 resampling of an image that is zero outside its bounds (a PSF).
+
+    Taps that fall outside ``image`` contribute zero, which is exact for an
+    image that holds the whole profile.
+    """
+    ny_in, nx_in = image.shape
+    ny, nx = u.shape
+    wx = np.empty(6)
+    wy = np.empty(6)
+    for y in range(ny):
+        for x in range(nx):
+            i0 = _weights(u[y, x], wx)
+            j0 = _weights(v[y, x], wy)
+            acc = 0.0
+            for j in range(6):
+                jj = j0 + j
+                if jj < 0 or jj >= ny_in:
+                    continue
+                for i in range(6):
+                    ii = i0 + i
+                    if ii < 0 or ii >= nx_in:
+                        continue
+                    acc += wy[j] * wx[i] * image[jj, ii]
+            out[y, x] = acc
+
+
+@njit(cache=True, nogil=True)
+def accumulate(sum_wi, sum_w2v, sum_w, image, variance, status, weight):
+    """Add one warp to the running sums of a weighted-mean stack (in place).
+
+    Only GOOD pixels contribute; ``weight`` is the visit's scalar weight.
+    """
+    ny, nx = image.shape
+    for y in range(ny):
+        for x in range(nx):
+            if status[y, x] != GOOD:
+                continue
+            sum_wi[y, x] += weight * image[y, x]
+            sum_w2v[y, x] += weight * weight * variance[y, x]
+            sum_w[y, x] += weight
