@@ -28,6 +28,7 @@ BLEND_FLAGS = {
     "failed": 16,
     "not_converged": 32,
     "footprint_too_thin": 64,
+    "diverged": 128, "fallback_no_symmetry": 256, "fallback_best_iterate": 512,
 }
 SOURCE_FLAGS = {"psf_init": 1, "point_source": 2, "no_flux": 4, "edge": 8, "isolated": 16}
 SOURCE_ISOLATED = SOURCE_FLAGS["isolated"]

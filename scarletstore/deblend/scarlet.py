@@ -23,6 +23,7 @@ Implementation notes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import time
@@ -32,6 +33,7 @@ from scipy import fft as sfft
 
 from . import kernels as _k
 from ..errors import InputError
+from .. import models as _models
 from .config import DeblendConfig
 from .psf import Convolver, difference_kernels, gaussian_psf, memoised, scratch
 from .result import (SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, BlendResult, Component,
@@ -56,9 +58,12 @@ INIT_RISE_FRAC = 0.1        # more than 3 sigma + 10 % (another object)
 INIT_SYMMETRIC = True       # symmetric-minimum template before the monotonic start
 INIT_SHARE_POWER = 1.0      # exponent of the template share in _apportion
 CONVERGE_RUN = 2            # window (iterations) of the convergence test
+DIVERGE_FRAC = 0.05         # a fit giving back more of its gain than this has diverged
 RESOLVE_SPECTRA_AT = (5, 15)  # iterations after which spectra are re-solved by least squares
 FINAL_LS_SPECTRA = True     # ... and once more for the final morphologies
 LS_FFT_BUDGET = 1 << 22     # max complex elements of one batched FFT in _ls_spectra
+LS_BLOCK_SWEEPS = 50        # Gauss-Seidel sweeps of the large-blend spectrum solve ...
+LS_BLOCK_TOL = 1e-4         # ... stopped when no amplitude moves by this of the largest
 
 
 # --------------------------------------------------------------------------
@@ -267,7 +272,7 @@ def _psf_start(model_psf, cy, cx, H, W):
     return m / m.max(), ya, xa
 
 
-def _ls_spectra(state, conv, data, w, joint):
+def _ls_spectra(state, conv, data, w, joint, spec0=None):
     """Weighted least-squares spectra for fixed morphologies, band by band.
 
     Each morphology is convolved with each band's difference kernel on a
@@ -279,8 +284,10 @@ def _ls_spectra(state, conv, data, w, joint):
     amplitudes (``kernels.solve_spectra``), so memory is bounded by the
     summed box areas times the bands plus one chunk of FFT frames (at most
     LS_FFT_BUDGET complex numbers), never bands x components x H x W. With
-    ``joint`` False each source's components are fitted alone, for very
-    large blends.
+    ``joint`` False (very large blends) the coupled system is solved by
+    block Gauss-Seidel over sources from ``spec0`` (default: the state's
+    spectra) instead of the joint active-set solve. Either way the result
+    fits at least as well as ``spec0``.
     """
     K = state.box.shape[0]
     B = data.shape[0]
@@ -316,11 +323,17 @@ def _ls_spectra(state, conv, data, w, joint):
             for b in range(B):
                 _k.convolve_direct(frames[:n], np.repeat(conv.kernels[b:b + 1], n, axis=0), out[b, :n])
             _k.extract_boxes(out[:, :n], idx, origin, cbox, coff, flats)
-    # joint: one group, all pairs coupled; else per source (a bulge and its
-    # disk share their pixels, so they are solved together)
-    group = np.zeros(K, np.int64) if joint else np.asarray(state.source, np.int64)
-    A, r = _k.normal_equations(flats, cbox, coff, data, w, group)
-    return _k.solve_spectra(A, r, group)
+    # the normal equations always couple every overlapping pair: sources
+    # solved against the whole data each claim all the light they share
+    # (2.5x the image flux on a 73-peak real HSC blend)
+    A, r = _k.normal_equations(flats, cbox, coff, data, w, np.zeros(K, np.int64))
+    spec0 = np.ascontiguousarray(state.spec if spec0 is None else spec0, np.float32)
+    if not joint:
+        return _k.solve_spectra_blocks(A, r, np.asarray(state.source, np.int64), spec0,
+                                       LS_BLOCK_SWEEPS, LS_BLOCK_TOL)
+    spec = _k.solve_spectra(A, r, np.zeros(K, np.int64))
+    _k.keep_better_spectra(A, r, spec, spec0)
+    return spec
 
 
 def _convolve_local(state, conv, cbox, coff, flats):
@@ -575,6 +588,236 @@ def _psf_setup(psfs, sigma, shape):
     return model_psf, kern, kres, conv
 
 
+class _Fit:
+    """What one run of the optimiser produced (see :func:`_fit`)."""
+
+    __slots__ = ("state", "shift", "loss", "history", "converged", "iterations", "kept_start",
+                 "best", "fallback")
+
+    def diverged(self):
+        """Whether the fit ended clearly worse than its best iterate or its start.
+
+        Adam's loss wanders near convergence (by 10-100 on hsc_cosmos_35's
+        -8300, under 1 % of what the fit gains from its start); a fit that
+        gives back more than DIVERGE_FRAC of that gain, or ends below its
+        start, has run away.
+        """
+        start, best = -self.history[0], self.best[0]
+        return self.loss > start or self.loss - best > DIVERGE_FRAC * max(start - best, 0.0)
+
+
+def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
+    """Run the optimiser on ``state`` (modified in place) with ``config``.
+
+    Returns a :class:`_Fit`; its ``best`` is (loss, snapshot) of the best
+    iterate the loop evaluated (the start included), for the fallback.
+    """
+    scene_buf, resid_buf, conv_out, grad_out = bufs
+    B, H, W = data.shape
+    scene = scene_buf[:, :H, :W]
+    resid = resid_buf[:, :H, :W]
+    history = []
+    converged = False
+    iterations = 0
+    K = state.box.shape[0]
+    sym = _symmetry_centres(peaks[state.source], state.ctr)
+    sym_s = float(config.symmetry_strength) if config.symmetric else 0.0
+    # sub-pixel rendering only serves symmetry
+    shift = _subpixel_shifts(peaks[state.source], sym) if sym_s > 0 else np.zeros((K, 2))
+    if warm and shift.any():
+        # stored morphologies are rendered (shifted); the proximal operators
+        # need them in their own grid, where symmetry about ``sym`` holds.
+        # Without this, symmetry about the half-pixel centre distorts them:
+        # a quarter-pixel symmetric test fit fell from logL -1192 to -16831
+        # on restart (test_warm_start_continues_a_subpixel_symmetric_fit).
+        _k.unshift_flat(state.morph, state.box, state.off, shift)
+    # a warm start from a fit with this same configuration refines it: if
+    # the continued fit ends worse (the proximal operators need not leave
+    # the stored end point fixed), the start is returned unchanged
+    start = copy.deepcopy(state) if warm and _same_config(init, config) else None
+    # A warm start takes proximal-gradient (FISTA) steps whatever the
+    # optimizer: Adam's first steps are sign-normalised (every pixel moves
+    # by the full step however small its gradient), which kicks a
+    # converged model -- on hsc_cosmos_35 a warm restart lost 2.3 % of
+    # logL even with steps cut to 1 %. FISTA's steps are gradient-
+    # proportional (1 / Lipschitz), so a converged model stays put.
+    adam = config.optimizer == "adaprox" and not warm
+    if adam:
+        mom_s = np.zeros((3, K, B))
+        mom_m = [np.zeros((3, state.morph.size))]
+    else:
+        mom_s = state.spec[None].astype(np.float64)
+        mom_m = [state.morph[None].astype(np.float64)]
+        kappa = (w.reshape(B, -1).max(axis=1).astype(np.float64) * conv.norm2)
+        t_f = 1.0
+    # ratio < 0: symmetry over the whole box (symmetry_region "all")
+    contest = float(config.contest_ratio) if sym_s > 0 and config.symmetry_region == "contested" else -1.0
+    # band-summed model frame, for the contested-symmetry test
+    tsum = np.zeros((H, W) if contest >= 0 else (1, 1), np.float32)
+    spec_sum = np.zeros(K, np.float32)
+    work = np.empty(_k._largest_box(state.box, 2), np.float32)  # one rendered box
+    sib = _source_runs(state.source)
+    bg = float(config.background_thresh)
+    # the sources' pixels (boxes grown by the kernel: where the model can
+    # have light), on which convergence is judged
+    region = np.empty((H, W), np.bool_)
+    ky, kx = conv.kernels.shape[1] // 2 + 1, conv.kernels.shape[2] // 2 + 1
+    _k.boxes_region(state.box, ky, kx, H, W, region)
+    best = (math.inf, None)
+    prev = None
+    nover = None
+    for it in range(config.max_iter + 1):
+        # the scene plus, for contested symmetry, its band sum and the
+        # components' band-summed spectra (tsum, spec_sum)
+        _k.assemble_scene(state.spec, state.morph, state.box, state.off, shift, scene, tsum,
+                          spec_sum, work)
+        cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
+        loss, loss_src = _k.weighted_residual_split(cm, data, w, resid, region)
+        history.append(-loss)
+        if loss < best[0] and (adam or it == 0):
+            # FISTA evaluates extrapolated points, which may break the
+            # constraints: only its start is a valid fallback
+            best = (loss, _snapshot(state))
+        if _converged(history, loss_src, it, config):
+            converged = True
+            break
+        if it == config.max_iter:
+            break
+        if not adam and prev is not None and loss > prev:
+            # FISTA adaptive restart: drop the momentum when the loss goes up
+            t_f = 1.0
+        prev = loss
+        G = conv.adjoint_padded(resid_buf, grad_out)[:, :H, :W]
+        if adam:
+            _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
+                            it + 1, ADAM_B1, ADAM_B2, STEP_MORPH, REL_MORPH, STEP_SPEC,
+                            inv_var, bg,
+                            mom_s, mom_m[0], config.monotonic, MONO_WEIGHTED, sym_s,
+                            state.order, state.nbr, tsum, contest, spec_sum, sib)
+        else:
+            t_new = 0.5 * (1 + math.sqrt(1 + 4 * t_f * t_f))
+            beta = (t_f - 1) / t_new
+            t_f = t_new
+            if nover is None:
+                nover = _overlaps(state.box)
+            _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
+                          beta, kappa, nover, inv_var, bg, mom_s, mom_m[0], config.monotonic,
+                          MONO_WEIGHTED, sym_s, state.order, state.nbr, tsum, contest, spec_sum, sib)
+        iterations = it + 1
+        if iterations in RESOLVE_SPECTRA_AT and config.set_spectra and not warm:
+            # the start morphologies are observed-frame and too wide, so
+            # the initial least-squares spectra mix neighbours' colours;
+            # once the morphologies have sharpened, re-solve (Adam moves
+            # spectra only by STEP_SPEC per iteration)
+            state.spec[:] = _ls_spectra(_rendered(state, shift, H, W), conv, data, w, joint)
+            if adam:
+                mom_s[:] = 0
+            else:
+                mom_s[0] = state.spec
+        if config.resize_every and iterations % config.resize_every == 0:
+            mom_m = _resize(state, mom_m, H, W, sym if sym_s > 0 else None)
+            _k.boxes_region(state.box, ky, kx, H, W, region)
+            nover = None
+            if work.size < _k._largest_box(state.box, 2):
+                work = np.empty(_k._largest_box(state.box, 2), np.float32)
+    if not adam:
+        # FISTA's extrapolated point (where the loss was evaluated) may
+        # break the constraints; return the last proximal iterate x_t.
+        state.spec[:] = mom_s[0]
+        state.morph[:] = mom_m[0][0]
+    final_ls = FINAL_LS_SPECTRA and config.set_spectra
+    if final_ls or not adam:
+        loss = _finish(state, shift, final_ls, conv, data, w, joint, bufs, tsum, spec_sum)
+        history.append(-loss)
+    kept_start = start is not None and -loss < history[0]
+    if kept_start:
+        state, loss = start, -history[0]
+        history.append(history[0])
+    out = _Fit()
+    out.state, out.shift, out.loss, out.history = state, shift, loss, history
+    out.converged, out.iterations, out.kept_start = converged, iterations, kept_start
+    out.best, out.fallback = best, ""
+    return out
+
+
+def _converged(history, loss_src, it, config):
+    """Mean relative change of the loss over the last CONVERGE_RUN iterations.
+
+    Relative to the loss on the sources' pixels, not the whole blend: sky
+    pixels add about 1/2 each to the loss but nothing to its change, so a
+    120-px stamp of mostly sky stopped a blend after a median of 7
+    iterations (12 % flux error, against 10 % run to convergence) where
+    its tight stamp took 20-30. Adam's loss decreases unevenly, and a
+    single near-equal pair at a pause or turning point is not convergence
+    (one pair stopped an hsc_cosmos_35 orientation at 12 iterations, logL
+    -11780); two pairs stop hsc a median 15 iterations sooner than three,
+    at logL -8371 instead of -8159 (docs/design.md).
+    """
+    n = CONVERGE_RUN
+    if it < max(config.min_iter, n):
+        return False
+    change = sum(abs(history[-1 - i] - history[-2 - i]) for i in range(n))
+    return change <= n * config.relative_error * abs(loss_src)
+
+
+def _finish(state, shift, final_ls, conv, data, w, joint, bufs, tsum, spec_sum):
+    """Final spectra (least squares of the final morphologies: at least as
+    good as the optimiser's, which move by a small relative step per
+    iteration) and the loss of the model as returned."""
+    scene_buf, resid_buf, conv_out, _ = bufs
+    B, H, W = data.shape
+    if final_ls:
+        state.spec[:] = _ls_spectra(_rendered(state, shift, H, W), conv, data, w, joint)
+    work = np.empty(_k._largest_box(state.box, 2), np.float32)
+    _k.assemble_scene(state.spec, state.morph, state.box, state.off, shift, scene_buf[:, :H, :W],
+                      tsum, spec_sum, work)
+    cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
+    return _k.weighted_residual(cm, data, w, resid_buf[:, :H, :W])
+
+
+def _snapshot(state):
+    """Copies of the arrays that define a state's model (for :func:`_restore`)."""
+    return state.spec.copy(), state.morph.copy(), state.box.copy(), state.off.copy()
+
+
+def _restore(state, snap):
+    """Put a :func:`_snapshot` back into ``state`` (re-planning monotonicity)."""
+    state.spec, state.morph, state.box, state.off = (a.copy() for a in snap)
+    state.plan()
+
+
+def _fall_back(fit, cold, config, peaks, conv, data, w, inv_var, joint, bufs):
+    """Replace a diverged fit: refit without symmetry, else its best iterate.
+
+    ``cold`` is a copy of the initial state (None for warm starts or fits
+    without symmetry). The refit is kept when it does not diverge and ends
+    better than the best iterate would; otherwise the best iterate the
+    loop saw (the start included) gets final least-squares spectra (which
+    cannot make it worse). ``fallback`` on the returned fit names what was
+    used: ``"no_symmetry"`` or ``"best_iterate"``.
+    """
+    B, H, W = data.shape
+    candidate = None
+    if cold is not None:
+        plain = dataclasses.replace(config, symmetric=False)
+        candidate = _fit(cold, plain, False, None, peaks, conv, data, w, inv_var, joint, bufs)
+        candidate.iterations += fit.iterations
+        if candidate.diverged():
+            candidate = None
+    _restore(fit.state, fit.best[1])
+    tsum, spec_sum = np.zeros((1, 1), np.float32), np.zeros(fit.state.box.shape[0], np.float32)
+    loss = _finish(fit.state, fit.shift, FINAL_LS_SPECTRA and config.set_spectra, conv, data, w,
+                   joint, bufs, tsum, spec_sum)
+    if candidate is not None and candidate.loss <= loss:
+        candidate.fallback = "no_symmetry"
+        candidate.history = fit.history + candidate.history
+        return candidate
+    fit.loss = min(loss, fit.best[0]) if not (FINAL_LS_SPECTRA and config.set_spectra) else loss
+    fit.history.append(-fit.loss)
+    fit.fallback = "best_iterate"
+    return fit
+
+
 # --------------------------------------------------------------------------
 # main entry point
 # --------------------------------------------------------------------------
@@ -648,132 +891,24 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     conv_out, grad_out = np.empty_like(scene_buf), np.empty_like(scene_buf)
     scene = scene_buf[:, :H, :W]
     resid = resid_buf[:, :H, :W]
-    history = []
-    converged = False
-    kept_start = False
+    bufs = (scene_buf, resid_buf, conv_out, grad_out)
+    fallback = ""
+    diverged = False
     iterations = 0
+    kept_start = False
     if state is not None and state.box.shape[0] > 0:
-        K = state.box.shape[0]
-        sym = _symmetry_centres(peaks[state.source], state.ctr)
-        sym_s = float(config.symmetry_strength) if config.symmetric else 0.0
-        # sub-pixel rendering only serves symmetry
-        shift = _subpixel_shifts(peaks[state.source], sym) if sym_s > 0 else np.zeros((K, 2))
-        if warm and shift.any():
-            # stored morphologies are rendered (shifted); the proximal operators
-            # need them in their own grid, where symmetry about ``sym`` holds.
-            # Without this, symmetry about the half-pixel centre distorts them:
-            # a quarter-pixel symmetric test fit fell from logL -1192 to -16831
-            # on restart (test_warm_start_continues_a_subpixel_symmetric_fit).
-            _k.unshift_flat(state.morph, state.box, state.off, shift)
-        # a warm start from a fit with this same configuration refines it: if
-        # the continued fit ends worse (the proximal operators need not leave
-        # the stored end point fixed), the start is returned unchanged
-        start = copy.deepcopy(state) if warm and _same_config(init, config) else None
-        # A warm start takes proximal-gradient (FISTA) steps whatever the
-        # optimizer: Adam's first steps are sign-normalised (every pixel moves
-        # by the full step however small its gradient), which kicks a
-        # converged model -- on hsc_cosmos_35 a warm restart lost 2.3 % of
-        # logL even with steps cut to 1 %. FISTA's steps are gradient-
-        # proportional (1 / Lipschitz), so a converged model stays put.
-        adam = config.optimizer == "adaprox" and not warm
-        if adam:
-            mom_s = np.zeros((3, K, B))
-            mom_m = [np.zeros((3, state.morph.size))]
-        else:
-            mom_s = state.spec[None].astype(np.float64)
-            mom_m = [state.morph[None].astype(np.float64)]
-            kappa = (w.reshape(B, -1).max(axis=1).astype(np.float64) * conv.norm2)
-            t_f = 1.0
-        # ratio < 0: symmetry over the whole box (symmetry_region "all")
-        contest = float(config.contest_ratio) if sym_s > 0 and config.symmetry_region == "contested" else -1.0
-        # band-summed model frame, for the contested-symmetry test
-        tsum = np.zeros((H, W) if contest >= 0 else (1, 1), np.float32)
-        spec_sum = np.zeros(K, np.float32)
-        work = np.empty(_k._largest_box(state.box, 2), np.float32)  # one rendered box
-        sib = _source_runs(state.source)
-        bg = float(config.background_thresh)
-        prev = None
-        nover = None
-        for it in range(config.max_iter + 1):
-            # the scene plus, for contested symmetry, its band sum and the
-            # components' band-summed spectra (tsum, spec_sum)
-            _k.assemble_scene(state.spec, state.morph, state.box, state.off, shift, scene, tsum,
-                              spec_sum, work)
-            cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
-            loss = _k.weighted_residual(cm, data, w, resid)
-            history.append(-loss)
-            # mean relative change over the last CONVERGE_RUN iterations: Adam's
-            # loss decreases unevenly, and a single near-equal pair at a
-            # pause or turning point is not convergence (one pair stopped an
-            # hsc_cosmos_35 orientation at 12 iterations, logL -11780); two
-            # pairs stop hsc a median 15 iterations sooner than three, at
-            # logL -8371 instead of -8159 (docs/design.md)
-            n = CONVERGE_RUN
-            if it >= max(config.min_iter, n) and \
-                    sum(abs(history[-1 - i] - history[-2 - i]) for i in range(n)) \
-                    <= n * config.relative_error * abs(loss):
-                converged = True
-                break
-            if it == config.max_iter:
-                break
-            if not adam and prev is not None and loss > prev:
-                # FISTA adaptive restart: drop the momentum when the loss goes up
-                t_f = 1.0
-            prev = loss
-            G = conv.adjoint_padded(resid_buf, grad_out)[:, :H, :W]
-            if adam:
-                _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
-                                it + 1, ADAM_B1, ADAM_B2, STEP_MORPH, REL_MORPH, STEP_SPEC,
-                                inv_var, bg,
-                                mom_s, mom_m[0], config.monotonic, MONO_WEIGHTED, sym_s,
-                                state.order, state.nbr, tsum, contest, spec_sum, sib)
-            else:
-                t_new = 0.5 * (1 + math.sqrt(1 + 4 * t_f * t_f))
-                beta = (t_f - 1) / t_new
-                t_f = t_new
-                if nover is None:
-                    nover = _overlaps(state.box)
-                _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
-                              beta, kappa, nover, inv_var, bg, mom_s, mom_m[0], config.monotonic,
-                              MONO_WEIGHTED, sym_s, state.order, state.nbr, tsum, contest, spec_sum, sib)
-            iterations = it + 1
-            if iterations in RESOLVE_SPECTRA_AT and config.set_spectra and not warm:
-                # the start morphologies are observed-frame and too wide, so
-                # the initial least-squares spectra mix neighbours' colours;
-                # once the morphologies have sharpened, re-solve (Adam moves
-                # spectra only by STEP_SPEC per iteration)
-                state.spec[:] = _ls_spectra(_rendered(state, shift, H, W), conv, data, w, joint)
-                if adam:
-                    mom_s[:] = 0
-                else:
-                    mom_s[0] = state.spec
-            if config.resize_every and iterations % config.resize_every == 0:
-                mom_m = _resize(state, mom_m, H, W, sym if sym_s > 0 else None)
-                nover = None
-                if work.size < _k._largest_box(state.box, 2):
-                    work = np.empty(_k._largest_box(state.box, 2), np.float32)
-        if not adam:
-            # FISTA's extrapolated point (where the loss was evaluated) may
-            # break the constraints; return the last proximal iterate x_t.
-            state.spec[:] = mom_s[0]
-            state.morph[:] = mom_m[0][0]
-        final_ls = FINAL_LS_SPECTRA and config.set_spectra
-        if final_ls:
-            # the (non-negative) least-squares spectra of the final
-            # morphologies: at least as good as the optimiser's, which move
-            # by a small relative step per iteration
-            state.spec[:] = _ls_spectra(_rendered(state, shift, H, W), conv, data, w, joint)
-        if final_ls or not adam:
-            _k.assemble_scene(state.spec, state.morph, state.box, state.off, shift, scene, tsum,
-                              spec_sum, work)
-            cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
-            loss = _k.weighted_residual(cm, data, w, resid)
-            history.append(-loss)
-        kept_start = start is not None and -loss < history[0]
-        if kept_start:
-            state, loss = start, -history[0]
-            history.append(history[0])
+        # a copy of the start, for the no-symmetry refit should the fit diverge
+        cold = copy.deepcopy(state) if config.symmetric and not warm else None
+        args = (peaks, conv, data, w, inv_var, joint, bufs)
+        fit = _fit(state, config, warm, init, *args)
+        diverged = fit.diverged()
+        if diverged:
+            fit = _fall_back(fit, cold, config, *args)
+        state, shift, loss, history = fit.state, fit.shift, fit.loss, fit.history
+        converged, iterations, kept_start = fit.converged, fit.iterations, fit.kept_start
+        fallback = fit.fallback
     else:
+        history = []
         shift = None
         scene[:] = 0
         loss = _k.weighted_residual(conv.convolve_padded(scene_buf)[:, :H, :W], data, w, resid)
@@ -792,7 +927,8 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         chi2=float(2 * loss / max(n_good, 1)),
         frame="model",
         model_psf=model_psf.astype(np.float32),
-        flags=0,
+        flags=(_models.BLEND_FLAGS["diverged"] if diverged else 0)
+        | (_models.BLEND_FLAGS["fallback_" + fallback] if fallback else 0),
         extra={
             "diff_kernels": kern.astype(np.float32),
             "diff_kernel_residual": kres,
@@ -803,6 +939,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             "logL_history": np.asarray(history),
             "warm_start": warm,
             "warm_start_kept": kept_start,
+            "fallback": fallback,
             "config": config.to_json(),
         },
     )
