@@ -258,7 +258,7 @@ def test_diff_and_info_report_runs(field, tmp_path, capsys):
 def test_catalog_positions_and_redistribution_conserve_flux(field, tmp_path):
     """Every row lies on its own peak, and the redistributed children of every
     parent (isolated or fitted) sum to the image over its footprint."""
-    from scarletstore.catalog import band_catalog
+    from scarletstore.catalog import band_catalog, heavy_footprint
     from scarletstore.models import SOURCE_FLAGS
 
     exposure, parents, src = field
@@ -296,6 +296,10 @@ def test_catalog_positions_and_redistribution_conserve_flux(field, tmp_path):
             np.testing.assert_allclose(flux[rows].sum(), inside, rtol=1e-4, atol=1e-3)
             if len(rows) == 1 and iso[rows[0]]:
                 np.testing.assert_array_equal(redist[0], np.where(fp & good, image, 0))
+                # its heavy footprint covers the whole footprint, negative pixels too
+                hf = heavy_footprint(store, int(cat["id"].values[rows[0]]), band, redistribute=True)
+                assert len(hf.values) == int((fp & good).sum())
+                assert hf.flux == pytest.approx(inside, rel=1e-5, abs=1e-3)
         measurer.close()
 
 
