@@ -168,7 +168,7 @@ def _deblender(method: str):
 
 
 def _dispatchers(method: str):
-    """The cached numba kernels a method's fits run (and the catalog's are not timed)."""
+    """The cached numba kernels a method's fits run."""
     from numba.core.registry import CPUDispatcher
 
     from . import kernels, psf
