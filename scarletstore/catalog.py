@@ -158,7 +158,9 @@ class BlendMeasurer:
             raise InputError("redistribution needs an image: the store has no exposure "
                              "(give a reprocessed image)")
         self.parents = _parent_spans(store) if store.has("parents") else None
-        self.converged = self.tables.col("blend_converged")
+        # "not converged" is an iterative fit that stopped short of its tolerance;
+        # blends that were not iterated (isolated, SDSS, imported) are not that
+        self.converged = self.tables.col("blend_converged") | (self.tables.col("blend_iterations") <= 0)
         self.decoded = []  # blend numbers decoded, in order (lets tests count reads)
         self.photometry = BlendPhotometry(self, photometry)
 

@@ -119,6 +119,8 @@ def _get(d, key, where):
 MAX_SIDE = 1 << 14  # pixels along one axis of any box (a Rubin patch is ~4200)
 MAX_BOX_PIXELS = 1 << 25  # pixels of one box (128 MiB per float32 plane)
 MAX_COORD = 1 << 30  # |origin| (stored as int32)
+# a catalog renders every source of a blend over the whole box at once
+MAX_BOX_TIMES_SOURCES = 1 << 28  # 1 GiB per float32 stack
 
 
 def _ints(value, n, what):
@@ -492,6 +494,9 @@ def _assemble(leaves, model_psf, fname, fmt, data, meta, name):
                         f"expected [{len(bands)}, h, w]")
         psfs.append(psf[order])
         y0, x0 = leaf.origin
+        if leaf.shape[0] * leaf.shape[1] * max(len(leaf.sources), 1) > MAX_BOX_TIMES_SOURCES:
+            raise _Fail(f"blend {leaf.blend_id}: {len(leaf.sources)} sources on a {leaf.shape[0]} x "
+                        f"{leaf.shape[1]} box exceed {MAX_BOX_TIMES_SOURCES} source pixels")
         sources, peaks, peak_ids = [], [], []
         for k, (sid, peak_id, peak, flags, comps) in enumerate(leaf.sources):
             out = []

@@ -1,6 +1,7 @@
 """The deblend driver: runs, skip reasons, failures, parallel equality, warm starts."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -101,7 +102,10 @@ def test_failing_blend_is_flagged_and_run_continues(field, monkeypatch):
             raise FloatingPointError("synthetic failure")
         return real(images, *args, **kwargs)
 
-    monkeypatch.setattr(scarlet, "deblend_scarlet", flaky)
+    from scarletstore.deblend import run as run_module
+
+    run_module.warm_kernels("scarlet", DeblendConfig(max_iter=5), exposure["psf"].values)
+    monkeypatch.setattr(scarlet, "deblend_scarlet", flaky)  # count real blends only
     run = deblend_exposure(exposure, parents, DeblendConfig(max_iter=5), "scarlet")
     reasons = _reasons(run)
     failed = [r for r in reasons if r.startswith("failed")]
@@ -257,7 +261,7 @@ def test_diff_and_info_report_runs(field, tmp_path, capsys):
 def test_catalog_positions_and_redistribution_conserve_flux(field, tmp_path):
     """Every row lies on its own peak, and the redistributed children of every
     parent (isolated or fitted) sum to the image over its footprint."""
-    from scarletstore.catalog import band_catalog
+    from scarletstore.catalog import band_catalog, heavy_footprint
     from scarletstore.models import SOURCE_FLAGS
 
     exposure, parents, src = field
@@ -295,4 +299,100 @@ def test_catalog_positions_and_redistribution_conserve_flux(field, tmp_path):
             np.testing.assert_allclose(flux[rows].sum(), inside, rtol=1e-4, atol=1e-3)
             if len(rows) == 1 and iso[rows[0]]:
                 np.testing.assert_array_equal(redist[0], np.where(fp & good, image, 0))
+                # its heavy footprint covers the whole footprint, negative pixels too
+                hf = heavy_footprint(store, int(cat["id"].values[rows[0]]), band, redistribute=True)
+                assert len(hf.values) == int((fp & good).sum())
+                assert hf.flux == pytest.approx(inside, rel=1e-5, abs=1e-3)
         measurer.close()
+
+
+def test_sdss_and_isolated_record_honest_statistics(field, tmp_path):
+    """SDSS blends carry their template model's chi2/logL (not 0 / -0 / 1 iteration);
+    isolated parents claim no fit."""
+    from scarletstore.catalog import band_catalog
+    from scarletstore.deblend.run import make_tasks
+
+    exposure, parents, src = field
+    config = DeblendConfig()
+    run = deblend_exposure(exposure, parents, config, "sdss", name="s")
+    fitted = run["blend_reason"].values == ""
+    assert fitted.sum() >= 3
+    assert np.all(run["blend_iterations"].values[fitted] == 0)  # a direct solution
+    assert np.all(run["blend_converged"].values[fitted])
+    chi2 = run["blend_chi2"].values[fitted]
+    logl = run["blend_log_likelihood"].values[fitted]
+    assert np.all(np.isfinite(chi2)) and np.all(chi2 > 0.5) and np.all(logl < 0)
+    # chi2 per good (band, pixel) of the footprint, logL = -chi2 * n / 2
+    tasks, _ = make_tasks(exposure, parents, config)
+    n_good = np.array([(t.footprint[None] & ~t.bad).sum() for t in tasks])
+    np.testing.assert_allclose(logl, -0.5 * chi2 * n_good, rtol=1e-9)
+
+    iso = run["blend_reason"].values == "isolated"
+    assert iso.sum() >= 2
+    assert not run["blend_converged"].values[iso].any()
+    assert np.all(run["blend_iterations"].values[iso] == 0)
+    assert np.all(np.isnan(run["blend_chi2"].values[iso]))
+    assert np.all(np.isnan(run["blend_log_likelihood"].values[iso]))
+    # ... and their catalog rows are not flagged as fits that failed to converge
+    path = tmp_path / "s.h5"
+    path.write_bytes(src.read_bytes())
+    Store(path).write({"runs/s": run})
+    cat = band_catalog(Store(path), "r").compute()
+    assert not np.any(cat["flags"].values & (1 << 9))
+
+
+def test_kernel_compilation_is_kept_out_of_runtimes(field, monkeypatch, capsys):
+    """A first call that costs 0.5 s (as numba compilation does) is paid by the
+    warm-up, recorded in the run's attrs, and announced once when the cache is cold."""
+    from scarletstore.deblend import run as run_module
+
+    exposure, parents, _ = field
+    calls = []
+
+    def slow_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    real = run_module._deblender("sdss")
+    monkeypatch.setattr(run_module, "_deblender", lambda method: slow_first)
+    monkeypatch.setattr(run_module, "_WARM", set())
+    monkeypatch.setattr(run_module, "kernels_cold", lambda method: True)
+    run = deblend_exposure(exposure, parents, DeblendConfig(), "sdss")
+    fitted = run["blend_reason"].values == ""
+    assert run["blend_runtime"].values[fitted].max() < 0.25
+    assert run.attrs["kernel_warmup_seconds"] >= 0.5
+    assert capsys.readouterr().err.splitlines() == ["compiling kernels (first run only)..."]
+    # warm: quiet, and no second warm-up in this process
+    monkeypatch.setattr(run_module, "kernels_cold", lambda method: False)
+    run = deblend_exposure(exposure, parents, DeblendConfig(), "sdss")
+    assert capsys.readouterr().err == "" and run.attrs["kernel_warmup_seconds"] == 0.0
+
+
+def test_kernels_cold_reads_the_numba_cache(tmp_path):
+    """Cold: no kernel has a cache index, or an index is older than its source."""
+    import os
+    from types import SimpleNamespace
+
+    from scarletstore.deblend.run import _dispatchers, kernels_cold
+
+    assert len(list(_dispatchers("sdss"))) > 20  # the real kernels are found
+    source = tmp_path / "kernels.py"
+    source.write_text("# source\n")
+
+    def kernel(name, index_age=None, loaded=False):
+        index = tmp_path / f"{name}.nbi"
+        if index_age is not None:
+            index.write_bytes(b"")
+            t = os.path.getmtime(source) + index_age
+            os.utime(index, (t, t))
+        code = SimpleNamespace(co_filename=str(source))
+        return SimpleNamespace(signatures=["sig"] if loaded else [], py_func=SimpleNamespace(__code__=code),
+                               _cache=SimpleNamespace(_cache_file=SimpleNamespace(_index_path=str(index))))
+
+    never_used = kernel("a")
+    assert kernels_cold("sdss", [never_used, kernel("b")])  # a fresh checkout
+    assert not kernels_cold("sdss", [never_used, kernel("c", index_age=10)])  # cached
+    assert kernels_cold("sdss", [kernel("d", index_age=10), kernel("e", index_age=-10)])  # source edited
+    assert not kernels_cold("sdss", [never_used, kernel("f", loaded=True)])  # loaded in this process

@@ -433,6 +433,11 @@ def _import(tmp_path, doc, store_path, capsys):
 @pytest.mark.parametrize("edit, message", [
     (lambda leaf: leaf.update(shape=[100000, 100000]), "larger than"),
     (lambda leaf: leaf.update(shape=[9000, 9000]), "larger than"),  # each side fine, area not
+    # a box within limits but so many sources that rendering them all would not fit
+    (lambda leaf: leaf.update(shape=[5000, 5000], sources={
+        str(9100000000000000000 + k): {"source_type": "source", "version": "1.0.0",
+                                       "metadata": {"id": 9100000000000000000 + k, "peak_id": k},
+                                       "components": []} for k in range(11)}), "source pixels"),
     (lambda leaf: leaf.update(shape=[-6, 8]), "must be positive"),
     (lambda leaf: leaf.update(shape=[0, 8]), "must be positive"),
     (lambda leaf: leaf.update(origin=[10.5, 20]), "non-integer"),

@@ -926,14 +926,16 @@ def deblend_sdss(images, variance, bad, footprint, psfs, peaks, config=None, *,
         One source per peak, in input order, each with one "cube" component
         (``morph`` (B, h, w): the child's pixels, trimmed to their non-zero
         box; ``spectrum``: its per-band sums).  ``frame="observed"``,
-        ``iterations=1``, ``converged=True``.  ``log_likelihood`` is
-        -1/2 sum (I - sum children)^2 / var over good footprint pixels and
-        ``chi2`` the same sum divided by the number of those (band, pixel)s;
-        both only see unassigned pixels, since apportionment reproduces the
-        image elsewhere.  ``extra`` holds the meaningful model figures of the
-        templates scaled by non-negative least-squares amplitudes
-        (``template_log_likelihood``, ``template_chi2``,
-        ``template_amplitudes`` (B, N)), the point-source test
+        ``iterations=0`` (a direct solution, nothing is iterated) and
+        ``converged=True`` (the result is final).  ``log_likelihood`` is
+        -1/2 sum (I - M)^2 / var over good footprint pixels, as scarlet's,
+        for the blend model M = the templates scaled by their non-negative
+        least-squares amplitudes, and ``chi2`` the same sum (times -2) divided
+        by the number of those (band, pixel)s. The children themselves sum to
+        the image on every assigned pixel; their residual (unassigned pixels
+        only) is ``extra["apportioned_log_likelihood"]`` / ``"apportioned_chi2"``.
+        ``extra`` also holds ``template_log_likelihood``, ``template_chi2``
+        (the recorded figures), ``template_amplitudes`` (B, N), the point-source test
         (``point_chi2`` (N,), ``point_center`` (N, 2), ``is_point`` (N,)),
         ``flux_err`` (N, B) (pixel noise of each child's flux, templates
         taken as exact), ``n_unassigned`` and ``runtime``.
@@ -1026,10 +1028,12 @@ def deblend_sdss(images, variance, bad, footprint, psfs, peaks, config=None, *,
     n_unassigned, resid2 = _apportion(images, variance, good, fp, tdata, toff, tbox, S,
                                       nearest, cdata, coff, cbox, flux_var, spectra, abox)
 
-    # 4. fit statistics: apportionment reproduces every covered good pixel, so
-    # only unassigned pixels contribute
-    log_like = -0.5 * float(resid2)
-    chi2 = float(resid2) / max(n_good, 1)
+    # 4. fit statistics of the blend's model, the templates scaled by their
+    # least-squares amplitudes, as scarlet's: the children themselves sum to the
+    # image on every assigned pixel, so their residual (only unassigned pixels)
+    # says nothing about the fit and is kept in ``extra`` only
+    log_like = -0.5 * float(t_resid2)
+    chi2 = float(t_resid2) / max(n_good, 1)
 
     # 5. results
     sources = []
@@ -1058,6 +1062,8 @@ def deblend_sdss(images, variance, bad, footprint, psfs, peaks, config=None, *,
     extra = {
         "template_log_likelihood": -0.5 * t_resid2,
         "template_chi2": t_resid2 / max(n_good, 1),
+        "apportioned_log_likelihood": -0.5 * float(resid2),
+        "apportioned_chi2": float(resid2) / max(n_good, 1),
         "template_amplitudes": t_amps,
         "point_chi2": point_chi2,
         "point_center": centers,
@@ -1067,7 +1073,8 @@ def deblend_sdss(images, variance, bad, footprint, psfs, peaks, config=None, *,
         "stray_flux": stray_flux,
         "runtime": time.perf_counter() - t0,
     }
-    return BlendResult(sources=sources, iterations=1, log_likelihood=log_like,
+    # a direct (non-iterative) solution: no iterations, and final as it stands
+    return BlendResult(sources=sources, iterations=0, log_likelihood=log_like,
                        converged=True, chi2=chi2, frame="observed", model_psf=None,
                        flags=0, extra=extra)
 
