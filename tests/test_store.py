@@ -227,7 +227,8 @@ def test_bad_run_names_one_line_from_cli(tmp_path, capsys):
     before = path.read_bytes()
     for name in BAD_NAMES:
         for argv in (["import-lsst", str(models), str(path), "--run", name],
-                     ["import-lsst", str(models), str(tmp_path / "new.h5"), "--run", name]):
+                     ["import-lsst", str(models), str(tmp_path / "new.h5"), "--run", name],
+                     ["deblend", str(path), "--run", name]):
             capsys.readouterr()
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
