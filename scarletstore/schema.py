@@ -218,6 +218,10 @@ def _h5_dtype_ok(obj, expected: str) -> bool:
     return obj.dtype == np.dtype(expected)
 
 
+class NewerSchemaError(SchemaError):
+    """A group was written by a newer scarletstore (a schema version this one does not know)."""
+
+
 def header_of(group) -> tuple[str, int]:
     """``(schema, schema_version)`` of an h5py group, or SchemaError if they are
     missing, unknown or newer than this package."""
@@ -234,7 +238,7 @@ def header_of(group) -> tuple[str, int]:
     if not isinstance(version, (int, np.integer)) or isinstance(version, bool):
         raise SchemaError(f"{name}: group has no integer 'schema_version' attribute")
     if version > known[-1]:
-        raise SchemaError(
+        raise NewerSchemaError(
             f"{name}: schema version {int(version)} is newer than this scarletstore knows "
             f"(latest {known[-1]}); upgrade scarletstore")
     if version not in known:
