@@ -305,3 +305,8 @@ def _check_attrs(where: str, doc: dict, attrs: dict) -> None:
                 f"{where}: attribute {attr!r} is {type(value).__name__}, expected {spec['type']}")
         if "value" in spec and value != spec["value"]:
             raise SchemaError(f"{where}: attribute {attr!r} is {value!r}, expected {spec['value']!r}")
+        if spec.get("description", "").startswith("JSON"):  # readers json.loads these
+            try:
+                json.loads(value)
+            except (TypeError, ValueError):
+                raise SchemaError(f"{where}: attribute {attr!r} is not valid JSON") from None
