@@ -164,6 +164,16 @@ class Store:
         if newer:
             raise SchemaError(f"{self.path}: {newer[0]}")
 
+    def close(self) -> None:
+        """Drop the cached set-ups (and the file handles they hold); the Store stays usable."""
+        self._sync(None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     # ------------------------------------------------------------------ reading
     def _h5(self):
         return h5py.File(self.path, "r")

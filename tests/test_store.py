@@ -360,6 +360,9 @@ def test_footprint_cache_equals_uncached_and_follows_writes(valid_store, tmp_pat
         np.testing.assert_allclose(hf.values, 2 * before[sid, True].values, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(store.footprint(sid, "r", run="a").values, before[sid, False].values)
     assert len(built) == 4  # rebuilt once per mode after the write
+    measurer = store._cache[("footprint", "a", "r", True)]
+    store.close()  # drops the set-ups and the file handles they keep
+    assert measurer.tables.file is None and not store._cache
     # a new run is seen by the default (newest) run at once
     new = store.add_run(store.read("runs/b"))
     new_ids = store.read(f"runs/{new}")["source_id"].values
