@@ -163,6 +163,7 @@ class BlendMeasurer:
         self.converged = self.tables.col("blend_converged") | (self.tables.col("blend_iterations") <= 0)
         self.decoded = []  # blend numbers decoded, in order (lets tests count reads)
         self.photometry = BlendPhotometry(self, photometry)
+        self._recent = {}  # blend -> products, for heavy_footprint(reuse=True)
 
     def close(self):
         self.tables.close()
@@ -253,9 +254,19 @@ class BlendMeasurer:
         cols["n_pixels"] = cols["n_pixels"].astype(np.int64)
         return cols
 
-    def heavy_footprint(self, source_id: int) -> HeavyFootprint:
+    def heavy_footprint(self, source_id: int, reuse: bool = False) -> HeavyFootprint:
+        """Heavy footprint of one child; with ``reuse`` the products of the last few
+        blends are kept, so the children of one blend share one reconstruction."""
         b = self.index.blend_of_source(source_id)
-        blend, models, fp, data, redist = self.blend_products(b)
+        if not reuse:
+            products = self.blend_products(b)
+        else:
+            recent = self._recent
+            products = recent.pop(b, None) or self.blend_products(b)
+            recent[b] = products  # most recent last
+            while len(recent) > 8:
+                del recent[next(iter(recent))]
+        blend, models, fp, data, redist = products
         k = int(np.nonzero(blend.source_ids == source_id)[0][0])
         if self.redistribute:
             values = redist[k]
@@ -420,18 +431,22 @@ def _sky(exposure, x, y):
 
 def heavy_footprint(store, source_id: int, band: str, run: str | None = None,
                     redistribute: bool = False) -> HeavyFootprint:
-    """The heavy footprint of one child in one band."""
+    """The heavy footprint of one child in one band.
+
+    The set-up (run tables, blend index, kernels, open exposure, parent spans)
+    is kept on ``store`` for the current version of its file, so a loop of
+    calls pays it once; a write to the store drops it (see ``Store.cached``).
+    """
     runs = store.runs()
     run = run or (runs[-1] if runs else None)
     if run is None or run not in runs:
         raise InputError(f"{store.path}: no run {run!r}")
-    measurer = BlendMeasurer(store, run, band, redistribute)
+    measurer = store.cached(("footprint", run, band, bool(redistribute)),
+                            lambda: BlendMeasurer(store, run, band, redistribute))
     try:
-        return measurer.heavy_footprint(source_id)
+        return measurer.heavy_footprint(source_id, reuse=True)
     except KeyError as exc:
         raise InputError(str(exc.args[0])) from None
-    finally:
-        measurer.close()
 
 
 def blend_views(store, parent_id: int, run: str | None = None):

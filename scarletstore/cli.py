@@ -191,12 +191,12 @@ def cmd_deblend(args):
     from .deblend.run import deblend_exposure
     from .store import Store, check_run_name, run_group
 
+    if args.run is not None:
+        check_run_name(args.run)
     store = Store(args.store)
     for group, hint in (("exposure", "ingest"), ("parents", "detect")):
         if not store.has(group):
             raise InputError(f"{store.path}: no {group} group; run 'scarletstore {hint}' first")
-    if args.run is not None:
-        check_run_name(args.run)
     runs = store.runs()
     first_id = store.max_source_id() + 1  # checks every run now, not after the fit
     init, base = None, DeblendConfig()

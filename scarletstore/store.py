@@ -113,9 +113,10 @@ def _newer_groups(f) -> list[str]:
     for name in _group_names(f):
         try:
             _schema.header_of(f[name])
-        except SchemaError as exc:
-            if "newer" in str(exc):
-                out.append(f"group {name!r}: {exc}")
+        except _schema.NewerSchemaError as exc:
+            out.append(f"group {name!r}: {exc}")
+        except SchemaError:
+            pass  # damage is reported by the reads that meet it
     return out
 
 
@@ -162,6 +163,16 @@ class Store:
                 f"scarletstore supports ({FORMAT_VERSION}); upgrade scarletstore")
         if newer:
             raise SchemaError(f"{self.path}: {newer[0]}")
+
+    def close(self) -> None:
+        """Drop the cached set-ups (and the file handles they hold); the Store stays usable."""
+        self._sync(None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ------------------------------------------------------------------ reading
     def _h5(self):
@@ -406,13 +417,12 @@ class Store:
         Values with a ``close()`` method are closed when the file changes.
         """
         stamp = _path_stamp(self.path)
-        if stamp != self._stamp:
-            self._sync(stamp)
+        self._sync(stamp)
         if key not in self._cache:
             value = build()
-            # building may have seen a newer file (a write in between): keep the
-            # value only if it belongs to the version the cache describes
-            if _path_stamp(self.path) != self._stamp:
+            # a write during the build may have mixed two versions into it:
+            # use it once, but cache only what was built from one version
+            if _path_stamp(self.path) != stamp or self._stamp != stamp:
                 return value
             self._cache[key] = value
         return self._cache[key]

@@ -84,6 +84,12 @@ def _del_attr(attr):
     return lambda g: g.attrs.__delitem__(attr)
 
 
+def _set_attr(attr, value):
+    def damage(g):
+        g.attrs[attr] = value
+    return damage
+
+
 def _version(v):
     def damage(g):
         g.attrs["schema_version"] = np.int64(v)
@@ -109,6 +115,7 @@ DAMAGE = {
         "mask dims (band, x, y)": _transpose_mask,
         "no schema attr": _del_attr("schema"),
         "no mask_planes attr": _del_attr("mask_planes"),
+        "mask_planes not JSON": _set_attr("mask_planes", "{BAD: 0"),
         "version 99": _version(99),
     },
     "parents": {
@@ -132,6 +139,7 @@ DAMAGE = {
         "source_x on blend dim": _source_x_on_blends,
         "no schema attr": _del_attr("schema"),
         "no psf_source attr": _del_attr("psf_source"),
+        "config not JSON": _set_attr("config", "max_iter=3"),
         "version 99": _version(99),
     },
 }

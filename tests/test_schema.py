@@ -91,3 +91,41 @@ def test_every_schema_folder_ships_in_the_wheel():
     shipped = {p.split(".")[-1] for p in cfg["packages"] if p.startswith("scarletstore._schemas.")}
     assert folders == shipped
     assert all(known_versions(name) for name in folders)
+
+
+def _run(n_sources=2):
+    from scarletstore.deblend.result import Component, SourceResult
+    from scarletstore.models import BlendRecord, build_run
+
+    srcs = [SourceResult(k, [Component(np.ones(2, np.float32), np.ones((3, 4), np.float32), 0, 0,
+                                       (1.0, 1.0))]) for k in range(n_sources)]
+    rec = BlendRecord(index=0, parent_id=1, bbox=(0, 0, 8, 8), peak_ids=np.arange(n_sources),
+                      peaks=np.ones((n_sources, 2)), sources=srcs)
+    return build_run([rec], ["g", "r"], np.ones((2, 3, 3), np.float32) / 9, np.ones((1, 1), np.float32),
+                     name="x", method="scarlet", config_json="{}", package_version="t")
+
+
+@pytest.mark.parametrize("var,index,by,msg", [
+    ("blend_n_sources", 0, 1, "sum of 'blend_n_sources' is 3 but dim 'source' has length 2"),
+    ("source_n_components", 1, -1, "sum of 'source_n_components' is 1"),
+    ("component_n_pixels", 0, 1, "sum of 'component_n_pixels' is 25 but dim 'pixel' has length 24"),
+    ("blend_n_sources", 0, -3, "negative counts"),
+])
+def test_ragged_counts_must_match_lengths(var, index, by, msg):
+    ds = _run()
+    assert validate(ds) is ds
+    values = ds[var].values.copy()
+    values[index] += by
+    ds[var] = (ds[var].dims, values)
+    with pytest.raises(SchemaError, match=msg.replace("(", r"\(")):
+        validate(ds)
+
+
+def test_pixel_counts_must_match_each_box():
+    """Counts that sum right but give one component another's pixels are refused."""
+    ds = _run()
+    npix = ds["component_n_pixels"].values.copy()
+    npix[0], npix[1] = npix[0] + 4, npix[1] - 4
+    ds["component_n_pixels"] = ("component", npix)
+    with pytest.raises(SchemaError, match="component_n_pixels' of component 0"):
+        validate(ds)

@@ -227,7 +227,8 @@ def test_bad_run_names_one_line_from_cli(tmp_path, capsys):
     before = path.read_bytes()
     for name in BAD_NAMES:
         for argv in (["import-lsst", str(models), str(path), "--run", name],
-                     ["import-lsst", str(models), str(tmp_path / "new.h5"), "--run", name]):
+                     ["import-lsst", str(models), str(tmp_path / "new.h5"), "--run", name],
+                     ["deblend", str(path), "--run", name]):
             capsys.readouterr()
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
@@ -304,3 +305,65 @@ def test_concurrent_deblends_get_distinct_names_and_ids(tmp_path, names):
     flat = np.concatenate(ids)
     assert len(np.unique(flat)) == len(flat)  # store-unique ids
     assert store.check() == []
+
+
+from test_damage import valid_store  # noqa: E402,F401  (module fixture: a store with runs a, b)
+
+
+def test_footprint_cache_equals_uncached_and_follows_writes(valid_store, tmp_path, monkeypatch):
+    import shutil
+
+    import scarletstore.catalog as catalog
+
+    path = tmp_path / "s.h5"
+    shutil.copyfile(valid_store, path)
+    store = Store(path)
+    ids = store.read("runs/a")["source_id"].values.tolist()
+    built = []
+    real = catalog.BlendMeasurer
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            built.append(args[1:3])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "BlendMeasurer", Counting)
+
+    def uncached(sid, redistribute):
+        m = real(Store(path), "a", "r", redistribute)
+        try:
+            return m.heavy_footprint(sid)
+        finally:
+            m.close()
+
+    before = {}
+    for redistribute in (False, True):
+        for sid in ids + ids[::-1]:  # twice, the second time from the blend cache
+            hf = store.footprint(sid, "r", run="a", redistribute=redistribute)
+            ref = uncached(sid, redistribute)
+            assert hf.bbox == ref.bbox and hf.values.size > 0
+            for attr in ("span_y", "span_x0", "span_x1", "values"):
+                np.testing.assert_array_equal(getattr(hf, attr), getattr(ref, attr))
+            before[sid, redistribute] = hf
+    assert built == [("a", "r"), ("a", "r")]  # one set-up per mode for 4 x len(ids) calls
+    hf = store.footprint(ids[0], "r", run="a", redistribute=True)
+    hf.values[:] = -1  # callers own what they get: the cache is not shared with them
+    np.testing.assert_array_equal(store.footprint(ids[0], "r", run="a", redistribute=True).values,
+                                  before[ids[0], True].values)
+
+    # another writer doubles the image: the redistributed footprints must follow
+    ex = Store(path).read("exposure")
+    ex["image"] = ex["image"] * np.float32(2)
+    Store(path).write({"exposure": ex}, replace=True)
+    for sid in ids:
+        hf = store.footprint(sid, "r", run="a", redistribute=True)
+        np.testing.assert_allclose(hf.values, 2 * before[sid, True].values, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(store.footprint(sid, "r", run="a").values, before[sid, False].values)
+    assert len(built) == 4  # rebuilt once per mode after the write
+    measurer = store._cache[("footprint", "a", "r", True)]
+    store.close()  # drops the set-ups and the file handles they keep
+    assert measurer.tables.file is None and not store._cache
+    # a new run is seen by the default (newest) run at once
+    new = store.add_run(store.read("runs/b"))
+    new_ids = store.read(f"runs/{new}")["source_id"].values
+    assert store.footprint(int(new_ids[0]), "r").source_id == int(new_ids[0])
