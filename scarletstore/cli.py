@@ -390,7 +390,7 @@ def cmd_show(args):
     _using(args.run, run)
     show_blend(data, models, bands, out, title=f"blend {args.blend} (run {run})",
                source_ids=blend.source_ids)
-    print(f"wrote {out}: blend {args.blend} with {len(models)} sources")
+    print(f"wrote {out}: blend {args.blend} of run {run} with {len(models)} sources")
 
 
 def cmd_migrate(args):

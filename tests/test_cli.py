@@ -242,3 +242,101 @@ def test_closed_stdout_exits_quietly(field_path, tmp_path, argv):
     assert res.returncode == 141
     if argv[0] == "deblend":  # the run was committed before the summary line failed to print
         assert len(Store(path).runs()) == 3
+
+
+# ------------------------------------------------------- first contact
+def test_version(capsys):
+    from scarletstore import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"scarletstore {__version__}"
+
+
+def _subparser(name):
+    from scarletstore.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices[name]
+
+
+def test_deblend_help_lists_the_configuration_keys():
+    import dataclasses
+
+    from scarletstore.deblend.config import DeblendConfig
+
+    text = _subparser("deblend").format_help().replace("\n", " ")
+    missing = [f.name for f in dataclasses.fields(DeblendConfig) if f.name not in text]
+    assert not missing
+
+
+def test_every_simulate_option_has_help():
+    actions = [a for a in _subparser("simulate")._actions if a.dest != "help"]
+    assert {a.dest for a in actions} == {"out_dir", "size", "seed", "bands", "density"}
+    assert all(a.help and len(a.help) > 10 for a in actions)
+
+
+def test_query_help_documents_the_grammar():
+    text = " ".join(_subparser("query").format_help().split())
+    for part in ("and/or/not", "'in'/'not in'", "True/False", "== != < <= > >=", "reason"):
+        assert part in text, part
+
+
+@pytest.mark.parametrize("command", [
+    ["catalog", "--band", "r", "-o", "{tmp}/c.csv"], ["query"],
+    ["show", "--blend", "1", "-o", "{tmp}/b.png"], ["export-lsst", "-o", "{tmp}/m.json"]])
+def test_commands_say_which_run_they_picked(store_path, tmp_path, capsys, command):
+    argv = [command[0], str(store_path), *(c.format(tmp=tmp_path) for c in command[1:])]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines().count("using run b (newest)") == 1, captured.err
+    assert "run b" in captured.out or command[0] == "query"
+    assert main([*argv, "--run", "a"]) == 0  # named: nothing to announce
+    assert "using run" not in capsys.readouterr().err
+
+
+def test_export_lsst_defaults_to_the_newest_run(store_path, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "m.json"
+    assert main(["export-lsst", str(store_path), "-o", str(out)]) == 0
+    assert "wrote run b (3 blends, 4 sources)" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert len(doc["blends"]) == 3
+
+
+def test_diff_defaults_to_the_two_newest_runs(store_path, capsys):
+    assert main(["diff", str(store_path)]) == 0
+    captured = capsys.readouterr()
+    assert "using runs a and b (the two newest)" in captured.err
+    # run b's spectra are 1.2x run a's: every matched source changed flux by 20 %
+    assert captured.out.startswith("a -> b: 4 sources matched")
+    assert "g: median |dflux/flux| 0.2000" in captured.out
+    assert main(["diff", str(store_path), "a"]) == 0
+    assert "using run b (newest, to compare with)" in capsys.readouterr().err
+    _fails(["diff", str(store_path), "b"], capsys, "is the newest")
+
+
+# ------------------------------------------------------- the Python entry point
+def test_open_returns_the_store(store_path):
+    import scarletstore as ss
+
+    store = ss.open(store_path)
+    assert isinstance(store, ss.Store) and store.runs() == ["a", "b"]
+    assert ss.Store is Store and "Store" in dir(ss)
+    with pytest.raises(ss.StoreError, match="no such store"):
+        ss.open(store_path.with_name("missing.h5"))
+    with pytest.raises(AttributeError):
+        ss.no_such_thing  # noqa: B018
+
+
+def test_import_is_cheap():
+    code = ("import sys, scarletstore as ss; "
+            "print(sorted(m for m in ('numpy', 'pandas', 'xarray', 'h5py', 'numba', 'astropy') "
+            "if m in sys.modules)); ss.Store; print('xarray' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["[]", "True"]
