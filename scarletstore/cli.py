@@ -116,13 +116,16 @@ def _check_overrides(items) -> list[str]:
     no setting means anything at NaN, and only the ``max_*`` size limits mean
     anything at infinity ("no limit").
     """
+    from .deblend.config import DeblendConfig
+
     keys = _config_keys()
     for item in items or []:
-        if "=" not in item:
-            continue  # the configuration reports the missing '='
-        key, raw = (t.strip() for t in item.split("=", 1))
-        if key not in keys:
+        key = item.split("=", 1)[0].strip()
+        if "=" in item and key not in keys:
             raise InputError(f"unknown configuration key {key!r}; valid keys: {', '.join(keys)}")
+    DeblendConfig().with_overrides(items or [])  # its own type and range messages come first
+    for item in items or []:
+        key, raw = (t.strip() for t in item.split("=", 1))
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:

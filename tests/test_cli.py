@@ -155,7 +155,8 @@ def test_simulate_into_an_existing_path_is_refused(tmp_path, capsys):
     (["--blends", "1,1"], "twice"),
     (["--set", "relative_error=NaN"], "relative_error must be a finite number"),
     (["--set", "relative_error=Infinity"], "relative_error must be a finite number"),
-    (["--set", 'mask_limits={"BAD": NaN}'], "mask_limits must be a finite number"),
+    (["--set", "min_footprint_axis_ratio=Infinity"], "min_footprint_axis_ratio must be a finite number"),
+    (["--set", "contest_ratio=-Infinity"], "contest_ratio must be positive"),  # the config's own check
     (["--set", "colour=3"], "valid keys: max_iter, relative_error"),
     (["--scheduler", "nonsense"], "expected an address like tcp://HOST:PORT"),
     (["--scheduler", "tcp://localhost:notaport"], "expected an address like tcp://HOST:PORT"),
