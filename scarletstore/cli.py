@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
+import socket
 import sys
 import warnings
 
@@ -40,6 +44,113 @@ def _band_files(items, flag):
         band, path = item.split("=", 1)
         out[band.strip()] = path
     return out
+
+
+def _check_output(path, flag="-o") -> Path:
+    """Refuse an output path that cannot be written before any work is done."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"{path}: {flag} names a directory, not a file")
+    if not folder.is_dir():
+        raise InputError(f"{path}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: the directory {folder} is not writable")
+    return path
+
+
+_SCHEDULER = re.compile(r"(?:(?P<scheme>[a-z]+)://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d+)/?")
+_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
+
+
+def _check_scheduler(address: str) -> str:
+    """Refuse a malformed or unreachable dask scheduler address before any work.
+
+    dask raises ValueError on a malformed address and waits for its timeout on
+    an unreachable one; a direct TCP connect tells the user at once.
+    """
+    m = _SCHEDULER.fullmatch(address.strip())
+    if m is None:
+        raise InputError(f"--scheduler {address!r}: expected an address like tcp://HOST:PORT")
+    scheme, host, port = m.group("scheme") or "tcp", m.group("host").strip("[]"), int(m.group("port"))
+    if scheme not in _SCHEMES:
+        raise InputError(f"--scheduler {address!r}: unknown scheme {scheme!r} "
+                         f"(use one of {', '.join(_SCHEMES)})")
+    if not 0 < port < 65536:
+        raise InputError(f"--scheduler {address!r}: port must be in 1..65535")
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise InputError(f"cannot reach dask scheduler {address}: "
+                         f"{exc.strerror or type(exc).__name__}") from None
+    return address.strip()
+
+
+def _blend_ids(text):
+    """``--blends 3,7,12`` as a list of ints; an empty or garbled list is an error."""
+    if text is None:
+        return None
+    parts = [b.strip() for b in text.split(",")]
+    if not any(parts) or not all(parts):
+        raise InputError(f"--blends expects comma-separated parent ids like 3,7,12, got {text!r}")
+    try:
+        ids = [int(b) for b in parts]
+    except ValueError:
+        raise InputError(f"--blends expects comma-separated parent ids, got {text!r}") from None
+    if len(set(ids)) != len(ids):
+        raise InputError(f"--blends lists a parent id twice: {text!r}")
+    return ids
+
+
+def _config_keys() -> list[str]:
+    import dataclasses
+
+    from .deblend.config import DeblendConfig
+
+    return [f.name for f in dataclasses.fields(DeblendConfig)]
+
+
+def _check_overrides(items) -> list[str]:
+    """Refuse unknown keys (naming the valid ones) and NaN / infinite numbers.
+
+    The configuration's own checks are range comparisons, which NaN passes;
+    no setting means anything at NaN, and only the ``max_*`` size limits mean
+    anything at infinity ("no limit").
+    """
+    from .deblend.config import DeblendConfig
+
+    keys = _config_keys()
+    for item in items or []:
+        key = item.split("=", 1)[0].strip()
+        if "=" in item and key not in keys:
+            raise InputError(f"unknown configuration key {key!r}; valid keys: {', '.join(keys)}")
+    DeblendConfig().with_overrides(items or [])  # its own type and range messages come first
+    for item in items or []:
+        key, raw = (t.strip() for t in item.split("=", 1))
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        values = value.values() if isinstance(value, dict) else \
+            value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and not key.startswith("max_"))):
+                raise InputError(f"{key} must be a finite number, not {raw}")
+    return list(items or [])
+
+
+def _announce(run: str, why: str = "newest") -> None:
+    """Say on stderr which run a command picked for the user (stdout stays data).
+
+    Commands call it once their inputs are accepted, so a refused request
+    still prints only its one-line error.
+    """
+    sys.stderr.write(f"using run {run} ({why})\n")
+
+
+def _using(asked, run) -> None:
+    if asked is None:
+        _announce(run)
 
 
 # ---------------------------------------------------------------- commands
@@ -133,8 +244,15 @@ def cmd_simulate(args):
         return
     if args.size < 16:
         raise InputError("--size must be at least 16 pixels")
-    if args.density <= 0:
-        raise InputError("--density must be positive")
+    if not args.density > 0 or math.isinf(args.density):
+        raise InputError(f"--density must be a positive number, got {args.density:g}")
+    out_dir = Path(args.out_dir)
+    if out_dir.is_file() or (out_dir.exists() and not out_dir.is_dir()):
+        raise InputError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir}: directory is not empty; simulate into a new or empty one")
+    if not out_dir.parent.is_dir():
+        raise InputError(f"{out_dir}: the directory {out_dir.parent} does not exist")
     out = simulate_field(args.out_dir, size=args.size, seed=args.seed, bands=_bands(args.bands),
                          density=args.density, progress=True)
     print(f"simulated {args.size}x{args.size} field in {len(out['bands'])} bands: "
@@ -191,8 +309,14 @@ def cmd_deblend(args):
     from .deblend.run import deblend_exposure
     from .store import Store, check_run_name, run_group
 
+    # arguments first: nothing is read or computed for a request that will be refused
     if args.run is not None:
         check_run_name(args.run)
+    overrides = _check_overrides(args.set)
+    blend_ids = _blend_ids(args.blends)
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
+    scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
     store = Store(args.store)
     for group, hint in (("exposure", "ingest"), ("parents", "detect")):
         if not store.has(group):
@@ -211,18 +335,12 @@ def cmd_deblend(args):
                              "a scarlet warm start needs scarlet models")
         base = DeblendConfig.from_json(source_run.attrs["config"])  # start from its settings
         init = init_from_run(source_run)
-    config = base.with_overrides(args.set or [])
+    config = base.with_overrides(overrides)
     if args.run in runs:
         raise InputError(f"{store.path}: run {args.run!r} already exists (runs are never overwritten)")
-    blend_ids = None
-    if args.blends:
-        try:
-            blend_ids = [int(b) for b in args.blends.split(",") if b.strip()]
-        except ValueError:
-            raise InputError(f"--blends expects comma-separated parent ids, got {args.blends!r}") from None
     run = deblend_exposure(
         store.read("exposure"), store.read("parents"), config, args.method, blend_ids=blend_ids,
-        workers=args.workers, scheduler=args.scheduler, name=args.run or args.method, show_progress=True,
+        workers=args.workers, scheduler=scheduler, name=args.run or args.method, show_progress=True,
         first_source_id=first_id, exposure_checksum=store.checksum("exposure"),
         parents_checksum=store.checksum("parents"), init=init, from_run=args.from_run or "")
     # name and source ids are final only at commit, inside the writer lock
@@ -238,6 +356,7 @@ def cmd_deblend(args):
 
 
 def _open_run_store(path, run):
+    """The store and the run to use: ``run`` when given, else the newest."""
     from .store import Store
 
     store = Store(path)
@@ -278,10 +397,11 @@ def _radii(text):
 def cmd_catalog(args):
     from .catalog import band_catalog, export_catalog
 
-    store, run = _open_run_store(args.store, args.run)
     out = Path(args.output)
     if out.suffix.lower() not in (".fits", ".csv", ".h5"):
         raise InputError(f"{out}: output must end in .fits, .csv or .h5")
+    _check_output(out)
+    store, run = _open_run_store(args.store, args.run)
     psf_files, image_files = _band_files(args.psf, "--psf"), _band_files(args.image, "--image")
     for flag, files in (("--psf", psf_files), ("--image", image_files)):
         other = [b for b in files if b != args.band]
@@ -296,6 +416,7 @@ def cmd_catalog(args):
     cat = band_catalog(store, args.band, run=run, redistribute=args.redistribute,
                        image_override=image_override, psf_override=psf_override,
                        apertures=_radii(args.apertures))
+    _using(args.run, run)
     n = export_catalog(cat, out, show_progress=True)
     print(f"wrote {n} rows of band {args.band} (run {run}{', redistributed' if args.redistribute else ''}) to {out}")
 
@@ -309,6 +430,7 @@ def cmd_query(args):
     table = blend_table(store, run)
     table = select(table, blend=args.blend, region=args.region, where=args.where,
                    wcs=store.read("exposure").attrs["wcs"] if store.has("exposure") else "")
+    _using(args.run, run)
     if table.empty:
         print(f"no blends of run {run} match")
         return
@@ -327,6 +449,7 @@ def cmd_show(args):
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise InputError(f"{out}: output must be a .png file")
+    _check_output(out)
     if args.field:
         from .display import read_field, show_field
 
@@ -335,6 +458,8 @@ def cmd_show(args):
         if args.run is not None and args.run not in runs:
             raise InputError(f"{store.path}: no run {args.run!r} (runs: {', '.join(runs) or 'none'})")
         run = args.run or (runs[-1] if runs else None)
+        if run is not None:
+            _using(args.run, run)
         bands, idx, image, boxes = read_field(store, run)
         title = f"{store.path.name}: {len(boxes)} parents, " + (f"run {run}" if run else "no run")
         size = show_field(bands, idx, image, boxes, out, title=title)
@@ -344,10 +469,12 @@ def cmd_show(args):
         return
     from .display import read_blend_picture, show_blend
 
+    _check_output(out)
     store, run = _open_run_store(args.store, args.run)
     pic = read_blend_picture(store, args.blend, run)
+    _using(args.run, run)
     size = show_blend(pic, out)
-    print(f"wrote {out} ({size[0]}x{size[1]} px): blend {args.blend} with {len(pic.models)} sources")
+    print(f"wrote {out} ({size[0]}x{size[1]} px): blend {args.blend} of run {run} with {len(pic.models)} sources")
 
 
 def cmd_migrate(args):
@@ -368,8 +495,24 @@ def cmd_diff(args):
     from .compare import diff_runs
     from .store import run_group
 
+    if args.top < 0:
+        raise InputError(f"--top must be 0 or more, got {args.top}")
     store, _ = _open_run_store(args.store, args.run_a)
-    _open_run_store(args.store, args.run_b)
+    runs = store.runs()
+    if args.run_b is None:  # default: compare with the newest (the two newest when none is named)
+        if args.run_a is None:
+            if len(runs) < 2:
+                raise InputError(f"{store.path}: diff needs two runs, the store has {len(runs)}")
+            args.run_a, args.run_b = runs[-2], runs[-1]
+            sys.stderr.write(f"using runs {args.run_a} and {args.run_b} (the two newest)\n")
+        else:
+            if args.run_a == runs[-1]:
+                raise InputError(f"{store.path}: run {args.run_a!r} is the newest; name the run to "
+                                 "compare it with")
+            args.run_b = runs[-1]
+            _announce(args.run_b, "newest, to compare with")
+    else:
+        _open_run_store(args.store, args.run_b)
     table, summary = diff_runs(store.read(run_group(args.run_a)), store.read(run_group(args.run_b)))
     print(f"{args.run_a} -> {args.run_b}: {summary['matched']} sources matched by (parent, peak); "
           f"{summary['only_a']} only in {args.run_a}, {summary['only_b']} only in {args.run_b}")
@@ -410,14 +553,22 @@ def cmd_export_lsst(args):
     from .lsst import write_lsst_models
     from .store import run_group
 
+    out = _check_output(args.output)
     store, run = _open_run_store(args.store, args.run)
     ds = store.read(run_group(run))
-    write_lsst_models(ds, args.output)
+    _using(args.run, run)
+    write_lsst_models(ds, out)
     print(f"wrote run {run} ({ds.sizes['blend']} blends, {ds.sizes['source']} sources) to {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .query import BLEND_COLUMNS, WHERE_GRAMMAR
+
+    BLEND_COLUMN_NAMES = list(BLEND_COLUMNS.values())
+
     p = _Parser(prog="scarletstore", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"scarletstore {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("ingest", help="read FITS per band or an npz into a new store")
@@ -434,11 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("simulate", help="simulate a multi-band field (needs galsim)")
-    s.add_argument("out_dir")
-    s.add_argument("--size", type=int, default=512)
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--bands", default="ugrizy")
-    s.add_argument("--density", type=float, default=90.0, help="sources per square arcminute")
+    s.add_argument("out_dir", help="new (or empty) directory for the FITS files and the truth")
+    s.add_argument("--size", type=int, default=512, help="side of the square field in pixels "
+                   "(0.2 arcsec; at least 16; default 512)")
+    s.add_argument("--seed", type=int, default=1, help="random seed: the same seed gives the "
+                   "same field (default 1)")
+    s.add_argument("--bands", default="ugrizy", help="LSST bands to draw, e.g. gri or g,r,i "
+                   "(default ugrizy)")
+    s.add_argument("--density", type=float, default=90.0,
+                   help="sources per square arcminute (default 90)")
     s.add_argument("--visits", type=int, default=None,
                    help="write N calibrated visits per band (and grid.fits) instead of a coadd")
     s.set_defaults(func=cmd_simulate)
@@ -467,7 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("deblend", help="deblend every parent into a new run")
     s.add_argument("store")
     s.add_argument("--method", choices=["scarlet", "sdss"], default="scarlet")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="configuration override")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="configuration override (repeatable); values are JSON, e.g. max_iter=100, "
+                        f"symmetric=false; keys: {', '.join(_config_keys())}")
     s.add_argument("--blends", help="comma-separated parent ids to deblend (default: all)")
     s.add_argument("--run", help="name of the new run (default METHOD-N)")
     s.add_argument("--workers", type=int, default=1, help="processes on a local dask cluster")
@@ -493,9 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store")
     s.add_argument("--blend", type=int, help="parent id")
     s.add_argument("--region", nargs=3, type=float, metavar=("RA", "DEC", "RADIUS_ARCSEC"))
-    s.add_argument("--where", help="condition on columns, e.g. \"n_sources > 3 and converged\"")
+    s.add_argument("--where", help="condition on the columns, e.g. \"n_sources > 3 and not converged\" "
+                   f"or \"reason in ['isolated', 'masked']\"; allowed: {WHERE_GRAMMAR}; columns: "
+                   f"{', '.join(BLEND_COLUMN_NAMES)}")
     s.add_argument("--run", help="run name (default: the newest)")
-    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
     s.set_defaults(func=cmd_query)
 
     s = sub.add_parser("show", help="asinh RGB picture of a blend (data, model, residual, sources) "
@@ -515,9 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("diff", help="per-source flux and convergence changes between two runs")
     s.add_argument("store")
-    s.add_argument("run_a")
-    s.add_argument("run_b")
-    s.add_argument("--top", type=int, default=10, help="list the N sources that changed most")
+    s.add_argument("run_a", nargs="?", help="the earlier run (default: the second newest)")
+    s.add_argument("run_b", nargs="?", help="the later run (default: the newest)")
+    s.add_argument("--top", type=int, default=10,
+                   help="list the N sources that changed most (0: none; default 10)")
     s.set_defaults(func=cmd_diff)
 
     s = sub.add_parser("import-lsst", help="import Rubin persisted scarlet models (JSON) as a run")
@@ -528,10 +688,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export-lsst", help="export a run in Rubin's versioned scarlet model JSON")
     s.add_argument("store")
-    s.add_argument("--run", required=True)
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--run", help="run name (default: the newest)")
+    s.add_argument("-o", "--output", required=True, help="OUT.json")
     s.set_defaults(func=cmd_export_lsst)
     return p
+
+
+# a store's temporary copy (.NAME.XXXXXXXX.tmp) and an export's (.NAME.tmp)
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.[A-Za-z0-9_]{8})?\.tmp")
+
+
+def _user_path(filename) -> str:
+    """The path the user named for an OS error's file: a temporary copy is
+    reported as the store or output it stands for."""
+    path = Path(os.fsdecode(filename))
+    m = _TEMPORARY.fullmatch(path.name)
+    return str(path.with_name(m.group("name")) if m else path)
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``| head``): point stdout at /dev/null so the
+    interpreter's flush at exit does not report the same broken pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced stdout (tests) has no descriptor
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def main(argv=None) -> int:
@@ -539,11 +723,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # the shell's status for a pipe reader that went away (128 + SIGPIPE)
     except ScarletStoreError as exc:
         sys.stderr.write(f"scarletstore {args.command}: error: {exc}\n")
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        sys.stderr.write(f"scarletstore {args.command}: error: {exc.filename}: {exc.strerror}\n")
+    except OSError as exc:  # missing paths, permissions, full disks: the user's environment
+        where = f"{_user_path(exc.filename)}: " if exc.filename else ""
+        what = exc.strerror or str(exc) or type(exc).__name__
+        sys.stderr.write(f"scarletstore {args.command}: error: {where}{what}\n".replace("\n", " ")
+                         .rstrip() + "\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"scarletstore {args.command}: interrupted\n")
