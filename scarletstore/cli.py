@@ -694,8 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# a store's temporary copy (.NAME.XXXXXXXX.tmp) and an export's (.NAME.tmp)
-_TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.[A-Za-z0-9_]{8})?\.tmp")
+# a store's temporary copy (.NAME.PID-HOST.XXXXXXXX.tmp) and an export's (.NAME.tmp)
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.\d+-[^/]*?)?(?:\.[A-Za-z0-9_]{8})?\.tmp")
 
 
 def _user_path(filename) -> str:

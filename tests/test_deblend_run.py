@@ -359,14 +359,15 @@ def test_kernel_compilation_is_kept_out_of_runtimes(field, monkeypatch, capsys):
     monkeypatch.setattr(run_module, "_deblender", lambda method: slow_first)
     monkeypatch.setattr(run_module, "_WARM", set())
     monkeypatch.setattr(run_module, "kernels_cold", lambda method: True)
-    run = deblend_exposure(exposure, parents, DeblendConfig(), "sdss")
+    monkeypatch.setattr(run_module, "_on_terminal", lambda: True)
+    run = deblend_exposure(exposure, parents, DeblendConfig(), "sdss", show_progress=True)
     fitted = run["blend_reason"].values == ""
     assert run["blend_runtime"].values[fitted].max() < 0.25
     assert run.attrs["kernel_warmup_seconds"] >= 0.5
     assert capsys.readouterr().err.splitlines() == ["compiling kernels (first run only)..."]
     # warm: quiet, and no second warm-up in this process
     monkeypatch.setattr(run_module, "kernels_cold", lambda method: False)
-    run = deblend_exposure(exposure, parents, DeblendConfig(), "sdss")
+    run = deblend_exposure(exposure, parents, DeblendConfig(), "sdss", show_progress=True)
     assert capsys.readouterr().err == "" and run.attrs["kernel_warmup_seconds"] == 0.0
 
 

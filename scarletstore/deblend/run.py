@@ -364,6 +364,10 @@ def init_from_run(run: xr.Dataset):
     return init
 
 
+def _on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
 def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig | None = None,
                      method: str = "scarlet", *, blend_ids=None, workers: int = 1,
                      scheduler: str | None = None, name: str = "run", show_progress: bool = False,
@@ -388,7 +392,8 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
             task.init = init(task.parent_id, task.bbox, task.peak_ids)
     warmup = 0.0
     if tasks:
-        if kernels_cold(method):
+        if show_progress and _on_terminal() and kernels_cold(method):
+            # a notice like the progress bars: on a terminal only, quiet when piped
             print("compiling kernels (first run only)...", file=sys.stderr, flush=True)
         # in this process too with workers: it fills the on-disk cache they load
         warmup = warm_kernels(method, config, tasks[0].psfs)
