@@ -226,6 +226,51 @@ def label_band(bands) -> int:
     return bands.index("r") if "r" in bands else len(bands) // 2
 
 
+def place_labels(positions, sizes, shape, pad: float = 1.0) -> list[tuple[int, int]]:
+    """Which corner of each peak its label goes to, so labels avoid each other and the edges.
+
+    Greedy, in the given order: of the four placements (up-right, up-left,
+    down-right, down-left of the peak) each label takes the one that overlaps
+    least with the labels already placed, the other peaks' markers and the
+    outside of the panel (ties keep that order).
+
+    Parameters
+    ----------
+    positions : (n, 2) y, x of the peaks, panel coordinates (0 .. h, 0 .. w)
+    sizes : (n, 2) height, width of each label, same units
+    shape : (h, w) of the panel
+    pad : gap between a peak and its label
+
+    Returns
+    -------
+    list of (sx, sy), each +1 or -1: the label is right of the peak when sx > 0
+    and above it (larger y) when sy > 0.
+    """
+    h, w = shape
+    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+    marker = 1.5 * pad
+
+    def overlap(a, b):  # boxes (x0, y0, x1, y1)
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    markers = [(x - marker, y - marker, x + marker, y + marker) for y, x in pos]
+    placed, out = [], []
+    for k, ((y, x), (th, tw)) in enumerate(zip(pos, sizes)):
+        best = None
+        for sx, sy in ((1, 1), (-1, 1), (1, -1), (-1, -1)):
+            x0 = x + pad if sx > 0 else x - pad - tw
+            y0 = y + pad if sy > 0 else y - pad - th
+            cand = (x0, y0, x0 + tw, y0 + th)
+            inside = overlap(cand, (0.0, 0.0, w, h))
+            cost = 4 * (tw * th - inside) + sum(overlap(cand, p) for p in placed) \
+                + sum(overlap(cand, m) for j, m in enumerate(markers) if j != k)
+            if best is None or cost < best[0] - 1e-12:
+                best = (cost, (sx, sy), cand)
+        placed.append(best[2])
+        out.append(best[1])
+    return out
+
+
 # ---------------------------------------------------------------- layout
 
 
@@ -265,6 +310,8 @@ def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True) -> Blen
         f = (16.0 - (row - n_main * pw)) / (n_main * pw)
         pw, ph = pw * f, ph * f
         row = 16.0
+    if not with_data:  # the sources' grid spans three main panels, as with data
+        row = max(row, 3 * pw + 2 * gap)
     # source panels: at least half the main size (and 1.4 inch), then grown to fill the
     # row with as few rows as that smallest size needs
     s_long = max(long_side / 2, 1.4)
@@ -506,17 +553,24 @@ def _pyplot():
 
 
 def _mark_sources(ax, positions, labels, colour="#00e5ff", fontsize=6.5):
-    """Peak markers with a text label each, legible on light and dark pixels."""
+    """Peak markers with a text label each, legible on light and dark pixels and not overlapping."""
     import matplotlib.patheffects as pe
 
     halo = [pe.withStroke(linewidth=1.6, foreground="black")]
-    x_max = ax.get_xlim()[1]
-    for (y, x), text in zip(positions, labels):
+    fig = ax.figure
+    box = ax.get_position()
+    h = ax.get_ylim()[1] - ax.get_ylim()[0]
+    w = ax.get_xlim()[1] - ax.get_xlim()[0]
+    per_pt = w / (box.width * fig.get_figwidth() * 72)  # data pixels per typographic point
+    pad = 2.5
+    sizes = [(fontsize * 1.1 * per_pt, 0.6 * fontsize * len(t) * per_pt) for t in labels]
+    local = np.asarray(positions, np.float64).reshape(-1, 2) + 0.5  # panel starts at -0.5
+    signs = place_labels(local, sizes, (h, w), pad * per_pt)
+    for (y, x), text, (sx, sy) in zip(positions, labels, signs):
         ax.plot([x], [y], marker="+", ms=5, mew=0.9, color=colour, path_effects=halo)
-        # labels of peaks near the right edge go to the left so they stay on the panel
-        left = x > 0.7 * x_max
-        ax.annotate(text, (x, y), xytext=(-2.5 if left else 2.5, 2.5), textcoords="offset points",
-                    fontsize=fontsize, color=colour, path_effects=halo, ha="right" if left else "left",
+        ax.annotate(text, (x, y), xytext=(sx * pad, sy * pad), textcoords="offset points",
+                    fontsize=fontsize, color=colour, path_effects=halo,
+                    ha="left" if sx > 0 else "right", va="bottom" if sy > 0 else "top",
                     annotation_clip=False)
 
 
@@ -583,8 +637,9 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
         _draw_residual(fig, lay, pic, model, main_font)
     for i, rect in enumerate(lay.sources):
         _draw_source(fig, rect, models[i], idx, ids[i], fluxes[i], bands, pic.positions[i])
-    fig.suptitle(pic.summary + "\nfootprint outlined; data and model on one stretch, "
-                 "each source on its own", fontsize=8, linespacing=1.3,
+    note = ("footprint outlined; data and model on one stretch, each source on its own"
+            if pic.data is not None else "no exposure in the store: models only; each source on its own stretch")
+    fig.suptitle(pic.summary + "\n" + note, fontsize=8, linespacing=1.3,
                  x=0.08 / lay.figsize[0], y=1 - 0.1 / lay.figsize[1], ha="left", va="top")
     fig.savefig(path, dpi=dpi, facecolor="white")
     size = fig.canvas.get_width_height()

@@ -298,3 +298,64 @@ def test_show_field_needs_parents(tmp_path, capsys):
     assert main(["show", str(path), "--field", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "no parents" in err and err.count("\n") == 1
+
+
+def test_cli_and_display_import_without_matplotlib():
+    """matplotlib loads only when a picture is drawn, so every other command starts fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys, scarletstore.cli, scarletstore.display; "
+            "from scarletstore.cli import build_parser; build_parser(); "
+            "print(any(m.split('.')[0] == 'matplotlib' for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_models_only_picture(tmp_path):
+    """Without an exposure the picture is the model and the sources, still sized by the blend."""
+    pic = _picture(30, 60, n=3)
+    pic.data = pic.variance = pic.bad = None
+    lay = blend_layout(30, 60, 3, with_data=False)
+    assert lay.data is None and lay.residual is None and lay.colorbar is None
+    w, h = show_blend(pic, tmp_path / "m.png")
+    assert png_size(tmp_path / "m.png") == (w, h) and w > h
+
+
+def test_large_field_is_binned_for_display(tmp_path):
+    from scarletstore.display import bin_image, show_field
+
+    img = np.arange(2 * 4 * 6, dtype=float).reshape(2, 4, 6)
+    binned = bin_image(img, 2)
+    assert binned.shape == (2, 2, 3)
+    assert binned[1, 0, 0] == pytest.approx(img[1, :2, :2].mean())
+    assert bin_image(img[:, :3, :5], 2).shape == (2, 1, 2)  # ragged edges dropped
+    rng = np.random.default_rng(2)
+    field = rng.normal(0, 1, (3, 300, 2300))
+    boxes = field_boxes([1, 2], [(10, 10, 20, 30), (200, 2200, 40, 90)], [1, 2], ["", "masked"])
+    size = show_field(["g", "r", "i"], [2, 1, 0], field, boxes, tmp_path / "big.png", title="big")
+    assert png_size(tmp_path / "big.png") == tuple(size)
+    assert size[0] > 4 * size[1]  # a 300 x 2300 strip stays a strip
+
+
+def test_labels_avoid_each_other_and_the_edges():
+    from scarletstore.display import place_labels
+
+    def box(p, s, sign, pad=1.0):
+        (y, x), (th, tw), (sx, sy) = p, s, sign
+        x0 = x + pad if sx > 0 else x - pad - tw
+        y0 = y + pad if sy > 0 else y - pad - th
+        return x0, y0, x0 + tw, y0 + th
+
+    # three peaks in a row, closer than a label is long (what the model panel used to overprint)
+    pos = [(20.0, 20.0), (20.0, 26.0), (20.0, 32.0)]
+    sizes = [(3.0, 10.0)] * 3
+    signs = place_labels(pos, sizes, (40, 60))
+    boxes = [box(p, s, g) for p, s, g in zip(pos, sizes, signs)]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            a, b = boxes[i], boxes[j]
+            assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (a, b)
+    # near the top-right corner the label turns down and left, inside the panel
+    assert place_labels([(38.0, 58.0)], [(3.0, 10.0)], (40, 60)) == [(-1, -1)]
+    assert place_labels([(5.0, 5.0)], [(3.0, 10.0)], (40, 60)) == [(1, 1)]
