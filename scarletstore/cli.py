@@ -284,7 +284,9 @@ def cmd_show(args):
     store, run = _open_run_store(args.store, args.run)
     pic = read_blend_picture(store, args.blend, run)
     size = show_blend(pic, out)
-    print(f"wrote {out} ({size[0]}x{size[1]} px): blend {args.blend} with {len(pic.models)} sources")
+    what = (f"{len(pic.models)} sources" if len(pic.models) else
+            f"data and {len(pic.source_ids)} peaks (not deblended in run {run})")
+    print(f"wrote {out} ({size[0]}x{size[1]} px): blend {args.blend} with {what}")
 
 
 def cmd_migrate(args):

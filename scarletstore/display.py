@@ -288,24 +288,29 @@ class BlendLayout:
     source_inches: tuple = (0.0, 0.0)
 
 
-def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True) -> BlendLayout:
+def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True,
+                 with_model: bool = True) -> BlendLayout:
     """Panel sizes and positions for an ``h`` x ``w`` blend with ``n_sources`` sources.
 
     Panels keep the blend's aspect: the long side of the data/model/residual
     panels grows with the blend (0.045 inch per pixel, between 2.4 and 6 inches,
     and the row at most 16 inches wide); source panels are half as large (at
     least 1.4 inches on the long side), grown up to the main size so that they
-    fill a grid as wide as the main row. The
-    margins are fixed in inches, so the figure has no white space beyond the
-    titles and labels.
+    fill a grid as wide as the main row. The margins are fixed in inches, so
+    the figure has no white space beyond the titles and labels. Without data
+    only the model panel is drawn; without a model (a parent the run did not
+    fit) only the data panel.
     """
     h, w = max(int(h), 1), max(int(w), 1)
     long_side = min(max(max(h, w) * 0.045, 2.4), 6.0)
     pw, ph = long_side * w / max(h, w), long_side * h / max(h, w)
     gap, title, top, left, right, cbar, cbar_pad = 0.12, 0.22, 0.42, 0.08, 0.08, 0.12, 0.05
     cbar_labels = 0.42
-    n_main = 3 if with_data else 1
-    row = n_main * pw + (n_main - 1) * gap + (cbar + cbar_pad + cbar_labels if with_data else 0)
+    n_main = 3 if with_data and with_model else 1
+    if n_main == 1:  # a lone panel may be larger
+        long_side = min(max(long_side, 3.6), 6.0)
+        pw, ph = long_side * w / max(h, w), long_side * h / max(h, w)
+    row = n_main * pw + (n_main - 1) * gap + (cbar + cbar_pad + cbar_labels if n_main == 3 else 0)
     if row > 16.0:  # very wide blends: shrink everything to keep the figure on a screen
         f = (16.0 - (row - n_main * pw)) / (n_main * pw)
         pw, ph = pw * f, ph * f
@@ -332,11 +337,14 @@ def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True) -> Blen
 
     y_main = top + title
     panels = [rect(left + k * (pw + gap), y_main, pw, ph) for k in range(n_main)]
-    if with_data:
+    data = model = resid = cb = None
+    if n_main == 3:
         data, model, resid = panels
         cb = rect(left + 3 * pw + 2 * gap + cbar_pad, y_main, cbar, ph)
+    elif with_model:
+        model = panels[0]
     else:
-        data, model, resid, cb = None, panels[0], None, None
+        data = panels[0]
     sources = []
     for i in range(n_sources):
         r, c = divmod(i, ncol)
@@ -470,43 +478,97 @@ class BlendPicture:
     summary: str = ""
 
 
-def read_blend_picture(store, parent_id: int, run: str) -> BlendPicture:
-    """Read one blend's data, variance, bad pixels, footprint and models from a store."""
-    from .catalog import blend_views
-    from .footprint import counts_to_offsets, spans_to_mask
-    from .ingest import DEFAULT_BAD_PLANES, bad_bits
+def _run_row(store, parent_id: int, run: str) -> dict:
+    """A run's per-blend columns for one parent (InputError when the run does not hold it)."""
+    from .errors import InputError
+    from .models import RunIndex
 
-    data, models, bands, blend = blend_views(store, parent_id, run)
-    y0, x0, h, w = blend.bbox
-    positions = np.array([[s.components[0].peak[0] - y0, s.components[0].peak[1] - x0]
-                          for s in blend.sources], np.float64).reshape(-1, 2)
-    pic = BlendPicture(parent_id=int(parent_id), run=run, bands=list(bands), bbox=blend.bbox,
-                       models=models, source_ids=np.asarray(blend.source_ids), positions=positions,
-                       data=data)
-    if data is not None:
-        with store.open("exposure") as ex:
-            box = dict(y=slice(y0, y0 + h), x=slice(x0, x0 + w))
-            pic.variance = np.asarray(ex["variance"].isel(**box).values)
-            planes = json.loads(ex.attrs.get("mask_planes", "{}"))
-            bad_planes = json.loads(ex.attrs.get("bad_mask_planes", json.dumps(DEFAULT_BAD_PLANES)))
-            pic.bad = (np.asarray(ex["mask"].isel(**box).values) & bad_bits(planes, bad_planes)) != 0
-    if store.has("parents"):
-        with store.open("parents") as p:
-            ids = p["parent_id"].values
-            hit = np.flatnonzero(ids == int(parent_id))
-            if hit.size:
-                off = counts_to_offsets(p["span_count"].values)
-                sl = slice(off[hit[0]], off[hit[0] + 1])
-                pic.footprint = spans_to_mask(p["span_y"].values[sl], p["span_x0"].values[sl],
-                                              p["span_x1"].values[sl], blend.bbox)
     tables = store.run_tables(run)
     try:
-        b = blend.index
-        it, logl = int(tables.col("blend_iterations")[b]), float(tables.col("blend_log_likelihood")[b])
-        conv, reason = bool(tables.col("blend_converged")[b]), str(tables.col("blend_reason")[b])
+        try:
+            b = RunIndex(tables).blend_of_parent(parent_id)
+        except KeyError:
+            raise InputError(f"{store.path}: no blend for parent {parent_id} in run {run}") from None
+        row = {k: tables.col(f"blend_{k}")[b] for k in
+               ("n_sources", "iterations", "log_likelihood", "converged", "reason", "y0", "x0",
+                "height", "width")}
+        row["bands"] = list(tables.bands)
+        return row
     finally:
         tables.close()
-    fit = reason or (f"{it} iterations, logL {logl:.6g}, " + ("converged" if conv else "NOT converged"))
+
+
+def _exposure_box(store, bbox):
+    """(image, variance, bad) of the exposure in ``bbox``; bad from the exposure's bad planes."""
+    from .ingest import DEFAULT_BAD_PLANES, bad_bits
+
+    y0, x0, h, w = bbox
+    with store.open("exposure") as ex:
+        box = dict(y=slice(y0, y0 + h), x=slice(x0, x0 + w))
+        image = np.asarray(ex["image"].isel(**box).values)
+        variance = np.asarray(ex["variance"].isel(**box).values)
+        planes = json.loads(ex.attrs.get("mask_planes", "{}"))
+        bad_planes = json.loads(ex.attrs.get("bad_mask_planes", json.dumps(DEFAULT_BAD_PLANES)))
+        bad = (np.asarray(ex["mask"].isel(**box).values) & bad_bits(planes, bad_planes)) != 0
+    return image, variance, bad
+
+
+def _parent_footprint(store, parent_id: int, bbox):
+    """(footprint mask in ``bbox``, peak ids, (n, 2) peak y, x in ``bbox``) from the parents, or Nones."""
+    from .footprint import counts_to_offsets, spans_to_mask
+
+    if not store.has("parents"):
+        return None, None, None
+    with store.open("parents") as p:
+        hit = np.flatnonzero(p["parent_id"].values == int(parent_id))
+        if not hit.size:
+            return None, None, None
+        off = counts_to_offsets(p["span_count"].values)
+        sl = slice(off[hit[0]], off[hit[0] + 1])
+        mask = spans_to_mask(p["span_y"].values[sl], p["span_x0"].values[sl], p["span_x1"].values[sl], bbox)
+        mine = p["peak_parent"].values == int(parent_id)
+        ids = np.asarray(p["peak_id"].values[mine])
+        peaks = np.stack([p["peak_y"].values[mine] - bbox[0], p["peak_x"].values[mine] - bbox[1]], axis=1)
+    return mask, ids, peaks
+
+
+def read_blend_picture(store, parent_id: int, run: str) -> BlendPicture:
+    """Read one blend's data, variance, bad pixels, footprint and models from a store.
+
+    A parent the run holds without models (skipped or failed) gives a picture
+    of its data with the parent's peaks (``source_ids`` are then peak ids and
+    ``models`` has no rows); it needs the exposure.
+    """
+    from .catalog import blend_views
+    from .errors import InputError
+
+    row = _run_row(store, parent_id, run)
+    bbox = tuple(int(row[k]) for k in ("y0", "x0", "height", "width"))
+    y0, x0, h, w = bbox
+    footprint, peak_ids, peaks = _parent_footprint(store, parent_id, bbox)
+    reason = str(row["reason"])
+    if int(row["n_sources"]) == 0:
+        if not store.has("exposure"):
+            raise InputError(f"blend {parent_id} of run {run} has no models ({reason}) and the store "
+                             "has no exposure to show")
+        models = np.zeros((0, len(row["bands"]), h, w), np.float32)
+        pic = BlendPicture(parent_id=int(parent_id), run=run, bands=row["bands"], bbox=bbox, models=models,
+                           source_ids=peak_ids if peak_ids is not None else np.zeros(0, np.int64),
+                           positions=peaks if peaks is not None else np.zeros((0, 2)), footprint=footprint)
+        pic.data, pic.variance, pic.bad = _exposure_box(store, bbox)
+        n_pk = 0 if peak_ids is None else len(peak_ids)
+        pic.summary = f"blend {parent_id} (run {run}): {n_pk} peaks, {h}x{w} px\nnot deblended: {reason}"
+        return pic
+    data, models, bands, blend = blend_views(store, parent_id, run)
+    positions = np.array([[s.components[0].peak[0] - y0, s.components[0].peak[1] - x0]
+                          for s in blend.sources], np.float64).reshape(-1, 2)
+    pic = BlendPicture(parent_id=int(parent_id), run=run, bands=list(bands), bbox=bbox, models=models,
+                       source_ids=np.asarray(blend.source_ids), positions=positions, data=data,
+                       footprint=footprint)
+    if data is not None:
+        _, pic.variance, pic.bad = _exposure_box(store, bbox)
+    fit = reason or (f"{int(row['iterations'])} iterations, logL {float(row['log_likelihood']):.6g}, "
+                     + ("converged" if bool(row["converged"]) else "NOT converged"))
     pic.summary = f"blend {parent_id} (run {run}): {len(models)} sources, {h}x{w} px, {fit}"
     return pic
 
@@ -612,6 +674,8 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
     model = models.sum(axis=0)
     fluxes = models.sum(axis=(2, 3))
     lb = label_band(bands)
+    if n == 0:
+        return _show_data_only(pic, path, dpi)
     lay = blend_layout(h, w, n, with_data=pic.data is not None)
     fig = plt.figure(figsize=lay.figsize, dpi=dpi)
     fig.patch.set_facecolor("white")
@@ -641,6 +705,31 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
             if pic.data is not None else "no exposure in the store: models only; each source on its own stretch")
     fig.suptitle(pic.summary + "\n" + note, fontsize=8, linespacing=1.3,
                  x=0.08 / lay.figsize[0], y=1 - 0.1 / lay.figsize[1], ha="left", va="top")
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    size = fig.canvas.get_width_height()
+    plt.close(fig)
+    return size
+
+
+def _show_data_only(pic: BlendPicture, path, dpi: int) -> tuple[int, int]:
+    """A parent the run did not fit: its data, footprint and peaks (labelled p<peak id>)."""
+    plt = _pyplot()
+    _, h, w = pic.data.shape
+    idx = rgb_bands(pic.bands)
+    lay = blend_layout(h, w, 0, with_model=False)
+    fig = plt.figure(figsize=lay.figsize, dpi=dpi)
+    ax = fig.add_axes(lay.data)
+    ax.imshow(lupton_rgb(pic.data[idx], stretch=auto_stretch(pic.data[idx])), origin="lower",
+              interpolation="nearest")
+    _bare(ax, h, w)
+    _draw_outline(ax, pic.footprint)
+    _mark_sources(ax, pic.positions, [f"p{int(i)}" for i in pic.source_ids])
+    ax.set_title(f"data (R,G,B = {','.join(pic.bands[i] for i in idx)})", fontsize=8)
+    # two lines, each cut to the figure's width (a failure's message can be long)
+    fit = int(lay.figsize[0] * 72 / (0.55 * 8))
+    lines = [t if len(t) <= fit else t[:fit - 3] + "..." for t in pic.summary.splitlines()[:2]]
+    fig.text(0.08 / lay.figsize[0], 1 - 0.1 / lay.figsize[1], "\n".join(lines),
+             fontsize=8, ha="left", va="top", linespacing=1.3)
     fig.savefig(path, dpi=dpi, facecolor="white")
     size = fig.canvas.get_width_height()
     plt.close(fig)

@@ -359,3 +359,24 @@ def test_labels_avoid_each_other_and_the_edges():
     # near the top-right corner the label turns down and left, inside the panel
     assert place_labels([(38.0, 58.0)], [(3.0, 10.0)], (40, 60)) == [(-1, -1)]
     assert place_labels([(5.0, 5.0)], [(3.0, 10.0)], (40, 60)) == [(1, 1)]
+
+
+def test_skipped_parent_shows_its_data_and_peaks(deblended, tmp_path, capsys):
+    """A parent the run skipped is still worth a look: its data, footprint and peaks."""
+    store = Store(deblended)
+    run = store.read("runs/capped")
+    reasons = [str(r) for r in run["blend_reason"].values]
+    pid = int(run["blend_parent_id"].values[reasons.index("too_many_peaks")])
+    parents = store.read("parents")
+    n_peaks = int((parents["peak_parent"].values == pid).sum())
+    pic = read_blend_picture(store, pid, "capped")
+    assert pic.models.shape[0] == 0 and len(pic.positions) == n_peaks > 2
+    y0, x0, h, w = pic.bbox
+    np.testing.assert_array_equal(pic.data, store.read("exposure")["image"].values[:, y0:y0 + h, x0:x0 + w])
+    out = tmp_path / "skipped.png"
+    assert main(["show", str(deblended), "--blend", str(pid), "--run", "capped", "-o", str(out)]) == 0
+    assert f"{n_peaks} peaks (not deblended in run capped)" in capsys.readouterr().out
+    width, height = png_size(out)
+    assert (height > width) == (h > w)
+    assert main(["show", str(deblended), "--blend", "9999", "-o", str(out)]) == 2
+    assert "no blend for parent 9999" in capsys.readouterr().err
