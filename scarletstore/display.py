@@ -780,6 +780,24 @@ def _draw_source(fig, rect, model_i, idx, sid, flux, bands, pos):
     ax.set_title(f"source {sid}{note}\n" + "\n".join(lines[:2]), fontsize=6, linespacing=1.05, pad=2)
 
 
+def _draw_boxes(ax, boxes):
+    """Every parent's box; ids at the corners when they can be read, always on skipped/failed ones."""
+    import matplotlib.patheffects as pe
+    from matplotlib.patches import Rectangle
+
+    lw = 0.5 if len(boxes) > 500 else 0.8
+    label_ids = len(boxes) <= 400
+    halo = [pe.withStroke(linewidth=1.2, foreground="black")]
+    for b in boxes:
+        marked = b.status in ("skipped", "failed")
+        # the box encloses whole pixels: edges half a pixel outside the pixel centres
+        ax.add_patch(Rectangle((b.x0 - 0.5, b.y0 - 0.5), b.width, b.height, fill=False,
+                               edgecolor=b.colour, linestyle=b.linestyle, linewidth=lw * (1.6 if marked else 1)))
+        if label_ids or marked:
+            ax.text(b.x0 - 0.5, b.y0 + b.height - 0.5, str(b.parent_id), fontsize=5.5,
+                    color=b.colour, ha="left", va="bottom", path_effects=halo, clip_on=True)
+
+
 def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 300) -> tuple[int, int]:
     """Write the whole exposure as an asinh RGB with every parent's box.
 
@@ -792,9 +810,7 @@ def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 3
     -------
     (width, height) of the written image in pixels.
     """
-    import matplotlib.patheffects as pe
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
 
     plt = _pyplot()
     _, H, W = image.shape
@@ -818,17 +834,7 @@ def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 3
     ax.set_xlim(-0.5, W - 0.5)
     ax.set_ylim(-0.5, H - 0.5)
     ax.tick_params(labelsize=6.5)
-    lw = 0.5 if len(boxes) > 500 else 0.8
-    label_ids = len(boxes) <= 400
-    halo = [pe.withStroke(linewidth=1.2, foreground="black")]
-    for b in boxes:
-        # the box encloses whole pixels: edges half a pixel outside the pixel centres
-        ax.add_patch(Rectangle((b.x0 - 0.5, b.y0 - 0.5), b.width, b.height, fill=False,
-                               edgecolor=b.colour, linestyle=b.linestyle,
-                               linewidth=lw * (1.6 if b.status in ("skipped", "failed") else 1)))
-        if label_ids or b.status in ("skipped", "failed"):
-            ax.text(b.x0 - 0.5, b.y0 + b.height - 0.5, str(b.parent_id), fontsize=5.5,
-                    color=b.colour, ha="left", va="bottom", path_effects=halo, clip_on=True)
+    _draw_boxes(ax, boxes)
     handles = [Line2D([], [], color=c, lw=1.5, ls=FIELD_STYLES[s][1], label=t) for s, c, t in entries]
     if handles:
         fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(side / fig_w, 0.05 / fig_h),
