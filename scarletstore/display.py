@@ -667,6 +667,8 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
     -------
     (width, height) of the written image in pixels.
     """
+    if len(pic.models) == 0:
+        return _show_data_only(pic, path, dpi)
     plt = _pyplot()
     bands, models = pic.bands, pic.models
     n, _, h, w = models.shape
@@ -674,29 +676,18 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
     model = models.sum(axis=0)
     fluxes = models.sum(axis=(2, 3))
     lb = label_band(bands)
-    if n == 0:
-        return _show_data_only(pic, path, dpi)
     lay = blend_layout(h, w, n, with_data=pic.data is not None)
     fig = plt.figure(figsize=lay.figsize, dpi=dpi)
-    fig.patch.set_facecolor("white")
     stretch = auto_stretch(pic.data[idx]) if pic.data is not None else saturating_stretch(
         np.percentile(model[idx].mean(axis=0), 99.5) or 1.0)
     ids = [str(int(s)) for s in pic.source_ids]
-    rgb_text = ",".join(bands[i] for i in idx)
     main_font = 8
     if pic.data is not None:
-        ax = fig.add_axes(lay.data)
-        ax.imshow(lupton_rgb(pic.data[idx], stretch=stretch), origin="lower", interpolation="nearest")
-        _bare(ax, h, w)
-        _draw_outline(ax, pic.footprint)
-        _mark_sources(ax, pic.positions, ids)
-        ax.set_title(f"data (R,G,B = {rgb_text})", fontsize=main_font)
-    ax = fig.add_axes(lay.model)
-    ax.imshow(lupton_rgb(model[idx], stretch=stretch), origin="lower", interpolation="nearest")
-    _bare(ax, h, w)
-    _draw_outline(ax, pic.footprint)
-    _mark_sources(ax, pic.positions, [f"{i}: {format_flux(f)}" for i, f in zip(ids, fluxes[:, lb])])
-    ax.set_title(f"model (labels: id: {bands[lb]} flux)", fontsize=main_font)
+        _draw_composite(fig.add_axes(lay.data), pic.data[idx], stretch, pic, ids,
+                        f"data (R,G,B = {','.join(bands[i] for i in idx)})", main_font)
+    _draw_composite(fig.add_axes(lay.model), model[idx], stretch, pic,
+                    [f"{i}: {format_flux(f)}" for i, f in zip(ids, fluxes[:, lb])],
+                    f"model (labels: id: {bands[lb]} flux)", main_font)
     if pic.data is not None:
         _draw_residual(fig, lay, pic, model, main_font)
     for i, rect in enumerate(lay.sources):
@@ -709,6 +700,16 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
     size = fig.canvas.get_width_height()
     plt.close(fig)
     return size
+
+
+def _draw_composite(ax, rgb, stretch, pic, labels, title, fontsize):
+    """A data or model panel: asinh RGB, footprint outline, labelled peaks."""
+    h, w = rgb.shape[-2:]
+    ax.imshow(lupton_rgb(rgb, stretch=stretch), origin="lower", interpolation="nearest")
+    _bare(ax, h, w)
+    _draw_outline(ax, pic.footprint)
+    _mark_sources(ax, pic.positions, labels)
+    ax.set_title(title, fontsize=fontsize)
 
 
 def _show_data_only(pic: BlendPicture, path, dpi: int) -> tuple[int, int]:
