@@ -44,14 +44,33 @@ def lupton_rgb(rgb, stretch: float = 0.5, q: float = 8.0, minimum=0.0) -> np.nda
     return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
 
 
+# approximate effective wavelengths (nm) of common broad-band filter names
+_WAVELENGTH = {"u": 365, "g": 480, "r": 620, "r2": 620, "i": 760, "i2": 760, "z": 870, "y": 980,
+               "vis": 700, "j": 1250, "h": 1650, "ks": 2150, "k": 2200}
+
+
+def band_wavelength(name: str):
+    """Effective wavelength (nm) of a band name such as 'r', 'HSC-R' or 'LSST_i'; None if unknown."""
+    token = [t for t in "".join(c if c.isalnum() else " " for c in str(name).lower()).split() if t]
+    return _WAVELENGTH.get(token[-1]) if token else None
+
+
 def rgb_bands(bands) -> list[int]:
-    """Indices of three bands (reddest first) used as R, G, B."""
+    """Indices of three bands (reddest first) used as R, G, B.
+
+    Bands are taken in wavelength order when every name is a known filter
+    (runs imported from other pipelines list them alphabetically: g, i, r, y,
+    z), else in the order given. Of five or more, the noisiest bluest and
+    reddest ends are skipped.
+    """
     bands = list(bands)
     n = len(bands)
+    waves = [band_wavelength(b) for b in bands]
+    order = sorted(range(n), key=lambda k: waves[k]) if None not in waves else list(range(n))
     if n >= 3:
-        order = [n - 1, n // 2, 0] if n < 5 else [n - 2, n // 2, 1]  # skip the noisiest u/y ends
-        return order
-    return [n - 1] * 3 if n == 1 else [1, 0, 0]
+        pick = [n - 1, n // 2, 0] if n < 5 else [n - 2, n // 2, 1]
+        return [order[k] for k in pick]
+    return [order[-1]] * 3 if n == 1 else [order[1], order[0], order[0]]
 
 
 def auto_stretch(images: np.ndarray) -> float:
@@ -271,6 +290,18 @@ def place_labels(positions, sizes, shape, pad: float = 1.0) -> list[tuple[int, i
     return out
 
 
+def fit_lines(text: str, width_in: float, fontsize: float = 8.0, max_lines: int = 4) -> list[str]:
+    """``text`` wrapped to lines that fit ``width_in`` inches at ``fontsize`` (at most ``max_lines``)."""
+    import textwrap
+
+    chars = max(int(width_in * 72 / (0.55 * fontsize)), 10)
+    lines = [w for part in str(text).splitlines() for w in (textwrap.wrap(part, chars) or [""])]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:chars - 3] + "..."
+    return lines
+
+
 # ---------------------------------------------------------------- layout
 
 
@@ -289,7 +320,7 @@ class BlendLayout:
 
 
 def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True,
-                 with_model: bool = True) -> BlendLayout:
+                 with_model: bool = True, title_lines: int = 2) -> BlendLayout:
     """Panel sizes and positions for an ``h`` x ``w`` blend with ``n_sources`` sources.
 
     Panels keep the blend's aspect: the long side of the data/model/residual
@@ -299,12 +330,13 @@ def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True,
     fill a grid as wide as the main row. The margins are fixed in inches, so
     the figure has no white space beyond the titles and labels. Without data
     only the model panel is drawn; without a model (a parent the run did not
-    fit) only the data panel.
+    fit) only the data panel. ``title_lines`` lines of 8-point text fit above.
     """
     h, w = max(int(h), 1), max(int(w), 1)
     long_side = min(max(max(h, w) * 0.045, 2.4), 6.0)
     pw, ph = long_side * w / max(h, w), long_side * h / max(h, w)
-    gap, title, top, left, right, cbar, cbar_pad = 0.12, 0.22, 0.42, 0.08, 0.08, 0.12, 0.05
+    gap, title, left, right, cbar, cbar_pad = 0.12, 0.22, 0.08, 0.08, 0.12, 0.05
+    top = 0.1 + 0.16 * max(int(title_lines), 1)  # the figure title's lines
     cbar_labels = 0.42
     n_main = 3 if with_data and with_model else 1
     if n_main == 1:  # a lone panel may be larger
@@ -315,8 +347,9 @@ def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True,
         f = (16.0 - (row - n_main * pw)) / (n_main * pw)
         pw, ph = pw * f, ph * f
         row = 16.0
-    if not with_data:  # the sources' grid spans three main panels, as with data
-        row = max(row, 3 * pw + 2 * gap)
+    if not with_data:  # the sources' grid spans up to three main panels, as with data
+        k = min(max(n_sources, 1), 3)
+        row = max(row, k * pw + (k - 1) * gap)
     # source panels: at least half the main size (and 1.4 inch), then grown to fill the
     # row with as few rows as that smallest size needs
     s_long = max(long_side / 2, 1.4)
@@ -676,36 +709,58 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
     model = models.sum(axis=0)
     fluxes = models.sum(axis=(2, 3))
     lb = label_band(bands)
-    lay = blend_layout(h, w, n, with_data=pic.data is not None)
+    note = ("footprint outlined; data and model on one stretch, each source on its own"
+            if pic.data is not None else "no exposure in the store: models only; each source on its own stretch")
+    width = blend_layout(h, w, n, with_data=pic.data is not None).figsize[0]
+    lines = fit_lines(pic.summary + "\n" + note, width - 0.16)
+    lay = blend_layout(h, w, n, with_data=pic.data is not None, title_lines=len(lines))
     fig = plt.figure(figsize=lay.figsize, dpi=dpi)
-    stretch = auto_stretch(pic.data[idx]) if pic.data is not None else saturating_stretch(
-        np.percentile(model[idx].mean(axis=0), 99.5) or 1.0)
+    # without data there is no noise to set the stretch: the summed model's own range instead
+    q = 8.0 if pic.data is not None else 5.0  # as the source panels when there is no noise
+    stretch = auto_stretch(pic.data[idx]) if pic.data is not None else \
+        (source_stretch(model[idx], q=q) or 1.0)
     ids = [str(int(s)) for s in pic.source_ids]
+    # 64-bit pipeline ids do not fit next to a peak: their last digits there, in full on the panels
+    marks = [i if len(i) <= 6 else "..." + i[-4:] for i in ids]
     main_font = 8
     if pic.data is not None:
-        _draw_composite(fig.add_axes(lay.data), pic.data[idx], stretch, pic, ids,
+        _draw_composite(fig.add_axes(lay.data), pic.data[idx], stretch, pic, marks,
                         f"data (R,G,B = {','.join(bands[i] for i in idx)})", main_font)
     _draw_composite(fig.add_axes(lay.model), model[idx], stretch, pic,
-                    [f"{i}: {format_flux(f)}" for i, f in zip(ids, fluxes[:, lb])],
-                    f"model (labels: id: {bands[lb]} flux)", main_font)
+                    [f"{i}: {format_flux(f)}" for i, f in zip(marks, fluxes[:, lb])],
+                    f"model (labels: id: {bands[lb]} flux)", main_font, q=q)
     if pic.data is not None:
         _draw_residual(fig, lay, pic, model, main_font)
     for i, rect in enumerate(lay.sources):
         _draw_source(fig, rect, models[i], idx, ids[i], fluxes[i], bands, pic.positions[i])
-    note = ("footprint outlined; data and model on one stretch, each source on its own"
-            if pic.data is not None else "no exposure in the store: models only; each source on its own stretch")
-    fig.suptitle(pic.summary + "\n" + note, fontsize=8, linespacing=1.3,
+    fig.suptitle("\n".join(lines), fontsize=8, linespacing=1.3,
                  x=0.08 / lay.figsize[0], y=1 - 0.1 / lay.figsize[1], ha="left", va="top")
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    size = fig.canvas.get_width_height()
-    plt.close(fig)
-    return size
+    return _save(fig, path, dpi)
 
 
-def _draw_composite(ax, rgb, stretch, pic, labels, title, fontsize):
+def _save(fig, path, dpi) -> tuple[int, int]:
+    """Write ``fig`` as PNG through a temporary file, so a failed write leaves no partial picture."""
+    import os
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, facecolor="white", format="png")
+        os.replace(tmp, path)
+        return fig.canvas.get_width_height()
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _draw_composite(ax, rgb, stretch, pic, labels, title, fontsize, q=8.0):
     """A data or model panel: asinh RGB, footprint outline, labelled peaks."""
     h, w = rgb.shape[-2:]
-    ax.imshow(lupton_rgb(rgb, stretch=stretch), origin="lower", interpolation="nearest")
+    ax.imshow(lupton_rgb(rgb, stretch=stretch, q=q), origin="lower", interpolation="nearest")
     _bare(ax, h, w)
     _draw_outline(ax, pic.footprint)
     _mark_sources(ax, pic.positions, labels)
@@ -717,7 +772,9 @@ def _show_data_only(pic: BlendPicture, path, dpi: int) -> tuple[int, int]:
     plt = _pyplot()
     _, h, w = pic.data.shape
     idx = rgb_bands(pic.bands)
-    lay = blend_layout(h, w, 0, with_model=False)
+    # the reason of a failure can be long: wrap it to the picture's width
+    lines = fit_lines(pic.summary, blend_layout(h, w, 0, with_model=False).figsize[0] - 0.16)
+    lay = blend_layout(h, w, 0, with_model=False, title_lines=len(lines))
     fig = plt.figure(figsize=lay.figsize, dpi=dpi)
     ax = fig.add_axes(lay.data)
     ax.imshow(lupton_rgb(pic.data[idx], stretch=auto_stretch(pic.data[idx])), origin="lower",
@@ -726,15 +783,9 @@ def _show_data_only(pic: BlendPicture, path, dpi: int) -> tuple[int, int]:
     _draw_outline(ax, pic.footprint)
     _mark_sources(ax, pic.positions, [f"p{int(i)}" for i in pic.source_ids])
     ax.set_title(f"data (R,G,B = {','.join(pic.bands[i] for i in idx)})", fontsize=8)
-    # two lines, each cut to the figure's width (a failure's message can be long)
-    fit = int(lay.figsize[0] * 72 / (0.55 * 8))
-    lines = [t if len(t) <= fit else t[:fit - 3] + "..." for t in pic.summary.splitlines()[:2]]
     fig.text(0.08 / lay.figsize[0], 1 - 0.1 / lay.figsize[1], "\n".join(lines),
              fontsize=8, ha="left", va="top", linespacing=1.3)
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    size = fig.canvas.get_width_height()
-    plt.close(fig)
-    return size
+    return _save(fig, path, dpi)
 
 
 def _draw_residual(fig, lay, pic, model, fontsize):
@@ -846,7 +897,4 @@ def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 3
     fig.text(side / fig_w, 1 - 0.08 / fig_h, f"{title}   R,G,B = {','.join(bands[i] for i in idx)}"
              + (f"   (shown binned {factor}x{factor})" if factor > 1 else ""),
              fontsize=8, ha="left", va="top")
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    size = fig.canvas.get_width_height()
-    plt.close(fig)
-    return size
+    return _save(fig, path, dpi)

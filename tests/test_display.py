@@ -380,3 +380,31 @@ def test_skipped_parent_shows_its_data_and_peaks(deblended, tmp_path, capsys):
     assert (height > width) == (h > w)
     assert main(["show", str(deblended), "--blend", "9999", "-o", str(out)]) == 2
     assert "no blend for parent 9999" in capsys.readouterr().err
+
+
+def test_rgb_bands_follow_wavelength():
+    # stores list bands blue to red: the choice is unchanged
+    assert rgb_bands(list("ugrizy")) == [4, 3, 1]  # z, i, g
+    assert rgb_bands(list("grizy")) == [3, 2, 1]  # z, i, r
+    assert rgb_bands(list("gri")) == [2, 1, 0]
+    # Rubin's persisted models list bands alphabetically: still z, i, r as R, G, B
+    alpha = ["g", "i", "r", "y", "z"]
+    assert [alpha[k] for k in rgb_bands(alpha)] == ["z", "i", "r"]
+    hsc = ["HSC-R", "HSC-G", "HSC-I"]
+    assert [hsc[k] for k in rgb_bands(hsc)] == ["HSC-I", "HSC-R", "HSC-G"]
+    assert rgb_bands(["a", "b", "c"]) == [2, 1, 0]  # unknown names: the given order
+    assert rgb_bands(["r", "g"]) == [0, 1, 1]
+    assert rgb_bands(["x"]) == [0, 0, 0]
+
+
+def test_titles_wrap_to_the_picture():
+    from scarletstore.display import fit_lines
+
+    text = "blend 3495976385350991873 (run lsst-1): 1 sources, 14x18 px, 0 iterations, converged\nnote"
+    lines = fit_lines(text, 2.0, fontsize=8)
+    assert len(lines) > 2 and lines[-1] == "note"
+    assert max(len(t) for t in lines) <= int(2.0 * 72 / (0.55 * 8))
+    assert fit_lines(text, 20.0) == text.splitlines()
+    assert len(fit_lines("word " * 200, 1.0, max_lines=3)) == 3
+    tall, wide = blend_layout(100, 20, 2, title_lines=5), blend_layout(100, 20, 2, title_lines=2)
+    assert tall.figsize[1] == pytest.approx(wide.figsize[1] + 3 * 0.16)
