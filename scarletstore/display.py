@@ -326,8 +326,9 @@ def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True,
     Panels keep the blend's aspect: the long side of the data/model/residual
     panels grows with the blend (0.045 inch per pixel, between 2.4 and 6 inches,
     and the row at most 16 inches wide); source panels are half as large (at
-    least 1.4 inches on the long side), grown up to the main size so that they
-    fill a grid as wide as the main row. The margins are fixed in inches, so
+    least 1.4 inches on the long side, and 1.4 inches when that would need more
+    than four rows), grown up to the main size so that they fill a grid as
+    wide as the main row. The margins are fixed in inches, so
     the figure has no white space beyond the titles and labels. Without data
     only the model panel is drawn; without a model (a parent the run did not
     fit) only the data panel. ``title_lines`` lines of 8-point text fit above.
@@ -350,12 +351,16 @@ def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True,
     if not with_data:  # the sources' grid spans up to three main panels, as with data
         k = min(max(n_sources, 1), 3)
         row = max(row, k * pw + (k - 1) * gap)
-    # source panels: at least half the main size (and 1.4 inch), then grown to fill the
-    # row with as few rows as that smallest size needs
-    s_long = max(long_side / 2, 1.4)
-    sw = s_long * w / max(h, w)
-    ncol = max(1, min(n_sources, int((row + gap) // (sw + gap)))) if n_sources else 1
-    nrow = -(-n_sources // ncol) if n_sources else 0
+    # source panels: half the main size (at least 1.4 inch; just that when it would take
+    # over four rows), then grown to fill the row with as few rows as that size needs
+    def grid(s_long):
+        sw = s_long * w / max(h, w)
+        ncol = max(1, min(n_sources, int((row + gap) // (sw + gap)))) if n_sources else 1
+        return sw, ncol, (-(-n_sources // ncol) if n_sources else 0)
+
+    sw, ncol, nrow = grid(max(max(pw, ph) / 2, 1.4))
+    if nrow > 4:
+        sw, ncol, nrow = grid(1.4)
     if n_sources:
         ncol = -(-n_sources // nrow)
         sw = max(sw, min(pw, (row + gap) / ncol - gap))

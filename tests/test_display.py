@@ -408,3 +408,13 @@ def test_titles_wrap_to_the_picture():
     assert len(fit_lines("word " * 200, 1.0, max_lines=3)) == 3
     tall, wide = blend_layout(100, 20, 2, title_lines=5), blend_layout(100, 20, 2, title_lines=2)
     assert tall.figsize[1] == pytest.approx(wide.figsize[1] + 3 * 0.16)
+
+
+def test_many_sources_keep_the_figure_bounded():
+    few, many = blend_layout(150, 150, 4), blend_layout(150, 150, 60)
+    assert few.main_inches[0] / 2 <= few.source_inches[0] <= few.main_inches[0]  # grown to fill one row
+    assert len({r[1] for r in few.sources}) == 1
+    assert many.source_inches[0] == pytest.approx(1.4, rel=0.15)  # small panels, not 15 rows of 3"
+    assert many.figsize[1] < 20
+    wide = blend_layout(30, 900, 3)  # the main row was shrunk to fit: sources follow it
+    assert wide.source_inches[0] <= wide.main_inches[0] + 1e-9
