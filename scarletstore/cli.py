@@ -474,7 +474,9 @@ def cmd_show(args):
     pic = read_blend_picture(store, args.blend, run)
     _using(args.run, run)
     size = show_blend(pic, out)
-    print(f"wrote {out} ({size[0]}x{size[1]} px): blend {args.blend} of run {run} with {len(pic.models)} sources")
+    what = (f"{len(pic.models)} sources" if len(pic.models) else
+            f"data and {len(pic.source_ids)} peaks (not deblended in run {run})")
+    print(f"wrote {out} ({size[0]}x{size[1]} px): blend {args.blend} of run {run} with {what}")
 
 
 def cmd_migrate(args):

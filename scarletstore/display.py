@@ -44,14 +44,33 @@ def lupton_rgb(rgb, stretch: float = 0.5, q: float = 8.0, minimum=0.0) -> np.nda
     return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
 
 
+# approximate effective wavelengths (nm) of common broad-band filter names
+_WAVELENGTH = {"u": 365, "g": 480, "r": 620, "r2": 620, "i": 760, "i2": 760, "z": 870, "y": 980,
+               "vis": 700, "j": 1250, "h": 1650, "ks": 2150, "k": 2200}
+
+
+def band_wavelength(name: str):
+    """Effective wavelength (nm) of a band name such as 'r', 'HSC-R' or 'LSST_i'; None if unknown."""
+    token = [t for t in "".join(c if c.isalnum() else " " for c in str(name).lower()).split() if t]
+    return _WAVELENGTH.get(token[-1]) if token else None
+
+
 def rgb_bands(bands) -> list[int]:
-    """Indices of three bands (reddest first) used as R, G, B."""
+    """Indices of three bands (reddest first) used as R, G, B.
+
+    Bands are taken in wavelength order when every name is a known filter
+    (runs imported from other pipelines list them alphabetically: g, i, r, y,
+    z), else in the order given. Of five or more, the noisiest bluest and
+    reddest ends are skipped.
+    """
     bands = list(bands)
     n = len(bands)
+    waves = [band_wavelength(b) for b in bands]
+    order = sorted(range(n), key=lambda k: waves[k]) if None not in waves else list(range(n))
     if n >= 3:
-        order = [n - 1, n // 2, 0] if n < 5 else [n - 2, n // 2, 1]  # skip the noisiest u/y ends
-        return order
-    return [n - 1] * 3 if n == 1 else [1, 0, 0]
+        pick = [n - 1, n // 2, 0] if n < 5 else [n - 2, n // 2, 1]
+        return [order[k] for k in pick]
+    return [order[-1]] * 3 if n == 1 else [order[1], order[0], order[0]]
 
 
 def auto_stretch(images: np.ndarray) -> float:
@@ -226,6 +245,63 @@ def label_band(bands) -> int:
     return bands.index("r") if "r" in bands else len(bands) // 2
 
 
+def place_labels(positions, sizes, shape, pad: float = 1.0) -> list[tuple[int, int]]:
+    """Which corner of each peak its label goes to, so labels avoid each other and the edges.
+
+    Greedy, in the given order: of the four placements (up-right, up-left,
+    down-right, down-left of the peak) each label takes the one that overlaps
+    least with the labels already placed, the other peaks' markers and the
+    outside of the panel (ties keep that order).
+
+    Parameters
+    ----------
+    positions : (n, 2) y, x of the peaks, panel coordinates (0 .. h, 0 .. w)
+    sizes : (n, 2) height, width of each label, same units
+    shape : (h, w) of the panel
+    pad : gap between a peak and its label
+
+    Returns
+    -------
+    list of (sx, sy), each +1 or -1: the label is right of the peak when sx > 0
+    and above it (larger y) when sy > 0.
+    """
+    h, w = shape
+    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+    marker = 1.5 * pad
+
+    def overlap(a, b):  # boxes (x0, y0, x1, y1)
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    markers = [(x - marker, y - marker, x + marker, y + marker) for y, x in pos]
+    placed, out = [], []
+    for k, ((y, x), (th, tw)) in enumerate(zip(pos, sizes)):
+        best = None
+        for sx, sy in ((1, 1), (-1, 1), (1, -1), (-1, -1)):
+            x0 = x + pad if sx > 0 else x - pad - tw
+            y0 = y + pad if sy > 0 else y - pad - th
+            cand = (x0, y0, x0 + tw, y0 + th)
+            inside = overlap(cand, (0.0, 0.0, w, h))
+            cost = 4 * (tw * th - inside) + sum(overlap(cand, p) for p in placed) \
+                + sum(overlap(cand, m) for j, m in enumerate(markers) if j != k)
+            if best is None or cost < best[0] - 1e-12:
+                best = (cost, (sx, sy), cand)
+        placed.append(best[2])
+        out.append(best[1])
+    return out
+
+
+def fit_lines(text: str, width_in: float, fontsize: float = 8.0, max_lines: int = 4) -> list[str]:
+    """``text`` wrapped to lines that fit ``width_in`` inches at ``fontsize`` (at most ``max_lines``)."""
+    import textwrap
+
+    chars = max(int(width_in * 72 / (0.55 * fontsize)), 10)
+    lines = [w for part in str(text).splitlines() for w in (textwrap.wrap(part, chars) or [""])]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:chars - 3] + "..."
+    return lines
+
+
 # ---------------------------------------------------------------- layout
 
 
@@ -243,34 +319,48 @@ class BlendLayout:
     source_inches: tuple = (0.0, 0.0)
 
 
-def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True) -> BlendLayout:
+def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True,
+                 with_model: bool = True, title_lines: int = 2) -> BlendLayout:
     """Panel sizes and positions for an ``h`` x ``w`` blend with ``n_sources`` sources.
 
     Panels keep the blend's aspect: the long side of the data/model/residual
     panels grows with the blend (0.045 inch per pixel, between 2.4 and 6 inches,
     and the row at most 16 inches wide); source panels are half as large (at
-    least 1.4 inches on the long side), grown up to the main size so that they
-    fill a grid as wide as the main row. The
-    margins are fixed in inches, so the figure has no white space beyond the
-    titles and labels.
+    least 1.4 inches on the long side, and 1.4 inches when that would need more
+    than four rows), grown up to the main size so that they fill a grid as
+    wide as the main row. The margins are fixed in inches, so
+    the figure has no white space beyond the titles and labels. Without data
+    only the model panel is drawn; without a model (a parent the run did not
+    fit) only the data panel. ``title_lines`` lines of 8-point text fit above.
     """
     h, w = max(int(h), 1), max(int(w), 1)
     long_side = min(max(max(h, w) * 0.045, 2.4), 6.0)
     pw, ph = long_side * w / max(h, w), long_side * h / max(h, w)
-    gap, title, top, left, right, cbar, cbar_pad = 0.12, 0.22, 0.42, 0.08, 0.08, 0.12, 0.05
+    gap, title, left, right, cbar, cbar_pad = 0.12, 0.22, 0.08, 0.08, 0.12, 0.05
+    top = 0.1 + 0.16 * max(int(title_lines), 1)  # the figure title's lines
     cbar_labels = 0.42
-    n_main = 3 if with_data else 1
-    row = n_main * pw + (n_main - 1) * gap + (cbar + cbar_pad + cbar_labels if with_data else 0)
+    n_main = 3 if with_data and with_model else 1
+    if n_main == 1:  # a lone panel may be larger
+        long_side = min(max(long_side, 3.6), 6.0)
+        pw, ph = long_side * w / max(h, w), long_side * h / max(h, w)
+    row = n_main * pw + (n_main - 1) * gap + (cbar + cbar_pad + cbar_labels if n_main == 3 else 0)
     if row > 16.0:  # very wide blends: shrink everything to keep the figure on a screen
         f = (16.0 - (row - n_main * pw)) / (n_main * pw)
         pw, ph = pw * f, ph * f
         row = 16.0
-    # source panels: at least half the main size (and 1.4 inch), then grown to fill the
-    # row with as few rows as that smallest size needs
-    s_long = max(long_side / 2, 1.4)
-    sw = s_long * w / max(h, w)
-    ncol = max(1, min(n_sources, int((row + gap) // (sw + gap)))) if n_sources else 1
-    nrow = -(-n_sources // ncol) if n_sources else 0
+    if not with_data:  # the sources' grid spans up to three main panels, as with data
+        k = min(max(n_sources, 1), 3)
+        row = max(row, k * pw + (k - 1) * gap)
+    # source panels: half the main size (at least 1.4 inch; just that when it would take
+    # over four rows), then grown to fill the row with as few rows as that size needs
+    def grid(s_long):
+        sw = s_long * w / max(h, w)
+        ncol = max(1, min(n_sources, int((row + gap) // (sw + gap)))) if n_sources else 1
+        return sw, ncol, (-(-n_sources // ncol) if n_sources else 0)
+
+    sw, ncol, nrow = grid(max(max(pw, ph) / 2, 1.4))
+    if nrow > 4:
+        sw, ncol, nrow = grid(1.4)
     if n_sources:
         ncol = -(-n_sources // nrow)
         sw = max(sw, min(pw, (row + gap) / ncol - gap))
@@ -285,11 +375,14 @@ def blend_layout(h: int, w: int, n_sources: int, with_data: bool = True) -> Blen
 
     y_main = top + title
     panels = [rect(left + k * (pw + gap), y_main, pw, ph) for k in range(n_main)]
-    if with_data:
+    data = model = resid = cb = None
+    if n_main == 3:
         data, model, resid = panels
         cb = rect(left + 3 * pw + 2 * gap + cbar_pad, y_main, cbar, ph)
+    elif with_model:
+        model = panels[0]
     else:
-        data, model, resid, cb = None, panels[0], None, None
+        data = panels[0]
     sources = []
     for i in range(n_sources):
         r, c = divmod(i, ncol)
@@ -423,43 +516,97 @@ class BlendPicture:
     summary: str = ""
 
 
-def read_blend_picture(store, parent_id: int, run: str) -> BlendPicture:
-    """Read one blend's data, variance, bad pixels, footprint and models from a store."""
-    from .catalog import blend_views
-    from .footprint import counts_to_offsets, spans_to_mask
-    from .ingest import DEFAULT_BAD_PLANES, bad_bits
+def _run_row(store, parent_id: int, run: str) -> dict:
+    """A run's per-blend columns for one parent (InputError when the run does not hold it)."""
+    from .errors import InputError
+    from .models import RunIndex
 
-    data, models, bands, blend = blend_views(store, parent_id, run)
-    y0, x0, h, w = blend.bbox
-    positions = np.array([[s.components[0].peak[0] - y0, s.components[0].peak[1] - x0]
-                          for s in blend.sources], np.float64).reshape(-1, 2)
-    pic = BlendPicture(parent_id=int(parent_id), run=run, bands=list(bands), bbox=blend.bbox,
-                       models=models, source_ids=np.asarray(blend.source_ids), positions=positions,
-                       data=data)
-    if data is not None:
-        with store.open("exposure") as ex:
-            box = dict(y=slice(y0, y0 + h), x=slice(x0, x0 + w))
-            pic.variance = np.asarray(ex["variance"].isel(**box).values)
-            planes = json.loads(ex.attrs.get("mask_planes", "{}"))
-            bad_planes = json.loads(ex.attrs.get("bad_mask_planes", json.dumps(DEFAULT_BAD_PLANES)))
-            pic.bad = (np.asarray(ex["mask"].isel(**box).values) & bad_bits(planes, bad_planes)) != 0
-    if store.has("parents"):
-        with store.open("parents") as p:
-            ids = p["parent_id"].values
-            hit = np.flatnonzero(ids == int(parent_id))
-            if hit.size:
-                off = counts_to_offsets(p["span_count"].values)
-                sl = slice(off[hit[0]], off[hit[0] + 1])
-                pic.footprint = spans_to_mask(p["span_y"].values[sl], p["span_x0"].values[sl],
-                                              p["span_x1"].values[sl], blend.bbox)
     tables = store.run_tables(run)
     try:
-        b = blend.index
-        it, logl = int(tables.col("blend_iterations")[b]), float(tables.col("blend_log_likelihood")[b])
-        conv, reason = bool(tables.col("blend_converged")[b]), str(tables.col("blend_reason")[b])
+        try:
+            b = RunIndex(tables).blend_of_parent(parent_id)
+        except KeyError:
+            raise InputError(f"{store.path}: no blend for parent {parent_id} in run {run}") from None
+        row = {k: tables.col(f"blend_{k}")[b] for k in
+               ("n_sources", "iterations", "log_likelihood", "converged", "reason", "y0", "x0",
+                "height", "width")}
+        row["bands"] = list(tables.bands)
+        return row
     finally:
         tables.close()
-    fit = reason or (f"{it} iterations, logL {logl:.6g}, " + ("converged" if conv else "NOT converged"))
+
+
+def _exposure_box(store, bbox):
+    """(image, variance, bad) of the exposure in ``bbox``; bad from the exposure's bad planes."""
+    from .ingest import DEFAULT_BAD_PLANES, bad_bits
+
+    y0, x0, h, w = bbox
+    with store.open("exposure") as ex:
+        box = dict(y=slice(y0, y0 + h), x=slice(x0, x0 + w))
+        image = np.asarray(ex["image"].isel(**box).values)
+        variance = np.asarray(ex["variance"].isel(**box).values)
+        planes = json.loads(ex.attrs.get("mask_planes", "{}"))
+        bad_planes = json.loads(ex.attrs.get("bad_mask_planes", json.dumps(DEFAULT_BAD_PLANES)))
+        bad = (np.asarray(ex["mask"].isel(**box).values) & bad_bits(planes, bad_planes)) != 0
+    return image, variance, bad
+
+
+def _parent_footprint(store, parent_id: int, bbox):
+    """(footprint mask in ``bbox``, peak ids, (n, 2) peak y, x in ``bbox``) from the parents, or Nones."""
+    from .footprint import counts_to_offsets, spans_to_mask
+
+    if not store.has("parents"):
+        return None, None, None
+    with store.open("parents") as p:
+        hit = np.flatnonzero(p["parent_id"].values == int(parent_id))
+        if not hit.size:
+            return None, None, None
+        off = counts_to_offsets(p["span_count"].values)
+        sl = slice(off[hit[0]], off[hit[0] + 1])
+        mask = spans_to_mask(p["span_y"].values[sl], p["span_x0"].values[sl], p["span_x1"].values[sl], bbox)
+        mine = p["peak_parent"].values == int(parent_id)
+        ids = np.asarray(p["peak_id"].values[mine])
+        peaks = np.stack([p["peak_y"].values[mine] - bbox[0], p["peak_x"].values[mine] - bbox[1]], axis=1)
+    return mask, ids, peaks
+
+
+def read_blend_picture(store, parent_id: int, run: str) -> BlendPicture:
+    """Read one blend's data, variance, bad pixels, footprint and models from a store.
+
+    A parent the run holds without models (skipped or failed) gives a picture
+    of its data with the parent's peaks (``source_ids`` are then peak ids and
+    ``models`` has no rows); it needs the exposure.
+    """
+    from .catalog import blend_views
+    from .errors import InputError
+
+    row = _run_row(store, parent_id, run)
+    bbox = tuple(int(row[k]) for k in ("y0", "x0", "height", "width"))
+    y0, x0, h, w = bbox
+    footprint, peak_ids, peaks = _parent_footprint(store, parent_id, bbox)
+    reason = str(row["reason"])
+    if int(row["n_sources"]) == 0:
+        if not store.has("exposure"):
+            raise InputError(f"blend {parent_id} of run {run} has no models ({reason}) and the store "
+                             "has no exposure to show")
+        models = np.zeros((0, len(row["bands"]), h, w), np.float32)
+        pic = BlendPicture(parent_id=int(parent_id), run=run, bands=row["bands"], bbox=bbox, models=models,
+                           source_ids=peak_ids if peak_ids is not None else np.zeros(0, np.int64),
+                           positions=peaks if peaks is not None else np.zeros((0, 2)), footprint=footprint)
+        pic.data, pic.variance, pic.bad = _exposure_box(store, bbox)
+        n_pk = 0 if peak_ids is None else len(peak_ids)
+        pic.summary = f"blend {parent_id} (run {run}): {n_pk} peaks, {h}x{w} px\nnot deblended: {reason}"
+        return pic
+    data, models, bands, blend = blend_views(store, parent_id, run)
+    positions = np.array([[s.components[0].peak[0] - y0, s.components[0].peak[1] - x0]
+                          for s in blend.sources], np.float64).reshape(-1, 2)
+    pic = BlendPicture(parent_id=int(parent_id), run=run, bands=list(bands), bbox=bbox, models=models,
+                       source_ids=np.asarray(blend.source_ids), positions=positions, data=data,
+                       footprint=footprint)
+    if data is not None:
+        _, pic.variance, pic.bad = _exposure_box(store, bbox)
+    fit = reason or (f"{int(row['iterations'])} iterations, logL {float(row['log_likelihood']):.6g}, "
+                     + ("converged" if bool(row["converged"]) else "NOT converged"))
     pic.summary = f"blend {parent_id} (run {run}): {len(models)} sources, {h}x{w} px, {fit}"
     return pic
 
@@ -506,17 +653,24 @@ def _pyplot():
 
 
 def _mark_sources(ax, positions, labels, colour="#00e5ff", fontsize=6.5):
-    """Peak markers with a text label each, legible on light and dark pixels."""
+    """Peak markers with a text label each, legible on light and dark pixels and not overlapping."""
     import matplotlib.patheffects as pe
 
     halo = [pe.withStroke(linewidth=1.6, foreground="black")]
-    x_max = ax.get_xlim()[1]
-    for (y, x), text in zip(positions, labels):
+    fig = ax.figure
+    box = ax.get_position()
+    h = ax.get_ylim()[1] - ax.get_ylim()[0]
+    w = ax.get_xlim()[1] - ax.get_xlim()[0]
+    per_pt = w / (box.width * fig.get_figwidth() * 72)  # data pixels per typographic point
+    pad = 2.5
+    sizes = [(fontsize * 1.1 * per_pt, 0.6 * fontsize * len(t) * per_pt) for t in labels]
+    local = np.asarray(positions, np.float64).reshape(-1, 2) + 0.5  # panel starts at -0.5
+    signs = place_labels(local, sizes, (h, w), pad * per_pt)
+    for (y, x), text, (sx, sy) in zip(positions, labels, signs):
         ax.plot([x], [y], marker="+", ms=5, mew=0.9, color=colour, path_effects=halo)
-        # labels of peaks near the right edge go to the left so they stay on the panel
-        left = x > 0.7 * x_max
-        ax.annotate(text, (x, y), xytext=(-2.5 if left else 2.5, 2.5), textcoords="offset points",
-                    fontsize=fontsize, color=colour, path_effects=halo, ha="right" if left else "left",
+        ax.annotate(text, (x, y), xytext=(sx * pad, sy * pad), textcoords="offset points",
+                    fontsize=fontsize, color=colour, path_effects=halo,
+                    ha="left" if sx > 0 else "right", va="bottom" if sy > 0 else "top",
                     annotation_clip=False)
 
 
@@ -551,6 +705,8 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
     -------
     (width, height) of the written image in pixels.
     """
+    if len(pic.models) == 0:
+        return _show_data_only(pic, path, dpi)
     plt = _pyplot()
     bands, models = pic.bands, pic.models
     n, _, h, w = models.shape
@@ -558,38 +714,83 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
     model = models.sum(axis=0)
     fluxes = models.sum(axis=(2, 3))
     lb = label_band(bands)
-    lay = blend_layout(h, w, n, with_data=pic.data is not None)
+    note = ("footprint outlined; data and model on one stretch, each source on its own"
+            if pic.data is not None else "no exposure in the store: models only; each source on its own stretch")
+    width = blend_layout(h, w, n, with_data=pic.data is not None).figsize[0]
+    lines = fit_lines(pic.summary + "\n" + note, width - 0.16)
+    lay = blend_layout(h, w, n, with_data=pic.data is not None, title_lines=len(lines))
     fig = plt.figure(figsize=lay.figsize, dpi=dpi)
-    fig.patch.set_facecolor("white")
-    stretch = auto_stretch(pic.data[idx]) if pic.data is not None else saturating_stretch(
-        np.percentile(model[idx].mean(axis=0), 99.5) or 1.0)
+    # without data there is no noise to set the stretch: the summed model's own range instead
+    q = 8.0 if pic.data is not None else 5.0  # as the source panels when there is no noise
+    stretch = auto_stretch(pic.data[idx]) if pic.data is not None else \
+        (source_stretch(model[idx], q=q) or 1.0)
     ids = [str(int(s)) for s in pic.source_ids]
-    rgb_text = ",".join(bands[i] for i in idx)
+    # 64-bit pipeline ids do not fit next to a peak: their last digits there, in full on the panels
+    marks = [i if len(i) <= 6 else "..." + i[-4:] for i in ids]
     main_font = 8
     if pic.data is not None:
-        ax = fig.add_axes(lay.data)
-        ax.imshow(lupton_rgb(pic.data[idx], stretch=stretch), origin="lower", interpolation="nearest")
-        _bare(ax, h, w)
-        _draw_outline(ax, pic.footprint)
-        _mark_sources(ax, pic.positions, ids)
-        ax.set_title(f"data (R,G,B = {rgb_text})", fontsize=main_font)
-    ax = fig.add_axes(lay.model)
-    ax.imshow(lupton_rgb(model[idx], stretch=stretch), origin="lower", interpolation="nearest")
-    _bare(ax, h, w)
-    _draw_outline(ax, pic.footprint)
-    _mark_sources(ax, pic.positions, [f"{i}: {format_flux(f)}" for i, f in zip(ids, fluxes[:, lb])])
-    ax.set_title(f"model (labels: id: {bands[lb]} flux)", fontsize=main_font)
+        _draw_composite(fig.add_axes(lay.data), pic.data[idx], stretch, pic, marks,
+                        f"data (R,G,B = {','.join(bands[i] for i in idx)})", main_font)
+    _draw_composite(fig.add_axes(lay.model), model[idx], stretch, pic,
+                    [f"{i}: {format_flux(f)}" for i, f in zip(marks, fluxes[:, lb])],
+                    f"model (labels: id: {bands[lb]} flux)", main_font, q=q)
     if pic.data is not None:
         _draw_residual(fig, lay, pic, model, main_font)
     for i, rect in enumerate(lay.sources):
         _draw_source(fig, rect, models[i], idx, ids[i], fluxes[i], bands, pic.positions[i])
-    fig.suptitle(pic.summary + "\nfootprint outlined; data and model on one stretch, "
-                 "each source on its own", fontsize=8, linespacing=1.3,
+    fig.suptitle("\n".join(lines), fontsize=8, linespacing=1.3,
                  x=0.08 / lay.figsize[0], y=1 - 0.1 / lay.figsize[1], ha="left", va="top")
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    size = fig.canvas.get_width_height()
-    plt.close(fig)
-    return size
+    return _save(fig, path, dpi)
+
+
+def _save(fig, path, dpi) -> tuple[int, int]:
+    """Write ``fig`` as PNG through a temporary file, so a failed write leaves no partial picture."""
+    import os
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, facecolor="white", format="png")
+        os.replace(tmp, path)
+        return fig.canvas.get_width_height()
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _draw_composite(ax, rgb, stretch, pic, labels, title, fontsize, q=8.0):
+    """A data or model panel: asinh RGB, footprint outline, labelled peaks."""
+    h, w = rgb.shape[-2:]
+    ax.imshow(lupton_rgb(rgb, stretch=stretch, q=q), origin="lower", interpolation="nearest")
+    _bare(ax, h, w)
+    _draw_outline(ax, pic.footprint)
+    _mark_sources(ax, pic.positions, labels)
+    ax.set_title(title, fontsize=fontsize)
+
+
+def _show_data_only(pic: BlendPicture, path, dpi: int) -> tuple[int, int]:
+    """A parent the run did not fit: its data, footprint and peaks (labelled p<peak id>)."""
+    plt = _pyplot()
+    _, h, w = pic.data.shape
+    idx = rgb_bands(pic.bands)
+    # the reason of a failure can be long: wrap it to the picture's width
+    lines = fit_lines(pic.summary, blend_layout(h, w, 0, with_model=False).figsize[0] - 0.16)
+    lay = blend_layout(h, w, 0, with_model=False, title_lines=len(lines))
+    fig = plt.figure(figsize=lay.figsize, dpi=dpi)
+    ax = fig.add_axes(lay.data)
+    ax.imshow(lupton_rgb(pic.data[idx], stretch=auto_stretch(pic.data[idx])), origin="lower",
+              interpolation="nearest")
+    _bare(ax, h, w)
+    _draw_outline(ax, pic.footprint)
+    _mark_sources(ax, pic.positions, [f"p{int(i)}" for i in pic.source_ids])
+    ax.set_title(f"data (R,G,B = {','.join(pic.bands[i] for i in idx)})", fontsize=8)
+    fig.text(0.08 / lay.figsize[0], 1 - 0.1 / lay.figsize[1], "\n".join(lines),
+             fontsize=8, ha="left", va="top", linespacing=1.3)
+    return _save(fig, path, dpi)
 
 
 def _draw_residual(fig, lay, pic, model, fontsize):
@@ -636,6 +837,24 @@ def _draw_source(fig, rect, model_i, idx, sid, flux, bands, pos):
     ax.set_title(f"source {sid}{note}\n" + "\n".join(lines[:2]), fontsize=6, linespacing=1.05, pad=2)
 
 
+def _draw_boxes(ax, boxes):
+    """Every parent's box; ids at the corners when they can be read, always on skipped/failed ones."""
+    import matplotlib.patheffects as pe
+    from matplotlib.patches import Rectangle
+
+    lw = 0.5 if len(boxes) > 500 else 0.8
+    label_ids = len(boxes) <= 400
+    halo = [pe.withStroke(linewidth=1.2, foreground="black")]
+    for b in boxes:
+        marked = b.status in ("skipped", "failed")
+        # the box encloses whole pixels: edges half a pixel outside the pixel centres
+        ax.add_patch(Rectangle((b.x0 - 0.5, b.y0 - 0.5), b.width, b.height, fill=False,
+                               edgecolor=b.colour, linestyle=b.linestyle, linewidth=lw * (1.6 if marked else 1)))
+        if label_ids or marked:
+            ax.text(b.x0 - 0.5, b.y0 + b.height - 0.5, str(b.parent_id), fontsize=5.5,
+                    color=b.colour, ha="left", va="bottom", path_effects=halo, clip_on=True)
+
+
 def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 300) -> tuple[int, int]:
     """Write the whole exposure as an asinh RGB with every parent's box.
 
@@ -648,9 +867,7 @@ def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 3
     -------
     (width, height) of the written image in pixels.
     """
-    import matplotlib.patheffects as pe
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
 
     plt = _pyplot()
     _, H, W = image.shape
@@ -674,17 +891,7 @@ def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 3
     ax.set_xlim(-0.5, W - 0.5)
     ax.set_ylim(-0.5, H - 0.5)
     ax.tick_params(labelsize=6.5)
-    lw = 0.5 if len(boxes) > 500 else 0.8
-    label_ids = len(boxes) <= 400
-    halo = [pe.withStroke(linewidth=1.2, foreground="black")]
-    for b in boxes:
-        # the box encloses whole pixels: edges half a pixel outside the pixel centres
-        ax.add_patch(Rectangle((b.x0 - 0.5, b.y0 - 0.5), b.width, b.height, fill=False,
-                               edgecolor=b.colour, linestyle=b.linestyle,
-                               linewidth=lw * (1.6 if b.status in ("skipped", "failed") else 1)))
-        if label_ids or b.status in ("skipped", "failed"):
-            ax.text(b.x0 - 0.5, b.y0 + b.height - 0.5, str(b.parent_id), fontsize=5.5,
-                    color=b.colour, ha="left", va="bottom", path_effects=halo, clip_on=True)
+    _draw_boxes(ax, boxes)
     handles = [Line2D([], [], color=c, lw=1.5, ls=FIELD_STYLES[s][1], label=t) for s, c, t in entries]
     if handles:
         fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(side / fig_w, 0.05 / fig_h),
@@ -695,7 +902,4 @@ def show_field(bands, idx, image, boxes, path, title: str = "", dpi_max: int = 3
     fig.text(side / fig_w, 1 - 0.08 / fig_h, f"{title}   R,G,B = {','.join(bands[i] for i in idx)}"
              + (f"   (shown binned {factor}x{factor})" if factor > 1 else ""),
              fontsize=8, ha="left", va="top")
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    size = fig.canvas.get_width_height()
-    plt.close(fig)
-    return size
+    return _save(fig, path, dpi)

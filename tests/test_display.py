@@ -298,3 +298,123 @@ def test_show_field_needs_parents(tmp_path, capsys):
     assert main(["show", str(path), "--field", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "no parents" in err and err.count("\n") == 1
+
+
+def test_cli_and_display_import_without_matplotlib():
+    """matplotlib loads only when a picture is drawn, so every other command starts fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys, scarletstore.cli, scarletstore.display; "
+            "from scarletstore.cli import build_parser; build_parser(); "
+            "print(any(m.split('.')[0] == 'matplotlib' for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_models_only_picture(tmp_path):
+    """Without an exposure the picture is the model and the sources, still sized by the blend."""
+    pic = _picture(30, 60, n=3)
+    pic.data = pic.variance = pic.bad = None
+    lay = blend_layout(30, 60, 3, with_data=False)
+    assert lay.data is None and lay.residual is None and lay.colorbar is None
+    w, h = show_blend(pic, tmp_path / "m.png")
+    assert png_size(tmp_path / "m.png") == (w, h) and w > h
+
+
+def test_large_field_is_binned_for_display(tmp_path):
+    from scarletstore.display import bin_image, show_field
+
+    img = np.arange(2 * 4 * 6, dtype=float).reshape(2, 4, 6)
+    binned = bin_image(img, 2)
+    assert binned.shape == (2, 2, 3)
+    assert binned[1, 0, 0] == pytest.approx(img[1, :2, :2].mean())
+    assert bin_image(img[:, :3, :5], 2).shape == (2, 1, 2)  # ragged edges dropped
+    rng = np.random.default_rng(2)
+    field = rng.normal(0, 1, (3, 300, 2300))
+    boxes = field_boxes([1, 2], [(10, 10, 20, 30), (200, 2200, 40, 90)], [1, 2], ["", "masked"])
+    size = show_field(["g", "r", "i"], [2, 1, 0], field, boxes, tmp_path / "big.png", title="big")
+    assert png_size(tmp_path / "big.png") == tuple(size)
+    assert size[0] > 4 * size[1]  # a 300 x 2300 strip stays a strip
+
+
+def test_labels_avoid_each_other_and_the_edges():
+    from scarletstore.display import place_labels
+
+    def box(p, s, sign, pad=1.0):
+        (y, x), (th, tw), (sx, sy) = p, s, sign
+        x0 = x + pad if sx > 0 else x - pad - tw
+        y0 = y + pad if sy > 0 else y - pad - th
+        return x0, y0, x0 + tw, y0 + th
+
+    # three peaks in a row, closer than a label is long (what the model panel used to overprint)
+    pos = [(20.0, 20.0), (20.0, 26.0), (20.0, 32.0)]
+    sizes = [(3.0, 10.0)] * 3
+    signs = place_labels(pos, sizes, (40, 60))
+    boxes = [box(p, s, g) for p, s, g in zip(pos, sizes, signs)]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            a, b = boxes[i], boxes[j]
+            assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (a, b)
+    # near the top-right corner the label turns down and left, inside the panel
+    assert place_labels([(38.0, 58.0)], [(3.0, 10.0)], (40, 60)) == [(-1, -1)]
+    assert place_labels([(5.0, 5.0)], [(3.0, 10.0)], (40, 60)) == [(1, 1)]
+
+
+def test_skipped_parent_shows_its_data_and_peaks(deblended, tmp_path, capsys):
+    """A parent the run skipped is still worth a look: its data, footprint and peaks."""
+    store = Store(deblended)
+    run = store.read("runs/capped")
+    reasons = [str(r) for r in run["blend_reason"].values]
+    pid = int(run["blend_parent_id"].values[reasons.index("too_many_peaks")])
+    parents = store.read("parents")
+    n_peaks = int((parents["peak_parent"].values == pid).sum())
+    pic = read_blend_picture(store, pid, "capped")
+    assert pic.models.shape[0] == 0 and len(pic.positions) == n_peaks > 2
+    y0, x0, h, w = pic.bbox
+    np.testing.assert_array_equal(pic.data, store.read("exposure")["image"].values[:, y0:y0 + h, x0:x0 + w])
+    out = tmp_path / "skipped.png"
+    assert main(["show", str(deblended), "--blend", str(pid), "--run", "capped", "-o", str(out)]) == 0
+    assert f"{n_peaks} peaks (not deblended in run capped)" in capsys.readouterr().out
+    width, height = png_size(out)
+    assert (height > width) == (h > w)
+    assert main(["show", str(deblended), "--blend", "9999", "-o", str(out)]) == 2
+    assert "no blend for parent 9999" in capsys.readouterr().err
+
+
+def test_rgb_bands_follow_wavelength():
+    # stores list bands blue to red: the choice is unchanged
+    assert rgb_bands(list("ugrizy")) == [4, 3, 1]  # z, i, g
+    assert rgb_bands(list("grizy")) == [3, 2, 1]  # z, i, r
+    assert rgb_bands(list("gri")) == [2, 1, 0]
+    # Rubin's persisted models list bands alphabetically: still z, i, r as R, G, B
+    alpha = ["g", "i", "r", "y", "z"]
+    assert [alpha[k] for k in rgb_bands(alpha)] == ["z", "i", "r"]
+    hsc = ["HSC-R", "HSC-G", "HSC-I"]
+    assert [hsc[k] for k in rgb_bands(hsc)] == ["HSC-I", "HSC-R", "HSC-G"]
+    assert rgb_bands(["a", "b", "c"]) == [2, 1, 0]  # unknown names: the given order
+    assert rgb_bands(["r", "g"]) == [0, 1, 1]
+    assert rgb_bands(["x"]) == [0, 0, 0]
+
+
+def test_titles_wrap_to_the_picture():
+    from scarletstore.display import fit_lines
+
+    text = "blend 3495976385350991873 (run lsst-1): 1 sources, 14x18 px, 0 iterations, converged\nnote"
+    lines = fit_lines(text, 2.0, fontsize=8)
+    assert len(lines) > 2 and lines[-1] == "note"
+    assert max(len(t) for t in lines) <= int(2.0 * 72 / (0.55 * 8))
+    assert fit_lines(text, 20.0) == text.splitlines()
+    assert len(fit_lines("word " * 200, 1.0, max_lines=3)) == 3
+    tall, wide = blend_layout(100, 20, 2, title_lines=5), blend_layout(100, 20, 2, title_lines=2)
+    assert tall.figsize[1] == pytest.approx(wide.figsize[1] + 3 * 0.16)
+
+
+def test_many_sources_keep_the_figure_bounded():
+    few, many = blend_layout(150, 150, 4), blend_layout(150, 150, 60)
+    assert few.main_inches[0] / 2 <= few.source_inches[0] <= few.main_inches[0]  # grown to fill one row
+    assert len({r[1] for r in few.sources}) == 1
+    assert many.source_inches[0] == pytest.approx(1.4, rel=0.15)  # small panels, not 15 rows of 3"
+    assert many.figsize[1] < 20
+    wide = blend_layout(30, 900, 3)  # the main row was shrunk to fit: sources follow it
+    assert wide.source_inches[0] <= wide.main_inches[0] + 1e-9
