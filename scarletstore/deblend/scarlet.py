@@ -59,7 +59,8 @@ INIT_SYMMETRIC = True       # symmetric-minimum template before the monotonic st
 INIT_SHARE_POWER = 1.0      # exponent of the template share in _apportion
 CONVERGE_RUN = 2            # window (iterations) of the convergence test
 REGION_GROW = 3             # the sources' pixels: component boxes grown by this (convergence)
-DIVERGE_FRAC = 0.05         # a fit giving back more of its gain than this has diverged
+DIVERGE_FRAC = 0.05         # a fit giving back more of its gain than this ...
+DIVERGE_MIN = 0.02          # ... and more than this of its best loss has diverged
 RESOLVE_SPECTRA_AT = (5, 15)  # iterations after which spectra are re-solved by least squares
 FINAL_LS_SPECTRA = True     # ... and once more for the final morphologies
 LS_FFT_BUDGET = 1 << 22     # max complex elements of one batched FFT in _ls_spectra
@@ -600,11 +601,15 @@ class _Fit:
 
         Adam's loss wanders near convergence (by 10-100 on hsc_cosmos_35's
         -8300, under 1 % of what the fit gains from its start); a fit that
-        gives back more than DIVERGE_FRAC of that gain, or ends below its
-        start, has run away.
+        gives back more than DIVERGE_FRAC of that gain and more than
+        DIVERGE_MIN of its best loss, or ends below its start, has run
+        away. (The second bound keeps blends that start near their optimum
+        from being flagged for a wander of 10 in 1150: two field blends did.)
         """
         start, best = -self.history[0], self.best[0]
-        return self.loss > start or self.loss - best > DIVERGE_FRAC * max(start - best, 0.0)
+        lost = self.loss - best
+        return self.loss > start or (lost > DIVERGE_FRAC * max(start - best, 0.0)
+                                     and lost > DIVERGE_MIN * best)
 
 
 def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
