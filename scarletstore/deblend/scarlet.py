@@ -812,16 +812,28 @@ def _fall_back(fit, cold, config, peaks, conv, data, w, inv_var, joint, bufs):
         candidate.iterations += fit.iterations
         if candidate.diverged():
             candidate = None
-    _restore(fit.state, fit.best[1])
-    tsum, spec_sum = np.zeros((1, 1), np.float32), np.zeros(fit.state.box.shape[0], np.float32)
-    loss = _finish(fit.state, fit.shift, FINAL_LS_SPECTRA and config.set_spectra, conv, data, w,
-                   joint, bufs, tsum, spec_sum)
+    loss = _best_iterate_loss(fit, config, conv, data, w, joint, bufs)
     if candidate is not None and candidate.loss <= loss:
         candidate.fallback = "no_symmetry"
         candidate.history = fit.history + candidate.history
         return candidate
-    fit.loss = min(loss, fit.best[0]) if not (FINAL_LS_SPECTRA and config.set_spectra) else loss
-    fit.history.append(-fit.loss)
+    return _use_best_iterate(fit, loss)
+
+
+def _best_iterate_loss(fit, config, conv, data, w, joint, bufs):
+    """Put the fit's best iterate back into its state, with final spectra;
+    returns its loss (at most the best iterate's: the spectrum solve keeps
+    the better spectra)."""
+    _restore(fit.state, fit.best[1])
+    tsum, spec_sum = np.zeros((1, 1), np.float32), np.zeros(fit.state.box.shape[0], np.float32)
+    return _finish(fit.state, fit.shift, FINAL_LS_SPECTRA and config.set_spectra, conv, data, w,
+                   joint, bufs, tsum, spec_sum)
+
+
+def _use_best_iterate(fit, loss):
+    """Mark ``fit`` (its state already the best iterate) as that fallback."""
+    fit.loss = loss
+    fit.history.append(-loss)
     fit.fallback = "best_iterate"
     return fit
 
@@ -912,6 +924,10 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         diverged = fit.diverged()
         if diverged:
             fit = _fall_back(fit, cold, config, *args)
+        elif not fit.converged and fit.best[0] < fit.loss:
+            # stopped at max_iter past its best (contested symmetry can keep
+            # a crowded fit oscillating): the best iterate, flagged as such
+            fit = _use_best_iterate(fit, _best_iterate_loss(fit, config, conv, data, w, joint, bufs))
         state, shift, loss, history = fit.state, fit.shift, fit.loss, fit.history
         converged, iterations, kept_start = fit.converged, fit.iterations, fit.kept_start
         fallback = fit.fallback
