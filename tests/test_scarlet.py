@@ -558,10 +558,15 @@ def test_per_source_spectra_for_large_blends():
     var = np.full(images.shape, 0.0025, np.float32)
     joint = S.deblend_scarlet(noisy, var, None, None, psfs, peaks)
     alone = S.deblend_scarlet(noisy, var, None, None, psfs, peaks, DeblendConfig(max_spectrum_cutoff=1))
-    # the per-source start ignores overlaps between sources (a cheaper, worse
-    # start for very large blends); both must still fit the data
+    # the large-blend path (block Gauss-Seidel over sources on the coupled
+    # normal equations) reaches the joint fit; solving each source against
+    # the whole data, as it used to, gave chi2 1.25 against 0.96 and one
+    # flux 4 % high
     assert joint.chi2 < 1.3
-    assert alone.chi2 < 2.5
+    assert alone.chi2 < 1.02 * joint.chi2
+    flux = lambda r: np.array([sum(float(c.spectrum.sum() * c.morph.sum()) for c in s.components)
+                               for s in r.sources])
+    np.testing.assert_allclose(flux(alone), flux(joint), rtol=0.01)
 
 
 def test_bad_inputs_raise():
