@@ -797,7 +797,7 @@ def _restore(state, snap):
 def _fall_back(fit, cold, config, peaks, conv, data, w, inv_var, joint, bufs):
     """Replace a diverged fit: refit without symmetry, else its best iterate.
 
-    ``cold`` is a copy of the initial state (None for warm starts or fits
+    ``cold`` makes the initial state afresh (None for warm starts or fits
     without symmetry). The refit is kept when it does not diverge and ends
     better than the best iterate would; otherwise the best iterate the
     loop saw (the start included) gets final least-squares spectra (which
@@ -808,7 +808,7 @@ def _fall_back(fit, cold, config, peaks, conv, data, w, inv_var, joint, bufs):
     candidate = None
     if cold is not None:
         plain = dataclasses.replace(config, symmetric=False)
-        candidate = _fit(cold, plain, False, None, peaks, conv, data, w, inv_var, joint, bufs)
+        candidate = _fit(cold(), plain, False, None, peaks, conv, data, w, inv_var, joint, bufs)
         candidate.iterations += fit.iterations
         if candidate.diverged():
             candidate = None
@@ -917,8 +917,12 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     iterations = 0
     kept_start = False
     if state is not None and state.box.shape[0] > 0:
-        # a copy of the start, for the no-symmetry refit should the fit diverge
-        cold = copy.deepcopy(state) if config.symmetric and not warm else None
+        # the start again, for the no-symmetry refit should the fit diverge
+        # (made afresh when needed: a copy of every start costs 50 us a blend)
+        cold = None
+        if config.symmetric and not warm:
+            def cold():
+                return _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W)
         args = (peaks, conv, data, w, inv_var, joint, bufs)
         fit = _fit(state, config, warm, init, *args)
         diverged = fit.diverged()
