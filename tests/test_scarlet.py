@@ -558,10 +558,15 @@ def test_per_source_spectra_for_large_blends():
     var = np.full(images.shape, 0.0025, np.float32)
     joint = S.deblend_scarlet(noisy, var, None, None, psfs, peaks)
     alone = S.deblend_scarlet(noisy, var, None, None, psfs, peaks, DeblendConfig(max_spectrum_cutoff=1))
-    # the per-source start ignores overlaps between sources (a cheaper, worse
-    # start for very large blends); both must still fit the data
+    # the large-blend path (block Gauss-Seidel over sources on the coupled
+    # normal equations) reaches the joint fit; solving each source against
+    # the whole data, as it used to, gave chi2 1.25 against 0.96 and one
+    # flux 4 % high
     assert joint.chi2 < 1.3
-    assert alone.chi2 < 2.5
+    assert alone.chi2 < 1.02 * joint.chi2
+    flux = lambda r: np.array([sum(float(c.spectrum.sum() * c.morph.sum()) for c in s.components)
+                               for s in r.sources])
+    np.testing.assert_allclose(flux(alone), flux(joint), rtol=0.01)
 
 
 def test_bad_inputs_raise():
@@ -1028,3 +1033,223 @@ def test_source_runs_need_no_sorted_sources():
     got = S._source_runs(np.array([2, 2, 0, 1, 1, 1]))
     np.testing.assert_array_equal(got, [[0, 2], [0, 2], [2, 3], [3, 6], [3, 6], [3, 6]])
     assert S._source_runs(np.array([], int)).shape == (0, 2)
+
+
+# --------------------------------------------------------------------------
+# Large blends on a low-surface-brightness host; convergence and the stamp
+# --------------------------------------------------------------------------
+
+
+def moffat_psf(size, fwhm, beta):
+    """Unit-sum Moffat image, centred on the central pixel."""
+    r = size // 2
+    y, x = np.mgrid[-r:r + 1, -r:r + 1].astype(float)
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    p = (1 + (x * x + y * y) / alpha ** 2) ** (-beta)
+    return p / p.sum()
+
+
+def sersic_image(shape, cy, cx, re, n, q, pa, oversample=3):
+    """Unit-flux elliptical Sersic profile, pixel-integrated by oversampling."""
+    from scipy.special import gammaincinv
+
+    H, W = shape
+    s = oversample
+    y, x = np.mgrid[0:H * s, 0:W * s].astype(float)
+    y = (y + 0.5) / s - 0.5 - cy
+    x = (x + 0.5) / s - 0.5 - cx
+    u = np.cos(pa) * x + np.sin(pa) * y
+    v = (-np.sin(pa) * x + np.cos(pa) * y) / q
+    img = np.exp(-gammaincinv(2 * n, 0.5) * (np.hypot(u, v) / re) ** (1 / n))
+    img = img.reshape(H, s, W, s).mean(axis=(1, 3))
+    return img / img.sum()
+
+
+def lsb_host_blend(seed, shape=(176, 190), n_compact=52, n_spurious=8):
+    """A big low-surface-brightness galaxy with compact sources on and around it.
+
+    Host: Sersic n 0.8, r_e 34 px, axis ratio 0.7, central surface brightness
+    about one noise sigma per band; compact sources of 150-5000 counts with
+    r_e 0.5-3 px, half on the host; plus detection-like spurious peaks on the
+    host. Moffat PSFs (FWHM 2.6-3.4 px), Gaussian noise. Peaks are rounded
+    to whole pixels, as detection gives them. Returns
+    (images, variance, psfs, peaks, noise-free model).
+    """
+    rng = np.random.default_rng(seed)
+    H, W = shape
+    B = 4
+    psfs = np.stack([moffat_psf(31, rng.uniform(2.6, 3.4), 2.5 + 0.5 * b) for b in range(B)])
+    sigma = np.array([1.0, 0.8, 1.2, 1.5])
+    hy, hx = H / 2 + rng.uniform(-5, 5), W / 2 + rng.uniform(-5, 5)
+    host = sersic_image(shape, hy, hx, 34.0, 0.8, 0.7, rng.uniform(0, np.pi))
+    host *= sigma.mean() / host.max()
+    sed = np.array([0.6, 1.0, 1.2, 1.3])
+    scene = host[None] * sed[:, None, None]
+    peaks = [(hy, hx)]
+    for i in range(n_compact):
+        rr = 40 * np.sqrt(rng.uniform()) if i % 2 == 0 else rng.uniform(40, min(H, W) / 2 - 4)
+        th = rng.uniform(0, 2 * np.pi)
+        cy, cx = np.clip(hy + rr * np.sin(th), 3, H - 4), np.clip(hx + rr * np.cos(th), 3, W - 4)
+        u = sersic_image(shape, cy, cx, rng.uniform(0.5, 3.0), rng.choice([0.5, 1.0, 2.0]),
+                         rng.uniform(0.5, 1), rng.uniform(0, np.pi))
+        s = rng.uniform(0.3, 1.5, B)
+        scene = scene + u[None] * (10 ** rng.uniform(np.log10(150), np.log10(5000)) * s / s.mean())[:, None, None]
+        peaks.append((cy, cx))
+    for _ in range(n_spurious):
+        rr, th = 34 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+        peaks.append((hy + rr * np.sin(th), hx + rr * np.cos(th)))
+    model = np.stack([fftconvolve(scene[b], psfs[b], mode="same") for b in range(B)])
+    images = (model + rng.normal(0, 1, model.shape) * sigma[:, None, None]).astype(np.float32)
+    variance = np.broadcast_to(sigma[:, None, None] ** 2, model.shape).astype(np.float32).copy()
+    return images, variance, psfs, np.round(np.array(peaks)), model
+
+
+def _observed_model(res, shape):
+    """The fitted model in the observed frame (difference kernels applied)."""
+    B = shape[0]
+    scene = np.zeros(shape)
+    for src in res.sources:
+        for c in src.components:
+            h, w = c.morph.shape
+            scene[:, c.y0:c.y0 + h, c.x0:c.x0 + w] += c.spectrum[:, None, None] * c.morph
+    kern = res.extra["diff_kernels"]
+    return np.stack([fftconvolve(scene[b], kern[b], mode="same") for b in range(B)])
+
+
+def _flat_fraction(res, min_pixels=200):
+    """Largest fraction of a (big) component box at >= 90 % of its peak:
+    a component that became a flat rectangle filling its box scores near 1."""
+    fr = [float((c.morph >= 0.9).mean()) for src in res.sources for c in src.components
+          if c.morph.size >= min_pixels]
+    return max(fr, default=0.0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_large_lsb_host_blend_stays_sane(symmetric):
+    """A 61-peak blend on a big LSB host: model flux, logL and flags stay honest.
+
+    n_peaks x area is above max_spectrum_cutoff, so spectra are solved per
+    source; solved against the whole data, every source on the host claimed
+    its light (model 1.4x the image flux, logL -3.5e6 where the noise alone
+    gives -6.7e4, reported converged with symmetry off).
+    """
+    from scarletstore.models import BLEND_FLAGS
+
+    images, variance, psfs, peaks, truth = lsb_host_blend(seed=11)
+    B, H, W = images.shape
+    assert len(peaks) * H * W > DeblendConfig().max_spectrum_cutoff  # the per-source path
+    res = S.deblend_scarlet(images, variance, None, None, psfs, peaks, DeblendConfig(symmetric=symmetric))
+    model = _observed_model(res, images.shape)
+    ratio = model.sum() / images.sum()
+    assert 0.9 < ratio < 1.1, ratio
+    hist = res.extra["logL_history"]
+    assert res.log_likelihood >= hist[0]                     # never worse than the start
+    noise_only = -0.5 * images.size                          # E[logL] of the true model
+    assert res.log_likelihood > 1.05 * noise_only, (res.log_likelihood, noise_only)
+    assert _flat_fraction(res) < 0.5
+    # flagged honestly: a divergence always falls back, a fallback is named
+    # in the flags, and only a fit that did not converge takes its best
+    # iterate without having diverged
+    diverged = bool(res.flags & BLEND_FLAGS["diverged"])
+    fallback = res.extra["fallback"]
+    assert not diverged or fallback
+    if fallback:
+        assert res.flags & BLEND_FLAGS["fallback_" + fallback]
+        assert diverged or (fallback == "best_iterate" and not res.converged)
+    if not diverged:
+        # an unflagged fit ended within DIVERGE_FRAC of its best iterate's gain
+        assert hist[-1] >= hist.max() - S.DIVERGE_FRAC * (hist.max() - hist[0])
+
+
+def test_block_spectrum_solve_is_the_coupled_nnls_and_never_worse():
+    """Block Gauss-Seidel over sources reaches the joint NNLS optimum of a
+    coupled system and lowers the objective from any start."""
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(8)
+    nc, B, P = 8, 3, 60
+    group = np.array([0, 0, 1, 1, 2, 3, 3, 4])          # bulge + disk pairs share a source
+    A = np.empty((B, nc, nc))
+    r = np.empty((B, nc))
+    M = []
+    for b in range(B):
+        m = rng.random((P, nc)) ** 3 + 0.3 * rng.random((P, 1))   # overlapping templates
+        d = m[:, :6] @ rng.uniform(1, 3, 6) + rng.normal(0, 0.2, P)
+        M.append((m, d))
+        A[b], r[b] = m.T @ m, m.T @ d
+    start = rng.uniform(0, 4, (nc, B)).astype(np.float32)
+    got = K.solve_spectra_blocks(A, r, group, start, 500, 1e-7)
+    for b, (m, d) in enumerate(M):
+        ref = nnls(m, d)[0]
+        f = lambda s: 0.5 * s @ A[b] @ s - r[b] @ s
+        assert f(got[:, b].astype(float)) <= f(ref) + 1e-5 * abs(f(ref))
+        # few sweeps: still no worse than the start
+        few = K.solve_spectra_blocks(A, r, group, start, 1, 0.0)
+        assert f(few[:, b].astype(float)) <= f(start[:, b].astype(float))
+        assert K.spectra_objective(A, r, got, b) == pytest.approx(f(got[:, b].astype(float)), rel=1e-6)
+    # the guard of the joint solve keeps whichever spectra fit better, per band
+    worse = np.zeros_like(got)
+    kept = got.copy()
+    assert K.keep_better_spectra(A, r, kept, worse) == 0 and (kept == got).all()
+    assert K.keep_better_spectra(A, r, worse, got) == B and (worse == got).all()
+
+
+def _stamped_blend(seed, big=120, tight=48):
+    """Three overlapping galaxies in a 120-px stamp of mostly sky and in a tight one.
+
+    Returns the big and the tight (images, variance, psfs, peaks), the true
+    band-summed fluxes and their relative noise (the error of an optimal
+    matched-filter flux, var F = sum_b sigma_b^2 / sum p^2 for the unit-sum
+    profile p).
+    """
+    rng = np.random.default_rng(seed)
+    B = 3
+    psfs = np.stack([moffat_psf(25, f, 3.0) for f in (2.9, 2.6, 2.4)])
+    sig = np.array([0.4, 0.5, 0.7])
+    c = big / 2
+    srcs, peaks = [], []
+    for _ in range(3):
+        cy, cx = c + rng.uniform(-7, 7), c + rng.uniform(-7, 7)
+        u = sersic_image((big, big), cy, cx, rng.uniform(1.5, 3.5), rng.choice([0.7, 1.5]),
+                         rng.uniform(0.6, 1), rng.uniform(0, 3))
+        f = rng.uniform(400, 1500) * rng.uniform(0.5, 1.5, B)
+        srcs.append(np.stack([fftconvolve(u * f[b], psfs[b], mode="same") for b in range(B)]))
+        peaks.append((cy, cx))
+    img = (np.sum(srcs, 0) + rng.normal(0, 1, srcs[0].shape) * sig[:, None, None]).astype(np.float32)
+    var = np.broadcast_to(sig[:, None, None] ** 2, img.shape).astype(np.float32).copy()
+    a = int(c - tight / 2)
+    peaks = np.round(np.array(peaks))
+    cut = (slice(None), slice(a, a + tight), slice(a, a + tight))
+    truth = np.array([s.sum() for s in srcs])
+    noise = np.array([np.sqrt((sig ** 2).sum() / ((s.sum(0) / s.sum()) ** 2).sum()) for s in srcs]) / truth
+    return (img, var, psfs, peaks), (img[cut].copy(), var[cut].copy(), psfs, peaks - a), truth, noise
+
+
+def test_convergence_does_not_depend_on_the_stamp():
+    """The same blends in tight 48-px stamps and in 120-px stamps of mostly
+    sky take about as many iterations and reach the same fluxes.
+
+    Judged relative to the whole loss, the sky's 1/2 per pixel stopped the
+    big stamps after a median of 14 iterations against the tight stamps' 33,
+    with fluxes 1.35 % (median) from the tight stamps' and 24.6 sigma from
+    the truth against 18.0 (now 35 / 36.5 iterations, 0.8 %, 15.1 / 19.2).
+    """
+    its = {"big": [], "tight": []}
+    err = {"big": [], "tight": []}
+    diff = []
+    for seed in range(20, 40):
+        big, tight, truth, noise = _stamped_blend(seed)
+        f = {}
+        for name, (img, var, psfs, peaks) in (("big", big), ("tight", tight)):
+            res = S.deblend_scarlet(img, var, None, None, psfs, peaks)
+            its[name].append(res.iterations)
+            f[name] = np.array([sum(float(c.spectrum.sum() * c.morph.sum()) for c in s.components)
+                                for s in res.sources])
+            err[name].append(np.abs(f[name] / truth - 1) / noise)
+        diff.append(np.abs(f["big"] / f["tight"] - 1))
+    ratio = np.median(its["big"]) / np.median(its["tight"])
+    assert 0.8 <= ratio <= 1.25, its
+    assert np.median(np.concatenate(diff)) < 0.01
+    # the sky does not cost accuracy: errors against the truth (in sigma)
+    # of the big stamps no worse than the tight stamps' (within 10 %)
+    assert np.median(np.concatenate(err["big"])) <= 1.1 * np.median(np.concatenate(err["tight"]))

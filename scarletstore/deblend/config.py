@@ -39,8 +39,9 @@ class DeblendConfig:
     set_spectra : bool
         Re-solve spectra by least squares after initialisation.
     max_spectrum_cutoff : float
-        n_peaks x bbox area above which spectra are initialised per component
-        instead of jointly.
+        n_peaks x bbox area above which the (always coupled) least-squares
+        spectra are solved by block Gauss-Seidel over sources instead of the
+        joint active-set solve.
     process_singles : bool
         Fit single-peak parents; otherwise store them as isolated sources.
     max_number_of_peaks, max_footprint_area, max_area_times_peaks : float

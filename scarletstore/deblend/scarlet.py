@@ -58,7 +58,9 @@ INIT_RISE_FRAC = 0.1        # more than 3 sigma + 10 % (another object)
 INIT_SYMMETRIC = True       # symmetric-minimum template before the monotonic start
 INIT_SHARE_POWER = 1.0      # exponent of the template share in _apportion
 CONVERGE_RUN = 2            # window (iterations) of the convergence test
-DIVERGE_FRAC = 0.05         # a fit giving back more of its gain than this has diverged
+REGION_GROW = 3             # the sources' pixels: component boxes grown by this (convergence)
+DIVERGE_FRAC = 0.05         # a fit giving back more of its gain than this ...
+DIVERGE_MIN = 0.02          # ... and more than this of its best loss has diverged
 RESOLVE_SPECTRA_AT = (5, 15)  # iterations after which spectra are re-solved by least squares
 FINAL_LS_SPECTRA = True     # ... and once more for the final morphologies
 LS_FFT_BUDGET = 1 << 22     # max complex elements of one batched FFT in _ls_spectra
@@ -599,11 +601,15 @@ class _Fit:
 
         Adam's loss wanders near convergence (by 10-100 on hsc_cosmos_35's
         -8300, under 1 % of what the fit gains from its start); a fit that
-        gives back more than DIVERGE_FRAC of that gain, or ends below its
-        start, has run away.
+        gives back more than DIVERGE_FRAC of that gain and more than
+        DIVERGE_MIN of its best loss, or ends below its start, has run
+        away. (The second bound keeps blends that start near their optimum
+        from being flagged for a wander of 10 in 1150: two field blends did.)
         """
         start, best = -self.history[0], self.best[0]
-        return self.loss > start or self.loss - best > DIVERGE_FRAC * max(start - best, 0.0)
+        lost = self.loss - best
+        return self.loss > start or (lost > DIVERGE_FRAC * max(start - best, 0.0)
+                                     and lost > DIVERGE_MIN * best)
 
 
 def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
@@ -658,11 +664,13 @@ def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
     work = np.empty(_k._largest_box(state.box, 2), np.float32)  # one rendered box
     sib = _source_runs(state.source)
     bg = float(config.background_thresh)
-    # the sources' pixels (boxes grown by the kernel: where the model can
-    # have light), on which convergence is judged
+    # the sources' pixels, on which convergence is judged: the boxes (which
+    # end where the morphologies fall below the noise) grown by a few
+    # pixels of PSF wing. Grown by the whole difference kernel instead (12
+    # px here), a 120-px stamp still stopped a median 32 iterations against
+    # its tight stamp's 44; by 3 px, 48 against 51.
     region = np.empty((H, W), np.bool_)
-    ky, kx = conv.kernels.shape[1] // 2 + 1, conv.kernels.shape[2] // 2 + 1
-    _k.boxes_region(state.box, ky, kx, H, W, region)
+    _k.boxes_region(state.box, REGION_GROW, REGION_GROW, H, W, region)
     best = (math.inf, None)
     prev = None
     nover = None
@@ -716,7 +724,7 @@ def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
                 mom_s[0] = state.spec
         if config.resize_every and iterations % config.resize_every == 0:
             mom_m = _resize(state, mom_m, H, W, sym if sym_s > 0 else None)
-            _k.boxes_region(state.box, ky, kx, H, W, region)
+            _k.boxes_region(state.box, REGION_GROW, REGION_GROW, H, W, region)
             nover = None
             if work.size < _k._largest_box(state.box, 2):
                 work = np.empty(_k._largest_box(state.box, 2), np.float32)
@@ -744,10 +752,10 @@ def _converged(history, loss_src, it, config):
     """Mean relative change of the loss over the last CONVERGE_RUN iterations.
 
     Relative to the loss on the sources' pixels, not the whole blend: sky
-    pixels add about 1/2 each to the loss but nothing to its change, so a
-    120-px stamp of mostly sky stopped a blend after a median of 7
-    iterations (12 % flux error, against 10 % run to convergence) where
-    its tight stamp took 20-30. Adam's loss decreases unevenly, and a
+    pixels add about 1/2 each to the loss but nothing to its change, so in
+    a 120-px stamp of mostly sky ten simulated three-source blends stopped
+    after a median of 14 iterations where their tight 36-px stamps took 44
+    (now 48 and 51; see REGION_GROW). Adam's loss decreases unevenly, and a
     single near-equal pair at a pause or turning point is not convergence
     (one pair stopped an hsc_cosmos_35 orientation at 12 iterations, logL
     -11780); two pairs stop hsc a median 15 iterations sooner than three,
@@ -789,7 +797,7 @@ def _restore(state, snap):
 def _fall_back(fit, cold, config, peaks, conv, data, w, inv_var, joint, bufs):
     """Replace a diverged fit: refit without symmetry, else its best iterate.
 
-    ``cold`` is a copy of the initial state (None for warm starts or fits
+    ``cold`` makes the initial state afresh (None for warm starts or fits
     without symmetry). The refit is kept when it does not diverge and ends
     better than the best iterate would; otherwise the best iterate the
     loop saw (the start included) gets final least-squares spectra (which
@@ -800,20 +808,32 @@ def _fall_back(fit, cold, config, peaks, conv, data, w, inv_var, joint, bufs):
     candidate = None
     if cold is not None:
         plain = dataclasses.replace(config, symmetric=False)
-        candidate = _fit(cold, plain, False, None, peaks, conv, data, w, inv_var, joint, bufs)
+        candidate = _fit(cold(), plain, False, None, peaks, conv, data, w, inv_var, joint, bufs)
         candidate.iterations += fit.iterations
         if candidate.diverged():
             candidate = None
-    _restore(fit.state, fit.best[1])
-    tsum, spec_sum = np.zeros((1, 1), np.float32), np.zeros(fit.state.box.shape[0], np.float32)
-    loss = _finish(fit.state, fit.shift, FINAL_LS_SPECTRA and config.set_spectra, conv, data, w,
-                   joint, bufs, tsum, spec_sum)
+    loss = _best_iterate_loss(fit, config, conv, data, w, joint, bufs)
     if candidate is not None and candidate.loss <= loss:
         candidate.fallback = "no_symmetry"
         candidate.history = fit.history + candidate.history
         return candidate
-    fit.loss = min(loss, fit.best[0]) if not (FINAL_LS_SPECTRA and config.set_spectra) else loss
-    fit.history.append(-fit.loss)
+    return _use_best_iterate(fit, loss)
+
+
+def _best_iterate_loss(fit, config, conv, data, w, joint, bufs):
+    """Put the fit's best iterate back into its state, with final spectra;
+    returns its loss (at most the best iterate's: the spectrum solve keeps
+    the better spectra)."""
+    _restore(fit.state, fit.best[1])
+    tsum, spec_sum = np.zeros((1, 1), np.float32), np.zeros(fit.state.box.shape[0], np.float32)
+    return _finish(fit.state, fit.shift, FINAL_LS_SPECTRA and config.set_spectra, conv, data, w,
+                   joint, bufs, tsum, spec_sum)
+
+
+def _use_best_iterate(fit, loss):
+    """Mark ``fit`` (its state already the best iterate) as that fallback."""
+    fit.loss = loss
+    fit.history.append(-loss)
     fit.fallback = "best_iterate"
     return fit
 
@@ -897,13 +917,21 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     iterations = 0
     kept_start = False
     if state is not None and state.box.shape[0] > 0:
-        # a copy of the start, for the no-symmetry refit should the fit diverge
-        cold = copy.deepcopy(state) if config.symmetric and not warm else None
+        # the start again, for the no-symmetry refit should the fit diverge
+        # (made afresh when needed: a copy of every start costs 50 us a blend)
+        cold = None
+        if config.symmetric and not warm:
+            def cold():
+                return _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W)
         args = (peaks, conv, data, w, inv_var, joint, bufs)
         fit = _fit(state, config, warm, init, *args)
         diverged = fit.diverged()
         if diverged:
             fit = _fall_back(fit, cold, config, *args)
+        elif not fit.converged and fit.best[0] < fit.loss:
+            # stopped at max_iter past its best (contested symmetry can keep
+            # a crowded fit oscillating): the best iterate, flagged as such
+            fit = _use_best_iterate(fit, _best_iterate_loss(fit, config, conv, data, w, joint, bufs))
         state, shift, loss, history = fit.state, fit.shift, fit.loss, fit.history
         converged, iterations, kept_start = fit.converged, fit.iterations, fit.kept_start
         fallback = fit.fallback
