@@ -176,6 +176,7 @@ def test_cli_apertures(field, tmp_path, capsys):
             "kron_radius", "shape_xy"} <= set(df.columns)
     assert "aperture_flux_3" not in df.columns
     assert np.all(df["aperture_flux_8"] > df["aperture_flux_2p5"])
+    capsys.readouterr()  # the successful call's notices ("using run ...")
     for bad in ("0", "3,x", "-2", "nan"):
         assert main(["catalog", str(field.path), "--band", "g", "--apertures", bad, "-o", str(out)]) == 2
         err = capsys.readouterr().err
