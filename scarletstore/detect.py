@@ -144,6 +144,7 @@ DEFAULTS = {
     "residual_exclusion": None,  # -> 0.6 FWHM, no companion closer to a peak than this
     "residual_min": 7.0,         # residual (units of the peak image noise) of a companion
     "residual_frac": 0.2,        # ... and at least this fraction of the local peak image
+    "refine_isolated": True,     # isolated peaks: position from the PSF-matched image
     "bkg_cell": 128,
     "bkg_nsigma": 3.0,
     "bkg_passes": 2,
@@ -911,6 +912,60 @@ def _residual_peaks(img, mask, cy, cx, radius, exclusion, r_min, frac):
     return np.array(out_y), np.array(out_x), np.array(out_r)
 
 
+@numba.njit(cache=True)
+def _climb(img, y, x, steps):
+    # Steepest ascent over the 8 neighbours, at most `steps` moves; reports
+    # whether it stopped at a local maximum.
+    ny, nx = img.shape
+    for _ in range(steps + 1):
+        by, bx = y, x
+        best = img[y, x]
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                yy, xx = y + dy, x + dx
+                if 0 <= yy < ny and 0 <= xx < nx and img[yy, xx] > best:
+                    best = img[yy, xx]
+                    by, bx = yy, xx
+        if by == y and bx == x:
+            return y, x, True
+        y, x = by, bx
+    return y, x, False
+
+
+def _refine_isolated(zsig, py, px, flags, keep, isolation, max_shift):
+    """Move isolated peaks to the maximum of the multi-band PSF-matched image.
+
+    The narrow peak image splits neighbours but, being noisier, places a
+    faint source's maximum a pixel or two off; for a point source alone the
+    maximum of the matched-filter (likelihood) image is the best position
+    estimate (Kaiser 2001). Peaks with no other kept peak within
+    ``isolation`` pixels climb ``zsig`` from their pixel (sub-pixel by a
+    parabola) and move there if that is a local maximum within
+    ``max_shift`` pixels (on a neighbour's wing the climb finds none); peaks
+    near others keep the narrow image's position, where a neighbour's slope
+    would pull the smooth image's maximum. Residual companions are left alone.
+    """
+    py, px = py.copy(), px.copy()
+    sel = np.flatnonzero(keep & ((flags & PEAK_RESIDUAL) == 0))
+    if sel.size == 0:
+        return py, px
+    pts = np.column_stack([py[keep], px[keep]])
+    d, _ = cKDTree(pts).query(np.column_stack([py[sel], px[sel]]), k=2)
+    alone = sel[d[:, 1] > isolation] if pts.shape[0] > 1 else sel
+    img = np.ascontiguousarray(zsig, dtype=np.float32)
+    steps = int(np.ceil(max_shift)) + 1
+    for k in alone:
+        iy = min(max(int(round(py[k])), 0), img.shape[0] - 1)
+        ix = min(max(int(round(px[k])), 0), img.shape[1] - 1)
+        cy, cx, top = _climb(img, iy, ix, steps)
+        if not top:  # on a slope (a neighbour's wing): no maximum of its own nearby
+            continue
+        y, x = _subpixel(img, np.array([cy], np.int32), np.array([cx], np.int32))
+        if np.hypot(y[0] - py[k], x[0] - px[k]) <= max_shift:
+            py[k], px[k] = y[0], x[0]
+    return py, px
+
+
 # ------------------------------------------------------------------ known positions
 _FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fz")
 
@@ -1341,6 +1396,10 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
             p_flags = np.concatenate([p_flags, np.full(n_new, PEAK_RESIDUAL, np.int64)])
             keep = np.concatenate([keep, np.ones(n_new, bool)])
     del zsharp, kept_chi
+
+    # ---- positions of isolated peaks from the likelihood image
+    if cfg["refine_isolated"] and p_y.size:
+        p_y, p_x = _refine_isolated(zsig, p_y, p_x, p_flags, keep, 2.0 * fwhm, 0.5 * fwhm)
 
     # ---- known (external) positions
     ky, kx = _known_positions(exposure, known)
