@@ -451,6 +451,15 @@ def test_cli_detect_bad_planes(tmp_path, capsys):
     assert main(["detect", str(path), "--bad-planes", "BAD,CR,SAT"]) == 0
     parents = Store(path).read("parents")
     assert json.loads(parents.attrs["config"])["bad_mask_planes"] == ["BAD", "CR", "SAT"]
+    # known positions: all kept, those off the image counted in one warning line
+    table = tmp_path / "known.csv"
+    table.write_text("x,y\n30,30\n60,50\n-20,5\n")
+    capsys.readouterr()
+    assert main(["detect", str(path), "--replace", "--peaks", str(table)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: 1 of 3 known position(s) outside" in err
+    parents = Store(path).read("parents")
+    assert ((parents["peak_flags"].values & PEAK_EXTERNAL) != 0).sum() == 2
 
 
 # ---------------------------------------------------------------- known positions
