@@ -2,8 +2,10 @@
 
 Prints
 * recall of true sources with i-band SNR > 10, the fraction of peaks that
-  match no true source, and the split rate of close pairs, on the field of
-  ``simulate_field(size=600, seed=7)``;
+  match no true source, and the split rate of close pairs, on each field of
+  ``FIELDS``: the default ``simulate_field(size=600, seed=7)`` and fields
+  built differently (strong-wing Moffat PSFs, bright and saturated stars,
+  raw cosmic rays and hot bad columns, mostly sky, crowded);
 * the offsets of the 7 catalogue peaks of ``../shared/data/hsc_cosmos_35.npz``;
 * numba compile time, then the median wall time and the peak memory of
   detecting a 4000 x 4000 six-band patch (the size-600 field tiled, so its

@@ -26,7 +26,16 @@
    higher one: a maximum is a peak when it rises at least ``min_prominence``
    sigma above that saddle (splits close pairs, rejects noise bumps) and the
    detection significance at its pixel is at least ``peak_floor``. Sub-pixel
-   positions come from a parabola through the 3 x 3 neighbourhood.
+   positions come from a parabola through the 3 x 3 neighbourhood. On a
+   bright neighbour's wing the significance is above threshold everywhere,
+   so a peak must also stand out of that wing by itself: its height above
+   the lower of the saddle level and the neighbour's 180-degree mirror value
+   must reach ``peak_own_floor`` (4) sigma of the pixel noise and of a
+   ``peak_contrast`` (5 %) uncertainty of the wing, added in quadrature.
+   4 sigma is where the prominence of pure-noise maxima of the peak image
+   becomes rare (measured on 10^6 noise pixels: 1e-2 per pixel reach 1.5
+   sigma, 6e-4 reach 3, 2e-5 reach 4); 5 % is the scale of PSF-model and
+   saturation-edge structure in a bright profile.
 5. **Association.** Peaks from different images closer than
    ``association_radius`` become one peak carrying the OR of the images that
    saw it (bit i = band i, bit 30 = the multi-band image). A peak only single
@@ -41,6 +50,17 @@
    closest first) into a detected peak within the association radius, else
    added inside the parent they fall in, else given a new parent (a disk one
    growth radius wide).
+
+Bad pixels (mask planes ``bad_mask_planes``, by default those of Rubin's
+deblender: BAD, CR, NO_DATA, SAT, SUSPECT, EDGE) have zero weight in every
+image, so they never seed, grow or peak a detection by their own values; a
+footprint may still cover them when it grows from good neighbours. Around
+bad regions of 9 pixels or more the significance is recomputed with the
+whole PSF (:func:`refilter_holes`), and where bad pixels leave the narrow
+peak kernel without support the peak image is filled from it
+(:func:`fill_unsupported`): a saturated star is detected from its
+unsaturated wings with one peak at its centre, and a cosmic ray or bad
+column does not cut a source in two.
 
 Speed: PSF convolutions are full-frame single-precision FFTs with the kernel
 cut to its S/N-bearing core, the peak images separable Gaussian filters, one
@@ -108,6 +128,8 @@ DEFAULTS = {
     "grow_fwhm": 1.0,            # footprint growth, in FWHM
     "peak_floor": None,          # -> threshold
     "min_prominence": 1.5,       # sigma above the saddle to a higher peak
+    "peak_contrast": 0.05,       # fractional model uncertainty of a brighter neighbour's light
+    "peak_own_floor": 4.0,       # sigma above the brighter neighbour's wing (see _own_significance)
     "peak_sigma": None,          # -> Gaussian sigma (px) of the peak-finding image
     "peak_sigma_wide": 0.0,      # > peak_sigma: difference-of-Gaussians peak image
     "peak_combine": "sum",       # multi-band peak image: "sum" (linear) or "chi2"
@@ -122,6 +144,7 @@ DEFAULTS = {
     "residual_exclusion": None,  # -> 0.6 FWHM, no companion closer to a peak than this
     "residual_min": 7.0,         # residual (units of the peak image noise) of a companion
     "residual_frac": 0.2,        # ... and at least this fraction of the local peak image
+    "refine_isolated": True,     # isolated peaks: position from the PSF-matched image
     "bkg_cell": 128,
     "bkg_nsigma": 3.0,
     "bkg_passes": 2,
@@ -337,15 +360,18 @@ def _kernel_coverage(good, sigma):
     return w
 
 
-def refilter_holes(sig, image, variance, good, psf, background=None):
-    """Matched filter with the whole PSF inside holes its cut kernel cannot see across.
+def refilter_holes(sig, image, variance, good, psf, background=None, min_pixels=9):
+    """Matched filter with the whole PSF around bad regions of at least ``min_pixels``.
 
-    :func:`matched_filter` cuts the PSF to its S/N-bearing core, so in a bad
-    region wider than that core (a saturated star's centre) no usable pixel
-    is in reach and the significance is left at zero: the footprint gets a
-    hole and the star's peaks land on its rim. Around each such region
-    (padded by the PSF radius) the significance is recomputed with the full
-    PSF image, which reaches the unsaturated wings.
+    :func:`matched_filter` cuts the PSF to its S/N-bearing core. Next to a
+    bad region wider than a few pixels (a saturated core, a bad column) that
+    core sees a changing part of the region as it moves, which leaves bumps
+    of several per cent of a bright source in the significance, and inside
+    a region wider than the core nothing is in reach (zero): a saturated star
+    gets a ring of peaks. Around each such region (padded by the PSF radius)
+    the significance is recomputed with the full PSF image, which reaches the
+    unsaturated wings smoothly. Small regions (hot pixels, most cosmic rays)
+    need no such care and are skipped.
 
     Parameters
     ----------
@@ -360,15 +386,19 @@ def refilter_holes(sig, image, variance, good, psf, background=None):
     """
     from scipy import ndimage, signal
 
-    deep = ~good & (sig == 0)
-    if not deep.any():
+    if good.all():
         return sig
-    labels, _ = ndimage.label(deep, structure=np.ones((3, 3), bool))
+    labels, _ = ndimage.label(~good, structure=np.ones((3, 3), bool))
     p = np.asarray(psf, np.float64)
     ry, rx = p.shape[0] // 2, p.shape[1] // 2
     ny, nx = sig.shape
     kern, kern2 = p[::-1, ::-1], (p * p)[::-1, ::-1]
-    for sl in ndimage.find_objects(labels):
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        region = labels[sl] == lab
+        if region.sum() < min_pixels and not (sig[sl][region] == 0).any():
+            continue
         y0, y1 = max(sl[0].start - 2 * ry, 0), min(sl[0].stop + 2 * ry, ny)
         x0, x1 = max(sl[1].start - 2 * rx, 0), min(sl[1].stop + 2 * rx, nx)
         g = good[y0:y1, x0:x1]
@@ -382,14 +412,14 @@ def refilter_holes(sig, image, variance, good, psf, background=None):
         ok = den > 1e-7 * max(float(den.max()), 1e-30)
         out = np.zeros(num.shape)
         out[ok] = num[ok] / np.sqrt(den[ok])
-        # only the outer PSF radius of the cutout lacks data beyond its edge
+        # the outer PSF radius of the cutout misses data beyond its edge: keep the inner part
         iy0, iy1 = (ry if y0 > 0 else 0), (y1 - y0 - ry if y1 < ny else y1 - y0)
         ix0, ix1 = (rx if x0 > 0 else 0), (x1 - x0 - rx if x1 < nx else x1 - x0)
         sig[y0 + iy0:y0 + iy1, x0 + ix0:x0 + ix1] = out[iy0:iy1, ix0:ix1]
     return sig
 
 
-def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5, window=15):
+def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5):
     """Fill the peak image where bad pixels leave its narrow kernel without support.
 
     Where less than ``min_coverage`` of the narrow kernel's weight lies on
@@ -398,9 +428,11 @@ def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5, window=15):
     saturated star with maxima. There it is replaced by the PSF-matched
     significance ``sig``, the only good-pixel statistic that spans the hole
     (by Cauchy-Schwarz its expectation peaks at the centre of a source even
-    when the source's core is masked), scaled by the local least-squares
-    ratio ``sharp / sig`` on the rim of usable pixels around the hole (a
-    ``window``-pixel box) so the fill joins the narrow image without a step.
+    when the source's core is masked), scaled by the largest ratio
+    ``sharp / sig`` on the bright part of the rim of usable pixels around the
+    hole (one ratio per hole, so the fill keeps the shape of ``sig`` and adds
+    no maxima of its own, and rises above the rim rather than leaving a
+    ring of maxima around it).
 
     Parameters
     ----------
@@ -422,14 +454,24 @@ def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5, window=15):
     low = _kernel_coverage(good, sigma) < min_coverage
     if not low.any():
         return sharp
-    rim = ndimage.binary_dilation(low, structure=np.ones((3, 3), bool)) & ~low
-    # Local least squares fit sharp ~ s * sig over rim pixels: sums in a box.
-    num = ndimage.uniform_filter(np.where(rim, sharp * sig, 0).astype(np.float32), window,
-                                 mode="constant")
-    den = ndimage.uniform_filter(np.where(rim, sig * sig, 0).astype(np.float32), window,
-                                 mode="constant")
-    ok = low & (den > 0)
-    sharp[ok] = num[ok] / den[ok] * sig[ok]
+    labels, n = ndimage.label(low, structure=np.ones((3, 3), bool))
+    # rim: the usable-kernel pixels touching a hole, each given to the hole it touches
+    near = ndimage.grey_dilation(labels, size=(3, 3))
+    rim = (labels == 0) & (near > 0)
+    lab = near[rim]
+    rs, rr = sig[rim].astype(np.float64), sharp[rim].astype(np.float64)
+    # The ratio sharp / sig grows towards a source's centre (the narrow image
+    # is the more peaked), so the ratio on the rim under-fills the hole and
+    # leaves a ring of maxima just outside it. The largest ratio on the
+    # bright half of each rim (sig >= half its rim maximum, so sky noise
+    # ratios do not count) makes the filled hole rise above its rim.
+    top = np.zeros(n + 1)
+    np.maximum.at(top, lab, rs)
+    use = (rs >= 0.5 * top[lab]) & (rs > 0)
+    scale = np.zeros(n + 1)
+    np.maximum.at(scale, lab[use], rr[use] / rs[use])
+    ok = labels > 0
+    sharp[ok] = (scale[labels[ok]] * sig[ok]).astype(np.float32)
     return sharp
 
 
@@ -568,6 +610,8 @@ def _flood_peaks(img, mask, level, min_prominence):
         rank[flat[order[r]]] = r
     uf = np.arange(n).astype(np.int32)
     prom = np.full(n, -1.0, np.float32)  # -1: not (yet) a peak; inf: never merged
+    saddle_at = np.full(n, -1, np.int64)  # flat pixel where a peak's region met a higher one
+    higher_at = np.full(n, -1, np.int64)  # flat pixel of that higher region's maximum
     roots = np.empty(8, np.int32)
     for r in range(n):
         p = flat[order[r]]
@@ -607,6 +651,8 @@ def _flood_peaks(img, mask, level, min_prominence):
             if o != best:
                 height = -vals[order[o]]
                 prom[o] = height - v
+                saddle_at[o] = p
+                higher_at[o] = flat[order[best]]
                 uf[o] = best
         uf[r] = best
     # Surviving maxima; a region that never met a higher one keeps inf.
@@ -617,6 +663,8 @@ def _flood_peaks(img, mask, level, min_prominence):
     py = np.empty(count, np.int32)
     px = np.empty(count, np.int32)
     pp = np.empty(count, np.float32)
+    ps = np.empty(count, np.int64)
+    ph = np.empty(count, np.int64)
     k = 0
     for r in range(n):
         if prom[r] >= min_prominence:
@@ -624,8 +672,10 @@ def _flood_peaks(img, mask, level, min_prominence):
             py[k] = p // nx
             px[k] = p - (p // nx) * nx
             pp[k] = prom[r]
+            ps[k] = saddle_at[r]
+            ph[k] = higher_at[r]
             k += 1
-    return py, px, pp
+    return py, px, pp, ps, ph
 
 
 @numba.njit(cache=True)
@@ -677,8 +727,56 @@ def _suppress_close(y, x, sig, radius):
     return order[alive[order]]
 
 
+def _own_significance(img, py, px, s_at, h_at, contrast=0.0):
+    """Significance of each peak above the light of the brighter neighbour it merges into.
+
+    A peak on the wing of a brighter source (whose maximum is the flat pixel
+    ``h_at``, met at the saddle pixel ``s_at`` of the peak image ``img``) is a
+    detection only if it stands out of that wing by itself. Two estimates of
+    the wing's light ``B`` at the peak ``q`` fail in different ways: the
+    saddle level (a monotonic neighbour is at least that bright at the
+    saddle, which lies between them, so it over-estimates ``B``) and the
+    neighbour's 180-degree mirror ``L(2c - q)`` (brightest of its 3 x 3
+    pixels, as ``c`` is a whole pixel; a point-symmetric
+    neighbour's light is the same there; the template of the SDSS
+    deblender, spoilt when the mirror lands on a third source). The lower of
+    the two is taken. The excess ``L(q) - B`` is compared with the pixel
+    noise (1 in the unit-noise peak image) and a model uncertainty
+    ``contrast * B`` of the wing added in quadrature: at hundreds of sigma, a
+    few per cent of structure in a bright profile (PSF mismatch, the edge of
+    a saturated core) is not a source. A peak that met no higher one keeps
+    its height.
+
+    Returns
+    -------
+    (n,) float64, ``(L(q) - B) / sqrt(1 + (contrast B)^2)``.
+    """
+    ny, nx = img.shape
+    own = img[py, px].astype(np.float64)
+    has = s_at >= 0
+    if not has.any():
+        return own
+    qy, qx = py[has].astype(np.int64), px[has].astype(np.int64)
+    sy, sx = s_at[has] // nx, s_at[has] % nx
+    cy, cx = h_at[has] // nx, h_at[has] % nx
+    wing = img[sy, sx].astype(np.float64)
+    # The neighbour's centre is only known to a pixel: the brightest of the
+    # 3 x 3 pixels about the mirror point bounds its light there.
+    my, mx = 2 * cy - qy, 2 * cx - qx
+    mirror = np.full(wing.shape, -np.inf)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            yy, xx = my + dy, mx + dx
+            ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+            mirror[ok] = np.maximum(mirror[ok], img[yy[ok], xx[ok]])
+    mirror[~np.isfinite(mirror)] = np.inf  # mirror off the image: the saddle alone
+    b = np.maximum(np.minimum(wing, mirror), 0.0)
+    own[has] = (own[has] - b) / np.sqrt(1.0 + (contrast * b) ** 2)
+    return own
+
+
 def find_peaks(peak_image, footprint_mask, min_prominence, level=0.0, significance=None,
-               floor=0.0, min_separation=0.0):
+               floor=0.0, min_separation=0.0, contrast=0.0, return_own=False):
     """Peaks of one detection image inside a footprint mask.
 
     Parameters
@@ -699,6 +797,12 @@ def find_peaks(peak_image, footprint_mask, min_prominence, level=0.0, significan
         Minimum significance of a peak.
     min_separation : float
         Of two peaks closer than this (pixels) only the more significant is kept.
+    contrast : float
+        Fractional uncertainty of the brighter neighbour's light, for the
+        significance returned with ``return_own``.
+    return_own : bool
+        Also return each peak's significance above the light of the
+        brighter neighbour it merges into (see :func:`_own_significance`).
 
     Returns
     -------
@@ -708,14 +812,17 @@ def find_peaks(peak_image, footprint_mask, min_prominence, level=0.0, significan
     """
     img = np.ascontiguousarray(peak_image, dtype=np.float32)
     mask = np.ascontiguousarray(footprint_mask, dtype=np.bool_)
-    py, px, _ = _flood_peaks(img, mask, np.float32(level), np.float32(min_prominence))
+    py, px, prom, s_at, h_at = _flood_peaks(img, mask, np.float32(level), np.float32(min_prominence))
     sig = img if significance is None else significance
+    own = _own_significance(img, py, px, s_at, h_at, contrast)
     val = sig[py, px]
     sel = val >= floor
-    py, px, val = py[sel], px[sel], val[sel]
+    py, px, val, own = py[sel], px[sel], val[sel], own[sel]
     keep = _suppress_close(py.astype(float), px.astype(float), val, min_separation)
-    py, px, val = py[keep], px[keep], val[keep]
+    py, px, val, own = py[keep], px[keep], val[keep], own[keep]
     y, x = _subpixel(img, py, px)
+    if return_own:
+        return y, x, py, px, val, own.astype(np.float32)
     return y, x, py, px, val
 
 
@@ -803,6 +910,60 @@ def _residual_peaks(img, mask, cy, cx, radius, exclusion, r_min, frac):
                 out_x.append(x + ox)
                 out_r.append(v)
     return np.array(out_y), np.array(out_x), np.array(out_r)
+
+
+@numba.njit(cache=True)
+def _climb(img, y, x, steps):
+    # Steepest ascent over the 8 neighbours, at most `steps` moves; reports
+    # whether it stopped at a local maximum.
+    ny, nx = img.shape
+    for _ in range(steps + 1):
+        by, bx = y, x
+        best = img[y, x]
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                yy, xx = y + dy, x + dx
+                if 0 <= yy < ny and 0 <= xx < nx and img[yy, xx] > best:
+                    best = img[yy, xx]
+                    by, bx = yy, xx
+        if by == y and bx == x:
+            return y, x, True
+        y, x = by, bx
+    return y, x, False
+
+
+def _refine_isolated(zsig, py, px, flags, keep, isolation, max_shift):
+    """Move isolated peaks to the maximum of the multi-band PSF-matched image.
+
+    The narrow peak image splits neighbours but, being noisier, places a
+    faint source's maximum a pixel or two off; for a point source alone the
+    maximum of the matched-filter (likelihood) image is the best position
+    estimate (Kaiser 2001). Peaks with no other kept peak within
+    ``isolation`` pixels climb ``zsig`` from their pixel (sub-pixel by a
+    parabola) and move there if that is a local maximum within
+    ``max_shift`` pixels (on a neighbour's wing the climb finds none); peaks
+    near others keep the narrow image's position, where a neighbour's slope
+    would pull the smooth image's maximum. Residual companions are left alone.
+    """
+    py, px = py.copy(), px.copy()
+    sel = np.flatnonzero(keep & ((flags & PEAK_RESIDUAL) == 0))
+    if sel.size == 0:
+        return py, px
+    pts = np.column_stack([py[keep], px[keep]])
+    d, _ = cKDTree(pts).query(np.column_stack([py[sel], px[sel]]), k=2)
+    alone = sel[d[:, 1] > isolation] if pts.shape[0] > 1 else sel
+    img = np.ascontiguousarray(zsig, dtype=np.float32)
+    steps = int(np.ceil(max_shift)) + 1
+    for k in alone:
+        iy = min(max(int(round(py[k])), 0), img.shape[0] - 1)
+        ix = min(max(int(round(px[k])), 0), img.shape[1] - 1)
+        cy, cx, top = _climb(img, iy, ix, steps)
+        if not top:  # on a slope (a neighbour's wing): no maximum of its own nearby
+            continue
+        y, x = _subpixel(img, np.array([cy], np.int32), np.array([cx], np.int32))
+        if np.hypot(y[0] - py[k], x[0] - px[k]) <= max_shift:
+            py[k], px[k] = y[0], x[0]
+    return py, px
 
 
 # ------------------------------------------------------------------ known positions
@@ -1119,10 +1280,12 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     def detect_in(sig, peak_img, bit):
         kept = footprints_of(sig)
         union[...] |= kept
-        y, x, iy, ix, val = find_peaks(peak_img, kept, cfg["min_prominence"], level=cfg["peak_level"],
-                                       significance=sig, floor=cfg["peak_floor"],
-                                       min_separation=cfg["min_separation"])
-        peak_sets.append((y, x, iy, ix, val, np.full(y.size, bit, np.int64)))
+        y, x, iy, ix, val, own = find_peaks(peak_img, kept, cfg["min_prominence"],
+                                            level=cfg["peak_level"], significance=sig,
+                                            floor=cfg["peak_floor"],
+                                            min_separation=cfg["min_separation"],
+                                            contrast=cfg["peak_contrast"], return_own=True)
+        peak_sets.append((y, x, iy, ix, val, np.full(y.size, bit, np.int64), own))
         return kept
 
     peak_sigma = cfg["peak_sigma"]
@@ -1146,7 +1309,7 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
         nvalid += den > 0
         del den
         sharp = gaussian_significance(img, var, good, peak_sigma, bkg, cfg["peak_sigma_wide"])
-        fill_unsupported(sharp, sig, good, peak_sigma, window=2 * int(np.ceil(2 * fwhm)) + 1)
+        fill_unsupported(sharp, sig, good, peak_sigma)
         del bkg, good
         _accumulate_positive_square(chi2, sig)
         if cfg["peak_combine"] == "sum":
@@ -1181,6 +1344,7 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     ixs = np.concatenate([p[3] for p in peak_sets]).astype(np.int32)
     sigs = np.concatenate([p[4] for p in peak_sets]).astype(np.float32)
     imgs = np.concatenate([p[5] for p in peak_sets])
+    owns = np.concatenate([p[6] for p in peak_sets]).astype(np.float32)
     group, seeds = _associate(ys, xs, sigs, imgs, cfg["association_radius"])
     band_bits = np.zeros(seeds.size, np.int64)
     np.bitwise_or.at(band_bits, group, np.left_shift(np.int64(1), imgs))
@@ -1190,6 +1354,11 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     # bright neighbour (each band image is noisier than the combination), so
     # it must be brighter to stand on its own.
     keep = ((band_bits >> CHI2_BIT) & 1).astype(bool) | (best_sig >= cfg["band_only_floor"])
+    # A peak on a brighter neighbour's wing must stand out of that wing by
+    # itself in at least one detection image (see _own_significance).
+    best_own = np.full(seeds.size, -np.inf, np.float32)
+    np.maximum.at(best_own, group, owns)
+    keep &= best_own >= cfg["peak_own_floor"]
     p_y, p_x = ys[seeds], xs[seeds]
     p_iy, p_ix = iys[seeds], ixs[seeds]
     p_sig, p_bands = best_sig, band_bits
@@ -1227,6 +1396,10 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
             p_flags = np.concatenate([p_flags, np.full(n_new, PEAK_RESIDUAL, np.int64)])
             keep = np.concatenate([keep, np.ones(n_new, bool)])
     del zsharp, kept_chi
+
+    # ---- positions of isolated peaks from the likelihood image
+    if cfg["refine_isolated"] and p_y.size:
+        p_y, p_x = _refine_isolated(zsig, p_y, p_x, p_flags, keep, 2.0 * fwhm, 0.5 * fwhm)
 
     # ---- known (external) positions
     ky, kx = _known_positions(exposure, known)

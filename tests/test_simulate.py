@@ -250,3 +250,68 @@ def test_missing_galsim_is_an_input_error(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"pip install 'scarletstore\[sim\]'"):
         simulate_field(tmp_path / "x", size=32, bands="r")
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- fields unlike the default
+@pytest.fixture(scope="module")
+def odd_field(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim_odd")
+    paths = simulate_field(out, size=96, seed=8, bands="gri", density=60.0, psf_beta=2.5,
+                           bright_stars=2, saturation=2e4, cosmic_rays=4, bad_columns=1)
+    return out, paths
+
+
+def test_default_field_has_no_artifacts_file(field):
+    out, paths = field
+    assert "artifacts" not in paths and not (out / "truth_artifacts.fits").exists()
+
+
+def test_strong_wing_psf(odd_field, field):
+    from scarletstore.simulate import load_artifacts  # noqa: F401
+
+    _, paths = odd_field
+    _, ref = field
+    wide = fits.getdata(paths["bands"]["i"], "PSF").astype(float)
+    core = fits.getdata(ref["bands"]["i"], "PSF").astype(float)
+    assert fits.getheader(paths["bands"]["i"], "PSF")["BETA"] == 2.5
+    yy, xx = np.mgrid[:41, :41] - 20
+    far = np.hypot(yy, xx) > 8
+    # beta 2.5 puts several times more light beyond 8 px than the default 3.5
+    assert wide[far].sum() > 2.5 * core[far].sum()
+
+
+def test_artifacts_are_flagged_and_recorded(odd_field):
+    from scarletstore.simulate import MASK_PLANES, load_artifacts
+
+    out, paths = odd_field
+    art = load_artifacts(out)
+    table, _ = load_truth(out)
+    assert len(table) == len(_draw_catalogue(np.random.default_rng(8), 96, 60.0)["x"]) + 2
+    for b in "gri":
+        image = fits.getdata(paths["bands"][b], "IMAGE")
+        mask = fits.getdata(paths["bands"][b], "MASK")
+        rows = art[art["band"] == b]
+        assert (rows["kind"] == "CR").sum() == 4 and (rows["kind"] == "BAD_COLUMN").sum() == 1
+        for r in rows:
+            box = (slice(r["y0"], r["y1"] + 1), slice(r["x0"], r["x1"] + 1))
+            bit = {"CR": "CR", "BAD_COLUMN": "BAD", "SAT": "SAT"}[r["kind"]]
+            flagged = (mask[box] & (1 << MASK_PLANES[bit])) != 0
+            assert flagged.sum() >= r["n_pixels"]
+        sat = (mask & (1 << MASK_PLANES["SAT"])) != 0
+        assert np.all(image[sat] == np.float32(2e4)) and np.all(image[~sat] <= 2e4)
+        # raw cosmic rays keep their value: far above the noise
+        cr = (mask & (1 << MASK_PLANES["CR"])) != 0
+        assert np.median(image[cr & ~sat]) > 10 * fits.getheader(paths["bands"][b], "IMAGE")["NOISESIG"]
+    sat_rows = art[art["kind"] == "SAT"]
+    assert len(sat_rows) >= 1
+    # each saturated core belongs to one of the two bright stars
+    assert set(sat_rows["source_id"]) <= set(range(len(table) - 1, len(table) + 1))
+
+
+def test_bad_options(tmp_path):
+    with pytest.raises(InputError, match="psf_beta"):
+        simulate_field(tmp_path, size=32, psf_beta=1.0)
+    with pytest.raises(InputError, match="non-negative"):
+        simulate_field(tmp_path, size=32, cosmic_rays=-1)
+    with pytest.raises(InputError, match="saturation"):
+        simulate_field(tmp_path, size=32, saturation=0)
