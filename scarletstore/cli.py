@@ -132,9 +132,9 @@ def cmd_coadd(args):
         raise StoreError(f"{path}: already exists; coadd creates a new store")
     grid = read_grid(args.grid)
     visits = read_visits(args.visits, grid, bands=_bands(args.bands))
-    exposure, table = direct_coadd(visits, grid, kernel=args.kernel, workers=args.workers,
-                                   progress=True)
-    Store.create(path, {"exposure": exposure, "visits": table})
+    exposure, table, likelihood = direct_coadd(visits, grid, kernel=args.kernel,
+                                               workers=args.workers, progress=True)
+    Store.create(path, {"exposure": exposure, "visits": table, "coadds/likelihood": likelihood})
     ny, nx = grid.shape
     print(f"coadded {len(visits)} visits in {exposure.sizes['band']} bands "
           f"({','.join(exposure.band.values)}) onto {ny}x{nx} pixels at zero point "

@@ -108,6 +108,9 @@ class Store:
         out = {}
         with self._h5() as f:
             names = [n for n in f.keys() if n != RUNS]
+            # A folder group without a schema (e.g. coadds/) holds product groups.
+            names = [f"{n}/{c}" if "schema" not in f[n].attrs else n for n in names
+                     for c in (f[n].keys() if "schema" not in f[n].attrs else [None])]
             if RUNS in f:
                 names += [run_group(n) for n in f[RUNS].keys()]
             for name in names:

@@ -63,7 +63,7 @@ def test_simulated_visits_follow_the_visit_format(sim):
 def test_coadd_of_one_visit_equals_that_visit_warped(sim):
     grid = read_grid(sim["grid"])
     visit = read_visits([sim["visits"][2]], grid)[0]
-    ex, table = direct_coadd([visit], grid)
+    ex, table, _ = direct_coadd([visit], grid)
     img, var, msk = visit.load()
     warp = warp_image(img, var, msk, visit.bad_bits(), visit.wcs, grid.wcs, grid.shape,
                       flux_scale=visit.flux_scale(27.0))
@@ -86,7 +86,7 @@ def _aperture(img, x, y, r):
 
 def test_direct_coadd_noise_and_star_fluxes(clean_sim):
     grid = read_grid(clean_sim["grid"])
-    ex, table = direct_coadd(read_visits(clean_sim["visits"], grid), grid)
+    ex, table, _ = direct_coadd(read_visits(clean_sim["visits"], grid), grid)
     img, var = ex["image"].values[0].astype(float), ex["variance"].values[0].astype(float)
     truth = Table.read(clean_sim["truth"])
     # Blank sky: further than 12 pixels from every source; truth is zero there.
@@ -183,5 +183,8 @@ def test_cli_simulate_coadd_then_detect(tmp_path, capsys):
     assert planes["NO_DATA"] == 8 and "INEXACT_PSF" in planes
     # Cosmic rays are flagged on the coadd (information only) and left out of the stack.
     assert ((ex["mask"].values & (1 << planes["CR"])) != 0).sum() > 0
+    # The Kaiser coadd is a schema'd group under coadds/, listed like any product.
+    assert s.groups()["coadds/likelihood"]["schema"] == "likelihood_coadd"
+    assert s.read("coadds/likelihood")["significance"].shape == (2, 64, 64)
     assert main(["detect", str(store)]) == 0
     assert s.read("parents").sizes["parent"] > 0
