@@ -188,3 +188,13 @@ def test_cli_simulate_coadd_then_detect(tmp_path, capsys):
     assert s.read("coadds/likelihood")["significance"].shape == (2, 64, 64)
     assert main(["detect", str(store)]) == 0
     assert s.read("parents").sizes["parent"] > 0
+
+
+def test_psf_fwhm_of_gaussians():
+    from scarletstore.coadd.stack import psf_fwhm
+
+    y, x = np.mgrid[0:47, 0:47] - 23.0
+    # A 2.8-pixel FWHM is barely sampled: its interpolated contour is ~1 % small.
+    for sigma, tol in ((1.2, 0.02), (2.0, 0.006), (3.5, 0.006)):
+        p = np.exp(-0.5 * (x**2 + y**2) / sigma**2)
+        assert psf_fwhm(p / p.sum(), 0.2) == pytest.approx(2.3548 * sigma * 0.2, rel=tol)

@@ -44,6 +44,15 @@ def psf_fwhm(psf, pixel_scale: float, oversample: int = 8) -> float:
     is not quantised to whole pixels.
     """
     psf = np.asarray(psf, np.float64)
+    # The half-maximum contour lies near the centre: resample only a central
+    # cut-out (with room for the kernel) instead of the whole PSF image.
+    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+    peak = psf[cy, cx]
+    r = 3
+    while r < min(cy, cx) and np.any(psf[cy - r:cy + r + 1, cx - r:cx + r + 1][[0, -1]] >= 0.3 * peak):
+        r += 2
+    r = min(r + 3, cy, cx)
+    psf = psf[cy - r:cy + r + 1, cx - r:cx + r + 1]
     ny, nx = psf.shape
     n = oversample
     fy = (np.arange(ny * n) + 0.5) / n - 0.5
