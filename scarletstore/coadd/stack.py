@@ -241,6 +241,8 @@ def visits_table(visits: list[Visit], rows: list[dict], zeropoint, kernel) -> xr
             "used": ("visit", np.array([r["used"] for r in rows], bool)),
             "reason": ("visit", np.array([r["reason"] for r in rows], dtype=object)),
             "n_good": ("visit", np.array([r["n_good"] for r in rows], np.int64)),
+            "n_rejected": ("visit", np.array([r.get("n_rejected", 0) for r in rows], np.int64)),
+            "psf_matched": ("visit", np.array([r.get("psf_matched", False) for r in rows], bool)),
             "wcs": ("visit", np.array([v.wcs_text for v in visits], dtype=object)),
         },
         attrs={"zeropoint": float(zeropoint), "kernel": kernel},
