@@ -10,9 +10,11 @@ per band, seed 1, 36 bright stars on a lattice plus the field catalogue):
   moments of the coadd PSF;
 * robust scatter of image / sqrt(variance) on blank sky (> 15 px from every
   source, no mask bit set) on visits without backgrounds and artifacts;
-* on visits with backgrounds and artifacts: residual background (rms of the
-  median S/N in 25 x 25 px blank-sky blocks) and the median S/N on the
-  pixels of each band's unflagged satellite trail;
+* on visits with backgrounds and artifacts, without and with artifact
+  rejection: residual background (rms of the median S/N in 25 x 25 px
+  blank-sky blocks) and the median S/N on the pixels of each band's
+  unflagged satellite trail; whether the variable star and the transient
+  were rejected;
 * wall time vs the peer (``reproject_interp`` of every visit + per-pixel
   inverse-variance mean, PSF = mean of the unwarped visit PSFs), run in a
   separate virtual environment, alternating A/B runs; the median ratio and
@@ -42,6 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import CACHE  # noqa: E402
 
+from scarletstore.coadd.pipeline import coadd  # noqa: E402
 from scarletstore.coadd.stack import direct_coadd  # noqa: E402
 from scarletstore.coadd.visits import read_grid, read_visits  # noqa: E402
 
@@ -286,9 +289,29 @@ def main():
         _, exf, _ = run_ours(full_paths, full_grid)
         grid = read_grid(full_grid)
         truth_full = Table.read(full_dir / "truth.fits")
-        artifact_figures("scarletstore direct coadd", exf["image"].values.astype(float),
-                         exf["variance"].values.astype(float), exf["mask"].values == 0, truth_full,
+        usable = (exf["mask"].values & ~np.int32(1 << 9)) == 0  # INEXACT_PSF pixels are usable
+        artifact_figures("scarletstore direct coadd, no rejection", exf["image"].values.astype(float),
+                         exf["variance"].values.astype(float), usable, truth_full,
                          [str(b) for b in exf["band"].values], full_dir, grid)
+        t0 = time.perf_counter()
+        groups = coadd(read_visits(full_paths, grid), grid)
+        dt_full = time.perf_counter() - t0
+        exr = groups["exposure"]
+        # REJECTED and INEXACT_PSF pixels are usable: the rejected visit is left out there.
+        usable = (exr["mask"].values & ~np.int32((1 << 9) | (1 << 10))) == 0
+        artifact_figures(f"scarletstore full coadd with rejection ({dt_full:.1f} s)",
+                         exr["image"].values.astype(float), exr["variance"].values.astype(float),
+                         usable, truth_full, [str(b) for b in exr["band"].values], full_dir, grid)
+        tab = groups["visits"]
+        print("    rejected pixels per visit: " + ", ".join(
+            f"{f.split('.')[0][6:]} {n}" for f, n in zip(tab["file"].values, tab["n_rejected"].values) if n))
+        var = truth_full[truth_full["kind"] == "variable"][0]
+        tr = truth_full[truth_full["kind"] == "transient"][0]
+        rej = (exr["mask"].values & (1 << 10)) != 0
+        y, x = np.mgrid[0:SIZE, 0:SIZE]
+        for name, row in (("variable star", var), ("transient", tr)):
+            near = (x - row["x"]) ** 2 + (y - row["y"]) ** 2 <= 9
+            print(f"    {name}: REJECTED on {rej[:, near].any(axis=1).sum()} of {len(rej)} bands at its centre")
         if peer_ok:
             _, pf = run_peer(args.peer_python, full_paths, full_grid, work)
             artifact_figures("peer", pf["image"], pf["variance"],

@@ -1,5 +1,6 @@
-"""The full coadd: warps spilled to disk, PSF-matched clipped stack, artifact
-rejection, then the direct and likelihood coadds without the artifacts.
+"""The full coadd: warps spilled to disk, PSF-matched clipped stack, background
+matching and artifact rejection, then the direct and likelihood coadds
+without the artifacts.
 
 Memory holds the running sums and one row block of a band's matched warps,
 never every warp: each warp is written to a memory-mapped file in a
@@ -24,7 +25,7 @@ from . import kernels
 from .likelihood import LikelihoodSums, likelihood_dataset
 from .match import gaussian_target, matching_kernel
 from .psf import warp_psf_affine, warped_psf_size
-from .reject import clipped_mean, find_artifacts
+from .reject import clipped_mean, find_artifacts, smooth_difference
 from .stack import (COADD_MASK_PLANES, KERNELS, ZEROPOINT, _add_visit, _BandSums, _exposure,
                     _pixel_scale, _warp_visit, psf_fwhm, visits_table)
 from .visits import Grid, Visit
@@ -132,6 +133,8 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
             list(pool.map(first_pass, range(n)))
         pm = _psf_matched(arr, visits, bands, matched, sigma2, shape)
         rejected = np.zeros((n, *shape), bool)
+        background = spill.array("background", np.float32)  # zero unless matched
+        references = {}
         if reject:
             for b in bands:
                 idx = [i for i, v in enumerate(visits) if v.band == b and matched[i]]
@@ -139,8 +142,12 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
                     mean, mvar = pm[b][0], pm[b][1]
                     rejected[idx] = find_artifacts(arr["m_image"][idx], arr["m_variance"][idx],
                                                    arr["m_good"][idx], mean, mvar)
+                if len(idx) >= 2:  # after rejection: artifacts would bias the offsets
+                    references[b] = visits[_match_backgrounds(arr, background, idx,
+                                                              rejected)].path.name
         groups = _second_pass(arr, visits, grid, bands, jacs, size, sigma2, rejected, matched,
-                              zeropoint, kernel, reject)
+                              zeropoint, kernel, reject, background)
+        groups["exposure"].attrs["background_reference"] = json.dumps(references)
     groups["coadds/psf_matched"] = _psf_matched_dataset(pm, bands, targets, target_px, grid,
                                                          zeropoint, visits, matched)
     return groups
@@ -159,8 +166,35 @@ def _psf_matched(arr, visits, bands, matched, sigma2, shape):
     return out
 
 
+def _match_backgrounds(arr, background, idx, rejected):
+    """Each matched visit's background relative to a reference warp; returns the reference.
+
+    The reference is the visit whose PSF-matched warp covers most of the grid.
+    The difference of a visit and the reference is free of sources (they
+    cancel after PSF matching); its smooth part is the visit's background
+    offset, subtracted from the direct warp before stacking, so every visit
+    carries the reference's background and the coadd does not step where a
+    visit is missing (its edge, its masked pixels). A mean of the visits
+    would not do: where a visit is missing the mean itself steps. Rejected
+    artifacts are left out of the block medians (a trail biases them).
+    """
+    cover = [int(np.count_nonzero(arr["m_good"][i])) for i in idx]
+    ref = idx[int(np.argmax(cover))]
+    ref_img = np.asarray(arr["m_image"][ref], np.float64)
+    ref_good = np.asarray(arr["m_good"][ref], bool) & ~rejected[ref]
+    for i in idx:
+        if i == ref:
+            continue
+        good = np.asarray(arr["m_good"][i], bool) & ref_good & ~rejected[i]
+        if good.sum() < 0.05 * good.size:
+            continue  # too little overlap to measure an offset
+        diff = np.asarray(arr["m_image"][i], np.float64) - ref_img
+        background[i] = smooth_difference(diff, good)
+    return ref
+
+
 def _second_pass(arr, visits, grid, bands, jacs, size, sigma2, rejected, matched, zeropoint, kernel,
-                 reject):
+                 reject, background):
     sums = {b: _BandSums(grid.shape, size) for b in bands}
     like = {b: LikelihoodSums(grid.shape) for b in bands}
     rows = []
@@ -169,8 +203,8 @@ def _second_pass(arr, visits, grid, bands, jacs, size, sigma2, rejected, matched
         status = np.array(arr["status"][i])
         rej = rejected[i] & (status == kernels.GOOD)
         status[rej] = kernels.BAD_INPUT
-        warp = Warp(np.array(arr["image"][i], np.float64), np.array(arr["variance"][i], np.float64),
-                    np.array(arr["mask"][i]), status)
+        image = np.array(arr["image"][i], np.float64) - background[i]
+        warp = Warp(image, np.array(arr["variance"][i], np.float64), np.array(arr["mask"][i]), status)
         s = sums[v.band]
         s.carried[rej] |= rej_bit
         row = _add_visit(s, v, warp, sigma2[i], jacs[i], size, like[v.band])

@@ -116,15 +116,22 @@ def find_artifacts(images, variances, goods, mean, mean_var, nsigma=DETECT_SIGMA
     count = strong.sum(axis=0)
     # The clipped mean leaves the outlying visit out: where it is itself a
     # significant source, the others see it too (a variable star), not an artifact.
+    # Its sky background is not a source: test the mean without its smooth part.
+    m0 = np.nan_to_num(mean)
+    ok = np.isfinite(mean) & np.isfinite(mean_var)
+    sources = m0 - smooth_difference(m0, ok)
     with np.errstate(invalid="ignore"):
-        persistent = np.abs(np.nan_to_num(mean)) > nsigma * np.sqrt(np.nan_to_num(mean_var, nan=np.inf))
+        persistent = np.abs(sources) > nsigma * np.sqrt(np.nan_to_num(mean_var, nan=np.inf))
     out = np.zeros((n, ny, nx), bool)
     structure = ndimage.generate_binary_structure(2, 2)
     for k in range(n):
         seeds = strong[k] & (count == 1) & ~persistent
         if not seeds.any():
             continue
-        labels, _ = ndimage.label(weak[k], structure=structure)
+        # Growing stops at persistent sources: a trail crossing a bright star
+        # must not take the star's core (where PSF-matching residuals are
+        # largest) with it.
+        labels, _ = ndimage.label(weak[k] & ~persistent, structure=structure)
         hit = np.unique(labels[seeds])
         region = np.isin(labels, hit[hit > 0])
         if dilate:

@@ -30,8 +30,9 @@ from .warp import local_jacobian, pixel_mapping, warp_arrays
 
 ZEROPOINT = 27.0
 KERNELS = ("lanczos3",)
-# The coadd's planes: LSST's, plus INEXACT_PSF where some overlapping visit
-# was left out of a pixel (its PSF there differs from the stored one).
+# The coadd's planes: LSST's, plus INEXACT_PSF where some visit of the band is
+# missing from a pixel (its PSF there differs from the stored one) and
+# REJECTED where a visit's artifact was masked.
 COADD_MASK_PLANES = dict(LSST_MASK_PLANES, INEXACT_PSF=9, REJECTED=10)
 # Visit planes carried onto the coadd as information (never bad there).
 CARRIED_PLANES = ("CR",)
@@ -90,7 +91,6 @@ class _BandSums:
         self.wi = np.zeros(shape)
         self.w2v = np.zeros(shape)
         self.w = np.zeros(shape)
-        self.w_all = np.zeros(shape)  # weight of every visit covering the pixel, used or not
         self.carried = np.zeros(shape, np.int32)
         self.psf = np.zeros((psf_size, psf_size))
         self.psf_w = 0.0
@@ -186,7 +186,6 @@ def _add_visit(s: _BandSums, visit: Visit, warp, sigma2, jac, psf_size, like):
     row = {"weight": weight, "n_good": n_good, "used": True, "reason": ""}
     kernels.accumulate(s.wi, s.w2v, s.w, np.nan_to_num(warp.image), np.nan_to_num(warp.variance),
                        warp.status, weight)
-    s.w_all += np.where(warp.status != kernels.NO_DATA, weight, 0.0)
     vb, cb = _carried_bits(visit)
     if vb:
         s.carried |= np.where((warp.mask & vb) != 0, cb, 0).astype(np.int32)
@@ -213,8 +212,9 @@ def _exposure(sums, bands, grid: Grid, visits, zeropoint, kernel) -> xr.Dataset:
         variance[k][have] = s.w2v[have] / s.w[have] ** 2
         m = s.carried.copy()
         m[~have] |= 1 << COADD_MASK_PLANES["NO_DATA"]
-        # Some visit covering the pixel was left out of it: PSF not the stored one.
-        m[have & (s.w < s.w_all * (1 - 1e-9))] |= 1 << COADD_MASK_PLANES["INEXACT_PSF"]
+        # Some visit of the band is missing here (not covering the pixel, or left
+        # out of it): the PSF is not the stored weighted sum over all visits.
+        m[have & (s.w < s.psf_w * (1 - 1e-9))] |= 1 << COADD_MASK_PLANES["INEXACT_PSF"]
         mask[k] = m
         psfs.append(s.psf / s.psf_w)
     ex = make_exposure(image, variance, mask, psfs, bands, wcs=grid.wcs_text, origin=(0, 0),
