@@ -14,7 +14,6 @@ from astropy.io import fits
 from astropy.table import Table
 
 from scarletstore.cli import main
-from scarletstore.coadd import kernels
 from scarletstore.coadd.psf import warp_psf
 from scarletstore.coadd.stack import COADD_MASK_PLANES, direct_coadd
 from scarletstore.coadd.visits import read_grid, read_visit, read_visits

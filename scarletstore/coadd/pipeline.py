@@ -144,7 +144,7 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
                                                    arr["m_good"][idx], mean, mvar)
                 if len(idx) >= 2:  # after rejection: artifacts would bias the offsets
                     references[b] = visits[_match_backgrounds(arr, background, idx,
-                                                              rejected)].path.name
+                                                              rejected, sigma2)].path.name
         groups = _second_pass(arr, visits, grid, bands, jacs, size, sigma2, rejected, matched,
                               zeropoint, kernel, reject, background)
         groups["exposure"].attrs["background_reference"] = json.dumps(references)
@@ -166,15 +166,16 @@ def _psf_matched(arr, visits, bands, matched, sigma2, shape):
     return out
 
 
-def _match_backgrounds(arr, background, idx, rejected):
+def _match_backgrounds(arr, background, idx, rejected, sigma2):
     """Each matched visit's background relative to a reference warp; returns the reference.
 
     The reference is the visit whose PSF-matched warp covers most of the grid.
     The difference of a visit and the reference is free of sources (they
     cancel after PSF matching); its smooth part is the visit's background
-    offset, subtracted from the direct warp before stacking, so every visit
-    carries the reference's background and the coadd does not step where a
-    visit is missing (its edge, its masked pixels). A mean of the visits
+    offset relative to the reference, measured where both are usable and
+    extrapolated smoothly beyond; subtracted from the direct warp before
+    stacking (less the weighted mean offset), every visit carries the same
+    smooth background and the coadd does not step where a visit is missing (its edge, its masked pixels). A mean of the visits
     would not do: where a visit is missing the mean itself steps. Rejected
     artifacts are left out of the block medians (a trail biases them).
     """
@@ -190,6 +191,13 @@ def _match_backgrounds(arr, background, idx, rejected):
             continue  # too little overlap to measure an offset
         diff = np.asarray(arr["m_image"][i], np.float64) - ref_img
         background[i] = smooth_difference(diff, good)
+    # Keep the weighted mean of the visits' backgrounds rather than the
+    # reference's own: each visit then carries sum_j w_j bg_j / sum_j w_j,
+    # smooth and the same everywhere.
+    w = 1.0 / sigma2[idx]
+    mean_offset = sum(wi * np.asarray(background[i], np.float64) for wi, i in zip(w, idx)) / w.sum()
+    for i in idx:
+        background[i] = background[i] - mean_offset
     return ref
 
 

@@ -13,7 +13,6 @@ sum W^2 Var_warp / (sum W)^2 is the exact per-pixel variance of the stack.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
