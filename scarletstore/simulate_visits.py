@@ -281,6 +281,8 @@ def simulate_visits(out_dir, n_visits: int = 6, size: int = 200, seed: int = 1, 
         raise InputError("--visits must be at least 1")
     if size < 32:
         raise InputError("--size must be at least 32 pixels for visits")
+    if not density >= 0:
+        raise InputError(f"--density must not be negative, got {density:g}")
     bands = _sim._parse_bands(bands)
     galsim = _sim._import_galsim()
     out = Path(out_dir)

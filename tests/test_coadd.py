@@ -160,6 +160,8 @@ def test_cli_bad_arguments_exit_2(sim, tmp_path, capsys):
                  "--grid", str(sim["grid"])]) == 2
     assert not store.exists()
     assert main(["simulate", str(tmp_path / "s"), "--visits", "0"]) == 2
+    assert main(["simulate", str(tmp_path / "s"), "--visits", "1", "--density", "-1"]) == 2
+    assert main(["simulate", str(tmp_path / "s"), "--visits", "1", "--bands", "q"]) == 2
 
 
 def test_cli_simulate_coadd_then_detect(tmp_path, capsys):
