@@ -76,6 +76,12 @@ def test_coadd_of_one_visit_equals_that_visit_warped(sim):
     np.testing.assert_allclose(ex["psf"].values[0], psf, atol=1e-6)
     assert ex.attrs["zeropoint"] == 27.0
     assert table["flux_scale"].values[0] == pytest.approx(10 ** (0.4 * (27 - visit.magzero)))
+    # The full pipeline (what the CLI runs) has nothing to match or reject with one visit.
+    from scarletstore.coadd.pipeline import coadd
+
+    full = coadd([visit], grid)["exposure"]
+    np.testing.assert_array_equal(full["image"].values, ex["image"].values)
+    np.testing.assert_array_equal(full["mask"].values, ex["mask"].values)
 
 
 def _aperture(img, x, y, r):
