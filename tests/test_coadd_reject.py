@@ -101,9 +101,14 @@ def test_trail_and_transient_are_rejected_variable_star_kept(full):
     # Gone to within the noise of a median over ~75 correlated pixels (~0.2 sigma).
     assert abs(excess_on) < 0.5 and abs(excess_on) < 0.2 * excess_off
     rej = (ex_on["mask"].values[0] & (1 << COADD_MASK_PLANES["REJECTED"])) != 0
-    # Next to the visit's own bad pixels its matched warp is unusable, so a few
-    # trail pixels there cannot be tested (see docs/coadd.md).
-    assert rej[sel].mean() > 0.8
+    # Where the trail visit itself contributes (not on its own bad pixels), the trail
+    # is rejected, carried across the pixels its matched warp cannot test.
+    from scarletstore.coadd.warp import warp_image
+
+    tvis = next(v for v in visits if v.path.name == trail_file)
+    img, var, msk = tvis.load()
+    contributes = warp_image(img, var, msk, tvis.bad_bits(), tvis.wcs, grid.wcs, grid.shape).good
+    assert rej[sel & contributes].mean() > 0.9
     table = on["visits"]
     files = list(table["file"].values)
     assert table["n_rejected"].values[files.index(trail_file)] > 200
@@ -115,7 +120,9 @@ def test_trail_and_transient_are_rejected_variable_star_kept(full):
     # The variable star and bright static stars lose nothing, except where the trail
     # passes close by (in this field it crosses the variable star: the trail visit's
     # pixels there are rightly rejected).
-    trail_zone = ndimage.binary_dilation(trail, iterations=8)
+    # The zone is the reach of a trail's mask: grown region, carried 10 px across
+    # untestable pixels, dilated 2 px.
+    trail_zone = ndimage.binary_dilation(trail, iterations=14)
     for row in [va, *truth[truth["is_star"] & (truth["kind"] == "static") & (truth["mag_i"] <= 21)]]:
         assert not (rej & ~trail_zone)[near(row, 8)].any()
 

@@ -141,7 +141,8 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
                 if len(idx) >= 3:  # "in one visit and none of the others" needs others
                     mean, mvar = pm[b][0], pm[b][1]
                     rejected[idx] = find_artifacts(arr["m_image"][idx], arr["m_variance"][idx],
-                                                   arr["m_good"][idx], mean, mvar)
+                                                   arr["m_good"][idx], mean, mvar,
+                                                   covered=arr["status"][idx] == kernels.GOOD)
                 if len(idx) >= 2:  # after rejection: artifacts would bias the offsets
                     references[b] = visits[_match_backgrounds(arr, background, idx,
                                                               rejected, sigma2)].path.name

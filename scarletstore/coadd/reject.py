@@ -23,6 +23,7 @@ DETECT_SIGMA = 5.0
 GROW_SIGMA = 2.5
 MODEL_FRACTION = 0.05  # tolerated fractional difference on bright sources (PSF-matching error)
 DILATE = 2
+BRIDGE = 10  # pixels: how far an artifact is carried into untestable pixels
 BLOCK_ROWS = 64
 BACKGROUND_BLOCK = 32  # pixels: scale of the smooth background difference between visits
 
@@ -91,7 +92,8 @@ def clipped_mean(images, variances, goods, weights, nsigma=CLIP_SIGMA, iteration
 
 
 def find_artifacts(images, variances, goods, mean, mean_var, nsigma=DETECT_SIGMA,
-                   grow=GROW_SIGMA, fraction=MODEL_FRACTION, dilate=DILATE):
+                   grow=GROW_SIGMA, fraction=MODEL_FRACTION, dilate=DILATE, covered=None,
+                   bridge=BRIDGE):
     """Per visit, the pixels of what appears in that matched warp and in no other.
 
     A seed is a pixel more than ``nsigma`` (plus ``fraction`` of the mean, for
@@ -99,7 +101,9 @@ def find_artifacts(images, variances, goods, mean, mean_var, nsigma=DETECT_SIGMA
     where the clipped mean itself is not a significant source; the
     difference is taken after removing its smooth (background) part;
     its footprint is the connected region above ``grow`` sigma in this visit,
-    dilated by ``dilate`` pixels. Returns (n, ny, nx) bool.
+    extended up to ``bridge`` pixels into pixels that are ``covered`` (the
+    direct warp has data) but not ``goods`` (the matched warp is unusable),
+    and dilated by ``dilate`` pixels. Returns (n, ny, nx) bool.
     """
     n, ny, nx = images.shape
     strong = np.zeros((n, ny, nx), bool)
@@ -134,6 +138,13 @@ def find_artifacts(images, variances, goods, mean, mean_var, nsigma=DETECT_SIGMA
         labels, _ = ndimage.label(weak[k] & ~persistent, structure=structure)
         hit = np.unique(labels[seeds])
         region = np.isin(labels, hit[hit > 0])
+        if covered is not None and bridge:
+            # Where the matched warp is unusable (the matching kernel spreads the
+            # visit's bad pixels) nothing can be tested, yet the direct warp has
+            # data: an artifact running into such a hole is carried across it.
+            holes = np.asarray(covered[k], bool) & ~np.asarray(goods[k], bool)
+            near = ndimage.binary_dilation(region, structure=structure, iterations=bridge)
+            region |= near & holes & ~persistent
         if dilate:
             region = ndimage.binary_dilation(region, structure=structure, iterations=dilate)
         out[k] = region
