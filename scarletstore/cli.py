@@ -260,7 +260,7 @@ def cmd_simulate(args):
 
 
 def cmd_coadd(args):
-    from .coadd.stack import direct_coadd
+    from .coadd.pipeline import coadd
     from .coadd.visits import read_grid, read_visits
     from .store import Store, StoreError
 
@@ -269,13 +269,16 @@ def cmd_coadd(args):
         raise StoreError(f"{path}: already exists; coadd creates a new store")
     grid = read_grid(args.grid)
     visits = read_visits(args.visits, grid, bands=_bands(args.bands))
-    exposure, table = direct_coadd(visits, grid, kernel=args.kernel, workers=args.workers,
-                                   progress=True)
-    Store.create(path, {"exposure": exposure, "visits": table})
+    groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers,
+                   reject=not args.no_reject, target_fwhm=args.psf_matched_fwhm)
+    Store.create(path, groups)
+    exposure, table = groups["exposure"], groups["visits"]
     ny, nx = grid.shape
     print(f"coadded {len(visits)} visits in {exposure.sizes['band']} bands "
           f"({','.join(exposure.band.values)}) onto {ny}x{nx} pixels at zero point "
-          f"{exposure.attrs['zeropoint']:g} into {path}")
+          f"{exposure.attrs['zeropoint']:g} into {path}; {int(table['n_rejected'].values.sum())} "
+          f"artifact pixels rejected, {int((~table['psf_matched'].values).sum())} visits left out "
+          f"of the PSF-matched coadd")
 
 
 def cmd_detect(args):
@@ -607,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bands", help="bands to coadd, in this order (default: all, in input order)")
     s.add_argument("--kernel", choices=["lanczos3"], default="lanczos3")
     s.add_argument("--workers", type=int, default=1, help="visits warped at once (threads)")
+    s.add_argument("--no-reject", action="store_true", help="keep artifacts (no CompareWarp-style rejection)")
+    s.add_argument("--psf-matched-fwhm", type=float, default=None, metavar="ARCSEC",
+                   help="target FWHM of the PSF-matched coadd (default 1.1 x the widest visit)")
     s.set_defaults(func=cmd_coadd)
 
     s = sub.add_parser("detect", help="find parent footprints and peaks")

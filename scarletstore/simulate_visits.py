@@ -270,15 +270,19 @@ def _trail(rng, visit_size, sigma):
 
 def simulate_visits(out_dir, n_visits: int = 6, size: int = 200, seed: int = 1, bands="gri",
                     density: float = 60.0, background: bool = True, artifacts: bool = True,
-                    n_stars: int = 0, progress: bool = False) -> dict:
+                    n_stars: int = 0, noise: bool = True, progress: bool = False) -> dict:
     """Write ``n_visits`` visits per band of one simulated field, the grid and the truth.
 
+    ``noise`` False writes noise-free images (the variance plane is still the
+    sky variance), to measure systematic errors without noise.
     Returns ``{"visits": [paths], "grid": path, "truth": path}``.
     """
     if n_visits < 1:
         raise InputError("--visits must be at least 1")
     if size < 32:
         raise InputError("--size must be at least 32 pixels for visits")
+    if not density >= 0:
+        raise InputError(f"--density must not be negative, got {density:g}")
     bands = _sim._parse_bands(bands)
     galsim = _sim._import_galsim()
     out = Path(out_dir)
@@ -299,7 +303,7 @@ def simulate_visits(out_dir, n_visits: int = 6, size: int = 200, seed: int = 1, 
             vrng = np.random.default_rng([seed, 11, v])
             override = {i_var: per_visit[v, 0], i_tr: per_visit[v, 1]}
             w, clean, psf_img, sigma = _render_visit(galsim, cat, plan, size, visit_size, override, vrng)
-            image = clean + vrng.standard_normal(clean.shape) * sigma
+            image = clean + vrng.standard_normal(clean.shape) * sigma * float(noise)
             mask = np.zeros(clean.shape, np.int32)
             plan["sigma"] = sigma
             plan["trail_theta"] = plan["trail_offset"] = np.nan

@@ -100,8 +100,19 @@ def _path_stamp(path: Path):
     return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def _is_folder(obj) -> bool:
+    """A folder group (``coadds/``, ``apcorr/``) holds product groups and no variables
+    (a product group that lost its ``schema`` attribute still holds variables)."""
+    return (isinstance(obj, h5py.Group) and "schema" not in obj.attrs and len(obj) > 0
+            and all(isinstance(c, h5py.Group) for c in obj.values()))
+
+
 def _group_names(f) -> list[str]:
-    names = [n for n in f.keys() if n != RUNS]
+    names = []
+    for n in f.keys():
+        if n == RUNS:
+            continue
+        names += [f"{n}/{c}" for c in f[n].keys()] if _is_folder(f[n]) else [n]
     if RUNS in f and isinstance(f[RUNS], h5py.Group):
         names += [run_group(n) for n in f[RUNS].keys()]
     return names

@@ -14,7 +14,6 @@ from astropy.io import fits
 from astropy.table import Table
 
 from scarletstore.cli import main
-from scarletstore.coadd import kernels
 from scarletstore.coadd.psf import warp_psf
 from scarletstore.coadd.stack import COADD_MASK_PLANES, direct_coadd
 from scarletstore.coadd.visits import read_grid, read_visit, read_visits
@@ -63,7 +62,7 @@ def test_simulated_visits_follow_the_visit_format(sim):
 def test_coadd_of_one_visit_equals_that_visit_warped(sim):
     grid = read_grid(sim["grid"])
     visit = read_visits([sim["visits"][2]], grid)[0]
-    ex, table = direct_coadd([visit], grid)
+    ex, table, _ = direct_coadd([visit], grid)
     img, var, msk = visit.load()
     warp = warp_image(img, var, msk, visit.bad_bits(), visit.wcs, grid.wcs, grid.shape,
                       flux_scale=visit.flux_scale(27.0))
@@ -77,6 +76,12 @@ def test_coadd_of_one_visit_equals_that_visit_warped(sim):
     np.testing.assert_allclose(ex["psf"].values[0], psf, atol=1e-6)
     assert ex.attrs["zeropoint"] == 27.0
     assert table["flux_scale"].values[0] == pytest.approx(10 ** (0.4 * (27 - visit.magzero)))
+    # The full pipeline (what the CLI runs) has nothing to match or reject with one visit.
+    from scarletstore.coadd.pipeline import coadd
+
+    full = coadd([visit], grid)["exposure"]
+    np.testing.assert_array_equal(full["image"].values, ex["image"].values)
+    np.testing.assert_array_equal(full["mask"].values, ex["mask"].values)
 
 
 def _aperture(img, x, y, r):
@@ -86,7 +91,7 @@ def _aperture(img, x, y, r):
 
 def test_direct_coadd_noise_and_star_fluxes(clean_sim):
     grid = read_grid(clean_sim["grid"])
-    ex, table = direct_coadd(read_visits(clean_sim["visits"], grid), grid)
+    ex, table, _ = direct_coadd(read_visits(clean_sim["visits"], grid), grid)
     img, var = ex["image"].values[0].astype(float), ex["variance"].values[0].astype(float)
     truth = Table.read(clean_sim["truth"])
     # Blank sky: further than 12 pixels from every source; truth is zero there.
@@ -161,6 +166,8 @@ def test_cli_bad_arguments_exit_2(sim, tmp_path, capsys):
                  "--grid", str(sim["grid"])]) == 2
     assert not store.exists()
     assert main(["simulate", str(tmp_path / "s"), "--visits", "0"]) == 2
+    assert main(["simulate", str(tmp_path / "s"), "--visits", "1", "--density", "-1"]) == 2
+    assert main(["simulate", str(tmp_path / "s"), "--visits", "1", "--bands", "q"]) == 2
 
 
 def test_cli_simulate_coadd_then_detect(tmp_path, capsys):
@@ -183,5 +190,18 @@ def test_cli_simulate_coadd_then_detect(tmp_path, capsys):
     assert planes["NO_DATA"] == 8 and "INEXACT_PSF" in planes
     # Cosmic rays are flagged on the coadd (information only) and left out of the stack.
     assert ((ex["mask"].values & (1 << planes["CR"])) != 0).sum() > 0
+    # The Kaiser coadd is a schema'd group under coadds/, listed like any product.
+    assert s.groups()["coadds/likelihood"]["schema"] == "likelihood_coadd"
+    assert s.read("coadds/likelihood")["significance"].shape == (2, 64, 64)
     assert main(["detect", str(store)]) == 0
     assert s.read("parents").sizes["parent"] > 0
+
+
+def test_psf_fwhm_of_gaussians():
+    from scarletstore.coadd.stack import psf_fwhm
+
+    y, x = np.mgrid[0:47, 0:47] - 23.0
+    # A 2.8-pixel FWHM is barely sampled: its interpolated contour is ~1 % small.
+    for sigma, tol in ((1.2, 0.02), (2.0, 0.006), (3.5, 0.006)):
+        p = np.exp(-0.5 * (x**2 + y**2) / sigma**2)
+        assert psf_fwhm(p / p.sum(), 0.2) == pytest.approx(2.3548 * sigma * 0.2, rel=tol)

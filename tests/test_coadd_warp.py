@@ -188,3 +188,12 @@ def test_warped_psf_of_rotated_visit_matches_a_star_drawn_in_it():
     # The unwarped visit PSF (the peer's choice) is off by far more.
     _, _, qxx, qyy, qxy = moments(psf)
     assert abs(qxx - sxx) / sxx > 0.1 or abs(qxy - sxy) > 0.1 * (sxx + syy)
+
+
+def test_fast_lanczos_weights_equal_the_direct_formula():
+    w = np.empty(6)
+    for pos in (3.0, 3.25, 7.5, -1.7, 10.999, 0.5):
+        i0 = kernels._weights(pos, w)
+        ref = np.array([kernels.lanczos3(pos - (i0 + k)) for k in range(6)])
+        assert i0 == int(np.floor(pos)) - 2
+        np.testing.assert_allclose(w, ref / ref.sum(), atol=1e-14)

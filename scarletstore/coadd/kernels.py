@@ -36,21 +36,39 @@ def lanczos3(x):
     return 3.0 * math.sin(px) * math.sin(px / 3.0) / (px * px)
 
 
+# cos and sin of pi k / 3 for the six taps (angle addition in _weights).
+_COS3 = np.cos(np.pi * np.arange(6) / 3.0)
+_SIN3 = np.sin(np.pi * np.arange(6) / 3.0)
+
+
 @njit(cache=True)
 def _weights(pos, w):
     """The six normalised Lanczos-3 weights of the taps floor(pos)-2 .. floor(pos)+3.
 
     Normalising to unit sum makes a constant image stay constant whatever the
     sub-pixel phase (the raw Lanczos weights sum to 1 only at integer phases).
-    Returns the first tap.
+    The six distances d_k = f - k share sin(pi d_k) = (-1)^k sin(pi f) and,
+    by angle addition, sin(pi d_k / 3) from one sin/cos pair: three
+    transcendental calls per axis instead of twelve. Returns the first tap.
     """
     i0 = int(math.floor(pos)) - 2
-    s = 0.0
+    f = pos - i0  # distance to the first tap, in [2, 3)
+    s1 = math.sin(math.pi * f)
+    s3 = math.sin(math.pi * f / 3.0)
+    c3 = math.cos(math.pi * f / 3.0)
+    total = 0.0
+    sign = 1.0
     for k in range(6):
-        w[k] = lanczos3(pos - (i0 + k))
-        s += w[k]
+        d = f - k
+        if abs(d) < 1e-12:
+            w[k] = 1.0
+        else:
+            sd3 = s3 * _COS3[k] - c3 * _SIN3[k]
+            w[k] = 3.0 * sign * s1 * sd3 / (math.pi * math.pi * d * d)
+        total += w[k]
+        sign = -sign
     for k in range(6):
-        w[k] /= s
+        w[k] /= total
     return i0
 
 

@@ -1,7 +1,7 @@
 """Warp of one visit onto the coadd grid through both WCSs.
 
 The coordinate mapping (grid pixel -> sky -> visit pixel) is evaluated with
-astropy on a coarse grid of nodes and interpolated per pixel with a cubic
+astropy on a coarse grid of nodes and interpolated per pixel with a bicubic
 spline: the mapping of two tangent-plane WCSs is smooth on scales of many
 pixels, and one astropy call per pixel would dominate the cost. The
 resampling itself is the numba kernel :func:`kernels.warp_lanczos3`.
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import interpolate
 
 from . import kernels
 
@@ -79,11 +79,8 @@ def pixel_mapping(wcs_out, shape_out, wcs_in, step: int = NODE_STEP):
     uy1, vy1 = _map_points(wcs_out, wcs_in, XX.ravel(), YY.ravel() + h)
     uy0, vy0 = _map_points(wcs_out, wcs_in, XX.ravel(), YY.ravel() - h)
     det = ((ux1 - ux0) * (vy1 - vy0) - (uy1 - uy0) * (vx1 - vx0)) / (2 * h) ** 2
-    # Fractional node index of every grid pixel.
-    iy = (np.arange(ny, dtype=np.float64) + step) / step
-    ix = (np.arange(nx, dtype=np.float64) + step) / step
-    IY, IX = np.meshgrid(iy, ix, indexing="ij")
-    coords = np.array([IY, IX])
+    ys = np.arange(ny, dtype=np.float64)
+    xs = np.arange(nx, dtype=np.float64)
     # The spline's boundary conditions are not exact even for a linear
     # function, so only the (tiny, smooth) departure from the best affine map
     # is interpolated; the affine part is evaluated exactly per pixel.
@@ -97,7 +94,8 @@ def pixel_mapping(wcs_out, shape_out, wcs_in, step: int = NODE_STEP):
             return _exact_mapping(wcs_out, shape_out, wcs_in)
         coef, *_ = np.linalg.lstsq(design, node_values, rcond=None)
         resid = (node_values - design @ coef).reshape(XX.shape)
-        smooth = ndimage.map_coordinates(resid, coords, order=3, mode="nearest")
+        # Separable bicubic spline evaluated on the pixel grid (rows x columns).
+        smooth = interpolate.RectBivariateSpline(gy, gx, resid, kx=3, ky=3)(ys, xs)
         out.append(coef[0] + coef[1] * X + coef[2] * Y + smooth)
     return out[0], out[1], out[2]
 

@@ -1,0 +1,331 @@
+"""Coadd benchmark: star photometry and shapes, noise, artifacts, speed vs a peer.
+
+On the visits of ``simulate_visits`` (400 x 400 grid, bands g r i, 6 visits
+per band, seed 1, 36 bright stars on a lattice plus the field catalogue):
+
+* star aperture flux (r = 12 px) over truth x the coadd PSF's enclosed
+  fraction in the same aperture (median of |ratio - 1| and median ratio);
+* star size sqrt(Ixx + Iyy) and ellipticity (e1, e2) from Gaussian-weighted
+  moments (sigma_w = 3 px, centred on the true position) vs the same
+  moments of the coadd PSF;
+* robust scatter of image / sqrt(variance) on blank sky (> 15 px from every
+  source, no mask bit set) on visits without backgrounds and artifacts;
+* on visits with backgrounds and artifacts, without and with artifact
+  rejection: residual background (rms of the median S/N in 25 x 25 px
+  blank-sky blocks) and the median S/N on the pixels of each band's
+  unflagged satellite trail; whether the variable star and the transient
+  were rejected;
+* wall time vs the peer (``reproject_interp`` of every visit + per-pixel
+  inverse-variance mean, PSF = mean of the unwarped visit PSFs), run in a
+  separate virtual environment, alternating A/B runs; the median ratio and
+  our cost per output pixel per visit.
+
+The peer's quality figures are measured the same way on its output.
+
+Usage: python benchmarks/bench_coadd.py [--runs 3] [--peer-python /tmp/peer/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import CACHE  # noqa: E402
+
+from scarletstore.coadd.pipeline import coadd  # noqa: E402
+from scarletstore.coadd.stack import direct_coadd  # noqa: E402
+from scarletstore.coadd.visits import read_grid, read_visits  # noqa: E402
+
+SIZE, BANDS, NVIS, SEED = 400, "gri", 6, 1
+AP_RADIUS, W_SIGMA, ISOLATION = 12.0, 3.0, 25.0
+
+PEER = r'''
+import sys, time, json, warnings
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+from reproject import reproject_interp
+warnings.simplefilter("ignore")
+grid_path, out, *paths = sys.argv[1:]
+with fits.open(grid_path) as h:
+    gh = h["IMAGE"].header
+    shape = h["IMAGE"].data.shape
+t0 = time.perf_counter()
+bands, sums, psfs = [], {}, {}
+for p in paths:
+    with fits.open(p) as h:
+        hdr = h["IMAGE"].header
+        band = hdr["BAND"]
+        s = 10 ** (0.4 * (27.0 - hdr["MAGZERO"]))
+        img = h["IMAGE"].data.astype(float) * s
+        var = h["VARIANCE"].data.astype(float) * s * s
+        bad = h["MASK"].data != 0
+        img[bad] = np.nan
+        w = WCS(hdr)
+        psf = h["PSF"].data.astype(float)
+    ri, _ = reproject_interp((img, w), gh, shape_out=shape)
+    rv, _ = reproject_interp((var, w), gh, shape_out=shape)
+    if band not in sums:
+        bands.append(band)
+        sums[band] = [np.zeros(shape), np.zeros(shape)]
+        psfs[band] = []
+    ok = np.isfinite(ri) & np.isfinite(rv) & (rv > 0)
+    wt = np.where(ok, 1.0 / np.where(ok, rv, 1.0), 0.0)
+    sums[band][0] += np.where(ok, ri, 0.0) * wt
+    sums[band][1] += wt
+    psfs[band].append(psf)
+images = np.array([np.where(sums[b][1] > 0, sums[b][0] / np.maximum(sums[b][1], 1e-300), np.nan) for b in bands])
+variance = np.array([np.where(sums[b][1] > 0, 1.0 / np.maximum(sums[b][1], 1e-300), np.nan) for b in bands])
+psf = np.array([np.mean(psfs[b], axis=0) for b in bands])
+elapsed = time.perf_counter() - t0
+np.savez(out, image=images, variance=variance, psf=psf, bands=np.array(bands))
+print(json.dumps({"seconds": elapsed}))
+'''
+
+
+def simulated(kind: str):
+    from scarletstore.simulate_visits import simulate_visits
+
+    out = CACHE / f"visits-{SIZE}-{SEED}-{BANDS}-{NVIS}-{kind}"
+    if not (out / "truth_artifacts.fits").exists():
+        clean = kind in ("clean", "noiseless")
+        simulate_visits(out, n_visits=NVIS, size=SIZE, seed=SEED, bands=BANDS, density=60,
+                        n_stars=36, background=not clean, artifacts=not clean,
+                        noise=kind != "noiseless")
+    return out, sorted(out.glob("visit_*.fits")), out / "grid.fits"
+
+
+def weighted_moments(img, xc, yc, sigma=W_SIGMA):
+    """Gaussian-weighted second moments about (xc, yc): size sqrt(Ixx+Iyy), e1, e2."""
+    y, x = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(float)
+    dx, dy = x - xc, y - yc
+    w = np.exp(-0.5 * (dx**2 + dy**2) / sigma**2) * img
+    f = w.sum()
+    ixx, iyy, ixy = (w * dx * dx).sum() / f, (w * dy * dy).sum() / f, (w * dx * dy).sum() / f
+    t = ixx + iyy
+    return np.sqrt(t), (ixx - iyy) / t, 2 * ixy / t
+
+
+def aperture(img, xc, yc, r=AP_RADIUS):
+    y, x = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    return float(img[(x - xc) ** 2 + (y - yc) ** 2 <= r * r].sum())
+
+
+def star_figures(image, variance, psf, truth, band, clean_mask):
+    """Per-star flux ratio, size ratio and ellipticity differences vs the PSF."""
+    h = 20
+    c = psf.shape[0] // 2
+    ef = aperture(psf, c, c)
+    p_size, p_e1, p_e2 = weighted_moments(psf, c, c)
+    rows = []
+    sel = truth["is_star"] & (truth["kind"] == "static") & (truth["mag_i"] <= 21.0)
+    fluxes = np.asarray(truth[f"flux27_{band}"])
+    for row in truth[sel]:
+        x, y = float(row["x"]), float(row["y"])
+        d2 = (truth["x"] - x) ** 2 + (truth["y"] - y) ** 2
+        if np.any((d2 > 0) & (d2 < ISOLATION**2) & (fluxes > 0.002 * row[f"flux27_{band}"])):
+            continue  # a neighbour would add its light to the aperture
+        ix, iy = int(round(x)), int(round(y))
+        if ix - h < 0 or iy - h < 0 or ix + h >= SIZE or iy + h >= SIZE:
+            continue
+        box = (slice(iy - h, iy + h + 1), slice(ix - h, ix + h + 1))
+        cut = image[box]
+        if not np.isfinite(cut).all() or not clean_mask[box].all():
+            continue
+        flux = aperture(cut, x - ix + h, y - iy + h) / (row[f"flux27_{band}"] * ef)
+        s, e1, e2 = weighted_moments(cut, x - ix + h, y - iy + h)
+        rows.append((flux, s / p_size, e1 - p_e1, e2 - p_e2))
+    return np.array(rows)
+
+
+def blank_sky(truth, radius=15.0):
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    far = np.ones((SIZE, SIZE), bool)
+    for xs, ys in zip(truth["x"], truth["y"]):
+        x0, x1 = int(max(0, xs - radius)), int(min(SIZE, xs + radius + 1))
+        y0, y1 = int(max(0, ys - radius)), int(min(SIZE, ys + radius + 1))
+        sub = (x[y0:y1, x0:x1] - xs) ** 2 + (y[y0:y1, x0:x1] - ys) ** 2 <= radius**2
+        far[y0:y1, x0:x1] &= ~sub
+    return far
+
+
+def robust(z):
+    return float(1.4826 * np.median(np.abs(z - np.median(z))))
+
+
+def quality(name, image, variance, psf, good, truth, bands, noise=True):
+    far = blank_sky(truth)
+    print(f"  {name}:")
+    for k, b in enumerate(bands):
+        st = star_figures(image[k], variance[k], psf[k], truth, b, good[k])
+        ok = far & good[k] & np.isfinite(variance[k])
+        z = image[k][ok] / np.sqrt(variance[k][ok])
+        print(f"    {b}: {len(st)} stars; flux/truth median {np.median(st[:, 0]):.4f}, "
+              f"median |dflux| {np.median(np.abs(st[:, 0] - 1)) * 100:.2f} %; "
+              f"size/PSF median {np.median(st[:, 1]):.4f}; "
+              f"median |de| {np.median(np.hypot(st[:, 2], st[:, 3])):.4f}"
+              + (f"; noise scatter {robust(z):.3f}" if noise else ""))
+
+
+def trail_pixels(out, grid, band):
+    """Grid pixels on the trail of ``band`` (within 1 px of its centre line)."""
+    from astropy.io import fits
+    from astropy.table import Table
+    from astropy.wcs import WCS
+
+    tv = Table.read(out / "truth_visits.fits")
+    row = tv[(tv["band"] == band) & np.isfinite(tv["trail_theta"])][0]
+    with fits.open(out / row["file"]) as h:
+        w = WCS(h["IMAGE"].header)
+        n = h["IMAGE"].data.shape[0]
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(float)
+    ra, dec = grid.wcs.pixel_to_world_values(x.ravel(), y.ravel())
+    u, v = w.world_to_pixel_values(ra, dec)
+    c = (n - 1) / 2.0
+    d = (u - c) * np.sin(row["trail_theta"]) - (v - c) * np.cos(row["trail_theta"]) - row["trail_offset"]
+    return (np.abs(d) < 0.5).reshape(SIZE, SIZE)
+
+
+def artifact_figures(name, image, variance, good, truth, bands, out, grid):
+    far = blank_sky(truth)
+    print(f"  {name} (visits with backgrounds and artifacts):")
+    for k, b in enumerate(bands):
+        snr = image[k] / np.sqrt(variance[k])
+        blocks = []
+        for y0 in range(0, SIZE - 24, 25):
+            for x0 in range(0, SIZE - 24, 25):
+                sel = (far & good[k] & np.isfinite(snr))[y0:y0 + 25, x0:x0 + 25]
+                if sel.sum() > 200:
+                    blocks.append(np.median(snr[y0:y0 + 25, x0:x0 + 25][sel]))
+        tr = trail_pixels(out, grid, b) & far & good[k] & np.isfinite(snr)
+        print(f"    {b}: residual background {np.sqrt(np.mean(np.square(blocks))):.3f} sigma "
+              f"({len(blocks)} blocks); satellite trail median S/N {np.median(snr[tr]):.2f} "
+              f"on {tr.sum()} px")
+
+
+def run_ours(paths, grid_path, likelihood=False):
+    t0 = time.perf_counter()
+    grid = read_grid(grid_path)
+    ex, table, lk = direct_coadd(read_visits(paths, grid), grid, likelihood=likelihood)
+    return time.perf_counter() - t0, ex, lk
+
+
+def run_peer(python, paths, grid_path, work):
+    script = Path(work) / "peer_coadd.py"
+    script.write_text(PEER)
+    out = Path(work) / "peer.npz"
+    res = subprocess.run([python, str(script), str(grid_path), str(out), *map(str, paths)],
+                         capture_output=True, text=True, check=True)
+    with np.load(out) as data:  # read now: the next run overwrites the file
+        arrays = {k: data[k] for k in data.files}
+    return json.loads(res.stdout.strip().splitlines()[-1])["seconds"], arrays
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--peer-python", default="/tmp/peer/bin/python")
+    args = ap.parse_args()
+    from astropy.table import Table
+
+    t0 = time.perf_counter()
+    clean_dir, clean_paths, clean_grid = simulated("clean")
+    nl_dir, nl_paths, nl_grid = simulated("noiseless")
+    full_dir, full_paths, full_grid = simulated("full")
+    print(f"visits: {len(clean_paths)} ({NVIS} per band {BANDS}) on a {SIZE}x{SIZE} grid "
+          f"(simulated or cached in {time.perf_counter() - t0:.0f} s)")
+    truth = Table.read(clean_dir / "truth.fits")
+    peer_ok = Path(args.peer_python).exists()
+
+    # Warm-up (numba compile from cache) then alternate A/B timings.
+    run_ours(clean_paths[:1], clean_grid)
+    ours, peers = [], []
+    with tempfile.TemporaryDirectory() as work:
+        for _ in range(args.runs):
+            dt, ex, _ = run_ours(clean_paths, clean_grid)
+            ours.append(dt)
+            if peer_ok:
+                dp, peer = run_peer(args.peer_python, clean_paths, clean_grid, work)
+                peers.append(dp)
+        # Star photometry and shapes on noise-free visits (systematic errors only),
+        # noise figures on the same field with noise.
+        _, exn, _ = run_ours(nl_paths, nl_grid)
+        print("stars on noise-free visits (isolated stars, no neighbour > 0.2 % of their flux "
+              f"within {ISOLATION:g} px):")
+        quality("scarletstore direct coadd", exn["image"].values.astype(float),
+                exn["variance"].values.astype(float), exn["psf"].values.astype(float),
+                exn["mask"].values == 0, truth, [str(b) for b in exn["band"].values], noise=False)
+        if peer_ok:
+            _, pn = run_peer(args.peer_python, nl_paths, nl_grid, work)
+            quality("peer", pn["image"], pn["variance"], pn["psf"],
+                    np.isfinite(pn["image"]) & np.isfinite(pn["variance"]), truth,
+                    [str(b) for b in pn["bands"]], noise=False)
+        dt_lk, ex, lk = run_ours(clean_paths, clean_grid, likelihood=True)
+        print("with noise, without backgrounds and artifacts:")
+        good = ex["mask"].values == 0
+        bands = [str(b) for b in ex["band"].values]
+        quality("scarletstore direct coadd", ex["image"].values.astype(float),
+                ex["variance"].values.astype(float), ex["psf"].values.astype(float), good, truth, bands)
+        if peer_ok:
+            pg = np.isfinite(peer["image"]) & np.isfinite(peer["variance"])
+            quality("peer (reproject_interp + inverse-variance mean)", peer["image"], peer["variance"],
+                    peer["psf"], pg, truth, [str(b) for b in peer["bands"]])
+        far = blank_sky(truth)
+        sig = lk["significance"].values
+        print("  Kaiser significance noise on blank sky: "
+              + ", ".join(f"{b} {robust(sig[k][far & good[k]]):.3f}" for k, b in enumerate(bands)))
+        _, exf, _ = run_ours(full_paths, full_grid)
+        grid = read_grid(full_grid)
+        truth_full = Table.read(full_dir / "truth.fits")
+        usable = (exf["mask"].values & ~np.int32(1 << 9)) == 0  # INEXACT_PSF pixels are usable
+        artifact_figures("scarletstore direct coadd, no rejection", exf["image"].values.astype(float),
+                         exf["variance"].values.astype(float), usable, truth_full,
+                         [str(b) for b in exf["band"].values], full_dir, grid)
+        t0 = time.perf_counter()
+        groups = coadd(read_visits(full_paths, grid), grid)
+        dt_full = time.perf_counter() - t0
+        exr = groups["exposure"]
+        # REJECTED and INEXACT_PSF pixels are usable: the rejected visit is left out there.
+        usable = (exr["mask"].values & ~np.int32((1 << 9) | (1 << 10))) == 0
+        artifact_figures(f"scarletstore full coadd with rejection ({dt_full:.1f} s)",
+                         exr["image"].values.astype(float), exr["variance"].values.astype(float),
+                         usable, truth_full, [str(b) for b in exr["band"].values], full_dir, grid)
+        tab = groups["visits"]
+        print("    rejected pixels per visit: " + ", ".join(
+            f"{f.split('.')[0][6:]} {n}" for f, n in zip(tab["file"].values, tab["n_rejected"].values) if n))
+        var = truth_full[truth_full["kind"] == "variable"][0]
+        tr = truth_full[truth_full["kind"] == "transient"][0]
+        rej = (exr["mask"].values & (1 << 10)) != 0
+        y, x = np.mgrid[0:SIZE, 0:SIZE]
+        for name, row in (("variable star", var), ("transient", tr)):
+            near = (x - row["x"]) ** 2 + (y - row["y"]) ** 2 <= 9
+            print(f"    {name}: REJECTED on {rej[:, near].any(axis=1).sum()} of {len(rej)} bands at its centre")
+        if peer_ok:
+            _, pf = run_peer(args.peer_python, full_paths, full_grid, work)
+            artifact_figures("peer", pf["image"], pf["variance"],
+                             np.isfinite(pf["image"]) & np.isfinite(pf["variance"]), truth_full,
+                             [str(b) for b in pf["bands"]], full_dir, grid)
+    med = statistics.median(ours)
+    npix = SIZE * SIZE * len(clean_paths)
+    print(f"speed: ours {', '.join(f'{t:.2f}' for t in ours)} s (median {med:.2f} s, "
+          f"{med / npix * 1e9:.0f} ns per output pixel per visit); with the Kaiser coadd {dt_lk:.2f} s")
+    if peers:
+        ratios = [p / o for p, o in zip(peers, ours)]
+        print(f"  peer {', '.join(f'{t:.2f}' for t in peers)} s; peer/ours per A/B pair "
+              f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    main()
