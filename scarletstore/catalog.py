@@ -24,6 +24,7 @@ from .ingest import bad_bits
 from .measure import COLUMNS, measure_children
 from .models import SOURCE_FLAGS, RunIndex, RunTables, read_blend
 from .photometry import PHOT_FLAGS, PhotometryConfig, suite_columns
+from .photometry.apcorr import load_apcorr
 from .photometry.blend import BlendPhotometry
 from .reconstruct import band_kernel, heavy_values, source_models
 
@@ -339,10 +340,13 @@ def _flux_units(measurer) -> str:
 
 
 def band_catalog(store, band: str, run: str | None = None, redistribute: bool = False,
-                 image_override=None, psf_override=None, apertures=None) -> xr.Dataset:
+                 image_override=None, psf_override=None, apertures=None, apcorr: bool = True) -> xr.Dataset:
     """One row per child of ``run`` (default: the newest) in ``band``; measured columns are lazy.
 
     ``apertures``: radii (pixels) of the circular aperture fluxes (default 3, 6, 12).
+    ``apcorr``: apply the band's stored aperture correction (group
+    ``apcorr/<band>``) when there is one; the raw values stay as
+    ``<flux>_uncorrected`` / ``<flux>_err_uncorrected``.
     Every column carries its units (variable attribute ``units``; all of them in
     the dataset attribute ``units`` as JSON).
     """
@@ -354,6 +358,8 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
         raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
     config = photometry_config(apertures)
     measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
+    if apcorr:
+        measurer.photometry.apcorr = load_apcorr(store, band)
     cache = _RowCache(measurer)
     t = measurer.tables
     n = len(t.col("source_id"))
@@ -376,12 +382,15 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
         cols.insert(1, "flux_redistributed")
     flux_units = _flux_units(measurer)
     units = dict(UNITS, **{c: flux_units for c in FLUX_COLUMNS}, **suite_columns(config, flux_units))
-    cols[-1:-1] = list(suite_columns(config, flux_units))  # flags stay last
+    corrected = measurer.photometry.corrected_columns()
+    cols[-1:-1] = list(suite_columns(config, flux_units)) + corrected  # flags stay last
+    units.update({c: flux_units for c in corrected})
     for c in cols:
         lazy = indexing.LazilyIndexedArray(_LazyColumn(cache, c, LAZY_DTYPES.get(c, np.float64), n))
         data[c] = xr.Variable(("row",), lazy, attrs={"units": units[c]})
     ds = xr.Dataset(data, attrs={"band": band, "run": run, "redistribute": int(redistribute),
-                                 "flag_bits": json.dumps(CATALOG_FLAGS)})
+                                 "flag_bits": json.dumps(CATALOG_FLAGS),
+                                 "apcorr": "" if measurer.photometry.apcorr is None else f"apcorr/{band}"})
     for c in ds.variables:
         if c in units:
             ds[c].attrs["units"] = units[c]

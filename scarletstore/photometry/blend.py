@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PhotometryConfig, measure_suite
+from . import PhotometryConfig, flux_columns, measure_suite
 from .moments import psf_covariance
 
 
@@ -39,6 +39,7 @@ class BlendPhotometry:
     def __init__(self, measurer, config: PhotometryConfig | None = None):
         self.measurer = measurer
         self.config = config or PhotometryConfig()
+        self.apcorr = None  # an ApertureCorrection applied to the flux columns, if set
         self._psf = {}
 
     def psf(self, b: int):
@@ -76,7 +77,10 @@ class BlendPhotometry:
         weight, var_eff = self._noise(fp, data, child_shares(models, fp))
         centroids = np.stack([m[:, 2] - x0, m[:, 3] - y0], axis=1)
         psf, cov = self.psf(b)
-        return measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
+        cols, flags = measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
+        if self.apcorr is not None:
+            self.apcorr.apply(cols, m[:, 2], m[:, 3])
+        return cols, flags
 
     def parent(self, b, blend, models, fp, data):
         """Suite columns of the parent as a whole (one row).
@@ -97,4 +101,13 @@ class BlendPhotometry:
                                     psf, cov, self.config)
         cols.update(centroid_x=np.array([cx + blend.bbox[1]]), centroid_y=np.array([cy + blend.bbox[0]]),
                     flux=np.array([float(geometry.sum(dtype=np.float64))]))
+        if self.apcorr is not None:
+            self.apcorr.apply(cols, cols["centroid_x"], cols["centroid_y"])
         return cols, flags
+
+    def corrected_columns(self) -> list[str]:
+        """Columns the aperture correction adds (the uncorrected values and errors)."""
+        if self.apcorr is None:
+            return []
+        have = flux_columns(self.config)
+        return [f"{n}{s}" for n in self.apcorr.names if n in have for s in ("_uncorrected", "_err_uncorrected")]
