@@ -234,10 +234,13 @@ class BlendMeasurer:
             flags |= CATALOG_FLAGS["not_converged"]
         if data is None:
             flags |= CATALOG_FLAGS["no_data"]
-        # the measurement suite (PSF, aperture, Kron, GAaP fluxes, adaptive moments)
-        phot, phot_flags = self.photometry.children(b, blend, models, fp, data, redist, m)
-        cols.update(phot)
-        cols["flags"] = flags | phot_flags
+        # the measurement suite (PSF, aperture, Kron, GAaP fluxes, adaptive moments);
+        # photometry None measures the base columns only (benchmarks compare the two)
+        if self.photometry is not None:
+            phot, flags_phot = self.photometry.children(b, blend, models, fp, data, redist, m)
+            cols.update(phot)
+            flags |= flags_phot
+        cols["flags"] = flags
         cols["n_pixels"] = cols["n_pixels"].astype(np.int64)
         return cols
 
@@ -281,11 +284,15 @@ class _RowCache:
         if rows.size == 0:
             return out
         blends = self.blend_of_row[rows]
-        for b in np.unique(blends):
+        unique, inverse = np.unique(blends, return_inverse=True)
+        for b in unique:
             if b not in self.values:
                 self.values[int(b)] = self.measurer.measure_blend(int(b))
-            sel = blends == b
-            out[sel] = self.values[int(b)][column][rows[sel] - self.measurer.index.source_off[b]]
+        # one gather over the concatenated blends, not one masked copy per blend and column
+        parts = [self.values[int(b)][column] for b in unique]
+        starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+        local = rows - self.measurer.index.source_off[blends]
+        out[...] = np.concatenate(parts)[starts[inverse] + local]
         return out
 
 

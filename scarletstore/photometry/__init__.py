@@ -22,7 +22,7 @@ from .aperture import circular_flux
 from .gaap import effective_weight, gaap_flux
 from .kron import kron_flux, kron_radius
 from .moments import FAILED, NOT_CONVERGED, adaptive_moments
-from .psf_flux import psf_flux
+from .psf_flux import ShiftedPSF, psf_flux
 
 # catalog flag bits of the measurement families (the catalog's own use bits 0-10)
 PHOT_FLAGS = {
@@ -50,7 +50,7 @@ class PhotometryConfig:
     gaap_sigma: float = 3.0
     kron_min_radius: float = 3.5
     moments_max_iter: int = 100
-    moments_tol: float = 1e-6
+    moments_tol: float = 1e-5
     extra: dict = field(default_factory=dict)
 
     def aperture_names(self):
@@ -90,7 +90,8 @@ def measure_suite(values, geometry, var_eff, weight, centroids, moments, psf, ps
     weight : (h, w) inverse-variance weight of the PSF fit (0 on unusable pixels)
     centroids : (n, 2) centres (x, y) in box pixels
     moments : (n, 3) second moments (xx, yy, xy) of the model, pixel^2
-    psf : (ph, pw) band PSF, centred, unit sum; psf_cov : its covariance (xx, yy, xy)
+    psf : (ph, pw) band PSF, centred, unit sum (or its :class:`ShiftedPSF`);
+        psf_cov : its covariance (xx, yy, xy)
 
     Returns
     -------
@@ -108,6 +109,7 @@ def measure_suite(values, geometry, var_eff, weight, centroids, moments, psf, ps
             [*names, *(c + "_err" for c in names), "kron_radius", "shape_xx", "shape_yy", "shape_xy"]}
     flags = np.zeros(n, np.int32)
     gaap_w = effective_weight(config.gaap_sigma, psf_cov)
+    shifter = psf if isinstance(psf, ShiftedPSF) else ShiftedPSF(psf)
     for i in range(n):
         cx, cy = centroids[i]
         v, ve = values[i], var_eff[i]
@@ -115,7 +117,7 @@ def measure_suite(values, geometry, var_eff, weight, centroids, moments, psf, ps
             flags[i] |= (PHOT_FLAGS["psf_flux_failed"] | PHOT_FLAGS["aperture_failed"]
                          | PHOT_FLAGS["kron_failed"] | PHOT_FLAGS["gaap_failed"] | PHOT_FLAGS["shape_failed"])
             continue
-        f, e = psf_flux(v, weight, ve, psf, cx, cy)
+        f, e = psf_flux(v, weight, ve, shifter, cx, cy)
         if np.isfinite(f):
             cols["psf_flux"][i], cols["psf_flux_err"][i] = f, e
         else:

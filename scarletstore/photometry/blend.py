@@ -12,6 +12,7 @@ import numpy as np
 
 from . import PhotometryConfig, flux_columns, measure_suite
 from .moments import psf_covariance
+from .psf_flux import ShiftedPSF
 
 
 def child_shares(models: np.ndarray, footprint: np.ndarray) -> np.ndarray:
@@ -56,7 +57,7 @@ class BlendPhotometry:
                 psf = k.tables.col("psf")[band]
             psf = np.asarray(psf, np.float64)
             psf = psf / psf.sum()
-            self._psf[key] = (psf, psf_covariance(psf))
+            self._psf[key] = (ShiftedPSF(psf), psf_covariance(psf))
         return self._psf[key]
 
     def _noise(self, fp, data, shares):

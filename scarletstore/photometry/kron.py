@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .aperture import NSUB, aperture_sum
+from .aperture import aperture_sum, subsamples
 
 KRON_FACTOR = 2.5
 WINDOW = 6.0
@@ -75,5 +75,7 @@ def kron_radius(geometry, cx, cy, moments):
 def kron_flux(values, var_eff, cx, cy, r1, metric, min_radius):
     """(flux, error) inside the Kron ellipse ``r_e <= max(2.5 r1, min_radius)``."""
     radius = max(KRON_FACTOR * r1, min_radius)
-    f, v, _ = aperture_sum(values, var_eff, float(cx), float(cy), *metric, float(radius), NSUB)
+    # sub-sampling by the semi-minor axis (the ellipse's tightest curvature)
+    minor = radius / np.sqrt(max(metric[0], metric[1]) + abs(metric[2]))
+    f, v, _ = aperture_sum(values, var_eff, float(cx), float(cy), *metric, float(radius), subsamples(minor))
     return f, np.sqrt(v)
