@@ -16,6 +16,7 @@ from numba import njit
 NSUB = 16  # sub-samples per side on boundary pixels of small apertures
 
 
+@njit(cache=True)
 def subsamples(radius: float) -> int:
     """Sub-samples per side for an aperture of ``radius`` pixels.
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PhotometryConfig, flux_columns, measure_suite
+from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
+from .kernels import noise_planes
 from .moments import psf_covariance
-from .psf_flux import ShiftedPSF
 
 
 def child_shares(models: np.ndarray, footprint: np.ndarray) -> np.ndarray:
@@ -57,25 +57,27 @@ class BlendPhotometry:
                 psf = k.tables.col("psf")[band]
             psf = np.asarray(psf, np.float64)
             psf = psf / psf.sum()
-            self._psf[key] = (ShiftedPSF(psf), psf_covariance(psf))
+            self._psf[key] = (odd_psf(psf), psf_covariance(psf))
         return self._psf[key]
 
-    def _noise(self, fp, data, shares):
-        """(weight, var_eff) of the PSF fit and of each child's pixels."""
+    def _noise(self, templates, fp, data, unit_shares=False):
+        """(weight, var_eff) of the PSF fit and of each object's pixels (None without data)."""
         if data is None:
             return fp.astype(np.float64), None
         _, variance, good = data
-        use = fp & good
-        var = np.where(use, variance, 0).astype(np.float64)
-        weight = np.divide(1.0, var, out=np.zeros_like(var), where=use)
-        return weight, shares * shares * var[None]
+        weight = np.empty(fp.shape)
+        var_eff = np.empty(templates.shape)
+        noise_planes(np.ascontiguousarray(templates, np.float32), np.ascontiguousarray(fp, np.bool_),
+                     np.ascontiguousarray(variance, np.float32), np.ascontiguousarray(good, np.bool_),
+                     unit_shares, var_eff, weight)
+        return weight, var_eff
 
     def children(self, b, blend, models, fp, data, redist, m):
         """Suite columns of the children; ``m`` is :func:`measure_children`'s output."""
         y0, x0 = blend.bbox[0], blend.bbox[1]
         geometry = np.where(fp[None], models, 0)
         values = redist if (self.measurer.redistribute and redist is not None) else geometry
-        weight, var_eff = self._noise(fp, data, child_shares(models, fp))
+        weight, var_eff = self._noise(models, fp, data)
         centroids = np.stack([m[:, 2] - x0, m[:, 3] - y0], axis=1)
         psf, cov = self.psf(b)
         cols, flags = measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
@@ -95,7 +97,7 @@ class BlendPhotometry:
             values = np.where(fp & data[2], data[0], 0)[None]
         else:
             values = geometry
-        weight, var_eff = self._noise(fp, data, fp[None].astype(np.float64))
+        weight, var_eff = self._noise(geometry, fp, data, unit_shares=True)
         (cx, cy), mom = moments_of(geometry[0])
         psf, cov = self.psf(b)
         cols, flags = measure_suite(values, geometry, var_eff, weight, np.array([[cx, cy]]), np.array([mom]),

@@ -2,10 +2,10 @@
 
 The weight is an elliptical Gaussian whose centre and covariance are iterated
 to match the object's: with weight covariance ``M`` and an object of
-covariance ``S``, the weighted covariance is ``(M^-1 + S^-1)^-1``, which is
-``M / 2`` at the fixed point ``M = S``. Each iteration therefore sets ``M``
-to twice the weighted covariance and the centre to the weighted centroid. For
-a Gaussian object the fixed point is exactly its covariance.
+covariance ``S``, the weighted covariance is ``C = (M^-1 + S^-1)^-1``, which
+is ``M / 2`` at the fixed point ``M = S``, the weighted centroid then being
+the weight's centre. For a Gaussian object the fixed point is exactly its
+covariance.
 """
 
 from __future__ import annotations
@@ -49,8 +49,22 @@ def _weighted_sums(img, cx, cy, m_xx, m_yy, m_xy, out):
 
 
 @njit(cache=True)
+def _inverse(a_xx, a_yy, a_xy):
+    det = a_xx * a_yy - a_xy * a_xy
+    return a_yy / det, a_xx / det, -a_xy / det, det
+
+
+@njit(cache=True)
 def adaptive_moments(img, cx, cy, sigma0, max_iter, tol):
     """Adaptive moments of ``img`` (h, w) started at (cx, cy) with a round weight ``sigma0``.
+
+    The fixed point is Bernstein & Jarvis's (weighted covariance ``C = M / 2``,
+    weighted centroid at the weight's centre). Each step uses the estimate
+    exact for a Gaussian object, ``S = (C^-1 - M^-1)^-1`` and centre offset
+    ``S C^-1 d`` (d the weighted mean offset), which reaches the fixed point in
+    a few iterations instead of halving the error each time; when that
+    estimate is not positive definite (objects far from Gaussian) the step
+    falls back to ``M = 2 C`` and an offset ``d``.
 
     Returns
     -------
@@ -73,16 +87,31 @@ def adaptive_moments(img, cx, cy, sigma0, max_iter, tol):
         c_xx = sums[3] / s0 - ddx * ddx
         c_yy = sums[4] / s0 - ddy * ddy
         c_xy = sums[5] / s0 - ddx * ddy
+        if not (c_xx > 0.0 and c_yy > 0.0 and c_xx * c_yy - c_xy * c_xy > 0.0):
+            return np.nan, np.nan, np.nan, cx, cy, FAILED
+        ci_xx, ci_yy, ci_xy, _ = _inverse(c_xx, c_yy, c_xy)
+        mi_xx, mi_yy, mi_xy, _ = _inverse(m_xx, m_yy, m_xy)
+        d_xx, d_yy, d_xy = ci_xx - mi_xx, ci_yy - mi_yy, ci_xy - mi_xy
         n_xx, n_yy, n_xy = 2.0 * c_xx, 2.0 * c_yy, 2.0 * c_xy
+        step_x, step_y = ddx, ddy
+        if d_xx > 0.0 and d_xx * d_yy - d_xy * d_xy > 0.0:
+            s_xx, s_yy, s_xy, _ = _inverse(d_xx, d_yy, d_xy)
+            # accept the Gaussian estimate only as a bounded step (at most 4x in size)
+            if 0.25 * (m_xx + m_yy) < s_xx + s_yy < 4.0 * (m_xx + m_yy):
+                n_xx, n_yy, n_xy = s_xx, s_yy, s_xy
+                # offset of a Gaussian object's centre: S C^-1 d
+                gx = ci_xx * ddx + ci_xy * ddy
+                gy = ci_xy * ddx + ci_yy * ddy
+                step_x, step_y = s_xx * gx + s_xy * gy, s_xy * gx + s_yy * gy
         if not (n_xx > 0.0 and n_yy > 0.0 and n_xx * n_yy - n_xy * n_xy > 0.0) or n_xx + n_yy > limit:
             return np.nan, np.nan, np.nan, cx, cy, FAILED
-        cx += ddx
-        cy += ddy
+        cx += step_x
+        cy += step_y
         if not (0.0 <= cx < w and 0.0 <= cy < h):
             return np.nan, np.nan, np.nan, cx, cy, FAILED
         change = abs(n_xx - m_xx) + abs(n_yy - m_yy) + 2.0 * abs(n_xy - m_xy)
         m_xx, m_yy, m_xy = n_xx, n_yy, n_xy
-        if change < tol * (m_xx + m_yy) and abs(ddx) + abs(ddy) < 1e-4:
+        if change < tol * (m_xx + m_yy) and abs(step_x) + abs(step_y) < 1e-4:
             return m_xx, m_yy, m_xy, cx, cy, OK
     return m_xx, m_yy, m_xy, cx, cy, NOT_CONVERGED
 

@@ -29,12 +29,16 @@ class ShiftedPSF:
         self.shape = self.psf.shape
         self.odd = all(n % 2 == 1 for n in self.shape)
 
-    def __call__(self, dy: float, dx: float) -> np.ndarray:
+    def __call__(self, dy: float, dx: float, rows=None, cols=None) -> np.ndarray:
+        """The shifted PSF; ``rows``/``cols`` ((start, stop) of its own grid) limit the output
+        to the part that is needed (the rest stays 0)."""
+        ny, nx = self.shape
         if not self.odd:  # even grids have an unpaired Nyquist term: shift through the FFT
-            ny, nx = self.shape
             ramp = np.exp(-2j * np.pi * (np.fft.fftfreq(ny)[:, None] * dy + np.fft.rfftfreq(nx)[None, :] * dx))
             return np.fft.irfft2(np.fft.rfft2(self.psf) * ramp, s=self.shape)
-        return _shift_odd(self.psf, float(dy), float(dx))
+        ya, yb = rows if rows is not None else (0, ny)
+        xa, xb = cols if cols is not None else (0, nx)
+        return _shift_odd(self.psf, float(dy), float(dx), ya, yb, xa, xb)
 
 
 @njit(cache=True)
@@ -49,20 +53,20 @@ def _dirichlet(n, d):
 
 
 @njit(cache=True)
-def _shift_odd(p, dy, dx):
-    """``S_dy P S_dx^T`` with the Dirichlet kernels (a function of y - y' only)."""
+def _shift_odd(p, dy, dx, ya, yb, xa, xb):
+    """Rows ya:yb, columns xa:xb of ``S_dy P S_dx^T`` (Dirichlet kernels, functions of y - y' only)."""
     ny, nx = p.shape
     ky = _dirichlet(ny, dy)
     kx = _dirichlet(nx, dx)
     tmp = np.zeros((ny, nx))
-    for y in range(ny):
+    for y in range(ya, yb):
         for j in range(ny):
             s = ky[y - j + ny - 1]
             for x in range(nx):
                 tmp[y, x] += s * p[j, x]
     out = np.zeros((ny, nx))
-    for y in range(ny):
-        for x in range(nx):
+    for y in range(ya, yb):
+        for x in range(xa, xb):
             acc = 0.0
             for i in range(nx):
                 acc += tmp[y, i] * kx[x - i + nx - 1]
@@ -111,6 +115,11 @@ def psf_flux(values, weight, var_eff, psf, cx, cy):
     """
     shifter = psf if isinstance(psf, ShiftedPSF) else ShiftedPSF(psf)
     ix, iy = int(np.floor(cx + 0.5)), int(np.floor(cy + 0.5))
-    p = shifter(cy - iy, cx - ix)
-    f, v, a = psf_fit(values, weight, var_eff, p, iy - p.shape[0] // 2, ix - p.shape[1] // 2)
+    ph, pw = shifter.shape
+    oy, ox = iy - ph // 2, ix - pw // 2
+    h, w = values.shape
+    rows = (min(max(-oy, 0), ph), min(max(h - oy, 0), ph))  # PSF rows that land on the box
+    cols = (min(max(-ox, 0), pw), min(max(w - ox, 0), pw))
+    p = shifter(cy - iy, cx - ix, rows, cols)
+    f, v, a = psf_fit(values, weight, var_eff, p, oy, ox)
     return f, np.sqrt(v)
