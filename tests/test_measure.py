@@ -82,7 +82,7 @@ def test_psf_flux_of_noiseless_star(kind):
 def test_aperture_fluxes_match_the_gaussian_profile(sigma, cx, cy):
     """Circular apertures enclose 1 - exp(-R^2 / 2 sigma^2) of a pixel-integrated Gaussian (0.3 %).
 
-    With boundary pixels taken as uniform the R = 3 flux of sigma = 2 is 2.6 % low.
+    With boundary pixels taken as uniform the R = 3 flux of sigma = 2 was 2.6 % low.
     """
     img = pixel_gaussian(cx, cy, sigma, 1000.0)
     for r in (3.0, 4.5, 6.0, 12.0):

@@ -47,7 +47,7 @@ class PhotometryConfig:
     gaap_sigma: float = 3.0
     kron_min_radius: float = 3.5
     moments_max_iter: int = 100
-    moments_tol: float = 1e-5
+    moments_tol: float = 1e-4
     extra: dict = field(default_factory=dict)
 
     def aperture_names(self):
@@ -115,12 +115,12 @@ def measure_suite(values, geometry, var_eff, weight, centroids, moments, psf, ps
     values = np.ascontiguousarray(values, np.float32)
     n = values.shape[0]
     if var_eff is None:
-        var_eff = np.full(values.shape, np.nan)
+        var_eff = np.full(values.shape, np.nan, np.float32)
     names = column_names(config)
     out = np.empty((n, len(names)))
     flags = np.zeros(n, np.int32)
     gaap_w = effective_weight(config.gaap_sigma, psf_cov)
-    suite_kernel(values, np.ascontiguousarray(geometry, np.float32), np.ascontiguousarray(var_eff, np.float64),
+    suite_kernel(values, np.ascontiguousarray(geometry, np.float32), np.ascontiguousarray(var_eff, np.float32),
                  np.ascontiguousarray(weight, np.float64), np.ascontiguousarray(centroids, np.float64),
                  np.ascontiguousarray(moments, np.float64), odd_psf(psf),
                  np.array(gaap_w if gaap_w is not None else (0.0, 1.0, 1.0, 0.0), np.float64), gaap_w is not None,

@@ -66,7 +66,7 @@ class BlendPhotometry:
             return fp.astype(np.float64), None
         _, variance, good = data
         weight = np.empty(fp.shape)
-        var_eff = np.empty(templates.shape)
+        var_eff = np.empty(templates.shape, np.float32)
         noise_planes(np.ascontiguousarray(templates, np.float32), np.ascontiguousarray(fp, np.bool_),
                      np.ascontiguousarray(variance, np.float32), np.ascontiguousarray(good, np.bool_),
                      unit_shares, var_eff, weight)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .aperture import aperture_sum, subsamples
+from .aperture import NSUB, aperture_sum
 from .gaap import gaap_sum
 from .kron import KRON_FACTOR, WINDOW, first_moment_radius
 from .moments import FAILED, NOT_CONVERGED, adaptive_moments
@@ -92,7 +92,7 @@ def suite_kernel(values, geometry, var_eff, weight, centroids, moments, psf, gaa
             flags[i] |= PSF_FAILED
         col = 2
         for r in range(k):
-            f, var, _ = aperture_sum(v, ve, cx, cy, 1.0, 1.0, 0.0, radii[r], subsamples(radii[r]))
+            f, var, _ = aperture_sum(v, ve, cx, cy, 1.0, 1.0, 0.0, radii[r], NSUB)
             out[i, col], out[i, col + 1] = f, np.sqrt(var)
             col += 2
         # Kron: ellipse of the model's moments, first-moment radius of the model
@@ -105,8 +105,7 @@ def suite_kernel(values, geometry, var_eff, weight, centroids, moments, psf, gaa
             r1 = first_moment_radius(geometry[i], cx, cy, q_xx, q_yy, q_xy, WINDOW * det ** 0.25)
             if np.isfinite(r1) and r1 > 0:
                 radius = max(KRON_FACTOR * r1, kron_min_radius)
-                minor = radius / np.sqrt(max(q_xx, q_yy) + abs(q_xy))
-                f, var, _ = aperture_sum(v, ve, cx, cy, q_xx, q_yy, q_xy, radius, subsamples(minor))
+                f, var, _ = aperture_sum(v, ve, cx, cy, q_xx, q_yy, q_xy, radius, NSUB)
                 out[i, col], out[i, col + 1] = f, np.sqrt(var)
                 out[i, col + 4] = r1
                 kron_ok = True

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .aperture import aperture_sum, subsamples
+from .aperture import NSUB, aperture_sum
 
 KRON_FACTOR = 2.5
 WINDOW = 6.0
@@ -29,7 +29,7 @@ def kron_metric(m_xx, m_yy, m_xy):
     return m_yy / s, m_xx / s, -m_xy / s
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "contract", "arcp"})
 def first_moment_radius(values, cx, cy, q_xx, q_yy, q_xy, window):
     """``sum r_e v / sum v`` over the positive pixels with ``r_e < window`` (NaN if none)."""
     h, w = values.shape
@@ -75,7 +75,5 @@ def kron_radius(geometry, cx, cy, moments):
 def kron_flux(values, var_eff, cx, cy, r1, metric, min_radius):
     """(flux, error) inside the Kron ellipse ``r_e <= max(2.5 r1, min_radius)``."""
     radius = max(KRON_FACTOR * r1, min_radius)
-    # sub-sampling by the semi-minor axis (the ellipse's tightest curvature)
-    minor = radius / np.sqrt(max(metric[0], metric[1]) + abs(metric[2]))
-    f, v, _ = aperture_sum(values, var_eff, float(cx), float(cy), *metric, float(radius), subsamples(minor))
+    f, v, _ = aperture_sum(values, var_eff, float(cx), float(cy), *metric, float(radius), NSUB)
     return f, np.sqrt(v)

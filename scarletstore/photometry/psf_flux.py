@@ -52,25 +52,30 @@ def _dirichlet(n, d):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "contract", "arcp"})
 def _shift_odd(p, dy, dx, ya, yb, xa, xb):
-    """Rows ya:yb, columns xa:xb of ``S_dy P S_dx^T`` (Dirichlet kernels, functions of y - y' only)."""
+    """Rows ya:yb, columns xa:xb of ``S_dy P S_dx^T`` (Dirichlet kernels, functions of y - y' only).
+
+    The first pass runs in float32 (twice the SIMD width; a sum of ~40 terms
+    keeps 1e-6 of the peak), the second accumulates in float64.
+    """
     ny, nx = p.shape
-    ky = _dirichlet(ny, dy)
+    ky = _dirichlet(ny, dy).astype(np.float32)
     kx = _dirichlet(nx, dx)
-    tmp = np.zeros((ny, nx))
+    p32 = p.astype(np.float32)
+    tmp = np.zeros((ny, nx), np.float32)
     for y in range(ya, yb):
         for j in range(ny):
             s = ky[y - j + ny - 1]
             for x in range(nx):
-                tmp[y, x] += s * p[j, x]
+                tmp[y, x] += s * p32[j, x]
     out = np.zeros((ny, nx))
     for y in range(ya, yb):
-        for x in range(xa, xb):
-            acc = 0.0
-            for i in range(nx):
-                acc += tmp[y, i] * kx[x - i + nx - 1]
-            out[y, x] = acc
+        for i in range(nx):
+            s = tmp[y, i]
+            base = nx - 1 - i  # kx index of column x is x + base: contiguous in x (vectorises)
+            for x in range(xa, xb):
+                out[y, x] += s * kx[x + base]
     return out
 
 
@@ -79,7 +84,7 @@ def shifted_psf(psf: np.ndarray, dy: float, dx: float) -> np.ndarray:
     return ShiftedPSF(psf)(dy, dx)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "contract", "arcp"})
 def psf_fit(values, weight, var_eff, psf, oy, ox):
     """Amplitude of ``psf`` placed with its pixel (0, 0) at box pixel (oy, ox).
 
