@@ -194,7 +194,7 @@ def bench_errors(store, sim, band="r"):
     table, tblend = _truth(sim, st, band)
     cat = band_catalog(st, band, apcorr=False).compute()
     result = {}
-    for column, err in (("flux", "flux_err"), ("psf_flux", "psf_flux_err"), ("kron_flux", "kron_flux_err")):
+    for column, err in (("flux", "flux_err"),):
         if err not in cat:
             continue
         p = pulls(cat, table, tblend, band, column, err)
