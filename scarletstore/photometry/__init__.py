@@ -14,7 +14,7 @@ pixels of the chosen heavy footprint (model or re-apportioned).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,7 +48,6 @@ class PhotometryConfig:
     kron_min_radius: float = 3.5
     moments_max_iter: int = 100
     moments_tol: float = 1e-4
-    extra: dict = field(default_factory=dict)
 
     def aperture_names(self):
         return [f"aperture_flux_{_radius_name(r)}" for r in self.apertures]

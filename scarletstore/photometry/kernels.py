@@ -12,20 +12,21 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import PHOT_FLAGS
 from .aperture import NSUB, aperture_sum
 from .gaap import gaap_sum
 from .kron import KRON_FACTOR, WINDOW, first_moment_radius
 from .moments import FAILED, NOT_CONVERGED, adaptive_moments
 from .psf_flux import _shift_odd, psf_fit
 
-# flag bits, as in PHOT_FLAGS (numba reads module globals as constants)
-PSF_FAILED = 1 << 11
-APERTURE_FAILED = 1 << 12
-KRON_FAILED = 1 << 13
-GAAP_FAILED = 1 << 14
-GAAP_PSF_TOO_BROAD = 1 << 15
-SHAPE_FAILED = 1 << 16
-SHAPE_NOT_CONVERGED = 1 << 17
+# flag bits as module globals (numba reads them as compile-time constants)
+PSF_FAILED = PHOT_FLAGS["psf_flux_failed"]
+APERTURE_FAILED = PHOT_FLAGS["aperture_failed"]
+KRON_FAILED = PHOT_FLAGS["kron_failed"]
+GAAP_FAILED = PHOT_FLAGS["gaap_failed"]
+GAAP_PSF_TOO_BROAD = PHOT_FLAGS["gaap_psf_too_broad"]
+SHAPE_FAILED = PHOT_FLAGS["shape_failed"]
+SHAPE_NOT_CONVERGED = PHOT_FLAGS["shape_not_converged"]
 NO_CENTRE = PSF_FAILED | APERTURE_FAILED | KRON_FAILED | GAAP_FAILED | SHAPE_FAILED
 
 
