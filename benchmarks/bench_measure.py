@@ -169,38 +169,51 @@ def bench_apcorr(store, sim, band="r"):
     return out
 
 
-def pulls(cat, table, tblend, band, column="flux", err="flux_err", blended_cut=0.1, snr_cut=10):
-    """Robust pull widths (1.4826 MAD of (flux - truth) / err) of isolated and blended matches."""
+def _pull_samples(cat, table, tblend, band, column, err, blended_cut=0.1, snr_cut=10):
+    """(flux - truth) / err of isolated (truth blendedness < 0.01) and blended matches with S/N > snr_cut."""
     ma = _matched(cat, table)
     ok = ma >= 0
     f = cat[column].values[ok]
     e = cat[err].values[ok]
     t = np.asarray(table[f"flux_{band}"])[ma[ok]]
     b = tblend[ma[ok]]
-    snr = t / e
+    # the selection by S/N uses the noise error, whatever error is scored
+    noise = cat["flux_err_noise"].values[ok] if "flux_err_noise" in cat else e
+    snr = t / noise
     out = {}
     for label, sel in (("isolated", b < 0.01), ("blended", b > blended_cut)):
         sel = sel & (snr > snr_cut) & np.isfinite(f) & np.isfinite(e) & (e > 0)
-        p = (f[sel] - t[sel]) / e[sel]
-        out[label] = (float(1.4826 * np.median(np.abs(p - np.median(p)))) if sel.any() else np.nan, int(sel.sum()))
+        out[label] = (f[sel] - t[sel]) / e[sel]
     return out
 
 
-def bench_errors(store, sim, band="r"):
+def _width(p):
+    """Robust pull width: 1.4826 x the median absolute deviation."""
+    return float(1.4826 * np.median(np.abs(p - np.median(p)))) if len(p) else float("nan")
+
+
+def bench_errors(store, sim, bands="gri"):
     from scarletstore.catalog import band_catalog
     from scarletstore.store import Store
 
     st = Store(store)
-    table, tblend = _truth(sim, st, band)
-    cat = band_catalog(st, band, apcorr=False).compute()
-    result = {}
-    for column, err in (("flux", "flux_err"),):
-        if err not in cat:
-            continue
-        p = pulls(cat, table, tblend, band, column, err)
-        print(f"  {column:10s} / {err:14s}: pull width isolated {p['isolated'][0]:.2f} ({p['isolated'][1]}), "
-              f"blended (truth blendedness > 0.1, S/N > 10) {p['blended'][0]:.2f} ({p['blended'][1]})")
-        result[column] = p
+    pooled, result = {}, {}
+    for band in bands:
+        table, tblend = _truth(sim, st, band)
+        cat = band_catalog(st, band, apcorr=False).compute()
+        for err in ("flux_err_noise", "flux_err"):
+            p = _pull_samples(cat, table, tblend, band, "flux", err)
+            for label, v in p.items():
+                pooled.setdefault((err, label), []).append(v)
+            print(f"  {band} flux / {err:14s}: pull width isolated {_width(p['isolated']):.2f} "
+                  f"({len(p['isolated'])}), blended {_width(p['blended']):.2f} ({len(p['blended'])})")
+            result[f"{band}:{err}"] = {k: _width(v) for k, v in p.items()}
+    for err in ("flux_err_noise", "flux_err"):
+        iso = np.concatenate(pooled[err, "isolated"])
+        bl = np.concatenate(pooled[err, "blended"])
+        print(f"  {bands} pooled flux / {err:14s}: isolated {_width(iso):.2f} ({len(iso)}), "
+              f"blended {_width(bl):.2f} ({len(bl)})   (blended: truth blendedness > 0.1, S/N > 10)")
+        result[f"pooled:{err}"] = {"isolated": _width(iso), "blended": _width(bl)}
     return result
 
 
@@ -221,7 +234,7 @@ def main(argv=None):
         elif name == "apcorr":
             results[name] = bench_apcorr(store, sim, args.band)
         elif name == "errors":
-            results[name] = bench_errors(store, sim, args.band)
+            results[name] = bench_errors(store, sim)
         else:
             ap.error(f"unknown section {name!r}")
     return results

@@ -322,7 +322,7 @@ LAZY_DTYPES = dict({c: np.float64 for c in COLUMNS}, flux=np.float64, n_pixels=n
 UNITS = {"id": "1", "parent": "1", "blend": "1", "x": "pixel", "y": "pixel", "ra": "deg", "dec": "deg",
          "centroid_x": "pixel", "centroid_y": "pixel", "ixx": "pixel^2", "iyy": "pixel^2", "ixy": "pixel^2",
          "blendedness": "1", "chi2": "1", "n_pixels": "pixel", "data_coverage": "1", "flags": "1"}
-FLUX_COLUMNS = ("flux", "flux_redistributed", "flux_err")
+FLUX_COLUMNS = ("flux", "flux_redistributed", "flux_err", "flux_err_noise", "flux_err_model")
 
 
 def photometry_config(apertures=None, **settings) -> PhotometryConfig:
@@ -390,7 +390,8 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
     flux_units = _flux_units(measurer)
     units = dict(UNITS, **{c: flux_units for c in FLUX_COLUMNS}, **suite_columns(config, flux_units))
     corrected = measurer.photometry.corrected_columns()
-    cols[-1:-1] = list(suite_columns(config, flux_units)) + corrected  # flags stay last
+    cols[-1:-1] = list(suite_columns(config, flux_units)) + corrected + ["flux_err_noise", "flux_err_model"]
+    # (flags stay last)
     units.update({c: flux_units for c in corrected})
     for c in cols:
         lazy = indexing.LazilyIndexedArray(_LazyColumn(cache, c, LAZY_DTYPES.get(c, np.float64), n))

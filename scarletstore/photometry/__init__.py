@@ -41,6 +41,8 @@ class PhotometryConfig:
     gaap_sigma : sigma (pixels) of the round pre-seeing GAaP aperture
     kron_min_radius : smallest Kron aperture radius (pixels)
     moments_max_iter, moments_tol : adaptive-moment iteration limits
+    template_log_ratio_sigma : uncertainty of the log ratio of neighbouring
+        templates (see :mod:`~scarletstore.photometry.deblend_errors`)
     """
 
     apertures: tuple = (3.0, 6.0, 12.0)
@@ -48,6 +50,7 @@ class PhotometryConfig:
     kron_min_radius: float = 3.5
     moments_max_iter: int = 100
     moments_tol: float = 1e-4
+    template_log_ratio_sigma: float = 1.0
 
     def aperture_names(self):
         return [f"aperture_flux_{_radius_name(r)}" for r in self.apertures]

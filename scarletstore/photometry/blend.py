@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
+from .deblend_errors import contested_flux
 from .kernels import noise_planes
 from .moments import psf_covariance
 
@@ -83,6 +84,11 @@ class BlendPhotometry:
         cols, flags = measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
+        # the model flux's error: the noise part (share-weighted) and the template part
+        cols["flux_err_noise"] = m[:, 1].copy()
+        cols["flux_err_model"] = self.config.template_log_ratio_sigma * contested_flux(
+            np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp, np.bool_))
+        cols["flux_err"] = np.hypot(cols["flux_err_noise"], cols["flux_err_model"])
         return cols, flags
 
     def parent(self, b, blend, models, fp, data):
