@@ -57,19 +57,36 @@ def _shift_odd(p, dy, dx, ya, yb, xa, xb):
     """Rows ya:yb, columns xa:xb of ``S_dy P S_dx^T`` (Dirichlet kernels, functions of y - y' only).
 
     The first pass runs in float32 (twice the SIMD width; a sum of ~40 terms
-    keeps 1e-6 of the peak), the second accumulates in float64.
+    keeps 1e-6 of the peak), the second accumulates in float64. The axis with
+    fewer needed pixels is shifted first, so the first pass covers only them.
     """
     ny, nx = p.shape
-    ky = _dirichlet(ny, dy).astype(np.float32)
+    ky = _dirichlet(ny, dy)
     kx = _dirichlet(nx, dx)
     p32 = p.astype(np.float32)
     tmp = np.zeros((ny, nx), np.float32)
+    out = np.zeros((ny, nx))
+    if xb - xa < yb - ya:
+        # fewer columns than rows are needed: shift along x first, only those columns
+        kx32 = kx.astype(np.float32)
+        for j in range(ny):
+            for i in range(nx):
+                s = p32[j, i]
+                base = nx - 1 - i
+                for x in range(xa, xb):
+                    tmp[j, x] += s * kx32[x + base]
+        for y in range(ya, yb):
+            for j in range(ny):
+                s = ky[y - j + ny - 1]
+                for x in range(xa, xb):
+                    out[y, x] += s * tmp[j, x]
+        return out
+    ky32 = ky.astype(np.float32)
     for y in range(ya, yb):
         for j in range(ny):
-            s = ky[y - j + ny - 1]
+            s = ky32[y - j + ny - 1]
             for x in range(nx):
                 tmp[y, x] += s * p32[j, x]
-    out = np.zeros((ny, nx))
     for y in range(ya, yb):
         for i in range(nx):
             s = tmp[y, i]
