@@ -24,6 +24,7 @@ from .ingest import bad_bits
 from .measure import COLUMNS, measure_children
 from .models import SOURCE_FLAGS, RunIndex, RunTables, read_blend
 from .photometry import PHOT_FLAGS, PhotometryConfig, suite_columns
+from .photometry.apcorr import load_apcorr
 from .photometry.blend import BlendPhotometry
 from .reconstruct import apportion_weights, band_kernel, heavy_values, source_models
 
@@ -247,10 +248,13 @@ class BlendMeasurer:
             flags |= CATALOG_FLAGS["not_converged"]
         if data is None:
             flags |= CATALOG_FLAGS["no_data"]
-        # the measurement suite (PSF, aperture, Kron, GAaP fluxes, adaptive moments)
-        phot, phot_flags = self.photometry.children(b, blend, models, fp, data, redist, m)
-        cols.update(phot)
-        cols["flags"] = flags | phot_flags
+        # the measurement suite (PSF, aperture, Kron, GAaP fluxes, adaptive moments);
+        # photometry None measures the base columns only (benchmarks compare the two)
+        if self.photometry is not None:
+            phot, flags_phot = self.photometry.children(b, blend, models, fp, data, redist, m)
+            cols.update(phot)
+            flags |= flags_phot
+        cols["flags"] = flags
         cols["n_pixels"] = cols["n_pixels"].astype(np.int64)
         return cols
 
@@ -305,11 +309,15 @@ class _RowCache:
         if rows.size == 0:
             return out
         blends = self.blend_of_row[rows]
-        for b in np.unique(blends):
+        unique, inverse = np.unique(blends, return_inverse=True)
+        for b in unique:
             if b not in self.values:
                 self.values[int(b)] = self.measurer.measure_blend(int(b))
-            sel = blends == b
-            out[sel] = self.values[int(b)][column][rows[sel] - self.measurer.index.source_off[b]]
+        # one gather over the concatenated blends, not one masked copy per blend and column
+        parts = [self.values[int(b)][column] for b in unique]
+        starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+        local = rows - self.measurer.index.source_off[blends]
+        out[...] = np.concatenate(parts)[starts[inverse] + local]
         return out
 
 
@@ -339,7 +347,7 @@ LAZY_DTYPES = dict({c: np.float64 for c in COLUMNS}, flux=np.float64, n_pixels=n
 UNITS = {"id": "1", "parent": "1", "blend": "1", "x": "pixel", "y": "pixel", "ra": "deg", "dec": "deg",
          "centroid_x": "pixel", "centroid_y": "pixel", "ixx": "pixel^2", "iyy": "pixel^2", "ixy": "pixel^2",
          "blendedness": "1", "chi2": "1", "n_pixels": "pixel", "data_coverage": "1", "flags": "1"}
-FLUX_COLUMNS = ("flux", "flux_redistributed", "flux_err")
+FLUX_COLUMNS = ("flux", "flux_redistributed", "flux_err", "flux_err_noise", "flux_err_model")
 
 
 def photometry_config(apertures=None, **settings) -> PhotometryConfig:
@@ -364,10 +372,13 @@ def _flux_units(measurer) -> str:
 
 
 def band_catalog(store, band: str, run: str | None = None, redistribute: bool = False,
-                 image_override=None, psf_override=None, apertures=None) -> xr.Dataset:
+                 image_override=None, psf_override=None, apertures=None, apcorr: bool = True) -> xr.Dataset:
     """One row per child of ``run`` (default: the newest) in ``band``; measured columns are lazy.
 
     ``apertures``: radii (pixels) of the circular aperture fluxes (default 3, 6, 12).
+    ``apcorr``: apply the band's stored aperture correction (group
+    ``apcorr/<band>``) when there is one; the raw values stay as
+    ``<flux>_uncorrected`` / ``<flux>_err_uncorrected``.
     Every column carries its units (variable attribute ``units``; all of them in
     the dataset attribute ``units`` as JSON).
     """
@@ -379,6 +390,8 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
         raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
     config = photometry_config(apertures)
     measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
+    if apcorr:
+        measurer.photometry.apcorr = load_apcorr(store, band)
     cache = _RowCache(measurer)
     t = measurer.tables
     n = len(t.col("source_id"))
@@ -401,12 +414,16 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
         cols.insert(1, "flux_redistributed")
     flux_units = _flux_units(measurer)
     units = dict(UNITS, **{c: flux_units for c in FLUX_COLUMNS}, **suite_columns(config, flux_units))
-    cols[-1:-1] = list(suite_columns(config, flux_units))  # flags stay last
+    corrected = measurer.photometry.corrected_columns()
+    cols[-1:-1] = list(suite_columns(config, flux_units)) + corrected + ["flux_err_noise", "flux_err_model"]
+    # (flags stay last)
+    units.update({c: flux_units for c in corrected})
     for c in cols:
         lazy = indexing.LazilyIndexedArray(_LazyColumn(cache, c, LAZY_DTYPES.get(c, np.float64), n))
         data[c] = xr.Variable(("row",), lazy, attrs={"units": units[c]})
     ds = xr.Dataset(data, attrs={"band": band, "run": run, "redistribute": int(redistribute),
-                                 "flag_bits": json.dumps(CATALOG_FLAGS)})
+                                 "flag_bits": json.dumps(CATALOG_FLAGS),
+                                 "apcorr": "" if measurer.photometry.apcorr is None else f"apcorr/{band}"})
     for c in ds.variables:
         if c in units:
             ds[c].attrs["units"] = units[c]

@@ -67,7 +67,7 @@ def migrate_store(store) -> dict[str, tuple[int, int]]:
     running it again changes nothing (idempotent).
     """
     changed, new = {}, {}
-    for group, info in store.groups().items():
+    for group in _product_groups(store):
         ds = store.read(group, upgrade=False)
         if needs_upgrade(ds):
             old = int(ds.attrs["schema_version"])
@@ -77,3 +77,18 @@ def migrate_store(store) -> dict[str, tuple[int, int]]:
     if new:
         store.write(new, replace=True)
     return changed
+
+
+def _product_groups(store) -> list[str]:
+    """Every product group, including those inside container groups without a schema
+    of their own (``apcorr/<band>``, as ``runs/<name>``)."""
+    import h5py
+
+    names = []
+    for group, info in store.groups().items():
+        if info["schema"] is not None:
+            names.append(group)
+            continue
+        with h5py.File(store.path, "r") as f:
+            names += [f"{group}/{k}" for k, v in f[group].items() if isinstance(v, h5py.Group)]
+    return names

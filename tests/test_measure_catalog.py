@@ -181,3 +181,26 @@ def test_cli_apertures(field, tmp_path, capsys):
         assert main(["catalog", str(field.path), "--band", "g", "--apertures", bad, "-o", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "aperture" in err
+
+
+def test_flux_error_parts(field):
+    """The model flux's error is the noise part and the template part in quadrature."""
+    from scarletstore.photometry import PhotometryConfig
+    from scarletstore.photometry.deblend_errors import contested_flux
+
+    cat = field.catalog("g").compute()
+    noise, model, total = (cat[c].values for c in ("flux_err_noise", "flux_err_model", "flux_err"))
+    np.testing.assert_allclose(total, np.hypot(noise, model))
+    assert model[2] == 0 and total[2] == noise[2]  # the isolated galaxy contests nothing
+    assert model[0] > 0 and model[1] > 0  # the star and its neighbour overlap
+    kappa = PhotometryConfig().template_log_ratio_sigma
+    # equal shares of two identical templates: each contests half its flux
+    t = np.zeros((2, 20, 20), np.float32)
+    t[:, 5:15, 5:15] = 2.0
+    np.testing.assert_allclose(contested_flux(t, np.ones((20, 20), bool)), [100.0, 100.0])
+    t[1] = 0
+    t[1, 0:4, 0:4] = 1.0  # disjoint: nothing contested
+    np.testing.assert_allclose(contested_flux(t, np.ones((20, 20), bool)), [0.0, 0.0])
+    # pixels outside the footprint are not the blend's
+    fp = np.zeros((20, 20), bool)
+    assert contested_flux(t, fp).sum() == 0 and kappa > 0

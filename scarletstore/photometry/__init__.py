@@ -14,15 +14,12 @@ pixels of the chosen heavy footprint (model or re-apportioned).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .aperture import circular_flux
-from .gaap import effective_weight, gaap_flux
-from .kron import kron_flux, kron_radius
-from .moments import FAILED, NOT_CONVERGED, adaptive_moments
-from .psf_flux import psf_flux
+from .gaap import effective_weight
+from .psf_flux import ShiftedPSF
 
 # catalog flag bits of the measurement families (the catalog's own use bits 0-10)
 PHOT_FLAGS = {
@@ -44,14 +41,16 @@ class PhotometryConfig:
     gaap_sigma : sigma (pixels) of the round pre-seeing GAaP aperture
     kron_min_radius : smallest Kron aperture radius (pixels)
     moments_max_iter, moments_tol : adaptive-moment iteration limits
+    template_log_ratio_sigma : uncertainty of the log ratio of neighbouring
+        templates (see :mod:`~scarletstore.photometry.deblend_errors`)
     """
 
     apertures: tuple = (3.0, 6.0, 12.0)
     gaap_sigma: float = 3.0
     kron_min_radius: float = 3.5
     moments_max_iter: int = 100
-    moments_tol: float = 1e-6
-    extra: dict = field(default_factory=dict)
+    moments_tol: float = 1e-4
+    template_log_ratio_sigma: float = 1.0
 
     def aperture_names(self):
         return [f"aperture_flux_{_radius_name(r)}" for r in self.apertures]
@@ -77,6 +76,22 @@ def suite_columns(config: PhotometryConfig, flux_units: str) -> dict[str, str]:
     return cols
 
 
+def column_names(config: PhotometryConfig) -> list[str]:
+    """Columns of :func:`~scarletstore.photometry.kernels.suite_kernel`'s output, in order."""
+    cols = ["psf_flux", "psf_flux_err"]
+    for name in config.aperture_names():
+        cols += [name, name + "_err"]
+    return cols + ["kron_flux", "kron_flux_err", "gaap_flux", "gaap_flux_err", "kron_radius",
+                   "shape_xx", "shape_yy", "shape_xy"]
+
+
+def odd_psf(psf) -> np.ndarray:
+    """The PSF as float64 on an odd grid (an even side gets a zero row/column at its end)."""
+    psf = np.asarray(psf.psf if isinstance(psf, ShiftedPSF) else psf, np.float64)
+    pad = [(0, 1 - n % 2) for n in psf.shape]
+    return np.ascontiguousarray(np.pad(psf, pad) if any(p[1] for p in pad) else psf)
+
+
 def measure_suite(values, geometry, var_eff, weight, centroids, moments, psf, psf_cov,
                   config: PhotometryConfig):
     """Every family's columns for ``n`` objects of one blend box.
@@ -90,57 +105,27 @@ def measure_suite(values, geometry, var_eff, weight, centroids, moments, psf, ps
     weight : (h, w) inverse-variance weight of the PSF fit (0 on unusable pixels)
     centroids : (n, 2) centres (x, y) in box pixels
     moments : (n, 3) second moments (xx, yy, xy) of the model, pixel^2
-    psf : (ph, pw) band PSF, centred, unit sum; psf_cov : its covariance (xx, yy, xy)
+    psf : (ph, pw) band PSF, centred, unit sum (or its :class:`ShiftedPSF`);
+        psf_cov : its covariance (xx, yy, xy)
 
     Returns
     -------
     (columns, flags) : dict of (n,) float64 arrays, (n,) int32 flag bits
     """
+    from .kernels import suite_kernel
+
+    values = np.ascontiguousarray(values, np.float32)
     n = values.shape[0]
-    values = np.ascontiguousarray(values, np.float64)
-    geometry = np.ascontiguousarray(geometry, np.float64)
     if var_eff is None:
-        var_eff = np.full(values.shape, np.nan)
-    var_eff = np.ascontiguousarray(var_eff, np.float64)
-    weight = np.ascontiguousarray(weight, np.float64)
-    names = flux_columns(config)
-    cols = {k: np.full(n, np.nan) for k in
-            [*names, *(c + "_err" for c in names), "kron_radius", "shape_xx", "shape_yy", "shape_xy"]}
+        var_eff = np.full(values.shape, np.nan, np.float32)
+    names = column_names(config)
+    out = np.empty((n, len(names)))
     flags = np.zeros(n, np.int32)
     gaap_w = effective_weight(config.gaap_sigma, psf_cov)
-    for i in range(n):
-        cx, cy = centroids[i]
-        v, ve = values[i], var_eff[i]
-        if not (np.isfinite(cx) and np.isfinite(cy)):
-            flags[i] |= (PHOT_FLAGS["psf_flux_failed"] | PHOT_FLAGS["aperture_failed"]
-                         | PHOT_FLAGS["kron_failed"] | PHOT_FLAGS["gaap_failed"] | PHOT_FLAGS["shape_failed"])
-            continue
-        f, e = psf_flux(v, weight, ve, psf, cx, cy)
-        if np.isfinite(f):
-            cols["psf_flux"][i], cols["psf_flux_err"][i] = f, e
-        else:
-            flags[i] |= PHOT_FLAGS["psf_flux_failed"]
-        for name, r in zip(config.aperture_names(), config.apertures):
-            cols[name][i], cols[name + "_err"][i], _ = circular_flux(v, ve, cx, cy, r)
-        r1, metric = kron_radius(geometry[i], cx, cy, moments[i])
-        if metric is None:
-            flags[i] |= PHOT_FLAGS["kron_failed"]
-        else:
-            cols["kron_radius"][i] = r1
-            cols["kron_flux"][i], cols["kron_flux_err"][i] = kron_flux(v, ve, cx, cy, r1, metric,
-                                                                      config.kron_min_radius)
-        if gaap_w is None:
-            flags[i] |= PHOT_FLAGS["gaap_psf_too_broad"]
-        else:
-            cols["gaap_flux"][i], cols["gaap_flux_err"][i] = gaap_flux(v, ve, cx, cy, gaap_w)
-        size = np.sqrt(0.5 * (moments[i][0] + moments[i][1]))
-        sigma0 = float(size) if np.isfinite(size) and size > 0.5 else 2.0
-        xx, yy, xy, _, _, status = adaptive_moments(v, float(cx), float(cy), sigma0,
-                                                    config.moments_max_iter, config.moments_tol)
-        if status == FAILED:
-            flags[i] |= PHOT_FLAGS["shape_failed"]
-        else:
-            if status == NOT_CONVERGED:
-                flags[i] |= PHOT_FLAGS["shape_not_converged"]
-            cols["shape_xx"][i], cols["shape_yy"][i], cols["shape_xy"][i] = xx, yy, xy
-    return cols, flags
+    suite_kernel(values, np.ascontiguousarray(geometry, np.float32), np.ascontiguousarray(var_eff, np.float32),
+                 np.ascontiguousarray(weight, np.float64), np.ascontiguousarray(centroids, np.float64),
+                 np.ascontiguousarray(moments, np.float64), odd_psf(psf),
+                 np.array(gaap_w if gaap_w is not None else (0.0, 1.0, 1.0, 0.0), np.float64), gaap_w is not None,
+                 np.array(config.apertures, np.float64), float(config.kron_min_radius),
+                 int(config.moments_max_iter), float(config.moments_tol), out, flags)
+    return {name: out[:, k] for k, name in enumerate(names)}, flags

@@ -3,9 +3,10 @@
 An aperture is ``{d : d^T Q d <= R^2}`` about a sub-pixel centre, with ``Q``
 the identity for circles. Each pixel enters with the fraction of its area
 inside: pixels whose whole square is inside (or outside) count 1 (or 0);
-pixels the boundary crosses are sampled on an ``nsub x nsub`` grid. The flux
-is linear in the pixels, so its variance is the weighted sum of the pixel
-variances.
+on pixels the boundary crosses, the aperture's chord is solved exactly in y
+on ``nsub`` columns (midpoint in x), which gives the area and its first
+moments. The flux is linear in the pixels, so its variance is the weighted
+sum of the pixel variances.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-NSUB = 16  # sub-samples per side on boundary pixels: area error < 1e-3 of the aperture
+NSUB = 16  # columns per boundary pixel: area within 5e-4 of pi R^2 at R = 3, 6e-5 at R = 12
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "contract", "arcp"})
 def aperture_sum(values, var_eff, cx, cy, q_xx, q_yy, q_xy, radius, nsub):
     """Sum of ``values`` over one aperture, and its variance.
 
@@ -34,7 +35,7 @@ def aperture_sum(values, var_eff, cx, cy, q_xx, q_yy, q_xy, radius, nsub):
     cx, cy : centre in box pixels
     q_xx, q_yy, q_xy : the aperture metric Q (1, 1, 0 for a circle)
     radius : R in the metric of Q
-    nsub : sub-samples per side on boundary pixels
+    nsub : columns per boundary pixel
 
     Returns
     -------
@@ -73,25 +74,35 @@ def aperture_sum(values, var_eff, cx, cy, q_xx, q_yy, q_xy, radius, nsub):
                 coef[cyy, cxx] += 1.0
                 area += 1.0
                 continue
-            inside = 0
+            # the inside part of the pixel, column by column: exact in y (the aperture's
+            # chord at this x), midpoint in x
+            frac = 0.0
             mx = 0.0
             my = 0.0
-            for sy in range(nsub):
-                oy = -0.5 + (sy + 0.5) * step
-                for sx in range(nsub):
-                    ox = -0.5 + (sx + 0.5) * step
-                    px, py = dx + ox, dy + oy
-                    if q_xx * px * px + 2.0 * q_xy * px * py + q_yy * py * py <= r2:
-                        inside += 1
-                        mx += ox
-                        my += oy
-            if inside == 0:
+            for sx in range(nsub):
+                ox = -0.5 + (sx + 0.5) * step
+                px = dx + ox
+                # q_yy py^2 + 2 q_xy px py + q_xx px^2 - R^2 <= 0
+                bq = q_xy * px
+                disc = bq * bq - q_yy * (q_xx * px * px - r2)
+                if disc <= 0.0:
+                    continue
+                root = np.sqrt(disc)
+                lo = max((-bq - root) / q_yy, dy - 0.5)
+                hi = min((-bq + root) / q_yy, dy + 0.5)
+                if hi <= lo:
+                    continue
+                length = hi - lo
+                frac += length
+                mx += ox * length
+                my += 0.5 * (hi * hi - lo * lo) - dy * length
+            if frac == 0.0:
                 continue
-            norm = 1.0 / (nsub * nsub)
-            coef[cyy, cxx] += inside * norm
-            area += inside * norm
-            mx *= norm
-            my *= norm
+            frac *= step
+            coef[cyy, cxx] += frac
+            area += frac
+            mx *= step
+            my *= step
             # gradient by central differences; none across the box edge
             if 0 < x < w - 1:
                 coef[cyy, cxx + 1] += 0.5 * mx

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PhotometryConfig, measure_suite
+from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
+from .deblend_errors import contested_flux
+from .kernels import noise_planes
 from .moments import psf_covariance
 
 
@@ -39,6 +41,7 @@ class BlendPhotometry:
     def __init__(self, measurer, config: PhotometryConfig | None = None):
         self.measurer = measurer
         self.config = config or PhotometryConfig()
+        self.apcorr = None  # an ApertureCorrection applied to the flux columns, if set
         self._psf = {}
 
     def psf(self, b: int):
@@ -55,28 +58,38 @@ class BlendPhotometry:
                 psf = k.tables.col("psf")[band]
             psf = np.asarray(psf, np.float64)
             psf = psf / psf.sum()
-            self._psf[key] = (psf, psf_covariance(psf))
+            self._psf[key] = (odd_psf(psf), psf_covariance(psf))
         return self._psf[key]
 
-    def _noise(self, fp, data, shares):
-        """(weight, var_eff) of the PSF fit and of each child's pixels."""
+    def _noise(self, templates, fp, data, unit_shares=False):
+        """(weight, var_eff) of the PSF fit and of each object's pixels (None without data)."""
         if data is None:
             return fp.astype(np.float64), None
         _, variance, good = data
-        use = fp & good
-        var = np.where(use, variance, 0).astype(np.float64)
-        weight = np.divide(1.0, var, out=np.zeros_like(var), where=use)
-        return weight, shares * shares * var[None]
+        weight = np.empty(fp.shape)
+        var_eff = np.empty(templates.shape, np.float32)
+        noise_planes(np.ascontiguousarray(templates, np.float32), np.ascontiguousarray(fp, np.bool_),
+                     np.ascontiguousarray(variance, np.float32), np.ascontiguousarray(good, np.bool_),
+                     unit_shares, var_eff, weight)
+        return weight, var_eff
 
     def children(self, b, blend, models, fp, data, redist, m):
         """Suite columns of the children; ``m`` is :func:`measure_children`'s output."""
         y0, x0 = blend.bbox[0], blend.bbox[1]
         geometry = np.where(fp[None], models, 0)
         values = redist if (self.measurer.redistribute and redist is not None) else geometry
-        weight, var_eff = self._noise(fp, data, child_shares(models, fp))
+        weight, var_eff = self._noise(models, fp, data)
         centroids = np.stack([m[:, 2] - x0, m[:, 3] - y0], axis=1)
         psf, cov = self.psf(b)
-        return measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
+        cols, flags = measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
+        if self.apcorr is not None:
+            self.apcorr.apply(cols, m[:, 2], m[:, 3])
+        # the model flux's error: the noise part (share-weighted) and the template part
+        cols["flux_err_noise"] = m[:, 1].copy()
+        cols["flux_err_model"] = self.config.template_log_ratio_sigma * contested_flux(
+            np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp, np.bool_))
+        cols["flux_err"] = np.hypot(cols["flux_err_noise"], cols["flux_err_model"])
+        return cols, flags
 
     def parent(self, b, blend, models, fp, data):
         """Suite columns of the parent as a whole (one row).
@@ -90,11 +103,20 @@ class BlendPhotometry:
             values = np.where(fp & data[2], data[0], 0)[None]
         else:
             values = geometry
-        weight, var_eff = self._noise(fp, data, fp[None].astype(np.float64))
+        weight, var_eff = self._noise(geometry, fp, data, unit_shares=True)
         (cx, cy), mom = moments_of(geometry[0])
         psf, cov = self.psf(b)
         cols, flags = measure_suite(values, geometry, var_eff, weight, np.array([[cx, cy]]), np.array([mom]),
                                     psf, cov, self.config)
         cols.update(centroid_x=np.array([cx + blend.bbox[1]]), centroid_y=np.array([cy + blend.bbox[0]]),
                     flux=np.array([float(geometry.sum(dtype=np.float64))]))
+        if self.apcorr is not None:
+            self.apcorr.apply(cols, cols["centroid_x"], cols["centroid_y"])
         return cols, flags
+
+    def corrected_columns(self) -> list[str]:
+        """Columns the aperture correction adds (the uncorrected values and errors)."""
+        if self.apcorr is None:
+            return []
+        have = flux_columns(self.config)
+        return [f"{n}{s}" for n in self.apcorr.names if n in have for s in ("_uncorrected", "_err_uncorrected")]

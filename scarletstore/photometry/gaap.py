@@ -41,7 +41,7 @@ def effective_weight(sigma_aperture: float, psf_cov) -> tuple | None:
     return np.sqrt(a * a / det), c_yy / det, c_xx / det, -c_xy / det
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "contract", "arcp"})
 def gaap_sum(values, var_eff, cx, cy, norm, i_xx, i_yy, i_xy):
     """(sum g v, sum g^2 var_eff) with the Gaussian weight g of inverse covariance i_* about (cx, cy)."""
     h, w = values.shape

@@ -29,7 +29,7 @@ def kron_metric(m_xx, m_yy, m_xy):
     return m_yy / s, m_xx / s, -m_xy / s
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "contract", "arcp"})
 def first_moment_radius(values, cx, cy, q_xx, q_yy, q_xy, window):
     """``sum r_e v / sum v`` over the positive pixels with ``r_e < window`` (NaN if none)."""
     h, w = values.shape

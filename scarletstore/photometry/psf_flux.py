@@ -13,17 +13,95 @@ import numpy as np
 from numba import njit
 
 
-def shifted_psf(psf: np.ndarray, dy: float, dx: float) -> np.ndarray:
-    """``psf`` (odd-sized, centred on its central pixel) moved by (dy, dx) pixels."""
-    psf = np.asarray(psf, np.float64)
-    ny, nx = psf.shape
-    ky = np.fft.fftfreq(ny)[:, None]
-    kx = np.fft.rfftfreq(nx)[None, :]
-    ramp = np.exp(-2j * np.pi * (ky * dy + kx * dx))
-    return np.fft.irfft2(np.fft.rfft2(psf) * ramp, s=psf.shape)
+class ShiftedPSF:
+    """Sub-pixel shifts of one PSF image (odd-sized, centred on its central pixel).
+
+    A Fourier phase ramp with the symmetric frequencies of an odd grid is, in
+    pixel space, the separable real (Dirichlet) kernel
+    ``S_d[y, y'] = sum_k cos(2 pi k (y - y' - d) / n) / n``, so a shift is
+    ``S_dy P S_dx^T``: two small products in a compiled loop, a few tens of
+    microseconds for 41 x 41 (an FFT pair per source costs ten times that,
+    and BLAS threads on a busy machine far more).
+    """
+
+    def __init__(self, psf: np.ndarray):
+        self.psf = np.ascontiguousarray(psf, np.float64)
+        self.shape = self.psf.shape
+        self.odd = all(n % 2 == 1 for n in self.shape)
+
+    def __call__(self, dy: float, dx: float, rows=None, cols=None) -> np.ndarray:
+        """The shifted PSF; ``rows``/``cols`` ((start, stop) of its own grid) limit the output
+        to the part that is needed (the rest stays 0)."""
+        ny, nx = self.shape
+        if not self.odd:  # even grids have an unpaired Nyquist term: shift through the FFT
+            ramp = np.exp(-2j * np.pi * (np.fft.fftfreq(ny)[:, None] * dy + np.fft.rfftfreq(nx)[None, :] * dx))
+            return np.fft.irfft2(np.fft.rfft2(self.psf) * ramp, s=self.shape)
+        ya, yb = rows if rows is not None else (0, ny)
+        xa, xb = cols if cols is not None else (0, nx)
+        return _shift_odd(self.psf, float(dy), float(dx), ya, yb, xa, xb)
 
 
 @njit(cache=True)
+def _dirichlet(n, d):
+    """S(t) for t = m - d, m = -(n-1) .. n-1 (index m + n - 1): sin(pi t) / (n sin(pi t / n))."""
+    out = np.empty(2 * n - 1)
+    for m in range(-(n - 1), n):
+        t = m - d
+        den = n * np.sin(np.pi * t / n)
+        out[m + n - 1] = 1.0 if abs(den) < 1e-12 else np.sin(np.pi * t) / den
+    return out
+
+
+@njit(cache=True, fastmath={"reassoc", "contract", "arcp"})
+def _shift_odd(p, dy, dx, ya, yb, xa, xb):
+    """Rows ya:yb, columns xa:xb of ``S_dy P S_dx^T`` (Dirichlet kernels, functions of y - y' only).
+
+    The first pass runs in float32 (twice the SIMD width; a sum of ~40 terms
+    keeps 1e-6 of the peak), the second accumulates in float64. The axis with
+    fewer needed pixels is shifted first, so the first pass covers only them.
+    """
+    ny, nx = p.shape
+    ky = _dirichlet(ny, dy)
+    kx = _dirichlet(nx, dx)
+    p32 = p.astype(np.float32)
+    tmp = np.zeros((ny, nx), np.float32)
+    out = np.zeros((ny, nx))
+    if xb - xa < yb - ya:
+        # fewer columns than rows are needed: shift along x first, only those columns
+        kx32 = kx.astype(np.float32)
+        for j in range(ny):
+            for i in range(nx):
+                s = p32[j, i]
+                base = nx - 1 - i
+                for x in range(xa, xb):
+                    tmp[j, x] += s * kx32[x + base]
+        for y in range(ya, yb):
+            for j in range(ny):
+                s = ky[y - j + ny - 1]
+                for x in range(xa, xb):
+                    out[y, x] += s * tmp[j, x]
+        return out
+    ky32 = ky.astype(np.float32)
+    for y in range(ya, yb):
+        for j in range(ny):
+            s = ky32[y - j + ny - 1]
+            for x in range(nx):
+                tmp[y, x] += s * p32[j, x]
+    for y in range(ya, yb):
+        for i in range(nx):
+            s = tmp[y, i]
+            base = nx - 1 - i  # kx index of column x is x + base: contiguous in x (vectorises)
+            for x in range(xa, xb):
+                out[y, x] += s * kx[x + base]
+    return out
+
+
+def shifted_psf(psf: np.ndarray, dy: float, dx: float) -> np.ndarray:
+    """``psf`` (odd-sized, centred on its central pixel) moved by (dy, dx) pixels."""
+    return ShiftedPSF(psf)(dy, dx)
+
+
+@njit(cache=True, fastmath={"reassoc", "contract", "arcp"})
 def psf_fit(values, weight, var_eff, psf, oy, ox):
     """Amplitude of ``psf`` placed with its pixel (0, 0) at box pixel (oy, ox).
 
@@ -53,8 +131,17 @@ def psf_fit(values, weight, var_eff, psf, oy, ox):
 
 
 def psf_flux(values, weight, var_eff, psf, cx, cy):
-    """(flux, error) of the PSF fitted at (cx, cy) box pixels; NaN when no pixel is usable."""
+    """(flux, error) of the PSF fitted at (cx, cy) box pixels; NaN when no pixel is usable.
+
+    ``psf`` is a PSF image or a :class:`ShiftedPSF` (reused across sources).
+    """
+    shifter = psf if isinstance(psf, ShiftedPSF) else ShiftedPSF(psf)
     ix, iy = int(np.floor(cx + 0.5)), int(np.floor(cy + 0.5))
-    p = shifted_psf(psf, cy - iy, cx - ix)
-    f, v, a = psf_fit(values, weight, var_eff, p, iy - psf.shape[0] // 2, ix - psf.shape[1] // 2)
+    ph, pw = shifter.shape
+    oy, ox = iy - ph // 2, ix - pw // 2
+    h, w = values.shape
+    rows = (min(max(-oy, 0), ph), min(max(h - oy, 0), ph))  # PSF rows that land on the box
+    cols = (min(max(-ox, 0), pw), min(max(w - ox, 0), pw))
+    p = shifter(cy - iy, cx - ix, rows, cols)
+    f, v, a = psf_fit(values, weight, var_eff, p, oy, ox)
     return f, np.sqrt(v)

@@ -1,0 +1,242 @@
+"""Aperture corrections: each flux type tied to a large reference aperture, as a smooth field.
+
+Every flux type (PSF, small apertures, Kron, GAaP) misses a different part of
+a star's light, and by how much depends on the PSF, which varies over a
+patch. The correction of a flux type is the ratio of the reference aperture
+flux (default: the largest catalog aperture) to that flux, measured on
+bright, isolated, point-like sources and fitted as a low-order 2-D
+Chebyshev series over the patch by weighted least squares with iterative
+clipping of outliers (residuals beyond ``clip`` robust sigmas: blends,
+galaxies passing the size cut, cosmic rays). The fit is stored as the
+``apcorr`` product (one Dataset per band); the catalog multiplies each
+flux by the field at the source and adds the field's own uncertainty to
+the error.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import xarray as xr
+
+from ..errors import InputError
+from ..schema import stamp
+
+MIN_STARS_PER_TERM = 3
+
+
+def chebyshev_terms(order: int) -> list[tuple[int, int]]:
+    """(i, j) degree pairs of ``T_i(u) T_j(v)`` with ``i + j <= order``."""
+    return [(i, d - i) for d in range(order + 1) for i in range(d, -1, -1)]
+
+
+def design_matrix(x, y, terms, width: float, height: float) -> np.ndarray:
+    """(n, n_terms) Chebyshev basis at pixel positions mapped onto [-1, 1] over the patch."""
+    u = 2.0 * (np.asarray(x, np.float64) + 0.5) / width - 1.0
+    v = 2.0 * (np.asarray(y, np.float64) + 0.5) / height - 1.0
+    deg = max(max(i, j) for i, j in terms)
+    tu = np.polynomial.chebyshev.chebvander(u, deg)
+    tv = np.polynomial.chebyshev.chebvander(v, deg)
+    return np.stack([tu[:, i] * tv[:, j] for i, j in terms], axis=1)
+
+
+def robust_sigma(r: np.ndarray) -> float:
+    """1.4826 x median absolute deviation (the Gaussian sigma of the bulk)."""
+    return float(1.4826 * np.median(np.abs(r - np.median(r)))) if r.size else np.nan
+
+
+def fit_field(x, y, ratio, ratio_err, order: int, width: float, height: float, clip: float = 3.0,
+              n_iter: int = 10):
+    """Robust weighted least-squares Chebyshev fit of ``ratio`` over the patch.
+
+    The order is lowered until there are ``MIN_STARS_PER_TERM`` stars per
+    term. The covariance of the coefficients is scaled by the reduced chi^2
+    of the kept stars when it exceeds 1 (scatter the errors do not explain,
+    e.g. PSF structure the series cannot follow).
+
+    Returns
+    -------
+    dict with ``terms``, ``coefficients``, ``covariance``, ``used`` (bool per
+    star), ``scatter`` (robust sigma of the kept residuals) and ``order``.
+    """
+    x, y, ratio, ratio_err = (np.asarray(a, np.float64) for a in (x, y, ratio, ratio_err))
+    n = len(ratio)
+    while order > 0 and n < MIN_STARS_PER_TERM * len(chebyshev_terms(order)):
+        order -= 1
+    if n < MIN_STARS_PER_TERM:
+        raise InputError(f"aperture correction needs at least {MIN_STARS_PER_TERM} bright isolated "
+                         f"stars, found {n}")
+    terms = chebyshev_terms(order)
+    a = design_matrix(x, y, terms, width, height)
+    w = 1.0 / np.square(ratio_err)
+    used = np.ones(n, bool)
+    for _ in range(n_iter):
+        coef, cov = _weighted_lstsq(a[used], ratio[used], w[used])
+        resid = (ratio - a @ coef) * np.sqrt(w)
+        s = robust_sigma(resid[used])
+        new = np.abs(resid - np.median(resid[used])) <= clip * max(s, 1e-12)
+        if new.sum() < len(terms) or np.array_equal(new, used):
+            break
+        used = new
+    coef, cov = _weighted_lstsq(a[used], ratio[used], w[used])
+    resid = (ratio - a @ coef) * np.sqrt(w)
+    dof = max(int(used.sum()) - len(terms), 1)
+    chi2 = float(np.sum(resid[used] ** 2)) / dof
+    cov = cov * max(chi2, 1.0)
+    return {"terms": terms, "coefficients": coef, "covariance": cov, "used": used, "order": order,
+            "scatter": robust_sigma((ratio - a @ coef)[used])}
+
+
+def _weighted_lstsq(a, b, w):
+    aw = a * w[:, None]
+    normal = a.T @ aw
+    cov = np.linalg.pinv(normal)
+    return cov @ (aw.T @ b), cov
+
+
+def select_stars(cat: dict, psf_size: float, reference: str, min_snr: float, max_blendedness: float,
+                 size_tolerance: float, bad_flags: int) -> np.ndarray:
+    """Rows of bright, isolated, point-like sources with clean measurements.
+
+    Point-like: the adaptive size ``shape_xx + shape_yy`` within
+    ``size_tolerance`` (relative) of the PSF's; isolated: blendedness at most
+    ``max_blendedness``; bright: reference S/N at least ``min_snr``.
+    """
+    size = cat["shape_xx"] + cat["shape_yy"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = cat[reference] / cat[reference + "_err"]
+        ok = ((cat["flags"] & bad_flags) == 0) & (snr >= min_snr) \
+            & (np.abs(size / psf_size - 1) <= size_tolerance) \
+            & ~(cat["blendedness"] > max_blendedness)
+    return np.flatnonzero(ok)
+
+
+def apcorr_dataset(fits: dict, band: str, run: str, reference: str, width: int, height: int,
+                   config: dict) -> xr.Dataset:
+    """The ``apcorr`` v1 product of one band from per-flux-type fits."""
+    names = list(fits)
+    order = max(f["order"] for f in fits.values())
+    terms = chebyshev_terms(order)
+    k = len(terms)
+    coef = np.zeros((len(names), k))
+    cov = np.zeros((len(names), k, k))
+    for n, name in enumerate(names):
+        f = fits[name]
+        idx = [terms.index(t) for t in f["terms"]]  # a lowered order fills the leading terms
+        coef[n, idx] = f["coefficients"]
+        cov[n][np.ix_(idx, idx)] = f["covariance"]
+    ds = xr.Dataset(
+        {"coefficients": (("flux_type", "term"), coef),
+         "covariance": (("flux_type", "term", "term_b"), cov),
+         "degree_x": (("term",), np.array([t[0] for t in terms], np.int32)),
+         "degree_y": (("term",), np.array([t[1] for t in terms], np.int32)),
+         "n_stars": (("flux_type",), np.array([int(fits[n]["used"].sum()) for n in names], np.int64)),
+         "n_candidates": (("flux_type",), np.array([len(fits[n]["used"]) for n in names], np.int64)),
+         "scatter": (("flux_type",), np.array([fits[n]["scatter"] for n in names], np.float64))},
+        coords={"flux_type": np.array(names, dtype=object)},
+        attrs={"band": band, "run": run, "reference": reference, "width": int(width),
+               "height": int(height), "order": int(order), "config": json.dumps(config)},
+    )
+    return stamp(ds, "apcorr", 1)
+
+
+class ApertureCorrection:
+    """A stored ``apcorr`` product evaluated at source positions."""
+
+    def __init__(self, ds: xr.Dataset):
+        self.names = [str(n) for n in ds["flux_type"].values]
+        self.terms = list(zip(ds["degree_x"].values.tolist(), ds["degree_y"].values.tolist()))
+        self.coef = np.asarray(ds["coefficients"].values, np.float64)
+        self.cov = np.asarray(ds["covariance"].values, np.float64)
+        self.width, self.height = float(ds.attrs["width"]), float(ds.attrs["height"])
+        self.reference = str(ds.attrs["reference"])
+
+    def evaluate(self, name: str, x, y):
+        """(factor, factor error) of flux type ``name`` at pixel positions (x, y)."""
+        k = self.names.index(name)
+        a = design_matrix(np.atleast_1d(x), np.atleast_1d(y), self.terms, self.width, self.height)
+        return a @ self.coef[k], np.sqrt(np.einsum("ni,ij,nj->n", a, self.cov[k], a))
+
+    def apply(self, cols: dict, x, y) -> None:
+        """Correct the flux columns of ``cols`` in place at (x, y), keeping ``<name>_uncorrected``.
+
+        ``err^2 = (c sigma_F)^2 + (F sigma_c)^2``; sources without a finite
+        position keep NaN (their flux columns are already flagged).
+        """
+        x = np.where(np.isfinite(x), x, 0.0)
+        y = np.where(np.isfinite(y), y, 0.0)
+        for name in self.names:
+            if name not in cols:
+                continue
+            c, ce = self.evaluate(name, x, y)
+            f, e = cols[name], cols[name + "_err"]
+            cols[name + "_uncorrected"] = f.copy()
+            cols[name + "_err_uncorrected"] = e.copy()
+            cols[name] = f * c
+            cols[name + "_err"] = np.hypot(c * e, f * ce)
+
+
+def measure_apcorr(store, band: str, run: str | None = None, *, reference: str | None = None,
+                   order: int = 2, min_snr: float = 50.0, max_blendedness: float = 0.02,
+                   size_tolerance: float = 0.3, clip: float = 3.0, apertures=None,
+                   redistribute: bool = False) -> xr.Dataset:
+    """Fit the aperture corrections of ``band`` from the run's own catalog.
+
+    Write the result with ``store.write({f"apcorr/{band}": ds})``; later
+    catalogs of the band apply it. ``reference`` defaults to the largest
+    aperture; the stars are the catalog rows passing :func:`select_stars`.
+    """
+    from ..catalog import CATALOG_FLAGS, band_catalog
+    from . import flux_columns
+
+    cat = band_catalog(store, band, run=run, redistribute=redistribute, apertures=apertures, apcorr=False)
+    measurer = cat.attrs["_measurer"]
+    try:
+        config = measurer.photometry.config
+        types = flux_columns(config)
+        reference = reference or config.aperture_names()[int(np.argmax(config.apertures))]
+        if reference not in types:
+            raise InputError(f"reference {reference!r} is not a flux column ({', '.join(types)})")
+        need = [*types, *(t + "_err" for t in types), "x", "y", "centroid_x", "centroid_y", "shape_xx",
+                "shape_yy", "blendedness", "flags"]
+        values = {k: np.asarray(cat[k].values) for k in need}
+        _, psf_cov = measurer.photometry.psf(0)
+        width, height = _exposure_shape(store)
+    finally:
+        measurer.close()
+    bad = sum(v for k, v in CATALOG_FLAGS.items()
+              if k in ("no_data", "not_converged", "zero_flux", "edge", "no_flux")
+              or k.endswith("_failed") or k == "gaap_psf_too_broad")
+    rows = select_stars(values, psf_cov[0] + psf_cov[1], reference, min_snr, max_blendedness,
+                        size_tolerance, bad)
+    x, y = values["centroid_x"][rows], values["centroid_y"][rows]
+    fits = {}
+    for name in types:
+        if name == reference:
+            continue
+        f, e = values[name][rows], values[name + "_err"][rows]
+        r, re = values[reference][rows], values[reference + "_err"][rows]
+        ok = np.isfinite(f) & (f > 0) & np.isfinite(r) & np.isfinite(e) & np.isfinite(re)
+        ratio = r[ok] / f[ok]
+        ratio_err = ratio * np.hypot(re[ok] / r[ok], e[ok] / f[ok])
+        fits[name] = fit_field(x[ok], y[ok], ratio, ratio_err, order, width, height, clip)
+    settings = dict(order=order, min_snr=min_snr, max_blendedness=max_blendedness,
+                    size_tolerance=size_tolerance, clip=clip, redistribute=bool(redistribute),
+                    apertures=list(config.apertures))
+    return apcorr_dataset(fits, band, cat.attrs["run"], reference, width, height, settings)
+
+
+def _exposure_shape(store):
+    if not store.has("exposure"):
+        raise InputError(f"{store.path}: aperture corrections need the exposure (its grid is their domain)")
+    with store.open("exposure") as ex:
+        return int(ex.sizes["x"]), int(ex.sizes["y"])
+
+
+def load_apcorr(store, band: str) -> ApertureCorrection | None:
+    """The stored correction of ``band`` (group ``apcorr/<band>``), or None."""
+    group = f"apcorr/{band}"
+    if not store.has(group):
+        return None
+    return ApertureCorrection(store.read(group))

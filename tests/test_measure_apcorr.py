@@ -1,0 +1,143 @@
+"""Aperture corrections: robust smooth fits, the stored product and its use in the catalog."""
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+from scipy.special import erf
+
+from scarletstore.catalog import band_catalog
+from scarletstore.cli import main
+from scarletstore.deblend.psf import difference_kernels, gaussian_psf
+from scarletstore.deblend.result import Component, SourceResult
+from scarletstore.ingest import make_exposure
+from scarletstore.models import BlendRecord, build_run
+from scarletstore.photometry.apcorr import (ApertureCorrection, chebyshev_terms, design_matrix, fit_field,
+                                            measure_apcorr)
+from scarletstore.schema import validate
+from scarletstore.store import Store
+
+N = 240  # field side (pixels)
+PSF0 = 1.6  # sigma of the stored band PSF; the stars' true PSF is broader and varies
+
+
+def true_sigma(x, y):
+    """The field's true PSF width: a smooth trend the stored PSF does not follow."""
+    return PSF0 + 0.1 * (x / N) + 0.08 * (y / N) ** 2
+
+
+def test_fit_field_recovers_a_trend_despite_outliers():
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(0, 500, 120), rng.uniform(0, 400, 120)
+    u, v = 2 * (x + 0.5) / 500 - 1, 2 * (y + 0.5) / 400 - 1
+    trend = 1.06 + 0.03 * u - 0.02 * v + 0.015 * u * v + 0.01 * (2 * v * v - 1)
+    err = np.full(120, 0.003)
+    ratio = trend + rng.normal(0, 0.003, 120)
+    bad = rng.choice(120, 10, replace=False)
+    ratio[bad] += rng.uniform(0.1, 0.4, 10)  # blends and galaxies that slipped through
+    fit = fit_field(x, y, ratio, err, 2, 500, 400)
+    assert fit["order"] == 2 and len(fit["terms"]) == 6
+    assert not fit["used"][bad].any() and fit["used"].sum() >= 105
+    gx, gy = np.meshgrid(np.linspace(0, 499, 11), np.linspace(0, 399, 11))
+    a = design_matrix(gx.ravel(), gy.ravel(), fit["terms"], 500, 400)
+    gu, gv = 2 * (gx.ravel() + 0.5) / 500 - 1, 2 * (gy.ravel() + 0.5) / 400 - 1
+    expected = 1.06 + 0.03 * gu - 0.02 * gv + 0.015 * gu * gv + 0.01 * (2 * gv * gv - 1)
+    np.testing.assert_allclose(a @ fit["coefficients"], expected, atol=0.002)
+    assert fit["scatter"] == pytest.approx(0.003, rel=0.25)
+    # the covariance describes the fit's error: predicted error at the centre ~ sigma / sqrt(n) scale
+    centre = design_matrix([250.0], [200.0], fit["terms"], 500, 400)[0]
+    assert 0.0002 < np.sqrt(centre @ fit["covariance"] @ centre) < 0.001
+    # too few stars for order 2 lowers the order instead of over-fitting
+    few = fit_field(x[:8], y[:8], ratio[:8] * 0 + 1.05, err[:8], 2, 500, 400)
+    assert few["order"] == 0 and few["coefficients"][0] == pytest.approx(1.05)
+    assert chebyshev_terms(1) == [(0, 0), (1, 0), (0, 1)]
+
+
+def _blob(size, c, s):
+    e = 0.5 * np.diff(erf((np.arange(size + 1) - 0.5 - c) / (np.sqrt(2) * s)))
+    m = np.outer(e, e)
+    return (m / m.max()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def star_field(tmp_path_factory):
+    """Isolated stars whose true PSF widens across the field, a few galaxies, noise; stored PSF fixed."""
+    tmp = tmp_path_factory.mktemp("apc")
+    model_sigma = 0.8
+    psf = gaussian_psf(PSF0, 31)
+    model_psf = gaussian_psf(model_sigma)
+    (kernel,), _ = difference_kernels(psf[None], model_psf)
+    rng = np.random.default_rng(8)
+    truth_img = np.zeros((N, N))
+    records, truth = [], []
+    centres = [(y, x, "star") for y in range(15, N - 20, 30) for x in range(15, N - 20, 30)]
+    centres += [(30 + 45 * k, 28 + 41 * k, "galaxy") for k in range(5)]
+    for i, (cy, cx, kind) in enumerate(centres):
+        size = 25
+        sigma_true = true_sigma(cx + size // 2, cy + size // 2)
+        # model-frame width whose observed image (through the stored kernel) has the true PSF
+        s = np.sqrt(sigma_true ** 2 - PSF0 ** 2 + model_sigma ** 2) if kind == "star" else 3.0
+        morph = _blob(size, size // 2 + rng.uniform(-0.3, 0.3), s)
+        flux = rng.uniform(1500, 6000)
+        spec = flux / morph.sum(dtype=np.float64)
+        bbox = (cy - 3, cx - 3, size + 6, size + 6)
+        c = Component(np.array([spec], np.float32), morph, 3, 3, (3 + size // 2, 3 + size // 2))
+        records.append(BlendRecord(index=i, parent_id=i + 1, bbox=bbox, peak_ids=np.array([i]),
+                                   peaks=np.array([[cy + size // 2, cx + size // 2]], float),
+                                   sources=[SourceResult(0, [c])], iterations=1, log_likelihood=0.0,
+                                   chi2=1.0, converged=True))
+        scene = np.zeros((N, N))
+        scene[cy:cy + size, cx:cx + size] = morph * spec
+        truth_img += fftconvolve(scene, kernel, mode="same")
+        truth.append((kind, flux))
+    image = (truth_img + rng.normal(0, 0.5, (N, N))).astype(np.float32)[None]
+    ex = make_exposure(image, np.full((1, N, N), 0.25, np.float32), np.zeros((1, N, N), np.int32),
+                       [psf], ["r"], wcs="")
+    run = build_run(records, ["r"], ex["psf"].values, model_psf, name="a", method="scarlet",
+                    config_json="{}", package_version="test")
+    path = tmp / "a.h5"
+    Store.create(path, {"exposure": ex, "runs/a": run})
+    kinds = np.array([k for k, _ in truth])
+    return Store(path), kinds, np.array([f for _, f in truth])
+
+
+def test_apcorr_recovers_an_injected_psf_trend(star_field, tmp_path):
+    store, kinds, flux = star_field
+    stars = kinds == "star"
+    before = band_catalog(store, "r").compute()
+    assert "psf_flux_uncorrected" not in before
+    dev0 = before["psf_flux"].values[stars] / flux[stars] - 1
+    # the stored PSF is too narrow, more so to the right and the top: PSF fluxes are low, with a trend
+    assert np.median(dev0) < -0.03 and np.ptp(dev0) > 0.05
+
+    ds = measure_apcorr(store, "r")
+    validate(ds)
+    assert ds.attrs["reference"] == "aperture_flux_12"
+    k = list(ds["flux_type"].values).index("psf_flux")
+    assert ds["n_candidates"].values[k] == stars.sum()  # galaxies fail the size cut
+    store.write({"apcorr/r": ds})
+    assert store.read("apcorr/r")["coefficients"].shape == ds["coefficients"].shape
+
+    after = band_catalog(store, "r").compute()
+    assert after.attrs["apcorr"] == "apcorr/r"
+    np.testing.assert_array_equal(after["psf_flux_uncorrected"].values, before["psf_flux"].values)
+    dev = after["psf_flux"].values[stars] / flux[stars] - 1
+    assert abs(np.median(dev)) < 0.005 and np.max(np.abs(dev)) < 0.015
+    # the fitted field is the true ratio total / PSF flux at every star
+    corr = ApertureCorrection(store.read("apcorr/r"))
+    c, ce = corr.evaluate("psf_flux", after["centroid_x"].values[stars], after["centroid_y"].values[stars])
+    np.testing.assert_allclose(c, flux[stars] / before["psf_flux"].values[stars], rtol=0.015)
+    # the correction's own uncertainty is added to the error, never removed
+    assert np.all(after["psf_flux_err"].values[stars] > after["psf_flux_err_uncorrected"].values[stars])
+    assert np.all(ce > 0)
+    # every flux type is tied to the reference: small apertures become total fluxes too
+    dev3 = after["aperture_flux_3"].values[stars] / flux[stars] - 1
+    assert abs(np.median(dev3)) < 0.005
+    out = tmp_path / "c.csv"
+    assert main(["catalog", str(store.path), "--band", "r", "-o", str(out)]) == 0
+    assert "psf_flux_uncorrected" in out.read_text().splitlines()[0]
+    raw = band_catalog(store, "r", apcorr=False).compute()
+    np.testing.assert_array_equal(raw["psf_flux"].values, before["psf_flux"].values)
+    # a store holding the correction still migrates (apcorr/<band> sits in a container group)
+    from scarletstore.migrate import migrate_store
+    assert migrate_store(store) == {}
+    assert main(["migrate", str(store.path)]) == 0
