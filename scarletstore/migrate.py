@@ -80,15 +80,8 @@ def migrate_store(store) -> dict[str, tuple[int, int]]:
 
 
 def _product_groups(store) -> list[str]:
-    """Every product group, including those inside container groups without a schema
-    of their own (``apcorr/<band>``, as ``runs/<name>``)."""
-    import h5py
-
-    names = []
-    for group, info in store.groups().items():
-        if info["schema"] is not None:
-            names.append(group)
-            continue
-        with h5py.File(store.path, "r") as f:
-            names += [f"{group}/{k}" for k, v in f[group].items() if isinstance(v, h5py.Group)]
-    return names
+    """Every product group, including those inside folder groups (``apcorr/<band>``,
+    ``coadds/likelihood``, as ``runs/<name>``): :meth:`Store.groups` expands folders.
+    A damaged group (e.g. one that lost its ``schema`` attribute) is listed too,
+    so reading it reports the damage instead of skipping it."""
+    return list(store.groups())
