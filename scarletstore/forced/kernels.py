@@ -1,0 +1,72 @@
+"""numba loops of the forced fit (no I/O)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def normal_equations(templates, image, ivar, good, background, A, b):
+    """Accumulate the weighted normal equations of image ~ sum_i a_i T_i (+ c).
+
+    ``A`` (m, m) and ``b`` (m,) are overwritten; m = n + 1 when ``background``
+    (the last parameter is a constant pedestal), else n. Only ``good`` pixels
+    with positive inverse variance count.
+    """
+    n, h, w = templates.shape
+    m = A.shape[0]
+    col = np.empty(m)
+    for p in range(m):
+        b[p] = 0.0
+        for q in range(m):
+            A[p, q] = 0.0
+    for y in range(h):
+        for x in range(w):
+            wt = ivar[y, x]
+            if not good[y, x] or not wt > 0:
+                continue
+            for i in range(n):
+                col[i] = templates[i, y, x]
+            if background:
+                col[n] = 1.0
+            d = image[y, x] * wt
+            for p in range(m):
+                cp = col[p]
+                if cp == 0.0:
+                    continue
+                b[p] += cp * d
+                cw = cp * wt
+                for q in range(p, m):
+                    A[p, q] += cw * col[q]
+    for p in range(m):
+        for q in range(p):
+            A[p, q] = A[q, p]
+
+
+@njit(cache=True, nogil=True)
+def source_chi2(templates, coef, image, ivar, good, background, level, chi2, npix):
+    """Per source: chi^2 of the joint model over the pixels where its own
+    template exceeds ``level`` x its peak, and the number of those pixels."""
+    n, h, w = templates.shape
+    peak = np.zeros(n)
+    for i in range(n):
+        for y in range(h):
+            for x in range(w):
+                if templates[i, y, x] > peak[i]:
+                    peak[i] = templates[i, y, x]
+        chi2[i] = 0.0
+        npix[i] = 0
+    for y in range(h):
+        for x in range(w):
+            wt = ivar[y, x]
+            if not good[y, x] or not wt > 0:
+                continue
+            model = coef[n] if background else 0.0
+            for i in range(n):
+                model += coef[i] * templates[i, y, x]
+            r2 = (image[y, x] - model) ** 2 * wt
+            for i in range(n):
+                if peak[i] > 0 and templates[i, y, x] > level * peak[i]:
+                    chi2[i] += r2
+                    npix[i] += 1
