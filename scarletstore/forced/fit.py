@@ -26,6 +26,7 @@ FLAGS = {
     "partial": 4,         # > 1 % of the template off the visit or on bad pixels (measured)
     "no_model": 8,        # the model has no positive flux in this band
     "singular": 16,       # amplitude degenerate with a neighbour's (normal matrix singular)
+    "psf_mismatch": 32,   # an isolated pixel cube at the coadd PSF in a sharper visit (measured)
 }
 NOT_MEASURED = FLAGS["off_visit"] | FLAGS["bad_center"] | FLAGS["no_model"] | FLAGS["singular"]
 PARTIAL_FRACTION = 0.01

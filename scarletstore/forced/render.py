@@ -18,9 +18,13 @@ reproduce to better than a few per cent; the rendered image at the visit's
 resolution (FWHM >= 2.5 grid pixels) is well sampled, so the resampling step
 is accurate to ~0.1 % in flux (measured in ``tests/test_forced.py``).
 
-Isolated sources stored as pixel cubes (coadd pixels at the coadd PSF) are
-taken to the visit PSF with a regularised difference kernel from the coadd
-band PSF instead.
+Isolated sources stored as pixel cubes (coadd pixels at the coadd PSF, when
+``process_singles`` was off) are taken to the visit PSF with a difference
+kernel from the coadd band PSF when the visit PSF is the wider one (size
+from second moments); a sharper visit cannot be reached from the coadd
+without amplifying the cube's noise, so there the cube is used at the coadd
+PSF as it is and the rows are flagged ``psf_mismatch``. Deblend with
+``process_singles=true`` to have a model for every source.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..coadd.kernels import resample_plain
-from ..coadd.psf import warp_psf
+from ..coadd.psf import moments, warp_psf
 from ..coadd.warp import pixel_mapping
 from ..deblend.psf import difference_kernels
 from ..reconstruct import CUBE_DIM, band_kernel, convolve_stack
@@ -59,7 +63,7 @@ class VisitFrame:
     visit_wcs: object
     psf_on_grid: np.ndarray
     model_kernel: np.ndarray | None
-    cube_kernel: np.ndarray
+    cube_kernel: np.ndarray | None  # None: the visit is sharper than the coadd
 
 
 def visit_frame(visit, grid_wcs, grid_shape, model_psf, coadd_psf) -> VisitFrame:
@@ -68,9 +72,17 @@ def visit_frame(visit, grid_wcs, grid_shape, model_psf, coadd_psf) -> VisitFrame
     u, v, area = pixel_mapping(visit.wcs, visit.shape, grid_wcs)
     psf_g = warp_psf(visit.psf, visit.wcs, grid_wcs, grid_shape)
     kmodel = band_kernel(model_psf, psf_g)
-    kcube, _ = difference_kernels(psf_g[None], np.asarray(coadd_psf, np.float64),
-                                  regularization=CUBE_REGULARIZATION)
-    return VisitFrame(tuple(visit.shape), u, v, area, grid_wcs, visit.wcs, psf_g, kmodel, kcube[0])
+    kcube = None
+    if _size(psf_g) >= _size(coadd_psf):
+        kcube = difference_kernels(psf_g[None], np.asarray(coadd_psf, np.float64),
+                                   regularization=CUBE_REGULARIZATION)[0][0]
+    return VisitFrame(tuple(visit.shape), u, v, area, grid_wcs, visit.wcs, psf_g, kmodel, kcube)
+
+
+def _size(psf) -> float:
+    """Trace of the second-moment matrix of a PSF image (pixels^2)."""
+    _, _, ixx, iyy, _ = moments(np.clip(np.asarray(psf, np.float64), 0, None))
+    return ixx + iyy
 
 
 def grid_to_visit(frame: VisitFrame, x, y):
@@ -94,12 +106,13 @@ def _half(kernel) -> int:
     return 0 if kernel is None else max(kernel.shape) // 2
 
 
-def grid_models(sources, band: int, frame: VisitFrame, bbox) -> tuple[np.ndarray, tuple]:
+def grid_models(sources, band: int, frame: VisitFrame, bbox) -> tuple[np.ndarray, tuple, bool]:
     """(n, H, W) coadd-frame images of every source at the visit's PSF, and their box.
 
     The blend box is grown by the kernels' half width plus the Lanczos taps
     so the convolved wings and the resampling support are all inside.
-    Returns the stack and the grown box (y0, x0, H, W) in grid pixels.
+    Returns the stack, the grown box (y0, x0, H, W) in grid pixels and
+    whether some cube component stayed at the coadd PSF.
     """
     pad = max(_half(frame.model_kernel), _half(frame.cube_kernel)) + LANCZOS_HALF + 1
     y0, x0, h, w = bbox
@@ -121,8 +134,8 @@ def grid_models(sources, band: int, frame: VisitFrame, bbox) -> tuple[np.ndarray
     if has_model:
         out += model if frame.model_kernel is None else convolve_stack(model, frame.model_kernel)
     if has_cube:
-        out += convolve_stack(cube, frame.cube_kernel)
-    return out, box
+        out += cube if frame.cube_kernel is None else convolve_stack(cube, frame.cube_kernel)
+    return out, box, has_cube and frame.cube_kernel is None
 
 
 def visit_box(frame: VisitFrame, box) -> tuple[int, int, int, int] | None:

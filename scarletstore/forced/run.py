@@ -150,7 +150,9 @@ def _measure_blend(blend, pos, band, frame, image, ivar, good, background):
     flags[inside & ~centre_ok] |= FLAGS["bad_center"]
     vbox = None
     if inside.any():
-        grid_img, box = render.grid_models(blend.sources, band, frame, blend.bbox)
+        grid_img, box, mismatch = render.grid_models(blend.sources, band, frame, blend.bbox)
+        if mismatch:
+            flags |= FLAGS["psf_mismatch"]
         total = grid_img.sum(axis=(1, 2))
         flags[~(total > 0)] |= FLAGS["no_model"]
         vbox = render.visit_box(frame, box)
