@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..coadd.kernels import _weights  # the warp's normalised Lanczos-3 taps
+
 
 @njit(cache=True, nogil=True)
 def normal_equations(templates, image, ivar, good, background, A, b):
@@ -70,3 +72,38 @@ def source_chi2(templates, coef, image, ivar, good, background, level, chi2, npi
                 if peak[i] > 0 and templates[i, y, x] > level * peak[i]:
                     chi2[i] += r2
                     npix[i] += 1
+
+
+@njit(cache=True, nogil=True)
+def resample_stack(images, u, v, scale, out):
+    """Lanczos-3 resampling of every image of ``images`` (n, H, W) at (u, v), times ``scale``.
+
+    The same normalised weights as :func:`scarletstore.coadd.kernels.resample_plain`
+    (images zero outside their bounds), computed once per output pixel for
+    all n images; output pixels whose taps all fall outside are zero
+    without any work (most of a rotated box's corners).
+    """
+    n, ny_in, nx_in = images.shape
+    ny, nx = u.shape
+    wx = np.empty(6)
+    wy = np.empty(6)
+    for y in range(ny):
+        for x in range(nx):
+            for i in range(n):
+                out[i, y, x] = 0.0
+            if not (u[y, x] > -3.0 and u[y, x] < nx_in + 2.0 and v[y, x] > -3.0 and v[y, x] < ny_in + 2.0):
+                continue
+            i0 = _weights(u[y, x], wx)
+            j0 = _weights(v[y, x], wy)
+            for j in range(6):
+                jj = j0 + j
+                if jj < 0 or jj >= ny_in:
+                    continue
+                for k in range(6):
+                    ii = i0 + k
+                    if ii < 0 or ii >= nx_in:
+                        continue
+                    wgt = wy[j] * wx[k] * scale[y, x]
+                    for i in range(n):
+                        out[i, y, x] += wgt * images[i, jj, ii]
+

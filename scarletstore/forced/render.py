@@ -10,7 +10,7 @@ k_v the difference kernel with G * k_v ~= P_v:
     T_i(visit pixel p) = |det d(x, y)/d(u, v)| * L3[(M_i * k_v)](x(p), y(p))
 
 where M_i is the model-frame morphology x spectrum of source i in the visit's
-band and L3 is Lanczos-3 interpolation (``coadd.kernels.resample_plain``).
+band and L3 is Lanczos-3 interpolation (the warp's normalised weights).
 The alternative (warp the narrow model-frame image to the visit, then
 convolve with a kernel built in visit pixels) would resample an image whose
 PSF is only ``model_psf_sigma`` = 0.8 pixels wide, which Lanczos-3 does not
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..coadd.kernels import resample_plain
 from ..coadd.psf import moments, warp_psf
 from ..coadd.warp import pixel_mapping
 from ..deblend.psf import difference_kernels
 from ..reconstruct import CUBE_DIM, band_kernel, convolve_stack
+from .kernels import resample_stack
 
 LANCZOS_HALF = 3  # taps on each side of a Lanczos-3 sample
 # Regularisation of the coadd PSF -> visit PSF kernel for isolated pixel
@@ -164,7 +164,5 @@ def visit_templates(images: np.ndarray, box, frame: VisitFrame, vbox) -> np.ndar
     v = np.ascontiguousarray(frame.v[sl] - box[0])
     area = frame.area[sl]
     out = np.empty((images.shape[0], h, w), np.float64)
-    for i in range(images.shape[0]):
-        resample_plain(np.ascontiguousarray(images[i], np.float64), u, v, out[i])
-        out[i] *= area
+    resample_stack(np.ascontiguousarray(images, np.float64), u, v, np.ascontiguousarray(area), out)
     return out
