@@ -22,6 +22,7 @@ from scarletstore.store import Store
 
 N = 96
 MODEL_SIGMA = 0.8
+COADD_SIGMA = 1.5
 # (x, y, covariance in grid pixels^2, flux at zero point 27); sources 0 and 1 overlap
 SOURCES = [(40.0, 44.0, [[2.0, 0.6], [0.6, 1.2]], 400.0),
            (44.5, 46.0, [[1.0, 0.0], [0.0, 1.0]], 250.0),
@@ -67,7 +68,8 @@ def gaussian_image(shape, x, y, cov, flux):
     return flux * np.exp(-0.5 * q) / (2 * np.pi * np.sqrt(np.linalg.det(cov)))
 
 
-def make_store(path, sources=SOURCES, blends=BLENDS):
+def make_store(path, sources=SOURCES, blends=BLENDS, cube=()):
+    """Store with exact models; sources in ``cube`` are stored as isolated pixel cubes at the coadd PSF."""
     bands = ["r"]
     records = []
     for k, members in enumerate(blends):
@@ -78,16 +80,22 @@ def make_store(path, sources=SOURCES, blends=BLENDS):
         srcs = []
         for j, i in enumerate(members):
             x, y, cov, flux = sources[i]
-            # model frame: the source convolved with the model PSF (unit morphology peak)
-            morph = gaussian_image((h, w), x - x0, y - y0, np.asarray(cov) + MODEL_SIGMA**2 * np.eye(2), 1.0)
-            srcs.append(SourceResult(peak_index=j, components=[Component(
-                spectrum=np.array([flux], np.float32), morph=morph.astype(np.float32), y0=0, x0=0,
-                peak=(y - y0, x - x0))]))
+            if i in cube:
+                img = gaussian_image((h, w), x - x0, y - y0, np.asarray(cov) + COADD_SIGMA**2 * np.eye(2), flux)
+                comp = Component(spectrum=np.array([flux], np.float32), morph=img[None].astype(np.float32),
+                                 y0=0, x0=0, peak=(y - y0, x - x0))
+            else:
+                # model frame: the source convolved with the model PSF (unit morphology peak)
+                morph = gaussian_image((h, w), x - x0, y - y0, np.asarray(cov) + MODEL_SIGMA**2 * np.eye(2), 1.0)
+                comp = Component(spectrum=np.array([flux], np.float32), morph=morph.astype(np.float32),
+                                 y0=0, x0=0, peak=(y - y0, x - x0))
+            srcs.append(SourceResult(peak_index=j, components=[comp]))
         records.append(BlendRecord(index=k, parent_id=k + 1, bbox=(y0, x0, h, w),
                                    peak_ids=np.arange(len(members)) + 10 * k,
                                    peaks=np.array([[ys[j], xs[j]] for j in range(len(members))]),
                                    sources=srcs, converged=True, iterations=10))
-    coadd_psf = gaussian_psf(1.5, 25)
+    coadd_psf = gaussian_image((25, 25), 12, 12, COADD_SIGMA**2 * np.eye(2), 1.0)
+    coadd_psf /= coadd_psf.sum()
     ex = make_exposure(np.zeros((1, N, N), np.float32), np.ones((1, N, N), np.float32),
                        np.zeros((1, N, N), np.int32), [coadd_psf], bands,
                        wcs=grid_wcs().to_header().tostring())
@@ -183,6 +191,22 @@ def test_source_off_visit_and_on_no_data_is_flagged(tmp_path):
     # the neighbour is still measured, with source 0's light kept in the fit
     assert np.isfinite(flux[1]) and flags[1] & FLAGS["off_visit"] == 0
     assert abs(flux[1] / (SOURCES[1][3] * VISITS[1][5][1]) - 1) < 0.02
+
+
+def test_isolated_cube_reaches_wider_visits_and_flags_sharper_ones(tmp_path):
+    # source 2 kept as coadd pixels (process_singles off); visits 1 and 3 have a wider PSF
+    # than the coadd (1.85 and 1.52 grid pixels vs 1.5), visits 0 and 2 a sharper one
+    store = make_store(tmp_path / "s.h5", cube=(2,))
+    paths = []
+    for k in range(len(VISITS)):
+        paths.append(tmp_path / f"v{k}.fits")
+        write_visit(paths[-1], k)
+    ds = forced_photometry(store, "t", paths)
+    flux, flags = _by_visit(ds, len(paths))
+    assert [bool(f & FLAGS["psf_mismatch"]) for f in flags[:, 2]] == [True, False, True, False]
+    np.testing.assert_allclose(flux[[1, 3], 2], SOURCES[2][3], rtol=5e-3)
+    # the blend of models beside it is untouched
+    np.testing.assert_array_equal(flags[:, :2], 0)
 
 
 def test_errors_match_scatter_and_chi2_near_one(tmp_path):
