@@ -332,5 +332,4 @@ def test_end_to_end_variable_star_light_curve(tmp_path, capsys):
     assert np.corrcoef(star["flux"].values, t)[0, 1] > 0.95
     # measured constant sources: chi^2 / dof near 1
     ok = rows[(rows["flags"] == 0) & (rows["n_pix"] > 20)]
-    print(star[["flux", "flux_err", "chi2", "flags"]].assign(truth=t, rel=resid / t), np.median(ok["chi2"]))
     assert 0.8 < np.median(ok["chi2"]) < 1.3
