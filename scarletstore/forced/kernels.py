@@ -75,13 +75,16 @@ def source_chi2(templates, coef, image, ivar, good, background, level, chi2, npi
 
 
 @njit(cache=True, nogil=True)
-def resample_stack(images, u, v, scale, out):
+def resample_stack(images, support, u, v, scale, out):
     """Lanczos-3 resampling of every image of ``images`` (n, H, W) at (u, v), times ``scale``.
 
     The same normalised weights as :func:`scarletstore.coadd.kernels.resample_plain`
     (images zero outside their bounds), computed once per output pixel for
-    all n images; output pixels whose taps all fall outside are zero
-    without any work (most of a rotated box's corners).
+    all n images. ``support`` (n, 4) = (y0, y1, x0, x1) is the part of each
+    image that holds its light (zero outside, to the precision asked of it):
+    an output pixel whose taps miss it is set to zero without work, so a
+    large blend costs about the sum of its children's areas, not n times
+    the box.
     """
     n, ny_in, nx_in = images.shape
     ny, nx = u.shape
@@ -91,19 +94,24 @@ def resample_stack(images, u, v, scale, out):
         for x in range(nx):
             for i in range(n):
                 out[i, y, x] = 0.0
-            if not (u[y, x] > -3.0 and u[y, x] < nx_in + 2.0 and v[y, x] > -3.0 and v[y, x] < ny_in + 2.0):
+            uu, vv = u[y, x], v[y, x]
+            if not (uu > -3.0 and uu < nx_in + 2.0 and vv > -3.0 and vv < ny_in + 2.0):
                 continue
-            i0 = _weights(u[y, x], wx)
-            j0 = _weights(v[y, x], wy)
-            for j in range(6):
-                jj = j0 + j
-                if jj < 0 or jj >= ny_in:
+            i0 = _weights(uu, wx)
+            j0 = _weights(vv, wy)
+            for i in range(n):
+                # taps j0..j0+5, i0..i0+5 against the image's support
+                if j0 + 5 < support[i, 0] or j0 >= support[i, 1] or i0 + 5 < support[i, 2] \
+                        or i0 >= support[i, 3]:
                     continue
-                for k in range(6):
-                    ii = i0 + k
-                    if ii < 0 or ii >= nx_in:
+                acc = 0.0
+                for j in range(6):
+                    jj = j0 + j
+                    if jj < 0 or jj >= ny_in:
                         continue
-                    wgt = wy[j] * wx[k] * scale[y, x]
-                    for i in range(n):
-                        out[i, y, x] += wgt * images[i, jj, ii]
-
+                    for k in range(6):
+                        ii = i0 + k
+                        if ii < 0 or ii >= nx_in:
+                            continue
+                        acc += wy[j] * wx[k] * images[i, jj, ii]
+                out[i, y, x] = acc * scale[y, x]

@@ -40,6 +40,7 @@ from ..deblend.psf import difference_kernels
 from ..reconstruct import CUBE_DIM, band_kernel, convolve_stack
 from .kernels import resample_stack
 
+SUPPORT_LEVEL = 1e-6  # fraction of a child's peak below which its rendered light is not resampled
 LANCZOS_HALF = 3  # taps on each side of a Lanczos-3 sample
 # Regularisation of the coadd PSF -> visit PSF kernel for isolated pixel
 # cubes: a visit sharper than the coadd cannot be reached exactly, and the
@@ -164,5 +165,25 @@ def visit_templates(images: np.ndarray, box, frame: VisitFrame, vbox) -> np.ndar
     v = np.ascontiguousarray(frame.v[sl] - box[0])
     area = frame.area[sl]
     out = np.empty((images.shape[0], h, w), np.float64)
-    resample_stack(np.ascontiguousarray(images, np.float64), u, v, np.ascontiguousarray(area), out)
+    resample_stack(np.ascontiguousarray(images, np.float64), image_support(images), u, v,
+                   np.ascontiguousarray(area), out)
+    return out
+
+
+def image_support(images, level: float = SUPPORT_LEVEL) -> np.ndarray:
+    """(n, 4) int64 (y0, y1, x0, x1): the box of each image's pixels above ``level`` x its peak.
+
+    FFT convolution leaves ~1e-8 of round-off everywhere; below ``level``
+    (1e-6) the light is far under any visit's noise and not worth resampling.
+    """
+    n, H, W = images.shape
+    out = np.zeros((n, 4), np.int64)
+    for i in range(n):
+        a = np.abs(images[i])
+        peak = a.max()
+        if not peak > 0:
+            continue  # empty support (y0 = y1): nothing to resample
+        rows = np.flatnonzero((a > level * peak).any(axis=1))
+        cols = np.flatnonzero((a > level * peak).any(axis=0))
+        out[i] = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     return out
