@@ -434,7 +434,8 @@ def cmd_forced(args):
     store, run = _open_run_store(args.store, args.run)
     visits = args.visits or default_visits(store)
     table = forced_photometry(store, run, visits, workers=args.workers, scheduler=scheduler,
-                              background=not args.no_background, show_progress=True)
+                              background=not args.no_background, show_progress=True,
+                              redistribute=args.redistribute)
     _using(args.run, run)
     n = write_table(table, out)
     measured = int(np.isfinite(table["flux"].values).sum())
@@ -677,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", help="address of an existing dask scheduler")
     s.add_argument("--no-background", action="store_true",
                    help="do not fit a constant sky pedestal per blend")
+    s.add_argument("--redistribute", action="store_true",
+                   help="fluxes of per-visit heavy footprints: the visit image shared in "
+                        "proportion to the fitted models")
     s.set_defaults(func=cmd_forced)
 
     s = sub.add_parser("query", help="list blends of a run")

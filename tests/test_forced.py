@@ -179,6 +179,28 @@ def test_noise_free_visits_recover_injected_fluxes(field):
     np.testing.assert_array_equal(ds["id"].values[:3], [1, 2, 3])
 
 
+def test_redistributed_fluxes_recover_truth_and_share_the_image(field, tmp_path):
+    store, paths, truth = field
+    ds = forced_photometry(store, "t", paths, redistribute=True)
+    flux, flags = _by_visit(ds, len(paths))
+    assert (flags == 0).all()
+    np.testing.assert_allclose(flux, truth, rtol=5e-3)
+    # light no model has (an extra source 2 pixels from source 1, 10 % of its flux) stays
+    # with the children, which sum to the image: the pair's redistributed sum gains all of it
+    extra = list(SOURCES) + [(SOURCES[1][0] + 2.0, SOURCES[1][1], [[1.0, 0.0], [0.0, 1.0]], 25.0)]
+    p = tmp_path / "extra.fits"
+    VISITS.append(VISITS[0][:5] + ((1.0, 1.0, 1.0, 1.0),))
+    try:
+        write_visit(p, len(VISITS) - 1, sources=extra)
+    finally:
+        VISITS.pop()
+    red = forced_photometry(store, "t", [p], redistribute=True)["flux"].values
+    fit = forced_photometry(store, "t", [p])["flux"].values
+    pair = SOURCES[0][3] + SOURCES[1][3]
+    assert abs(red[0] + red[1] - (pair + 25.0)) < 0.01 * pair
+    assert red[2] == pytest.approx(SOURCES[2][3], rel=5e-3) and fit[2] == pytest.approx(SOURCES[2][3], rel=5e-3)
+
+
 def test_source_off_visit_and_on_no_data_is_flagged(tmp_path):
     store = make_store(tmp_path / "s.h5")
     # a small visit that misses source 2 entirely; a NO_DATA patch on source 0

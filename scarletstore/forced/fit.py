@@ -42,6 +42,8 @@ class BlendFit:
     chi2: np.ndarray  # chi^2 per degree of freedom over the source's pixels
     npix: np.ndarray
     flags: np.ndarray
+    amplitude: np.ndarray | None = None  # fitted amplitude of every child (NaN: not fitted)
+    pedestal: float = 0.0
 
 
 def fit_blend(templates, image, ivar, good, flags, background: bool = True) -> BlendFit:
@@ -55,7 +57,7 @@ def fit_blend(templates, image, ivar, good, flags, background: bool = True) -> B
     n = templates.shape[0]
     flags = np.asarray(flags, np.int32).copy()
     out = BlendFit(np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan),
-                   np.zeros(n, np.int64), flags)
+                   np.zeros(n, np.int64), flags, np.full(n, np.nan))
     use = np.flatnonzero((flags & (FLAGS["off_visit"] | FLAGS["no_model"])) == 0)
     if use.size == 0:
         return out
@@ -70,7 +72,10 @@ def fit_blend(templates, image, ivar, good, flags, background: bool = True) -> B
     chi2, npix = np.zeros(use.size), np.zeros(use.size, np.int64)
     kernels.source_chi2(t, np.where(np.isfinite(coef), coef, 0.0), img, iv, gd, background,
                         CHI2_LEVEL, chi2, npix)
+    if background and np.isfinite(coef[-1]):
+        out.pedestal = float(coef[-1])
     for k, i in enumerate(use):
+        out.amplitude[i] = coef[k] if ok[k] else np.nan
         if not ok[k]:
             out.flags[i] |= FLAGS["singular"]
             continue
@@ -109,3 +114,33 @@ def _solve(A, b):
         # drop the parameter that carries most of the null direction
         ok[idx[int(np.argmax(np.abs(V[:, 0])))]] = False
     return np.full(m, np.nan), np.full((m, m), np.nan), ok
+
+
+def redistribute_fluxes(fit: BlendFit, templates, image, ivar, good):
+    """Fluxes of per-visit heavy footprints: the image (less the pedestal) shared by the fitted models.
+
+    Each fit pixel goes to the children in proportion to a_i T_i (positive
+    parts; :func:`scarletstore.reconstruct.apportion_weights`), so the
+    children sum to the image there; the light of a child's template on
+    pixels not measured (masked, off the visit, outside the fit region) is
+    filled from its fitted amplitude. Errors: sqrt(sum w_i^2 / ivar).
+    Sources without a fitted amplitude keep NaN.
+    """
+    from ..reconstruct import apportion_weights
+
+    amp = np.where(np.isfinite(fit.amplitude), fit.amplitude, 0.0)
+    models = np.clip(templates * amp[:, None, None], 0, None).astype(np.float32)
+    total = models.sum(axis=0)
+    # the footprint: measured pixels where the models carry light (1e-4 of the
+    # blend's peak), so sky-only pixels of the fit region go to nobody
+    use = good & (ivar > 0) & (total > 1e-4 * max(float(total.max()), 0.0))
+    w = apportion_weights(models, use).astype(np.float64)
+    data = np.where(use, image - fit.pedestal, 0.0)
+    var = np.where(use, 1.0 / np.where(use, ivar, 1.0), 0.0)
+    seen = (templates * use[None]).sum(axis=(1, 2))
+    flux = (w * data[None]).sum(axis=(1, 2)) + amp * (1.0 - seen)
+    err = np.sqrt((w**2 * var[None]).sum(axis=(1, 2)))
+    keep = np.isfinite(fit.flux)
+    fit.flux = np.where(keep, flux, np.nan)
+    fit.flux_err = np.where(keep, err, np.nan)
+    return fit

@@ -102,7 +102,7 @@ def _grid_wcs(text):
     return WCS(fits.Header.fromstring(text))
 
 
-def forced_visit(path, models: ForcedModels, background: bool = True) -> dict:
+def forced_visit(path, models: ForcedModels, background: bool = True, redistribute: bool = False) -> dict:
     """Rows (dict of columns) of every source of ``models`` in the visit at ``path``."""
     from ..coadd.visits import read_visit
 
@@ -121,7 +121,7 @@ def forced_visit(path, models: ForcedModels, background: bool = True) -> dict:
     ivar = np.where(good, 1.0 / np.where(good, variance, 1.0) / scale**2, 0.0)
     cols = {k: [] for k in COLUMNS}
     for blend, pos in zip(models.blends, models.positions):
-        res = _measure_blend(blend, pos, b, frame, image, ivar, good, background)
+        res = _measure_blend(blend, pos, b, frame, image, ivar, good, background, redistribute)
         n = len(blend.sources)
         cols["id"].append(np.asarray(blend.source_ids, np.int64))
         cols["parent"].append(np.full(n, blend.parent_id, np.int64))
@@ -137,7 +137,7 @@ def forced_visit(path, models: ForcedModels, background: bool = True) -> dict:
     return out
 
 
-def _measure_blend(blend, pos, band, frame, image, ivar, good, background):
+def _measure_blend(blend, pos, band, frame, image, ivar, good, background, redistribute=False):
     from .fit import PARTIAL_FRACTION, BlendFit
 
     n = len(blend.sources)
@@ -168,8 +168,13 @@ def _measure_blend(blend, pos, band, frame, image, ivar, good, background):
     sl = np.s_[ya:ya + h, xa:xa + w]
     covered = (templates * good[sl][None]).sum(axis=(1, 2))
     flags[covered < 1 - PARTIAL_FRACTION] |= FLAGS["partial"]
-    region = fit_region(templates)
-    return fit_blend(templates, image[sl], ivar[sl], good[sl] & region, flags, background)
+    region = good[sl] & fit_region(templates)
+    fit = fit_blend(templates, image[sl], ivar[sl], region, flags, background)
+    if redistribute:
+        from .fit import redistribute_fluxes
+
+        fit = redistribute_fluxes(fit, templates, image[sl], ivar[sl], region)
+    return fit
 
 
 def fit_region(templates) -> np.ndarray:
@@ -191,11 +196,11 @@ def fit_region(templates) -> np.ndarray:
     return ndimage.binary_dilation(rel.max(axis=0) > FIT_LEVEL, structure=np.ones((side, side), bool))
 
 
-def _run_tasks(paths, models, background, workers, scheduler):
+def _run_tasks(paths, models, background, workers, scheduler, redistribute=False):
     """Yield (visit index, columns) as tasks complete: in-process or on dask.distributed."""
     if scheduler is None and workers <= 1:
         for i, p in enumerate(paths):
-            yield i, forced_visit(p, models, background)
+            yield i, forced_visit(p, models, background, redistribute)
         return
     try:
         from dask.distributed import Client, LocalCluster, as_completed
@@ -213,7 +218,7 @@ def _run_tasks(paths, models, background, workers, scheduler):
             raise InputError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
     try:
         shared = client.scatter(models, broadcast=True)  # models go to each worker once
-        futures = [client.submit(_indexed, i, str(p), shared, background, pure=False)
+        futures = [client.submit(_indexed, i, str(p), shared, background, redistribute, pure=False)
                    for i, p in enumerate(paths)]
         for fut in as_completed(futures):
             yield fut.result()
@@ -224,12 +229,13 @@ def _run_tasks(paths, models, background, workers, scheduler):
             cluster.close()
 
 
-def _indexed(i, path, models, background):
-    return i, forced_visit(path, models, background)
+def _indexed(i, path, models, background, redistribute):
+    return i, forced_visit(path, models, background, redistribute)
 
 
 def forced_photometry(store, run: str, paths, workers: int = 1, scheduler=None,
-                      background: bool = True, show_progress: bool = False) -> xr.Dataset:
+                      background: bool = True, show_progress: bool = False,
+                      redistribute: bool = False) -> xr.Dataset:
     """One row per (source, visit): flux at the store's zero point, error, chi2/dof and flags.
 
     Visits are checked (headers, bands) before any pixel is read.
@@ -253,7 +259,7 @@ def forced_photometry(store, run: str, paths, workers: int = 1, scheduler=None,
             raise InputError(f"{p}: band {v.band} is not in run {run} (bands {','.join(models.bands)})")
     parts = [None] * len(paths)
     bar = progress(total=len(paths), desc="forced", enabled=show_progress)
-    for i, cols in _run_tasks(paths, models, background, workers, scheduler):
+    for i, cols in _run_tasks(paths, models, background, workers, scheduler, redistribute):
         parts[i] = cols
         bar.update(1)
     bar.close()
@@ -262,7 +268,9 @@ def forced_photometry(store, run: str, paths, workers: int = 1, scheduler=None,
                     attrs={"run": run, "zeropoint": models.zeropoint, "flag_bits": _flag_text(),
                            "chi2": "chi^2 per degree of freedom over the source's pixels "
                                    "(its template above 1 % of its peak)",
-                           "background": "fitted constant per blend" if background else "none"})
+                           "background": "fitted constant per blend" if background else "none",
+                           "flux": "redistributed (per-visit heavy footprints)" if redistribute
+                           else "joint linear fit of the models"})
     ds["flux"].attrs["units"] = f"flux at AB zero point {models.zeropoint:g}"
     return ds
 
