@@ -424,6 +424,27 @@ def cmd_catalog(args):
     print(f"wrote {n} rows of band {args.band} (run {run}{', redistributed' if args.redistribute else ''}) to {out}")
 
 
+def cmd_forced(args):
+    from .forced.run import default_visits, forced_photometry, write_table
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".fits", ".csv", ".h5"):
+        raise InputError(f"{out}: output must end in .fits, .csv or .h5")
+    _check_output(out)
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
+    scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
+    store, run = _open_run_store(args.store, args.run)
+    visits = args.visits or default_visits(store)
+    table = forced_photometry(store, run, visits, workers=args.workers, scheduler=scheduler,
+                              background=not args.no_background, show_progress=True,
+                              redistribute=args.redistribute)
+    _using(args.run, run)
+    n = write_table(table, out)
+    measured = int(np.isfinite(table["flux"].values).sum())
+    print(f"wrote {n} rows ({measured} measured) of run {run} on {len(visits)} visits to {out}")
+
+
 def cmd_query(args):
     from .query import blend_table, select
 
@@ -653,6 +674,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--apertures", metavar="R1,R2,...",
                    help="radii (pixels) of the circular aperture fluxes (default 3,6,12)")
     s.set_defaults(func=cmd_catalog)
+
+    s = sub.add_parser("forced", help="forced photometry of every stored source on each visit")
+    s.add_argument("store")
+    s.add_argument("visits", nargs="*", help="visit FITS files (default: the coadd's own visits)")
+    s.add_argument("-o", "--output", required=True, help="OUT.fits, OUT.csv or OUT.h5")
+    s.add_argument("--run", help="run name (default: the newest)")
+    s.add_argument("--workers", type=int, default=1, help="processes on a local dask cluster")
+    s.add_argument("--scheduler", help="address of an existing dask scheduler")
+    s.add_argument("--no-background", action="store_true",
+                   help="do not fit a constant sky pedestal per blend")
+    s.add_argument("--redistribute", action="store_true",
+                   help="fluxes of per-visit heavy footprints: the visit image shared in "
+                        "proportion to the fitted models")
+    s.set_defaults(func=cmd_forced)
 
     s = sub.add_parser("query", help="list blends of a run")
     s.add_argument("store")
