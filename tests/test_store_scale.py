@@ -143,7 +143,9 @@ KILLED = textwrap.dedent("""
     from test_store import _exposure, _tiny_run
     from scarletstore.store import Store
     store = Store(sys.argv[1])
-    i = 0
+    i = int(sys.argv[3])
+    print(store.add_run(_tiny_run()), flush=True)  # the imports of a first write take seconds
+    print("ready", flush=True)
     while True:
         if i % 2:
             name = store.add_run(_tiny_run(n_sources=2 + i % 3))
@@ -165,10 +167,14 @@ def test_writer_killed_at_random_points_loses_no_committed_product(tmp_path):
     rng = random.Random(7)
     committed = set()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for trial in range(10):
-        proc = subprocess.Popen([sys.executable, str(script), str(path), str(Path(__file__).parent)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-        time.sleep(rng.uniform(1.5, 4.0))
+    for trial in range(12):
+        proc = subprocess.Popen([sys.executable, str(script), str(path), str(Path(__file__).parent),
+                                 str(1000 * trial)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        first = proc.stdout.readline().strip()
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        committed.add(first)
+        time.sleep(rng.uniform(0.0, 1.2))  # anywhere in a write (one takes ~0.1-0.5 s)
         os.kill(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         committed |= {line.strip() for line in out.splitlines() if line.strip()}
