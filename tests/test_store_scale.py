@@ -83,7 +83,7 @@ def test_layout_from_environment(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["single", "linked"])
 def test_write_cost_does_not_grow_with_store_size(tmp_path, layout):
-    """Adding the same small run to a 20 kB and to a ~25 MB store: bytes written."""
+    """Adding the same small run to a 20 kB and to a 13-25 MB store: bytes written."""
     costs, sizes = [], []
     for shape in [(3, 30, 40), (3, 1024, 1024)]:
         path = tmp_path / f"{shape[1]}" / "s.h5"
@@ -91,7 +91,7 @@ def test_write_cost_does_not_grow_with_store_size(tmp_path, layout):
         store = Store.create(path, {"exposure": _exposure(1, shape)}, layout=layout)
         sizes.append(sum(p.stat().st_size for p in path.parent.rglob("*") if p.is_file()))
         costs.append(_write_cost(path, lambda: store.add_run(_tiny_run())))
-    assert sizes[1] > 20e6 and sizes[1] > 100 * sizes[0]
+    assert sizes[1] > 10e6 and sizes[1] > 100 * sizes[0]
     if layout == "linked":
         assert costs[1] <= 1.1 * costs[0] and costs[1] < 200_000, (costs, sizes)
     else:  # the single file is copied whole on every write: the cost the linked layout removes
