@@ -202,7 +202,7 @@ def cmd_info(args):
         print(f"{store.path}: {len(store.groups())} groups checked, no problems")
         return
     groups = store.groups()
-    print(f"store {store.path} ({store.path.stat().st_size / 1e6:.2f} MB)")
+    print(f"store {store.path} ({store.disk_bytes() / 1e6:.2f} MB, {store.layout})")
     damaged = 0
     for name, g in groups.items():
         dims = ", ".join(f"{k}={v}" for k, v in sorted(g["dims"].items()))

@@ -441,6 +441,19 @@ class Store:
         with self._h5() as f:
             return _layout_of(f)
 
+    def disk_bytes(self) -> int:
+        """Bytes on disk of the current version: the file, or the index plus the files it names."""
+        with self._h5() as f:
+            if _layout_of(f) != "linked":
+                return os.fstat(f.id.get_vfd_handle()).st_size
+            files = set(_index_entries(f).values())
+        folder = _folder_of(self.path)
+        total = self.path.stat().st_size
+        for rel in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += (folder / rel).stat().st_size
+        return total
+
     def product_path(self, group: str) -> Path:
         """The HDF5 file that holds ``group``: the store itself for a single-file
         store, the group's own file for a linked one. Either way

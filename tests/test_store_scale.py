@@ -44,7 +44,7 @@ def _write_cost(path, action):
     return cost
 
 
-def test_linked_roundtrip_and_plain_xarray(tmp_path):
+def test_linked_roundtrip_and_plain_xarray(tmp_path, capsys):
     path = tmp_path / "s.h5"
     ex = _exposure(0)
     store = Store.create(path, {"exposure": ex}, layout="linked")
@@ -62,6 +62,11 @@ def test_linked_roundtrip_and_plain_xarray(tmp_path):
     with xr.open_dataset(store.product_path("exposure"), group="exposure", engine="h5netcdf") as ds:
         np.testing.assert_array_equal(ds["image"].values, ex["image"].values)
     assert store.check() == []
+    on_disk = path.stat().st_size + sum(_files(path).values())
+    assert store.disk_bytes() == on_disk > 10 * path.stat().st_size  # the index is small
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    assert f"({on_disk / 1e6:.2f} MB, linked)" in capsys.readouterr().out
     # a store moved with its folder keeps working (links are relative)
     moved = tmp_path / "elsewhere"
     moved.mkdir()
