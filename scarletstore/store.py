@@ -123,8 +123,8 @@ def _newer_groups(f) -> list[str]:
             _schema.header_of(f[name])
         except _schema.NewerSchemaError as exc:
             out.append(f"group {name!r}: {exc}")
-        except SchemaError:
-            pass  # damage is reported by the reads that meet it
+        except (SchemaError, KeyError, OSError):
+            pass  # damage (or a missing product file) is reported by the reads that meet it
     return out
 
 
@@ -203,6 +203,7 @@ class Store:
         if group in self._valid:
             return
         if group not in f or not isinstance(f[group], h5py.Group):
+            _missing_product(self.path, f, group)
             raise StoreError(f"{self.path}: no {group!r} group")
         try:
             _schema.validate_h5(f[group])
@@ -277,7 +278,7 @@ class Store:
             names = _group_names(f)
             runs = []
             if RUNS in f and isinstance(f[RUNS], h5py.Group):
-                items = [(str(_plain(f[RUNS][n].attrs.get("created", ""))), n) for n in f[RUNS].keys()]
+                items = [(_created(self.path, f, n), n) for n in f[RUNS].keys()]
                 runs = [n for _, n in sorted(items)]
         snap = {"groups": set(names), "runs": runs}
         self._cache["snapshot"] = snap
@@ -806,6 +807,26 @@ class _SingleTransaction:
                 if name in f:
                     del f[name]
         _write_groups(self.path, datasets)
+
+
+def _created(path: Path, f, name: str) -> str:
+    """The ``created`` stamp of run ``name`` (what orders the runs)."""
+    try:
+        return str(_plain(f[RUNS][name].attrs.get("created", "")))
+    except (KeyError, OSError):
+        _missing_product(path, f, run_group(name))
+        raise
+
+
+def _missing_product(path: Path, f, group: str) -> None:
+    """Raise StoreError if ``group`` is a link of a linked index whose file is gone."""
+    try:
+        link = f.get(group, getlink=True)
+    except (KeyError, OSError, ValueError):
+        return
+    if isinstance(link, h5py.ExternalLink):
+        raise StoreError(f"{path}: group {group!r}: its file {link.filename} is missing "
+                         f"(a linked store is {path.name} and {path.name}.d together)")
 
 
 def _index_entries(f) -> dict[str, str]:

@@ -73,6 +73,12 @@ def test_linked_roundtrip_and_plain_xarray(tmp_path, capsys):
     shutil.move(str(path), moved / "s.h5")
     shutil.move(str(products_dir(path)), products_dir(moved / "s.h5"))
     assert Store(moved / "s.h5").read("runs/scarlet-1")["source_id"].values.tolist() == [1, 2]
+    # the index copied without its folder: one line naming what is missing
+    shutil.copyfile(moved / "s.h5", tmp_path / "alone.h5")
+    capsys.readouterr()
+    assert main(["catalog", str(tmp_path / "alone.h5"), "--band", "g", "-o", str(tmp_path / "c.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is missing" in err and "alone.h5.d" in err, err
 
 
 def test_layout_from_environment(tmp_path, monkeypatch):
