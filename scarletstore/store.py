@@ -8,9 +8,17 @@ Layout::
     /runs/<name>      one run Dataset per deblend run (append-only)
 
 Every group is written and read through xarray's h5netcdf engine, so plain
-``xarray.open_dataset(path, group="exposure", engine="h5netcdf")`` reads it.
+``xarray.open_dataset(store.product_path(g), group=g, engine="h5netcdf")``
+reads it (``product_path`` is the store file itself in the single-file layout).
 
-Writes are atomic: the new state is built in a temporary file next to the
+Two layouts (docs/store.md): *single* (format 1, the default) keeps every
+group in the one file and is written as described below; *linked* (format 2,
+``SCARLETSTORE_LAYOUT=linked`` or ``scarletstore migrate --layout linked``)
+makes the store file a small index of HDF5 external links to one immutable
+file per product in ``<store>.d/``, so a write costs what it adds: new product
+files, then a new index renamed over the old one under the same lock.
+
+Single-file writes are atomic: the new state is built in a temporary file next to the
 store (a copy of the old one plus the new groups), flushed to disk and then
 renamed over the store. A process killed at any moment leaves either the old
 or the new store, both complete. Readers never block: they hold the inode of
