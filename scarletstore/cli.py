@@ -202,7 +202,7 @@ def cmd_info(args):
         print(f"{store.path}: {len(store.groups())} groups checked, no problems")
         return
     groups = store.groups()
-    print(f"store {store.path} ({store.path.stat().st_size / 1e6:.2f} MB)")
+    print(f"store {store.path} ({store.disk_bytes() / 1e6:.2f} MB, {store.layout})")
     damaged = 0
     for name, g in groups.items():
         dims = ", ".join(f"{k}={v}" for k, v in sorted(g["dims"].items()))
@@ -507,10 +507,17 @@ def cmd_migrate(args):
     from .migrate import migrate_store
     from .store import Store
 
+    from .store import LAYOUT_ENV, check_layout
+
     store = Store(args.store)
-    changed = migrate_store(store)
+    before = store.layout
+    layout = args.layout or os.environ.get(LAYOUT_ENV, "").strip() or None
+    changed = migrate_store(store, layout=check_layout(layout) if layout else None)
+    if store.layout != before:
+        print(f"{store.path}: converted from the {before} to the {store.layout} store layout")
     if not changed:
-        print(f"{store.path}: every group is at its latest schema version; nothing to do")
+        if store.layout == before:
+            print(f"{store.path}: every group is at its latest schema version; nothing to do")
         return
     for group, (old, new) in changed.items():
         print(f"  {group}: v{old} -> v{new}")
@@ -713,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("migrate", help="upgrade every group to its latest schema version (atomic)")
     s.add_argument("store")
+    s.add_argument("--layout", choices=["single", "linked"],
+                   help="also convert to this store layout (default: $SCARLETSTORE_LAYOUT, else keep)")
     s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("diff", help="per-source flux and convergence changes between two runs")

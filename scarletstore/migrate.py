@@ -60,11 +60,14 @@ def upgrade(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def migrate_store(store) -> dict[str, tuple[int, int]]:
+def migrate_store(store, layout: str | None = None) -> dict[str, tuple[int, int]]:
     """Upgrade every group of ``store`` to its latest schema in one atomic write.
 
-    Returns ``{group: (old_version, new_version)}`` for the groups changed;
-    running it again changes nothing (idempotent).
+    With ``layout`` ("linked") a single-file store is also converted, in the
+    same commit, to the linked store format (an index of links to one file per
+    product; see docs/store.md). Returns ``{group: (old_version, new_version)}``
+    for the groups whose schema changed; running it again changes nothing
+    (idempotent).
     """
     changed, new = {}, {}
     for group in _product_groups(store):
@@ -74,7 +77,9 @@ def migrate_store(store) -> dict[str, tuple[int, int]]:
             up = upgrade(ds)
             new[group] = up
             changed[group] = (old, int(up.attrs["schema_version"]))
-    if new:
+    if layout is not None and layout != store.layout:
+        store.convert(layout, new)
+    elif new:
         store.write(new, replace=True)
     return changed
 
