@@ -1,4 +1,4 @@
-"""End-to-end demo: simulate -> ingest -> detect -> deblend -> catalog -> show.
+"""End-to-end demo: visits -> coadd -> detect -> deblend -> catalog -> forced -> pictures.
 
 Run with ``make demo``. Everything goes through the ``scarletstore`` command
 line, exactly as a user would type it; the outputs land in ``--out``.
@@ -19,17 +19,18 @@ from scarletstore.cli import main as cli
 
 def step(title, argv):
     t0 = time.perf_counter()
-    print(f"\n$ scarletstore {' '.join(str(a) for a in argv)}")
+    print(f"\n$ scarletstore {' '.join(str(a) for a in argv)}", flush=True)
     code = cli([str(a) for a in argv])
     if code != 0:
         sys.exit(f"demo: step '{title}' failed with status {code}")
-    print(f"  ({title}: {time.perf_counter() - t0:.1f} s)")
+    print(f"  ({title}: {time.perf_counter() - t0:.1f} s)", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_output")
-    ap.add_argument("--size", type=int, default=300)
+    ap.add_argument("--size", type=int, default=300, help="side of the coadd grid in pixels")
+    ap.add_argument("--visits", type=int, default=4, help="visits per band")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     out = Path(args.out)
@@ -37,32 +38,44 @@ def main():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     store = out / "field.h5"
+    sim = out / "visits"
 
-    step("simulate", ["simulate", out / "sim", "--size", args.size, "--seed", args.seed])
-    step("ingest", ["ingest", store, *[out / "sim" / f"{b}.fits" for b in "ugrizy"]])
+    step("simulate visits", ["simulate", sim, "--visits", args.visits, "--size", args.size,
+                             "--seed", args.seed, "--bands", "gri"])
+    visits = sorted(sim.glob("visit_*.fits"))
+    step("coadd", ["coadd", store, *visits, "--grid", sim / "grid.fits"])
     step("detect", ["detect", store])
     step("deblend", ["deblend", store, "--run", "scarlet"])
     step("baseline", ["deblend", store, "--method", "sdss", "--run", "sdss"])
     step("catalog", ["catalog", store, "--band", "r", "--run", "scarlet", "-o", out / "catalog_r.fits"])
+    step("forced", ["forced", store, *visits, "--run", "scarlet", "-o", out / "forced.fits"])
 
     from scarletstore.query import blend_table
-    from scarletstore.store import Store
+    import scarletstore as ss
 
-    table = blend_table(Store(store), "scarlet")
+    table = blend_table(ss.open(store), "scarlet")
     fitted = table[(table["reason"] == "") & (table["n_sources"] > 1)]
     if fitted.empty:
         sys.exit("demo: no multi-source blend was fitted")
     pick = int(fitted.sort_values("n_sources", ascending=False)["parent"].iloc[0])
     step("show", ["show", store, "--blend", pick, "--run", "scarlet", "-o", out / f"blend_{pick}.png"])
+    step("show field", ["show", store, "--field", "--run", "scarlet", "-o", out / "field.png"])
     step("info", ["info", store])
 
     from astropy.table import Table
     cat = Table.read(out / "catalog_r.fits")
+    forced = Table.read(out / "forced.fits")
+    good = forced["flags"] == 0
     print("\nsummary")
+    print(f"  visits:   {len(visits)} ({args.visits} per band, g r i) coadded onto a "
+          f"{args.size}x{args.size} grid")
     print(f"  store:    {store}")
     print(f"  catalog:  {out / 'catalog_r.fits'} ({len(cat)} children in r, "
           f"median blendedness {np.nanmedian(cat['blendedness']):.3f})")
-    print(f"  picture:  {out / f'blend_{pick}.png'} (blend {pick}, {len(fitted)} multi-source blends fitted)")
+    print(f"  forced:   {out / 'forced.fits'} ({len(forced)} source-visit rows, "
+          f"{int(good.sum())} unflagged, median chi2/dof {np.nanmedian(forced['chi2'][good]):.2f})")
+    print(f"  pictures: {out / f'blend_{pick}.png'} (blend {pick}), {out / 'field.png'} "
+          f"({len(fitted)} multi-source blends fitted)")
     print(f"  scarlet:  {len(table)} parents, median {np.median(table['iterations'][table['reason'] == '']):.0f} "
           f"iterations, {int(table['converged'][table['reason'] == ''].sum())} converged")
 

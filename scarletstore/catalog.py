@@ -20,7 +20,7 @@ from xarray.core import indexing
 
 from .errors import InputError, StoreError
 from .footprint import counts_to_offsets, mask_to_spans, spans_to_mask
-from .ingest import bad_bits
+from .ingest import DEFAULT_BAD_PLANES, bad_bits
 from .measure import COLUMNS, measure_children
 from .models import SOURCE_FLAGS, RunIndex, RunTables, read_blend
 from .photometry import PHOT_FLAGS, PhotometryConfig, suite_columns
@@ -198,7 +198,7 @@ class BlendMeasurer:
             planes = json.loads(self.exposure.attrs["mask_planes"])
         else:
             return None
-        bits = bad_bits(planes, self.config.get("bad_mask_planes", ["BAD", "SAT", "SUSPECT", "NO_DATA", "EDGE"]))
+        bits = bad_bits(planes, self.config.get("bad_mask_planes", DEFAULT_BAD_PLANES))
         good = ((mask & bits) == 0) & np.isfinite(variance) & (variance > 0) & np.isfinite(image)
         return image, np.where(good, variance, 1).astype(np.float32), good
 

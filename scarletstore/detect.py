@@ -119,7 +119,7 @@ CHI2_BIT = 30
 
 #: Mask planes whose pixels never enter detection: the default bad mask of
 #: Rubin's deblender (its ``badMask`` setting), so detect and deblend agree.
-DEFAULT_BAD_PLANES = ["BAD", "CR", "NO_DATA", "SAT", "SUSPECT", "EDGE"]
+from .masks import DEFAULT_BAD_PLANES  # noqa: E402  (one definition for every stage)
 
 #: Default configuration; ``None`` entries are derived from the PSF (see :func:`detect`).
 DEFAULTS = {

@@ -15,14 +15,9 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputError
+from .masks import DEFAULT_BAD_PLANES, LSST_MASK_PLANES  # noqa: F401  (re-exported)
 from .schema import stamp, validate
 
-# LSST mask-plane convention, used when an input does not name its planes.
-LSST_MASK_PLANES = {
-    "BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
-    "DETECTED_NEGATIVE": 6, "SUSPECT": 7, "NO_DATA": 8,
-}
-DEFAULT_BAD_PLANES = ["BAD", "SAT", "SUSPECT", "NO_DATA", "EDGE"]
 # a PSF image is centred on its central pixel; real PSF stamps sit within a
 # few tenths of a pixel of it, so a centroid further than this is a wrong image
 PSF_MAX_OFFSET = 1.0

@@ -116,11 +116,18 @@ def _path_stamp(path: Path):
     return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _is_folder(obj) -> bool:
+def _is_folder(f, name: str) -> bool:
     """A folder group (``coadds/``, ``apcorr/``) holds product groups and no variables
-    (a product group that lost its ``schema`` attribute still holds variables)."""
-    return (isinstance(obj, h5py.Group) and "schema" not in obj.attrs and len(obj) > 0
-            and all(isinstance(c, h5py.Group) for c in obj.values()))
+    (a product group that lost its ``schema`` attribute still holds variables).
+    External links (linked stores) are products; they are not followed here, so an
+    index whose product files are missing still lists its groups."""
+    if isinstance(f.get(name, getlink=True), h5py.ExternalLink):
+        return False
+    obj = f[name]
+    if not isinstance(obj, h5py.Group) or "schema" in obj.attrs or len(obj) == 0:
+        return False
+    return all(isinstance(obj.get(k, getlink=True), h5py.ExternalLink) or isinstance(obj[k], h5py.Group)
+               for k in obj)
 
 
 def _group_names(f) -> list[str]:
@@ -128,7 +135,7 @@ def _group_names(f) -> list[str]:
     for n in f.keys():
         if n == RUNS:
             continue
-        names += [f"{n}/{c}" for c in f[n].keys()] if _is_folder(f[n]) else [n]
+        names += [f"{n}/{c}" for c in f[n].keys()] if _is_folder(f, n) else [n]
     if RUNS in f and isinstance(f[RUNS], h5py.Group):
         names += [run_group(n) for n in f[RUNS].keys()]
     return names

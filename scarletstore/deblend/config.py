@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import InputError
+from ..masks import DEFAULT_BAD_PLANES
 
 
 @dataclass
@@ -86,7 +87,7 @@ class DeblendConfig:
     initial_background_thresh: float = 1.0
     optimizer: str = "adaprox"
     use_weights: bool = True
-    bad_mask_planes: list = field(default_factory=lambda: ["BAD", "CR", "NO_DATA", "SAT", "SUSPECT", "EDGE"])
+    bad_mask_planes: list = field(default_factory=lambda: list(DEFAULT_BAD_PLANES))
     set_spectra: bool = True
     max_spectrum_cutoff: float = 1e6
     process_singles: bool = False
