@@ -22,7 +22,9 @@ before the clock starts), so every call pays the same write. Printed: the
 fixed cost of a call (one-blend deblend, one-band catalog), the marginal cost
 per blend ``(full wall - one-blend wall) / (parents - 1)``, and beside it the
 fit-only figure: the recorded ``blend_runtime`` of the full run (sum, and per
-blend). Last, ``python -X importtime`` of a one-blend deblend and of a
+blend). Wall and CPU (user + system) times are both quoted: on a shared,
+loaded machine the wall swings with the load and the CPU time much less.
+Last, ``python -X importtime`` of a one-blend deblend and of a
 catalog, folded to the top-level modules that cost most.
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -56,14 +59,21 @@ def _env(numba_cache: Path) -> dict:
 
 
 def cli(args, env, extra=()) -> float:
-    """Run ``python [extra] -m scarletstore.cli ARGS`` and return its wall time (s)."""
+    """Run ``python [extra] -m scarletstore.cli ARGS`` and return its wall time (s).
+
+    The process's CPU time (user + system) is left in ``cli.cpu``: on a shared,
+    loaded machine wall times swing by a factor 2, CPU times much less.
+    """
     cmd = [sys.executable, *extra, "-m", "scarletstore.cli", *map(str, args)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
     cli.last = proc
+    cli.cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall
 
 
@@ -148,14 +158,18 @@ def main(argv=None):
             "full": lambda: cli(["deblend", run_copy(base, calls, "full"), "--run", "x"], env),
         }
         walls = {k: [] for k in jobs}
+        cpus = {k: [] for k in jobs}
         for _ in range(opts.repeat):  # alternating, so load drifts hit every call alike
             for key, job in jobs.items():
                 walls[key].append(job())
+                cpus[key].append(cli.cpu)
         med = {k: statistics.median(v) for k, v in walls.items()}
+        cpu = {k: statistics.median(v) for k, v in cpus.items()}
         rt = blend_runtimes(calls / "full.h5")
 
         def fmt(k):
-            return f"{med[k]:6.3f} s  (runs: {', '.join(f'{w:.3f}' for w in walls[k])})"
+            return (f"{med[k]:6.3f} s wall, {cpu[k]:6.3f} s CPU  "
+                    f"(walls: {', '.join(f'{w:.3f}' for w in walls[k])})")
 
         print(f"scarletstore --help            {fmt('help')}")
         print(f"deblend --blends {one:<14d}{fmt('one')}")
@@ -164,8 +178,11 @@ def main(argv=None):
         print(f"fixed cost of a call: deblend of one blend {med['one']:.3f} s, "
               f"catalog of one band {med['catalog']:.3f} s")
         marginal = (med["full"] - med["one"]) / (nparents - 1)
-        print(f"marginal cost per blend: {1e3 * marginal:.1f} ms  "
-              f"(full - one-blend wall, over the other {nparents - 1} parents)")
+        marginal_cpu = (cpu["full"] - cpu["one"]) / (nparents - 1)
+        print(f"CPU of a call: deblend of one blend {cpu['one']:.3f} s, "
+              f"catalog of one band {cpu['catalog']:.3f} s")
+        print(f"marginal cost per blend: {1e3 * marginal:.1f} ms wall, {1e3 * marginal_cpu:.1f} ms "
+              f"CPU  (full - one-blend call, over the other {nparents - 1} parents)")
         print(f"fit-only: sum of recorded blend runtimes {rt.sum():.3f} s over {rt.size} fitted "
               f"blends = {1e3 * rt.sum() / (nparents - 1):.1f} ms per blend over {nparents - 1}; "
               f"median {1e3 * statistics.median(rt):.1f} ms")
