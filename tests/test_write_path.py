@@ -193,3 +193,13 @@ def test_version_is_looked_up_on_first_use():
     assert scarletstore.__version__ == expected
     with pytest.raises(AttributeError):
         scarletstore.no_such_attribute  # noqa: B018
+
+
+def test_dask_backed_dataset_goes_through_to_netcdf(products, tmp_path):
+    ex = products["exposure"]
+    lazy = ex.chunk({"band": 1})
+    assert lazy["image"].chunks is not None
+    store = Store.create(tmp_path / "s.h5", {"exposure": lazy})
+    with xr.open_dataset(store.path, group="exposure", engine="h5netcdf") as back:
+        assert back["image"].values.tobytes() == ex["image"].values.tobytes()
+        assert back["mask"].values.tobytes() == ex["mask"].values.tobytes()
