@@ -203,3 +203,16 @@ def test_dask_backed_dataset_goes_through_to_netcdf(products, tmp_path):
     with xr.open_dataset(store.path, group="exposure", engine="h5netcdf") as back:
         assert back["image"].values.tobytes() == ex["image"].values.tobytes()
         assert back["mask"].values.tobytes() == ex["mask"].values.tobytes()
+
+
+def test_hidden_progress_bar_iterates_and_counts_without_tqdm():
+    code = """
+from scarletstore.progress import progress
+items = list(progress(range(5), desc="x"))  # stderr is a pipe: hidden
+with progress(total=3, desc="y", unit="blend") as bar:
+    for _ in range(3):
+        bar.update(1)
+assert items == [0, 1, 2, 3, 4] and bar.n == 3
+"""
+    mods = _imported_by(code)
+    assert "tqdm" not in mods
