@@ -67,7 +67,8 @@ def cli(args, env, extra=()) -> float:
     cmd = [sys.executable, *extra, "-m", "scarletstore.cli", *map(str, args)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # cwd: ``-m`` puts the working directory first on sys.path; run this tree's code
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
