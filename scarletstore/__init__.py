@@ -8,14 +8,7 @@
 first use of ``open`` or ``Store``.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("scarletstore")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+unknown"
-
-from .errors import InputError, SchemaError, ScarletStoreError, StoreError  # noqa: E402
+from .errors import InputError, SchemaError, ScarletStoreError, StoreError
 
 __all__ = ["__version__", "open", "Store", "ScarletStoreError", "InputError", "SchemaError",
            "StoreError"]
@@ -44,11 +37,22 @@ def open(path):  # noqa: A001 - ss.open(path) mirrors xarray.open_dataset / h5py
 
 
 def __getattr__(name):
-    # module-level lazy attribute (PEP 562): the heavy store module loads on first use
+    # module-level lazy attributes (PEP 562): the heavy store module loads on first
+    # use, and the installed version is looked up on first use only (importlib.metadata
+    # scans every path entry, which a CLI call that records no version should not pay)
     if name == "Store":
         from .store import Store
 
         return Store
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("scarletstore")
+        except PackageNotFoundError:  # running from a source tree without install
+            value = "0.0.0+unknown"
+        globals()["__version__"] = value
+        return value
     raise AttributeError(f"module 'scarletstore' has no attribute {name!r}")
 
 

@@ -14,8 +14,6 @@ import re
 import socket
 import sys
 import warnings
-
-import numpy as np
 from pathlib import Path
 
 from .errors import InputError, ScarletStoreError
@@ -308,6 +306,8 @@ def cmd_detect(args):
 
 
 def cmd_deblend(args):
+    import numpy as np
+
     from .deblend.config import DeblendConfig
     from .deblend.run import deblend_exposure
     from .store import Store, check_run_name, run_group

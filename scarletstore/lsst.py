@@ -64,7 +64,6 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import __version__
 from .deblend.result import Component, SourceResult
 from .errors import InputError
 from .models import SOURCE_ISOLATED, BlendRecord, RunIndex, build_run, read_blend
@@ -532,6 +531,8 @@ def _assemble(leaves, model_psf, fname, fmt, data, meta, name):
         config_json = json.dumps(config, allow_nan=True, default=str)
     except (TypeError, ValueError):
         config_json = json.dumps({k: v for k, v in config.items() if k != "metadata"})
+    from . import __version__  # looked up only when a run is built (importlib.metadata)
+
     return build_run(records, bands, blend_psf[0], model_psf, name=name, method="lsst",
                      config_json=config_json, package_version=__version__,
                      exposure_checksum="", parents_checksum="", from_run="",

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from .. import __version__
 from ..errors import InputError
 from ..footprint import counts_to_offsets, spans_to_mask
 from ..ingest import bad_bits
@@ -411,6 +410,8 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
             model_psf = gaussian_psf(config.model_psf_sigma)
         else:
             model_psf = np.ones((1, 1), np.float32)  # observed-frame models: identity
+    from .. import __version__  # looked up only when a run is built (importlib.metadata)
+
     run = build_run(records, list(exposure.band.values), exposure["psf"].values, model_psf,
                     name=name, method=method, config_json=config.to_json(),
                     package_version=__version__, exposure_checksum=exposure_checksum,
