@@ -1285,12 +1285,14 @@ def test_symmetry_costs_little_likelihood_on_crowded_real_blends(name, min_peaks
 
 
 def test_symmetry_is_kept_on_a_crowded_blend_where_it_is_cheap():
-    # Eight symmetric simulated galaxies in a row, overlapping: symmetry
-    # costs almost nothing in likelihood here, so the symmetric fit stays.
+    # Ten symmetric simulated galaxies in a row, overlapping (enough peaks
+    # for the check to run): symmetry costs little likelihood here, so the
+    # symmetric fit stays.
     rng = np.random.default_rng(4)
-    H, W, B = 40, 84, 3
+    H, W, B = 40, 102, 3
     psfs = psf_stack([1.2, 1.4, 1.6])
-    peaks = np.array([[20.0 + rng.uniform(-3, 3), 6.0 + 9.5 * i] for i in range(8)])
+    n = S.SYMMETRY_CHECK_PEAKS
+    peaks = np.array([[20.0 + rng.uniform(-3, 3), 6.0 + 9.5 * i] for i in range(n)])
     truth = np.zeros((B, H, W))
     for i, (cy, cx) in enumerate(peaks):
         sed = rng.uniform(0.5, 1.5, B)
@@ -1299,5 +1301,7 @@ def test_symmetry_is_kept_on_a_crowded_blend_where_it_is_cheap():
     images += rng.normal(0, 1.0, images.shape)
     variance = np.ones_like(images)
     res = S.deblend_scarlet(images, variance, None, None, psfs, peaks, DeblendConfig())
+    off = S.deblend_scarlet(images, variance, None, None, psfs, peaks, DeblendConfig(symmetric=False))
     assert res.extra["fallback"] == ""
     assert res.converged
+    assert res.log_likelihood >= off.log_likelihood * (1 + S.SYMMETRY_COST_MAX)
