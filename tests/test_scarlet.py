@@ -1253,3 +1253,55 @@ def test_convergence_does_not_depend_on_the_stamp():
     # the sky does not cost accuracy: errors against the truth (in sigma)
     # of the big stamps no worse than the tight stamps' (within 10 %)
     assert np.median(np.concatenate(err["big"])) <= 1.1 * np.median(np.concatenate(err["tight"]))
+
+
+def _crowded_real_blend(name):
+    """The largest blend of a real HSC cut-out through detection (what a run fits)."""
+    from scarletstore.detect import detect
+    from scarletstore.deblend.run import make_tasks
+    from scarletstore.ingest import read_npz
+
+    exposure = read_npz(shared(name))
+    tasks = make_tasks(exposure, detect(exposure), DeblendConfig())[0]
+    return max(tasks, key=lambda t: len(t.peaks))
+
+
+@pytest.mark.parametrize("name, min_peaks", [("cut_hsc1.npz", 15), ("hsc_cosmos.npz", 11)])
+def test_symmetry_costs_little_likelihood_on_crowded_real_blends(name, min_peaks):
+    # Contested symmetry fights the data on real crowded blends: cut_hsc1
+    # ended at logL -2393 against -1751 without symmetry (37 % worse),
+    # hsc_cosmos at -6480 against -6197 (4.6 %).
+    t = _crowded_real_blend(name)
+    assert len(t.peaks) >= min_peaks
+    args = (t.images, t.variance, t.bad, t.footprint, t.psfs, t.peaks)
+    on = S.deblend_scarlet(*args, DeblendConfig())
+    off = S.deblend_scarlet(*args, DeblendConfig(symmetric=False))
+    assert on.log_likelihood >= off.log_likelihood * (1 + 0.03)
+    assert np.isfinite(on.log_likelihood) and not on.flags & S._models.BLEND_FLAGS["diverged"]
+    if on.extra["fallback"] == "no_symmetry":
+        # the swap is the plain fit itself, flagged but not as a divergence
+        assert on.log_likelihood == pytest.approx(off.log_likelihood, rel=1e-6)
+        assert on.flags & S._models.BLEND_FLAGS["fallback_no_symmetry"]
+
+
+def test_symmetry_is_kept_on_a_crowded_blend_where_it_is_cheap():
+    # Ten symmetric simulated galaxies in a row, overlapping (enough peaks
+    # for the check to run): symmetry costs little likelihood here, so the
+    # symmetric fit stays.
+    rng = np.random.default_rng(4)
+    H, W, B = 40, 102, 3
+    psfs = psf_stack([1.2, 1.4, 1.6])
+    n = S.SYMMETRY_CHECK_PEAKS
+    peaks = np.array([[20.0 + rng.uniform(-3, 3), 6.0 + 9.5 * i] for i in range(n)])
+    truth = np.zeros((B, H, W))
+    for i, (cy, cx) in enumerate(peaks):
+        sed = rng.uniform(0.5, 1.5, B)
+        truth += sed[:, None, None] * 40 * gaussian_image((H, W), cy, cx, 2.0 + 0.3 * (i % 3))[None]
+    images = np.stack([fftconvolve(truth[b], psfs[b], mode="same") for b in range(B)])
+    images += rng.normal(0, 1.0, images.shape)
+    variance = np.ones_like(images)
+    res = S.deblend_scarlet(images, variance, None, None, psfs, peaks, DeblendConfig())
+    off = S.deblend_scarlet(images, variance, None, None, psfs, peaks, DeblendConfig(symmetric=False))
+    assert res.extra["fallback"] == ""
+    assert res.converged
+    assert res.log_likelihood >= off.log_likelihood * (1 + S.SYMMETRY_COST_MAX)
