@@ -101,11 +101,15 @@ def measure(n_peaks, size, budget_mb=0.0, seed=3, max_iter=60):
     images, variance, psfs, peaks, truth = cluster_scene(n_peaks, size, seed)
     config = DeblendConfig(max_iter=max_iter)
     warm_kernels("scarlet", config, psfs)
+    # the large-blend (block spectrum) path too, on a tiny blend: kernel loading
+    # or compiling is not the fit's memory
+    w = cluster_scene(12, 120, seed=2)
+    deblend_scarlet(w[0], w[1], None, None, w[2], w[3], DeblendConfig(max_iter=5, max_spectrum_cutoff=0))
+    del w
     bad = np.zeros(images.shape, bool)
     fp = np.ones((size, size), bool)
     kshape = psfs.shape[1:]
     base = _rss_mb()
-    resource.setrlimit  # noqa: B018 - ru_maxrss is the process high-water mark
     start = time.perf_counter()
     if budget_mb > 0:
         pieces = plan_pieces(peaks, fp, 3, budget_mb * 1e6, config.split_margin, kshape)
@@ -129,7 +133,10 @@ def measure(n_peaks, size, budget_mb=0.0, seed=3, max_iter=60):
 
 def _child(args):
     cmd = [sys.executable, __file__, "--child", json.dumps(args)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    # numpy backs large arrays with transparent huge pages (madvise), which makes
+    # RSS depend on what the kernel has free; off, RSS follows the bytes touched
+    env = {**os.environ, "PYTHONPATH": ROOT, "NUMPY_MADVISE_HUGEPAGE": "0"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -147,7 +154,7 @@ def main():
         print(json.dumps(measure(**json.loads(a.child))))
         return
     if a.calibrate:
-        for n, size in ((40, 160), (150, 300), (400, 400)):
+        for n, size in ((40, 160), (150, 300), (400, 400), (520, 600)):
             r = _child({"n_peaks": n, "size": size, "max_iter": 20})
             print(f"{n:4d} peaks {size}x{size}: estimate {r['estimate_mb']:7.1f} MB, "
                   f"peak RSS increase {r['peak_rss_increase_mb']:7.1f} MB "

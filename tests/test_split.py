@@ -80,7 +80,7 @@ def fits():
     fp = np.ones(images.shape[1:], bool)
     config = DeblendConfig(max_iter=80)
     whole = deblend_scarlet(images, variance, bad, fp, psfs, peaks, config)
-    budget = fit_memory(2, *fp.shape, len(peaks), psfs.shape[1:]) / 3
+    budget = fit_memory(2, *fp.shape, len(peaks), psfs.shape[1:]) / 2
     pieces = plan_pieces(peaks, fp, 2, budget, config.split_margin, psfs.shape[1:])
     split = deblend_pieces(deblend_scarlet, images, variance, bad, fp, psfs, peaks, pieces, config)
     return images, psfs, peaks, truth, fp, whole, split, pieces
@@ -144,7 +144,7 @@ def test_parent_over_the_budget_is_split_not_skipped(field):
     h, w = int(parents["bbox_height"].values[i]), int(parents["bbox_width"].values[i])
     need = fit_memory(3, h, w, n_peaks, exposure["psf"].shape[1:])
     # over the old peak limit too: before splitting this parent was skipped
-    config = DeblendConfig(max_iter=20, memory_budget=need / 2, max_number_of_peaks=2)
+    config = DeblendConfig(max_iter=20, memory_budget=need / 1.5, max_number_of_peaks=2)
     run = deblend_exposure(exposure, parents, config, "scarlet", blend_ids=[pid])
     assert str(run["blend_reason"].values[0]) == ""
     flags = int(run["blend_flags"].values[0])
@@ -191,7 +191,7 @@ config = DeblendConfig(max_iter=15)
 warm_kernels("scarlet", config, psfs)
 # and the large-blend path (block spectrum solve) on a tiny blend, so that
 # loading or compiling its kernels is not charged to the fit
-w = cluster_scene(8, 70, seed=2)
+w = cluster_scene(12, 120, seed=2)
 deblend_scarlet(w[0], w[1], None, None, w[2], w[3], DeblendConfig(max_iter=15, max_spectrum_cutoff=0))
 del w
 # current RSS, not the high-water mark: the fit's growth over what the process holds
@@ -207,8 +207,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 def test_memory_estimate_is_within_a_factor_1_5_of_the_peak(n, size):
     """Peak RSS growth of a fresh process during one fit against :func:`fit_memory`."""
     code = _MEASURE.format(root=ROOT, n=n, size=size)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
+    # without transparent huge pages (numpy madvises them for large arrays), RSS
+    # counts the bytes the fit touches, not whole 2 MB pages the kernel had free
+    env = {**os.environ, "PYTHONPATH": ROOT, "NUMPY_MADVISE_HUGEPAGE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = float(out.stdout.split()[-1])
     estimate = fit_memory(3, size, size, n, (25, 25))

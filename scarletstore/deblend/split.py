@@ -25,21 +25,24 @@ import numpy as np
 
 from .result import BlendResult, Component, SourceResult
 
-# Bytes the scarlet fit allocates, fitted to the peak RSS of fits of
-# simulated crowded blends (benchmarks/bench_split.py --calibrate):
-PAD_BYTES = 4 * 9        # per padded (band, Fy, Fx) pixel: 4 float32 work
-#                          buffers, the FFT spectra (complex64, ~2 float32 each)
-#                          and the kernel transforms and their conjugate
-PIXEL_BYTES = 2 * 4 + 1 + 4 + 4 + 1 + 3 * 8   # per (band, H, W) pixel: the inputs,
-#                          data, weights, good mask and the float64 detection
-#                          image temporaries of the initialisation
-COMPONENTS_PER_PEAK = 2.0  # bright sources get a bulge and a disk
-SYSTEM_BYTES = 2 * 8     # per band x component^2: the normal equations and the
-#                          solver's copy (float64)
-MORPH_BYTES_PER_BAND = 4  # per component box pixel and band: the convolved flats
-MORPH_BYTES = 4 * 3 * 8  # ... and the float32 morphology, three float64 Adam
-#                          moments, the remapped copies of a resize
-BOX_AREA_MIN = 15 * 15   # a component box is at least a few PSF sizes
+# Bytes the scarlet fit allocates. The terms follow scarlet.py's arrays; the
+# constants are least-squares fits to the peak RSS growth of eight whole fits
+# of simulated cluster scenes (30-900 peaks, 260-800 px boxes, 3 bands;
+# benchmarks/bench_split.py --calibrate), which the model matches to within
+# 0.82-1.12.
+PAD_BYTES = 26           # per band x padded-box pixel: the inputs, data, weights
+#                          and good mask, the four float32 FFT work buffers and
+#                          the kernel transforms (the FFT spectra reuse scratch)
+COMPONENTS_PER_PEAK = 1.6  # sources above 2 x min_snr get a bulge and a disk
+SYSTEM_BYTES = 8         # per band x component^2: the float64 normal equations
+BOX_PIXELS = 1420        # a component box during the fit (starts are wide)
+MORPH_BYTES = 4 + 3 * 8 + 4 + 4 * 16  # per box pixel: the float32 morphology,
+#                          three float64 Adam moments, the rendered copy, and
+#                          the copies a resize and the snapshots make
+MORPH_BYTES_PER_BAND = 4  # ... and per band: the convolved least-squares flats
+LS_SCRATCH = 35e6        # the least-squares spectra's batched FFT scratch, which
+#                          grows with the components up to scarlet.LS_FFT_BUDGET
+LS_SCRATCH_PER_COMPONENT = 2.5e5
 
 
 def fit_memory(n_bands: int, height: int, width: int, n_peaks: int,
@@ -51,7 +54,7 @@ def fit_memory(n_bands: int, height: int, width: int, n_peaks: int,
     n_bands, height, width : int
         Bands and blend box size.
     n_peaks : int
-        Sources fitted (each up to ``COMPONENTS_PER_PEAK`` components).
+        Sources fitted (``COMPONENTS_PER_PEAK`` components each on average).
     kernel_shape : tuple of int
         Difference-kernel size (about the observed PSF's): the FFT grid is
         the box padded by half of it.
@@ -59,18 +62,17 @@ def fit_memory(n_bands: int, height: int, width: int, n_peaks: int,
     Returns
     -------
     int
-        Bytes: padded FFT work arrays, per-pixel inputs and masks, the
-        component x component spectrum system and the components' boxes
-        (each assumed to cover the blend area shared among the peaks, at
-        least ``BOX_AREA_MIN``).
+        Bytes: per-pixel arrays of the padded box, the component x
+        component spectrum system, the components' boxes (each
+        ``BOX_PIXELS``, at most the blend) and the spectrum solve's scratch.
     """
     ky, kx = kernel_shape
     fy, fx = height + ky // 2, width + kx // 2
     k = COMPONENTS_PER_PEAK * max(n_peaks, 1)
-    box = min(height * width, max(BOX_AREA_MIN, 4.0 * height * width / max(n_peaks, 1)))
-    total = (n_bands * fy * fx * PAD_BYTES + n_bands * height * width * PIXEL_BYTES
-             + n_bands * k * k * SYSTEM_BYTES
-             + k * box * (MORPH_BYTES + n_bands * MORPH_BYTES_PER_BAND))
+    box = min(height * width, BOX_PIXELS)
+    total = (n_bands * fy * fx * PAD_BYTES + n_bands * k * k * SYSTEM_BYTES
+             + k * box * (MORPH_BYTES + n_bands * MORPH_BYTES_PER_BAND)
+             + min(LS_SCRATCH, k * LS_SCRATCH_PER_COMPONENT))
     return int(total)
 
 
