@@ -9,7 +9,7 @@ runtime, and the estimated and measured peak memory of each are printed.
 
 Usage::
 
-    python benchmarks/bench_split.py [--peaks 520] [--size 600] [--budget-mb 150]
+    python benchmarks/bench_split.py [--peaks 520] [--size 600] [--budget-mb 120]
     python benchmarks/bench_split.py --calibrate   # estimate vs peak RSS of whole fits
 """
 
@@ -101,7 +101,7 @@ def measure(n_peaks, size, budget_mb=0.0, seed=3, max_iter=60):
     from scarletstore.deblend.config import DeblendConfig
     from scarletstore.deblend.run import warm_kernels
     from scarletstore.deblend.scarlet import deblend_scarlet
-    from scarletstore.deblend.split import deblend_pieces, fit_memory, plan_pieces
+    from scarletstore.deblend.split import deblend_pieces, fit_memory, piece_budget, plan_pieces
 
     images, variance, psfs, peaks, truth = cluster_scene(n_peaks, size, seed)
     config = DeblendConfig(max_iter=max_iter)
@@ -118,7 +118,8 @@ def measure(n_peaks, size, budget_mb=0.0, seed=3, max_iter=60):
     base = _status_mb("VmRSS")
     start = time.perf_counter()
     if budget_mb > 0:
-        pieces = plan_pieces(peaks, fp, 3, budget_mb * 1e6, config.split_margin, kshape)
+        budget = piece_budget(budget_mb * 1e6, 3, size, size)  # as make_tasks does
+        pieces = plan_pieces(peaks, fp, 3, budget, config.split_margin, kshape)
         res = deblend_pieces(deblend_scarlet, images, variance, bad, fp, psfs, peaks, pieces, config)
         est = max(p.memory for p in pieces)
         n_pieces = len(pieces)
@@ -152,7 +153,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peaks", type=int, default=520)
     ap.add_argument("--size", type=int, default=600)
-    ap.add_argument("--budget-mb", type=float, default=150.0)
+    ap.add_argument("--budget-mb", type=float, default=120.0)
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--child")
     a = ap.parse_args()
@@ -166,6 +167,7 @@ def main():
                   f"peak RSS increase {r['peak_rss_increase_mb']:7.1f} MB "
                   f"(ratio {r['estimate_mb'] / max(r['peak_rss_increase_mb'], 1e-9):.2f})")
         return
+    from scarletstore.deblend.split import parent_bytes
     whole = _child({"n_peaks": a.peaks, "size": a.size})
     split = _child({"n_peaks": a.peaks, "size": a.size, "budget_mb": a.budget_mb})
     fw, fs = np.array(whole["flux"]), np.array(split["flux"])
@@ -173,6 +175,9 @@ def main():
         print(f"{name:28s}: {r['pieces']:3d} piece(s), largest estimate {r['estimate_mb']:7.1f} MB, "
               f"peak RSS increase {r['peak_rss_increase_mb']:7.1f} MB, {r['runtime_s']:6.1f} s, "
               f"median |flux/truth - 1| {100 * r['median_flux_error']:.1f} %")
+    held = parent_bytes(3, a.size, a.size) / 1e6
+    print(f"split fit: parent arrays {held:.1f} MB + peak growth {split['peak_rss_increase_mb']:.1f} MB "
+          f"= {held + split['peak_rss_increase_mb']:.1f} MB against the {a.budget_mb:.0f} MB budget")
     rel = np.abs(fs / np.where(fw > 0, fw, np.nan) - 1)
     print(f"split vs whole fit: median |flux ratio - 1| {100 * np.nanmedian(rel):.2f} %, "
           f"90th percentile {100 * np.nanpercentile(rel, 90):.2f} %")

@@ -11,7 +11,8 @@ import pytest
 from scarletstore.deblend import DeblendConfig
 from scarletstore.deblend.run import deblend_exposure
 from scarletstore.deblend.scarlet import deblend_scarlet
-from scarletstore.deblend.split import CannotSplit, deblend_pieces, fit_memory, plan_pieces
+from scarletstore.deblend.split import (PIECE_HEADROOM, CannotSplit, deblend_pieces, fit_memory,
+                                        parent_bytes, plan_pieces)
 from scarletstore.models import BLEND_FLAGS
 from scarletstore.reconstruct import band_kernel, redistribute, source_models
 
@@ -143,8 +144,11 @@ def test_parent_over_the_budget_is_split_not_skipped(field):
     i = int(np.flatnonzero(parents["parent_id"].values == pid)[0])
     h, w = int(parents["bbox_height"].values[i]), int(parents["bbox_width"].values[i])
     need = fit_memory(3, h, w, n_peaks, exposure["psf"].shape[1:])
+    # pieces of 60 % of the whole fit, and the worker under what the whole fit needs
+    budget = 0.6 * need * PIECE_HEADROOM + parent_bytes(3, h, w)
+    assert budget < need
     # over the old peak limit too: before splitting this parent was skipped
-    config = DeblendConfig(max_iter=20, memory_budget=need / 1.5, max_number_of_peaks=2)
+    config = DeblendConfig(max_iter=20, memory_budget=budget, max_number_of_peaks=2)
     run = deblend_exposure(exposure, parents, config, "scarlet", blend_ids=[pid])
     assert str(run["blend_reason"].values[0]) == ""
     flags = int(run["blend_flags"].values[0])

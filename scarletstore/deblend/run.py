@@ -158,13 +158,15 @@ def _pieces(config, footprint, peaks, n_bands, kernel_shape):
     message: even single-peak pieces are over the budget)."""
     if not config.split_large_parents:
         return None
-    from .split import CannotSplit, fit_memory, plan_pieces
+    from .split import CannotSplit, fit_memory, piece_budget, plan_pieces
     h, w = footprint.shape
     if fit_memory(n_bands, h, w, len(peaks), kernel_shape) <= config.memory_budget:
         return None  # the common case: no planning cost
+    budget = piece_budget(config.memory_budget, n_bands, h, w)
     try:
-        return plan_pieces(peaks, footprint, n_bands, config.memory_budget, config.split_margin,
-                           kernel_shape)
+        if budget <= 0:
+            raise CannotSplit("the parent's own arrays exceed the memory budget")
+        return plan_pieces(peaks, footprint, n_bands, budget, config.split_margin, kernel_shape)
     except CannotSplit as exc:
         return str(exc)
 
