@@ -254,7 +254,7 @@ def deblend_pieces(fit, images, variance, bad, footprint, psfs, peaks, pieces, c
             sources[i] = SourceResult(peak_index=i, components=comps, flags=src.flags)
     missing = [i for i, s in enumerate(sources) if s is None]
     if missing:
-        raise AssertionError(f"peaks {missing} belong to no piece")
+        raise RuntimeError(f"peaks {missing} belong to no piece")  # a planning bug, never input
     return BlendResult(sources=sources, iterations=iterations, log_likelihood=math.nan,
                        converged=converged, chi2=math.nan, model_psf=model_psf, flags=flags,
                        extra={"pieces": len(pieces),
