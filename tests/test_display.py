@@ -72,7 +72,8 @@ def deblended(scene, tmp_path_factory):
     path = tmp_path_factory.mktemp("display_run") / "run.h5"
     shutil.copy(src, path)
     assert main(["deblend", str(path), "--run", "all"]) == 0
-    assert main(["deblend", str(path), "--run", "capped", "--set", "max_number_of_peaks=2"]) == 0
+    assert main(["deblend", str(path), "--run", "capped", "--set", "max_number_of_peaks=2",
+                 "--set", "split_large_parents=false"]) == 0
     return path
 
 

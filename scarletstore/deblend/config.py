@@ -46,7 +46,8 @@ class DeblendConfig:
     process_singles : bool
         Fit single-peak parents; otherwise store them as isolated sources.
     max_number_of_peaks, max_footprint_area, max_area_times_peaks : float
-        Size limits; a parent over one is skipped with its reason.
+        Size limits; with ``split_large_parents`` off, a parent over one is
+        skipped with its reason (with it on, ``memory_budget`` decides).
     max_footprint_size : int
         Maximum bbox side (0: off).
     min_footprint_axis_ratio : float
@@ -75,6 +76,14 @@ class DeblendConfig:
         peak positions that are a little off. Used only when ``symmetric``.
     monotonic : bool
         Apply the monotonicity constraint.
+    split_large_parents : bool
+        A parent whose estimated fit memory exceeds ``memory_budget`` is
+        deblended in overlapping pieces (flag ``split``) instead of being
+        skipped; off, the size limits above skip parents as before.
+    memory_budget : float
+        Bytes one fit may use on a worker (estimate: ``deblend.split.fit_memory``).
+    split_margin : float
+        Pixels each piece extends past its own peaks' cell (the overlap).
     """
 
     max_iter: int = 300
@@ -103,6 +112,9 @@ class DeblendConfig:
     contest_ratio: float = 0.5
     symmetry_strength: float = 1.0
     monotonic: bool = True
+    split_large_parents: bool = True
+    memory_budget: float = 2e9
+    split_margin: float = 20.0
 
     def __post_init__(self):
         self._check_types()
@@ -124,9 +136,11 @@ class DeblendConfig:
             raise InputError(f"max_number_of_peaks must be at least 1, not {self.max_number_of_peaks!r}")
         for name in ("resize_every", "min_snr", "background_thresh", "initial_background_thresh",
                      "max_spectrum_cutoff", "max_footprint_area", "max_area_times_peaks",
-                     "max_footprint_size", "min_footprint_axis_ratio"):
+                     "max_footprint_size", "min_footprint_axis_ratio", "split_margin"):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 raise InputError(f"{name} must be >= 0, not {getattr(self, name)!r}")
+        if not self.memory_budget > 0:
+            raise InputError(f"memory_budget must be positive (bytes), not {self.memory_budget!r}")
         for plane, limit in self.mask_limits.items():
             if not 0 <= limit <= 1:
                 raise InputError(f"mask_limits[{plane!r}] must be a fraction in [0, 1], not {limit!r}")

@@ -43,6 +43,7 @@ class BlendTask:
     peaks: np.ndarray  # (n, 2) blend-local (y, x)
     peak_ids: np.ndarray
     init: BlendResult | None = None
+    pieces: list | None = None  # split.Piece list: fitted in pieces (parent over the budget)
 
 
 def _parent_tables(parents: xr.Dataset):
@@ -53,10 +54,15 @@ def _parent_tables(parents: xr.Dataset):
 
 def skip_reason(config: DeblendConfig, n_peaks: int, area: int, height: int, width: int,
                 masked_fraction: dict) -> tuple[str, int]:
-    """Why a parent is not fitted ('' and 0 when it is), with its flag bit."""
-    if n_peaks > config.max_number_of_peaks:
+    """Why a parent is not fitted ('' and 0 when it is), with its flag bit.
+
+    With ``split_large_parents`` the size limits skip nothing: the memory
+    budget decides, in :func:`make_tasks`, whether a parent is split.
+    """
+    limits = not config.split_large_parents
+    if limits and n_peaks > config.max_number_of_peaks:
         return "too_many_peaks", BLEND_FLAGS["too_many_peaks"]
-    if (area > config.max_footprint_area or area * n_peaks > config.max_area_times_peaks
+    if limits and (area > config.max_footprint_area or area * n_peaks > config.max_area_times_peaks
             or (config.max_footprint_size > 0 and max(height, width) > config.max_footprint_size)):
         return "parent_too_big", BLEND_FLAGS["parent_too_big"]
     if config.min_footprint_axis_ratio > 0 and min(height, width) < config.min_footprint_axis_ratio * max(height, width):
@@ -132,12 +138,36 @@ def make_tasks(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig,
             done.append(BlendRecord(index=i, parent_id=int(parent_id), bbox=(y0, x0, h, w),
                                     peak_ids=ids, peaks=peaks, flags=flag, reason=reason))
         else:
+            pieces = _pieces(config, fp, peaks - [y0, x0], image.shape[0], psfs.shape[1:])
+            if isinstance(pieces, str):
+                done.append(BlendRecord(index=i, parent_id=int(parent_id), bbox=(y0, x0, h, w),
+                                        peak_ids=ids, peaks=peaks, flags=BLEND_FLAGS["parent_too_big"],
+                                        reason="parent_too_big"))
+                continue
             tasks.append(BlendTask(index=i, parent_id=int(parent_id), bbox=(y0, x0, h, w),
                                    images=np.ascontiguousarray(image[box], np.float32),
                                    variance=np.ascontiguousarray(variance[box], np.float32),
                                    bad=np.ascontiguousarray(bad), footprint=fp, psfs=psfs,
-                                   peaks=peaks - [y0, x0], peak_ids=ids))
+                                   peaks=peaks - [y0, x0], peak_ids=ids, pieces=pieces))
     return tasks, done
+
+
+def _pieces(config, footprint, peaks, n_bands, kernel_shape):
+    """The pieces of a parent over the memory budget (None: fit it whole; a
+    message: even single-peak pieces are over the budget)."""
+    if not config.split_large_parents:
+        return None
+    from .split import CannotSplit, fit_memory, piece_budget, plan_pieces
+    h, w = footprint.shape
+    if fit_memory(n_bands, h, w, len(peaks), kernel_shape) <= config.memory_budget:
+        return None  # the common case: no planning cost
+    budget = piece_budget(config.memory_budget, n_bands, h, w)
+    try:
+        if budget <= 0:
+            raise CannotSplit("the parent's own arrays exceed the memory budget")
+        return plan_pieces(peaks, footprint, n_bands, budget, config.split_margin, kernel_shape)
+    except CannotSplit as exc:
+        return str(exc)
 
 
 def _isolated_record(index, parent_id, bbox, image, bad, footprint, peaks, ids, flag):
@@ -266,8 +296,14 @@ def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendR
     start = time.perf_counter()
     try:
         fit = _deblender(method)
-        result = fit(task.images, task.variance, task.bad, task.footprint, task.psfs, task.peaks,
-                     config, init=task.init)
+        if task.pieces:
+            from .split import deblend_pieces
+            rec.flags |= BLEND_FLAGS["split"]
+            result = deblend_pieces(fit, task.images, task.variance, task.bad, task.footprint,
+                                    task.psfs, task.peaks, task.pieces, config)
+        else:
+            result = fit(task.images, task.variance, task.bad, task.footprint, task.psfs,
+                         task.peaks, config, init=task.init)
     except Exception as exc:
         if not config.catch_failures:
             raise
@@ -388,7 +424,8 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
     tasks, records = make_tasks(exposure, parents, config, blend_ids)
     if init is not None:
         for task in tasks:
-            task.init = init(task.parent_id, task.bbox, task.peak_ids)
+            # a split parent starts cold: its pieces have no stored fit of their own
+            task.init = None if task.pieces else init(task.parent_id, task.bbox, task.peak_ids)
     warmup = 0.0
     if tasks:
         if show_progress and _on_terminal() and kernels_cold(method):
@@ -419,4 +456,6 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
                     first_source_id=first_source_id)
     # kept out of every blend's runtime; compile (cold cache) or cache loading
     run.attrs["kernel_warmup_seconds"] = float(warmup)
+    # which parents were deblended in pieces, and in how many (flag "split" marks them too)
+    run.attrs["split_pieces"] = json.dumps({str(t.parent_id): len(t.pieces) for t in tasks if t.pieces})
     return run
