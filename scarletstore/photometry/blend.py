@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
-from .deblend_errors import contested_flux
+from .deblend_errors import kappa_of, most_covariant_neighbour, share_products, template_covariance
 from .kernels import noise_planes
 from .moments import psf_covariance
 
@@ -84,12 +84,38 @@ class BlendPhotometry:
         cols, flags = measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
-        # the model flux's error: the noise part (share-weighted) and the template part
-        cols["flux_err_noise"] = m[:, 1].copy()
-        cols["flux_err_model"] = self.config.template_log_ratio_sigma * contested_flux(
-            np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp, np.bool_))
-        cols["flux_err"] = np.hypot(cols["flux_err_noise"], cols["flux_err_model"])
+        cols.update(self.flux_errors(blend, models, fp, data, m))
         return cols, flags
+
+    def flux_errors(self, blend, models, fp, data, m) -> dict:
+        """The model flux's error (noise and template parts) and its most correlated neighbour.
+
+        The model part is the covariance :func:`template_covariance` with
+        each template's kappa from its blendedness and S/N
+        (:func:`kappa_of`), plus a coherent shift of the footprint edge by
+        ``footprint_edge_sigma`` pixels; the noise part is the share-weighted one.
+        """
+        templates = np.ascontiguousarray(models, np.float32)
+        fpc = np.ascontiguousarray(fp, np.bool_)
+        if data is None:
+            h, w = fp.shape
+            variance, good, has = np.zeros((h, w), np.float32), np.zeros((h, w), np.bool_), False
+        else:
+            variance, good, has = np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2]), True
+        c, noise, edge = share_products(templates, fpc, variance, good, has)
+        own = np.where(fp[None], np.clip(models, 0, None), 0).sum(axis=(1, 2), dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = own / m[:, 1]
+        kappa = self.config.template_log_ratio_sigma * kappa_of(m[:, 7], snr, self.config.kappa_table)
+        # the footprint's edge jitters with the noise it was found on: the same shift for every child
+        edge_sigma = self.config.footprint_edge_sigma * edge
+        model_cov = template_covariance(c, kappa) + np.outer(edge_sigma, edge_sigma)
+        err_model = np.sqrt(np.clip(np.diag(model_cov), 0, None))
+        k, corr = most_covariant_neighbour(noise + model_cov if has else model_cov)
+        ids = np.asarray(blend.source_ids, np.int64)
+        return {"flux_err_noise": m[:, 1].copy(), "flux_err_model": err_model,
+                "flux_err": np.hypot(m[:, 1], err_model), "flux_corr_neighbour": corr,
+                "flux_corr_neighbour_id": np.where(k >= 0, ids[np.maximum(k, 0)], -1)}
 
     def parent(self, b, blend, models, fp, data):
         """Suite columns of the parent as a whole (one row).
