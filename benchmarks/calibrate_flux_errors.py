@@ -46,9 +46,8 @@ def _recording_catalog(st, band):
     plain = ph.flux_errors
 
     def flux_errors(blend, models, fp, data, m):
-        c, _, edge = share_products(np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp),
-                                    np.zeros(fp.shape, np.float32), np.zeros(fp.shape, bool), False)
-        own = np.where(fp[None], np.clip(models, 0, None), 0).sum(axis=(1, 2), dtype=np.float64)
+        c, _, edge, own = share_products(np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp),
+                                         np.zeros(fp.shape, np.float32), np.zeros(fp.shape, bool), False)
         with np.errstate(invalid="ignore", divide="ignore"):
             snr = own / m[:, 1]
         for k, sid in enumerate(np.asarray(blend.source_ids)):

@@ -103,9 +103,10 @@ def test_template_covariance_of_an_even_split():
     # two equal templates on the same pixels: shares 1/2, contested flux of each 1/4 of the total
     t = np.ones((2, 3, 3), np.float32)
     fp = np.ones((3, 3), bool)
-    c, noise, edge = share_products(t, fp, np.full((3, 3), 4.0, np.float32), fp, True)
+    c, noise, edge, own = share_products(t, fp, np.full((3, 3), 4.0, np.float32), fp, True)
     np.testing.assert_allclose(c, [[4.5, 4.5], [4.5, 4.5]])
     np.testing.assert_allclose(noise, np.full((2, 2), 9.0))  # 9 pixels x (1/2)^2 x 4
+    np.testing.assert_allclose(own, [9.0, 9.0])
     np.testing.assert_allclose(edge, [8.0, 8.0])  # every pixel but the centre is on the edge
     cov = template_covariance(c, np.array([0.5, 0.5]))
     # independent log errors of the two templates: each flux moves by c (e_i - e_j)

@@ -102,20 +102,24 @@ class BlendPhotometry:
             variance, good, has = np.zeros((h, w), np.float32), np.zeros((h, w), np.bool_), False
         else:
             variance, good, has = np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2]), True
-        c, noise, edge = share_products(templates, fpc, variance, good, has)
-        own = np.where(fp[None], np.clip(models, 0, None), 0).sum(axis=(1, 2), dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            snr = own / m[:, 1]
-        kappa = self.config.template_log_ratio_sigma * kappa_of(m[:, 7], snr, self.config.kappa_table)
+        c, noise, edge, own = share_products(templates, fpc, variance, good, has)
         # the footprint's edge jitters with the noise it was found on: the same shift for every child
         edge_sigma = self.config.footprint_edge_sigma * edge
-        model_cov = template_covariance(c, kappa) + np.outer(edge_sigma, edge_sigma)
-        err_model = np.sqrt(np.clip(np.diag(model_cov), 0, None))
-        k, corr = most_covariant_neighbour(noise + model_cov if has else model_cov)
-        ids = np.asarray(blend.source_ids, np.int64)
-        return {"flux_err_noise": m[:, 1].copy(), "flux_err_model": err_model,
-                "flux_err": np.hypot(m[:, 1], err_model), "flux_corr_neighbour": corr,
-                "flux_corr_neighbour_id": np.where(k >= 0, ids[np.maximum(k, 0)], -1)}
+        out = {"flux_err_noise": m[:, 1].copy()}
+        if len(own) == 1:  # alone: no template shares its pixels, no neighbour
+            out.update(flux_err_model=edge_sigma, flux_corr_neighbour=np.full(1, np.nan),
+                       flux_corr_neighbour_id=np.full(1, -1, np.int64))
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                snr = own / m[:, 1]
+            kappa = self.config.template_log_ratio_sigma * kappa_of(m[:, 7], snr, self.config.kappa_table)
+            model_cov = template_covariance(c, kappa) + np.outer(edge_sigma, edge_sigma)
+            out["flux_err_model"] = np.sqrt(np.clip(np.diag(model_cov), 0, None))
+            k, corr = most_covariant_neighbour(noise + model_cov if has else model_cov)
+            ids = np.asarray(blend.source_ids, np.int64)
+            out.update(flux_corr_neighbour=corr, flux_corr_neighbour_id=np.where(k >= 0, ids[np.maximum(k, 0)], -1))
+        out["flux_err"] = np.hypot(m[:, 1], out["flux_err_model"])
+        return out
 
     def parent(self, b, blend, models, fp, data):
         """Suite columns of the parent as a whole (one row).

@@ -69,20 +69,22 @@ def contested_flux(templates, footprint):
 def share_products(templates, footprint, variance, good, has_data):
     """Pairwise contested flux and share-weighted noise covariance of a blend's children.
 
-    Returns ``(c, noise, edge)``; ``c`` and ``noise`` are (n, n): ``c[i, j] = sum_p s_i s_j M_p`` for
+    Returns ``(c, noise, edge, own)``; ``c`` and ``noise`` are (n, n): ``c[i, j] = sum_p s_i s_j M_p`` for
     i != j with ``c[i, i] = sum_p s_i (1 - s_i) M_p`` (the contested flux,
     which is the row sum of the off-diagonal terms), and ``noise[i, j] =
     sum_p s_i s_j var_p`` over good pixels (the covariance of the model
     fluxes ``s_i * data``; its diagonal is the square of ``flux_err_noise``).
     ``edge[i]`` is the child's template summed over the footprint's edge
     pixels: the light a shift of the footprint boundary by one pixel moves in
-    or out (the footprint is found on the noisy data, so its edge jitters).
+    or out (the footprint is found on the noisy data, so its edge jitters);
+    ``own[i]`` the template's positive flux in the footprint.
     Shares use the positive parts of the templates, as the catalog does.
     """
     n, h, w = templates.shape
     c = np.zeros((n, n))
     noise = np.zeros((n, n))
     edge = np.zeros(n)
+    own = np.zeros(n)
     s = np.empty(n)
     for y in range(h):
         for x in range(w):
@@ -90,10 +92,11 @@ def share_products(templates, footprint, variance, good, has_data):
                 continue
             on_edge = (y == 0 or x == 0 or y == h - 1 or x == w - 1 or not footprint[y - 1, x]
                        or not footprint[y + 1, x] or not footprint[y, x - 1] or not footprint[y, x + 1])
-            if on_edge:
-                for i in range(n):
-                    t = templates[i, y, x]
-                    if t > 0:
+            for i in range(n):
+                t = templates[i, y, x]
+                if t > 0:
+                    own[i] += t
+                    if on_edge:
                         edge[i] += t
             total = 0.0
             for i in range(n):
@@ -113,7 +116,7 @@ def share_products(templates, footprint, variance, good, has_data):
                     if j != i:
                         c[i, j] += s[i] * s[j] * total
                     noise[i, j] += s[i] * s[j] * v
-    return c, noise, edge
+    return c, noise, edge, own
 
 
 def template_covariance(c: np.ndarray, kappa: np.ndarray) -> np.ndarray:
