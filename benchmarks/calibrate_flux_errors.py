@@ -2,8 +2,9 @@
 
 The fields are made for this and differ from the judging fields of
 ``bench_measure.py errors`` (seeds 3, 7, 11 at the default density, size and
-bands) in seed *and* settings: seed 21 (500 px, density 130, grizy) and
-seed 22 (700 px, density 60, ugri). Children matched to truth with truth
+bands) in seed *and* settings: seed 21 (500 px, density 130, grizy),
+seed 22 (700 px, density 60, ugri), seed 23 (600 px, density 110, griz)
+and seed 24 (550 px, density 75, gri). Children matched to truth with truth
 S/N > 10 are put in the bin of their own measured blendedness and S/N; the
 model variance of a child is linear in the squared kappas of the bins of the
 templates it shares pixels with, ``var_i = noise_i^2 + (lambda E_i)^2 +
@@ -31,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_measure import _matched, _truth, _width, field  # noqa: E402
 
 CALIBRATION_FIELDS = [dict(size=500, seed=21, density=130.0, bands="grizy"),
-                      dict(size=700, seed=22, density=60.0, bands="ugri")]
+                      dict(size=700, seed=22, density=60.0, bands="ugri"),
+                      dict(size=600, seed=23, density=110.0, bands="griz"),
+                      dict(size=550, seed=24, density=75.0, bands="gri")]
 MIN_PER_BIN = 15
 
 

@@ -1,20 +1,25 @@
-"""The template part of a deblended child's flux error.
+"""The model part of a deblended child's flux error and its covariance with neighbours.
 
 A child's model flux is its share ``s_i = T_i / sum_j T_j`` of the blend's
-light. The noise part of its error is the catalog's ``sum s_i^2 var``; the
-deblend adds the uncertainty of the templates themselves: how the light of
-contested pixels is split is only as good as the ratio of the neighbours'
-templates there. If the log of that ratio is uncertain by ``kappa`` (the
-same sign over the child's overlap: a template too wide or too bright is so
-everywhere it overlaps), each share moves by ``kappa s_i (1 - s_i)`` (the
-logistic derivative) and the flux by
+light ``M = sum_j T_j``. The noise part of its error is the catalog's
+``sum s_i^2 var``; the deblend adds the uncertainty of the templates: how
+contested light is split is only as good as the templates there. Each
+template k is taken to be off in log by an independent ``eps_k`` of standard
+deviation ``kappa_k`` (too wide or too bright the same way over its whole
+overlap). Share i then moves by ``s_i (delta_ik - s_k) eps_k``, so the flux
+by ``A_ik eps_k`` with ``A_ii = sum_p s_i (1 - s_i) M_p`` (the child's
+*contested flux*) and ``A_ik = -sum_p s_i s_k M_p``, and the fluxes have
+covariance ``A diag(kappa^2) A^T``: a positive variance for every child
+that shares light, anti-correlated errors of neighbours that split it.
 
-    sigma_model = kappa * sum_p s_i (1 - s_i) M_p,   M = sum_j T_j,
+The footprint itself is found on the noisy data, so its boundary jitters: a
+coherent shift by ``FOOTPRINT_EDGE_SIGMA`` pixels adds (or drops) each
+child's light on the edge pixels, isolated children included.
 
-the child's *contested flux* times ``kappa``. It is zero for an isolated
-child and largest for an equal split. ``kappa`` is one number for a run's
-deblender, measured from simulations (``benchmarks/bench_measure.py
-errors``); it is not a per-source fit.
+``kappa_k`` comes from a small table by template k's own blendedness and S/N
+(``KAPPA_TABLE``); table and edge jitter are derived by
+``benchmarks/calibrate_flux_errors.py`` on calibration fields never used to
+judge them (``benchmarks/bench_measure.py errors``).
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from numba import njit
 # that are never used to judge it: ``benchmarks/calibrate_flux_errors.py`` derives it.
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((0.000, 0.348),   # blendedness < 0.02;  S/N < 50, >= 50
-               (0.553, 1.393),   # 0.02 - 0.2 (S/N >= 50: 17 children)
-               (0.298, 1.393))   # >= 0.2 (S/N >= 50: 6 children, the row above's value)
+KAPPA_TABLE = ((0.058, 0.432),   # blendedness < 0.02;  S/N < 50, >= 50
+               (0.606, 0.962),   # 0.02 - 0.2 (S/N >= 50: 32 children)
+               (0.432, 0.962))   # >= 0.2 (S/N >= 50: 10 children, the row above's value)
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 0.686
+FOOTPRINT_EDGE_SIGMA = 0.729
 
 
 def kappa_of(blendedness, snr, table=KAPPA_TABLE) -> np.ndarray:
