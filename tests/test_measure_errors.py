@@ -10,7 +10,8 @@ from scarletstore.deblend.psf import gaussian_psf
 from scarletstore.deblend.run import deblend_exposure
 from scarletstore.detect import detect
 from scarletstore.ingest import make_exposure
-from scarletstore.photometry.deblend_errors import (kappa_of, most_covariant_neighbour, share_products,
+from scarletstore.photometry.deblend_errors import (BLENDEDNESS_EDGES, KAPPA_TABLE, SNR_EDGES, kappa_of,
+                                                    model_errors, most_covariant_neighbour, share_products,
                                                     template_covariance)
 from scarletstore.store import Store
 
@@ -126,3 +127,22 @@ def test_template_covariance_of_an_even_split():
     k, r = most_covariant_neighbour(cov + noise)
     assert list(k) == [1, 0] and r[0] == pytest.approx((9 - 10.125) / (9 + 10.125))
     assert kappa_of([0.0, 0.5], [1e3, 5.0]).shape == (2,)
+
+
+def test_compiled_model_errors_match_the_reference():
+    rng = np.random.default_rng(3)
+    t = rng.uniform(0, 1, (4, 12, 12)).astype(np.float32) ** 4
+    fp = rng.uniform(size=(12, 12)) > 0.1
+    var = rng.uniform(0.5, 2, (12, 12)).astype(np.float32)
+    c, noise, edge, own = share_products(t, fp, var, fp, True)
+    err_noise = np.sqrt(np.diag(noise))
+    blendedness = np.array([0.0, 0.05, 0.5, np.nan])
+    snr = own / err_noise
+    kappa = kappa_of(blendedness, snr)
+    cov = template_covariance(c, kappa) + np.outer(0.7 * edge, 0.7 * edge)
+    err, k, corr = model_errors(c, noise, edge, own, err_noise, blendedness, np.asarray(KAPPA_TABLE),
+                                np.array(BLENDEDNESS_EDGES), np.array(SNR_EDGES), 1.0, 0.7, True)
+    np.testing.assert_allclose(err, np.sqrt(np.diag(cov)), rtol=1e-12)
+    k_ref, corr_ref = most_covariant_neighbour(cov + noise)
+    np.testing.assert_array_equal(k, k_ref)
+    np.testing.assert_allclose(corr, corr_ref, rtol=1e-12)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
-from .deblend_errors import kappa_of, most_covariant_neighbour, share_products, template_covariance
+from .deblend_errors import BLENDEDNESS_EDGES, SNR_EDGES, model_errors, share_products
 from .kernels import noise_planes
 from .moments import psf_covariance
 
@@ -43,6 +43,11 @@ class BlendPhotometry:
         self.config = config or PhotometryConfig()
         self.apcorr = None  # an ApertureCorrection applied to the flux columns, if set
         self._psf = {}
+        self._edges = (np.array(BLENDEDNESS_EDGES, np.float64), np.array(SNR_EDGES, np.float64))
+
+    @property
+    def _kappa_table(self):
+        return np.asarray(self.config.kappa_table, np.float64)
 
     def psf(self, b: int):
         """The band PSF used for blend ``b`` (override, the blend's own, or the run's) and its covariance."""
@@ -90,10 +95,11 @@ class BlendPhotometry:
     def flux_errors(self, blend, models, fp, data, m) -> dict:
         """The model flux's error (noise and template parts) and its most correlated neighbour.
 
-        The model part is the covariance :func:`template_covariance` with
-        each template's kappa from its blendedness and S/N
-        (:func:`kappa_of`), plus a coherent shift of the footprint edge by
-        ``footprint_edge_sigma`` pixels; the noise part is the share-weighted one.
+        The model part is the covariance of independent template log-errors
+        (kappa from each template's blendedness and S/N) plus a coherent
+        shift of the footprint edge by ``footprint_edge_sigma`` pixels, in
+        one compiled call (:func:`~.deblend_errors.model_errors`); the noise
+        part is the share-weighted one.
         """
         templates = np.ascontiguousarray(models, np.float32)
         fpc = np.ascontiguousarray(fp, np.bool_)
@@ -110,14 +116,13 @@ class BlendPhotometry:
             out.update(flux_err_model=edge_sigma, flux_corr_neighbour=np.full(1, np.nan),
                        flux_corr_neighbour_id=np.full(1, -1, np.int64))
         else:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                snr = own / m[:, 1]
-            kappa = self.config.template_log_ratio_sigma * kappa_of(m[:, 7], snr, self.config.kappa_table)
-            model_cov = template_covariance(c, kappa) + np.outer(edge_sigma, edge_sigma)
-            out["flux_err_model"] = np.sqrt(np.clip(np.diag(model_cov), 0, None))
-            k, corr = most_covariant_neighbour(noise + model_cov if has else model_cov)
+            err, k, corr = model_errors(c, noise, edge, own, np.ascontiguousarray(m[:, 1]),
+                                        np.ascontiguousarray(m[:, 7]), self._kappa_table,
+                                        self._edges[0], self._edges[1], self.config.template_log_ratio_sigma,
+                                        self.config.footprint_edge_sigma, has)
             ids = np.asarray(blend.source_ids, np.int64)
-            out.update(flux_corr_neighbour=corr, flux_corr_neighbour_id=np.where(k >= 0, ids[np.maximum(k, 0)], -1))
+            out.update(flux_err_model=err, flux_corr_neighbour=corr,
+                       flux_corr_neighbour_id=np.where(k >= 0, ids[np.maximum(k, 0)], -1))
         out["flux_err"] = np.hypot(m[:, 1], out["flux_err_model"])
         return out
 

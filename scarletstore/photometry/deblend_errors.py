@@ -151,3 +151,61 @@ def most_covariant_neighbour(cov: np.ndarray):
     k = np.argmax(np.abs(r), axis=1)
     corr = r[np.arange(n), k]
     return np.where(corr != 0, k, -1).astype(np.int64), np.where(corr != 0, corr, np.nan)
+
+
+@njit(cache=True)
+def _bin(value, edges):
+    k = 0
+    while k < len(edges) and value >= edges[k]:
+        k += 1
+    return k
+
+
+@njit(cache=True)
+def model_errors(c, noise, edge, own, err_noise, blendedness, table, b_edges, snr_edges, scale, edge_sigma,
+                 has_data):
+    """One compiled call for a blend: (model error, neighbour index, neighbour correlation).
+
+    The same quantities as :func:`kappa_of`, :func:`template_covariance`
+    plus the coherent edge shift, and :func:`most_covariant_neighbour`
+    (index -1 and NaN for a child with no correlated neighbour).
+    """
+    n = len(own)
+    kappa2 = np.empty(n)
+    for k in range(n):
+        b = blendedness[k] if np.isfinite(blendedness[k]) else 0.0
+        snr = own[k] / err_noise[k] if err_noise[k] > 0 else 0.0
+        if not np.isfinite(snr):
+            snr = 0.0
+        kk = scale * table[_bin(b, b_edges), _bin(snr, snr_edges)]
+        kappa2[k] = kk * kk
+    cov = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            acc = 0.0
+            for k in range(n):
+                a_ik = c[i, k] if k == i else -c[i, k]
+                a_jk = c[j, k] if k == j else -c[j, k]
+                acc += a_ik * a_jk * kappa2[k]
+            cov[i, j] = acc + edge_sigma * edge_sigma * edge[i] * edge[j]
+    err = np.empty(n)
+    for i in range(n):
+        err[i] = np.sqrt(max(cov[i, i], 0.0))
+    best = np.full(n, -1, np.int64)
+    corr = np.full(n, np.nan)
+    for i in range(n):
+        vi = cov[i, i] + (noise[i, i] if has_data else 0.0)
+        top = 0.0
+        for j in range(n):
+            if j == i:
+                continue
+            vj = cov[j, j] + (noise[j, j] if has_data else 0.0)
+            if vi <= 0 or vj <= 0:
+                continue
+            r = (cov[i, j] + (noise[i, j] if has_data else 0.0)) / np.sqrt(vi * vj)
+            if abs(r) > abs(top):
+                top = r
+                best[i] = j
+        if best[i] >= 0:
+            corr[i] = top
+    return err, best, corr
