@@ -340,13 +340,15 @@ class _LazyColumn(xr.backends.BackendArray):
         return values[0] if scalar else values
 
 
-LAZY_DTYPES = dict({c: np.float64 for c in COLUMNS}, flux=np.float64, n_pixels=np.int64, flags=np.int32)
+LAZY_DTYPES = dict({c: np.float64 for c in COLUMNS}, flux=np.float64, n_pixels=np.int64, flags=np.int32,
+                   flux_corr_neighbour_id=np.int64)
 
 
 # units of the catalog's own columns ("1": dimensionless); the suite's come with it
 UNITS = {"id": "1", "parent": "1", "blend": "1", "x": "pixel", "y": "pixel", "ra": "deg", "dec": "deg",
          "centroid_x": "pixel", "centroid_y": "pixel", "ixx": "pixel^2", "iyy": "pixel^2", "ixy": "pixel^2",
-         "blendedness": "1", "chi2": "1", "n_pixels": "pixel", "data_coverage": "1", "flags": "1"}
+         "blendedness": "1", "chi2": "1", "n_pixels": "pixel", "data_coverage": "1", "flags": "1",
+         "flux_corr_neighbour": "1", "flux_corr_neighbour_id": "1"}
 FLUX_COLUMNS = ("flux", "flux_redistributed", "flux_err", "flux_err_noise", "flux_err_model")
 
 
@@ -415,7 +417,8 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
     flux_units = _flux_units(measurer)
     units = dict(UNITS, **{c: flux_units for c in FLUX_COLUMNS}, **suite_columns(config, flux_units))
     corrected = measurer.photometry.corrected_columns()
-    cols[-1:-1] = list(suite_columns(config, flux_units)) + corrected + ["flux_err_noise", "flux_err_model"]
+    cols[-1:-1] = list(suite_columns(config, flux_units)) + corrected + ["flux_err_noise", "flux_err_model",
+                                                                        "flux_corr_neighbour", "flux_corr_neighbour_id"]
     # (flags stay last)
     units.update({c: flux_units for c in corrected})
     for c in cols:

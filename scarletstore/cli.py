@@ -416,12 +416,40 @@ def cmd_catalog(args):
         psf_override = check_psf(read_psf_file(psf_files[args.band]), psf_files[args.band])
     if args.band in image_files:
         image_override = _reprocessed_image(store, image_files[args.band], args.band)
-    cat = band_catalog(store, args.band, run=run, redistribute=args.redistribute,
+    if args.parents:
+        from .photometry.parents import parent_catalog as make_catalog
+    else:
+        make_catalog = band_catalog
+    cat = make_catalog(store, args.band, run=run, redistribute=args.redistribute,
                        image_override=image_override, psf_override=psf_override,
                        apertures=_radii(args.apertures))
     _using(args.run, run)
     n = export_catalog(cat, out, show_progress=True)
-    print(f"wrote {n} rows of band {args.band} (run {run}{', redistributed' if args.redistribute else ''}) to {out}")
+    what = "parent rows" if args.parents else "rows"
+    print(f"wrote {n} {what} of band {args.band} "
+          f"(run {run}{', redistributed' if args.redistribute else ''}) to {out}")
+
+
+def cmd_apcorr(args):
+    from .photometry.apcorr import ApertureCorrection, measure_apcorr
+
+    store, run = _open_run_store(args.store, args.run)
+    if args.min_snr <= 0:
+        raise InputError(f"--min-snr must be positive, got {args.min_snr}")
+    ds = measure_apcorr(store, args.band, run=run, min_snr=args.min_snr, apertures=_radii(args.apertures))
+    _using(args.run, run)
+    group = f"apcorr/{args.band}"
+    replaced = store.has(group)
+    store.write({group: ds}, replace=True)
+    # the summary: the PSF flux's correction over the patch (a 9 x 9 grid) and its largest error
+    corr = ApertureCorrection(ds)
+    name = "psf_flux" if "psf_flux" in corr.names else corr.names[0]
+    gx, gy = np.meshgrid(np.linspace(0, corr.width - 1, 9), np.linspace(0, corr.height - 1, 9))
+    c, ce = corr.evaluate(name, gx.ravel(), gy.ravel())
+    k = corr.names.index(name)
+    print(f"{'replaced' if replaced else 'wrote'} {group} (run {run}): {int(ds['n_stars'].values[k])} of "
+          f"{int(ds['n_candidates'].values[k])} stars, {name} x{c.min():.4f}-{c.max():.4f} "
+          f"+- {ce.max():.4f}, {len(corr.names)} flux types to {ds.attrs['reference']}")
 
 
 def cmd_forced(args):
@@ -680,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redistribute a reprocessed image (IMAGE/MASK/VARIANCE HDUs)")
     s.add_argument("--apertures", metavar="R1,R2,...",
                    help="radii (pixels) of the circular aperture fluxes (default 3,6,12)")
+    s.add_argument("--parents", action="store_true", help="one row per parent, measured as a whole")
     s.set_defaults(func=cmd_catalog)
 
     s = sub.add_parser("forced", help="forced photometry of every stored source on each visit")
@@ -695,6 +724,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fluxes of per-visit heavy footprints: the visit image shared in "
                         "proportion to the fitted models")
     s.set_defaults(func=cmd_forced)
+
+    s = sub.add_parser("apcorr", help="fit and store a band's aperture corrections from its stars")
+    s.add_argument("store")
+    s.add_argument("--band", required=True)
+    s.add_argument("--run", help="run name (default: the newest)")
+    s.add_argument("--min-snr", type=float, default=50.0, help="reference-aperture S/N of the stars (default 50)")
+    s.add_argument("--apertures", metavar="R1,R2,...",
+                   help="aperture radii (pixels); the largest is the reference (default 3,6,12)")
+    s.set_defaults(func=cmd_apcorr)
 
     s = sub.add_parser("query", help="list blends of a run")
     s.add_argument("store")

@@ -141,3 +141,79 @@ def test_apcorr_recovers_an_injected_psf_trend(star_field, tmp_path):
     from scarletstore.migrate import migrate_store
     assert migrate_store(store) == {}
     assert main(["migrate", str(store.path)]) == 0
+
+
+def _copy(store, tmp_path):
+    import shutil
+    path = tmp_path / "copy.h5"
+    shutil.copy(store.path, path)
+    return path
+
+
+def test_apcorr_cli_fits_stores_and_summarises(star_field, tmp_path, capsys):
+    import re
+    store, kinds, flux = star_field
+    path = _copy(store, tmp_path)
+    stars = kinds == "star"
+    raw = band_catalog(Store(path), "r", apcorr=False).compute()
+    true_ratio = flux[stars] / raw["psf_flux"].values[stars]
+    capsys.readouterr()
+    assert main(["apcorr", str(path), "--band", "r"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.search(r"apcorr/r \(run a\): (\d+) of (\d+) stars, psf_flux x([\d.]+)-([\d.]+) \+- ([\d.]+), "
+                  r"(\d+) flux types to aperture_flux_12", line)
+    assert m, line
+    used, candidates = int(m[1]), int(m[2])
+    assert candidates == stars.sum() and used >= candidates - 3
+    lo, hi, err = float(m[3]), float(m[4]), float(m[5])
+    # the range over the patch brackets the true correction at the stars (the field extrapolates a little)
+    assert lo < true_ratio.min() + 0.005 and hi > true_ratio.max() - 0.005
+    assert hi - lo > 0.04 and 0 < err < 0.01
+    assert int(m[6]) == 5  # psf, the two smaller apertures, kron, gaap (all but the reference)
+    corr = ApertureCorrection(Store(path).read("apcorr/r"))
+    c, _ = corr.evaluate("psf_flux", raw["centroid_x"].values[stars], raw["centroid_y"].values[stars])
+    np.testing.assert_allclose(c, true_ratio, rtol=0.015)
+    # re-fitting replaces the stored correction with the same fit (it is fitted on uncorrected fluxes)
+    assert main(["apcorr", str(path), "--band", "r"]) == 0
+    assert capsys.readouterr().out.strip().startswith("replaced apcorr/r")
+    np.testing.assert_allclose(Store(path).read("apcorr/r")["coefficients"].values,
+                               corr.coef, rtol=1e-12)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--band", "z"], "band 'z' is not in run a"),
+    (["--band", "r", "--min-snr", "1e9"], "needs at least 3 bright isolated stars, found 0"),
+    (["--band", "r", "--min-snr", "-1"], "--min-snr must be positive"),
+    (["--band", "r", "--run", "nope"], "no run 'nope'"),
+    (["--band", "r", "--apertures", "3,x"], "--apertures: expected comma-separated radii"),
+])
+def test_apcorr_cli_bad_input_is_one_line_and_writes_nothing(star_field, tmp_path, capsys, argv, message):
+    store, _, _ = star_field
+    path = _copy(store, tmp_path)
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert main(["apcorr", str(path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert path.read_bytes() == before
+
+
+def test_catalog_cli_parents_writes_one_row_per_parent(star_field, tmp_path, capsys):
+    import pandas as pd
+    store, kinds, flux = star_field
+    path = _copy(store, tmp_path)
+    assert main(["apcorr", str(path), "--band", "r"]) == 0
+    out = tmp_path / "parents.csv"
+    assert main(["catalog", str(path), "--band", "r", "--parents", "-o", str(out)]) == 0
+    assert f"wrote {len(kinds)} parent rows of band r" in capsys.readouterr().out
+    parents = pd.read_csv(out)
+    children = band_catalog(Store(path), "r").compute()
+    assert len(parents) == len(kinds) and (parents["n_children"] == 1).all()
+    assert np.array_equal(parents["parent"].values, children["parent"].values)
+    # one child per parent: the parent measured whole is that child, aperture-corrected like it
+    for c in ("psf_flux", "aperture_flux_6", "kron_flux", "gaap_flux", "psf_flux_uncorrected"):
+        np.testing.assert_allclose(parents[c].values, children[c].values, rtol=1e-5)
+    stars = kinds == "star"
+    assert abs(np.median(parents["psf_flux"].values[stars] / flux[stars] - 1)) < 0.005
+    assert main(["catalog", str(path), "--band", "q", "--parents", "-o", str(tmp_path / "q.csv")]) == 2
+    assert not (tmp_path / "q.csv").exists()

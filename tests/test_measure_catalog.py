@@ -184,14 +184,15 @@ def test_cli_apertures(field, tmp_path, capsys):
 
 
 def test_flux_error_parts(field):
-    """The model flux's error is the noise part and the template part in quadrature."""
+    """The model flux's error is the noise part and the template (and footprint-edge) part in quadrature."""
     from scarletstore.photometry import PhotometryConfig
     from scarletstore.photometry.deblend_errors import contested_flux
 
     cat = field.catalog("g").compute()
     noise, model, total = (cat[c].values for c in ("flux_err_noise", "flux_err_model", "flux_err"))
     np.testing.assert_allclose(total, np.hypot(noise, model))
-    assert model[2] == 0 and total[2] == noise[2]  # the isolated galaxy contests nothing
+    # the isolated galaxy contests nothing: only its footprint's edge jitter is added, and it has no neighbour
+    assert 0 < model[2] < noise[2] and cat["flux_corr_neighbour_id"].values[2] == -1
     assert model[0] > 0 and model[1] > 0  # the star and its neighbour overlap
     kappa = PhotometryConfig().template_log_ratio_sigma
     # equal shares of two identical templates: each contests half its flux

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .deblend_errors import FOOTPRINT_EDGE_SIGMA, KAPPA_TABLE
 from .gaap import effective_weight
 from .psf_flux import ShiftedPSF
 
@@ -41,8 +42,12 @@ class PhotometryConfig:
     gaap_sigma : sigma (pixels) of the round pre-seeing GAaP aperture
     kron_min_radius : smallest Kron aperture radius (pixels)
     moments_max_iter, moments_tol : adaptive-moment iteration limits
-    template_log_ratio_sigma : uncertainty of the log ratio of neighbouring
-        templates (see :mod:`~scarletstore.photometry.deblend_errors`)
+    template_log_ratio_sigma : scale applied to the calibrated template log-errors
+        (1 = as calibrated; see :mod:`~scarletstore.photometry.deblend_errors`)
+    kappa_table : template log-error by blendedness and S/N bins
+        (``deblend_errors.KAPPA_TABLE``)
+    footprint_edge_sigma : rms jitter (pixels) of the footprint boundary
+        (``deblend_errors.FOOTPRINT_EDGE_SIGMA``)
     """
 
     apertures: tuple = (3.0, 6.0, 12.0)
@@ -51,6 +56,8 @@ class PhotometryConfig:
     moments_max_iter: int = 100
     moments_tol: float = 1e-4
     template_log_ratio_sigma: float = 1.0
+    kappa_table: tuple = KAPPA_TABLE
+    footprint_edge_sigma: float = FOOTPRINT_EDGE_SIGMA
 
     def aperture_names(self):
         return [f"aperture_flux_{_radius_name(r)}" for r in self.apertures]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
-from .deblend_errors import contested_flux
+from .deblend_errors import BLENDEDNESS_EDGES, SNR_EDGES, model_errors, share_products
 from .kernels import noise_planes
 from .moments import psf_covariance
 
@@ -43,6 +43,11 @@ class BlendPhotometry:
         self.config = config or PhotometryConfig()
         self.apcorr = None  # an ApertureCorrection applied to the flux columns, if set
         self._psf = {}
+        self._edges = (np.array(BLENDEDNESS_EDGES, np.float64), np.array(SNR_EDGES, np.float64))
+
+    @property
+    def _kappa_table(self):
+        return np.asarray(self.config.kappa_table, np.float64)
 
     def psf(self, b: int):
         """The band PSF used for blend ``b`` (override, the blend's own, or the run's) and its covariance."""
@@ -84,12 +89,42 @@ class BlendPhotometry:
         cols, flags = measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
-        # the model flux's error: the noise part (share-weighted) and the template part
-        cols["flux_err_noise"] = m[:, 1].copy()
-        cols["flux_err_model"] = self.config.template_log_ratio_sigma * contested_flux(
-            np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp, np.bool_))
-        cols["flux_err"] = np.hypot(cols["flux_err_noise"], cols["flux_err_model"])
+        cols.update(self.flux_errors(blend, models, fp, data, m))
         return cols, flags
+
+    def flux_errors(self, blend, models, fp, data, m) -> dict:
+        """The model flux's error (noise and template parts) and its most correlated neighbour.
+
+        The model part is the covariance of independent template log-errors
+        (kappa from each template's blendedness and S/N) plus a coherent
+        shift of the footprint edge by ``footprint_edge_sigma`` pixels, in
+        one compiled call (:func:`~.deblend_errors.model_errors`); the noise
+        part is the share-weighted one.
+        """
+        templates = np.ascontiguousarray(models, np.float32)
+        fpc = np.ascontiguousarray(fp, np.bool_)
+        if data is None:
+            h, w = fp.shape
+            variance, good, has = np.zeros((h, w), np.float32), np.zeros((h, w), np.bool_), False
+        else:
+            variance, good, has = np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2]), True
+        c, noise, edge, own = share_products(templates, fpc, variance, good, has)
+        # the footprint's edge jitters with the noise it was found on: the same shift for every child
+        edge_sigma = self.config.footprint_edge_sigma * edge
+        out = {"flux_err_noise": m[:, 1].copy()}
+        if len(own) == 1:  # alone: no template shares its pixels, no neighbour
+            out.update(flux_err_model=edge_sigma, flux_corr_neighbour=np.full(1, np.nan),
+                       flux_corr_neighbour_id=np.full(1, -1, np.int64))
+        else:
+            err, k, corr = model_errors(c, noise, edge, own, np.ascontiguousarray(m[:, 1]),
+                                        np.ascontiguousarray(m[:, 7]), self._kappa_table,
+                                        self._edges[0], self._edges[1], self.config.template_log_ratio_sigma,
+                                        self.config.footprint_edge_sigma, has)
+            ids = np.asarray(blend.source_ids, np.int64)
+            out.update(flux_err_model=err, flux_corr_neighbour=corr,
+                       flux_corr_neighbour_id=np.where(k >= 0, ids[np.maximum(k, 0)], -1))
+        out["flux_err"] = np.hypot(m[:, 1], out["flux_err_model"])
+        return out
 
     def parent(self, b, blend, models, fp, data):
         """Suite columns of the parent as a whole (one row).

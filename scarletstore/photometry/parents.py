@@ -61,6 +61,7 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
     from ..catalog import (CATALOG_FLAGS, UNITS, BlendMeasurer, _flux_units, _LazyColumn,
                            photometry_config)
     from ..errors import InputError, StoreError
+    from .apcorr import load_apcorr
 
     runs = store.runs()
     if not runs:
@@ -70,20 +71,25 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
         raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
     config = photometry_config(apertures)
     measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
+    # parents take the band's aperture correction like its children (same fluxes, same missing light)
+    measurer.photometry.apcorr = load_apcorr(store, band)
+    corrected = measurer.photometry.corrected_columns()
     counts = np.diff(measurer.index.source_off)
     blends = np.flatnonzero(counts > 0)
     cache = _ParentCache(measurer, blends)
     n = len(blends)
     flux_units = _flux_units(measurer)
-    units = dict(UNITS, n_children="1", flux=flux_units, **suite_columns(config, flux_units))
+    units = dict(UNITS, n_children="1", flux=flux_units, **suite_columns(config, flux_units),
+                 **{c: flux_units for c in corrected})
     data = {"parent": ("row", np.asarray(measurer.index.parent_ids)[blends].astype(np.int64)),
             "blend": ("row", blends.astype(np.int64)),
             "n_children": ("row", counts[blends].astype(np.int64))}
-    for c in ["flux", "centroid_x", "centroid_y", *suite_columns(config, flux_units), "flags"]:
+    for c in ["flux", "centroid_x", "centroid_y", *suite_columns(config, flux_units), *corrected, "flags"]:
         dtype = np.int32 if c == "flags" else np.float64
         data[c] = xr.Variable(("row",), indexing.LazilyIndexedArray(_LazyColumn(cache, c, dtype, n)))
     ds = xr.Dataset(data, attrs={"band": band, "run": run, "redistribute": int(redistribute),
-                                 "row_type": "parent", "flag_bits": json.dumps(CATALOG_FLAGS)})
+                                 "row_type": "parent",
+                                 "apcorr": "" if measurer.photometry.apcorr is None else f"apcorr/{band}", "flag_bits": json.dumps(CATALOG_FLAGS)})
     for c in ds.variables:
         ds[c].attrs["units"] = units[c]
     ds.attrs["units"] = json.dumps({c: units[c] for c in ds.variables})
