@@ -431,6 +431,8 @@ def cmd_catalog(args):
 
 
 def cmd_apcorr(args):
+    import numpy as np
+
     from .photometry.apcorr import ApertureCorrection, measure_apcorr
 
     store, run = _open_run_store(args.store, args.run)
@@ -453,6 +455,8 @@ def cmd_apcorr(args):
 
 
 def cmd_forced(args):
+    import numpy as np
+
     from .forced.run import default_visits, forced_photometry, write_table
 
     out = Path(args.output)
@@ -622,14 +626,27 @@ def cmd_export_lsst(args):
     print(f"wrote run {run} ({ds.sizes['blend']} blends, {ds.sizes['source']} sources) to {args.output}")
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+
+        print(f"scarletstore {__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .query import BLEND_COLUMNS, WHERE_GRAMMAR
+    from .blend_columns import BLEND_COLUMNS, WHERE_GRAMMAR
 
     BLEND_COLUMN_NAMES = list(BLEND_COLUMNS.values())
 
     p = _Parser(prog="scarletstore", description=__doc__.splitlines()[0])
-    p.add_argument("--version", action="version", version=f"scarletstore {__version__}")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("ingest", help="read FITS per band or an npz into a new store")

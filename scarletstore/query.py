@@ -10,15 +10,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .blend_columns import BLEND_COLUMNS, WHERE_GRAMMAR  # noqa: F401  (re-exported)
 from .errors import InputError
 
-BLEND_COLUMNS = {
-    "blend_parent_id": "parent", "blend_n_peaks": "n_peaks", "blend_n_sources": "n_sources",
-    "blend_iterations": "iterations", "blend_log_likelihood": "log_likelihood",
-    "blend_chi2": "chi2", "blend_converged": "converged", "blend_runtime": "runtime",
-    "blend_flags": "flags", "blend_y0": "y0", "blend_x0": "x0", "blend_height": "height",
-    "blend_width": "width", "blend_reason": "reason",
-}
 
 
 def blend_table(store, run: str) -> pd.DataFrame:
@@ -106,9 +100,6 @@ def _check_region(region) -> tuple[float, float, float]:
 #
 # NUMBER is an int, a decimal or scientific float, optionally signed.
 
-WHERE_GRAMMAR = (
-    "column names, numbers (3, -2.5, 1e-3), quoted strings ('isolated'), True/False, "
-    "== != < <= > >=, and/or/not, parentheses, and 'in'/'not in' with a list like [1, 2]")
 
 _MAX_DEPTH = 64  # nesting limit: deep parentheses are an error, not a RecursionError
 _TOKEN = re.compile(r"""

@@ -1266,7 +1266,8 @@ def _crowded_real_blend(name):
     return max(tasks, key=lambda t: len(t.peaks))
 
 
-@pytest.mark.parametrize("name, min_peaks", [("cut_hsc1.npz", 15), ("hsc_cosmos.npz", 11)])
+# at least SYMMETRY_CHECK_PEAKS (10) detected peaks, so the check runs on both
+@pytest.mark.parametrize("name, min_peaks", [("cut_hsc1.npz", 10), ("hsc_cosmos.npz", 10)])
 def test_symmetry_costs_little_likelihood_on_crowded_real_blends(name, min_peaks):
     # Contested symmetry fights the data on real crowded blends: cut_hsc1
     # ended at logL -2393 against -1751 without symmetry (37 % worse),

@@ -145,16 +145,20 @@ def test_killed_writer_leftover_removed_by_next_write(tmp_path):
     Store.create(path, {"exposure": ex})
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    proc = subprocess.Popen([sys.executable, str(script), str(path)])
-    try:
-        deadline = time.time() + 60
-        while not list(tmp_path.glob(".s.h5.*.tmp")) and time.time() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    leftovers = list(tmp_path.glob(".s.h5.*.tmp"))
+    # a write takes tens of milliseconds: kill the writer the moment its copy
+    # exists, and start again when the kill landed between two writes
+    for _attempt in range(10):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)])
+        try:
+            deadline = time.time() + 60
+            while not list(tmp_path.glob(".s.h5.*.tmp")) and time.time() < deadline:
+                time.sleep(0.002)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        leftovers = list(tmp_path.glob(".s.h5.*.tmp"))
+        if leftovers:
+            break
     assert len(leftovers) == 1 and f".{proc.pid}-" in leftovers[0].name  # the writer is named
     legacy = tmp_path / ".s.h5.k2j4x_9a.tmp"  # named before writers put their pid in it
     legacy.write_bytes(b"x" * 1000)

@@ -47,7 +47,7 @@ def products(tmp_path_factory):
     sim = simulate_visits(tmp_path_factory.mktemp("visits"), n_visits=2, size=48, seed=5,
                           bands="r", density=20, n_stars=3)
     grid = read_grid(sim["grid"])
-    coadd, table = direct_coadd(read_visits(sim["visits"], grid), grid)
+    coadd, table, _ = direct_coadd(read_visits(sim["visits"], grid), grid)
     out["coadd/exposure"], out["visits"] = coadd, table
     old = Store(ROOT / "tests" / "data" / "store_v1.h5")  # older schema versions, as stored
     for name in old.groups():

@@ -4,6 +4,15 @@ Both take plain arrays of one blend and return a :class:`BlendResult`.
 """
 
 from .config import DeblendConfig
-from .result import BlendResult, Component, SourceResult
 
 __all__ = ["DeblendConfig", "BlendResult", "Component", "SourceResult"]
+
+
+def __getattr__(name):
+    # the result classes need numpy: loaded on first use, so the command line's
+    # argument checks (which read DeblendConfig) stay free of the numerical stack
+    if name in ("BlendResult", "Component", "SourceResult"):
+        from . import result
+
+        return getattr(result, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
