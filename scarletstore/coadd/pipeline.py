@@ -26,6 +26,7 @@ from .likelihood import LikelihoodSums, likelihood_dataset
 from .match import gaussian_target, matching_kernel
 from .psf import warp_psf_affine, warped_psf_size
 from .reject import clipped_mean, find_artifacts, smooth_difference
+from .sky import fit_sky
 from .stack import (COADD_MASK_PLANES, KERNELS, ZEROPOINT, _add_visit, _BandSums, _exposure,
                     _pixel_scale, _warp_visit, psf_fwhm, visits_table)
 from .visits import Grid, Visit
@@ -87,13 +88,16 @@ def _matched_warp(warp: Warp, sigma2, psf, target):
 
 def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel: str = "lanczos3",
           workers: int = 1, reject: bool = True, target_fwhm: float | None = None,
-          progress: bool = False, tmpdir=None) -> dict:
+          progress: bool = False, tmpdir=None, sky: bool = True) -> dict:
     """Every coadd product of ``visits`` on ``grid`` as ``{group: Dataset}``.
 
     Groups: ``exposure`` (direct coadd, artifacts rejected when ``reject``),
     ``visits``, ``coadds/likelihood`` and ``coadds/psf_matched``. ``target_fwhm``
     (arcsec) fixes the PSF-matched target; visits whose PSF is not narrower
     are left out of the PSF-matched stack (and of artifact detection).
+    ``sky`` fits a smooth sky on each band of the direct coadd (sources
+    masked, :mod:`.sky`) and subtracts it from the direct and PSF-matched
+    coadds; the per-band fit is in ``exposure.attrs["sky"]``.
     """
     if kernel not in KERNELS:
         raise InputError(f"unknown warp kernel {kernel!r} (known: {', '.join(KERNELS)})")
@@ -132,7 +136,8 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(first_pass, range(n)))
         pm = _psf_matched(arr, visits, bands, matched, sigma2, shape)
-        rejected = np.zeros((n, *shape), bool)
+        # Spilled like the warps: n bytes per pixel would not fit for many large visits.
+        rejected = spill.array("rejected", bool)
         background = spill.array("background", np.float32)  # zero unless matched
         references = {}
         if reject:
@@ -149,9 +154,34 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
         groups = _second_pass(arr, visits, grid, bands, jacs, size, sigma2, rejected, matched,
                               zeropoint, kernel, reject, background)
         groups["exposure"].attrs["background_reference"] = json.dumps(references)
+    if sky:
+        _subtract_sky(groups["exposure"], pm, bands)
     groups["coadds/psf_matched"] = _psf_matched_dataset(pm, bands, targets, target_px, grid,
                                                          zeropoint, visits, matched)
     return groups
+
+
+def _subtract_sky(exposure, pm, bands):
+    """Fit and subtract each band's remaining smooth sky (in place).
+
+    The same model comes off the PSF-matched stack: its matching kernels
+    conserve flux, so a sky smooth on scales far above the PSF is unchanged
+    by them. The Kaiser coadd keeps the sky (its numerator would need the
+    sky correlated with each visit's PSF and coverage).
+    """
+    no_data = np.int32(1 << COADD_MASK_PLANES["NO_DATA"])
+    fits_ = {}
+    image = exposure["image"].values
+    for k, b in enumerate(bands):
+        usable = (exposure["mask"].values[k] & no_data) == 0
+        fwhm = psf_fwhm(exposure["psf"].values[k].astype(np.float64), 1.0)
+        model, info = fit_sky(image[k].astype(np.float64), exposure["variance"].values[k], usable, fwhm)
+        image[k] = (image[k] - model).astype(image.dtype)
+        pm[b] = (pm[b][0] - model, pm[b][1])
+        sigma = np.sqrt(np.nanmedian(exposure["variance"].values[k][usable])) if usable.any() else 1.0
+        info["rms_sigma"] = float(np.sqrt(np.mean(model[usable] ** 2)) / sigma) if usable.any() else 0.0
+        fits_[b] = info
+    exposure.attrs["sky"] = json.dumps(fits_)
 
 
 def _psf_matched(arr, visits, bands, matched, sigma2, shape):
