@@ -7,7 +7,8 @@ the coadd itself: sources are masked by a PSF-smoothed detection at
 3-sigma clipped, their medians over ``CELL`` pixel cells (much larger than
 galaxies, so a galaxy cannot pull the model up under itself) are fitted
 with a 2-D Legendre polynomial of degree at most ``MAX_DEGREE`` (a smooth
-sky: residual backgrounds are planes or gentle curves over a patch), and the
+sky: residual backgrounds are planes or gentle curves over a patch; the
+degree with the lowest BIC, so a flat sky gets a constant), and the
 source mask is re-derived from the sky-subtracted image ``ITERATIONS`` times.
 """
 
@@ -17,7 +18,8 @@ import numpy as np
 from numpy.polynomial import legendre
 from scipy import ndimage
 
-CELL = 64  # pixels
+CELL = 64  # pixels; smaller grids use cells of a sixth of their side (at least MIN_CELL)
+MIN_CELL = 24
 MAX_DEGREE = 3
 DETECT_SIGMA = 3.0  # PSF-smoothed S/N above which a pixel belongs to a source
 CLIP_SIGMA = 3.0  # per-pixel S/N clip of what the detection leaves
@@ -51,21 +53,54 @@ def source_mask(resid, sigma, usable, fwhm):
     return det
 
 
-def _cell_medians(image, free, cell):
+def _cell_medians(image, sigma, free, cell):
+    """Centroid, median and the median's standard error of the free pixels of each cell.
+
+    The error is 1.2533 x the scatter / sqrt(n), the scatter being the
+    pixels' robust scatter or their noise (variance plane) if larger: on
+    noise-free images the scatter is that of faint wings and would give a
+    few cells all the weight.
+    """
     ny, nx = image.shape
-    ys, xs, meds, counts = [], [], [], []
+    ys, xs, meds, errs = [], [], [], []
     for y0 in range(0, ny, cell):
         for x0 in range(0, nx, cell):
             sl = (slice(y0, min(ny, y0 + cell)), slice(x0, min(nx, x0 + cell)))
             f = free[sl]
-            if f.sum() < max(MIN_FILL * f.size, 16):
+            n = int(f.sum())
+            if n < max(MIN_FILL * f.size, 16):
                 continue
             yy, xx = np.nonzero(f)
             ys.append(y0 + yy.mean())  # centroid of the pixels used, not the cell centre
             xs.append(x0 + xx.mean())
-            meds.append(np.median(image[sl][f]))
-            counts.append(f.sum())
-    return np.array(ys), np.array(xs), np.array(meds), np.array(counts, float)
+            v = image[sl][f]
+            m = np.median(v)
+            scatter = max(1.4826 * np.median(np.abs(v - m)), np.median(sigma[sl][f]))
+            meds.append(m)
+            errs.append(1.2533 * scatter / np.sqrt(n))
+    return np.array(ys), np.array(xs), np.array(meds), np.array(errs)
+
+
+def _best_polynomial(u, v, med, err, max_degree):
+    """Coefficients and degree of the Legendre fit to the cell medians with the lowest BIC.
+
+    chi^2 + k ln(n): a curved sky needs its curvature terms (without them the
+    chi^2 is huge), while on a flat sky the extra terms only add noise at
+    the edges of the patch. Degrees whose terms the cells do not
+    over-determine (two spare) are not tried.
+    """
+    best = None
+    for d in range(max_degree + 1):
+        k = (d + 1) * (d + 2) // 2
+        if k > len(med) - 2 and d > 0:
+            break
+        A = _design(u, v, d) / err[:, None]
+        coef, *_ = np.linalg.lstsq(A, med / err, rcond=None)
+        chi2 = float(np.sum((A @ coef - med / err) ** 2))
+        bic = chi2 + k * np.log(len(med))
+        if best is None or bic < best[0]:
+            best = (bic, d, coef)
+    return best[2], best[1]
 
 
 def _design(u, v, degree):
@@ -107,28 +142,21 @@ def fit_sky(image, variance, usable, fwhm, cell=CELL, max_degree=MAX_DEGREE):
     if not usable.any():
         return model, info
     sigma = np.sqrt(np.where(usable, variance, np.median(variance[usable])))
-    ncell = max(1, min(int(np.ceil(ny / cell)), int(np.ceil(nx / cell))))
-    degree = min(max_degree, ncell - 1)
+    cell = int(min(cell, max(MIN_CELL, min(ny, nx) // 6)))
     yy = 2.0 * np.arange(ny) / max(ny - 1, 1) - 1.0
     xx = 2.0 * np.arange(nx) / max(nx - 1, 1) - 1.0
     for _ in range(ITERATIONS):
         free = usable & ~source_mask(image - model, sigma, usable, fwhm)
-        cy, cx, med, cnt = _cell_medians(image - model, free, cell)
+        cy, cx, med, err = _cell_medians(image, sigma, free, cell)
         if len(med) == 0:
             break
-        d = min(degree, int(np.floor(np.sqrt(len(med)))) - 1)
-        if d < 0:
-            break
-        A = _design(2 * cy / max(ny - 1, 1) - 1, 2 * cx / max(nx - 1, 1) - 1, d)
-        w = np.sqrt(cnt)
-        coef, *_ = np.linalg.lstsq(A * w[:, None], med * w, rcond=None)
-        # Evaluate row by row: a full (ny, nx, terms) design would be large.
-        update = np.empty((ny, nx))
+        coef, d = _best_polynomial(2 * cy / max(ny - 1, 1) - 1, 2 * cx / max(nx - 1, 1) - 1, med, err,
+                                   max_degree)
+        # Evaluate by row blocks: a full (ny, nx, terms) design would be large.
         for r0 in range(0, ny, 64):
             rows = slice(r0, min(ny, r0 + 64))
             U, V = np.meshgrid(yy[rows], xx, indexing="ij")
-            update[rows] = _design(U, V, d) @ coef
-        model += update
+            model[rows] = _design(U, V, d) @ coef
         info = {"degree": d, "cells": int(len(med)),
                 "masked_fraction": float(1 - free.sum() / usable.sum())}
     return model, info
