@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,7 @@ def _matched_warp(warp: Warp, sigma2, psf, target):
 
 def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel: str = "lanczos3",
           workers: int = 1, reject: bool = True, target_fwhm: float | None = None,
-          progress: bool = False, tmpdir=None, sky: bool = True) -> dict:
+          progress: bool = False, tmpdir=None, sky: bool = True, scheduler: str | None = None) -> dict:
     """Every coadd product of ``visits`` on ``grid`` as ``{group: Dataset}``.
 
     Groups: ``exposure`` (direct coadd, artifacts rejected when ``reject``),
@@ -98,6 +97,9 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
     ``sky`` fits a smooth sky on each band of the direct coadd (sources
     masked, :mod:`.sky`) and subtracts it from the direct and PSF-matched
     coadds; the per-band fit is in ``exposure.attrs["sky"]``.
+    ``workers`` > 1 warps visits as tasks on a local dask.distributed cluster
+    of that many single-threaded processes, ``scheduler`` on an existing one;
+    the stacks are summed in visit order, so the result does not depend on them.
     """
     if kernel not in KERNELS:
         raise InputError(f"unknown warp kernel {kernel!r} (known: {', '.join(KERNELS)})")
@@ -117,24 +119,17 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
             ("m_image", np.float32), ("m_variance", np.float32), ("m_good", bool))}
         sigma2 = np.zeros(n)
 
-        def first_pass(i):
-            v = visits[i]
-            warp, s2 = _warp_visit(v, grid, zeropoint, abs(np.linalg.det(jacs[i])))
-            if not warp.good.any():
-                raise InputError(f"{v.path}: visit does not overlap the grid (no usable warped pixel)")
-            if not s2 > 0:
-                raise InputError(f"{v.path}: no usable pixel (all masked or zero variance)")
-            arr["image"][i], arr["variance"][i] = warp.image, warp.variance
-            arr["mask"][i], arr["status"][i] = warp.mask, warp.status
-            if reject and matched[i]:
-                mi, mv, mg = _matched_warp(warp, s2, psfs[i], targets[v.band])
-                arr["m_image"][i], arr["m_variance"][i], arr["m_good"][i] = mi, mv, mg
-            else:
+        tasks = [(visits[i], grid, zeropoint, abs(np.linalg.det(jacs[i])),
+                  (psfs[i], targets[visits[i].band]) if reject and matched[i] else None)
+                 for i in range(n)]
+        for i, (image, variance, mask, status, m, s2) in _run_warps(tasks, workers, scheduler):
+            arr["image"][i], arr["variance"][i] = image, variance
+            arr["mask"][i], arr["status"][i] = mask, status
+            if m is None:
                 arr["m_good"][i] = False
+            else:
+                arr["m_image"][i], arr["m_variance"][i], arr["m_good"][i] = m
             sigma2[i] = s2
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(first_pass, range(n)))
         pm = _psf_matched(arr, visits, bands, matched, sigma2, shape)
         # Spilled like the warps: n bytes per pixel would not fit for many large visits.
         rejected = spill.array("rejected", bool)
@@ -182,6 +177,74 @@ def _subtract_sky(exposure, pm, bands):
         info["rms_sigma"] = float(np.sqrt(np.mean(model[usable] ** 2)) / sigma) if usable.any() else 0.0
         fits_[b] = info
     exposure.attrs["sky"] = json.dumps(fits_)
+
+
+def warp_task(visit, grid, zeropoint, area_ratio, match):
+    """One visit's warp (and PSF-matched warp when ``match`` = (psf, target)): a dask task.
+
+    Returns ``(image, variance, mask, status, matched, sigma2)`` with
+    ``matched`` = (image, variance, good) or None.
+    """
+    warp, s2 = _warp_visit(visit, grid, zeropoint, area_ratio)
+    if not warp.good.any():
+        raise InputError(f"{visit.path}: visit does not overlap the grid (no usable warped pixel)")
+    if not s2 > 0:
+        raise InputError(f"{visit.path}: no usable pixel (all masked or zero variance)")
+    m = None if match is None else _matched_warp(warp, s2, *match)
+    return (warp.image.astype(np.float32), warp.variance.astype(np.float32), warp.mask, warp.status,
+            None if m is None else (m[0].astype(np.float32), m[1].astype(np.float32), m[2]), s2)
+
+
+def _run_warps(tasks, workers, scheduler):
+    """Yield ``(i, warp_task(*tasks[i]))``: in process, or as dask.distributed tasks.
+
+    At most two tasks per worker are in flight, so the driver never holds
+    more than that many warps before they go to the spill files.
+    """
+    if scheduler is None and workers <= 1:
+        for i, t in enumerate(tasks):
+            yield i, warp_task(*t)
+        return
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise InputError("--workers/--scheduler need dask: pip install 'scarletstore[dask]'") from None
+    cluster = None
+    if scheduler is None:
+        # Processes, one thread each: the warp kernels and FFTs then run in parallel.
+        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=40)
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
+    try:
+        window = 2 * max(1, len(client.scheduler_info()["workers"]))
+        todo = iter(enumerate(tasks))
+        pending = as_completed()
+        index = {}
+        for i, t in todo:
+            fut = client.submit(warp_task, *t, pure=False)
+            index[fut.key] = i
+            pending.add(fut)
+            if len(index) >= window:
+                break
+        for fut in pending:
+            i = index.pop(fut.key)
+            result = fut.result()
+            fut.release()
+            nxt = next(todo, None)
+            if nxt is not None:
+                f2 = client.submit(warp_task, *nxt[1], pure=False)
+                index[f2.key] = nxt[0]
+                pending.add(f2)
+            yield i, result
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _psf_matched(arr, visits, bands, matched, sigma2, shape):
