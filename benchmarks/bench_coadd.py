@@ -259,6 +259,45 @@ def galaxy_fluxes(image, truth, bands, r=5.0, mag=(22.5, 24.5)):
     return res
 
 
+def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0):
+    """Recall of ``scarletstore.detect.detect`` on the coadd against the truth.
+
+    True static sources inside the grid (> 3 px from its edge) are matched to
+    the nearest peak within ``radius`` px (1.5 px = 0.25"); recall for
+    i < ``mag_limit`` and for point-source S/N > 10 in the best band (flux
+    over the PSF-weighted noise sqrt(var / sum psf^2), an upper bound for
+    galaxies); unmatched peaks: peaks with no true source of any brightness
+    within ``radius``.
+    """
+    from scipy.spatial import cKDTree
+
+    from scarletstore.detect import detect
+
+    parents = detect(exposure)
+    peaks = np.column_stack([parents["peak_x"].values, parents["peak_y"].values])
+    tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
+    tree = cKDTree(peaks)
+    dist, _ = tree.query(np.column_stack([tx, ty]))
+    matched = dist <= radius
+    inside = (tx > 3) & (ty > 3) & (tx < SIZE - 4) & (ty < SIZE - 4) & (np.asarray(truth["kind"]).astype(str) == "static")
+    snr = np.zeros(len(truth))
+    for k, b in enumerate(exposure["band"].values):
+        psf = exposure["psf"].values[k].astype(float)
+        sigma = np.sqrt(np.nanmedian(exposure["variance"].values[k]))
+        snr = np.maximum(snr, np.asarray(truth[f"flux27_{b}"]) * np.sqrt((psf**2).sum()) / sigma)
+    bright = inside & (np.asarray(truth["mag_i"]) < mag_limit)
+    loud = inside & (snr > 10)
+    dist_p, _ = cKDTree(np.column_stack([tx, ty])).query(peaks)
+    missed = truth[bright & ~matched]
+    print(f"  detection on the coadd ({len(peaks)} peaks): recall i < {mag_limit:g} "
+          f"{matched[bright].mean():.3f} ({matched[bright].sum()}/{bright.sum()}), S/N > 10 "
+          f"{matched[loud].mean():.3f} ({matched[loud].sum()}/{loud.sum()}); unmatched peaks "
+          f"{np.mean(dist_p > radius):.3f} (beyond {2 * radius:g} px: {np.mean(dist_p > 2 * radius):.3f}); missed i < {mag_limit:g}: "
+          + ", ".join(f"i={m['mag_i']:.1f} S/N={snr[j]:.0f}"
+                      for m, j in zip(missed, np.flatnonzero(bright & ~matched))))
+    return matched, bright, loud, snr
+
+
 def run_ours(paths, grid_path, likelihood=False):
     t0 = time.perf_counter()
     grid = read_grid(grid_path)
