@@ -385,6 +385,22 @@ def main():
         artifact_figures(f"scarletstore full coadd with rejection ({dt_full:.1f} s)",
                          exr["image"].values.astype(float), exr["variance"].values.astype(float),
                          usable, truth_full, [str(b) for b in exr["band"].values], full_dir, grid)
+        bands_f = [str(b) for b in exr["band"].values]
+        nosky = coadd(read_visits(full_paths, grid), grid, sky=False)["exposure"]
+        sky_figures("full coadd without the final sky fit", nosky["image"].values.astype(float),
+                    nosky["variance"].values.astype(float), usable, truth_full, bands_f)
+        sky_figures("full coadd with the final sky fit", exr["image"].values.astype(float),
+                    exr["variance"].values.astype(float), usable, truth_full, bands_f)
+        print(f"    sky fit per band: {exr.attrs['sky']}")
+        before = galaxy_fluxes(nosky["image"].values.astype(float), truth_full, bands_f)
+        after = galaxy_fluxes(exr["image"].values.astype(float), truth_full, bands_f)
+        clean = galaxy_fluxes(ex["image"].values.astype(float), truth, bands)  # no sky at all
+        print("    faint galaxies (22.5 < i < 24.5, r = 5 px) median flux ratio, after/before the sky fit: "
+              + ", ".join(f"{b} {np.median(after[b] / before[b]):.3f}" for b in bands_f)
+              + "; after / visits without any sky: "
+              + ", ".join(f"{b} {np.median(after[b] / clean[b]):.3f}" for b in bands_f)
+              + f" ({len(after[bands_f[0]])} galaxies)")
+        detection_figures(exr, truth_full)
         tab = groups["visits"]
         print("    rejected pixels per visit: " + ", ".join(
             f"{f.split('.')[0][6:]} {n}" for f, n in zip(tab["file"].values, tab["n_rejected"].values) if n))

@@ -36,16 +36,42 @@ KERNEL_FOOTPRINT = 1e-3  # matching-kernel pixels above this fraction of its pea
 
 
 class _Spill:
-    """Memory-mapped (n, ny, nx) arrays in a temporary folder."""
+    """(n, ny, nx) arrays in files of a temporary folder."""
 
     def __init__(self, folder, n, shape):
         self.folder = Path(folder)
         self.n, self.shape = n, shape
 
     def array(self, name, dtype):
-        path = self.folder / f"{name}.dat"
-        mode = "r+" if path.exists() else "w+"
-        return np.memmap(path, dtype=dtype, mode=mode, shape=(self.n, *self.shape))
+        return _SpilledArray(self.folder / f"{name}.dat", dtype, (self.n, *self.shape))
+
+
+class _SpilledArray:
+    """An array on disk, mapped only while one item is read or written.
+
+    A memory map kept open for the whole run counts every page it ever
+    touched as resident (n visits x the grid x every plane); mapping per
+    access bounds what is resident to the slices in use.
+    """
+
+    def __init__(self, path, dtype, shape):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        np.memmap(path, dtype=self.dtype, mode="w+", shape=shape).flush()  # zeros
+
+    def __getitem__(self, key):
+        m = np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
+        try:
+            return np.array(m[key])
+        finally:
+            del m
+
+    def __setitem__(self, key, value):
+        m = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=self.shape)
+        try:
+            m[key] = value
+            m.flush()
+        finally:
+            del m
 
 
 def _plan_psfs(visits, grid, target_fwhm):
