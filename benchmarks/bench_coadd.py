@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -95,13 +96,13 @@ print(json.dumps({"seconds": elapsed}))
 '''
 
 
-def simulated(kind: str):
+def simulated(kind: str, seed: int = SEED):
     from scarletstore.simulate_visits import simulate_visits
 
-    out = CACHE / f"visits-{SIZE}-{SEED}-{BANDS}-{NVIS}-{kind}"
+    out = CACHE / f"visits-{SIZE}-{seed}-{BANDS}-{NVIS}-{kind}"
     if not (out / "truth_artifacts.fits").exists():
         clean = kind in ("clean", "noiseless")
-        simulate_visits(out, n_visits=NVIS, size=SIZE, seed=SEED, bands=BANDS, density=60,
+        simulate_visits(out, n_visits=NVIS, size=SIZE, seed=seed, bands=BANDS, density=60,
                         n_stars=36, background=not clean, artifacts=not clean,
                         noise=kind != "noiseless")
     return out, sorted(out.glob("visit_*.fits")), out / "grid.fits"
@@ -215,6 +216,155 @@ def artifact_figures(name, image, variance, good, truth, bands, out, grid):
               f"on {tr.sum()} px")
 
 
+def sky_figures(name, image, variance, good, truth, bands):
+    """Blank-sky level in units of the coadd noise on truth-masked blank sky.
+
+    The global median S/N, and the rms of 50 x 50 px block medians with the
+    part pure noise gives (1.2533 x scatter / sqrt(n) per block) removed in
+    quadrature: 25 px blocks hold too few blank pixels to see 0.05 sigma.
+    """
+    far = blank_sky(truth)
+    out = []
+    for k, b in enumerate(bands):
+        snr = image[k] / np.sqrt(variance[k])
+        ok = far & good[k] & np.isfinite(snr)
+        scatter = robust(snr[ok])
+        meds, expect = [], []
+        for y0 in range(0, SIZE - 49, 50):
+            for x0 in range(0, SIZE - 49, 50):
+                sel = ok[y0:y0 + 50, x0:x0 + 50]
+                if sel.sum() > 400:
+                    meds.append(np.median(snr[y0:y0 + 50, x0:x0 + 50][sel]))
+                    expect.append((1.2533 * scatter) ** 2 / sel.sum())
+        rms = np.sqrt(max(np.mean(np.square(meds)) - np.mean(expect), 0.0))
+        out.append((b, float(np.median(snr[ok])), rms, len(meds)))
+    print(f"  {name}: blank sky " + "; ".join(
+        f"{b} median {m:+.3f} sigma, block rms {r:.3f} sigma ({n} blocks, noise removed)"
+        for b, m, r, n in out))
+    return out
+
+
+def galaxy_fluxes(image, truth, bands, r=5.0, mag=(22.5, 24.5)):
+    """Median aperture flux of isolated faint galaxies per band (r = 5 px, same cut per band)."""
+    sel = ~truth["is_star"] & (truth["mag_i"] > mag[0]) & (truth["mag_i"] < mag[1])
+    x, y = np.asarray(truth["x"]), np.asarray(truth["y"])
+    res = {}
+    for k, b in enumerate(bands):
+        f = []
+        for row in truth[sel]:
+            d2 = (x - row["x"]) ** 2 + (y - row["y"]) ** 2
+            if np.any((d2 > 0) & (d2 < 15.0**2)) or not (10 <= row["x"] < SIZE - 10 and 10 <= row["y"] < SIZE - 10):
+                continue
+            f.append(aperture(image[k], float(row["x"]), float(row["y"]), r))
+        res[b] = np.array(f)
+    return res
+
+
+def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0):
+    """Recall of ``scarletstore.detect.detect`` on the coadd against the truth.
+
+    True static sources inside the grid (> 3 px from its edge) are matched to
+    the nearest peak within ``radius`` px (1.5 px = 0.25"); recall for
+    i < ``mag_limit`` and for point-source S/N > 10 in the best band (flux
+    over the PSF-weighted noise sqrt(var / sum psf^2), an upper bound for
+    galaxies); unmatched peaks: peaks with no true source of any brightness
+    within ``radius``.
+    """
+    from scipy.spatial import cKDTree
+
+    from scarletstore.detect import detect
+
+    parents = detect(exposure)
+    peaks = np.column_stack([parents["peak_x"].values, parents["peak_y"].values])
+    tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
+    tree = cKDTree(peaks)
+    dist, _ = tree.query(np.column_stack([tx, ty]))
+    matched = dist <= radius
+    inside = (tx > 3) & (ty > 3) & (tx < SIZE - 4) & (ty < SIZE - 4) & (np.asarray(truth["kind"]).astype(str) == "static")
+    snr = np.zeros(len(truth))
+    for k, b in enumerate(exposure["band"].values):
+        psf = exposure["psf"].values[k].astype(float)
+        sigma = np.sqrt(np.nanmedian(exposure["variance"].values[k]))
+        snr = np.maximum(snr, np.asarray(truth[f"flux27_{b}"]) * np.sqrt((psf**2).sum()) / sigma)
+    bright = inside & (np.asarray(truth["mag_i"]) < mag_limit)
+    loud = inside & (snr > 10)
+    dist_p, _ = cKDTree(np.column_stack([tx, ty])).query(peaks)
+    missed = truth[bright & ~matched]
+    print(f"  detection on the coadd ({len(peaks)} peaks): recall i < {mag_limit:g} "
+          f"{matched[bright].mean():.3f} ({matched[bright].sum()}/{bright.sum()}), S/N > 10 "
+          f"{matched[loud].mean():.3f} ({matched[loud].sum()}/{loud.sum()}); unmatched peaks "
+          f"{np.mean(dist_p > radius):.3f} (beyond {2 * radius:g} px: {np.mean(dist_p > 2 * radius):.3f}); missed i < {mag_limit:g}: "
+          + ", ".join(f"i={m['mag_i']:.1f} S/N={snr[j]:.0f}"
+                      for m, j in zip(missed, np.flatnonzero(bright & ~matched))))
+    return matched, bright, loud, snr
+
+
+MEMORY_CODE = """
+import resource, sys, time
+from pathlib import Path
+from scarletstore.coadd.pipeline import coadd
+from scarletstore.coadd.visits import read_grid, read_visits
+out = Path(sys.argv[1])
+grid = read_grid(out / "grid.fits")
+visits = read_visits(sorted(out.glob("visit_*.fits")), grid)
+t0 = time.perf_counter()
+coadd(visits, grid)
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def memory_figures(sizes, n_visits=10, bands="ugrizy"):
+    """Peak RSS of the full coadd in a fresh process, on sky-only visits (no sources:
+    rendering 60 fields of galaxies is slow and does not change the memory), per grid
+    size; the per-pixel slope extrapolates to larger patches."""
+    from scarletstore.simulate_visits import simulate_visits
+
+    rows = []
+    for size in sizes:
+        out = CACHE / f"memory-{size}-{n_visits}-{bands}"
+        if not (out / "grid.fits").exists():
+            simulate_visits(out, n_visits=n_visits, size=size, seed=5, bands=bands, density=0.0,
+                            n_stars=0, artifacts=True)
+        res = subprocess.run([sys.executable, "-c", MEMORY_CODE, str(out)], capture_output=True,
+                             text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        dt, rss = map(float, res.stdout.split())
+        rows.append((size, dt, rss))
+        print(f"  memory: {size}x{size} grid, {len(bands)} bands x {n_visits} visits: peak RSS "
+              f"{rss:.0f} MB, {dt:.0f} s")
+    if len(rows) >= 2:
+        (s0, _, m0), (s1, _, m1) = rows[0], rows[-1]
+        slope = (m1 - m0) / (s1 * s1 - s0 * s0)  # MB per grid pixel
+        print(f"  memory slope {slope * 2**20:.0f} bytes per grid pixel "
+              f"({slope * 2**20 / (len(bands) * n_visits):.1f} per pixel per visit); "
+              f"4096x4096 extrapolated: {(m1 + slope * (4096**2 - s1 * s1)) / 1024:.1f} GB")
+
+
+def pooled_stars(seeds):
+    """Star flux, size and ellipticity with noise pooled over fields ``seeds``: with
+    11-13 stars per field a 0.3 % median offset is within the noise of one field."""
+    from astropy.table import Table
+
+    pooled = {}
+    for seed in seeds:
+        d, paths, gp = simulated("clean", seed)
+        _, ex, _ = run_ours(paths, gp)
+        truth = Table.read(d / "truth.fits")
+        for k, b in enumerate(str(b) for b in ex["band"].values):
+            st = star_figures(ex["image"].values[k].astype(float), ex["variance"].values[k].astype(float),
+                              ex["psf"].values[k].astype(float), truth, b, ex["mask"].values[k] == 0)
+            pooled.setdefault(b, []).append(st)
+    print(f"stars with noise pooled over {len(seeds)} fields (seeds {seeds[0]}..{seeds[-1]}), "
+          "median and its standard error (1.2533 x robust scatter / sqrt(n)):")
+    for b, parts in pooled.items():
+        st = np.concatenate(parts)
+        e = np.hypot(st[:, 2], st[:, 3])
+        err = 1.2533 * robust(st[:, 0]) / np.sqrt(len(st))
+        print(f"  {b}: {len(st)} stars; flux/truth {np.median(st[:, 0]):.4f} +- {err:.4f}; "
+              f"size/PSF {np.median(st[:, 1]):.4f}; median |de| {np.median(e):.4f}; "
+              f"mean de1 {np.mean(st[:, 2]):+.4f} +- {np.std(st[:, 2]) / np.sqrt(len(st)):.4f}, "
+              f"mean de2 {np.mean(st[:, 3]):+.4f} +- {np.std(st[:, 3]) / np.sqrt(len(st)):.4f}")
+
+
 def run_ours(paths, grid_path, likelihood=False):
     t0 = time.perf_counter()
     grid = read_grid(grid_path)
@@ -237,7 +387,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peer-python", default="/tmp/peer/bin/python")
+    ap.add_argument("--memory", type=int, nargs="*", metavar="SIZE",
+                    help="only the peak-memory figure, at these grid sizes (e.g. 256 512 1024)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="only the star figures with noise, pooled over N simulated fields (seeds 1..N)")
     args = ap.parse_args()
+    if args.memory:
+        memory_figures(args.memory)
+        return
+    if args.seeds > 1:
+        pooled_stars(list(range(1, args.seeds + 1)))
+        return
     from astropy.table import Table
 
     t0 = time.perf_counter()
@@ -302,6 +462,22 @@ def main():
         artifact_figures(f"scarletstore full coadd with rejection ({dt_full:.1f} s)",
                          exr["image"].values.astype(float), exr["variance"].values.astype(float),
                          usable, truth_full, [str(b) for b in exr["band"].values], full_dir, grid)
+        bands_f = [str(b) for b in exr["band"].values]
+        nosky = coadd(read_visits(full_paths, grid), grid, sky=False)["exposure"]
+        sky_figures("full coadd without the final sky fit", nosky["image"].values.astype(float),
+                    nosky["variance"].values.astype(float), usable, truth_full, bands_f)
+        sky_figures("full coadd with the final sky fit", exr["image"].values.astype(float),
+                    exr["variance"].values.astype(float), usable, truth_full, bands_f)
+        print(f"    sky fit per band: {exr.attrs['sky']}")
+        before = galaxy_fluxes(nosky["image"].values.astype(float), truth_full, bands_f)
+        after = galaxy_fluxes(exr["image"].values.astype(float), truth_full, bands_f)
+        clean = galaxy_fluxes(ex["image"].values.astype(float), truth, bands)  # no sky at all
+        print("    faint galaxies (22.5 < i < 24.5, r = 5 px) median flux ratio, after/before the sky fit: "
+              + ", ".join(f"{b} {np.median(after[b] / before[b]):.3f}" for b in bands_f)
+              + "; after / visits without any sky: "
+              + ", ".join(f"{b} {np.median(after[b] / clean[b]):.3f}" for b in bands_f)
+              + f" ({len(after[bands_f[0]])} galaxies)")
+        detection_figures(exr, truth_full)
         tab = groups["visits"]
         print("    rejected pixels per visit: " + ", ".join(
             f"{f.split('.')[0][6:]} {n}" for f, n in zip(tab["file"].values, tab["n_rejected"].values) if n))

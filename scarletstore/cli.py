@@ -267,7 +267,8 @@ def cmd_coadd(args):
         raise StoreError(f"{path}: already exists; coadd creates a new store")
     grid = read_grid(args.grid)
     visits = read_visits(args.visits, grid, bands=_bands(args.bands))
-    groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers,
+    scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
+    groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers, scheduler=scheduler,
                    reject=not args.no_reject, target_fwhm=args.psf_matched_fwhm)
     Store.create(path, groups)
     exposure, table = groups["exposure"], groups["visits"]
@@ -682,7 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", required=True, help="FITS file whose IMAGE WCS and shape define the grid")
     s.add_argument("--bands", help="bands to coadd, in this order (default: all, in input order)")
     s.add_argument("--kernel", choices=["lanczos3"], default="lanczos3")
-    s.add_argument("--workers", type=int, default=1, help="visits warped at once (threads)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="visits warped at once, as processes on a local dask cluster")
+    s.add_argument("--scheduler", help="address of an existing dask scheduler to warp visits on")
     s.add_argument("--no-reject", action="store_true", help="keep artifacts (no CompareWarp-style rejection)")
     s.add_argument("--psf-matched-fwhm", type=float, default=None, metavar="ARCSEC",
                    help="target FWHM of the PSF-matched coadd (default 1.1 x the widest visit)")

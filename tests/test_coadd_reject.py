@@ -176,15 +176,16 @@ def test_visits_broader_than_the_target_are_left_out_and_listed(full, tmp_path):
 
 def test_background_matching_removes_steps_where_a_visit_is_missing(tmp_path):
     """Noise-free visits with different background planes: the matched coadd carries the
-    weighted mean of their backgrounds everywhere, also where a visit does not cover the grid."""
+    weighted mean of their backgrounds everywhere, also where a visit does not cover the grid
+    (before the final sky fit); the sky fit then takes that mean off."""
     from scarletstore.coadd.warp import pixel_mapping
 
     sim = simulate_visits(tmp_path, n_visits=4, size=120, seed=4, bands="r", density=3,
                           background=True, artifacts=False, noise=False)
     grid = read_grid(sim["grid"])
     visits = read_visits(sim["visits"], grid)
-    on = coadd(visits, grid)
-    off = coadd(visits, grid, reject=False)
+    on = coadd(visits, grid, sky=False)
+    off = coadd(visits, grid, reject=False, sky=False)
     tv = Table.read(sim["grid"].parent / "truth_visits.fits")
     assert json.loads(on["exposure"].attrs["background_reference"])["r"] in tv["file"]
     weights = on["visits"]["weight"].values
@@ -208,3 +209,7 @@ def test_background_matching_removes_steps_where_a_visit_is_missing(tmp_path):
     assert np.median(dev_on[blank]) < 0.03
     assert np.percentile(dev_on[inexact], 90) < 0.05
     assert np.percentile(dev_off[inexact], 90) > 3 * np.percentile(dev_on[inexact], 90)
+    mean_sky = np.median(np.abs(expected[blank])) / sigma  # 0.08 sigma here
+    flat = np.abs(coadd(visits, grid)["exposure"]["image"].values[0]) / sigma
+    assert np.median(flat[blank]) < min(0.02, 0.5 * mean_sky)
+    assert np.percentile(flat[blank], 90) < 0.05

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from .likelihood import LikelihoodSums, likelihood_dataset
 from .match import gaussian_target, matching_kernel
 from .psf import warp_psf_affine, warped_psf_size
 from .reject import clipped_mean, find_artifacts, smooth_difference
+from .sky import fit_sky
 from .stack import (COADD_MASK_PLANES, KERNELS, ZEROPOINT, _add_visit, _BandSums, _exposure,
                     _pixel_scale, _warp_visit, psf_fwhm, visits_table)
 from .visits import Grid, Visit
@@ -36,16 +36,42 @@ KERNEL_FOOTPRINT = 1e-3  # matching-kernel pixels above this fraction of its pea
 
 
 class _Spill:
-    """Memory-mapped (n, ny, nx) arrays in a temporary folder."""
+    """(n, ny, nx) arrays in files of a temporary folder."""
 
     def __init__(self, folder, n, shape):
         self.folder = Path(folder)
         self.n, self.shape = n, shape
 
     def array(self, name, dtype):
-        path = self.folder / f"{name}.dat"
-        mode = "r+" if path.exists() else "w+"
-        return np.memmap(path, dtype=dtype, mode=mode, shape=(self.n, *self.shape))
+        return _SpilledArray(self.folder / f"{name}.dat", dtype, (self.n, *self.shape))
+
+
+class _SpilledArray:
+    """An array on disk, mapped only while one item is read or written.
+
+    A memory map kept open for the whole run counts every page it ever
+    touched as resident (n visits x the grid x every plane); mapping per
+    access bounds what is resident to the slices in use.
+    """
+
+    def __init__(self, path, dtype, shape):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        np.memmap(path, dtype=self.dtype, mode="w+", shape=shape).flush()  # zeros
+
+    def __getitem__(self, key):
+        m = np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
+        try:
+            return np.array(m[key])
+        finally:
+            del m
+
+    def __setitem__(self, key, value):
+        m = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=self.shape)
+        try:
+            m[key] = value
+            m.flush()
+        finally:
+            del m
 
 
 def _plan_psfs(visits, grid, target_fwhm):
@@ -87,13 +113,19 @@ def _matched_warp(warp: Warp, sigma2, psf, target):
 
 def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel: str = "lanczos3",
           workers: int = 1, reject: bool = True, target_fwhm: float | None = None,
-          progress: bool = False, tmpdir=None) -> dict:
+          progress: bool = False, tmpdir=None, sky: bool = True, scheduler: str | None = None) -> dict:
     """Every coadd product of ``visits`` on ``grid`` as ``{group: Dataset}``.
 
     Groups: ``exposure`` (direct coadd, artifacts rejected when ``reject``),
     ``visits``, ``coadds/likelihood`` and ``coadds/psf_matched``. ``target_fwhm``
     (arcsec) fixes the PSF-matched target; visits whose PSF is not narrower
     are left out of the PSF-matched stack (and of artifact detection).
+    ``sky`` fits a smooth sky on each band of the direct coadd (sources
+    masked, :mod:`.sky`) and subtracts it from the direct and PSF-matched
+    coadds; the per-band fit is in ``exposure.attrs["sky"]``.
+    ``workers`` > 1 warps visits as tasks on a local dask.distributed cluster
+    of that many single-threaded processes, ``scheduler`` on an existing one;
+    the stacks are summed in visit order, so the result does not depend on them.
     """
     if kernel not in KERNELS:
         raise InputError(f"unknown warp kernel {kernel!r} (known: {', '.join(KERNELS)})")
@@ -113,26 +145,20 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
             ("m_image", np.float32), ("m_variance", np.float32), ("m_good", bool))}
         sigma2 = np.zeros(n)
 
-        def first_pass(i):
-            v = visits[i]
-            warp, s2 = _warp_visit(v, grid, zeropoint, abs(np.linalg.det(jacs[i])))
-            if not warp.good.any():
-                raise InputError(f"{v.path}: visit does not overlap the grid (no usable warped pixel)")
-            if not s2 > 0:
-                raise InputError(f"{v.path}: no usable pixel (all masked or zero variance)")
-            arr["image"][i], arr["variance"][i] = warp.image, warp.variance
-            arr["mask"][i], arr["status"][i] = warp.mask, warp.status
-            if reject and matched[i]:
-                mi, mv, mg = _matched_warp(warp, s2, psfs[i], targets[v.band])
-                arr["m_image"][i], arr["m_variance"][i], arr["m_good"][i] = mi, mv, mg
-            else:
+        tasks = [(visits[i], grid, zeropoint, abs(np.linalg.det(jacs[i])),
+                  (psfs[i], targets[visits[i].band]) if reject and matched[i] else None)
+                 for i in range(n)]
+        for i, (image, variance, mask, status, m, s2) in _run_warps(tasks, workers, scheduler):
+            arr["image"][i], arr["variance"][i] = image, variance
+            arr["mask"][i], arr["status"][i] = mask, status
+            if m is None:
                 arr["m_good"][i] = False
+            else:
+                arr["m_image"][i], arr["m_variance"][i], arr["m_good"][i] = m
             sigma2[i] = s2
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(first_pass, range(n)))
         pm = _psf_matched(arr, visits, bands, matched, sigma2, shape)
-        rejected = np.zeros((n, *shape), bool)
+        # Spilled like the warps: n bytes per pixel would not fit for many large visits.
+        rejected = spill.array("rejected", bool)
         background = spill.array("background", np.float32)  # zero unless matched
         references = {}
         if reject:
@@ -149,9 +175,102 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
         groups = _second_pass(arr, visits, grid, bands, jacs, size, sigma2, rejected, matched,
                               zeropoint, kernel, reject, background)
         groups["exposure"].attrs["background_reference"] = json.dumps(references)
+    if sky:
+        _subtract_sky(groups["exposure"], pm, bands)
     groups["coadds/psf_matched"] = _psf_matched_dataset(pm, bands, targets, target_px, grid,
                                                          zeropoint, visits, matched)
     return groups
+
+
+def _subtract_sky(exposure, pm, bands):
+    """Fit and subtract each band's remaining smooth sky (in place).
+
+    The same model comes off the PSF-matched stack: its matching kernels
+    conserve flux, so a sky smooth on scales far above the PSF is unchanged
+    by them. The Kaiser coadd keeps the sky (its numerator would need the
+    sky correlated with each visit's PSF and coverage).
+    """
+    no_data = np.int32(1 << COADD_MASK_PLANES["NO_DATA"])
+    fits_ = {}
+    image = exposure["image"].values
+    for k, b in enumerate(bands):
+        usable = (exposure["mask"].values[k] & no_data) == 0
+        fwhm = psf_fwhm(exposure["psf"].values[k].astype(np.float64), 1.0)
+        model, info = fit_sky(image[k].astype(np.float64), exposure["variance"].values[k], usable, fwhm)
+        image[k] = (image[k] - model).astype(image.dtype)
+        pm[b] = (pm[b][0] - model, pm[b][1])
+        sigma = np.sqrt(np.nanmedian(exposure["variance"].values[k][usable])) if usable.any() else 1.0
+        info["rms_sigma"] = float(np.sqrt(np.mean(model[usable] ** 2)) / sigma) if usable.any() else 0.0
+        fits_[b] = info
+    exposure.attrs["sky"] = json.dumps(fits_)
+
+
+def warp_task(visit, grid, zeropoint, area_ratio, match):
+    """One visit's warp (and PSF-matched warp when ``match`` = (psf, target)): a dask task.
+
+    Returns ``(image, variance, mask, status, matched, sigma2)`` with
+    ``matched`` = (image, variance, good) or None.
+    """
+    warp, s2 = _warp_visit(visit, grid, zeropoint, area_ratio)
+    if not warp.good.any():
+        raise InputError(f"{visit.path}: visit does not overlap the grid (no usable warped pixel)")
+    if not s2 > 0:
+        raise InputError(f"{visit.path}: no usable pixel (all masked or zero variance)")
+    m = None if match is None else _matched_warp(warp, s2, *match)
+    return (warp.image.astype(np.float32), warp.variance.astype(np.float32), warp.mask, warp.status,
+            None if m is None else (m[0].astype(np.float32), m[1].astype(np.float32), m[2]), s2)
+
+
+def _run_warps(tasks, workers, scheduler):
+    """Yield ``(i, warp_task(*tasks[i]))``: in process, or as dask.distributed tasks.
+
+    At most two tasks per worker are in flight, so the driver never holds
+    more than that many warps before they go to the spill files.
+    """
+    if scheduler is None and workers <= 1:
+        for i, t in enumerate(tasks):
+            yield i, warp_task(*t)
+        return
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise InputError("--workers/--scheduler need dask: pip install 'scarletstore[dask]'") from None
+    cluster = None
+    if scheduler is None:
+        # Processes, one thread each: the warp kernels and FFTs then run in parallel.
+        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=40)
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
+    try:
+        window = 2 * max(1, len(client.scheduler_info()["workers"]))
+        todo = iter(enumerate(tasks))
+        pending = as_completed()
+        index = {}
+        for i, t in todo:
+            fut = client.submit(warp_task, *t, pure=False)
+            index[fut.key] = i
+            pending.add(fut)
+            if len(index) >= window:
+                break
+        for fut in pending:
+            i = index.pop(fut.key)
+            result = fut.result()
+            fut.release()
+            nxt = next(todo, None)
+            if nxt is not None:
+                f2 = client.submit(warp_task, *nxt[1], pure=False)
+                index[f2.key] = nxt[0]
+                pending.add(f2)
+            yield i, result
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _psf_matched(arr, visits, bands, matched, sigma2, shape):
