@@ -231,22 +231,11 @@ def _run_warps(tasks, workers, scheduler):
         for i, t in enumerate(tasks):
             yield i, warp_task(*t)
         return
-    try:
-        from dask.distributed import Client, LocalCluster, as_completed
-    except ImportError:
-        raise InputError("--workers/--scheduler need dask: pip install 'scarletstore[dask]'") from None
-    cluster = None
-    if scheduler is None:
-        # Processes, one thread each: the warp kernels and FFTs then run in parallel.
-        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
-        client = Client(cluster)
-    else:
-        try:
-            client = Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError) as exc:
-            raise InputError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
-    try:
+    from ..parallel import dask_client
+
+    with dask_client(workers, scheduler) as client:
+        from dask.distributed import as_completed
+
         window = 2 * max(1, len(client.scheduler_info()["workers"]))
         todo = iter(enumerate(tasks))
         pending = as_completed()
@@ -267,10 +256,6 @@ def _run_warps(tasks, workers, scheduler):
                 index[f2.key] = nxt[0]
                 pending.add(f2)
             yield i, result
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _psf_matched(arr, visits, bands, matched, sigma2, shape):

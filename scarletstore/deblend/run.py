@@ -328,31 +328,11 @@ def _run_tasks(tasks, method, config, workers, scheduler, show):
         for task in tasks:
             yield process_blend(task, method, config)
         return
-    try:
-        from dask.distributed import Client, LocalCluster, as_completed
-    except ImportError:
-        raise InputError("--workers/--scheduler need dask: pip install 'scarletstore[dask]'") from None
-    cluster = None
-    if scheduler is None:
-        # one thread per process: the numba kernels hold the GIL-free loops,
-        # and processes keep the fits independent and deterministic
-        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
-        client = Client(cluster)
-    else:
-        try:
-            client = Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError) as exc:
-            raise InputError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
-    try:
+    from ..parallel import completed, dask_client
+
+    with dask_client(workers, scheduler) as client:
         futures = client.map(process_blend, tasks, method=method, config=config, pure=False)
-        for fut in as_completed(futures):
-            yield fut.result()
-            fut.release()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        yield from completed(futures)
 
 
 def init_from_run(run: xr.Dataset):

@@ -202,31 +202,13 @@ def _run_tasks(paths, models, background, workers, scheduler, redistribute=False
         for i, p in enumerate(paths):
             yield i, forced_visit(p, models, background, redistribute)
         return
-    try:
-        from dask.distributed import Client, LocalCluster, as_completed
-    except ImportError:
-        raise InputError("--workers/--scheduler need dask: pip install 'scarletstore[dask]'") from None
-    cluster = None
-    if scheduler is None:
-        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
-        client = Client(cluster)
-    else:
-        try:
-            client = Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError) as exc:
-            raise InputError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
-    try:
+    from ..parallel import completed, dask_client
+
+    with dask_client(workers, scheduler) as client:
         shared = client.scatter(models, broadcast=True)  # models go to each worker once
         futures = [client.submit(_indexed, i, str(p), shared, background, redistribute, pure=False)
                    for i, p in enumerate(paths)]
-        for fut in as_completed(futures):
-            yield fut.result()
-            fut.release()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        yield from completed(futures)
 
 
 def _indexed(i, path, models, background, redistribute):

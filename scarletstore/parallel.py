@@ -1,0 +1,56 @@
+"""The dask.distributed client every parallel stage runs its tasks on.
+
+``deblend``, ``coadd`` and ``forced`` take ``--workers N`` (a local cluster of
+N single-threaded processes) or ``--scheduler ADDRESS`` (an existing cluster);
+this module is the one place that turns those into a client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from .errors import InputError
+
+
+@contextlib.contextmanager
+def dask_client(workers: int, scheduler: str | None):
+    """A ``dask.distributed.Client``, closed (with its local cluster) on exit.
+
+    Parameters
+    ----------
+    workers : int
+        Processes of a LocalCluster, used when ``scheduler`` is None.
+    scheduler : str, optional
+        Address of a running scheduler.
+    """
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise InputError("--workers/--scheduler need dask: pip install 'scarletstore[dask]'") from None
+    cluster = None
+    if scheduler is None:
+        # one thread per process: the numba kernels and FFTs run in parallel,
+        # and processes keep the tasks independent and deterministic
+        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=40)
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def completed(futures):
+    """Results of ``futures`` as they finish, each released once yielded."""
+    from dask.distributed import as_completed
+
+    for fut in as_completed(futures):
+        yield fut.result()
+        fut.release()
