@@ -43,7 +43,7 @@ def main():
     step("simulate visits", ["simulate", sim, "--visits", args.visits, "--size", args.size,
                              "--seed", args.seed, "--bands", "gri"])
     visits = sorted(sim.glob("visit_*.fits"))
-    step("coadd", ["coadd", store, *visits, "--grid", sim / "grid.fits"])
+    step("coadd", ["coadd", store, *visits, "--grid", sim / "grid.fits", "--bands", "g,r,i"])
     step("detect", ["detect", store])
     step("deblend", ["deblend", store, "--run", "scarlet"])
     step("baseline", ["deblend", store, "--method", "sdss", "--run", "sdss"])
@@ -65,7 +65,8 @@ def main():
     from astropy.table import Table
     cat = Table.read(out / "catalog_r.fits")
     forced = Table.read(out / "forced.fits")
-    good = forced["flags"] == 0
+    good = np.asarray(forced["flags"]) == 0
+    chi2 = np.asarray(forced["chi2"], np.float64)
     print("\nsummary")
     print(f"  visits:   {len(visits)} ({args.visits} per band, g r i) coadded onto a "
           f"{args.size}x{args.size} grid")
@@ -73,7 +74,7 @@ def main():
     print(f"  catalog:  {out / 'catalog_r.fits'} ({len(cat)} children in r, "
           f"median blendedness {np.nanmedian(cat['blendedness']):.3f})")
     print(f"  forced:   {out / 'forced.fits'} ({len(forced)} source-visit rows, "
-          f"{int(good.sum())} unflagged, median chi2/dof {np.nanmedian(forced['chi2'][good]):.2f})")
+          f"{int(good.sum())} unflagged, median chi2/dof {np.nanmedian(chi2[good]):.2f})")
     print(f"  pictures: {out / f'blend_{pick}.png'} (blend {pick}), {out / 'field.png'} "
           f"({len(fitted)} multi-source blends fitted)")
     print(f"  scarlet:  {len(table)} parents, median {np.median(table['iterations'][table['reason'] == '']):.0f} "
