@@ -20,6 +20,10 @@ from scarletstore.ingest import make_exposure
 from scarletstore.models import BlendRecord, build_run
 from scarletstore.store import Store
 
+# mask-plane keywords (MP_NO_DATA) are longer than 8 characters: astropy writes
+# them as HIERARCH cards, as the visit format expects, and says so every time
+pytestmark = pytest.mark.filterwarnings("ignore:Keyword name:astropy.io.fits.verify.VerifyWarning")
+
 N = 96
 MODEL_SIGMA = 0.8
 COADD_SIGMA = 1.5
