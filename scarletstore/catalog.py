@@ -373,6 +373,23 @@ def _flux_units(measurer) -> str:
     return str(units) if units else "counts"
 
 
+def open_measurer(store, band, run=None, redistribute=False, image_override=None,
+                  psf_override=None, apertures=None, apcorr=True) -> "BlendMeasurer":
+    """The :class:`BlendMeasurer` of ``run`` (default: newest) in ``band``, with the band's
+    stored aperture correction when ``apcorr``; shared by the child and parent catalogs."""
+    runs = store.runs()
+    if not runs:
+        raise StoreError(f"{store.path}: no runs; run 'scarletstore deblend' first")
+    run = run or runs[-1]
+    if run not in runs:
+        raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
+    config = photometry_config(apertures)
+    measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
+    if apcorr:
+        measurer.photometry.apcorr = load_apcorr(store, band)
+    return measurer
+
+
 def band_catalog(store, band: str, run: str | None = None, redistribute: bool = False,
                  image_override=None, psf_override=None, apertures=None, apcorr: bool = True) -> xr.Dataset:
     """One row per child of ``run`` (default: the newest) in ``band``; measured columns are lazy.
@@ -384,16 +401,9 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
     Every column carries its units (variable attribute ``units``; all of them in
     the dataset attribute ``units`` as JSON).
     """
-    runs = store.runs()
-    if not runs:
-        raise StoreError(f"{store.path}: no runs; run 'scarletstore deblend' first")
-    run = run or runs[-1]
-    if run not in runs:
-        raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
-    config = photometry_config(apertures)
-    measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
-    if apcorr:
-        measurer.photometry.apcorr = load_apcorr(store, band)
+    measurer = open_measurer(store, band, run, redistribute, image_override, psf_override,
+                             apertures, apcorr)
+    run, config = measurer.run_name, measurer.photometry.config
     cache = _RowCache(measurer)
     t = measurer.tables
     n = len(t.col("source_id"))

@@ -82,15 +82,8 @@ def _encoding(ds: xr.Dataset) -> dict:
     return {name: {"_FillValue": None} for name in ds.variables}
 
 
-def _plain(value):
-    """HDF5 attribute -> Python value (netCDF writes scalars as 1-element arrays)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray) and value.size == 1:
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+# HDF5 attribute -> Python value: one decoder for the schema checks and the store
+_plain = _schema._attr_value
 
 
 def _fsync_dir(path: Path) -> None:

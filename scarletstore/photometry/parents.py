@@ -58,21 +58,12 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
     children's model fluxes), ``centroid_x``/``centroid_y`` of the summed
     model, every column of the measurement suite, ``flags``.
     """
-    from ..catalog import (CATALOG_FLAGS, UNITS, BlendMeasurer, _flux_units, _LazyColumn,
-                           photometry_config)
-    from ..errors import InputError, StoreError
-    from .apcorr import load_apcorr
+    from ..catalog import CATALOG_FLAGS, UNITS, _flux_units, _LazyColumn, open_measurer
 
-    runs = store.runs()
-    if not runs:
-        raise StoreError(f"{store.path}: no runs; run 'scarletstore deblend' first")
-    run = run or runs[-1]
-    if run not in runs:
-        raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
-    config = photometry_config(apertures)
-    measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
     # parents take the band's aperture correction like its children (same fluxes, same missing light)
-    measurer.photometry.apcorr = load_apcorr(store, band)
+    measurer = open_measurer(store, band, run, redistribute, image_override, psf_override,
+                             apertures, apcorr=True)
+    run, config = measurer.run_name, measurer.photometry.config
     corrected = measurer.photometry.corrected_columns()
     counts = np.diff(measurer.index.source_off)
     blends = np.flatnonzero(counts > 0)
