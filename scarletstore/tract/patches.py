@@ -79,7 +79,8 @@ def cut_patches(shape, nx: int, ny: int, overlap: int) -> list[Patch]:
     """The patches of a grid of ``shape`` (ny, nx pixels), in row-major order (j, then i).
 
     Raises InputError when an inner region would be under ``MIN_INNER`` pixels
-    on a side or the overlap is negative.
+    on a side, or the overlap is negative or so large that an outer box would
+    reach past its neighbour's inner region.
     """
     if overlap < 0:
         raise InputError(f"--overlap must be 0 or more pixels, got {overlap}")
@@ -90,6 +91,10 @@ def cut_patches(shape, nx: int, ny: int, overlap: int) -> list[Patch]:
                              f"inner regions under {MIN_INNER} pixels")
     before, after = overlap // 2, overlap - overlap // 2
     xs, ys = _edges(width, nx), _edges(height, ny)
+    smallest = min(min(b - a for a, b in zip(e, e[1:])) for e in (xs, ys))
+    if after > smallest:  # an outer box would reach past its neighbour's inner region
+        raise InputError(f"--overlap {overlap}: half the overlap must not exceed the smallest inner "
+                         f"region ({smallest} pixels); use fewer patches or less overlap")
     out = []
     for j in range(ny):
         for i in range(nx):
