@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InputError
-from .index import FORMAT, VERSION, patch_entry, write_index
+from .index import FORMAT, VERSION, IndexWriter, patch_entry
 from .patches import Patch, cut_patches, parse_patches
 
 MAX_ATTEMPTS = 2  # a failed patch is tried once more before it is recorded as failed
@@ -139,11 +139,12 @@ def process_patch(job: PatchJob) -> dict:
     """Run one patch into ``OUT_DIR/<patch>/store.h5`` (the task shipped to a worker).
 
     Returns the index fields of a finished patch: run name, counts, wall and
-    CPU seconds, and the worker process's peak resident memory
-    (``getrusage``: the high-water mark of the process, which on a worker
-    that ran several patches is the largest of them).
+    CPU seconds, and the worker process's peak resident memory before and
+    after the task (``getrusage``: the high-water mark of the process, so on
+    a worker that ran several patches the largest of them so far).
     """
     wall, cpu = time.perf_counter(), time.process_time()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     final = job.out_dir / job.patch.name
     tmp = job.out_dir / f".{job.patch.name}.{job.attempt}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -158,6 +159,7 @@ def process_patch(job: PatchJob) -> dict:
         raise
     result.update(seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                  peak_rss_before_mb=rss_before,
                   worker=f"{socket.gethostname()}:{os.getpid()}")
     return result
 
@@ -239,27 +241,40 @@ def run_tract(plan: TractPlan, workers: int = 1, scheduler: str | None = None,
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     index = new_index(plan)
     entries = {e["name"]: e for e in index["patches"]}
-    write_index(plan.out_dir, index)
+    writer = IndexWriter(plan.out_dir, index)
+    writer.write()
+    handling = 0.0  # this process's own time per result: the part of the run that is serial
     bar = progress(total=len(plan.jobs), desc="tract", unit="patch", enabled=show_progress)
-    with bar, _executor(workers, scheduler) as ex:
-        for job in plan.jobs:
-            ex.submit(job)
-        for job, result, exc in ex.results():
-            entry = entries[job.patch.name]
-            entry["attempts"] = job.attempt
-            if exc is None:
-                entry.update(status="done", error="", **result)
-            elif job.attempt < MAX_ATTEMPTS:
-                entry["error"] = _one_line(exc)
-                ex.submit(replace(job, attempt=job.attempt + 1))
-                bar.set_postfix(retrying=job.patch.name)
-            else:
-                entry.update(status="failed", error=_one_line(exc))
-            write_index(plan.out_dir, index)
-            if entry["status"] != "pending":
-                bar.update(1)
-                bar.set_postfix(last=f"{job.patch.name} {entry['status']}")
+    try:
+        with bar, _executor(workers, scheduler) as ex:
+            for job in plan.jobs:
+                ex.submit(job)
+            for job, result, exc in ex.results():
+                t = time.perf_counter()
+                _record(entries[job.patch.name], job, result, exc, ex, bar)
+                writer.update()
+                handling += time.perf_counter() - t
+    finally:  # interrupted or not, the index on disk says where each patch stands
+        index["driver"] = {"handling_seconds": handling, "index_writes": writer.writes + 1,
+                           "index_seconds": writer.seconds}
+        writer.write()
     return index
+
+
+def _record(entry, job, result, exc, ex, bar) -> None:
+    """Enter one attempt's outcome in the patch's index entry; a first failure is resubmitted."""
+    entry["attempts"] = job.attempt
+    if exc is None:
+        entry.update(status="done", error="", **result)
+    elif job.attempt < MAX_ATTEMPTS:
+        entry["error"] = _one_line(exc)
+        ex.submit(replace(job, attempt=job.attempt + 1))
+        bar.set_postfix(retrying=job.patch.name)
+        return
+    if exc is not None:
+        entry.update(status="failed", error=_one_line(exc))
+    bar.update(1)
+    bar.set_postfix(last=f"{job.patch.name} {entry['status']}")
 
 
 @contextlib.contextmanager
