@@ -13,7 +13,13 @@ timed apart). Printed per tract:
   task); scheduling overhead = wall - sum(task wall) / workers; peak worker
   memory (``getrusage`` in the task, returned with its result);
 * a paper projection from those figures to a 10,000-patch survey on a
-  1,000-worker cluster (formula printed with the number).
+  1,000-worker cluster (formula printed with the number), from the 3x3 tract
+  on 2 workers (warm: the 2x2 tract ran on the same workers first).
+
+Columns: ``recall`` / ``rec3px`` match within 1 / 3 pixels; ``ovh s`` the
+scheduling overhead; ``peak MB`` the largest worker peak RSS, ``grow MB``
+the largest rise of a worker's memory during one task (peak less the memory
+at its start; the peak is the task's own where Linux lets it be reset).
 
 ``python benchmarks/bench_tract.py [SIZE] [DIR]`` (default 320 and a folder
 under the benchmark cache). Wall times depend on the machine's load; the
@@ -94,20 +100,38 @@ def costs(index, wall, workers) -> dict:
     return {"wall": wall, "task_wall": statistics.median(task_wall),
             "task_cpu": statistics.median(e["cpu_seconds"] for e in p),
             "overhead": wall - sum(task_wall) / workers,
+            "driver": index["driver"]["handling_seconds"] / len(p),
             "rss": max(e["peak_rss_mb"] for e in p),
+            "growth": max(e["peak_rss_mb"] - e["peak_rss_before_mb"] for e in p),
             "pixels": statistics.median(e["outer"]["height"] * e["outer"]["width"] for e in p),
             "stages": {k: statistics.median(e["stage_cpu_seconds"][k] for e in p)
                        for k in p[0]["stage_cpu_seconds"]},
             "n": len(p)}
 
 
-def projection(c, workers):
-    """Survey wall time from one tract's per-patch cost and per-task overhead."""
-    per_task = max(c["overhead"], 0.0) / c["n"] * workers  # overhead seconds per task and worker
-    rounds = math.ceil(SURVEY_PATCHES / SURVEY_WORKERS)
-    low = rounds * (c["task_wall"] + per_task)
-    high = rounds * c["task_wall"] + SURVEY_PATCHES * max(c["overhead"], 0.0) / c["n"]
-    return per_task, rounds, low, high
+def print_projection(c, start):
+    """Survey wall time from one tract's per-patch cost and per-task overheads."""
+    n, w = SURVEY_PATCHES, SURVEY_WORKERS
+    rounds = math.ceil(n / w)
+    o_sched = max(c["overhead"], 0.0) / c["n"]
+    print(f"projection to N = {n} patches on W = {w} workers, from the 3x3 tract on 2 workers:")
+    print(f"  t_patch = {c['task_cpu']:.2f} s (median task CPU: a worker with its own core; "
+          f"{c['task_wall']:.2f} s wall here, cores shared), o_driver = {c['driver'] * 1e3:.1f} ms "
+          f"(driver's serial time per result), o_sched = {o_sched:.2f} s (overhead per task: "
+          f"(wall - sum task wall / workers) / tasks), t_start = {start:.1f} s (cluster start)")
+    low = start + rounds * c["task_cpu"] + n * c["driver"]
+    high = start + rounds * c["task_wall"] + n * o_sched
+    print(f"  T = t_start + ceil(N/W) t_patch + N o_driver = {start:.1f} + {rounds} x "
+          f"{c['task_cpu']:.2f} + {n} x {c['driver']:.4f} = {low:.0f} s")
+    print(f"  bound, task wall as measured here and all overhead serial: T = t_start + ceil(N/W) "
+          f"t_wall + N o_sched = {start:.1f} + {rounds} x {c['task_wall']:.2f} + {n} x {o_sched:.2f} "
+          f"= {high:.0f} s")
+    scale = RUBIN_PATCH**2 / c["pixels"]
+    print(f"  Rubin-sized patches ({RUBIN_PATCH} px, {scale:.0f}x the pixels; cost and memory "
+          f"growth taken proportional to pixels at this depth, visit count and density): "
+          f"t_patch {c['task_cpu'] * scale:.0f} s, T = {rounds} x {c['task_cpu'] * scale:.0f} s = "
+          f"{rounds * c['task_cpu'] * scale / 3600:.1f} h; memory over the worker's base "
+          f"{c['growth']:.0f} MB x {scale:.0f} = {c['growth'] * scale / 1e3:.1f} GB per worker")
 
 
 def main():
@@ -133,35 +157,21 @@ def main():
     ref = results[("1x1", 1)][1]
     print(f"1x1 reference: {int(ref['is_primary'].sum())} primaries")
     head = (f"{'tract':5s} {'workers':>7s} {'patches':>7s} {'outer px':>8s} {'rows':>5s} {'prim':>5s} "
-            f"{'dupl':>4s} {'recall':>6s} {'|df|/f':>7s} {'|df|/err':>8s} {'wall s':>7s} "
-            f"{'task s':>7s} {'task cpu':>8s} {'ovh s':>6s} {'peak MB':>7s}")
+            f"{'dupl':>4s} {'recall':>6s} {'rec3px':>6s} {'|df|/f':>7s} {'|df|/err':>8s} {'wall s':>7s} "
+            f"{'task s':>7s} {'task cpu':>8s} {'ovh s':>6s} {'peak MB':>7s} {'grow MB':>7s}")
     print(head)
     for (patches, workers), (index, cols, wall) in results.items():
         c = costs(index, wall, workers)
-        a = against_single(cols, ref)
+        a, a3 = against_single(cols, ref), against_single(cols, ref, 3.0)
         print(f"{patches:5s} {workers:7d} {c['n']:7d} {math.sqrt(c['pixels']):8.0f} {len(cols['x']):5d} "
-              f"{a['n']:5d} {duplicates(cols):4d} {a['recall']:6.3f} {a['rel']:7.4f} {a['sig']:8.3f} "
-              f"{wall:7.1f} {c['task_wall']:7.2f} {c['task_cpu']:8.2f} {c['overhead']:6.1f} {c['rss']:7.0f}")
+              f"{a['n']:5d} {duplicates(cols):4d} {a['recall']:6.3f} {a3['recall']:6.3f} {a['rel']:7.4f} "
+              f"{a['sig']:8.3f} {wall:7.1f} {c['task_wall']:7.2f} {c['task_cpu']:8.2f} "
+              f"{c['overhead']:6.1f} {c['rss']:7.0f} {c['growth']:7.0f}")
     for patches in ("2x2", "3x3"):
         c = costs(results[(patches, 2)][0], results[(patches, 2)][2], 2)
         stages = ", ".join(f"{k} {v:.2f}" for k, v in c["stages"].items())
-        print(f"{patches} per-patch CPU by stage (median s): {stages}")
-    # projection from the 3x3 tract on 2 workers (the most tasks per worker)
-    c = costs(results[("3x3", 2)][0], results[("3x3", 2)][2], 2)
-    per_task, rounds, low, high = projection(c, 2)
-    print(f"projection to {SURVEY_PATCHES} patches on {SURVEY_WORKERS} workers, from the 3x3 tract on "
-          f"2 workers (patch {math.sqrt(c['pixels']):.0f} px, task {c['task_wall']:.2f} s wall, "
-          f"overhead {per_task:.2f} s per task and worker):")
-    print(f"  T = ceil(N/W) x (t_patch + o) = {rounds} x ({c['task_wall']:.2f} + {per_task:.2f}) s "
-          f"= {low:.0f} s  (overhead spread over the workers)")
-    print(f"  T = ceil(N/W) x t_patch + N x o / W_measured = {rounds} x {c['task_wall']:.2f} + "
-          f"{SURVEY_PATCHES} x {max(c['overhead'], 0) / c['n']:.2f} s = {high:.0f} s  "
-          f"(overhead serial at the scheduler, an upper bound)")
-    scale = RUBIN_PATCH**2 / c["pixels"]
-    print(f"  for Rubin-sized patches ({RUBIN_PATCH} px, x{scale:.0f} pixels), cost taken "
-          f"proportional to pixels (same depth, visits and density): "
-          f"{rounds} x {c['task_wall'] * scale:.0f} s = {rounds * c['task_wall'] * scale / 3600:.1f} h "
-          f"of wall; memory above the worker's base grows the same way")
+        print(f"{patches} per-patch CPU by stage (median s, 2 workers): {stages}")
+    print_projection(costs(results[("3x3", 2)][0], results[("3x3", 2)][2], 2), start)
 
 
 if __name__ == "__main__":

@@ -139,12 +139,15 @@ def process_patch(job: PatchJob) -> dict:
     """Run one patch into ``OUT_DIR/<patch>/store.h5`` (the task shipped to a worker).
 
     Returns the index fields of a finished patch: run name, counts, wall and
-    CPU seconds, and the worker process's peak resident memory before and
-    after the task (``getrusage``: the high-water mark of the process, so on
-    a worker that ran several patches the largest of them so far).
+    CPU seconds, and the worker's peak resident memory (``getrusage``) at the
+    start and the end of the task. Where Linux lets a process reset its
+    high-water mark (``/proc/self/clear_refs``) it is reset first, so the peak
+    is this task's (``peak_rss_scope`` "task"); elsewhere it is the process's
+    peak so far ("process").
     """
     wall, cpu = time.perf_counter(), time.process_time()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    scope = "task" if _reset_peak_rss() else "process"
+    rss_before = _peak_rss_mb()
     final = job.out_dir / job.patch.name
     tmp = job.out_dir / f".{job.patch.name}.{job.attempt}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -158,10 +161,23 @@ def process_patch(job: PatchJob) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result.update(seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                  peak_rss_before_mb=rss_before,
+                  peak_rss_mb=_peak_rss_mb(), peak_rss_before_mb=rss_before, peak_rss_scope=scope,
                   worker=f"{socket.gethostname()}:{os.getpid()}")
     return result
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 class _InProcess:
