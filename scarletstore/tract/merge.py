@@ -65,11 +65,13 @@ def tract_catalog(out_dir, band: str) -> tuple[dict, dict, list[str]]:
         if entry["status"] != "done":
             missing.append(entry["name"])
             continue
+        if entry.get("n_sources") == 0:  # nothing to add (and a run of no blends reads back badly)
+            continue
         with Store(out_dir / entry["store"]) as store:
             cols, attrs = patch_catalog(store, band, entry)
         parts.append(cols)
     if not parts:
-        raise InputError(f"{out_dir}: no patch of the tract is done; nothing to merge")
+        raise InputError(f"{out_dir}: no patch of the tract is done with sources; nothing to merge")
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     attrs = dict(attrs, run=json.dumps({e["name"]: e.get("run") for e in index["patches"]
                                         if e["status"] == "done"}),
