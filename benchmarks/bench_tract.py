@@ -73,7 +73,7 @@ def run_one(root, visits, grid, patches, overlap, workers, scheduler):
     return index, columns, wall
 
 
-def duplicates(cols, radius=1.0) -> int:
+def duplicate_pairs(cols, radius=1.0) -> int:
     from scipy.spatial import cKDTree
 
     p = cols["is_primary"]
@@ -164,7 +164,7 @@ def main():
         c = costs(index, wall, workers)
         a, a3 = against_single(cols, ref), against_single(cols, ref, 3.0)
         print(f"{patches:5s} {workers:7d} {c['n']:7d} {math.sqrt(c['pixels']):8.0f} {len(cols['x']):5d} "
-              f"{a['n']:5d} {duplicates(cols):4d} {a['recall']:6.3f} {a3['recall']:6.3f} {a['rel']:7.4f} "
+              f"{a['n']:5d} {duplicate_pairs(cols):4d} {a['recall']:6.3f} {a3['recall']:6.3f} {a['rel']:7.4f} "
               f"{a['sig']:8.3f} {wall:7.1f} {c['task_wall']:7.2f} {c['task_cpu']:8.2f} "
               f"{c['overhead']:6.1f} {c['rss']:7.0f} {c['growth']:7.0f}")
     for patches in ("2x2", "3x3"):
