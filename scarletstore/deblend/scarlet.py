@@ -621,7 +621,7 @@ class _Fit:
                                      and lost > DIVERGE_MIN * best)
 
 
-def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
+def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs):
     """Run the optimiser on ``state`` (modified in place) with ``config``.
 
     Returns a :class:`_Fit`; its ``best`` is (loss, snapshot) of the best
@@ -649,7 +649,7 @@ def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
     # a warm start from a fit with this same configuration refines it: if
     # the continued fit ends worse (the proximal operators need not leave
     # the stored end point fixed), the start is returned unchanged
-    start = copy.deepcopy(state) if warm and _same_config(init, config) else None
+    start = copy.deepcopy(state) if warm and refine else None
     # A warm start takes proximal-gradient (FISTA) steps whatever the
     # optimizer: Adam's first steps are sign-normalised (every pixel moves
     # by the full step however small its gradient), which kicks a
@@ -842,7 +842,7 @@ def _fall_back(fit, cold, config, peaks, conv, data, w, inv_var, joint, bufs):
     candidate = None
     if cold is not None:
         plain = dataclasses.replace(config, symmetric=False)
-        candidate = _fit(cold(), plain, False, None, peaks, conv, data, w, inv_var, joint, bufs)
+        candidate = _fit(cold(), plain, False, False, peaks, conv, data, w, inv_var, joint, bufs)
         candidate.iterations += fit.iterations
         if candidate.diverged():
             candidate = None
@@ -868,7 +868,7 @@ def _check_symmetry_cost(fit, cold, config, peaks, conv, data, w, inv_var, joint
     the swap is flagged ``fallback_no_symmetry`` (not ``diverged``).
     """
     plain = dataclasses.replace(config, symmetric=False)
-    other = _fit(cold(), plain, False, None, peaks, conv, data, w, inv_var, joint, bufs)
+    other = _fit(cold(), plain, False, False, peaks, conv, data, w, inv_var, joint, bufs)
     if other.diverged() or other.loss * (1.0 + SYMMETRY_COST_MAX) >= fit.loss:
         fit.iterations += other.iterations
         return fit
@@ -954,6 +954,14 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     model_psf, kern, kres, conv = _psf_setup(psfs, config.model_psf_sigma, (H, W))
 
     warm = init is not None
+    refine = warm and _same_config(init, config)  # the same fit continued
+    fit_config = config
+    if warm and config.symmetric and init.flags & _models.BLEND_FLAGS["fallback_no_symmetry"]:
+        # the stored fit is the plain refit of a fallback: its morphologies
+        # are unshifted and need not be symmetric, so continue it as it was
+        # fitted (with symmetry the restart would unshift and symmetrise it,
+        # and a 14-peak HSC blend restarted 2 % below its cold fit)
+        fit_config = dataclasses.replace(config, symmetric=False)
     joint = len(peaks) * H * W <= config.max_spectrum_cutoff
     if len(peaks) == 0:
         state = None
@@ -982,7 +990,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             def cold():
                 return _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W)
         args = (peaks, conv, data, w, inv_var, joint, bufs)
-        fit = _fit(state, config, warm, init, *args)
+        fit = _fit(state, fit_config, warm, refine, *args)
         diverged = fit.diverged()
         if diverged:
             fit = _fall_back(fit, cold, config, *args)
@@ -994,7 +1002,8 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             fit = _check_symmetry_cost(fit, cold, config, *args)
         state, shift, loss, history = fit.state, fit.shift, fit.loss, fit.history
         converged, iterations, kept_start = fit.converged, fit.iterations, fit.kept_start
-        fallback = fit.fallback
+        # a continued fallback stays one (so its next restart is plain too)
+        fallback = fit.fallback or ("no_symmetry" if fit_config is not config else "")
     else:
         history = []
         shift = None
