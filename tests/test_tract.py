@@ -61,6 +61,29 @@ def test_box_contains_gives_every_position_one_inner_region():
     assert (owners == 1).all()
 
 
+def test_a_source_on_a_shared_edge_is_primary_exactly_once():
+    """Two patches fit one source with other neighbours, so its centre differs by a fraction of a
+    pixel and can fall on either side of their shared edge: primary twice, or never, until settled."""
+    from scarletstore.tract.merge import resolve_seams
+
+    patches = {p.name: p for p in cut_patches((100, 200), 2, 1, 20)}  # shared inner edge at x = 99.5
+    names = sorted(patches)
+    # source 0: both copies on their own side (twice primary); source 1: both on the far side
+    # (never); source 2: far from the edge, in one patch only; source 3: an overlap pair away
+    # from the edge, already primary once
+    x = np.array([99.4, 99.7, 99.6, 99.3, 40.0, 105.0, 105.1])
+    y = np.array([30.0, 30.2, 60.0, 60.1, 50.0, 20.0, 20.0])
+    patch = np.array([names[0], names[1], names[0], names[1], names[0], names[1], names[0]])
+    primary = np.array([patches[n].inner.contains(yy, xx) for n, yy, xx in zip(patch, y, x)])
+    assert primary.tolist() == [True, True, False, False, True, True, False]
+    cols = {"x": x, "y": y, "patch": patch, "is_primary": primary.copy()}
+    assert resolve_seams(cols, patches) == 2
+    for rows in ([0, 1], [2, 3], [5, 6]):
+        assert cols["is_primary"][rows].sum() == 1, rows
+    # the owner is the patch holding the copies' mean centre (x 99.55 -> right, 99.45 -> left)
+    assert cols["is_primary"].tolist() == [False, True, True, False, True, True, False]
+
+
 def test_index_rewrites_are_skipped_while_they_would_cost_over_a_tenth_of_the_time(tmp_path):
     from scarletstore.tract.index import IndexWriter, read_index
 

@@ -6,8 +6,12 @@ are not rows; ``scarletstore catalog --parents`` measures them). A source in
 an overlap appears once per patch that measured it; ``is_primary`` is true
 for the copy whose centre (model position ``x, y``) lies in its own patch's
 inner region. Inner regions tile the grid, so each source is primary once,
-up to the rare source whose centre the two patches place on opposite sides
-of their shared edge.
+except where two patches place one source's centre on opposite sides of
+their shared edge (each patch fits it with other neighbours, so the centres
+differ by a fraction of a pixel): it would then be primary twice or never.
+:func:`resolve_seams` settles those: copies from different patches within
+``SEAM_MATCH`` pixels of each other, near an inner edge, are one source, and
+the copy of the patch whose inner region holds their mean centre is primary.
 
 Kept per row: ``patch`` (name), ``patch_i``/``patch_j``, ``store_id`` (the
 source id within that patch's store) and ``parent`` (its parent id there);
@@ -26,6 +30,64 @@ from ..errors import InputError
 from .index import patch_of, read_index
 
 PIXEL_COLUMNS = {"x": "x0", "centroid_x": "x0", "y": "y0", "centroid_y": "y0"}
+SEAM_MATCH = 1.5  # pixels: copies of one source from two patches (centres differ by well under this)
+
+
+def resolve_seams(columns: dict, patches: dict) -> int:
+    """Make every source near a shared inner edge primary exactly once; returns how many changed.
+
+    Parameters
+    ----------
+    columns : dict of arrays
+        Tract-catalog columns with ``patch``, ``x``, ``y`` (tract pixels) and
+        ``is_primary`` (changed in place).
+    patches : dict
+        Patch name -> :class:`~scarletstore.tract.patches.Patch`.
+    """
+    from scipy.spatial import cKDTree
+
+    y, x = np.asarray(columns["y"], float), np.asarray(columns["x"], float)
+    names = np.asarray(columns["patch"])
+    near = np.zeros(y.size, bool)
+    for patch in patches.values():
+        b = patch.inner
+        own = names == patch.name
+        d = np.minimum.reduce([np.abs(y - (b.y0 - 0.5)), np.abs(y - (b.y0 + b.height - 0.5)),
+                               np.abs(x - (b.x0 - 0.5)), np.abs(x - (b.x0 + b.width - 0.5))])
+        near |= own & (d < SEAM_MATCH)
+    rows = np.flatnonzero(near & np.isfinite(y) & np.isfinite(x))
+    if rows.size < 2:
+        return 0
+    tree = cKDTree(np.column_stack([y[rows], x[rows]]))
+    # one source = a connected group of copies from different patches
+    parent = np.arange(rows.size)
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in tree.query_pairs(SEAM_MATCH):
+        if names[rows[a]] != names[rows[b]]:
+            parent[root(a)] = root(b)
+    groups = {}
+    for k in range(rows.size):
+        groups.setdefault(root(k), []).append(rows[k])
+    changed = 0
+    primary = columns["is_primary"]
+    for members in groups.values():
+        members = np.asarray(members)
+        if members.size < 2 or np.unique(names[members]).size < members.size:
+            continue  # a lone copy, or two sources of one patch: nothing to settle
+        cy, cx = y[members].mean(), x[members].mean()
+        owner = [m for m in members if patches[names[m]].inner.contains(cy, cx)]
+        if not owner:
+            continue  # the owning patch did not measure it (failed patch): leave as measured
+        want = members == owner[0]
+        changed += int((primary[members] != want).sum())
+        primary[members] = want
+    return changed
 
 
 def patch_catalog(store, band: str, entry: dict) -> tuple[dict, dict]:
@@ -65,7 +127,7 @@ def tract_catalog(out_dir, band: str) -> tuple[dict, dict, list[str]]:
         if entry["status"] != "done":
             missing.append(entry["name"])
             continue
-        if entry.get("n_sources") == 0:  # nothing to add (and a run of no blends reads back badly)
+        if entry.get("n_sources") == 0:  # nothing to add
             continue
         with Store(out_dir / entry["store"]) as store:
             cols, attrs = patch_catalog(store, band, entry)
@@ -73,7 +135,9 @@ def tract_catalog(out_dir, band: str) -> tuple[dict, dict, list[str]]:
     if not parts:
         raise InputError(f"{out_dir}: no patch of the tract is done with sources; nothing to merge")
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    seams = resolve_seams(columns, {e["name"]: patch_of(e) for e in index["patches"]})
     attrs = dict(attrs, run=json.dumps({e["name"]: e.get("run") for e in index["patches"]
                                         if e["status"] == "done"}),
-                 tract=str(out_dir.absolute()), missing_patches=json.dumps(missing))
+                 tract=str(out_dir.absolute()), missing_patches=json.dumps(missing),
+                 seam_resolved=int(seams))
     return columns, attrs, missing
