@@ -26,6 +26,11 @@ blend). Wall and CPU (user + system) times are both quoted: on a shared,
 loaded machine the wall swings with the load and the CPU time much less.
 Last, ``python -X importtime`` of a one-blend deblend and of a
 catalog, folded to the top-level modules that cost most.
+
+``--compare TREE`` times another source tree of the package (e.g. the main
+checkout) the same way, each call alternating between the two trees (A/B,
+so load drifts hit both alike), and prints the figures of both and a
+before/after table of medians.
 """
 
 from __future__ import annotations
@@ -51,10 +56,11 @@ from common import CACHE  # noqa: E402
 BANDS = "ugrizy"
 
 
-def _env(numba_cache: Path) -> dict:
+def _env(numba_cache: Path, root: Path = ROOT) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     env["NUMBA_CACHE_DIR"] = str(numba_cache)
+    env["_BENCH_ROOT"] = str(root)  # the tree whose code the call runs (its cwd)
     return env
 
 
@@ -68,7 +74,8 @@ def cli(args, env, extra=()) -> float:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     # cwd: ``-m`` puts the working directory first on sys.path; run this tree's code
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          cwd=env.get("_BENCH_ROOT", ROOT))
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -129,76 +136,110 @@ def importtime(args, env, top=12) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])[:top]
 
 
+def _jobs(base, calls, catalog_store, out, one, env, tag):
+    return {
+        "help": lambda: cli(["--help"], env),
+        "one": lambda: cli(["deblend", run_copy(base, calls, f"one{tag}"), "--blends", one,
+                            "--run", "x"], env),
+        "catalog": lambda: cli(["catalog", catalog_store, "--band", "r", "-o", out], env),
+        "full": lambda: cli(["deblend", run_copy(base, calls, f"full{tag}"), "--run", "x"], env),
+    }
+
+
+def _report(label, walls, cpus, one, nparents, rt, cold_one, cold_cat):
+    """Print one tree's figures (medians of the alternating runs)."""
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
+
+    def fmt(k):
+        return (f"{med[k]:6.3f} s wall, {cpu[k]:6.3f} s CPU  "
+                f"(walls: {', '.join(f'{w:.3f}' for w in walls[k])}; "
+                f"CPU: {', '.join(f'{c:.2f}' for c in cpus[k])})")
+
+    print(f"-- {label}")
+    print(f"scarletstore --help            {fmt('help')}")
+    print(f"deblend --blends {one:<14d}{fmt('one')}")
+    print(f"catalog --band r (1 blend)     {fmt('catalog')}")
+    print(f"deblend (all {nparents} parents)      {fmt('full')}")
+    print(f"fixed cost of a call: deblend of one blend {med['one']:.3f} s, "
+          f"catalog of one band {med['catalog']:.3f} s")
+    marginal = (med["full"] - med["one"]) / (nparents - 1)
+    marginal_cpu = (cpu["full"] - cpu["one"]) / (nparents - 1)
+    print(f"CPU of a call: deblend of one blend {cpu['one']:.3f} s, "
+          f"catalog of one band {cpu['catalog']:.3f} s")
+    print(f"marginal cost per blend: {1e3 * marginal:.1f} ms wall, {1e3 * marginal_cpu:.1f} ms "
+          f"CPU  (full - one-blend call, over the other {nparents - 1} parents)")
+    print(f"fit-only: sum of recorded blend runtimes {rt.sum():.3f} s over {rt.size} fitted "
+          f"blends = {1e3 * rt.sum() / (nparents - 1):.1f} ms per blend over {nparents - 1}; "
+          f"median {1e3 * statistics.median(rt):.1f} ms")
+    print(f"outside the fits: {med['full'] - rt.sum():.3f} s of the full run's wall")
+    print(f"numba compile + cache write (first calls, empty cache): deblend "
+          f"{cold_one - med['one']:.2f} s, catalog {cold_cat - med['catalog']:.2f} s")
+    return med, cpu
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compare", metavar="TREE",
+                    help="another source tree of the package to time alternately (A/B)")
     opts = ap.parse_args(argv)
 
     work = CACHE / "cli-600-7"
     work.mkdir(parents=True, exist_ok=True)
-    numba_cache = Path(tempfile.mkdtemp(prefix="numba-", dir=work))
-    env = _env(numba_cache)
+    trees = [("this tree", ROOT)]
+    if opts.compare:
+        trees.insert(0, (f"compared tree {opts.compare}", Path(opts.compare).resolve()))
+    caches = [Path(tempfile.mkdtemp(prefix="numba-", dir=work)) for _ in trees]
+    envs = [_env(c, root) for c, (_, root) in zip(caches, trees)]
     try:
-        base, one, nparents = prepare(work, env)
+        base, one, nparents = prepare(work, envs[-1])
         calls = work / "calls"
         calls.mkdir(exist_ok=True)
         print(f"600x600 field, {nparents} parents; one-blend calls use parent {one}")
 
-        # first calls fill the empty numba cache: compile + cache write
-        cold_one = cli(["deblend", run_copy(base, calls, "one"), "--blends", one, "--run", "x"], env)
-        catalog_store = run_copy(base, calls, "catalog")
-        cli(["deblend", catalog_store, "--blends", one, "--run", "x"], env)
-        out = calls / "cat.fits"
-        cold_cat = cli(["catalog", catalog_store, "--band", "r", "-o", out], env)
-
-        jobs = {
-            "help": lambda: cli(["--help"], env),
-            "one": lambda: cli(["deblend", run_copy(base, calls, "one"), "--blends", one,
-                                "--run", "x"], env),
-            "catalog": lambda: cli(["catalog", catalog_store, "--band", "r", "-o", out], env),
-            "full": lambda: cli(["deblend", run_copy(base, calls, "full"), "--run", "x"], env),
-        }
-        walls = {k: [] for k in jobs}
-        cpus = {k: [] for k in jobs}
-        for _ in range(opts.repeat):  # alternating, so load drifts hit every call alike
-            for key, job in jobs.items():
-                walls[key].append(job())
-                cpus[key].append(cli.cpu)
-        med = {k: statistics.median(v) for k, v in walls.items()}
-        cpu = {k: statistics.median(v) for k, v in cpus.items()}
-        rt = blend_runtimes(calls / "full.h5")
-
-        def fmt(k):
-            return (f"{med[k]:6.3f} s wall, {cpu[k]:6.3f} s CPU  "
-                    f"(walls: {', '.join(f'{w:.3f}' for w in walls[k])})")
-
-        print(f"scarletstore --help            {fmt('help')}")
-        print(f"deblend --blends {one:<14d}{fmt('one')}")
-        print(f"catalog --band r (1 blend)     {fmt('catalog')}")
-        print(f"deblend (all {nparents} parents)      {fmt('full')}")
-        print(f"fixed cost of a call: deblend of one blend {med['one']:.3f} s, "
-              f"catalog of one band {med['catalog']:.3f} s")
-        marginal = (med["full"] - med["one"]) / (nparents - 1)
-        marginal_cpu = (cpu["full"] - cpu["one"]) / (nparents - 1)
-        print(f"CPU of a call: deblend of one blend {cpu['one']:.3f} s, "
-              f"catalog of one band {cpu['catalog']:.3f} s")
-        print(f"marginal cost per blend: {1e3 * marginal:.1f} ms wall, {1e3 * marginal_cpu:.1f} ms "
-              f"CPU  (full - one-blend call, over the other {nparents - 1} parents)")
-        print(f"fit-only: sum of recorded blend runtimes {rt.sum():.3f} s over {rt.size} fitted "
-              f"blends = {1e3 * rt.sum() / (nparents - 1):.1f} ms per blend over {nparents - 1}; "
-              f"median {1e3 * statistics.median(rt):.1f} ms")
-        print(f"outside the fits: {med['full'] - rt.sum():.3f} s of the full run's wall")
-        print(f"numba compile + cache write (first calls, empty cache): deblend "
-              f"{cold_one - med['one']:.2f} s, catalog {cold_cat - med['catalog']:.2f} s")
-        for label, args in (("deblend --blends", ["deblend", run_copy(base, calls, "imp"),
-                                                   "--blends", one, "--run", "x"]),
-                            ("catalog", ["catalog", catalog_store, "--band", "r", "-o", out])):
-            rows = importtime(args, env)
-            print(f"import time of {label} (top-level modules, cumulative):")
-            for name, sec in rows:
-                print(f"  {sec:6.3f} s  {name}")
+        runs = []
+        for t, env in enumerate(envs):
+            # first calls fill the empty numba cache: compile + cache write
+            cold_one = cli(["deblend", run_copy(base, calls, f"one{t}"), "--blends", one,
+                            "--run", "x"], env)
+            catalog_store = run_copy(base, calls, f"catalog{t}")
+            cli(["deblend", catalog_store, "--blends", one, "--run", "x"], env)
+            out = calls / f"cat{t}.fits"
+            cold_cat = cli(["catalog", catalog_store, "--band", "r", "-o", out], env)
+            runs.append({"jobs": _jobs(base, calls, catalog_store, out, one, env, t),
+                         "cold": (cold_one, cold_cat), "catalog": catalog_store, "out": out,
+                         "walls": {}, "cpus": {}})
+        for _ in range(opts.repeat):  # alternating calls and trees: load drifts hit all alike
+            for key in runs[0]["jobs"]:
+                for r in runs:
+                    r["walls"].setdefault(key, []).append(r["jobs"][key]())
+                    r["cpus"].setdefault(key, []).append(cli.cpu)
+        medians = []
+        for t, ((label, _), r) in enumerate(zip(trees, runs)):
+            rt = blend_runtimes(calls / f"full{t}.h5")
+            medians.append(_report(label, r["walls"], r["cpus"], one, nparents, rt, *r["cold"]))
+        if len(trees) == 2:
+            (wa, ca), (wb, cb) = medians
+            print(f"-- before ({trees[0][0]}) / after (this tree), medians of {opts.repeat} "
+                  "alternating runs")
+            print(f"{'call':<28}{'wall before':>12}{'wall after':>12}{'CPU before':>12}"
+                  f"{'CPU after':>12}{'CPU ratio':>11}")
+            for key, name in (("help", "--help"), ("one", "deblend --blends (1 blend)"),
+                              ("catalog", "catalog --band r"), ("full", f"deblend ({nparents})")):
+                print(f"{name:<28}{wa[key]:12.3f}{wb[key]:12.3f}{ca[key]:12.3f}{cb[key]:12.3f}"
+                      f"{cb[key] / ca[key]:11.2f}")
+        for (label, _), env, r, t in zip(trees, envs, runs, range(len(trees))):
+            for what, args in (("deblend --blends", ["deblend", run_copy(base, calls, f"imp{t}"),
+                                                      "--blends", one, "--run", "x"]),
+                               ("catalog", ["catalog", r["catalog"], "--band", "r", "-o", r["out"]])):
+                rows = importtime(args, env)
+                print(f"import time of {what} ({label}; top-level modules, cumulative):")
+                for name, sec in rows:
+                    print(f"  {sec:6.3f} s  {name}")
     finally:
-        shutil.rmtree(numba_cache, ignore_errors=True)
+        for c in caches:
+            shutil.rmtree(c, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ import xarray as xr
 
 from . import schema as _schema
 from .errors import SchemaError, StoreError
+from .lazydask import install as _defer_dask_probe
+
+# xarray would import dask.array (~0.4 s) on the first Variable it builds; no
+# store read or write needs it (see lazydask)
+_defer_dask_probe()
 
 FORMAT = "scarletstore"
 FORMAT_VERSION = 2  # the newest store format this package reads and writes
@@ -361,6 +366,10 @@ class Store:
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise SchemaError(f"{self.path}: group {group!r} is unreadable: "
                               f"{type(exc).__name__}: {_one_line(exc)}") from None
+        return self._current(ds, group, validate, upgrade)
+
+    def _current(self, ds: xr.Dataset, group: str, validate: bool, upgrade: bool) -> xr.Dataset:
+        """``ds`` migrated to its schema's latest version (``upgrade``) or checked (``validate``)."""
         try:
             if upgrade:
                 from .migrate import upgrade as _upgrade
@@ -373,13 +382,37 @@ class Store:
         return ds
 
     def read(self, group: str, validate: bool = True, upgrade: bool = True) -> xr.Dataset:
-        """Read ``group`` fully into memory and close the file."""
+        """Read ``group`` fully into memory and close the file.
+
+        The group is read straight from HDF5 (:mod:`scarletstore.h5read`, the
+        Dataset xarray would build, several times faster); a group holding
+        something only xarray decodes is read through :meth:`open`.
+        """
+        ds = self._read_h5(group, validate or upgrade)
+        if ds is not None:
+            return self._current(ds, group, validate, upgrade)
         with self.open(group, validate=validate, upgrade=upgrade) as ds:
             try:
                 return ds.load()
             except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
                 raise SchemaError(f"{self.path}: group {group!r} is unreadable: "
                                   f"{type(exc).__name__}: {_one_line(exc)}") from None
+
+    def _read_h5(self, group: str, check: bool):
+        """``group`` read by :func:`~scarletstore.h5read.read_group` (after the cheap
+        schema checks when ``check``), or None for :meth:`open` to read it."""
+        from .h5read import read_group
+
+        with self._h5() as f:
+            if check:
+                self._check(f, group)
+            elif not self.has(group):
+                raise StoreError(f"{self.path}: no {group!r} group")
+            try:
+                g = f[group]
+            except (KeyError, OSError):
+                return None  # a missing product file: open() says which
+            return read_group(g) if isinstance(g, h5py.Group) else None
 
     def h5_group(self, group: str):
         """``(h5py.File, group)`` opened read-only when ``group`` is at its latest schema
