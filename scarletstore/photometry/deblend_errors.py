@@ -172,20 +172,32 @@ def noise_covariance(noise, fisher, flux, q):
     return fixed + np.sqrt(np.outer(q, q)) * morph
 
 
-def band_share_of_snr2(fluxes, sigma, band: int) -> np.ndarray:
+@njit(cache=True)
+def band_share_of_snr2(fluxes, sigma, band):
     """Each child's fraction of its S/N^2 over all bands that is in ``band``.
 
     ``fluxes``: (n, B) model fluxes of the children in every band; ``sigma``:
     (B,) typical pixel noise of each band. The footprint is one for all
-    bands, so a child's S/N in band b goes as ``F_b / sigma_b``; NaN noise or
-    no positive flux counts as all of it in ``band``.
+    bands, so a child's S/N in band b goes as ``F_b / sigma_b``; bands of
+    unknown noise count for nothing, and a child with no positive flux where
+    the noise is known has all of it in ``band``.
     """
-    f = np.clip(np.nan_to_num(np.asarray(fluxes, np.float64)), 0, None)
-    sig = np.asarray(sigma, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r2 = np.where(np.isfinite(sig) & (sig > 0), (f / sig) ** 2, 0.0)
-        q = r2[:, band] / r2.sum(axis=1)
-    return np.where(np.isfinite(q), q, 1.0)
+    n, nb = fluxes.shape
+    q = np.ones(n)
+    for i in range(n):
+        total = 0.0
+        mine = 0.0
+        for b in range(nb):
+            f = fluxes[i, b]
+            if not (np.isfinite(f) and f > 0 and np.isfinite(sigma[b]) and sigma[b] > 0):
+                continue
+            r2 = (f / sigma[b]) ** 2
+            total += r2
+            if b == band:
+                mine = r2
+        if total > 0:
+            q[i] = mine / total
+    return q
 
 
 def template_covariance(c: np.ndarray, kappa: np.ndarray) -> np.ndarray:
