@@ -13,11 +13,8 @@ E_i)^2 + (f F_i)^2 + sum_bin kappa_bin^2 V_i,bin`` (``noise``: the
 library's noise part, ``E``: the child's light on the footprint edge,
 ``F`` its flux, ``V`` its contested fluxes squared by the bin of each
 template it shares pixels with), so these ingredients are recorded once per
-blend while one catalog is computed. Children alone in their blend fix
-``lambda`` and ``f`` (pull width 1 in each of four S/N bins, least squares
-in log width); then sweeps set each bin's kappa so its children's pulls
-have width 1, the others held. Bins with fewer than ``MIN_PER_BIN``
-children take their S/N column's value from the next less blended bin.
+blend while one catalog is computed; the constants are then fitted to the
+pull widths of groups of children (see :func:`groups` and :func:`solve`).
 
 Usage: ``python benchmarks/calibrate_flux_errors.py [--write]``; ``--write``
 puts the constants into ``scarletstore/photometry/deblend_errors.py``
@@ -41,7 +38,7 @@ CALIBRATION_FIELDS = [dict(size=500, seed=21, density=130.0, bands="grizy"),
                       dict(size=550, seed=24, density=75.0, bands="gri"),
                       dict(size=600, seed=25, density=90.0, bands="grizy", psf_beta=2.8)]
 MIN_PER_BIN = 15
-SNR_BINS = (20.0, 50.0, 100.0)  # S/N bins (noise part) in which the children alone fix lambda and f
+SNR_BINS = (20.0, 50.0, 100.0)  # S/N bins (noise part) of the children alone in their blend (groups)
 ERRORS_MODULE = Path(__file__).resolve().parent.parent / "scarletstore" / "photometry" / "deblend_errors.py"
 
 
@@ -116,11 +113,6 @@ def samples(fields=CALIBRATION_FIELDS):
                 out[key].append(val[sel])
             print(f"  seed {spec['seed']} {band}: {sel.sum()} children", flush=True)
     return {k: np.concatenate(v) for k, v in out.items()}, (nb, ns)
-
-
-def _root(widths_of, grid):
-    w = np.array([widths_of(g) for g in grid])
-    return grid[int(np.argmin(np.abs(w - 1.0)))]
 
 
 TRUTH_CLASSES = (0.01, 0.1)  # truth blendedness: isolated < 0.01 <= mild < 0.1 <= blended (as judged)
