@@ -25,7 +25,7 @@ from .measure import COLUMNS, measure_children
 from .models import SOURCE_FLAGS, RunIndex, RunTables, read_blend
 from .photometry import PHOT_FLAGS, PhotometryConfig, suite_columns
 from .photometry.apcorr import load_apcorr
-from .photometry.blend import BlendPhotometry
+from .photometry.blend import BlendPhotometry, model_fluxes
 from .reconstruct import apportion_weights, band_kernel, heavy_values, source_models
 
 # catalog flag bits (source flags keep their bits; these are added)
@@ -233,7 +233,7 @@ class BlendMeasurer:
         blend, models, fp, data, redist = self.blend_products(b)
         image, variance, good = data if data is not None else (None, None, None)
         m = measure_children(models, fp, blend.bbox[0], blend.bbox[1], image, variance, good, redist)
-        flux = np.array([_model_flux(src, self.b) for src in blend.sources], np.float64)
+        flux = model_fluxes(blend.sources, len(self.tables.bands))[:, self.b]
         cols = {name: m[:, k] for k, name in enumerate(COLUMNS)}
         if redist is not None:
             # every pixel of the redistributed footprint counts, stray and negative ones
@@ -283,16 +283,6 @@ class BlendMeasurer:
         sy, sx0, sx1 = mask_to_spans(inside, y0, x0)
         vals = values[inside]  # row-major order == span order
         return HeavyFootprint(int(source_id), self.band, sy, sx0, sx1, vals.astype(np.float32), blend.bbox)
-
-
-def _model_flux(src, band: int) -> float:
-    total = 0.0
-    for c in src.components:
-        if c.morph.ndim == 3:
-            total += float(c.morph[band].sum(dtype=np.float64))
-        else:
-            total += float(c.spectrum[band]) * float(c.morph.sum(dtype=np.float64))
-    return total
 
 
 class _RowCache:

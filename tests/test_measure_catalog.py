@@ -186,13 +186,19 @@ def test_cli_apertures(field, tmp_path, capsys):
 def test_flux_error_parts(field):
     """The model flux's error is the noise part and the template (and footprint-edge) part in quadrature."""
     from scarletstore.photometry import PhotometryConfig
-    from scarletstore.photometry.deblend_errors import contested_flux
+    from scarletstore.photometry.deblend_errors import contested_flux, share_products
 
     cat = field.catalog("g").compute()
     noise, model, total = (cat[c].values for c in ("flux_err_noise", "flux_err_model", "flux_err"))
     np.testing.assert_allclose(total, np.hypot(noise, model))
-    # the isolated galaxy contests nothing: only its footprint's edge jitter is added, and it has no neighbour
-    assert 0 < model[2] < noise[2] and cat["flux_corr_neighbour_id"].values[2] == -1
+    # the isolated galaxy contests nothing: only its footprint's edge jitter and its template's
+    # normalisation error are added, and it has no neighbour
+    config = PhotometryConfig()
+    blend, models, fp, data, _ = cat.attrs["_measurer"].blend_products(1)
+    edge = share_products(np.ascontiguousarray(models, np.float32), fp, data[1], data[2], True)[2]
+    assert model[2] == pytest.approx(np.hypot(config.footprint_edge_sigma * edge[0],
+                                              config.flux_sigma * cat["flux"].values[2]), rel=1e-6)
+    assert model[2] > 0 and cat["flux_corr_neighbour_id"].values[2] == -1
     assert model[0] > 0 and model[1] > 0  # the star and its neighbour overlap
     kappa = PhotometryConfig().template_log_ratio_sigma
     # equal shares of two identical templates: each contests half its flux

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .deblend_errors import FOOTPRINT_EDGE_SIGMA, KAPPA_TABLE
+from .deblend_errors import FLUX_SIGMA, FOOTPRINT_EDGE_SIGMA, KAPPA_TABLE
 from .gaap import effective_weight
 from .psf_flux import ShiftedPSF
 
@@ -48,6 +48,8 @@ class PhotometryConfig:
         (``deblend_errors.KAPPA_TABLE``)
     footprint_edge_sigma : rms jitter (pixels) of the footprint boundary
         (``deblend_errors.FOOTPRINT_EDGE_SIGMA``)
+    flux_sigma : independent normalisation error of each template, fraction of its flux
+        (``deblend_errors.FLUX_SIGMA``)
     """
 
     apertures: tuple = (3.0, 6.0, 12.0)
@@ -58,6 +60,7 @@ class PhotometryConfig:
     template_log_ratio_sigma: float = 1.0
     kappa_table: tuple = KAPPA_TABLE
     footprint_edge_sigma: float = FOOTPRINT_EDGE_SIGMA
+    flux_sigma: float = FLUX_SIGMA
 
     def aperture_names(self):
         return [f"aperture_flux_{_radius_name(r)}" for r in self.apertures]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
-from .deblend_errors import BLENDEDNESS_EDGES, SNR_EDGES, model_errors, share_products
+from .deblend_errors import BLENDEDNESS_EDGES, SNR_EDGES, band_share_of_snr2, error_model, share_products
 from .kernels import noise_planes
 from .moments import psf_covariance
 
@@ -21,6 +21,36 @@ def child_shares(models: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     pos = np.where(footprint[None], np.clip(models, 0, None), 0).astype(np.float64)
     total = pos.sum(axis=0)
     return np.divide(pos, total, out=np.zeros_like(pos), where=total > 0)
+
+
+def model_fluxes(sources, n_bands: int) -> np.ndarray:
+    """(n, B) model flux of each source in every band, from its stored components (no convolution)."""
+    out = np.zeros((len(sources), n_bands))
+    for i, src in enumerate(sources):
+        for c in src.components:
+            if c.morph.ndim == 3:
+                out[i] += c.morph.sum(axis=(1, 2), dtype=np.float64)
+            else:
+                out[i] += np.asarray(c.spectrum, np.float64) * float(c.morph.sum(dtype=np.float64))
+    return out
+
+
+def band_noise(variance, planes=1 << 14) -> np.ndarray:
+    """(B,) typical pixel noise of each band: sqrt of the median finite positive variance.
+
+    ``variance`` is a (B, H, W) array or HDF5 dataset, read on a regular
+    subgrid of about ``planes`` pixels per band (a median needs no more, and
+    the whole plane of a 600 x 600 field cost 50 ms, half a catalog).
+    """
+    nb, h, w = variance.shape
+    step = max(1, int(np.sqrt(h * w / planes)))
+    v = np.asarray(variance[:, ::step, ::step], np.float64).reshape(nb, -1)
+    out = np.full(nb, np.nan)
+    for b in range(nb):
+        good = v[b][np.isfinite(v[b]) & (v[b] > 0)]
+        if good.size:
+            out[b] = np.sqrt(np.median(good))
+    return out
 
 
 def moments_of(img: np.ndarray):
@@ -44,6 +74,21 @@ class BlendPhotometry:
         self.apcorr = None  # an ApertureCorrection applied to the flux columns, if set
         self._psf = {}
         self._edges = (np.array(BLENDEDNESS_EDGES, np.float64), np.array(SNR_EDGES, np.float64))
+        self._sigma = None
+
+    def band_sigma(self) -> np.ndarray:
+        """(B,) typical pixel noise of every band of the run (the reprocessed image's for its band)."""
+        if self._sigma is None:
+            m = self.measurer
+            nb = len(m.tables.bands)
+            sigma = np.full(nb, np.nan)
+            if m.exposure is not None:
+                sigma = m.store.cached(("band_noise",), lambda: band_noise(m.exposure.arrays["variance"]))
+                sigma = np.array(sigma, np.float64)  # the copy is the measurer's own
+            if m.image_override is not None:
+                sigma[m.b] = band_noise(np.asarray(m.image_override["variance"])[None])[0]
+            self._sigma = sigma
+        return self._sigma
 
     @property
     def _kappa_table(self):
@@ -95,12 +140,27 @@ class BlendPhotometry:
     def flux_errors(self, blend, models, fp, data, m) -> dict:
         """The model flux's error (noise and template parts) and its most correlated neighbour.
 
-        The model part is the covariance of independent template log-errors
-        (kappa from each template's blendedness and S/N) plus a coherent
-        shift of the footprint edge by ``footprint_edge_sigma`` pixels, in
-        one compiled call (:func:`~.deblend_errors.model_errors`); the noise
-        part is the share-weighted one.
+        The noise part is the fixed-template (Fisher) covariance plus the
+        morphology's share of the noise by the band's fraction of each
+        child's S/N^2; the model part the covariance of independent template
+        log-errors (kappa from each template's blendedness and S/N), a
+        coherent shift of the footprint edge by ``footprint_edge_sigma``
+        pixels and each template's normalisation error ``flux_sigma``; all in
+        one compiled call (:func:`~.deblend_errors.error_model`).
         """
+        inputs = self.error_inputs(blend, models, fp, data, m)
+        cfg = self.config
+        err_noise, err, k, corr = error_model(*inputs, self._kappa_table, self._edges[0], self._edges[1],
+                                              cfg.template_log_ratio_sigma, cfg.footprint_edge_sigma,
+                                              cfg.flux_sigma, data is not None)
+        ids = np.asarray(blend.source_ids, np.int64)
+        return {"flux_err_noise": err_noise, "flux_err_model": err, "flux_corr_neighbour": corr,
+                "flux_corr_neighbour_id": np.where(k >= 0, ids[np.maximum(k, 0)], -1),
+                "flux_err": np.hypot(err_noise, err)}
+
+    def error_inputs(self, blend, models, fp, data, m) -> tuple:
+        """The blend's arrays :func:`~.deblend_errors.error_model` takes before its constants:
+        ``(c, noise, fisher, edge, own, flux, q, err_share, blendedness)``."""
         templates = np.ascontiguousarray(models, np.float32)
         fpc = np.ascontiguousarray(fp, np.bool_)
         if data is None:
@@ -108,23 +168,13 @@ class BlendPhotometry:
             variance, good, has = np.zeros((h, w), np.float32), np.zeros((h, w), np.bool_), False
         else:
             variance, good, has = np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2]), True
-        c, noise, edge, own = share_products(templates, fpc, variance, good, has)
-        # the footprint's edge jitters with the noise it was found on: the same shift for every child
-        edge_sigma = self.config.footprint_edge_sigma * edge
-        out = {"flux_err_noise": m[:, 1].copy()}
-        if len(own) == 1:  # alone: no template shares its pixels, no neighbour
-            out.update(flux_err_model=edge_sigma, flux_corr_neighbour=np.full(1, np.nan),
-                       flux_corr_neighbour_id=np.full(1, -1, np.int64))
-        else:
-            err, k, corr = model_errors(c, noise, edge, own, np.ascontiguousarray(m[:, 1]),
-                                        np.ascontiguousarray(m[:, 7]), self._kappa_table,
-                                        self._edges[0], self._edges[1], self.config.template_log_ratio_sigma,
-                                        self.config.footprint_edge_sigma, has)
-            ids = np.asarray(blend.source_ids, np.int64)
-            out.update(flux_err_model=err, flux_corr_neighbour=corr,
-                       flux_corr_neighbour_id=np.where(k >= 0, ids[np.maximum(k, 0)], -1))
-        out["flux_err"] = np.hypot(m[:, 1], out["flux_err_model"])
-        return out
+        c, noise, edge, own, fisher = share_products(templates, fpc, variance, good, has)
+        fluxes = model_fluxes(blend.sources, len(self.measurer.tables.bands))
+        q = band_share_of_snr2(fluxes, self.band_sigma(), self.measurer.b) if has else np.ones(len(own))
+        # a cube component (SDSS templates) has a morphology of its own in every band
+        q[[any(c.morph.ndim == 3 for c in src.components) for src in blend.sources]] = 1.0
+        return (c, noise, fisher, edge, own, np.ascontiguousarray(fluxes[:, self.measurer.b]), q,
+                np.ascontiguousarray(m[:, 1]), np.ascontiguousarray(m[:, 7]))
 
     def parent(self, b, blend, models, fp, data):
         """Suite columns of the parent as a whole (one row).

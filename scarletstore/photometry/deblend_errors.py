@@ -16,8 +16,25 @@ The footprint itself is found on the noisy data, so its boundary jitters: a
 coherent shift by ``FOOTPRINT_EDGE_SIGMA`` pixels adds (or drops) each
 child's light on the edge pixels, isolated children included.
 
+Each template is also off in normalisation by ``FLUX_SIGMA`` of its flux,
+independently (the free-form templates miss wings below the noise; this is
+all an isolated bright child has beyond the noise and the edge).
+
+The noise part is not the pixel variance under the child's share alone: the
+fitted morphology is shared by all bands, so in band b the model flux
+``F_b`` moves with the noise as a fixed-template amplitude fit (the Fisher
+covariance ``F_i F_j (N^-1)_ij``, ``N_ij = sum_p T_i T_j / var_p``, which
+correlates neighbours) plus the morphology's own noise, which is the
+share-weighted variance beyond that fixed-template part times the band's
+fraction ``q_b`` of the child's S/N^2 over all bands. For one free-form
+template on P pixels and per-pixel noise sigma_b this is exact to first
+order: ``var F_b = sigma_b^2 (P_eff + q_b (P - P_eff))`` with ``P_eff =
+(sum T)^2 / sum T^2`` (a single band gives the aperture variance
+``sigma^2 P``); a band where the child is faint takes its morphology from
+the others and its error is near the fixed-template one.
+
 ``kappa_k`` comes from a small table by template k's own blendedness and S/N
-(``KAPPA_TABLE``); table and edge jitter are derived by
+(``KAPPA_TABLE``); table, edge jitter and ``FLUX_SIGMA`` are derived by
 ``benchmarks/calibrate_flux_errors.py`` on calibration fields never used to
 judge them (``benchmarks/bench_measure.py errors``).
 """
@@ -29,14 +46,17 @@ from numba import njit
 
 # kappa, the log-error of a template, by the template's own blendedness (rows: edges
 # BLENDEDNESS_EDGES) and S/N (columns: edges SNR_EDGES), measured on calibration fields
-# that are never used to judge it: ``benchmarks/calibrate_flux_errors.py`` derives it.
+# that are never used to judge it: ``benchmarks/calibrate_flux_errors.py --write`` derives
+# it (a row whose bin had too few children repeats the less blended row's value there).
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((0.058, 0.432),   # blendedness < 0.02;  S/N < 50, >= 50
-               (0.606, 0.962),   # 0.02 - 0.2 (S/N >= 50: 32 children)
-               (0.432, 0.962))   # >= 0.2 (S/N >= 50: 10 children, the row above's value)
+KAPPA_TABLE = ((2.305, 0.753),
+               (0.691, 0.582),
+               (0.534, 0.534))
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 0.729
+FOOTPRINT_EDGE_SIGMA = 0.761
+# independent normalisation error of each template, as a fraction of its flux; same calibration
+FLUX_SIGMA = 0.0018
 
 
 def kappa_of(blendedness, snr, table=KAPPA_TABLE) -> np.ndarray:
@@ -72,13 +92,16 @@ def contested_flux(templates, footprint):
 
 @njit(cache=True)
 def share_products(templates, footprint, variance, good, has_data):
-    """Pairwise contested flux and share-weighted noise covariance of a blend's children.
+    """Pairwise contested flux, share-weighted noise and fixed-template Fisher matrix of a blend's children.
 
-    Returns ``(c, noise, edge, own)``; ``c`` and ``noise`` are (n, n): ``c[i, j] = sum_p s_i s_j M_p`` for
-    i != j with ``c[i, i] = sum_p s_i (1 - s_i) M_p`` (the contested flux,
-    which is the row sum of the off-diagonal terms), and ``noise[i, j] =
-    sum_p s_i s_j var_p`` over good pixels (the covariance of the model
-    fluxes ``s_i * data``; its diagonal is the square of ``flux_err_noise``).
+    Returns ``(c, noise, edge, own, fisher)``; ``c``, ``noise`` and ``fisher``
+    are (n, n): ``c[i, j] = sum_p s_i s_j M_p`` for i != j with
+    ``c[i, i] = sum_p s_i (1 - s_i) M_p`` (the contested flux, which is the
+    row sum of the off-diagonal terms), ``noise[i, j] = sum_p s_i s_j var_p``
+    over good pixels (the covariance of the share-weighted fluxes
+    ``s_i * data``; its diagonal is the square of the aperture-like noise
+    error) and ``fisher[i, j] = sum_p T_i T_j / var_p`` over good pixels (the
+    normal matrix of the children's amplitudes with the templates fixed).
     ``edge[i]`` is the child's template summed over the footprint's edge
     pixels: the light a shift of the footprint boundary by one pixel moves in
     or out (the footprint is found on the noisy data, so its edge jitters);
@@ -88,6 +111,7 @@ def share_products(templates, footprint, variance, good, has_data):
     n, h, w = templates.shape
     c = np.zeros((n, n))
     noise = np.zeros((n, n))
+    fisher = np.zeros((n, n))
     edge = np.zeros(n)
     own = np.zeros(n)
     s = np.empty(n)
@@ -103,6 +127,16 @@ def share_products(templates, footprint, variance, good, has_data):
                     own[i] += t
                     if on_edge:
                         edge[i] += t
+            usable = has_data and good[y, x]
+            v = variance[y, x] if usable else 0.0
+            if usable and v > 0:
+                iv = 1.0 / v
+                for i in range(n):
+                    ti = templates[i, y, x]
+                    if ti == 0.0:
+                        continue
+                    for j in range(n):
+                        fisher[i, j] += ti * templates[j, y, x] * iv
             total = 0.0
             for i in range(n):
                 t = templates[i, y, x]
@@ -112,7 +146,6 @@ def share_products(templates, footprint, variance, good, has_data):
                 continue
             for i in range(n):
                 s[i] /= total
-            v = variance[y, x] if (has_data and good[y, x]) else 0.0
             for i in range(n):
                 if s[i] == 0.0:
                     continue
@@ -121,7 +154,50 @@ def share_products(templates, footprint, variance, good, has_data):
                     if j != i:
                         c[i, j] += s[i] * s[j] * total
                     noise[i, j] += s[i] * s[j] * v
-    return c, noise, edge, own
+    return c, noise, edge, own, fisher
+
+
+def noise_covariance(noise, fisher, flux, q):
+    """Covariance of the children's model fluxes from the pixel noise (reference for :func:`error_model`).
+
+    ``fixed = F_i F_j (N^+)_ij`` is the amplitude part (templates held
+    fixed; ``N^+`` the pseudo-inverse of ``fisher``); the morphology adds
+    what the share-weighted covariance ``noise`` has beyond it, scaled by
+    ``sqrt(q_i q_j)`` (``q``: each child's fraction of its S/N^2 over all
+    bands in this band); a negative diagonal excess counts as none.
+    """
+    fixed = np.outer(flux, flux) * np.linalg.pinv(fisher)
+    morph = noise - fixed
+    np.fill_diagonal(morph, np.clip(np.diag(morph), 0, None))
+    return fixed + np.sqrt(np.outer(q, q)) * morph
+
+
+@njit(cache=True)
+def band_share_of_snr2(fluxes, sigma, band):
+    """Each child's fraction of its S/N^2 over all bands that is in ``band``.
+
+    ``fluxes``: (n, B) model fluxes of the children in every band; ``sigma``:
+    (B,) typical pixel noise of each band. The footprint is one for all
+    bands, so a child's S/N in band b goes as ``F_b / sigma_b``; bands of
+    unknown noise count for nothing, and a child with no positive flux where
+    the noise is known has all of it in ``band``.
+    """
+    n, nb = fluxes.shape
+    q = np.ones(n)
+    for i in range(n):
+        total = 0.0
+        mine = 0.0
+        for b in range(nb):
+            f = fluxes[i, b]
+            if not (np.isfinite(f) and f > 0 and np.isfinite(sigma[b]) and sigma[b] > 0):
+                continue
+            r2 = (f / sigma[b]) ** 2
+            total += r2
+            if b == band:
+                mine = r2
+        if total > 0:
+            q[i] = mine / total
+    return q
 
 
 def template_covariance(c: np.ndarray, kappa: np.ndarray) -> np.ndarray:
@@ -162,19 +238,23 @@ def _bin(value, edges):
 
 
 @njit(cache=True)
-def model_errors(c, noise, edge, own, err_noise, blendedness, table, b_edges, snr_edges, scale, edge_sigma,
-                 has_data):
-    """One compiled call for a blend: (model error, neighbour index, neighbour correlation).
+def error_model(c, noise, fisher, edge, own, flux, q, err_share, blendedness, table, b_edges, snr_edges, scale,
+                edge_sigma, flux_sigma, has_data):
+    """One compiled call for a blend: (noise error, model error, neighbour index, neighbour correlation).
 
-    The same quantities as :func:`kappa_of`, :func:`template_covariance`
-    plus the coherent edge shift, and :func:`most_covariant_neighbour`
-    (index -1 and NaN for a child with no correlated neighbour).
+    The noise covariance is :func:`noise_covariance`; the model covariance
+    :func:`template_covariance` with kappa by :func:`kappa_of` (S/N: own
+    flux over the share-weighted error ``err_share``; ``scale`` multiplies
+    kappa) plus the coherent edge shift ``edge_sigma`` and each template's
+    independent normalisation error ``flux_sigma``; the neighbour is
+    :func:`most_covariant_neighbour` of their sum (index -1 and NaN for a
+    child with no correlated neighbour). Without data the noise error is NaN.
     """
     n = len(own)
     kappa2 = np.empty(n)
     for k in range(n):
         b = blendedness[k] if np.isfinite(blendedness[k]) else 0.0
-        snr = own[k] / err_noise[k] if err_noise[k] > 0 else 0.0
+        snr = own[k] / err_share[k] if err_share[k] > 0 else 0.0
         if not np.isfinite(snr):
             snr = 0.0
         kk = scale * table[_bin(b, b_edges), _bin(snr, snr_edges)]
@@ -188,24 +268,37 @@ def model_errors(c, noise, edge, own, err_noise, blendedness, table, b_edges, sn
                 a_jk = c[j, k] if k == j else -c[j, k]
                 acc += a_ik * a_jk * kappa2[k]
             cov[i, j] = acc + edge_sigma * edge_sigma * edge[i] * edge[j]
+        cov[i, i] += (flux_sigma * flux[i]) ** 2
+    vn = np.zeros((n, n))
+    if has_data:
+        inv = np.linalg.pinv(fisher)
+        for i in range(n):
+            for j in range(n):
+                fixed = flux[i] * flux[j] * inv[i, j]
+                morph = noise[i, j] - fixed
+                if i == j and morph < 0:
+                    morph = 0.0
+                vn[i, j] = fixed + np.sqrt(q[i] * q[j]) * morph
+    err_noise = np.empty(n)
     err = np.empty(n)
     for i in range(n):
+        err_noise[i] = np.sqrt(max(vn[i, i], 0.0)) if has_data else np.nan
         err[i] = np.sqrt(max(cov[i, i], 0.0))
     best = np.full(n, -1, np.int64)
     corr = np.full(n, np.nan)
     for i in range(n):
-        vi = cov[i, i] + (noise[i, i] if has_data else 0.0)
+        vi = cov[i, i] + vn[i, i]
         top = 0.0
         for j in range(n):
             if j == i:
                 continue
-            vj = cov[j, j] + (noise[j, j] if has_data else 0.0)
+            vj = cov[j, j] + vn[j, j]
             if vi <= 0 or vj <= 0:
                 continue
-            r = (cov[i, j] + (noise[i, j] if has_data else 0.0)) / np.sqrt(vi * vj)
+            r = (cov[i, j] + vn[i, j]) / np.sqrt(vi * vj)
             if abs(r) > abs(top):
                 top = r
                 best[i] = j
         if best[i] >= 0:
             corr[i] = top
-    return err, best, corr
+    return err_noise, err, best, corr
