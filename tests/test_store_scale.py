@@ -314,3 +314,35 @@ def test_copy_move_and_remove_whole_stores(tmp_path, layout):
         with pytest.raises(StoreError, match=why):
             copy_store(bad, tmp_path / "x.h5")
     assert other.read_text() == "not a store" and not (tmp_path / "x.h5").exists()
+
+
+def test_copy_taken_while_another_process_writes_is_one_version(tmp_path):
+    """Copies made while a writer adds runs and replaces the exposure are each a
+    complete version: sound, and holding the runs of some moment of the original."""
+    from scarletstore.store import copy_store
+
+    path = tmp_path / "s.h5"
+    Store.create(path, {"exposure": _exposure(0)})
+    script = tmp_path / "w.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[2])
+        from test_store import _exposure, _tiny_run
+        from scarletstore.store import Store
+        store = Store(sys.argv[1])
+        for k in range(6):
+            store.add_run(_tiny_run(n_sources=2), name=f"r{k}")
+            store.write({"exposure": _exposure(k + 1)}, replace=True)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script), str(path), str(Path(__file__).parent)])
+    copies = []
+    while proc.poll() is None or not copies:
+        copies.append(copy_store(path, tmp_path / f"copy{len(copies)}.h5"))
+    assert proc.wait() == 0
+    for copy in copies[:: max(1, len(copies) // 8)]:  # at most about 8 checked
+        runs = copy.runs()
+        assert runs == [f"r{k}" for k in range(len(runs))] and copy.check() == []
+        # the exposure of the same moment: replaced after each run (r_k, then exposure k + 1)
+        image = copy.read("exposure")["image"].values
+        moments = [len(runs)] + ([len(runs) - 1] if runs else [])
+        assert any(np.array_equal(image, _exposure(k)["image"].values) for k in moments), runs
