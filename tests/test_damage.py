@@ -9,7 +9,7 @@ from conftest import gaussian_psf, make_wcs_header, store_bytes
 from scarletstore.cli import main
 from scarletstore.errors import SchemaError
 from scarletstore.ingest import make_exposure
-from scarletstore.store import Store, copy_store
+from scarletstore.store import Store, copy_store, products_dir
 
 BANDS = ["g", "r", "i"]
 
@@ -187,6 +187,38 @@ def test_damaged_group_one_line_exit_2(valid_store, tmp_path, capsys, group, dam
     if damage == "version 99":
         assert "upgrade scarletstore" in err
     assert store_bytes(path) == before  # never half-written, never "repaired" behind the user
+
+
+@pytest.fixture(scope="module")
+def valid_single_store(valid_store, tmp_path_factory):
+    """The same groups as ``valid_store`` in one file (``SCARLETSTORE_LAYOUT=single``)."""
+    source = Store(valid_store)
+    path = tmp_path_factory.mktemp("damage_single") / "s.h5"
+    Store.create(path, {g: source.read(g, upgrade=False) for g in source.groups()}, layout="single")
+    return path
+
+
+# the single-file layout (still read and written): two damages of each group, every reader
+SINGLE_CASES = [(g, d, c) for g in DAMAGE for d in list(DAMAGE[g])[:2] + ["version 99"]
+                for c in READERS[g]]
+
+
+@pytest.mark.parametrize("group,damage,command", SINGLE_CASES,
+                         ids=[f"{g}-{d}-{c}" for g, d, c in SINGLE_CASES])
+def test_damaged_single_file_store_one_line_exit_2(valid_single_store, valid_store, tmp_path, capsys,
+                                                   group, damage, command):
+    path = tmp_path / "s.h5"
+    copy_store(valid_single_store, path)
+    assert Store(path).layout == "single"
+    argv = _argv(command, path, tmp_path, _fitted_parent(valid_store))
+    with h5py.File(path, "a") as f:
+        DAMAGE[group][damage](f[group])
+    before = store_bytes(path)
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and f"{group!r}" in err, err
+    assert store_bytes(path) == before and not products_dir(path).exists()
 
 
 # ------------------------------------------------------------------ damage to a linked store's files
