@@ -171,22 +171,38 @@ CASES = [(g, d, c) for g in DAMAGE for d in DAMAGE[g]
          for c in (COMMANDS if d == "version 99" else READERS[g])]
 
 
-@pytest.mark.parametrize("group,damage,command", CASES, ids=[f"{g}-{d}-{c}" for g, d, c in CASES])
-def test_damaged_group_one_line_exit_2(valid_store, tmp_path, capsys, group, damage, command):
+def _refused(source, parent, tmp_path, capsys, group, command, damage) -> str:
+    """Copy store ``source``, ``damage(path)`` it, run ``command``: exit 2, one line
+    naming ``group``, no traceback, every file of the store as it was. Returns the line."""
     path = tmp_path / "s.h5"
-    copy_store(valid_store, path)
-    argv = _argv(command, path, tmp_path, _fitted_parent(valid_store))
-    with h5py.File(path, "a") as f:
-        DAMAGE[group][damage](f[group])
+    copy_store(source, path)
+    argv = _argv(command, path, tmp_path, parent)
+    damage(path)
     before = store_bytes(path)
     capsys.readouterr()
     assert main(argv) == 2, argv
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{group!r}" in err, err  # names the damaged group
+    assert store_bytes(path) == before  # never half-written, never "repaired" behind the user
+    return err
+
+
+def _in_group(group, damage):
+    """A damage of the group's HDF5 objects, applied through the store file."""
+    def apply(path):
+        with h5py.File(path, "a") as f:
+            damage(f[group])
+    return apply
+
+
+@pytest.mark.parametrize("group,damage,command", CASES, ids=[f"{g}-{d}-{c}" for g, d, c in CASES])
+def test_damaged_group_one_line_exit_2(valid_store, tmp_path, capsys, group, damage, command):
+    assert Store(valid_store).layout == "linked"
+    err = _refused(valid_store, _fitted_parent(valid_store), tmp_path, capsys, group, command,
+                   _in_group(group, DAMAGE[group][damage]))
     if damage == "version 99":
         assert "upgrade scarletstore" in err
-    assert store_bytes(path) == before  # never half-written, never "repaired" behind the user
 
 
 @pytest.fixture(scope="module")
@@ -207,18 +223,10 @@ SINGLE_CASES = [(g, d, c) for g in DAMAGE for d in list(DAMAGE[g])[:2] + ["versi
                          ids=[f"{g}-{d}-{c}" for g, d, c in SINGLE_CASES])
 def test_damaged_single_file_store_one_line_exit_2(valid_single_store, valid_store, tmp_path, capsys,
                                                    group, damage, command):
-    path = tmp_path / "s.h5"
-    copy_store(valid_single_store, path)
-    assert Store(path).layout == "single"
-    argv = _argv(command, path, tmp_path, _fitted_parent(valid_store))
-    with h5py.File(path, "a") as f:
-        DAMAGE[group][damage](f[group])
-    before = store_bytes(path)
-    capsys.readouterr()
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err and f"{group!r}" in err, err
-    assert store_bytes(path) == before and not products_dir(path).exists()
+    assert Store(valid_single_store).layout == "single"
+    _refused(valid_single_store, _fitted_parent(valid_store), tmp_path, capsys, group, command,
+             _in_group(group, DAMAGE[group][damage]))
+    assert not products_dir(tmp_path / "s.h5").exists()
 
 
 # ------------------------------------------------------------------ damage to a linked store's files
@@ -255,18 +263,8 @@ LINK_CASES = [(g, d, c) for g in READERS for d in LINK_DAMAGE for c in READERS[g
 
 @pytest.mark.parametrize("group,damage,command", LINK_CASES, ids=[f"{g}-{d}-{c}" for g, d, c in LINK_CASES])
 def test_damaged_product_file_one_line_exit_2(valid_store, tmp_path, capsys, group, damage, command):
-    path = tmp_path / "s.h5"
-    copy_store(valid_store, path)
-    assert Store(path).layout == "linked"
-    argv = _argv(command, path, tmp_path, _fitted_parent(valid_store))
-    LINK_DAMAGE[damage](path, group)
-    before = store_bytes(path)
-    capsys.readouterr()
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert f"{group!r}" in err, err
-    assert store_bytes(path) == before  # nothing cleaned up or rewritten behind the user
+    _refused(valid_store, _fitted_parent(valid_store), tmp_path, capsys, group, command,
+             lambda path: LINK_DAMAGE[damage](path, group))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
