@@ -30,6 +30,9 @@ Sections (run all with ``python benchmarks/bench_deblend.py``, or name some:
 * ``field_seeds`` -- the flux and colour figures of ``field`` pooled over
   seeds 3, 5, 7 and 11 (no timing): one field's median moves by a few per
   cent with any small change, four fields' much less.
+* ``real`` -- every blend of the real HSC cut-outs (hsc_cosmos_35, hsc_cosmos,
+  cut_hsc, cut_hsc1) through detection and the defaults: logL, iterations,
+  fallbacks and CPU time per fit.
 * ``field_positions`` -- what limits the detected-peak figures: the same
   pooled fields with the default configuration, detected peaks as they are,
   moved onto their true positions, moved and scattered by 0.15 / 0.3 px, and
@@ -705,6 +708,41 @@ def bench_field_positions(repeats=1, seeds=(3, 5, 7, 11)):
     return out
 
 
+REAL_CUTOUTS = ("hsc_cosmos_35.npz", "hsc_cosmos.npz", "cut_hsc.npz", "cut_hsc1.npz")
+
+
+def bench_real(repeats=5):
+    """Every real HSC cut-out through detection and the default scarlet fit.
+
+    Per cut-out and blend (peaks from ``detect``, catalogue positions as known
+    peaks): logL as the fit reports it (over the footprint), iterations,
+    fallback / divergence flags, and the median CPU time of ``repeats`` fits.
+    What a change must not make worse on data we did not simulate.
+    """
+    from scarletstore.deblend import DeblendConfig
+    from scarletstore.deblend.run import make_tasks
+    from scarletstore.deblend.scarlet import deblend_scarlet
+    from scarletstore.detect import detect
+    from scarletstore.ingest import read_npz
+
+    out = {}
+    for name in REAL_CUTOUTS:
+        if not (DATA / name).is_file():
+            print(f"  {name}: skipped (absent)")
+            continue
+        exposure = read_npz(DATA / name)
+        for t in make_tasks(exposure, detect(exposure), DeblendConfig())[0]:
+            args = (t.images, t.variance, t.bad, t.footprint, t.psfs, t.peaks, DeblendConfig())
+            res, _, cpus = time_calls(lambda: deblend_scarlet(*args), repeats)
+            key = f"{name} parent {t.parent_id}"
+            out[key] = {"peaks": len(t.peaks), "logL": res.log_likelihood, "iterations": res.iterations,
+                        "fallback": res.extra["fallback"], "cpu_s": float(np.median(cpus))}
+            print(f"  {key:<30} {len(t.peaks):3d} peaks  logL {res.log_likelihood:10.1f}  iterations "
+                  f"{res.iterations:3d}  fallback {res.extra['fallback'] or '-':<12} cpu median "
+                  f"{1e3 * np.median(cpus):6.1f} ms")
+    return out
+
+
 SECTIONS = {
     "hsc": bench_hsc,
     "hsc_fista": lambda repeats: bench_hsc(repeats, optimizer="fista"),
@@ -716,6 +754,7 @@ SECTIONS = {
     "field": bench_field,
     "field_seeds": bench_field_seeds,
     "field_positions": bench_field_positions,
+    "real": bench_real,
 }
 
 
@@ -732,7 +771,7 @@ def main(argv=None):
             ap.error(f"unknown section {name!r}; choose from {list(SECTIONS)}")
         print(f"== {name} ==")
         fn = SECTIONS[name]
-        results[name] = fn(max(args.repeats, 5)) if name.startswith(("hsc", "field")) else fn()
+        results[name] = fn(max(args.repeats, 5)) if name.startswith(("hsc", "field", "real")) else fn()
         print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))

@@ -12,6 +12,10 @@ SIZES_GB is the raw content; linked stores compress variances and masks, so
 ``0.02,2,9`` gives linked stores of about 10 MB, 1 GB and 5 GB on disk. Check
 free disk first: the largest single-file store needs twice its size while a
 write runs.
+
+The tract figures of the same issue (patches on dask, duplicate primaries,
+agreement with a single-patch run, per-patch cost, scheduling overhead, peak
+worker memory and the survey projection) are printed by bench_tract.py.
 """
 
 from __future__ import annotations

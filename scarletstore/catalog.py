@@ -518,9 +518,15 @@ def blend_views(store, parent_id: int, run: str | None = None):
 
 def export_catalog(cat: xr.Dataset, path, show_progress: bool = False) -> int:
     """Compute ``cat`` blend by blend and write it as .fits, .csv or .h5; return the row count."""
+    columns = catalog_columns(cat, show_progress)
+    write_columns(columns, {k: v for k, v in cat.attrs.items() if not k.startswith("_")}, path)
+    return cat.sizes["row"]
+
+
+def catalog_columns(cat: xr.Dataset, show_progress: bool = False) -> dict:
+    """Every column of ``cat`` as a numpy array, lazy ones computed in chunks of blends."""
     from .progress import progress
 
-    path = Path(path)
     n = cat.sizes["row"]
     cat = cat.reset_coords()
     lazy = [v for v in cat.data_vars if not isinstance(cat[v].variable._data, np.ndarray)]
@@ -538,7 +544,12 @@ def export_catalog(cat: xr.Dataset, path, show_progress: bool = False) -> int:
         for v in lazy:
             out[v][a:b] = sub[v].values
     columns.update(out)
-    attrs = {k: v for k, v in cat.attrs.items() if not k.startswith("_")}
+    return columns
+
+
+def write_columns(columns: dict, attrs: dict, path) -> None:
+    """Write equal-length columns as a .fits, .csv or .h5 table, atomically (temporary + rename)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     suffix = path.suffix.lower()
     if suffix == ".fits":
@@ -556,4 +567,3 @@ def export_catalog(cat: xr.Dataset, path, show_progress: bool = False) -> int:
     else:
         raise InputError(f"{path}: output must end in .fits, .csv or .h5")
     os.replace(tmp, path)
-    return n

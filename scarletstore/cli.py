@@ -280,6 +280,46 @@ def cmd_coadd(args):
           f"of the PSF-matched coadd")
 
 
+def cmd_tract(args):
+    from .tract.run import failed_patches, plan_tract, run_tract
+
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
+    scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
+    plan = plan_tract(args.out_dir, args.visits, args.grid, args.patches, args.overlap,
+                      bands=_bands(args.bands), threshold=args.threshold,
+                      overrides=_check_overrides(args.set))
+    index = run_tract(plan, workers=args.workers, scheduler=scheduler, show_progress=True)
+    done = [e for e in index["patches"] if e["status"] == "done"]
+    print(f"tract {plan.out_dir}: {len(done)} of {len(plan.jobs)} patches done "
+          f"({plan.shape[0]}x{plan.shape[1]}, overlap {plan.overlap} px), "
+          f"{sum(e['n_sources'] for e in done)} sources; index {plan.out_dir / 'tract.json'}")
+    bad = failed_patches(index)
+    if bad:
+        sys.stderr.write(f"scarletstore tract: error: {len(bad)} of {len(plan.jobs)} patches failed after "
+                         f"{bad[0]['attempts']} attempts ({bad[0]['name']}: {bad[0]['error']}"
+                         f"{'; ...' if len(bad) > 1 else ''}); recorded in tract.json\n")
+        return 1
+    return 0
+
+
+def cmd_merge(args):
+    from .catalog import write_columns
+    from .tract.merge import tract_catalog
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".fits", ".csv", ".h5"):
+        raise InputError(f"{out}: output must end in .fits, .csv or .h5")
+    _check_output(out)
+    columns, attrs, missing = tract_catalog(args.out_dir, args.band)
+    write_columns(columns, attrs, out)
+    print(f"wrote {len(columns['is_primary'])} rows ({int(columns['is_primary'].sum())} primary) of "
+          f"band {args.band} from {len(json.loads(attrs['run']))} patches to {out}")
+    if missing:
+        sys.stderr.write(f"scarletstore merge: warning: {len(missing)} patches not done and left out "
+                         f"({', '.join(missing)}): no primaries in their inner regions\n")
+
+
 def cmd_detect(args):
     from .detect import detect, read_peaks_table
     from .store import Store
@@ -693,6 +733,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target FWHM of the PSF-matched coadd (default 1.1 x the widest visit)")
     s.set_defaults(func=cmd_coadd)
 
+    s = sub.add_parser("tract", help="cut a grid into overlapping patches and run coadd, detect "
+                                      "and deblend on each (dask tasks) into its own store")
+    s.add_argument("out_dir", help="new (or empty) directory: patch_<i>_<j>/store.h5 and tract.json")
+    s.add_argument("visits", nargs="+", help="one FITS file per visit")
+    s.add_argument("--grid", required=True, help="FITS file whose IMAGE WCS and shape define the tract")
+    s.add_argument("--patches", required=True, metavar="NxM",
+                   help="patches along x and along y, e.g. 2x2")
+    s.add_argument("--overlap", type=int, required=True, metavar="PIXELS",
+                   help="pixels shared by the outer boxes of neighbouring patches")
+    s.add_argument("--bands", help="bands to coadd, in this order (default: all, in input order)")
+    s.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="deblend configuration override")
+    s.add_argument("--workers", type=int, default=1, help="patches at once, as processes on a local "
+                   "dask cluster (1: in this process)")
+    s.add_argument("--scheduler", help="address of an existing dask scheduler (its workers must "
+                   "see the visits and OUT_DIR)")
+    s.set_defaults(func=cmd_tract)
+
+    s = sub.add_parser("merge", help="the tract catalog of a band: every patch's sources, each "
+                                      "once is_primary")
+    s.add_argument("out_dir", help="a tract directory made by 'scarletstore tract'")
+    s.add_argument("--band", required=True)
+    s.add_argument("-o", "--output", required=True, help="OUT.fits, OUT.csv or OUT.h5")
+    s.set_defaults(func=cmd_merge)
+
     s = sub.add_parser("detect", help="find parent footprints and peaks")
     s.add_argument("store")
     s.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
@@ -842,7 +907,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args) or 0  # non-zero: the work ran but part of it failed (tract)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
     except BrokenPipeError:
         _quiet_stdout()
@@ -859,7 +924,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"scarletstore {args.command}: interrupted\n")
         return 130
-    return 0
+    return status
 
 
 if __name__ == "__main__":

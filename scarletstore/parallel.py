@@ -30,9 +30,13 @@ def dask_client(workers: int, scheduler: str | None):
     cluster = None
     if scheduler is None:
         # one thread per process: the numba kernels and FFTs run in parallel,
-        # and processes keep the tasks independent and deterministic
+        # and processes keep the tasks independent and deterministic. The
+        # scheduler's HTTP server starts even without a dashboard, on port 8787
+        # unless told otherwise, and warns on stderr when that port is taken (a
+        # second cluster on the machine): any free port will do.
         cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
+                               dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                               silence_logs=40)
         client = Client(cluster)
     else:
         try:

@@ -82,7 +82,13 @@ def _one_line(text: str) -> str:
 
 def _encoding(ds: xr.Dataset) -> dict:
     # No fill values: the data must round-trip bit for bit and NaN is data here.
-    return {name: {"_FillValue": None} for name in ds.variables}
+    enc = {name: {"_FillValue": None} for name in ds.variables}
+    for name, var in ds.variables.items():
+        # xarray infers an empty object array as float64; say it holds strings
+        # (a run of zero blends keeps its string columns strings)
+        if var.dtype == object and var.size == 0:
+            enc[name]["dtype"] = str
+    return enc
 
 
 # HDF5 attribute -> Python value: one decoder for the schema checks and the store

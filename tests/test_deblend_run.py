@@ -399,3 +399,26 @@ def test_kernels_cold_reads_the_numba_cache(tmp_path):
     assert not kernels_cold("sdss", [never_used, kernel("c", index_age=10)])  # cached
     assert kernels_cold("sdss", [kernel("d", index_age=10), kernel("e", index_age=-10)])  # source edited
     assert not kernels_cold("sdss", [never_used, kernel("f", loaded=True)])  # loaded in this process
+
+
+def test_run_of_no_blends_reads_back(tmp_path):
+    """A patch of blank sky detects nothing; its run (zero blends) must still be a valid product:
+    xarray writes an empty object column as float64 unless told it holds strings."""
+    from scarletstore.deblend.psf import gaussian_psf
+    from scarletstore.detect import detect
+    from scarletstore.ingest import make_exposure
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 1, (2, 48, 48)).astype(np.float32)
+    psf = np.stack([gaussian_psf(1.5, 15)] * 2)
+    exposure = make_exposure(image, np.ones_like(image), np.zeros(image.shape, np.int32), psf, ["g", "r"])
+    parents = detect(exposure, threshold=50.0)
+    assert parents.sizes["parent"] == 0
+    path = tmp_path / "blank.h5"
+    Store.create(path, {"exposure": exposure, "parents": parents})
+    assert main(["deblend", str(path)]) == 0
+    store = Store(path)
+    run = store.read(f"runs/{store.runs()[-1]}")
+    assert run.sizes["blend"] == 0 and run["blend_reason"].dtype.kind in "OU"
+    assert main(["info", str(path), "--check"]) == 0
+    assert len(store.catalog("r").id) == 0

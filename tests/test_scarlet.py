@@ -1285,6 +1285,23 @@ def test_symmetry_costs_little_likelihood_on_crowded_real_blends(name, min_peaks
         assert on.flags & S._models.BLEND_FLAGS["fallback_no_symmetry"]
 
 
+@pytest.mark.parametrize("name", ["cut_hsc1.npz", "hsc_cosmos_35.npz"])
+def test_warm_start_continues_a_no_symmetry_swap_as_fitted(name):
+    # A crowded real blend whose cold fit swapped to the plain (no-symmetry)
+    # fit: restarting it with the symmetric configuration used to unshift
+    # and symmetrise the plain morphologies (hsc_cosmos_35 through
+    # detection restarted 2 % below its cold fit). The restart continues
+    # the plain fit and keeps the flag.
+    t = _crowded_real_blend(name)
+    args = (t.images, t.variance, t.bad, t.footprint, t.psfs, t.peaks, DeblendConfig())
+    cold = S.deblend_scarlet(*args)
+    flag = S._models.BLEND_FLAGS["fallback_no_symmetry"]
+    assert cold.flags & flag
+    warm = S.deblend_scarlet(*args, init=cold)
+    assert warm.log_likelihood >= cold.log_likelihood - 1e-6 * abs(cold.log_likelihood)
+    assert warm.flags & flag and warm.extra["fallback"] == "no_symmetry"
+
+
 def test_symmetry_is_kept_on_a_crowded_blend_where_it_is_cheap():
     # Ten symmetric simulated galaxies in a row, overlapping (enough peaks
     # for the check to run): symmetry costs little likelihood here, so the

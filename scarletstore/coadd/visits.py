@@ -202,6 +202,22 @@ def read_grid(path) -> Grid:
     return Grid(wcs=w, shape=shape, wcs_text=_wcs_text(w), path=path)
 
 
+def sub_grid(grid: Grid, y0: int, x0: int, height: int, width: int) -> Grid:
+    """The ``height`` x ``width`` piece of ``grid`` whose first pixel is grid pixel (y0, x0).
+
+    Its WCS is the grid's with the reference pixel moved by (x0, y0) (astropy's
+    ``WCS.slice``, which carries distortion terms along), so a pixel of the
+    piece and the grid pixel it came from see the same sky: a coadd of the
+    piece is the same pixels as that box of the grid's coadd.
+    """
+    ny, nx = grid.shape
+    if not (0 <= y0 and 0 <= x0 and height >= 1 and width >= 1 and y0 + height <= ny
+            and x0 + width <= nx):
+        raise InputError(f"box y0={y0} x0={x0} {height}x{width} is not inside the {ny}x{nx} grid")
+    w = grid.wcs.slice((slice(y0, y0 + height), slice(x0, x0 + width)))
+    return Grid(wcs=w, shape=(int(height), int(width)), wcs_text=_wcs_text(w), path=grid.path)
+
+
 def overlaps(visit: Visit, grid: Grid, step: int = 8) -> bool:
     """True when some grid pixel (on a node grid of ``step``) falls inside the visit."""
     ny, nx = grid.shape

@@ -66,7 +66,9 @@ class DeblendConfig:
         times this source's, i.e. where flux is shared and symmetry decides
         who owns it; a source's own core and wings away from neighbours stay
         free, so real, irregular galaxies (and cores a little off their
-        peak) are not forced. ``"all"``: the whole box, the strongest
+        peak) are not forced; faint sources (start S/N below 50, by default
+        those started as the PSF) are kept symmetric over their whole box,
+        where symmetry averages noise rather than forcing structure. ``"all"``: the whole box for every source, the strongest
         separation when positions are exact, but it breaks real galaxies.
     contest_ratio : float
         Neighbour light / own light above which a pixel is contested (> 0).

@@ -778,7 +778,9 @@ def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, H, W, inv
     ``1 / sqrt(sum_b spec_kb^2 / sigma_b^2)``. The peak pixel is exempt so a
     faint source keeps at least a point-like core instead of vanishing.
     ``sym_strength`` in [0, 1] pulls pixel pairs toward symmetry about
-    (sy2 / 2, sx2 / 2); 0 is off. (H, W) is the blend's shape.
+    (sy2 / 2, sx2 / 2); 0 is off. ``contest`` holds one ratio per component:
+    >= 0 applies symmetry only to contested pairs, < 0 over the whole box.
+    (H, W) is the blend's shape.
     """
     B = spec.shape[1]
     m = morph[o:o + h * w].reshape(h, w)
@@ -794,9 +796,9 @@ def _prox_component(spec, morph, k, y0, x0, h, w, o, cy, cx, sy2, sx2, H, W, inv
                 for xx in range(w):
                     if m[yy, xx] < thr and not (yy == ly and xx == lx):
                         m[yy, xx] = 0.0
-    if sym_strength > 0 and contest >= 0:
+    if sym_strength > 0 and contest[k] >= 0:
         symmetric_contested_inplace(morph, k, box, off, spec_sum, sib[k, 0], sib[k, 1], sy2 - 2 * y0,
-                                    sx2 - 2 * x0, sym_strength, H, W, tsum, contest, work)
+                                    sx2 - 2 * x0, sym_strength, H, W, tsum, contest[k], work)
     elif sym_strength > 0:
         symmetric_in_blend_inplace(m, sy2 - 2 * y0, sx2 - 2 * x0, sym_strength,
                                    -y0, H - y0, -x0, W - x0)

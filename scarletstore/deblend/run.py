@@ -375,7 +375,7 @@ def init_from_run(run: xr.Dataset):
                            log_likelihood=float(run["blend_log_likelihood"].values[b]),
                            converged=bool(run["blend_converged"].values[b]),
                            chi2=float(run["blend_chi2"].values[b]), model_psf=model_psf,
-                           extra={"config": config})
+                           flags=int(run["blend_flags"].values[b]), extra={"config": config})
     return init
 
 

@@ -68,6 +68,8 @@ FINAL_LS_SPECTRA = True     # ... and once more for the final morphologies
 LS_FFT_BUDGET = 1 << 22     # max complex elements of one batched FFT in _ls_spectra
 LS_BLOCK_SWEEPS = 50        # Gauss-Seidel sweeps of the large-blend spectrum solve ...
 LS_BLOCK_TOL = 1e-4         # ... stopped when no amplitude moves by this of the largest
+FAINT_SYMMETRIC_ALL = True  # contested symmetry: sources whose start has S/N below ...
+FAINT_SYMMETRY_SNR = 50.0   # ... this get it over their whole box (docs/design.md, "Symmetry")
 
 
 # --------------------------------------------------------------------------
@@ -78,9 +80,9 @@ LS_BLOCK_TOL = 1e-4         # ... stopped when no amplitude moves by this of the
 class _State:
     """Flat component storage plus bookkeeping (see :mod:`.kernels`)."""
 
-    __slots__ = ("spec", "morph", "box", "off", "ctr", "source", "flags", "order", "nbr")
+    __slots__ = ("spec", "morph", "box", "off", "ctr", "source", "flags", "faint", "order", "nbr")
 
-    def __init__(self, spec, morphs, boxes, ctr, source, flags):
+    def __init__(self, spec, morphs, boxes, ctr, source, flags, faint=None):
         self.spec = np.ascontiguousarray(spec, dtype=np.float32)
         self.box = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
         sizes = self.box[:, 2] * self.box[:, 3]
@@ -93,6 +95,9 @@ class _State:
         self.ctr = np.asarray(ctr, dtype=np.int64).reshape(-1, 2)
         self.source = np.asarray(source, dtype=np.int64)
         self.flags = flags  # per source
+        # per source: S/N of its start below FAINT_SYMMETRY_SNR (see _contest_ratios);
+        # without a measured start, a source started as the PSF
+        self.faint = (flags & SOURCE_PSF_INIT) != 0 if faint is None else np.asarray(faint, bool)
         self.plan()
 
     def plan(self, box_old=None, off_old=None):
@@ -388,6 +393,7 @@ def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W
     thresh = config.initial_background_thresh * sig_det
     morphs, boxes, ctrs, source = [], [], [], []
     flags = np.zeros(len(peaks), np.int64)
+    faint = np.zeros(len(peaks), bool)
     starts = [_monotonic_start(det, cy[i], cx[i], thresh, sig_det) for i in range(len(peaks))]
     if len(peaks) > 1:
         starts = _apportion(det, starts, cy, cx, thresh)
@@ -398,6 +404,7 @@ def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W
             m, y0, x0 = start
             # aperture S/N of the start's flux in the detection image
             snr = float(m.sum() / (sig_det * math.sqrt(np.count_nonzero(m))))
+        faint[i] = snr < FAINT_SYMMETRY_SNR
         if start is None or snr < config.min_snr:
             m, y0, x0 = _psf_start(model_psf, cy[i], cx[i], H, W)
             flags[i] |= SOURCE_PSF_INIT
@@ -417,7 +424,7 @@ def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W
             ctrs.append((cy[i], cx[i]))
             source.append(i)
     K = len(morphs)
-    state = _State(np.zeros((K, data.shape[0])), morphs, boxes, ctrs, source, flags)
+    state = _State(np.zeros((K, data.shape[0])), morphs, boxes, ctrs, source, flags, faint)
     if config.set_spectra:
         joint = len(peaks) * H * W <= config.max_spectrum_cutoff
         state.spec[:] = _ls_spectra(state, conv, data, w, joint)
@@ -614,7 +621,7 @@ class _Fit:
                                      and lost > DIVERGE_MIN * best)
 
 
-def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
+def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs):
     """Run the optimiser on ``state`` (modified in place) with ``config``.
 
     Returns a :class:`_Fit`; its ``best`` is (loss, snapshot) of the best
@@ -642,7 +649,7 @@ def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
     # a warm start from a fit with this same configuration refines it: if
     # the continued fit ends worse (the proximal operators need not leave
     # the stored end point fixed), the start is returned unchanged
-    start = copy.deepcopy(state) if warm and _same_config(init, config) else None
+    start = copy.deepcopy(state) if warm and refine else None
     # A warm start takes proximal-gradient (FISTA) steps whatever the
     # optimizer: Adam's first steps are sign-normalised (every pixel moves
     # by the full step however small its gradient), which kicks a
@@ -658,10 +665,10 @@ def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
         mom_m = [state.morph[None].astype(np.float64)]
         kappa = (w.reshape(B, -1).max(axis=1).astype(np.float64) * conv.norm2)
         t_f = 1.0
-    # ratio < 0: symmetry over the whole box (symmetry_region "all")
-    contest = float(config.contest_ratio) if sym_s > 0 and config.symmetry_region == "contested" else -1.0
+    # per component; ratio < 0: symmetry over the whole box
+    contest = _contest_ratios(state, config, sym_s)
     # band-summed model frame, for the contested-symmetry test
-    tsum = np.zeros((H, W) if contest >= 0 else (1, 1), np.float32)
+    tsum = np.zeros((H, W) if (contest >= 0).any() else (1, 1), np.float32)
     spec_sum = np.zeros(K, np.float32)
     work = np.empty(_k._largest_box(state.box, 2), np.float32)  # one rendered box
     sib = _source_runs(state.source)
@@ -750,6 +757,31 @@ def _fit(state, config, warm, init, peaks, conv, data, w, inv_var, joint, bufs):
     return out
 
 
+def _contest_ratios(state, config, sym_s):
+    """Per component: the contest ratio of contested symmetry, or -1 for
+    symmetry over its whole box.
+
+    ``symmetry_region`` "all" gives every component -1. "contested" gives
+    ``contest_ratio``, except (FAINT_SYMMETRIC_ALL) to the components of
+    faint sources: those whose start's aperture S/N is below
+    FAINT_SYMMETRY_SNR (50, the Rubin task's ``min_snr``, so by default the
+    sources started as the PSF; a fixed S/N rather than ``min_snr``, which
+    a user may raise only to force single PSF starts). Their free pixels
+    mostly fit noise, and the mirror average halves its variance. Pooled
+    over the four simulated fields with true positions this took the
+    blended flux errors from 9.6 / 8.3 % to 7.6 / 8.1 % (61 % of sources
+    better in r and in i); bright real galaxies, where whole-box symmetry
+    is ruinous, keep the contested rule.
+    """
+    K = state.box.shape[0]
+    if sym_s <= 0 or config.symmetry_region != "contested":
+        return np.full(K, -1.0)
+    out = np.full(K, float(config.contest_ratio))
+    if FAINT_SYMMETRIC_ALL:
+        out[state.faint[state.source]] = -1.0
+    return out
+
+
 def _converged(history, loss_src, it, config):
     """Mean relative change of the loss over the last CONVERGE_RUN iterations.
 
@@ -810,7 +842,7 @@ def _fall_back(fit, cold, config, peaks, conv, data, w, inv_var, joint, bufs):
     candidate = None
     if cold is not None:
         plain = dataclasses.replace(config, symmetric=False)
-        candidate = _fit(cold(), plain, False, None, peaks, conv, data, w, inv_var, joint, bufs)
+        candidate = _fit(cold(), plain, False, False, peaks, conv, data, w, inv_var, joint, bufs)
         candidate.iterations += fit.iterations
         if candidate.diverged():
             candidate = None
@@ -836,7 +868,7 @@ def _check_symmetry_cost(fit, cold, config, peaks, conv, data, w, inv_var, joint
     the swap is flagged ``fallback_no_symmetry`` (not ``diverged``).
     """
     plain = dataclasses.replace(config, symmetric=False)
-    other = _fit(cold(), plain, False, None, peaks, conv, data, w, inv_var, joint, bufs)
+    other = _fit(cold(), plain, False, False, peaks, conv, data, w, inv_var, joint, bufs)
     if other.diverged() or other.loss * (1.0 + SYMMETRY_COST_MAX) >= fit.loss:
         fit.iterations += other.iterations
         return fit
@@ -922,6 +954,14 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     model_psf, kern, kres, conv = _psf_setup(psfs, config.model_psf_sigma, (H, W))
 
     warm = init is not None
+    refine = warm and _same_config(init, config)  # the same fit continued
+    fit_config = config
+    if warm and config.symmetric and init.flags & _models.BLEND_FLAGS["fallback_no_symmetry"]:
+        # the stored fit is the plain refit of a fallback: its morphologies
+        # are unshifted and need not be symmetric, so continue it as it was
+        # fitted (with symmetry the restart would unshift and symmetrise it,
+        # and a 14-peak HSC blend restarted 2 % below its cold fit)
+        fit_config = dataclasses.replace(config, symmetric=False)
     joint = len(peaks) * H * W <= config.max_spectrum_cutoff
     if len(peaks) == 0:
         state = None
@@ -950,7 +990,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             def cold():
                 return _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W)
         args = (peaks, conv, data, w, inv_var, joint, bufs)
-        fit = _fit(state, config, warm, init, *args)
+        fit = _fit(state, fit_config, warm, refine, *args)
         diverged = fit.diverged()
         if diverged:
             fit = _fall_back(fit, cold, config, *args)
@@ -962,7 +1002,8 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
             fit = _check_symmetry_cost(fit, cold, config, *args)
         state, shift, loss, history = fit.state, fit.shift, fit.loss, fit.history
         converged, iterations, kept_start = fit.converged, fit.iterations, fit.kept_start
-        fallback = fit.fallback
+        # a continued fallback stays one (so its next restart is plain too)
+        fallback = fit.fallback or ("no_symmetry" if fit_config is not config else "")
     else:
         history = []
         shift = None

@@ -1,0 +1,310 @@
+"""Running a tract: one task per patch (coadd -> detect -> deblend into its own store).
+
+:func:`plan_tract` checks every input (grid, visits, patches, the output
+folder) before anything is written; :func:`run_tract` then runs
+:func:`process_patch` for each patch, in this process (one worker) or as
+tasks on dask.distributed (:mod:`scarletstore.parallel`), retries a failed
+patch once, and rewrites the tract index after every patch that finishes.
+
+A patch's task receives the headers of the visits that overlap its outer
+box only and reads their pixels itself, so a worker holds one patch (its
+visits are streamed through the coadd's spill files). It builds its store
+in a temporary folder beside the tract and renames the folder into place:
+a patch is either complete or absent, and a retry starts clean. Each task
+runs single-threaded in one process and in the same order of operations
+whichever worker runs it, so the stores (and the tract catalog) do not
+depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import socket
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..errors import InputError
+from .index import FORMAT, VERSION, IndexWriter, patch_entry
+from .patches import Patch, cut_patches, parse_patches
+
+MAX_ATTEMPTS = 2  # a failed patch is tried once more before it is recorded as failed
+
+
+@dataclass
+class PatchJob:
+    """Everything one patch's task needs (small: headers, not pixels)."""
+
+    patch: Patch
+    grid: object  # coadd.visits.Grid of the patch's outer box
+    visits: list  # coadd.visits.Visit headers of the visits overlapping the outer box
+    out_dir: Path
+    threshold: float = 5.0
+    overrides: list = field(default_factory=list)  # deblend configuration KEY=VALUE
+    attempt: int = 1
+
+
+@dataclass
+class TractPlan:
+    """A checked tract request: the grid, the patches and one job per patch."""
+
+    out_dir: Path
+    grid: object
+    visits: list
+    patches: list
+    jobs: list
+    bands: list
+    overlap: int
+    shape: tuple  # (nx, ny) patches
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir}: directory is not empty; make a tract in a new or empty one")
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{out_dir}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{out_dir}: the directory {parent} is not writable")
+
+
+def plan_tract(out_dir, visit_paths, grid_path, patches: str, overlap: int, bands=None,
+               threshold: float = 5.0, overrides=None) -> TractPlan:
+    """Check a tract request and cut it into patch jobs; nothing is written.
+
+    Every patch must be overlapped by a visit of every band (else its coadd
+    would lack bands that its neighbours have); InputError otherwise.
+    """
+    from ..coadd.visits import overlaps, read_grid, read_visits, sub_grid
+    from ..deblend.config import DeblendConfig
+
+    out_dir = Path(out_dir).absolute()
+    _check_out_dir(out_dir)
+    nx, ny = parse_patches(patches)
+    if not threshold > 0:
+        raise InputError(f"--threshold must be positive, got {threshold:g}")
+    DeblendConfig().with_overrides(list(overrides or []))  # its one-line messages, before any work
+    grid = read_grid(grid_path)
+    cut = cut_patches(grid.shape, nx, ny, int(overlap))
+    visits = read_visits(visit_paths, grid, bands=bands)
+    bands = list(dict.fromkeys(v.band for v in visits))
+    jobs = []
+    for patch in cut:
+        o = patch.outer
+        pgrid = sub_grid(grid, o.y0, o.x0, o.height, o.width)
+        mine = [v for v in visits if overlaps(v, pgrid)]
+        lacking = [b for b in bands if not any(v.band == b for v in mine)]
+        if lacking:
+            raise InputError(f"{patch.name}: no visit in band {', '.join(lacking)} overlaps it")
+        jobs.append(PatchJob(patch, pgrid, mine, out_dir, float(threshold), list(overrides or [])))
+    return TractPlan(out_dir, grid, visits, cut, jobs, bands, int(overlap), (nx, ny))
+
+
+def _build_store(path: Path, job: PatchJob) -> dict:
+    """coadd -> detect -> deblend of one patch into a new store at ``path``; stage times and counts."""
+    from ..coadd.pipeline import coadd
+    from ..deblend.config import DeblendConfig
+    from ..deblend.run import deblend_exposure
+    from ..detect import detect
+    from ..store import Store
+
+    times = {}
+    t = time.process_time()
+    store = Store.create(path, coadd(job.visits, job.grid))
+    times["coadd"], t = time.process_time() - t, time.process_time()
+    exposure = store.read("exposure")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. known positions off the patch: nothing to act on here
+        parents = detect(exposure, threshold=job.threshold)
+    store.write({"parents": parents})
+    times["detect"], t = time.process_time() - t, time.process_time()
+    run = deblend_exposure(exposure, parents, DeblendConfig().with_overrides(job.overrides), "scarlet",
+                           name="scarlet", first_source_id=1,
+                           exposure_checksum=store.checksum("exposure"),
+                           parents_checksum=store.checksum("parents"))
+    name = store.add_run(run, prefix="scarlet")
+    times["deblend"] = time.process_time() - t
+    return {"run": name, "n_visits": len(job.visits), "n_parents": int(parents.sizes["parent"]),
+            "n_sources": int(run.sizes["source"]), "stage_cpu_seconds": times}
+
+
+def process_patch(job: PatchJob) -> dict:
+    """Run one patch into ``OUT_DIR/<patch>/store.h5`` (the task shipped to a worker).
+
+    Returns the index fields of a finished patch: run name, counts, wall and
+    CPU seconds, and the worker's peak resident memory (``getrusage``) at the
+    start and the end of the task. Where Linux lets a process reset its
+    high-water mark (``/proc/self/clear_refs``) it is reset first, so the peak
+    is this task's (``peak_rss_scope`` "task"); elsewhere it is the process's
+    peak so far ("process").
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    scope = "task" if _reset_peak_rss() else "process"
+    rss_before = _peak_rss_mb()
+    final = job.out_dir / job.patch.name
+    tmp = job.out_dir / f".{job.patch.name}.{job.attempt}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        result = _build_store(tmp / "store.h5", job)
+        if final.exists():  # left by an attempt whose result never came back
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.update(seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu,
+                  peak_rss_mb=_peak_rss_mb(), peak_rss_before_mb=rss_before, peak_rss_scope=scope,
+                  worker=f"{socket.gethostname()}:{os.getpid()}")
+    return result
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+class _InProcess:
+    """Jobs run here, one after another, in submission order."""
+
+    def __init__(self):
+        self.queue = deque()
+
+    def submit(self, job):
+        self.queue.append(job)
+
+    def results(self):
+        while self.queue:
+            job = self.queue.popleft()
+            try:
+                yield job, process_patch(job), None
+            except Exception as exc:
+                yield job, None, exc
+
+
+class _OnDask:
+    """Jobs as dask.distributed tasks; results in completion order."""
+
+    def __init__(self, client):
+        from dask.distributed import as_completed
+
+        self.client, self.pending, self.jobs = client, as_completed(), {}
+
+    def submit(self, job):
+        fut = self.client.submit(process_patch, job, pure=False,
+                                 key=f"tract-{job.patch.name}-{job.attempt}-{os.getpid()}-{id(job)}")
+        self.jobs[fut.key] = job
+        self.pending.add(fut)
+
+    def results(self):
+        for fut in self.pending:  # a retry added while iterating is waited for too
+            job = self.jobs.pop(fut.key)
+            if fut.status == "error":
+                yield job, None, fut.exception()
+            else:
+                yield job, fut.result(), None
+            fut.release()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def new_index(plan: TractPlan) -> dict:
+    """The tract index before any patch has run (every patch pending)."""
+    from .. import __version__
+
+    return {"format": FORMAT, "version": VERSION, "package_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "grid": {"path": str(Path(plan.grid.path).absolute()), "shape": list(plan.grid.shape),
+                     "wcs": plan.grid.wcs_text},
+            "patches_shape": list(plan.shape), "overlap": plan.overlap, "bands": plan.bands,
+            "threshold": plan.jobs[0].threshold, "deblend_overrides": plan.jobs[0].overrides,
+            "visits": [str(Path(v.path).absolute()) for v in plan.visits],
+            "patches": [dict(patch_entry(j.patch), visits=[Path(v.path).name for v in j.visits])
+                        for j in plan.jobs]}
+
+
+def run_tract(plan: TractPlan, workers: int = 1, scheduler: str | None = None,
+              show_progress: bool = False) -> dict:
+    """Run every patch of ``plan``; return the final tract index (also in ``OUT_DIR/tract.json``).
+
+    A patch whose task raises (or whose worker dies) is submitted once more;
+    a second failure marks it ``failed`` with the error in the index. The
+    other patches go on either way.
+    """
+    from ..progress import progress
+
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    index = new_index(plan)
+    entries = {e["name"]: e for e in index["patches"]}
+    writer = IndexWriter(plan.out_dir, index)
+    writer.write()
+    handling = 0.0  # this process's own time per result: the part of the run that is serial
+    bar = progress(total=len(plan.jobs), desc="tract", unit="patch", enabled=show_progress)
+    try:
+        with bar, _executor(workers, scheduler) as ex:
+            for job in plan.jobs:
+                ex.submit(job)
+            for job, result, exc in ex.results():
+                t = time.perf_counter()
+                _record(entries[job.patch.name], job, result, exc, ex, bar)
+                writer.update()
+                handling += time.perf_counter() - t
+    finally:  # interrupted or not, the index on disk says where each patch stands
+        index["driver"] = {"handling_seconds": handling, "index_writes": writer.writes + 1,
+                           "index_seconds": writer.seconds}
+        writer.write()
+    return index
+
+
+def _record(entry, job, result, exc, ex, bar) -> None:
+    """Enter one attempt's outcome in the patch's index entry; a first failure is resubmitted."""
+    entry["attempts"] = job.attempt
+    if exc is None:
+        entry.update(status="done", error="", **result)
+    elif job.attempt < MAX_ATTEMPTS:
+        entry["error"] = _one_line(exc)
+        ex.submit(replace(job, attempt=job.attempt + 1))
+        bar.set_postfix(retrying=job.patch.name)
+        return
+    if exc is not None:
+        entry.update(status="failed", error=_one_line(exc))
+    bar.update(1)
+    bar.set_postfix(last=f"{job.patch.name} {entry['status']}")
+
+
+@contextlib.contextmanager
+def _executor(workers, scheduler):
+    """In this process for one local worker, else on a dask client (closed on exit)."""
+    if scheduler is None and workers <= 1:
+        yield _InProcess()
+        return
+    from ..parallel import dask_client
+
+    with dask_client(workers, scheduler) as client:
+        yield _OnDask(client)
+
+
+def failed_patches(index: dict) -> list[dict]:
+    """Index entries of the patches that are not done."""
+    return [e for e in index["patches"] if e["status"] != "done"]
