@@ -90,11 +90,14 @@ def prepare(work: Path, env) -> tuple[Path, int, int]:
     sim, store = work / "sim", work / "detected.h5"
     if not store.exists():
         cli(["simulate", sim, "--size", 600, "--seed", 7, "--bands", BANDS], env)
+        from scarletstore.store import move_store, remove_store
+
         tmp = work / "detected.tmp.h5"
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():
+            remove_store(tmp)
         cli(["ingest", tmp, *[sim / f"{b}.fits" for b in BANDS], "--bands", ",".join(BANDS)], env)
         cli(["detect", tmp], env)
-        tmp.rename(store)
+        move_store(tmp, store)  # a linked store is the file and its folder
     import numpy as np
     from scarletstore.store import Store
 
@@ -110,9 +113,12 @@ def prepare(work: Path, env) -> tuple[Path, int, int]:
 
 
 def run_copy(base: Path, folder: Path, tag: str) -> Path:
+    from scarletstore.store import copy_store, remove_store
+
     dst = folder / f"{tag}.h5"
-    dst.unlink(missing_ok=True)
-    shutil.copyfile(base, dst)
+    if dst.exists():
+        remove_store(dst)
+    copy_store(base, dst)
     return dst
 
 

@@ -23,7 +23,6 @@ The field is made with the CLI (``scarletstore simulate DIR --size 600
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -54,8 +53,11 @@ def field(size=600, seed=7, folder=None, density=90.0, bands="ugrizy", psf_beta=
     if not store.exists():
         folder.mkdir(parents=True, exist_ok=True)
         cli = [sys.executable, "-m", "scarletstore.cli"]
+        from scarletstore.store import move_store, remove_store
+
         tmp = folder / "field.tmp.h5"
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():
+            remove_store(tmp)
         if not (sim / "truth.fits").exists():
             if psf_beta is None:
                 subprocess.run(cli + ["simulate", str(sim), "--size", str(size), "--seed", str(seed),
@@ -67,7 +69,7 @@ def field(size=600, seed=7, folder=None, density=90.0, bands="ugrizy", psf_beta=
         subprocess.run(cli + ["ingest", str(tmp), *(str(sim / f"{b}.fits") for b in bands)], check=True)
         subprocess.run(cli + ["detect", str(tmp)], check=True)
         subprocess.run(cli + ["deblend", str(tmp), "--run", "scarlet"], check=True)
-        os.replace(tmp, store)
+        move_store(tmp, store)  # a linked store is the file and its folder
     return store, sim
 
 
@@ -149,10 +151,10 @@ def bench_apcorr(store, sim, band="r"):
     st = Store(store)
     # a scratch copy: the benchmark store itself keeps no correction
     with tempfile.TemporaryDirectory() as tmp:
-        import shutil
+        from scarletstore.store import copy_store
 
         path = Path(tmp) / "f.h5"
-        shutil.copy(store, path)
+        copy_store(store, path)
         st = Store(path)
         before = band_catalog(st, band, apcorr=False).compute()
         ds = measure_apcorr(st, band)

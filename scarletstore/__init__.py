@@ -3,6 +3,7 @@
 >>> import scarletstore as ss
 >>> store = ss.open("field.h5")            # an existing store
 >>> store = ss.Store.create("new.h5", {"exposure": exposure})
+>>> ss.copy_store("new.h5", "copy.h5")    # new.h5 is a file plus its folder new.h5.d
 
 ``import scarletstore`` stays cheap: the store (h5py, xarray) is imported on
 first use of ``open`` or ``Store``.
@@ -10,8 +11,9 @@ first use of ``open`` or ``Store``.
 
 from .errors import InputError, SchemaError, ScarletStoreError, StoreError
 
-__all__ = ["__version__", "open", "Store", "ScarletStoreError", "InputError", "SchemaError",
-           "StoreError"]
+__all__ = ["__version__", "open", "Store", "copy_store", "move_store", "remove_store",
+           "ScarletStoreError", "InputError", "SchemaError", "StoreError"]
+_STORE_FUNCTIONS = ("Store", "copy_store", "move_store", "remove_store")
 
 
 def open(path):  # noqa: A001 - ss.open(path) mirrors xarray.open_dataset / h5py.File
@@ -40,10 +42,10 @@ def __getattr__(name):
     # module-level lazy attributes (PEP 562): the heavy store module loads on first
     # use, and the installed version is looked up on first use only (importlib.metadata
     # scans every path entry, which a CLI call that records no version should not pay)
-    if name == "Store":
-        from .store import Store
+    if name in _STORE_FUNCTIONS:
+        from . import store
 
-        return Store
+        return getattr(store, name)
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 
@@ -57,4 +59,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | {"Store"})
+    return sorted(set(globals()) | set(_STORE_FUNCTIONS))

@@ -580,12 +580,14 @@ def cmd_migrate(args):
     from .migrate import migrate_store
     from .store import Store
 
-    from .store import LAYOUT_ENV, check_layout
+    from .store import default_layout
 
     store = Store(args.store)
     before = store.layout
-    layout = args.layout or os.environ.get(LAYOUT_ENV, "").strip() or None
-    changed = migrate_store(store, layout=check_layout(layout) if layout else None)
+    # single-file stores become linked (the default layout) unless told to stay;
+    # only an explicit --layout single asks for the conversion that does not exist
+    layout = args.layout or ("linked" if default_layout() == "linked" else None)
+    changed = migrate_store(store, layout=layout)
     if store.layout != before:
         print(f"{store.path}: converted from the {before} to the {store.layout} store layout")
     if not changed:
@@ -841,10 +843,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_show)
 
-    s = sub.add_parser("migrate", help="upgrade every group to its latest schema version (atomic)")
+    s = sub.add_parser("migrate", help="upgrade every group to its latest schema version and a "
+                       "single-file store to the linked layout (atomic)")
     s.add_argument("store")
     s.add_argument("--layout", choices=["single", "linked"],
-                   help="also convert to this store layout (default: $SCARLETSTORE_LAYOUT, else keep)")
+                   help="also convert to this store layout (default: linked, or keep the "
+                        "layout when SCARLETSTORE_LAYOUT=single)")
     s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("diff", help="per-source flux and convergence changes between two runs")
@@ -873,10 +877,16 @@ def build_parser() -> argparse.ArgumentParser:
 _TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.\d+-[^/]*?)?(?:\.[A-Za-z0-9_]{8})?\.tmp")
 
 
+# a linked store's product file: NAME.d/<group>-<32 hex>.h5
+_PRODUCT = re.compile(r"[A-Za-z0-9._-]+-[0-9a-f]{32}\.h5")
+
+
 def _user_path(filename) -> str:
-    """The path the user named for an OS error's file: a temporary copy is
-    reported as the store or output it stands for."""
+    """The path the user named for an OS error's file: a temporary copy, or a
+    linked store's product file, is reported as the store or output it stands for."""
     path = Path(os.fsdecode(filename))
+    if _PRODUCT.fullmatch(path.name) and path.parent.name.endswith(".d"):
+        return str(path.parent.with_name(path.parent.name[:-2]))
     m = _TEMPORARY.fullmatch(path.name)
     return str(path.with_name(m.group("name")) if m else path)
 

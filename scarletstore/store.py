@@ -11,12 +11,14 @@ Every group is written and read through xarray's h5netcdf engine, so plain
 ``xarray.open_dataset(store.product_path(g), group=g, engine="h5netcdf")``
 reads it (``product_path`` is the store file itself in the single-file layout).
 
-Two layouts (docs/store.md): *single* (format 1, the default) keeps every
-group in the one file and is written as described below; *linked* (format 2,
-``SCARLETSTORE_LAYOUT=linked`` or ``scarletstore migrate --layout linked``)
+Two layouts (docs/store.md): *linked* (format 2, the default for new stores)
 makes the store file a small index of HDF5 external links to one immutable
 file per product in ``<store>.d/``, so a write costs what it adds: new product
-files, then a new index renamed over the old one under the same lock.
+files, then a new index renamed over the old one under the writer lock. A
+linked store is the index *and* its folder: copy, move and delete it with
+:func:`copy_store`, :func:`move_store` and :func:`remove_store`.
+*single* (format 1; ``SCARLETSTORE_LAYOUT=single``) keeps every group in the
+one file and is written as described below; it stays readable and writable.
 
 Single-file writes are atomic: the new state is built in a temporary file next to the
 store (a copy of the old one plus the new groups), flushed to disk and then
@@ -28,6 +30,7 @@ the version they opened. Concurrent writers are serialised by a lock file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -54,7 +57,7 @@ FORMAT_VERSION = 2  # the newest store format this package reads and writes
 SINGLE_VERSION = 1  # one HDF5 file holding every product
 LINKED_VERSION = 2  # a small index of external links to one immutable file per product
 RUNS = "runs"
-LAYOUT_ENV = "SCARLETSTORE_LAYOUT"  # "linked" makes new stores linked; default "single"
+LAYOUT_ENV = "SCARLETSTORE_LAYOUT"  # "single" makes new stores one file; default "linked"
 LAYOUTS = ("single", "linked")
 # A replaced product's file is deleted by the first write at least this long
 # after the index stopped naming it: a reader that opened the older index just
@@ -188,6 +191,7 @@ class Store:
             with self._h5() as f:
                 fmt = f.attrs.get("format")
                 version = f.attrs.get("format_version")
+                foreign = _foreign_products(self.path, f)
                 newer = _newer_groups(f)
         except OSError:
             raise StoreError(f"{self.path}: not an HDF5 file") from None
@@ -199,6 +203,8 @@ class Store:
             raise StoreError(
                 f"{self.path}: store format version {int(version)} is newer than this "
                 f"scarletstore supports ({FORMAT_VERSION}); upgrade scarletstore")
+        if foreign:
+            raise StoreError(foreign)
         if newer:
             raise SchemaError(f"{self.path}: {newer[0]}")
 
@@ -232,18 +238,7 @@ class Store:
         self._sync(_file_stamp(f))
         if group in self._valid:
             return
-        if group not in f or not isinstance(f[group], h5py.Group):
-            _missing_product(self.path, f, group)
-            raise StoreError(f"{self.path}: no {group!r} group")
-        try:
-            _schema.validate_h5(f[group])
-        except SchemaError as exc:
-            raise SchemaError(f"{self.path}: group {group!r}: {_one_line(exc)}") from None
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
-            # h5py raises these on structurally broken objects (dangling dimension
-            # references, unreadable attributes)
-            raise SchemaError(f"{self.path}: group {group!r} is unreadable: "
-                              f"{type(exc).__name__}: {_one_line(exc)}") from None
+        _validate_group(self.path, f, group)
         self._valid.add(group)
 
     def validate(self, group: str) -> None:
@@ -320,9 +315,14 @@ class Store:
         out = {}
         with self._h5() as f:
             for name in _group_names(f):
+                try:
+                    group = f[name]
+                except (KeyError, OSError):  # a linked store's link that leads nowhere
+                    _missing_product(self.path, f, name)
+                    raise
                 attrs = self.group_attrs(f, name)
                 dims = {}
-                for key, obj in f[name].items():
+                for key, obj in group.items():
                     if isinstance(obj, h5py.Dataset) and obj.attrs.get("CLASS") == b"DIMENSION_SCALE":
                         dims[key] = obj.shape[0]
                 out[name] = {
@@ -330,7 +330,7 @@ class Store:
                     "schema_version": attrs.get("schema_version"),
                     "dims": dims,
                     "attrs": attrs,
-                    "nbytes": sum(o.size * o.dtype.itemsize for o in f[name].values()
+                    "nbytes": sum(o.size * o.dtype.itemsize for o in group.values()
                                   if isinstance(o, h5py.Dataset) and o.dtype.kind not in "OSU"),
                 }
         return out
@@ -552,7 +552,7 @@ class Store:
 
         Either the complete store appears at ``path`` or nothing does.
         ``layout`` is ``"single"`` or ``"linked"`` (see docs/store.md); the
-        default is the ``SCARLETSTORE_LAYOUT`` environment variable, else single.
+        default is the ``SCARLETSTORE_LAYOUT`` environment variable, else linked.
         """
         path = Path(path)
         layout = default_layout() if layout is None else check_layout(layout)
@@ -668,6 +668,10 @@ class Store:
                 with _transaction(self.path, new=False) as tmp:
                     yield _SingleTransaction(tmp)
 
+    def copy_to(self, dest) -> "Store":
+        """Copy the store's current version to ``dest`` (see :func:`copy_store`)."""
+        return copy_store(self.path, dest)
+
     def convert(self, layout: str, datasets: dict[str, xr.Dataset] | None = None) -> None:
         """Rewrite the store in ``layout`` in one atomic commit, replacing the
         groups named in ``datasets`` (migrated products) on the way."""
@@ -696,14 +700,30 @@ def _max_source_id(f, check) -> int:
     return best
 
 
+def _validate_group(path: Path, f, group: str) -> None:
+    """Raise StoreError / SchemaError (one line) unless ``group`` of the open file
+    ``f`` (of store ``path``) exists and follows its schema (cheap checks)."""
+    try:
+        found = group in f and isinstance(f[group], h5py.Group)
+    except (OSError, KeyError, ValueError):
+        found = False
+    if not found:
+        _missing_product(path, f, group)
+        raise StoreError(f"{path}: no {group!r} group")
+    try:
+        _schema.validate_h5(f[group])
+    except SchemaError as exc:
+        raise SchemaError(f"{path}: group {group!r}: {_one_line(exc)}") from None
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        # h5py raises these on structurally broken objects (dangling dimension
+        # references, unreadable attributes)
+        raise SchemaError(f"{path}: group {group!r} is unreadable: "
+                          f"{type(exc).__name__}: {_one_line(exc)}") from None
+
+
 def _checker(store: Store, f):
     """Uncached validation of the groups of ``f``, a transaction's copy of ``store``."""
-    def check(group):
-        try:
-            _schema.validate_h5(f[group])
-        except SchemaError as exc:
-            raise SchemaError(f"{store.path}: group {group!r}: {_one_line(exc)}") from None
-    return check
+    return lambda group: _validate_group(store.path, f, group)
 
 
 def _stored_ids_in(f, ids, check) -> int | None:
@@ -718,7 +738,8 @@ def _stored_ids_in(f, ids, check) -> int | None:
     return None
 
 
-def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset]) -> None:
+def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset], encoding=_encoding,
+                  mode: str = "a") -> None:
     """Write each Dataset as group ``name`` of ``tmp`` with xarray's netCDF4 encoder.
 
     The same steps as ``Dataset.to_netcdf(tmp, mode="a", group=name,
@@ -730,7 +751,9 @@ def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset]) -> None:
     memory) and are written by one thread under the writer lock, so the
     process-wide HDF5 lock is the only one needed. A Dataset that does hold
     dask arrays, or an xarray without the checks used here, goes through
-    to_netcdf as before. The file is opened once for all the groups.
+    to_netcdf as before. The file is opened once for all the groups, in
+    ``mode`` ("a", or "w" for a new product file); ``encoding(ds)`` gives the
+    storage of each variable.
     """
     from xarray.backends import H5NetCDFStore
     from xarray.backends import writers as _writers
@@ -741,36 +764,50 @@ def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset]) -> None:
     chunked = any(v.chunks is not None for ds in datasets.values() for v in ds.variables.values())
     if chunked or None in checks:
         for name, ds in datasets.items():
-            ds.to_netcdf(tmp, mode="a", group=name, engine="h5netcdf", encoding=_encoding(ds))
+            ds.to_netcdf(tmp, mode=mode, group=name, engine="h5netcdf", encoding=encoding(ds))
+            mode = "a"
         return
     check_names, check_attrs, unlimited_dims = checks
-    root = H5NetCDFStore.open(os.path.abspath(tmp), mode="a", lock=HDF5_LOCK)
+    root = H5NetCDFStore.open(os.path.abspath(tmp), mode=mode, lock=HDF5_LOCK)
     try:
         for name, ds in datasets.items():
             check_names(ds)
             check_attrs(ds, "h5netcdf")
-            ds.dump_to_store(root.get_child_store(name), encoding=_encoding(ds),
+            ds.dump_to_store(root.get_child_store(name), encoding=encoding(ds),
                              unlimited_dims=unlimited_dims(ds, None))
     finally:
         root.close()
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
-    """Serialise writers of the stores in one folder (readers never take the lock).
+def _locked(*paths: Path):
+    """Serialise writers of the stores in the folders of ``paths`` (readers never lock).
 
     The lock is on the folder, not on the store file: a write replaces the
     store's inode, so a lock held on the old file would not exclude the next
-    writer, and a separate lock file would litter the folder.
+    writer, and a separate lock file would litter the folder. Several folders
+    (a move) are locked once each, in inode order, so two movers cannot deadlock;
+    one folder is never locked twice (flock on a second descriptor of the same
+    folder would wait for ourselves).
     """
-    folder = path.parent if str(path.parent) else Path(".")
-    fd = os.open(folder, os.O_RDONLY)
+    fds, seen = [], {}
+    for path in paths:
+        fd = os.open(_folder_of(Path(path)), os.O_RDONLY)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) in seen:
+            os.close(fd)
+        else:
+            seen[st.st_dev, st.st_ino] = fd
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        for key in sorted(seen):
+            fcntl.flock(seen[key], fcntl.LOCK_EX)
+            fds.append(seen[key])
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        for fd in seen.values():
+            if fd in fds:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
@@ -822,15 +859,20 @@ def _remove_stale_temps(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _transaction(path: Path, new: bool):
-    """Yield a temporary copy of the store; rename it over the store on success."""
+def _transaction(path: Path, new: bool, source=None):
+    """Yield a temporary copy of the store (or of the open binary file ``source``,
+    a copy's origin); rename it over the store on success."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        if new or not path.exists():
+        if source is not None:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(source, out, _COPY_BUFFER)
+            os.chmod(tmp, os.fstat(source.fileno()).st_mode & 0o777)
+        elif new or not path.exists():
             with h5py.File(tmp, "w") as f:
                 f.attrs["format"] = FORMAT
                 f.attrs["format_version"] = SINGLE_VERSION
@@ -859,8 +901,8 @@ def check_layout(layout) -> str:
 
 
 def default_layout() -> str:
-    """Layout of new stores: ``$SCARLETSTORE_LAYOUT`` if set, else ``"single"``."""
-    value = os.environ.get(LAYOUT_ENV, "").strip() or "single"
+    """Layout of new stores: ``$SCARLETSTORE_LAYOUT`` if set, else ``"linked"``."""
+    value = os.environ.get(LAYOUT_ENV, "").strip() or "linked"
     if value not in LAYOUTS:
         raise StoreError(f"{LAYOUT_ENV}={value!r}: use {' or '.join(LAYOUTS)}")
     return value
@@ -908,15 +950,39 @@ def _created(path: Path, f, name: str) -> str:
         raise
 
 
+def _foreign_products(path: Path, f) -> str | None:
+    """Why the linked index ``f`` of ``path`` is not a store of its own, else None.
+
+    Its links must point into ``<its name>.d``: an index copied or renamed by
+    hand (``cp s.h5 t.h5``) still names ``s.h5.d``, and writing through it would
+    let one store's clean-up delete the other's files.
+    """
+    if _layout_of(f) != "linked":
+        return None
+    own = products_dir(path).name
+    for group, rel in _index_entries(f).items():
+        folder = Path(rel).parent.name
+        if folder != own:
+            return (f"{path}: its products are in {folder}, not {own} (copied or renamed by hand? "
+                    f"a linked store is {path.name} and {own} together: copy, move and remove it "
+                    "with scarletstore.copy_store, move_store, remove_store)")
+    return None
+
+
 def _missing_product(path: Path, f, group: str) -> None:
-    """Raise StoreError if ``group`` is a link of a linked index whose file is gone."""
+    """Raise StoreError if ``group`` is a link of a linked index that leads nowhere:
+    its file is gone, is not HDF5, or does not hold the group."""
     try:
         link = f.get(group, getlink=True)
     except (KeyError, OSError, ValueError):
         return
-    if isinstance(link, h5py.ExternalLink):
+    if not isinstance(link, h5py.ExternalLink):
+        return
+    if not (_folder_of(path) / link.filename).is_file():
         raise StoreError(f"{path}: group {group!r}: its file {link.filename} is missing "
                          f"(a linked store is {path.name} and {path.name}.d together)")
+    raise StoreError(f"{path}: group {group!r}: its file {link.filename} is damaged "
+                     f"(not HDF5, or without the group {link.path})")
 
 
 def _index_entries(f) -> dict[str, str]:
@@ -990,7 +1056,7 @@ def _write_product(file: Path, group: str, ds: xr.Dataset) -> int:
     ds = ds.copy()
     for var in ds.variables.values():
         var.encoding = {}  # storage read from another file must not override ours
-    ds.to_netcdf(file, mode="w", group=group, engine="h5netcdf", encoding=_product_encoding(ds))
+    _write_groups(file, {group: ds}, encoding=_product_encoding, mode="w")
     with open(file, "rb+") as fh:
         os.fsync(fh.fileno())
         return os.fstat(fh.fileno()).st_size
@@ -1017,6 +1083,9 @@ class _LinkedTransaction:
         self.bytes_written = 0
         if not new and not convert:
             with h5py.File(self.path, "r") as f:
+                foreign = _foreign_products(self.path, f)
+                if foreign:
+                    raise StoreError(foreign + "; refusing to write")
                 self.entries = _index_entries(f)
                 self.retired = _retired_of(f)
         elif convert:
@@ -1025,7 +1094,6 @@ class _LinkedTransaction:
 
     def __enter__(self):
         self.dir.mkdir(exist_ok=True)
-        self._collect_garbage()
         return self
 
     def has(self, name: str) -> bool:
@@ -1039,11 +1107,29 @@ class _LinkedTransaction:
             self.bytes_written += _write_product(self.dir / file, name, ds)
             self.written[name] = f"{self.dir.name}/{file}"
 
+    def put_file(self, name: str, source, link: bool = False) -> None:
+        """Add group ``name`` as a copy of a product file (an open binary file),
+        or with ``link`` as a hard link to it (a move within one file system;
+        OSError if the file systems differ)."""
+        file = Path(source.name).name
+        target = self.dir / file
+        if link:
+            os.link(source.name, target)
+        else:
+            with open(target, "wb") as out:
+                shutil.copyfileobj(source, out, _COPY_BUFFER)
+                os.fsync(out.fileno())
+                self.bytes_written += out.tell()
+        self.written[name] = f"{self.dir.name}/{file}"
+
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             for rel in self.written.values():  # never named by an index: safe to drop now
                 with contextlib.suppress(FileNotFoundError):
                     (self.folder / rel).unlink()
+            if self.new:  # a failed create leaves no empty products folder behind
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()
             return False
         if self.convert:
             self._copy_old_groups()
@@ -1053,6 +1139,9 @@ class _LinkedTransaction:
             if old is not None and old != rel:
                 self.retired.append((old, now))
             self.entries[name] = rel
+        # only a write that commits cleans up: a failed one (a damaged store) leaves
+        # every file as it was
+        self._collect_garbage()
         _fsync_dir(self.dir)
         self.bytes_written += _commit_index(self.path, self.entries, self.retired)
         return False
@@ -1127,3 +1216,122 @@ def _commit_index(path: Path, entries: dict[str, str], retired) -> int:
 def open_store(path) -> Store:
     """Open an existing store."""
     return Store(path)
+
+
+# ------------------------------------------------------------------ whole stores
+_COPY_BUFFER = 8 << 20
+
+
+def store_files(path) -> list[Path]:
+    """Every file of the store at ``path`` on disk: the store file, and for a
+    linked store every file of its products folder (named or not)."""
+    path = Path(path)
+    files = [path]
+    folder = products_dir(path)
+    if folder.is_dir():
+        files += sorted(p for p in folder.iterdir() if p.is_file())
+    return files
+
+
+@contextlib.contextmanager
+def _open_version(path: Path):
+    """Open every file of the store's current version for reading: ``(layout,
+    {group: file} or the store file)``. Held open, they stay readable whatever
+    writers (or the clean-up of replaced products) do meanwhile."""
+    store = Store(path)  # refuses what is not a sound store of a version we know
+    with contextlib.ExitStack() as stack:
+        with store._h5() as f:
+            layout = _layout_of(f)
+            if layout == "single":
+                yield layout, stack.enter_context(open(path, "rb"))
+                return
+            entries = _index_entries(f)
+        files = {}
+        for group, rel in entries.items():
+            try:
+                files[group] = stack.enter_context(open(_folder_of(path) / rel, "rb"))
+            except FileNotFoundError:
+                raise StoreError(f"{path}: group {group!r}: its file {rel} is missing") from None
+        yield layout, files
+
+
+def _check_free(dest: Path) -> None:
+    if dest.exists():
+        raise StoreError(f"{dest}: already exists")
+
+
+def _paste(src: Path, dest: Path, link: bool) -> None:
+    """Write the current version of store ``src`` as the new store ``dest`` (call
+    with the writer lock of ``dest`` held); ``link`` hard-links product files."""
+    with _open_version(src) as (layout, files):
+        _remove_stale_temps(dest)
+        _check_free(dest)
+        if layout == "single":
+            with _transaction(dest, new=True, source=files):
+                pass
+            return
+        with _LinkedTransaction(dest, new=True) as tx:
+            for group, fh in files.items():
+                tx.put_file(group, fh, link=link)
+
+
+def copy_store(src, dest) -> Store:
+    """Copy the current version of store ``src`` to the new store ``dest``; returns it.
+
+    Like every write, atomic: ``dest`` appears complete or not at all, and a
+    copy taken while another process writes ``src`` is one consistent version.
+    The copy keeps the layout; a linked one gets its own ``<dest>.d`` (the
+    links of an index copied by hand would still point at ``src``'s folder).
+    """
+    src, dest = Path(src), Path(dest)
+    with _locked(dest):
+        _paste(src, dest, link=False)
+    return Store(dest)
+
+
+def move_store(src, dest) -> Store:
+    """Move (rename) store ``src`` to the new store ``dest``; returns it.
+
+    ``dest`` is committed first (hard links to the product files, a copy across
+    file systems), then ``src`` removed, both under the writer locks: a move
+    killed half-way leaves ``src`` intact (and perhaps ``dest`` too), never
+    neither, and no write to ``src`` is lost.
+    """
+    src, dest = Path(src), Path(dest)
+    with _locked(src, dest):
+        try:
+            _paste(src, dest, link=True)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _paste(src, dest, link=False)
+        _unlink_store(src)
+    return Store(dest)
+
+
+def remove_store(path) -> None:
+    """Delete the store at ``path`` (and a linked store's products folder).
+
+    The store file goes first, so an interrupted removal leaves no store that
+    names missing files; readers that have it open keep reading their version.
+    Refuses a file that is not a scarletstore store.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = _plain(f.attrs.get("format"))
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such store") from None
+    except OSError:
+        raise StoreError(f"{path}: not an HDF5 file") from None
+    if fmt != FORMAT:
+        raise StoreError(f"{path}: not a scarletstore store")
+    with _locked(path):
+        _unlink_store(path)
+
+
+def _unlink_store(path: Path) -> None:
+    _remove_stale_temps(path)
+    os.unlink(path)
+    _fsync_dir(_folder_of(path))
+    shutil.rmtree(products_dir(path), ignore_errors=True)

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_wcs_header
+from conftest import make_wcs_header, store_bytes
 from scarletstore.cli import main
 from scarletstore.deblend.psf import gaussian_psf
 from scarletstore.deblend.result import Component, SourceResult
 from scarletstore.ingest import make_exposure
 from scarletstore.models import BlendRecord, build_run
-from scarletstore.store import Store
+from scarletstore.store import Store, copy_store
 
 ROOT = Path(__file__).resolve().parent.parent
 H = W = 64
@@ -84,7 +84,7 @@ def field_path(store_path, tmp_path_factory):
     from scarletstore.detect import detect
 
     path = tmp_path_factory.mktemp("field") / "f.h5"
-    path.write_bytes(store_path.read_bytes())
+    copy_store(store_path, path)
     store = Store(path)
     store.write({"parents": detect(store.read("exposure"))})
     return path
@@ -166,11 +166,11 @@ def test_simulate_into_an_existing_path_is_refused(tmp_path, capsys):
 ])
 def test_deblend_refuses_bad_arguments_before_any_work(field_path, tmp_path, capsys, argv, problem):
     path = tmp_path / "f.h5"
-    path.write_bytes(field_path.read_bytes())
-    before = path.read_bytes()
+    copy_store(field_path, path)
+    before = store_bytes(path)
     _fails(["deblend", str(path), *argv], capsys, problem)
-    assert path.read_bytes() == before and Store(path).runs() == ["a", "b"]
-    assert [p.name for p in tmp_path.iterdir()] == ["f.h5"]  # no temporary left behind
+    assert store_bytes(path) == before and Store(path).runs() == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", "f.h5.d"]  # no temporary left behind
 
 
 def test_unknown_key_error_lists_every_configuration_field(field_path, capsys):
@@ -204,22 +204,30 @@ def test_os_errors_name_the_store_not_its_temporary_copy():
     assert _user_path("/data/field.h5") == "/data/field.h5"
 
 
-def test_full_disk_during_a_write_names_the_store(field_path, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("layout", ["linked", "single"])
+def test_full_disk_during_a_write_names_the_store(field_path, tmp_path, capsys, monkeypatch, layout):
     import errno
 
     import scarletstore.store as store_module
 
-    def full_disk(src, dst, *a, **k):  # the store's copy into its temporary file fails
+    def full_disk(src, dst, *a, **k):  # writing the new product (or the single file's copy) fails
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
     path = tmp_path / "f.h5"
-    path.write_bytes(field_path.read_bytes())
-    before = path.read_bytes()
-    monkeypatch.setattr(store_module.shutil, "copyfile", full_disk)
+    if layout == "linked":
+        copy_store(field_path, path)
+        monkeypatch.setattr(store_module, "_write_product", lambda file, group, ds: full_disk(None, file))
+    else:
+        source = Store(field_path)
+        Store.create(path, {g: source.read(g, upgrade=False) for g in source.groups()}, layout="single")
+        monkeypatch.setattr(store_module.shutil, "copyfile", full_disk)
+    before = store_bytes(path)
     err = _fails(["deblend", str(path), "--method", "sdss", "--blends", "1"], capsys,
                  f"{path}: No space left on device")
-    assert ".tmp" not in err
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["f.h5"]
+    assert ".tmp" not in err and ".h5.d" not in err
+    assert store_bytes(path) == before
+    left = ["f.h5", "f.h5.d"] if layout == "linked" else ["f.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == left  # no temporary left behind
 
 
 # ------------------------------------------------------- | head
@@ -236,7 +244,7 @@ def _closed_pipe_run(*argv):
 @pytest.mark.parametrize("argv", [["info"], ["query"], ["deblend", "--method", "sdss", "--blends", "1"]])
 def test_closed_stdout_exits_quietly(field_path, tmp_path, argv):
     path = tmp_path / "f.h5"
-    path.write_bytes(field_path.read_bytes())
+    copy_store(field_path, path)
     res = _closed_pipe_run(argv[0], str(path), *argv[1:])
     assert res.stderr.count("Traceback") == 0 and "BrokenPipe" not in res.stderr, res.stderr
     assert "Exception ignored" not in res.stderr, res.stderr

@@ -1,17 +1,15 @@
 """Damaged groups inside an otherwise valid store: every command that reads the
 group exits 2 with one line (no traceback) and leaves the file as it was."""
 
-import shutil
-
 import h5py
 import numpy as np
 import pytest
 
-from conftest import gaussian_psf, make_wcs_header
+from conftest import gaussian_psf, make_wcs_header, store_bytes
 from scarletstore.cli import main
 from scarletstore.errors import SchemaError
 from scarletstore.ingest import make_exposure
-from scarletstore.store import Store
+from scarletstore.store import Store, copy_store, products_dir
 
 BANDS = ["g", "r", "i"]
 
@@ -173,28 +171,121 @@ CASES = [(g, d, c) for g in DAMAGE for d in DAMAGE[g]
          for c in (COMMANDS if d == "version 99" else READERS[g])]
 
 
-@pytest.mark.parametrize("group,damage,command", CASES, ids=[f"{g}-{d}-{c}" for g, d, c in CASES])
-def test_damaged_group_one_line_exit_2(valid_store, tmp_path, capsys, group, damage, command):
+def _refused(source, parent, tmp_path, capsys, group, command, damage) -> str:
+    """Copy store ``source``, ``damage(path)`` it, run ``command``: exit 2, one line
+    naming ``group``, no traceback, every file of the store as it was. Returns the line."""
     path = tmp_path / "s.h5"
-    shutil.copyfile(valid_store, path)
-    argv = _argv(command, path, tmp_path, _fitted_parent(valid_store))
-    with h5py.File(path, "a") as f:
-        DAMAGE[group][damage](f[group])
-    before = path.read_bytes()
+    copy_store(source, path)
+    argv = _argv(command, path, tmp_path, parent)
+    damage(path)
+    before = store_bytes(path)
     capsys.readouterr()
     assert main(argv) == 2, argv
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{group!r}" in err, err  # names the damaged group
+    assert store_bytes(path) == before  # never half-written, never "repaired" behind the user
+    return err
+
+
+def _in_group(group, damage):
+    """A damage of the group's HDF5 objects, applied through the store file."""
+    def apply(path):
+        with h5py.File(path, "a") as f:
+            damage(f[group])
+    return apply
+
+
+@pytest.mark.parametrize("group,damage,command", CASES, ids=[f"{g}-{d}-{c}" for g, d, c in CASES])
+def test_damaged_group_one_line_exit_2(valid_store, tmp_path, capsys, group, damage, command):
+    assert Store(valid_store).layout == "linked"
+    err = _refused(valid_store, _fitted_parent(valid_store), tmp_path, capsys, group, command,
+                   _in_group(group, DAMAGE[group][damage]))
     if damage == "version 99":
         assert "upgrade scarletstore" in err
-    assert path.read_bytes() == before  # never half-written, never "repaired" behind the user
+
+
+@pytest.fixture(scope="module")
+def valid_single_store(valid_store, tmp_path_factory):
+    """The same groups as ``valid_store`` in one file (``SCARLETSTORE_LAYOUT=single``)."""
+    source = Store(valid_store)
+    path = tmp_path_factory.mktemp("damage_single") / "s.h5"
+    Store.create(path, {g: source.read(g, upgrade=False) for g in source.groups()}, layout="single")
+    return path
+
+
+# the single-file layout (still read and written): two damages of each group, every reader
+SINGLE_CASES = [(g, d, c) for g in DAMAGE for d in list(DAMAGE[g])[:2] + ["version 99"]
+                for c in READERS[g]]
+
+
+@pytest.mark.parametrize("group,damage,command", SINGLE_CASES,
+                         ids=[f"{g}-{d}-{c}" for g, d, c in SINGLE_CASES])
+def test_damaged_single_file_store_one_line_exit_2(valid_single_store, valid_store, tmp_path, capsys,
+                                                   group, damage, command):
+    assert Store(valid_single_store).layout == "single"
+    _refused(valid_single_store, _fitted_parent(valid_store), tmp_path, capsys, group, command,
+             _in_group(group, DAMAGE[group][damage]))
+    assert not products_dir(tmp_path / "s.h5").exists()
+
+
+# ------------------------------------------------------------------ damage to a linked store's files
+def _product(path, group):
+    with h5py.File(path, "r") as f:
+        return path.parent / f.get(group, getlink=True).filename
+
+
+def _relink(target):
+    """Point the index's link for the group at ``target(path, group) -> (file, object)``."""
+    def damage(path, group):
+        file, obj = target(path, group)
+        with h5py.File(path, "a") as f:
+            del f[group]
+            f[group] = h5py.ExternalLink(file, obj)
+    return damage
+
+
+def _truncate(path, group):
+    file = _product(path, group)
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+LINK_DAMAGE = {
+    "product file missing": lambda path, group: _product(path, group).unlink(),
+    "product file garbled": lambda path, group: _product(path, group).write_bytes(b"not HDF5 " * 500),
+    "product file truncated": _truncate,
+    "link to a missing file": _relink(lambda path, group: (f"{path.name}.d/{'0' * 32}.h5", "/" + group)),
+    "link to a missing object": _relink(lambda path, group: (
+        str(_product(path, group).relative_to(path.parent)), "/no/such/group")),
+}
+LINK_CASES = [(g, d, c) for g in READERS for d in LINK_DAMAGE for c in READERS[g]]
+
+
+@pytest.mark.parametrize("group,damage,command", LINK_CASES, ids=[f"{g}-{d}-{c}" for g, d, c in LINK_CASES])
+def test_damaged_product_file_one_line_exit_2(valid_store, tmp_path, capsys, group, damage, command):
+    _refused(valid_store, _fitted_parent(valid_store), tmp_path, capsys, group, command,
+             lambda path: LINK_DAMAGE[damage](path, group))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_garbled_index_one_line_exit_2(valid_store, tmp_path, capsys, command):
+    path = tmp_path / "s.h5"
+    copy_store(valid_store, path)
+    argv = _argv(command, path, tmp_path, _fitted_parent(valid_store))
+    index = path.read_bytes()
+    path.write_bytes(index[:8] + bytes(len(index) - 8))  # the HDF5 signature, then zeros
+    before = store_bytes(path)
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(path) in err, err
+    assert store_bytes(path) == before
 
 
 def test_undamaged_copy_passes_every_command(valid_store, tmp_path, capsys):
     """The same commands succeed on the undamaged store (the failures above are the damage)."""
     path = tmp_path / "s.h5"
-    shutil.copyfile(valid_store, path)
+    copy_store(valid_store, path)
     parent = _fitted_parent(valid_store)
     for command in COMMANDS:
         assert main(_argv(command, path, tmp_path, parent)) == 0, (command, capsys.readouterr().err)
@@ -203,7 +294,7 @@ def test_undamaged_copy_passes_every_command(valid_store, tmp_path, capsys):
 def test_damaged_parents_can_be_replaced(valid_store, tmp_path):
     """detect --replace rewrites a damaged parents group (the repair), but never a newer one."""
     path = tmp_path / "s.h5"
-    shutil.copyfile(valid_store, path)
+    copy_store(valid_store, path)
     with h5py.File(path, "a") as f:
         _bump("span_count")(f["parents"])
     assert main(["info", "--check", str(path)]) == 2
@@ -213,7 +304,7 @@ def test_damaged_parents_can_be_replaced(valid_store, tmp_path):
 
 def test_info_lists_damaged_group(valid_store, tmp_path, capsys):
     path = tmp_path / "s.h5"
-    shutil.copyfile(valid_store, path)
+    copy_store(valid_store, path)
     with h5py.File(path, "a") as f:
         _bump("component_n_pixels")(f["runs/a"])
     capsys.readouterr()
@@ -224,23 +315,23 @@ def test_info_lists_damaged_group(valid_store, tmp_path, capsys):
 
 def test_write_over_newer_group_refused(valid_store, tmp_path):
     path = tmp_path / "s.h5"
-    shutil.copyfile(valid_store, path)
+    copy_store(valid_store, path)
     store = Store(path)
     parents = store.read("parents")
     with h5py.File(path, "a") as f:
         _version(99)(f["parents"])
-    before = path.read_bytes()
+    before = store_bytes(path)
     with pytest.raises(SchemaError, match="newer"):
         store.write({"parents": parents}, replace=True)
     with pytest.raises(SchemaError, match="upgrade scarletstore"):
         Store(path)
-    assert path.read_bytes() == before
+    assert store_bytes(path) == before
 
 
 def test_check_finds_shared_source_ids(valid_store, tmp_path):
     """Deep check: ids repeated across runs (what concurrent writers used to do)."""
     path = tmp_path / "s.h5"
-    shutil.copyfile(valid_store, path)
+    copy_store(valid_store, path)
     with h5py.File(path, "a") as f:
         a = f["runs/a/source_id"][()]
         b = f["runs/b/source_id"][()]

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import store_bytes
 from scarletstore.cli import main
 from scarletstore.deblend import DeblendConfig
 from scarletstore.deblend.run import deblend_exposure, init_from_run
@@ -13,7 +14,7 @@ from scarletstore.errors import InputError
 from scarletstore.footprint import counts_to_offsets
 from scarletstore.ingest import read_fits_bands, read_npz
 from scarletstore.models import BLEND_FLAGS
-from scarletstore.store import Store
+from scarletstore.store import Store, copy_store
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_failing_blend_is_flagged_and_run_continues(field, monkeypatch):
 def test_later_run_leaves_earlier_unchanged(field, tmp_path):
     _, _, src = field
     path = tmp_path / "s.h5"
-    path.write_bytes(src.read_bytes())
+    copy_store(src, path)
     assert main(["deblend", str(path), "--run", "first", "--set", "max_iter=5"]) == 0
     first = Store(path).read("runs/first")
     assert main(["deblend", str(path), "--run", "second", "--set", "max_iter=8", "--method", "sdss"]) == 0
@@ -150,8 +151,8 @@ def test_workers_two_equals_workers_one(field):
 def test_cli_errors(field, tmp_path, capsys):
     _, _, src = field
     path = tmp_path / "s.h5"
-    path.write_bytes(src.read_bytes())
-    data = path.read_bytes()
+    copy_store(src, path)
+    data = store_bytes(path)
     for argv, msg in [
         (["--set", "max_iter"], "KEY=VALUE"),
         (["--set", "nonsense=3"], "unknown configuration key"),
@@ -172,7 +173,7 @@ def test_cli_errors(field, tmp_path, capsys):
         assert main(["deblend", str(path), *argv]) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, (argv, err)
-    assert path.read_bytes() == data
+    assert store_bytes(path) == data
 
 
 def test_config_overrides_take_the_fields_types():
@@ -220,8 +221,8 @@ def test_existing_scheduler_equals_in_process(field):
 def test_detect_cli_errors_leave_store_unchanged(field, tmp_path, capsys):
     _, _, src = field
     path = tmp_path / "s.h5"
-    path.write_bytes(src.read_bytes())
-    data = path.read_bytes()
+    copy_store(src, path)
+    data = store_bytes(path)
     bad_table = tmp_path / "peaks.csv"
     bad_table.write_text("a,b\n1,2\n")
     for argv, msg in [
@@ -234,7 +235,7 @@ def test_detect_cli_errors_leave_store_unchanged(field, tmp_path, capsys):
         assert main(["detect", str(path), *argv]) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, (argv, err)
-    assert path.read_bytes() == data
+    assert store_bytes(path) == data
     empty = tmp_path / "empty.h5"
     Store.create(empty, {})
     assert main(["detect", str(empty)]) == 2
@@ -244,7 +245,7 @@ def test_detect_cli_errors_leave_store_unchanged(field, tmp_path, capsys):
 def test_diff_and_info_report_runs(field, tmp_path, capsys):
     _, _, src = field
     path = tmp_path / "s.h5"
-    path.write_bytes(src.read_bytes())
+    copy_store(src, path)
     assert main(["deblend", str(path), "--run", "a", "--set", "max_iter=10"]) == 0
     assert main(["deblend", str(path), "--run", "b", "--from-run", "a", "--set", "max_iter=30"]) == 0
     capsys.readouterr()
@@ -267,7 +268,7 @@ def test_catalog_positions_and_redistribution_conserve_flux(field, tmp_path):
 
     exposure, parents, src = field
     path = tmp_path / "s.h5"
-    path.write_bytes(src.read_bytes())
+    copy_store(src, path)
     run = deblend_exposure(exposure, parents, DeblendConfig(max_iter=20), "scarlet", name="a")
     Store(path).write({"runs/a": run})
     h, w = exposure.sizes["y"], exposure.sizes["x"]
@@ -336,7 +337,7 @@ def test_sdss_and_isolated_record_honest_statistics(field, tmp_path):
     assert np.all(np.isnan(run["blend_log_likelihood"].values[iso]))
     # ... and their catalog rows are not flagged as fits that failed to converge
     path = tmp_path / "s.h5"
-    path.write_bytes(src.read_bytes())
+    copy_store(src, path)
     Store(path).write({"runs/s": run})
     cat = band_catalog(Store(path), "r").compute()
     assert not np.any(cat["flags"].values & (1 << 9))

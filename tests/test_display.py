@@ -12,7 +12,7 @@ from scarletstore.display import (
     legend_entries, lupton_rgb, read_blend_picture, read_field, residual_sigma, rgb_bands,
     show_blend, source_panel,
 )
-from scarletstore.store import Store
+from scarletstore.store import Store, copy_store
 
 pytest.importorskip("matplotlib")
 
@@ -66,11 +66,9 @@ def scene(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deblended(scene, tmp_path_factory):
     """The scene's store with a full run and a run that skips parents of more than two peaks."""
-    import shutil
-
     src, *_ = scene
     path = tmp_path_factory.mktemp("display_run") / "run.h5"
-    shutil.copy(src, path)
+    copy_store(src, path)
     assert main(["deblend", str(path), "--run", "all"]) == 0
     assert main(["deblend", str(path), "--run", "capped", "--set", "max_number_of_peaks=2",
                  "--set", "split_large_parents=false"]) == 0

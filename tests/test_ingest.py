@@ -6,10 +6,11 @@ import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from conftest import gaussian_psf, make_wcs_header, write_band_fits
+from conftest import gaussian_psf, make_wcs_header, store_bytes, write_band_fits
 from scarletstore.cli import main
 from scarletstore.errors import InputError
 from scarletstore.ingest import bad_pixels, read_fits_bands, read_npz
+from scarletstore.store import Store
 
 
 def run(argv):
@@ -20,7 +21,7 @@ def test_fits_roundtrip_bit_identical_with_wcs(tmp_path, fits_bands):
     paths, arrays, hdr = fits_bands
     store = tmp_path / "s.h5"
     assert run(["ingest", store, *paths]) == 0
-    with xr.open_dataset(store, group="exposure", engine="h5netcdf") as ds:
+    with xr.open_dataset(Store(store).product_path("exposure"), group="exposure", engine="h5netcdf") as ds:
         assert list(ds.band.values) == ["g", "r", "i"]
         for i, band in enumerate("gri"):
             image, variance, mask, psf = arrays[band]
@@ -65,7 +66,7 @@ def test_npz_roundtrip_bit_identical(tmp_path, hsc_path):
     store = tmp_path / "hsc.h5"
     assert run(["ingest", store, hsc_path]) == 0
     data = np.load(hsc_path)
-    with xr.open_dataset(store, group="exposure", engine="h5netcdf") as ds:
+    with xr.open_dataset(Store(store).product_path("exposure"), group="exposure", engine="h5netcdf") as ds:
         np.testing.assert_array_equal(ds["image"].values, data["images"])
         np.testing.assert_array_equal(ds["variance"].values, data["variance"])
         np.testing.assert_array_equal(ds["mask"].values, data["mask"])
@@ -163,10 +164,10 @@ def test_existing_store_unchanged(tmp_path, capsys, fits_bands):
     paths, _, _ = fits_bands
     store = tmp_path / "s.h5"
     assert run(["ingest", store, *paths]) == 0
-    before = store.read_bytes()
+    before = store_bytes(store)
     assert run(["ingest", store, *paths]) == 2
     assert "already holds an exposure" in capsys.readouterr().err
-    assert store.read_bytes() == before
+    assert store_bytes(store) == before
 
 
 def test_read_npz_errors_are_input_errors(tmp_path):
@@ -181,7 +182,7 @@ def test_simulated_six_band_fits_ingest_exactly(tmp_path):
     out = simulate_field(tmp_path / "sim", size=64, seed=2, bands="ugrizy")
     store = tmp_path / "sim.h5"
     assert run(["ingest", store, *out["bands"].values()]) == 0
-    with xr.open_dataset(store, group="exposure", engine="h5netcdf") as ds:
+    with xr.open_dataset(Store(store).product_path("exposure"), group="exposure", engine="h5netcdf") as ds:
         assert list(ds.band.values) == list("ugrizy")
         for i, (band, path) in enumerate(out["bands"].items()):
             with fits.open(path) as h:

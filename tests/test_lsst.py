@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from conftest import shared_file, store_bytes
 from scarletstore.errors import InputError
 from scarletstore.lsst import lsst_models_dict, read_lsst_models, write_lsst_models
 from scarletstore.models import CUBE, SOURCE_ISOLATED, RunIndex, read_blend
@@ -497,11 +497,11 @@ def test_models_off_the_exposure_are_refused(tmp_path, capsys):
     doc, *_ = _versioned_doc()  # boxes span y 0..35, x 0..46
     store_path = tmp_path / "s.h5"
     store = _exposure_store(store_path, shape=(30, 60))  # cuts blend 8000000000000000002 (y 30..34)
-    before = store_path.read_bytes()
+    before = store_bytes(store_path)
     code, err = _import(tmp_path, doc, store_path, capsys)
     assert code == 2 and "1 of 3 blends lie outside the store's exposure" in err
     assert len(err.splitlines()) == 1
-    assert store_path.read_bytes() == before and Store(store_path).runs() == []
+    assert store_bytes(store_path) == before and Store(store_path).runs() == []
     # models of another patch (global pixels far from this exposure's origin): refused
     other = tmp_path / "o.h5"
     _exposure_store(other, origin=(100, 100))

@@ -5,6 +5,7 @@ import pytest
 from scipy.signal import fftconvolve
 from scipy.special import erf
 
+from conftest import store_bytes
 from scarletstore.catalog import band_catalog
 from scarletstore.cli import main
 from scarletstore.deblend.psf import difference_kernels, gaussian_psf
@@ -14,7 +15,7 @@ from scarletstore.models import BlendRecord, build_run
 from scarletstore.photometry.apcorr import (ApertureCorrection, chebyshev_terms, design_matrix, fit_field,
                                             measure_apcorr)
 from scarletstore.schema import validate
-from scarletstore.store import Store
+from scarletstore.store import Store, copy_store
 
 N = 240  # field side (pixels)
 PSF0 = 1.6  # sigma of the stored band PSF; the stars' true PSF is broader and varies
@@ -144,9 +145,8 @@ def test_apcorr_recovers_an_injected_psf_trend(star_field, tmp_path):
 
 
 def _copy(store, tmp_path):
-    import shutil
     path = tmp_path / "copy.h5"
-    shutil.copy(store.path, path)
+    copy_store(store.path, path)
     return path
 
 
@@ -190,12 +190,12 @@ def test_apcorr_cli_fits_stores_and_summarises(star_field, tmp_path, capsys):
 def test_apcorr_cli_bad_input_is_one_line_and_writes_nothing(star_field, tmp_path, capsys, argv, message):
     store, _, _ = star_field
     path = _copy(store, tmp_path)
-    before = path.read_bytes()
+    before = store_bytes(path)
     capsys.readouterr()
     assert main(["apcorr", str(path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
-    assert path.read_bytes() == before
+    assert store_bytes(path) == before
 
 
 def test_catalog_cli_parents_writes_one_row_per_parent(star_field, tmp_path, capsys):

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import store_bytes
 from scarletstore.catalog import band_catalog
 from scarletstore.cli import main
 from scarletstore.errors import SchemaError
@@ -43,20 +44,30 @@ def test_every_version_step_is_registered():
             assert (name, v) in MIGRATIONS
 
 
-def test_v1_store_migrates_atomically_and_idempotently(v1_copy, capsys):
+@pytest.mark.parametrize("layout_env", [None, "single"])
+def test_v1_store_migrates_atomically_and_idempotently(v1_copy, capsys, monkeypatch, layout_env):
+    """An old single-file store becomes a linked one (the default layout), or
+    stays one file with SCARLETSTORE_LAYOUT=single; either way once."""
+    if layout_env:
+        monkeypatch.setenv("SCARLETSTORE_LAYOUT", layout_env)
+    else:
+        monkeypatch.delenv("SCARLETSTORE_LAYOUT", raising=False)
     before = Store(v1_copy).read("runs/v1", upgrade=False)
     assert main(["migrate", str(v1_copy)]) == 0
-    assert "runs/v1: v1 -> v2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "runs/v1: v1 -> v2" in out
     store = Store(v1_copy)
+    assert store.layout == (layout_env or "linked")
+    assert ("converted from the single to the linked store layout" in out) == (layout_env is None)
     assert store.groups()["runs/v1"]["schema_version"] == 2
     after = store.read("runs/v1", upgrade=False)
     assert after.attrs["psf_source"] == "run"
     for v in before.data_vars:
         np.testing.assert_array_equal(after[v].values, before[v].values)
-    data = v1_copy.read_bytes()
+    data = store_bytes(v1_copy)
     assert main(["migrate", str(v1_copy)]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert v1_copy.read_bytes() == data
+    assert store_bytes(v1_copy) == data
 
 
 def test_catalog_from_v1_store(v1_copy):
@@ -70,11 +81,11 @@ def test_newer_version_refused(v1_copy, capsys):
         f["runs/v1"].attrs["schema_version"] = np.int64(99)
     with pytest.raises(SchemaError, match="newer than this scarletstore knows"):
         Store(v1_copy).read("runs/v1")
-    data = v1_copy.read_bytes()
+    data = store_bytes(v1_copy)
     assert main(["migrate", str(v1_copy)]) == 2
     err = capsys.readouterr().err
     assert "newer" in err and err.count("\n") == 1
-    assert v1_copy.read_bytes() == data
+    assert store_bytes(v1_copy) == data
 
 
 def test_upgrade_validates_old_layout():

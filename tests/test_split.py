@@ -12,7 +12,7 @@ from scarletstore.deblend import DeblendConfig
 from scarletstore.deblend.run import deblend_exposure
 from scarletstore.deblend.scarlet import deblend_scarlet
 from scarletstore.deblend.split import (PIECE_HEADROOM, CannotSplit, deblend_pieces, fit_memory,
-                                        parent_bytes, plan_pieces)
+                                        merged_fit_statistics, parent_bytes, plan_pieces)
 from scarletstore.models import BLEND_FLAGS
 from scarletstore.reconstruct import band_kernel, redistribute, source_models
 
@@ -103,6 +103,23 @@ def test_split_children_match_the_unsplit_fit(fits):
     assert err_s < err_w + 0.01, (err_s, err_w)
 
 
+def test_split_records_the_merged_models_likelihood(fits):
+    """A split blend's logL / chi2 are those of its merged model over the parent:
+    the statistic reproduces a whole fit's own figures from its sources (for any
+    tile size), and the split fit's are real numbers close to the whole fit's."""
+    images, psfs, peaks, truth, fp, whole, split, pieces = fits
+    variance, bad = np.ones(images.shape, np.float32), np.zeros(images.shape, bool)
+    for tile in (37, 64, 1000):
+        log_l, chi2 = merged_fit_statistics(images, variance, bad, fp, whole.sources,
+                                            whole.extra["diff_kernels"], True, tile)
+        np.testing.assert_allclose(log_l, whole.log_likelihood, rtol=2e-4)
+        np.testing.assert_allclose(chi2, whole.chi2, rtol=2e-4)
+    assert np.isfinite(split.log_likelihood) and split.log_likelihood < 0
+    assert abs(split.chi2 / whole.chi2 - 1) < 0.1, (split.chi2, whole.chi2)
+    nothing = merged_fit_statistics(images, variance, bad, fp, [], None, True)[1]
+    assert split.chi2 < 0.1 * nothing  # the merged model explains the parent's light
+
+
 def test_split_parent_apportions_every_pixel_once(fits):
     images, psfs, peaks, truth, fp, whole, split, pieces = fits
     H, W = fp.shape
@@ -151,6 +168,7 @@ def test_parent_over_the_budget_is_split_not_skipped(field):
     config = DeblendConfig(max_iter=20, memory_budget=budget, max_number_of_peaks=2)
     run = deblend_exposure(exposure, parents, config, "scarlet", blend_ids=[pid])
     assert str(run["blend_reason"].values[0]) == ""
+    assert np.isfinite(run["blend_log_likelihood"].values[0]) and np.isfinite(run["blend_chi2"].values[0])
     flags = int(run["blend_flags"].values[0])
     assert flags & BLEND_FLAGS["split"] and not flags & BLEND_FLAGS["too_many_peaks"]
     pieces = json.loads(run.attrs["split_pieces"])

@@ -4,15 +4,17 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import xarray as xr
 
+from conftest import store_bytes
 from scarletstore.errors import SchemaError, StoreError
 from scarletstore.ingest import make_exposure
-from scarletstore.store import Store
+from scarletstore.store import Store, copy_store
 
 
 def _exposure(seed=0, shape=(3, 30, 40)):
@@ -34,27 +36,38 @@ def test_create_write_read_roundtrip(tmp_path):
     assert list(back.band.values) == ["g", "r", "i"]
     with h5py.File(path, "r") as f:
         assert f.attrs["format"] == "scarletstore"
-        assert int(f.attrs["format_version"]) == 1
+        assert int(f.attrs["format_version"]) == 2  # new stores are linked
+        assert isinstance(f.get("exposure", getlink=True), h5py.ExternalLink)
 
 
-def test_plain_xarray_reads_group(tmp_path):
+@pytest.mark.parametrize("layout", ["linked", "single"])
+def test_plain_xarray_reads_group(tmp_path, layout):
+    """The calls the README gives: through scarletstore's ``product_path``, and
+    with h5py alone (the index's link leads to the product's own file)."""
     path = tmp_path / "s.h5"
     ex = _exposure()
-    Store.create(path, {"exposure": ex})
-    with xr.open_dataset(path, group="exposure", engine="h5netcdf") as ds:
-        assert ds["image"].dims == ("band", "y", "x")
-        assert ds["psf"].dims == ("band", "psf_y", "psf_x")
-        assert list(ds["band"].values) == ["g", "r", "i"]
-        np.testing.assert_array_equal(ds["image"].values, ex["image"].values)
+    Store.create(path, {"exposure": ex}, layout=layout)
+    with h5py.File(path, "r") as f:
+        own_file = f["exposure"].file.filename
+    assert Path(own_file).resolve() == Store(path).product_path("exposure").resolve()
+    for where in (own_file, Store(path).product_path("exposure")):
+        with xr.open_dataset(where, group="exposure", engine="h5netcdf") as ds:
+            assert ds["image"].dims == ("band", "y", "x")
+            assert ds["psf"].dims == ("band", "psf_y", "psf_x")
+            assert list(ds["band"].values) == ["g", "r", "i"]
+            np.testing.assert_array_equal(ds["image"].values, ex["image"].values)
+    if layout == "linked":  # the index itself: h5netcdf resolves dimensions in the wrong file
+        with pytest.raises(KeyError):
+            xr.open_dataset(path, group="exposure", engine="h5netcdf").load()
 
 
 def test_existing_group_refused_and_store_unchanged(tmp_path):
     path = tmp_path / "s.h5"
     store = Store.create(path, {"exposure": _exposure(0)})
-    before = path.read_bytes()
+    before = store_bytes(path)
     with pytest.raises(StoreError, match="already exists"):
         store.write({"exposure": _exposure(1)})
-    assert path.read_bytes() == before
+    assert store_bytes(path) == before
     assert not list(tmp_path.glob(".s.h5.*.tmp"))
 
 
@@ -62,10 +75,10 @@ def test_invalid_dataset_not_written(tmp_path):
     path = tmp_path / "s.h5"
     store = Store.create(path, {"exposure": _exposure(0)})
     bad = _exposure(1).drop_vars("psf")
-    before = path.read_bytes()
+    before = store_bytes(path)
     with pytest.raises(SchemaError, match="psf"):
         store.write({"other": bad})
-    assert path.read_bytes() == before
+    assert store_bytes(path) == before
 
 
 def test_not_a_store(tmp_path):
@@ -118,11 +131,12 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("layout", ["linked", "single"])
 @pytest.mark.parametrize("delay", [0.3, 0.9, 1.7])
-def test_killed_writer_leaves_store_readable(tmp_path, delay):
+def test_killed_writer_leaves_store_readable(tmp_path, delay, layout):
     path = tmp_path / "s.h5"
     ex = _exposure(0)
-    Store.create(path, {"exposure": ex})
+    Store.create(path, {"exposure": ex}, layout=layout)
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     proc = subprocess.Popen([sys.executable, str(script), str(path)])
@@ -138,11 +152,13 @@ def test_killed_writer_leaves_store_readable(tmp_path, delay):
             assert store.read(name)["image"].shape == (3, 600, 600)
 
 
-def test_killed_writer_leftover_removed_by_next_write(tmp_path):
-    """A writer killed mid-write leaves its temporary copy; the next writer removes it."""
+@pytest.mark.parametrize("layout", ["linked", "single"])
+def test_killed_writer_leftover_removed_by_next_write(tmp_path, layout):
+    """A writer killed mid-write leaves its temporary copy (the single file, or a
+    linked store's new index); the next writer removes it."""
     path = tmp_path / "s.h5"
     ex = _exposure(0)
-    Store.create(path, {"exposure": ex})
+    Store.create(path, {"exposure": ex}, layout=layout)
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     # a write takes tens of milliseconds: kill the writer the moment its copy
@@ -211,14 +227,14 @@ def _tiny_run(first_id=1, n_sources=2):
 def test_bad_run_names_refused_at_store_level(tmp_path, name):
     path = tmp_path / "s.h5"
     store = Store.create(path, {"exposure": _exposure(0)})
-    before = path.read_bytes()
+    before = store_bytes(path)
     with pytest.raises(StoreError, match="invalid run name"):
         store.add_run(_tiny_run(), name=name)
     with pytest.raises(StoreError, match="invalid run name"):
         store.write({f"runs/{name}": _tiny_run()})
     with pytest.raises(StoreError, match="invalid run name"):
         Store.create(tmp_path / "new.h5", {f"runs/{name}": _tiny_run()})
-    assert path.read_bytes() == before and not (tmp_path / "new.h5").exists()
+    assert store_bytes(path) == before and not (tmp_path / "new.h5").exists()
 
 
 def test_bad_run_names_one_line_from_cli(tmp_path, capsys):
@@ -228,7 +244,7 @@ def test_bad_run_names_one_line_from_cli(tmp_path, capsys):
     path = tmp_path / "s.h5"
     Store.create(path, {"exposure": _exposure(0)})
     models = write_lsst_models(_tiny_run(), tmp_path / "m.json")
-    before = path.read_bytes()
+    before = store_bytes(path)
     for name in BAD_NAMES:
         for argv in (["import-lsst", str(models), str(path), "--run", name],
                      ["import-lsst", str(models), str(tmp_path / "new.h5"), "--run", name],
@@ -237,7 +253,7 @@ def test_bad_run_names_one_line_from_cli(tmp_path, capsys):
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
             assert "invalid run name" in err and err.count("\n") == 1, err
-    assert path.read_bytes() == before and not (tmp_path / "new.h5").exists()
+    assert store_bytes(path) == before and not (tmp_path / "new.h5").exists()
     assert main(["import-lsst", str(models), str(path), "--run", "ok.v1_2-3"]) == 0
 
 
@@ -315,12 +331,10 @@ from test_damage import valid_store  # noqa: E402,F401  (module fixture: a store
 
 
 def test_footprint_cache_equals_uncached_and_follows_writes(valid_store, tmp_path, monkeypatch):
-    import shutil
-
     import scarletstore.catalog as catalog
 
     path = tmp_path / "s.h5"
-    shutil.copyfile(valid_store, path)
+    copy_store(valid_store, path)
     store = Store(path)
     ids = store.read("runs/a")["source_id"].values.tolist()
     built = []

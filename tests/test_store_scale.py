@@ -78,18 +78,34 @@ def test_linked_roundtrip_and_plain_xarray(tmp_path, capsys):
     capsys.readouterr()
     assert main(["catalog", str(tmp_path / "alone.h5"), "--band", "g", "-o", str(tmp_path / "c.csv")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is missing" in err and "alone.h5.d" in err, err
+    assert err.count("\n") == 1 and "products are in s.h5.d, not alone.h5.d" in err, err
+    # copied by hand beside the original, it would share (and one day lose) its files
+    shutil.copyfile(moved / "s.h5", moved / "twin.h5")
+    with pytest.raises(StoreError, match="copied or renamed by hand"):
+        Store(moved / "twin.h5")
+    # the index alone (folder deleted): names the missing file
+    shutil.copyfile(moved / "s.h5", tmp_path / "s.h5")
+    capsys.readouterr()
+    assert main(["catalog", str(tmp_path / "s.h5"), "--band", "g", "-o", str(tmp_path / "c.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is missing" in err and "s.h5.d" in err, err
 
 
 def test_layout_from_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCARLETSTORE_LAYOUT", "linked")
+    monkeypatch.delenv("SCARLETSTORE_LAYOUT", raising=False)
     assert Store.create(tmp_path / "a.h5", {"exposure": _exposure()}).layout == "linked"
     monkeypatch.setenv("SCARLETSTORE_LAYOUT", "nonsense")
     with pytest.raises(StoreError, match="SCARLETSTORE_LAYOUT"):
         Store.create(tmp_path / "b.h5", {})
     assert not (tmp_path / "b.h5").exists()
+    monkeypatch.setenv("SCARLETSTORE_LAYOUT", "single")  # the opt-out
+    single = Store.create(tmp_path / "c.h5", {"exposure": _exposure()})
+    assert single.layout == "single" and not products_dir(single.path).exists()
+    single.add_run(_tiny_run())  # still written as one file
+    assert single.layout == "single" and single.runs() == ["scarlet-1"]
     monkeypatch.delenv("SCARLETSTORE_LAYOUT")
-    assert Store.create(tmp_path / "c.h5", {}).layout == "single"
+    single.add_run(_tiny_run())  # a store keeps its layout whatever the environment says
+    assert single.layout == "single" and not products_dir(single.path).exists()
 
 
 @pytest.mark.parametrize("layout", ["single", "linked"])
@@ -259,3 +275,74 @@ def test_v1_store_migrates_to_linked(tmp_path, capsys):
     from scarletstore.catalog import band_catalog
     cat = band_catalog(Store(path), "i", run="v1").compute()
     assert cat.sizes["row"] == before["runs/v1"].sizes["source"] and np.isfinite(cat["flux"].values).all()
+
+
+@pytest.mark.parametrize("layout", ["linked", "single"])
+def test_copy_move_and_remove_whole_stores(tmp_path, layout):
+    from scarletstore.store import copy_store, move_store, remove_store, store_files
+
+    path = tmp_path / "s.h5"
+    store = Store.create(path, {"exposure": _exposure(0)}, layout=layout)
+    store.add_run(_tiny_run())
+    (tmp_path / "sub").mkdir()
+    copy = store.copy_to(tmp_path / "sub" / "c.h5")
+    assert copy.layout == layout and copy.runs() == ["scarlet-1"] and copy.check() == []
+    if layout == "linked":  # its own folder, nothing shared with the original
+        assert all(p.parent == products_dir(copy.path) for p in store_files(copy.path)[1:])
+        assert {p.name for p in store_files(copy.path)} - {"c.h5"} == \
+            {p.name for p in store_files(path)} - {"s.h5"}
+    copy.add_run(_tiny_run(n_sources=3))  # writing the copy leaves the original alone
+    assert Store(path).runs() == ["scarlet-1"] and copy.runs() == ["scarlet-1", "scarlet-2"]
+    with pytest.raises(StoreError, match="already exists"):
+        copy_store(path, copy.path)
+    moved = move_store(copy.path, tmp_path / "m.h5")
+    assert not any(p.exists() for p in (copy.path, products_dir(copy.path)))
+    assert moved.runs() == ["scarlet-1", "scarlet-2"] and moved.check() == []
+    np.testing.assert_array_equal(moved.read("exposure")["image"].values, _exposure(0)["image"].values)
+    reader = moved.open("exposure")  # a reader keeps its version through a removal
+    remove_store(moved.path)
+    assert not (tmp_path / "m.h5").exists() and not products_dir(tmp_path / "m.h5").exists()
+    np.testing.assert_array_equal(reader["image"].values, _exposure(0)["image"].values)
+    reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["s.h5", "sub"] + (["s.h5.d"] if layout == "linked" else []))
+    other = tmp_path / "notes.txt"
+    other.write_text("not a store")
+    for bad, why in [(other, "not an HDF5 file"), (tmp_path / "none.h5", "no such store")]:
+        with pytest.raises(StoreError, match=why):
+            remove_store(bad)
+        with pytest.raises(StoreError, match=why):
+            copy_store(bad, tmp_path / "x.h5")
+    assert other.read_text() == "not a store" and not (tmp_path / "x.h5").exists()
+
+
+def test_copy_taken_while_another_process_writes_is_one_version(tmp_path):
+    """Copies made while a writer adds runs and replaces the exposure are each a
+    complete version: sound, and holding the runs of some moment of the original."""
+    from scarletstore.store import copy_store
+
+    path = tmp_path / "s.h5"
+    Store.create(path, {"exposure": _exposure(0)})
+    script = tmp_path / "w.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[2])
+        from test_store import _exposure, _tiny_run
+        from scarletstore.store import Store
+        store = Store(sys.argv[1])
+        for k in range(6):
+            store.add_run(_tiny_run(n_sources=2), name=f"r{k}")
+            store.write({"exposure": _exposure(k + 1)}, replace=True)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script), str(path), str(Path(__file__).parent)])
+    copies = []
+    while proc.poll() is None or not copies:
+        copies.append(copy_store(path, tmp_path / f"copy{len(copies)}.h5"))
+    assert proc.wait() == 0
+    for copy in copies[:: max(1, len(copies) // 8)]:  # at most about 8 checked
+        runs = copy.runs()
+        assert runs == [f"r{k}" for k in range(len(runs))] and copy.check() == []
+        # the exposure of the same moment: replaced after each run (r_k, then exposure k + 1)
+        image = copy.read("exposure")["image"].values
+        moments = [len(runs)] + ([len(runs) - 1] if runs else [])
+        assert any(np.array_equal(image, _exposure(k)["image"].values) for k in moments), runs

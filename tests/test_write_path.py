@@ -134,13 +134,27 @@ def test_every_product_written_as_to_netcdf_writes_it(products, tmp_path):
         assert _layout(new, name) == _layout(ref, name), name
 
 
+def test_every_product_survives_the_linked_layout_bit_for_bit(products, tmp_path):
+    """Each product in its own chunked, compressed file (the default layout): plain
+    xarray reads back exactly what was given, and no product pays for another."""
+    store = Store.create(tmp_path / "s.h5", products)
+    assert store.layout == "linked"
+    raw = dict(mask_and_scale=False, decode_times=False)
+    files = set()
+    for name, ds in products.items():
+        files.add(store.product_path(name))
+        with xr.open_dataset(store.product_path(name), group=name, engine="h5netcdf", **raw) as got:
+            _same_bits(got.load(), ds.drop_encoding())
+    assert len(files) == len(products)
+
+
 def test_nan_and_negative_zero_survive_a_store_write(products, tmp_path):
     ex = products["exposure"].copy(deep=True)
     img = ex["image"].values
     img[0, 0, 0], img[0, 0, 1] = np.nan, -0.0
     img[0, 0, 2] = np.frombuffer(np.uint32(0x7FC00123).tobytes(), np.float32)[0]  # NaN payload
     store = Store.create(tmp_path / "s.h5", {"exposure": ex})
-    with xr.open_dataset(store.path, group="exposure", engine="h5netcdf") as back:
+    with xr.open_dataset(store.product_path("exposure"), group="exposure", engine="h5netcdf") as back:
         assert back["image"].values.tobytes() == img.tobytes()
 
 
@@ -200,7 +214,7 @@ def test_dask_backed_dataset_goes_through_to_netcdf(products, tmp_path):
     lazy = ex.chunk({"band": 1})
     assert lazy["image"].chunks is not None
     store = Store.create(tmp_path / "s.h5", {"exposure": lazy})
-    with xr.open_dataset(store.path, group="exposure", engine="h5netcdf") as back:
+    with xr.open_dataset(store.product_path("exposure"), group="exposure", engine="h5netcdf") as back:
         assert back["image"].values.tobytes() == ex["image"].values.tobytes()
         assert back["mask"].values.tobytes() == ex["mask"].values.tobytes()
 

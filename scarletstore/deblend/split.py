@@ -228,13 +228,14 @@ def deblend_pieces(fit, images, variance, bad, footprint, psfs, peaks, pieces, c
         One source per parent peak (in peak order), components in
         parent-local pixels. ``iterations`` is the largest of the pieces',
         ``converged`` whether all converged, ``flags`` their union;
-        ``log_likelihood`` and ``chi2`` are NaN (no single fit covers the
-        parent). ``extra["pieces"]`` is the number of pieces and
+        ``log_likelihood`` and ``chi2`` are those of the merged model over
+        the whole parent (:func:`merged_fit_statistics`), comparable with an
+        unsplit fit's. ``extra["pieces"]`` is the number of pieces and
         ``extra["piece_memory"]`` their estimated bytes.
     """
     peaks = np.asarray(peaks, np.float64).reshape(-1, 2)
     sources: list = [None] * len(peaks)
-    iterations, converged, flags, model_psf = 0, True, 0, None
+    iterations, converged, flags, model_psf, kernels, frame = 0, True, 0, None, None, "model"
     for piece in pieces:
         y0, x0, h, w = piece.box
         sel = np.concatenate([piece.own, piece.guests])
@@ -245,6 +246,8 @@ def deblend_pieces(fit, images, variance, bad, footprint, psfs, peaks, pieces, c
         converged &= bool(res.converged)
         flags |= int(res.flags)
         model_psf = res.model_psf if model_psf is None else model_psf
+        kernels = res.extra.get("diff_kernels") if kernels is None else kernels
+        frame = res.frame
         for src in res.sources:
             if src.peak_index >= len(piece.own):
                 continue  # a guest: its own piece keeps it
@@ -255,7 +258,67 @@ def deblend_pieces(fit, images, variance, bad, footprint, psfs, peaks, pieces, c
     missing = [i for i, s in enumerate(sources) if s is None]
     if missing:
         raise RuntimeError(f"peaks {missing} belong to no piece")  # a planning bug, never input
-    return BlendResult(sources=sources, iterations=iterations, log_likelihood=math.nan,
-                       converged=converged, chi2=math.nan, model_psf=model_psf, flags=flags,
-                       extra={"pieces": len(pieces),
+    log_l, chi2 = merged_fit_statistics(images, variance, bad, footprint, sources,
+                                        kernels if frame == "model" else None, config.use_weights)
+    return BlendResult(sources=sources, iterations=iterations, log_likelihood=log_l,
+                       converged=converged, chi2=chi2, frame=frame, model_psf=model_psf, flags=flags,
+                       extra={"pieces": len(pieces), "diff_kernels": kernels,
                               "piece_memory": [int(p.memory) for p in pieces]})
+
+
+STATISTICS_TILE = 256  # pixels a side: the merged model is rendered one tile at a time
+
+
+def merged_fit_statistics(images, variance, bad, footprint, sources, diff_kernels, use_weights,
+                          tile: int = STATISTICS_TILE):
+    """``(log_likelihood, chi2)`` of the sources' summed model over the whole parent.
+
+    The same quantities a whole fit reports (``-1/2 sum w (data - model)^2``
+    and ``sum w (data - model)^2`` per good pixel, the same weights), so a
+    split parent's fit quality compares with an unsplit one's. The model is
+    rendered and convolved one tile (grown by half a kernel, so the light
+    every component throws into the tile is in) at a time: the parent's
+    whole model frame is never held, which is what the split avoided.
+
+    Parameters
+    ----------
+    images, variance, bad, footprint
+        The parent, as a deblender takes them.
+    sources : list of SourceResult
+        Components in parent-local pixels.
+    diff_kernels : (B, ky, kx) array or None
+        Model-to-observed kernels (None: components are already observed).
+    use_weights : bool
+        Inverse-variance weights (else 1 on good pixels), as the fit used.
+    tile : int
+        Tile side in pixels (the result does not depend on it).
+    """
+    from .psf import Convolver
+    from .scarlet import _good_and_weights
+
+    B, H, W = images.shape
+    ry, rx = (0, 0) if diff_kernels is None else (diff_kernels.shape[1] // 2, diff_kernels.shape[2] // 2)
+    comps = [c for s in sources for c in s.components]
+    boxes = np.array([(c.y0, c.x0, c.y0 + c.morph.shape[-2], c.x0 + c.morph.shape[-1])
+                      for c in comps], np.int64).reshape(-1, 4)
+    loss, n_good = 0.0, 0
+    for ty in range(0, H, tile):
+        for tx in range(0, W, tile):
+            ty1, tx1 = min(ty + tile, H), min(tx + tile, W)
+            ya, xa, yb, xb = max(ty - ry, 0), max(tx - rx, 0), min(ty1 + ry, H), min(tx1 + rx, W)
+            scene = np.zeros((B, yb - ya, xb - xa), np.float32)
+            near = (boxes[:, 0] < yb) & (boxes[:, 2] > ya) & (boxes[:, 1] < xb) & (boxes[:, 3] > xa)
+            for k in np.flatnonzero(near):
+                c, (cy0, cx0, cy1, cx1) = comps[k], boxes[k]
+                y0, x0, y1, x1 = max(cy0, ya), max(cx0, xa), min(cy1, yb), min(cx1, xb)
+                scene[:, y0 - ya:y1 - ya, x0 - xa:x1 - xa] += c.model()[:, y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+            if diff_kernels is not None:
+                scene = Convolver(diff_kernels, scene.shape[1:]).convolve(scene)
+            model = scene[:, ty - ya:ty1 - ya, tx - xa:tx1 - xa]
+            sl = (slice(None), slice(ty, ty1), slice(tx, tx1))
+            data, w, _, _ = _good_and_weights(images[sl], variance[sl], bad[sl],
+                                              footprint[ty:ty1, tx:tx1], use_weights)
+            resid = data.astype(np.float64) - model
+            loss += 0.5 * float(np.sum(w * resid * resid))
+            n_good += int(np.count_nonzero(w))
+    return -loss, 2 * loss / max(n_good, 1)
