@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import xarray as xr
 from conftest import DATA
 from scarletstore.cli import main
 from scarletstore.h5read import read_group
-from scarletstore.store import Store
+from scarletstore.store import LAYOUT_ENV, Store, copy_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +31,18 @@ def product_store(tmp_path_factory, star_field):  # noqa: F811
     table and coadds/ planes, parents, a scarlet and an sdss run, an imported LSST
     run (per-blend PSFs) when the reference models are present, and apcorr/r."""
     pytest.importorskip("galsim")
-    tmp = tmp_path_factory.mktemp("h5read")
+    saved = os.environ.get(LAYOUT_ENV)
+    os.environ[LAYOUT_ENV] = "single"  # the "linked" case converts a copy of it
+    try:
+        return _every_product(tmp_path_factory.mktemp("h5read"), star_field)
+    finally:
+        if saved is None:
+            os.environ.pop(LAYOUT_ENV, None)
+        else:
+            os.environ[LAYOUT_ENV] = saved
+
+
+def _every_product(tmp, star_field):  # noqa: F811
     sim = tmp / "sim"
     assert main(["simulate", str(sim), "--visits", "2", "--size", "64", "--bands", "gr",
                  "--density", "40", "--seed", "5"]) == 0
@@ -49,7 +59,7 @@ def product_store(tmp_path_factory, star_field):  # noqa: F811
     # the aperture correction needs bright isolated stars: fitted on the star field
     stars, _, _ = star_field
     apc = tmp / "stars.h5"
-    shutil.copy(stars.path, apc)
+    copy_store(stars.path, apc)
     assert main(["apcorr", str(apc), "--band", "r"]) == 0
     Store(path).write({"apcorr/r": Store(apc).read("apcorr/r")})
     return path
@@ -60,7 +70,7 @@ def layout_store(request, product_store, tmp_path_factory):
     if request.param == "single":
         return product_store
     path = tmp_path_factory.mktemp("linked") / "all.h5"
-    shutil.copy(product_store, path)
+    copy_store(product_store, path)
     Store(path).convert("linked")
     assert Store(path).layout == "linked"
     return path
@@ -115,7 +125,7 @@ def test_every_product_reads_as_xarray_reads_it(layout_store):
 def test_unsupported_content_falls_back_to_xarray(product_store, tmp_path):
     """Attributes and variables only xarray decodes: the reader declines, reads stay right."""
     path = tmp_path / "s.h5"
-    shutil.copy(product_store, path)
+    copy_store(product_store, path)
     with h5py.File(path, "r+") as f:
         g = f["parents"]
         g.attrs["list_attr"] = ["a", "b"]  # an array of strings: h5netcdf returns a list
@@ -139,7 +149,7 @@ def test_commands_without_workers_never_import_dask(product_store, tmp_path):
     """A deblend and a catalog in a fresh process leave dask unimported; asked for
     afterwards, dask arrays and collections are recognised by xarray as before."""
     path = tmp_path / "s.h5"
-    shutil.copy(product_store, path)
+    copy_store(product_store, path)
     parent = int(Store(path).read("parents")["parent_id"].values[0])
     code = f"""
 import json, sys
