@@ -258,6 +258,8 @@ def cmd_simulate(args):
 
 
 def cmd_coadd(args):
+    import tempfile
+
     from .coadd.pipeline import coadd
     from .coadd.visits import read_grid, read_visits
     from .store import Store, StoreError
@@ -268,9 +270,14 @@ def cmd_coadd(args):
     grid = read_grid(args.grid)
     visits = read_visits(args.visits, grid, bands=_bands(args.bands))
     scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
-    groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers, scheduler=scheduler,
-                   reject=not args.no_reject, target_fwhm=args.psf_matched_fwhm)
-    Store.create(path, groups)
+    # Each finished band goes to a scratch file and is streamed from it into the
+    # store: memory holds one band's coadd, not all of them.
+    with tempfile.TemporaryDirectory(prefix="scarletstore-coadd-bands-") as scratch:
+        groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers, scheduler=scheduler,
+                       reject=not args.no_reject, target_fwhm=args.psf_matched_fwhm, scratch=scratch)
+        Store.create(path, groups)
+        for ds in groups.values():
+            ds.close()
     exposure, table = groups["exposure"], groups["visits"]
     ny, nx = grid.shape
     print(f"coadded {len(visits)} visits in {exposure.sizes['band']} bands "
