@@ -260,7 +260,8 @@ def galaxy_fluxes(image, truth, bands, r=5.0, mag=(22.5, 24.5)):
     return res
 
 
-def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0):
+def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0, significance=None,
+                      label="the coadd"):
     """Recall of ``scarletstore.detect.detect`` on the coadd against the truth.
 
     True static sources inside the grid (> 3 px from its edge) are matched to
@@ -268,13 +269,14 @@ def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0):
     i < ``mag_limit`` and for point-source S/N > 10 in the best band (flux
     over the PSF-weighted noise sqrt(var / sum psf^2), an upper bound for
     galaxies); unmatched peaks: peaks with no true source of any brightness
-    within ``radius``.
+    within ``radius``. ``significance`` (the Kaiser coadd's) replaces the
+    direct coadd's matched filter, as ``detect --image likelihood`` does.
     """
     from scipy.spatial import cKDTree
 
     from scarletstore.detect import detect
 
-    parents = detect(exposure)
+    parents = detect(exposure, significance=significance)
     peaks = np.column_stack([parents["peak_x"].values, parents["peak_y"].values])
     tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
     tree = cKDTree(peaks)
@@ -290,7 +292,7 @@ def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0):
     loud = inside & (snr > 10)
     dist_p, _ = cKDTree(np.column_stack([tx, ty])).query(peaks)
     missed = truth[bright & ~matched]
-    print(f"  detection on the coadd ({len(peaks)} peaks): recall i < {mag_limit:g} "
+    print(f"  detection on {label} ({len(peaks)} peaks): recall i < {mag_limit:g} "
           f"{matched[bright].mean():.3f} ({matched[bright].sum()}/{bright.sum()}), S/N > 10 "
           f"{matched[loud].mean():.3f} ({matched[loud].sum()}/{loud.sum()}); unmatched peaks "
           f"{np.mean(dist_p > radius):.3f} (beyond {2 * radius:g} px: {np.mean(dist_p > 2 * radius):.3f}); missed i < {mag_limit:g}: "
@@ -481,7 +483,10 @@ def main():
               + "; after / visits without any sky: "
               + ", ".join(f"{b} {np.median(after[b] / clean[b]):.3f}" for b in bands_f)
               + f" ({len(after[bands_f[0]])} galaxies)")
-        detection_figures(exr, truth_full)
+        detection_figures(exr, truth_full, label="the direct coadd")
+        like = groups["coadds/likelihood"]
+        detection_figures(exr, truth_full, label="the likelihood coadd",
+                          significance=like["significance"].sel(band=exr["band"].values).values)
         tab = groups["visits"]
         print("    rejected pixels per visit: " + ", ".join(
             f"{f.split('.')[0][6:]} {n}" for f, n in zip(tab["file"].values, tab["n_rejected"].values) if n))
