@@ -294,7 +294,8 @@ def _coadd_band(plan: _Plan, visits, idx, folder):
             rejected[local] = find_artifacts(
                 _Rows(arr["m_image"], local), _Rows(arr["m_variance"], local),
                 _Rows(arr["m_good"], local), pm[0], pm[1],
-                covered=_Rows(arr["status"], local, lambda s: s == kernels.GOOD))
+                covered=_Rows(arr["status"], local, lambda s: s == kernels.GOOD),
+                weights=1.0 / sigma2[local])
         if len(local) >= 2:  # after rejection: artifacts would bias the offsets
             ref = _match_backgrounds(arr, background, local, rejected, sigma2)
             reference = visits[idx[ref]].path.name
