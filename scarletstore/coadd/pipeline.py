@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,7 +209,8 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
             sig = products["coadds/likelihood"]["significance"].values[0]
             chi2 += np.where(np.isfinite(sig), sig, 0.0) ** 2
             if scratch is not None:
-                products = _to_scratch(products, Path(scratch) / f"coadd-band-{k}.nc")
+                # A new name per call: the same scratch folder may serve several coadds.
+                products = _to_scratch(products, Path(scratch) / f"coadd-{uuid.uuid4().hex}-{k}.nc")
             for name, ds in products.items():
                 parts[name].append(ds)
     return _assemble(parts, chi2, rows, visits, bands, plan, references, skies)
@@ -220,8 +222,8 @@ SCRATCH_ROWS = 512  # rows per dask chunk of a band read back from the scratch f
 
 def _to_scratch(products: dict, path: Path) -> dict:
     """Write one band's groups to ``path`` and return them opened lazily from it."""
-    for name, ds in products.items():
-        ds.to_netcdf(path, mode="a" if path.exists() else "w", group=name, engine="h5netcdf",
+    for n, (name, ds) in enumerate(products.items()):
+        ds.to_netcdf(path, mode="a" if n else "w", group=name, engine="h5netcdf",
                      encoding={v: {"_FillValue": None} for v in ds.variables})
     out = {}
     for name in products:
