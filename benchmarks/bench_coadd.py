@@ -260,7 +260,8 @@ def galaxy_fluxes(image, truth, bands, r=5.0, mag=(22.5, 24.5)):
     return res
 
 
-def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0):
+def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0, significance=None,
+                      label="the coadd"):
     """Recall of ``scarletstore.detect.detect`` on the coadd against the truth.
 
     True static sources inside the grid (> 3 px from its edge) are matched to
@@ -268,13 +269,14 @@ def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0):
     i < ``mag_limit`` and for point-source S/N > 10 in the best band (flux
     over the PSF-weighted noise sqrt(var / sum psf^2), an upper bound for
     galaxies); unmatched peaks: peaks with no true source of any brightness
-    within ``radius``.
+    within ``radius``. ``significance`` (the Kaiser coadd's) replaces the
+    direct coadd's matched filter, as ``detect --image likelihood`` does.
     """
     from scipy.spatial import cKDTree
 
     from scarletstore.detect import detect
 
-    parents = detect(exposure)
+    parents = detect(exposure, significance=significance)
     peaks = np.column_stack([parents["peak_x"].values, parents["peak_y"].values])
     tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
     tree = cKDTree(peaks)
@@ -290,7 +292,7 @@ def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0):
     loud = inside & (snr > 10)
     dist_p, _ = cKDTree(np.column_stack([tx, ty])).query(peaks)
     missed = truth[bright & ~matched]
-    print(f"  detection on the coadd ({len(peaks)} peaks): recall i < {mag_limit:g} "
+    print(f"  detection on {label} ({len(peaks)} peaks): recall i < {mag_limit:g} "
           f"{matched[bright].mean():.3f} ({matched[bright].sum()}/{bright.sum()}), S/N > 10 "
           f"{matched[loud].mean():.3f} ({matched[loud].sum()}/{loud.sum()}); unmatched peaks "
           f"{np.mean(dist_p > radius):.3f} (beyond {2 * radius:g} px: {np.mean(dist_p > 2 * radius):.3f}); missed i < {mag_limit:g}: "
@@ -301,42 +303,46 @@ def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0):
 
 MEMORY_CODE = """
 import resource, sys, time
-from pathlib import Path
-from scarletstore.coadd.pipeline import coadd
-from scarletstore.coadd.visits import read_grid, read_visits
-out = Path(sys.argv[1])
-grid = read_grid(out / "grid.fits")
-visits = read_visits(sorted(out.glob("visit_*.fits")), grid)
-t0 = time.perf_counter()
-coadd(visits, grid)
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+from scarletstore.cli import main
+t0, c0 = time.perf_counter(), time.process_time()
+rc = main(sys.argv[1:])
+print(rc, time.perf_counter() - t0, time.process_time() - c0,
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
 def memory_figures(sizes, n_visits=10, bands="ugrizy"):
-    """Peak RSS of the full coadd in a fresh process, on sky-only visits (no sources:
-    rendering 60 fields of galaxies is slow and does not change the memory), per grid
-    size; the per-pixel slope extrapolates to larger patches."""
+    """Peak RSS, wall and CPU time of ``scarletstore coadd`` (the CLI, store written) in a
+    fresh process, per grid size, for all bands and for one band of the same visits.
+
+    The visits are sky, noise, residual backgrounds, cosmic rays, a trail and 9
+    bright stars (no galaxy field: rendering 60 fields is slow and does not change
+    the memory). Cost per output pixel per visit is the CPU time over grid pixels x visits.
+    """
     from scarletstore.simulate_visits import simulate_visits
 
-    rows = []
     for size in sizes:
         out = CACHE / f"memory-{size}-{n_visits}-{bands}"
-        if not (out / "grid.fits").exists():
+        if not (out / "truth_artifacts.fits").exists():
             simulate_visits(out, n_visits=n_visits, size=size, seed=5, bands=bands, density=0.0,
-                            n_stars=0, artifacts=True)
-        res = subprocess.run([sys.executable, "-c", MEMORY_CODE, str(out)], capture_output=True,
-                             text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        dt, rss = map(float, res.stdout.split())
-        rows.append((size, dt, rss))
-        print(f"  memory: {size}x{size} grid, {len(bands)} bands x {n_visits} visits: peak RSS "
-              f"{rss:.0f} MB, {dt:.0f} s")
-    if len(rows) >= 2:
-        (s0, _, m0), (s1, _, m1) = rows[0], rows[-1]
-        slope = (m1 - m0) / (s1 * s1 - s0 * s0)  # MB per grid pixel
-        print(f"  memory slope {slope * 2**20:.0f} bytes per grid pixel "
-              f"({slope * 2**20 / (len(bands) * n_visits):.1f} per pixel per visit); "
-              f"4096x4096 extrapolated: {(m1 + slope * (4096**2 - s1 * s1)) / 1024:.1f} GB")
+                            n_stars=9, artifacts=True)
+        paths = [str(p) for p in sorted(out.glob("visit_*.fits"))]
+        for which in (bands, bands[-1]):
+            with tempfile.TemporaryDirectory(dir=CACHE) as work:
+                cmd = [sys.executable, "-c", MEMORY_CODE, "coadd", str(Path(work) / "store.h5"),
+                       *paths, "--grid", str(out / "grid.fits"), "--bands", ",".join(which)]
+                res = subprocess.run(cmd, capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+                last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+                if res.returncode or not last.startswith("0 "):
+                    sys.exit(f"memory run failed: {res.stderr.strip()[-2000:]}")
+                _, wall, cpu, rss = map(float, last.split())
+                store_mb = (Path(work) / "store.h5").stat().st_size / 2**20
+            nvis = n_visits * len(which)
+            print(f"  memory: {size}x{size} grid, {len(which)} band(s) x {n_visits} visits "
+                  f"(scarletstore coadd, store {store_mb:.0f} MB): peak RSS {rss:.0f} MB, "
+                  f"wall {wall:.0f} s, CPU {cpu:.0f} s = {cpu / (size * size * nvis) * 1e9:.0f} ns "
+                  "per output pixel per visit")
 
 
 def pooled_stars(seeds):
@@ -388,7 +394,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peer-python", default="/tmp/peer/bin/python")
     ap.add_argument("--memory", type=int, nargs="*", metavar="SIZE",
-                    help="only the peak-memory figure, at these grid sizes (e.g. 256 512 1024)")
+                    help="only the peak-memory figures, at these grid sizes (e.g. 1024 4096)")
     ap.add_argument("--seeds", type=int, default=1,
                     help="only the star figures with noise, pooled over N simulated fields (seeds 1..N)")
     args = ap.parse_args()
@@ -477,7 +483,10 @@ def main():
               + "; after / visits without any sky: "
               + ", ".join(f"{b} {np.median(after[b] / clean[b]):.3f}" for b in bands_f)
               + f" ({len(after[bands_f[0]])} galaxies)")
-        detection_figures(exr, truth_full)
+        detection_figures(exr, truth_full, label="the direct coadd")
+        like = groups["coadds/likelihood"]
+        detection_figures(exr, truth_full, label="the likelihood coadd",
+                          significance=like["significance"].sel(band=exr["band"].values).values)
         tab = groups["visits"]
         print("    rejected pixels per visit: " + ", ".join(
             f"{f.split('.')[0][6:]} {n}" for f, n in zip(tab["file"].values, tab["n_rejected"].values) if n))

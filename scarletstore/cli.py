@@ -258,6 +258,8 @@ def cmd_simulate(args):
 
 
 def cmd_coadd(args):
+    import tempfile
+
     from .coadd.pipeline import coadd
     from .coadd.visits import read_grid, read_visits
     from .store import Store, StoreError
@@ -268,9 +270,14 @@ def cmd_coadd(args):
     grid = read_grid(args.grid)
     visits = read_visits(args.visits, grid, bands=_bands(args.bands))
     scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
-    groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers, scheduler=scheduler,
-                   reject=not args.no_reject, target_fwhm=args.psf_matched_fwhm)
-    Store.create(path, groups)
+    # Each finished band goes to a scratch file and is streamed from it into the
+    # store: memory holds one band's coadd, not all of them.
+    with tempfile.TemporaryDirectory(prefix="scarletstore-coadd-bands-") as scratch:
+        groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers, scheduler=scheduler,
+                       reject=not args.no_reject, target_fwhm=args.psf_matched_fwhm, scratch=scratch)
+        Store.create(path, groups)
+        for ds in groups.values():
+            ds.close()
     exposure, table = groups["exposure"], groups["visits"]
     ny, nx = grid.shape
     print(f"coadded {len(visits)} visits in {exposure.sizes['band']} bands "
@@ -334,6 +341,8 @@ def cmd_detect(args):
     exposure = store.read("exposure")
     known = read_peaks_table(args.peaks, exposure.attrs["wcs"]) if args.peaks else None
     extra = {} if args.bad_planes is None else {"bad_mask_planes": args.bad_planes}
+    if args.image == "likelihood":
+        extra["significance"] = _likelihood_significance(store, exposure)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         parents = detect(exposure, threshold=args.threshold, min_area=args.min_area, known=known,
@@ -344,6 +353,22 @@ def cmd_detect(args):
     n_ext = int(((parents["peak_flags"].values & 1) != 0).sum())
     print(f"detected {parents.sizes['parent']} parents with {parents.sizes['peak']} peaks "
           f"({n_ext} external) in {store.path}")
+
+
+def _likelihood_significance(store, exposure):
+    """The store's Kaiser significance (band, y, x) in the exposure's band order."""
+    if not store.has("coadds/likelihood"):
+        raise InputError(f"{store.path}: no coadds/likelihood group; make the store with "
+                         "'scarletstore coadd' to detect on the likelihood coadd")
+    like = store.read("coadds/likelihood")
+    bands = [str(b) for b in like["band"].values]
+    missing = [str(b) for b in exposure["band"].values if str(b) not in bands]
+    if missing:
+        raise InputError(f"{store.path}: coadds/likelihood has no band(s) {', '.join(missing)}")
+    if not int(like.attrs.get("sky_subtracted", 0)):
+        raise InputError(f"{store.path}: its likelihood coadd keeps the sky (made before the sky "
+                         "was subtracted from it); coadd the visits again")
+    return like["significance"].sel(band=exposure["band"].values).values
 
 
 def cmd_deblend(args):
@@ -768,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated mask planes to ignore (default: "
                         "BAD,CR,NO_DATA,SAT,SUSPECT,EDGE plus those the exposure records)")
     s.add_argument("--replace", action="store_true", help="replace existing parents")
+    s.add_argument("--image", choices=["direct", "likelihood"], default="direct",
+                   help="footprints from the direct coadd's PSF-matched filter (default) or "
+                        "from the likelihood coadd's significance (stores made by coadd)")
     s.set_defaults(func=cmd_detect)
 
     s = sub.add_parser("deblend", help="deblend every parent into a new run")

@@ -1111,6 +1111,19 @@ def _associate(ys, xs, sigs, images, radius):
     return group, np.asarray(seeds, dtype=np.int64)
 
 
+def given_significance(sig, shape):
+    """A precomputed significance image as the band loop's ``(sig, den, convolver)``.
+
+    Non-finite pixels (no data) become 0 and count as no data in the
+    multi-band image (``den`` is 0 there); there is no convolver to reuse.
+    """
+    sig = np.asarray(sig, np.float32)
+    if sig.shape != tuple(shape):
+        raise InputError(f"significance image {sig.shape} does not match the exposure {tuple(shape)}")
+    ok = np.isfinite(sig)
+    return np.where(ok, sig, np.float32(0.0)), ok.astype(np.float32), None
+
+
 # ------------------------------------------------------------------ main entry
 def _bad_bits(exposure, planes):
     mask_planes = json.loads(exposure.attrs.get("mask_planes", "{}") or "{}")
@@ -1201,7 +1214,7 @@ def _known_positions(exposure, known):
 
 
 def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands=None,
-           progress=False, **config) -> xr.Dataset:
+           progress=False, significance=None, **config) -> xr.Dataset:
     """Detect parent footprints and peaks in a multi-band exposure.
 
     Parameters
@@ -1221,6 +1234,12 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
         index the exposure's full band coordinate.
     progress : bool
         Show a progress bar over bands.
+    significance : (band, y, x) array, optional
+        Precomputed per-band point-source significance (unit noise, sky
+        removed, NaN where there are no data), aligned with the exposure's
+        bands, e.g. the Kaiser coadd's (``coadds/likelihood``); it replaces
+        the PSF-matched filter of the exposure (:func:`given_significance`).
+        Background and peak images still come from the exposure.
     **config
         Overrides of :data:`DEFAULTS` (``grow_fwhm``, ``min_prominence``,
         ``association_radius``, ``bkg_cell``, ...).
@@ -1294,17 +1313,22 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
         var = var_all[i]
         good = ((mask_all[i] & bits) == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
         bkg = estimate_background(img, ~good, cell=cfg["bkg_cell"], nsigma=cfg["bkg_nsigma"])
-        sig, den, conv = matched_filter(img, var, good, psfs[i], bkg)
+        if significance is None:
+            sig, den, conv = matched_filter(img, var, good, psfs[i], bkg)
+        else:
+            sig, den, conv = given_significance(significance[i], (ny, nx))
         for _ in range(int(cfg["bkg_passes"]) - 1):
             # Re-estimate with sources (grown by the growth radius) excluded.
             src = fp.grow_mask(sig > cfg["bkg_mask_threshold"], cfg["grow_radius"])
             src |= ~good
             bkg = estimate_background(img, src, cell=cfg["bkg_cell"], nsigma=cfg["bkg_nsigma"])
             del src
-            sig, den, _ = matched_filter(img, var, good, psfs[i], bkg, denominator=den,
-                                         convolver=conv)
+            if significance is None:
+                sig, den, _ = matched_filter(img, var, good, psfs[i], bkg, denominator=den,
+                                             convolver=conv)
         del conv
-        refilter_holes(sig, img, var, good, psfs[i], bkg)
+        if significance is None:
+            refilter_holes(sig, img, var, good, psfs[i], bkg)
         background[i] = bkg
         nvalid += den > 0
         del den
@@ -1543,6 +1567,7 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     )
     cfg_json = {k: v for k, v in cfg.items()}
     cfg_json["fwhm_per_band"] = fwhms
+    cfg_json["significance"] = "matched_filter" if significance is None else "given"
     ds.attrs.update({
         "threshold": float(threshold),
         "min_area": int(cfg["min_area"]),

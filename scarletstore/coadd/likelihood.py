@@ -36,17 +36,26 @@ def correlate(image, kernel):
 
 
 class LikelihoodSums:
-    """Running numerator and denominator of one band."""
+    """Running numerator and denominator of one band.
 
-    def __init__(self, shape):
+    With ``coverage``, also ``cov`` = sum_v (good_v * P_v) / sigma_v^2: what
+    a unit sky contributes to the numerator, so a smooth sky model S fitted
+    later comes off it as ``num -= S * cov``.
+    """
+
+    def __init__(self, shape, coverage: bool = False):
         self.num = np.zeros(shape)
         self.den = np.zeros(shape)
+        self.cov = np.zeros(shape) if coverage else None
 
     def add(self, image, good, psf, sigma2: float):
         """Add one visit: its warp (``image``, usable where ``good``), warped PSF, noise variance."""
         data = np.where(good, image, 0.0)
         self.num += correlate(data, psf) / sigma2
-        self.den += correlate(good.astype(np.float64), psf**2) / sigma2
+        cover = good.astype(np.float64)
+        self.den += correlate(cover, psf**2) / sigma2
+        if self.cov is not None:
+            self.cov += correlate(cover, psf) / sigma2
 
     def significance(self):
         den = np.where(self.den > 0, self.den, np.nan)

@@ -2,15 +2,20 @@
 matching and artifact rejection, then the direct and likelihood coadds
 without the artifacts.
 
-Memory holds the running sums and one row block of a band's matched warps,
-never every warp: each warp is written to a memory-mapped file in a
-temporary folder (removed at the end) between the two passes.
+Bands are coadded one after the other. Memory holds one band's running sums
+and one row block (or one visit) of its matched warps, never every warp:
+each warp is written to a file in a temporary folder (removed when the band
+is done) between the two passes, and each finished band can go to a scratch
+file (``coadd(scratch=...)``), so memory does not grow with the number of
+bands.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +116,49 @@ def _matched_warp(warp: Warp, sigma2, psf, target):
     return img, np.maximum(var, 1e-30), ~bad
 
 
+@dataclass
+class _Plan:
+    """What every band's coadd needs: settings and the PSF plan of every visit."""
+
+    grid: Grid
+    zeropoint: float
+    kernel: str
+    reject: bool
+    sky: bool
+    workers: int
+    scheduler: str | None
+    jacs: list
+    size: int
+    psfs: list
+    targets: dict
+    target_px: dict
+    matched: list
+
+
+class _Rows:
+    """Rows ``rows`` of an (n, ny, nx) array (spilled or not), read one slice at a time.
+
+    ``a[k]`` reads row ``rows[k]``; ``a[:, sl]`` reads a block of every row.
+    Handing the spill files this way keeps one band's matched warps on disk
+    while they are clipped and compared, instead of loading all of them.
+    """
+
+    def __init__(self, array, rows, fn=None):
+        self.array, self.rows, self.fn = array, list(rows), fn
+        self.shape = (len(self.rows), *array.shape[1:])
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple) and key and key[0] == slice(None):
+            out = self.array[(self.rows, *key[1:])]
+        else:
+            out = self.array[self.rows[key]]
+        return out if self.fn is None else self.fn(out)
+
+
 def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel: str = "lanczos3",
           workers: int = 1, reject: bool = True, target_fwhm: float | None = None,
-          progress: bool = False, tmpdir=None, sky: bool = True, scheduler: str | None = None) -> dict:
+          progress: bool = False, tmpdir=None, sky: bool = True, scheduler: str | None = None,
+          scratch=None) -> dict:
     """Every coadd product of ``visits`` on ``grid`` as ``{group: Dataset}``.
 
     Groups: ``exposure`` (direct coadd, artifacts rejected when ``reject``),
@@ -121,11 +166,18 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
     (arcsec) fixes the PSF-matched target; visits whose PSF is not narrower
     are left out of the PSF-matched stack (and of artifact detection).
     ``sky`` fits a smooth sky on each band of the direct coadd (sources
-    masked, :mod:`.sky`) and subtracts it from the direct and PSF-matched
-    coadds; the per-band fit is in ``exposure.attrs["sky"]``.
+    masked, :mod:`.sky`) and subtracts it from the direct, PSF-matched and
+    likelihood coadds; the per-band fit is in ``exposure.attrs["sky"]``.
     ``workers`` > 1 warps visits as tasks on a local dask.distributed cluster
     of that many single-threaded processes, ``scheduler`` on an existing one;
     the stacks are summed in visit order, so the result does not depend on them.
+
+    Bands are coadded one after the other: only one band's warps (on disk,
+    in ``tmpdir``) and running sums exist at a time. With ``scratch`` (an
+    existing folder that outlives the returned Datasets) each band's
+    products are written there as the band completes and the returned
+    per-band groups are lazy (dask) arrays over those files, so memory never
+    holds more than one band; without it they are in memory.
     """
     if kernel not in KERNELS:
         raise InputError(f"unknown warp kernel {kernel!r} (known: {', '.join(KERNELS)})")
@@ -135,74 +187,154 @@ def coadd(visits: list[Visit], grid: Grid, zeropoint: float = ZEROPOINT, kernel:
         raise InputError(f"--psf-matched-fwhm must be positive, got {target_fwhm:g}")
     if not visits:
         raise InputError("no visits to coadd")
-    jacs, size, psfs, targets, target_px, matched = _plan_psfs(visits, grid, target_fwhm)
+    plan = _Plan(grid, zeropoint, kernel, reject, sky, workers, scheduler,
+                 *_plan_psfs(visits, grid, target_fwhm))
     bands = list(dict.fromkeys(v.band for v in visits))
-    n, shape = len(visits), grid.shape
+    rows = [None] * len(visits)
+    parts = {name: [] for name in BAND_GROUPS}
+    chi2 = np.zeros(grid.shape, np.float32)
+    references, skies = {}, {}
     with tempfile.TemporaryDirectory(prefix="scarletstore-coadd-", dir=tmpdir) as folder:
-        spill = _Spill(folder, n, shape)
-        arr = {name: spill.array(name, dt) for name, dt in (
-            ("image", np.float32), ("variance", np.float32), ("mask", np.int32), ("status", np.int8),
-            ("m_image", np.float32), ("m_variance", np.float32), ("m_good", bool))}
-        sigma2 = np.zeros(n)
+        for k, b in enumerate(bands):
+            idx = [i for i, v in enumerate(visits) if v.band == b]
+            # One band's spill files at a time: disk, like memory, holds one band.
+            with tempfile.TemporaryDirectory(dir=folder) as spill:
+                products, band_rows, ref, sky_fit = _coadd_band(plan, visits, idx, spill)
+            for i, r in zip(idx, band_rows):
+                rows[i] = r
+            if ref is not None:
+                references[b] = ref
+            if sky_fit is not None:
+                skies[b] = sky_fit
+            sig = products["coadds/likelihood"]["significance"].values[0]
+            chi2 += np.where(np.isfinite(sig), sig, 0.0) ** 2
+            if scratch is not None:
+                # A new name per call: the same scratch folder may serve several coadds.
+                products = _to_scratch(products, Path(scratch) / f"coadd-{uuid.uuid4().hex}-{k}.nc")
+            for name, ds in products.items():
+                parts[name].append(ds)
+    return _assemble(parts, chi2, rows, visits, bands, plan, references, skies)
 
-        tasks = [(visits[i], grid, zeropoint, abs(np.linalg.det(jacs[i])),
-                  (psfs[i], targets[visits[i].band]) if reject and matched[i] else None)
-                 for i in range(n)]
-        for i, (image, variance, mask, status, m, s2) in _run_warps(tasks, workers, scheduler):
-            arr["image"][i], arr["variance"][i] = image, variance
-            arr["mask"][i], arr["status"][i] = mask, status
-            if m is None:
-                arr["m_good"][i] = False
-            else:
-                arr["m_image"][i], arr["m_variance"][i], arr["m_good"][i] = m
-            sigma2[i] = s2
-        pm = _psf_matched(arr, visits, bands, matched, sigma2, shape)
-        # Spilled like the warps: n bytes per pixel would not fit for many large visits.
-        rejected = spill.array("rejected", bool)
-        background = spill.array("background", np.float32)  # zero unless matched
-        references = {}
-        if reject:
-            for b in bands:
-                idx = [i for i, v in enumerate(visits) if v.band == b and matched[i]]
-                if len(idx) >= 3:  # "in one visit and none of the others" needs others
-                    mean, mvar = pm[b][0], pm[b][1]
-                    rejected[idx] = find_artifacts(arr["m_image"][idx], arr["m_variance"][idx],
-                                                   arr["m_good"][idx], mean, mvar,
-                                                   covered=arr["status"][idx] == kernels.GOOD)
-                if len(idx) >= 2:  # after rejection: artifacts would bias the offsets
-                    references[b] = visits[_match_backgrounds(arr, background, idx,
-                                                              rejected, sigma2)].path.name
-        groups = _second_pass(arr, visits, grid, bands, jacs, size, sigma2, rejected, matched,
-                              zeropoint, kernel, reject, background)
-        groups["exposure"].attrs["background_reference"] = json.dumps(references)
-    if sky:
-        _subtract_sky(groups["exposure"], pm, bands)
-    groups["coadds/psf_matched"] = _psf_matched_dataset(pm, bands, targets, target_px, grid,
-                                                         zeropoint, visits, matched)
+
+BAND_GROUPS = ("exposure", "coadds/likelihood", "coadds/psf_matched")
+SCRATCH_ROWS = 512  # rows per dask chunk of a band read back from the scratch file
+
+
+def _to_scratch(products: dict, path: Path) -> dict:
+    """Write one band's groups to ``path`` and return them opened lazily from it."""
+    for n, (name, ds) in enumerate(products.items()):
+        ds.to_netcdf(path, mode="a" if n else "w", group=name, engine="h5netcdf",
+                     encoding={v: {"_FillValue": None} for v in ds.variables})
+    out = {}
+    for name in products:
+        ds = xr.open_dataset(path, group=name, engine="h5netcdf", chunks={"y": SCRATCH_ROWS})
+        for var in ds.variables.values():
+            var.encoding = {}  # the store chooses its own storage
+        out[name] = ds
+    return out
+
+
+def _assemble(parts, chi2, rows, visits, bands, plan, references, skies) -> dict:
+    """The store groups from the per-band parts (concatenated along ``band``)."""
+    def joined(name):
+        ds = xr.concat(parts[name], dim="band", combine_attrs="override")
+        ds.attrs = dict(parts[name][0].attrs)
+        return ds
+
+    exposure = joined("exposure")
+    exposure.attrs["sources"] = json.dumps([v.path.name for v in visits])
+    exposure.attrs["background_reference"] = json.dumps(references)
+    if plan.sky:
+        exposure.attrs["sky"] = json.dumps(skies)
+    like = joined("coadds/likelihood")
+    like["chi2"] = (("y", "x"), chi2)
+    pm = joined("coadds/psf_matched")
+    pm.attrs["left_out"] = json.dumps(
+        {b: [v.path.name for v, m in zip(visits, plan.matched) if v.band == b and not m] for b in bands})
+    table = visits_table(visits, rows, plan.zeropoint, plan.kernel)
+    groups = {"exposure": exposure, "visits": table, "coadds/likelihood": like,
+              "coadds/psf_matched": pm}
+    for ds in groups.values():
+        validate(ds)
     return groups
 
 
-def _subtract_sky(exposure, pm, bands):
-    """Fit and subtract each band's remaining smooth sky (in place).
+def _coadd_band(plan: _Plan, visits, idx, folder):
+    """One band's products (1-band Datasets), its visits' rows, background reference and sky fit.
 
-    The same model comes off the PSF-matched stack: its matching kernels
+    Pass 1 warps and PSF-matches the band's visits ``idx`` into spill files
+    in ``folder``; then the clipped PSF-matched stack, artifact masks and
+    background offsets; pass 2 the direct and Kaiser stacks with artifacts
+    masked and backgrounds matched; then the sky fit.
+    """
+    grid, shape = plan.grid, plan.grid.shape
+    band = visits[idx[0]].band
+    spill = _Spill(folder, len(idx), shape)
+    arr = {name: spill.array(name, dt) for name, dt in (
+        ("image", np.float32), ("variance", np.float32), ("mask", np.int32), ("status", np.int8),
+        ("m_image", np.float32), ("m_variance", np.float32), ("m_good", bool))}
+    sigma2 = np.zeros(len(idx))
+    tasks = [(visits[i], grid, plan.zeropoint, abs(np.linalg.det(plan.jacs[i])),
+              (plan.psfs[i], plan.targets[band]) if plan.reject and plan.matched[i] else None)
+             for i in idx]
+    for j, (image, variance, mask, status, m, s2) in _run_warps(tasks, plan.workers, plan.scheduler):
+        arr["image"][j], arr["variance"][j] = image, variance
+        arr["mask"][j], arr["status"][j] = mask, status
+        if m is None:
+            arr["m_good"][j] = False
+        else:
+            arr["m_image"][j], arr["m_variance"][j], arr["m_good"][j] = m
+        sigma2[j] = s2
+    local = [j for j, i in enumerate(idx) if plan.matched[i]]  # in the PSF-matched stack
+    pm = _psf_matched(arr, local, sigma2, shape)
+    # Spilled like the warps: n bytes per pixel would not fit for many large visits.
+    rejected = spill.array("rejected", bool)
+    background = spill.array("background", np.float32)  # zero unless matched
+    reference = None
+    if plan.reject:
+        if len(local) >= 3:  # "in one visit and none of the others" needs others
+            rejected[local] = find_artifacts(
+                _Rows(arr["m_image"], local), _Rows(arr["m_variance"], local),
+                _Rows(arr["m_good"], local), pm[0], pm[1],
+                covered=_Rows(arr["status"], local, lambda s: s == kernels.GOOD),
+                weights=1.0 / sigma2[local])
+        if len(local) >= 2:  # after rejection: artifacts would bias the offsets
+            ref = _match_backgrounds(arr, background, local, rejected, sigma2)
+            reference = visits[idx[ref]].path.name
+    exposure, like, rows = _second_pass(arr, visits, idx, plan, sigma2, rejected, background)
+    sky_fit = None
+    if plan.sky:
+        model, sky_fit = _fit_sky(exposure)
+        exposure["image"].values[0] -= model.astype(np.float32)
+        pm = (pm[0] - model, pm[1])
+        # The Kaiser numerator holds the sky correlated with each visit's PSF
+        # and coverage: for a sky smooth on PSF scales that is the model times
+        # sum_v (good_v * P_v) / sigma_v^2.
+        like.num -= model * like.cov
+    likelihood = likelihood_dataset({band: like}, [band], plan.zeropoint).drop_vars("chi2")
+    likelihood.attrs["sky_subtracted"] = int(plan.sky)
+    products = {"exposure": exposure, "coadds/likelihood": likelihood,
+                "coadds/psf_matched": _psf_matched_dataset(pm, band, plan)}
+    return products, rows, reference, sky_fit
+
+
+def _fit_sky(exposure):
+    """The remaining smooth sky of a 1-band direct coadd and the fit's summary.
+
+    The same model comes off the PSF-matched stack (its matching kernels
     conserve flux, so a sky smooth on scales far above the PSF is unchanged
-    by them. The Kaiser coadd keeps the sky (its numerator would need the
-    sky correlated with each visit's PSF and coverage).
+    by them) and, correlated with the PSFs and coverage, off the Kaiser
+    numerator.
     """
     no_data = np.int32(1 << COADD_MASK_PLANES["NO_DATA"])
-    fits_ = {}
-    image = exposure["image"].values
-    for k, b in enumerate(bands):
-        usable = (exposure["mask"].values[k] & no_data) == 0
-        fwhm = psf_fwhm(exposure["psf"].values[k].astype(np.float64), 1.0)
-        model, info = fit_sky(image[k].astype(np.float64), exposure["variance"].values[k], usable, fwhm)
-        image[k] = (image[k] - model).astype(image.dtype)
-        pm[b] = (pm[b][0] - model, pm[b][1])
-        sigma = np.sqrt(np.nanmedian(exposure["variance"].values[k][usable])) if usable.any() else 1.0
-        info["rms_sigma"] = float(np.sqrt(np.mean(model[usable] ** 2)) / sigma) if usable.any() else 0.0
-        fits_[b] = info
-    exposure.attrs["sky"] = json.dumps(fits_)
+    image = exposure["image"].values[0]
+    variance = exposure["variance"].values[0]
+    usable = (exposure["mask"].values[0] & no_data) == 0
+    fwhm = psf_fwhm(exposure["psf"].values[0].astype(np.float64), 1.0)
+    model, info = fit_sky(image.astype(np.float64), variance, usable, fwhm)
+    sigma = np.sqrt(np.nanmedian(variance[usable])) if usable.any() else 1.0
+    info["rms_sigma"] = float(np.sqrt(np.mean(model[usable] ** 2)) / sigma) if usable.any() else 0.0
+    return model, info
 
 
 def warp_task(visit, grid, zeropoint, area_ratio, match):
@@ -258,17 +390,13 @@ def _run_warps(tasks, workers, scheduler):
             yield i, result
 
 
-def _psf_matched(arr, visits, bands, matched, sigma2, shape):
-    out = {}
-    for b in bands:
-        idx = [i for i, v in enumerate(visits) if v.band == b and matched[i]]
-        if not idx:
-            out[b] = (np.full(shape, np.nan), np.full(shape, np.nan))
-            continue
-        mean, var, _ = clipped_mean(arr["m_image"][idx], arr["m_variance"][idx], arr["m_good"][idx],
-                                    1.0 / sigma2[idx])
-        out[b] = (mean, var)
-    return out
+def _psf_matched(arr, local, sigma2, shape):
+    """Clipped mean and its variance of the matched warps ``local`` (NaN when there are none)."""
+    if not local:
+        return np.full(shape, np.nan), np.full(shape, np.nan)
+    mean, var, _ = clipped_mean(_Rows(arr["m_image"], local), _Rows(arr["m_variance"], local),
+                                _Rows(arr["m_good"], local), 1.0 / sigma2[local])
+    return mean, var
 
 
 def _match_backgrounds(arr, background, idx, rejected, sigma2):
@@ -306,48 +434,46 @@ def _match_backgrounds(arr, background, idx, rejected, sigma2):
     return ref
 
 
-def _second_pass(arr, visits, grid, bands, jacs, size, sigma2, rejected, matched, zeropoint, kernel,
-                 reject, background):
-    sums = {b: _BandSums(grid.shape, size) for b in bands}
-    like = {b: LikelihoodSums(grid.shape) for b in bands}
+def _second_pass(arr, visits, idx, plan: _Plan, sigma2, rejected, background):
+    """The band's direct coadd (1-band exposure), Kaiser sums and visit rows, artifacts masked."""
+    band = visits[idx[0]].band
+    s = _BandSums(plan.grid.shape, plan.size)
+    like = LikelihoodSums(plan.grid.shape, coverage=plan.sky)
     rows = []
     rej_bit = np.int32(1 << COADD_MASK_PLANES["REJECTED"])
-    for i, v in enumerate(visits):
-        status = np.array(arr["status"][i])
-        rej = rejected[i] & (status == kernels.GOOD)
+    for j, i in enumerate(idx):
+        v = visits[i]
+        status = np.array(arr["status"][j])
+        rej = rejected[j] & (status == kernels.GOOD)
         status[rej] = kernels.BAD_INPUT
-        image = np.array(arr["image"][i], np.float64) - background[i]
-        warp = Warp(image, np.array(arr["variance"][i], np.float64), np.array(arr["mask"][i]), status)
-        s = sums[v.band]
+        image = np.array(arr["image"][j], np.float64) - background[j]
+        warp = Warp(image, np.array(arr["variance"][j], np.float64), np.array(arr["mask"][j]), status)
         s.carried[rej] |= rej_bit
-        row = _add_visit(s, v, warp, sigma2[i], jacs[i], size, like[v.band])
+        row = _add_visit(s, v, warp, sigma2[j], plan.jacs[i], plan.size, like)
+        del warp, image
         row["n_rejected"] = int(rej.sum())
-        row["psf_matched"] = bool(matched[i])
-        if not matched[i]:
+        row["psf_matched"] = bool(plan.matched[i])
+        if not plan.matched[i]:
             row["reason"] = "PSF not narrower than the PSF-matched target"
         rows.append(row)
-    exposure = _exposure(sums, bands, grid, visits, zeropoint, kernel)
-    exposure.attrs["artifact_rejection"] = int(reject)
-    return {"exposure": exposure, "visits": visits_table(visits, rows, zeropoint, kernel),
-            "coadds/likelihood": likelihood_dataset(like, bands, zeropoint)}
+    exposure = _exposure({band: s}, [band], plan.grid, [visits[i] for i in idx], plan.zeropoint,
+                         plan.kernel)
+    exposure.attrs["artifact_rejection"] = int(plan.reject)
+    return exposure, like, rows
 
 
-def _psf_matched_dataset(pm, bands, targets, target_px, grid, zeropoint, visits, matched):
-    image = np.stack([pm[b][0] for b in bands]).astype(np.float32)
-    variance = np.stack([pm[b][1] for b in bands]).astype(np.float32)
-    left_out = {b: [v.path.name for v, m in zip(visits, matched) if v.band == b and not m]
-                for b in bands}
-    scale = _pixel_scale(grid.wcs)
+def _psf_matched_dataset(pm, band, plan: _Plan):
+    """One band's ``coadds/psf_matched`` group (``left_out`` is filled in for all bands later)."""
+    scale = _pixel_scale(plan.grid.wcs)
     ds = xr.Dataset(
         {
-            "image": (("band", "y", "x"), np.nan_to_num(image)),
-            "variance": (("band", "y", "x"), variance),
-            "psf": (("band", "psf_y", "psf_x"), np.stack([targets[b] for b in bands]).astype(np.float32)),
-            "target_fwhm": ("band", np.array([target_px[b] * scale for b in bands], np.float64)),
+            "image": (("band", "y", "x"), np.nan_to_num(pm[0]).astype(np.float32)[None]),
+            "variance": (("band", "y", "x"), pm[1].astype(np.float32)[None]),
+            "psf": (("band", "psf_y", "psf_x"), plan.targets[band].astype(np.float32)[None]),
+            "target_fwhm": ("band", np.array([plan.target_px[band] * scale], np.float64)),
         },
-        coords={"band": np.array(bands, dtype=object)},
-        attrs={"zeropoint": float(zeropoint), "wcs": grid.wcs_text,
-               "left_out": json.dumps(left_out)},
+        coords={"band": np.array([band], dtype=object)},
+        attrs={"zeropoint": float(plan.zeropoint), "wcs": plan.grid.wcs_text, "left_out": "{}"},
     )
     stamp(ds, "psf_matched_coadd", 1)
     return validate(ds)

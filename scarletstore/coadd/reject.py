@@ -23,7 +23,7 @@ DETECT_SIGMA = 5.0
 GROW_SIGMA = 2.5
 MODEL_FRACTION = 0.05  # tolerated fractional difference on bright sources (PSF-matching error)
 DILATE = 2
-BRIDGE = 10  # pixels: how far an artifact is carried into untestable pixels
+BRIDGE = 30  # pixels: how far an artifact is carried into untestable pixels (through them)
 BLOCK_ROWS = 64
 BACKGROUND_BLOCK = 32  # pixels: scale of the smooth background difference between visits
 
@@ -84,6 +84,13 @@ def clipped_mean(images, variances, goods, weights, nsigma=CLIP_SIGMA, iteration
                 kept = g & (np.abs(x - centre) <= nsigma * np.sqrt(v))
                 sw = (w * kept).sum(axis=0)
                 centre = np.where(sw > 0, (w * kept * np.where(kept, x, 0)).sum(axis=0) / sw, centre)
+            # Where the clip leaves no visit (few visits, one with an artifact:
+            # every value is > nsigma from their median) the median of the
+            # usable ones stands, with the variance of their unclipped mean: a
+            # NaN there would leave a hole in artifact detection that the
+            # artifact survives in.
+            none = (w * kept).sum(axis=0) == 0
+            kept = np.where(none, g, kept)
             sw = (w * kept).sum(axis=0)
             m = np.where(sw > 0, centre, np.nan)
             mv = np.where(sw > 0, (w**2 * kept * np.where(kept, v, 0)).sum(axis=0) / sw**2, np.nan)
@@ -91,15 +98,69 @@ def clipped_mean(images, variances, goods, weights, nsigma=CLIP_SIGMA, iteration
     return mean, var, kept_all
 
 
+def _others_sums(images, variances, goods, weights):
+    """Weighted sums over the usable visits: sum w x, sum w, sum w^2 var."""
+    n = images.shape[0]
+    swx = swv = sw = 0.0
+    for k in range(n):
+        g = np.asarray(goods[k], bool)
+        w = weights[k] * g
+        swx = swx + w * np.where(g, np.asarray(images[k], np.float64), 0.0)
+        swv = swv + w * weights[k] * np.where(g, np.asarray(variances[k], np.float64), 0.0)
+        sw = sw + w
+    return swx, sw, swv
+
+
+def _persistent_without(k, sums, images, variances, goods, weights, nsigma):
+    """Where the mean of the visits other than ``k`` shows a significant source.
+
+    The test of "is it in the other visits too" must leave visit ``k`` out:
+    where few visits are usable (the others' bad pixels, spread by their
+    matching kernels) the clipped mean keeps visit k's artifact at half or a
+    third of its height and would call it a source, which then stops the
+    artifact's growth.
+    """
+    swx, sw, swv = sums
+    g = np.asarray(goods[k], bool)
+    wk = weights[k] * g
+    rest = sw - wk
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = (swx - wk * np.where(g, np.asarray(images[k], np.float64), 0.0)) / rest
+        v = (swv - wk * weights[k] * np.where(g, np.asarray(variances[k], np.float64), 0.0)) / rest**2
+    ok = (rest > 1e-12 * np.max(sw)) & np.isfinite(m) & (v > 0)
+    m = np.where(ok, m, 0.0)
+    src = m - smooth_difference(m, ok)  # the sky background is not a source
+    with np.errstate(invalid="ignore"):
+        return ok & (np.abs(src) > nsigma * np.sqrt(np.where(ok, v, np.inf)))
+
+
+def _across_holes(region, holes, bridge):
+    """Hole pixels an artifact ``region`` is carried into: up to ``bridge`` pixels
+    from it along a path through the holes (a geodesic dilation).
+
+    A hole the matching kernel spread from a visit's bad pixels is as wide as
+    the kernel, and a cluster of them (a saturated star, neighbouring cosmic
+    rays) wider still: a trail crossing one must come out whole on the far
+    side, and the path through the holes keeps the carried part from leaping
+    into tested pixels beside them.
+    """
+    if not holes.any() or not region.any():
+        return np.zeros_like(region)
+    structure = ndimage.generate_binary_structure(2, 2)
+    grown = ndimage.binary_dilation(region, structure=structure, iterations=bridge,
+                                    mask=holes | region)
+    return grown & holes
+
+
 def find_artifacts(images, variances, goods, mean, mean_var, nsigma=DETECT_SIGMA,
                    grow=GROW_SIGMA, fraction=MODEL_FRACTION, dilate=DILATE, covered=None,
-                   bridge=BRIDGE):
+                   bridge=BRIDGE, weights=None):
     """Per visit, the pixels of what appears in that matched warp and in no other.
 
     A seed is a pixel more than ``nsigma`` (plus ``fraction`` of the mean, for
     bright sources) from the clipped mean in this visit and in no other visit,
-    where the clipped mean itself is not a significant source; the
-    difference is taken after removing its smooth (background) part;
+    where the mean of the other visits (``weights``, default equal) is not a
+    significant source; the difference is taken after removing its smooth (background) part;
     its footprint is the connected region above ``grow`` sigma in this visit,
     extended up to ``bridge`` pixels into pixels that are ``covered`` (the
     direct warp has data) but not ``goods`` (the matched warp is unusable),
@@ -118,17 +179,14 @@ def find_artifacts(images, variances, goods, mean, mean_var, nsigma=DETECT_SIGMA
         strong[k] = g & (d > nsigma * sig + tol)
         weak[k] = g & (d > grow * sig + tol)
     count = strong.sum(axis=0)
-    # The clipped mean leaves the outlying visit out: where it is itself a
-    # significant source, the others see it too (a variable star), not an artifact.
-    # Its sky background is not a source: test the mean without its smooth part.
-    m0 = np.nan_to_num(mean)
-    ok = np.isfinite(mean) & np.isfinite(mean_var)
-    sources = m0 - smooth_difference(m0, ok)
-    with np.errstate(invalid="ignore"):
-        persistent = np.abs(sources) > nsigma * np.sqrt(np.nan_to_num(mean_var, nan=np.inf))
+    weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    sums = _others_sums(images, variances, goods, weights)
     out = np.zeros((n, ny, nx), bool)
     structure = ndimage.generate_binary_structure(2, 2)
     for k in range(n):
+        # Where the other visits show a source (a variable star, or a star
+        # the artifact crosses), it is not this visit's artifact.
+        persistent = _persistent_without(k, sums, images, variances, goods, weights, nsigma)
         seeds = strong[k] & (count == 1) & ~persistent
         if not seeds.any():
             continue
@@ -142,9 +200,12 @@ def find_artifacts(images, variances, goods, mean, mean_var, nsigma=DETECT_SIGMA
             # Where the matched warp is unusable (the matching kernel spreads the
             # visit's bad pixels) nothing can be tested, yet the direct warp has
             # data: an artifact running into such a hole is carried across it.
-            holes = np.asarray(covered[k], bool) & ~np.asarray(goods[k], bool)
-            near = ndimage.binary_dilation(region, structure=structure, iterations=bridge)
-            region |= near & holes & ~persistent
+            # Nor where this visit's matched warp is the only usable one (near
+            # the grid's edge the others' matched warps stop sooner).
+            g_k = np.asarray(goods[k], bool)
+            alone = g_k & (sums[1] - weights[k] * g_k <= 1e-12 * np.max(sums[1]))
+            holes = np.asarray(covered[k], bool) & (~g_k | alone)
+            region |= _across_holes(region, holes, bridge) & ~persistent
         if dilate:
             region = ndimage.binary_dilation(region, structure=structure, iterations=dilate)
         out[k] = region
