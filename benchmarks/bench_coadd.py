@@ -337,7 +337,9 @@ def memory_figures(sizes, n_visits=10, bands="ugrizy"):
                 if res.returncode or not last.startswith("0 "):
                     sys.exit(f"memory run failed: {res.stderr.strip()[-2000:]}")
                 _, wall, cpu, rss = map(float, last.split())
-                store_mb = (Path(work) / "store.h5").stat().st_size / 2**20
+                from scarletstore.store import store_files
+
+                store_mb = sum(f.stat().st_size for f in store_files(Path(work) / "store.h5")) / 2**20
             nvis = n_visits * len(which)
             print(f"  memory: {size}x{size} grid, {len(which)} band(s) x {n_visits} visits "
                   f"(scarletstore coadd, store {store_mb:.0f} MB): peak RSS {rss:.0f} MB, "
