@@ -25,14 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from scipy.signal import fftconvolve
 
 from ..schema import stamp, validate
-
-
-def correlate(image, kernel):
-    """sum_k image(x + k) kernel(k) for a kernel centred on its central pixel (same shape)."""
-    return fftconvolve(image, kernel[::-1, ::-1], mode="same")
+from .fourier import Convolver
 
 
 class LikelihoodSums:
@@ -47,15 +42,23 @@ class LikelihoodSums:
         self.num = np.zeros(shape)
         self.den = np.zeros(shape)
         self.cov = np.zeros(shape) if coverage else None
+        self._conv = None
 
     def add(self, image, good, psf, sigma2: float):
-        """Add one visit: its warp (``image``, usable where ``good``), warped PSF, noise variance."""
-        data = np.where(good, image, 0.0)
-        self.num += correlate(data, psf) / sigma2
-        cover = good.astype(np.float64)
-        self.den += correlate(cover, psf**2) / sigma2
+        """Add one visit: its warp (``image``, usable where ``good``), warped PSF, noise variance.
+
+        A correlation with P is a convolution with P reversed; the coverage
+        is transformed once for the denominator and the coverage sum.
+        """
+        if self._conv is None or self._conv.kernel_size < psf.shape[0]:
+            self._conv = Convolver(self.num.shape, max(psf.shape))
+        conv = self._conv
+        flipped = psf[::-1, ::-1]
+        self.num += conv.convolve(conv.image(np.where(good, image, 0.0)), flipped) / sigma2
+        cover = conv.image(good)
+        self.den += conv.convolve(cover, flipped**2) / sigma2
         if self.cov is not None:
-            self.cov += correlate(cover, psf) / sigma2
+            self.cov += conv.convolve(cover, flipped) / sigma2
 
     def significance(self):
         den = np.where(self.den > 0, self.den, np.nan)

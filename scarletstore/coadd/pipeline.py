@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-from scipy import ndimage
-from scipy.signal import fftconvolve
 
 from ..errors import InputError
 from ..schema import stamp, validate
 from . import kernels
+from .fourier import Convolver
 from .likelihood import LikelihoodSums, likelihood_dataset
 from .match import gaussian_target, matching_kernel
 from .psf import warp_psf_affine, warped_psf_size
@@ -61,7 +60,8 @@ class _SpilledArray:
 
     def __init__(self, path, dtype, shape):
         self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
-        np.memmap(path, dtype=self.dtype, mode="w+", shape=shape).flush()  # zeros
+        with open(path, "wb") as f:  # a sparse file of zeros: nothing is written yet
+            f.truncate(self.dtype.itemsize * int(np.prod(shape)))
 
     def __getitem__(self, key):
         m = np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
@@ -72,9 +72,11 @@ class _SpilledArray:
 
     def __setitem__(self, key, value):
         m = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=self.shape)
+        # No flush: the page cache is shared by every map of the file, so the
+        # next map reads what this one wrote; a flush (msync) per write only
+        # forces disk writes of scratch data.
         try:
             m[key] = value
-            m.flush()
         finally:
             del m
 
@@ -106,13 +108,13 @@ def _matched_warp(warp: Warp, sigma2, psf, target):
     """PSF-matched image, its variance and where it is usable."""
     k = matching_kernel(psf, target)
     good = warp.good
-    img = fftconvolve(np.where(good, warp.image, 0.0), k, mode="same")
+    conv = Convolver(good.shape, k.shape[0])
+    img = conv.convolve(conv.image(np.where(good, warp.image, 0.0)), k)
     footprint = np.abs(k) > KERNEL_FOOTPRINT * np.abs(k).max()
-    bad = ndimage.binary_dilation(~good, structure=footprint)
+    bad = conv.dilate(conv.image(~good), footprint)
     # White-noise variance per grid pixel, following the warp's spatial variation.
-    var_w = np.where(good, warp.variance, 0.0)
     med = np.median(warp.variance[good]) if good.any() else 1.0
-    var = fftconvolve(var_w * (sigma2 / med), k**2, mode="same")
+    var = conv.convolve(conv.image(np.where(good, warp.variance, 0.0) * (sigma2 / med)), k**2)
     return img, np.maximum(var, 1e-30), ~bad
 
 
