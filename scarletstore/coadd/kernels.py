@@ -48,28 +48,58 @@ def _weights(pos, w):
     Normalising to unit sum makes a constant image stay constant whatever the
     sub-pixel phase (the raw Lanczos weights sum to 1 only at integer phases).
     The six distances d_k = f - k share sin(pi d_k) = (-1)^k sin(pi f) and,
-    by angle addition, sin(pi d_k / 3) from one sin/cos pair: three
+    by angle addition, sin(pi d_k / 3) from one sin/cos pair, and sin(pi f)
+    follows from the same pair by the triple-angle formula: two
     transcendental calls per axis instead of twelve. Returns the first tap.
     """
     i0 = int(math.floor(pos)) - 2
     f = pos - i0  # distance to the first tap, in [2, 3)
-    s1 = math.sin(math.pi * f)
     s3 = math.sin(math.pi * f / 3.0)
     c3 = math.cos(math.pi * f / 3.0)
+    s1 = s3 * (3.0 - 4.0 * s3 * s3)  # sin(pi f) = sin(3 theta), theta = pi f / 3
     total = 0.0
     sign = 1.0
     for k in range(6):
         d = f - k
         if abs(d) < 1e-12:
-            w[k] = 1.0
+            w[k] = math.pi * math.pi / 3.0  # the limit of the unnormalised weight below
         else:
             sd3 = s3 * _COS3[k] - c3 * _SIN3[k]
-            w[k] = 3.0 * sign * s1 * sd3 / (math.pi * math.pi * d * d)
+            w[k] = sign * s1 * sd3 / (d * d)  # the common 3 / pi^2 cancels in the normalisation
         total += w[k]
         sign = -sign
+    inv = 1.0 / total
     for k in range(6):
-        w[k] /= total
+        w[k] *= inv
     return i0
+
+
+@njit(cache=True, nogil=True)
+def _clean_planes(image, variance, mask, bad_bits):
+    """Image and variance with unusable pixels set to 0, and a flag of those pixels.
+
+    Done once per visit so the warp's inner loop is branch-free: a zero
+    stands in for a bad value (whose output is discarded anyway) and cannot
+    turn a good output into NaN through a zero weight times NaN.
+    """
+    ny, nx = image.shape
+    clean_i = np.empty((ny, nx))
+    clean_v = np.empty((ny, nx))
+    bad = np.empty((ny, nx), np.uint8)
+    for y in range(ny):
+        for x in range(nx):
+            p = image[y, x]
+            q = variance[y, x]
+            if (mask[y, x] & bad_bits) != 0 or not math.isfinite(p) or not (q > 0.0) \
+                    or not math.isfinite(q):
+                clean_i[y, x] = 0.0
+                clean_v[y, x] = 0.0
+                bad[y, x] = 1
+            else:
+                clean_i[y, x] = p
+                clean_v[y, x] = q
+                bad[y, x] = 0
+    return clean_i, clean_v, bad
 
 
 @njit(cache=True, nogil=True)
@@ -89,11 +119,17 @@ def warp_lanczos3(image, variance, mask, bad_bits, u, v, scale,
     out_image, out_variance : (ny_out, nx_out) float64, written
     out_mask : (ny_out, nx_out) int32, OR of the mask bits of the touched pixels
     status : (ny_out, nx_out) int8, GOOD, BAD_INPUT or NO_DATA
+
+    A tap with zero weight (an exact-integer phase) does not make the output
+    bad. The 6 x 6 sum is separable: each row of taps is summed with the x
+    weights, then the six row sums with the y weights.
     """
     ny_in, nx_in = image.shape
     ny, nx = u.shape
+    clean_i, clean_v, bad_in = _clean_planes(image, variance, mask, bad_bits)
     wx = np.empty(6)
     wy = np.empty(6)
+    wx2 = np.empty(6)
     for y in range(ny):
         for x in range(nx):
             uu = u[y, x]
@@ -109,27 +145,31 @@ def warp_lanczos3(image, variance, mask, bad_bits, u, v, scale,
             if i0 < 0 or j0 < 0 or i0 + 5 >= nx_in or j0 + 5 >= ny_in:
                 status[y, x] = NO_DATA
                 continue
+            for i in range(6):
+                wx2[i] = wx[i] * wx[i]
             acc = 0.0
             acc_var = 0.0
             bits = 0
-            bad = False
+            nbad = 0
             for j in range(6):
+                r = j0 + j
+                row = 0.0
+                row_var = 0.0
+                row_bad = 0
                 for i in range(6):
-                    w = wy[j] * wx[i]
-                    m = mask[j0 + j, i0 + i]
-                    bits |= m
-                    if w == 0.0:
-                        continue  # an exact-integer phase does not use this pixel
-                    p = image[j0 + j, i0 + i]
-                    q = variance[j0 + j, i0 + i]
-                    if (m & bad_bits) != 0 or not math.isfinite(p) or not (q > 0.0) \
-                            or not math.isfinite(q):
-                        bad = True
-                        continue
-                    acc += w * p
-                    acc_var += w * w * q
+                    c = i0 + i
+                    bits |= mask[r, c]
+                    row += wx[i] * clean_i[r, c]
+                    row_var += wx2[i] * clean_v[r, c]
+                    if wx[i] != 0.0:
+                        row_bad += bad_in[r, c]
+                wj = wy[j]
+                acc += wj * row
+                acc_var += wj * wj * row_var
+                if wj != 0.0:
+                    nbad += row_bad
             out_mask[y, x] = bits
-            if bad:
+            if nbad > 0:
                 status[y, x] = BAD_INPUT
                 continue
             s = scale[y, x]

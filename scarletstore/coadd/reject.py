@@ -12,6 +12,7 @@ variable star) is kept.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -54,7 +55,8 @@ def block_medians(values, good, block):
     return med, count
 
 
-def _interpolation_matrix(n_cells, coords, order):
+@functools.lru_cache(maxsize=16)
+def _interpolation_matrix(n_cells, n, block, order):
     """(len(coords), n_cells) sparse matrix of 1-D spline interpolation (mode "nearest").
 
     Column j is the interpolant of the j-th unit vector: the 2-D tensor-product
@@ -63,10 +65,21 @@ def _interpolation_matrix(n_cells, coords, order):
     """
     from scipy import sparse
 
+    coords = (np.arange(n) + 0.5) / block - 0.5  # pixel centres in cell units
     eye = np.eye(n_cells)
     cols = [ndimage.map_coordinates(eye[j], coords[None], order=order, mode="nearest")
             for j in range(n_cells)]
     return sparse.csr_matrix(np.where(np.abs(m := np.stack(cols, axis=1)) > 1e-15, m, 0.0))
+
+
+def _nanmean3(a):
+    """Mean of the finite values of each 3 x 3 neighbourhood (edges repeated); NaN where none."""
+    finite = np.isfinite(a)
+    ones = np.ones((3, 3))
+    total = ndimage.correlate(np.where(finite, a, 0.0), ones, mode="nearest")
+    count = ndimage.correlate(finite.astype(np.float64), ones, mode="nearest")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)
 
 
 def smooth_difference(diff, good, block=BACKGROUND_BLOCK):
@@ -87,15 +100,10 @@ def smooth_difference(diff, good, block=BACKGROUND_BLOCK):
     if np.all(np.isnan(med)):
         return np.zeros_like(diff)
     while np.isnan(med).any():  # fill holes from their neighbours
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN neighbourhoods
-            filled = ndimage.generic_filter(med, np.nanmean, size=3, mode="nearest")
-        med = np.where(np.isnan(med), filled, med)
-    yc = (np.arange(ny) + 0.5) / block - 0.5
-    xc = (np.arange(nx) + 0.5) / block - 0.5
+        med = np.where(np.isnan(med), _nanmean3(med), med)
     order = 1 if min(by, bx) < 4 else 3
-    wy = _interpolation_matrix(by, yc, order)
-    wx = _interpolation_matrix(bx, xc, order)
+    wy = _interpolation_matrix(by, ny, block, order)
+    wx = _interpolation_matrix(bx, nx, block, order)
     return np.asarray(wy @ np.asarray(wx @ med.T).T)
 
 
