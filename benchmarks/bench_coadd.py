@@ -15,14 +15,22 @@ per band, seed 1, 36 bright stars on a lattice plus the field catalogue):
   blank-sky blocks) and the median S/N on the pixels of each band's
   unflagged satellite trail; whether the variable star and the transient
   were rejected;
-* wall time vs the peer (``reproject_interp`` of every visit + per-pixel
-  inverse-variance mean, PSF = mean of the unwarped visit PSFs), run in a
-  separate virtual environment, alternating A/B runs; the median ratio and
-  our cost per output pixel per visit.
+* speed: the whole ``coadd`` (direct, PSF-matched and likelihood coadds,
+  artifact rejection, background matching, sky fit: what ``scarletstore
+  coadd`` runs without the store write; grid and visits read inside the
+  timing) on the visits with backgrounds and artifacts, against the peer
+  (``reproject_interp`` of every visit's image and variance + per-pixel
+  inverse-variance mean, PSF = mean of the unwarped visit PSFs, reading
+  included) in a separate virtual environment, A/B alternated: CPU
+  (``time.process_time`` of each process; the machine is shared, so wall time
+  mostly measures the other work) and wall per pair, peer/ours per pair and
+  the median; then the CLI call (store written) in a fresh process, and CPU
+  per stage (warp, match, reject, background, stacks, likelihood, sky) from
+  a cProfile run with a process_time timer. Also the direct coadd alone.
 
 The peer's quality figures are measured the same way on its output.
 
-Usage: python benchmarks/bench_coadd.py [--runs 3] [--peer-python /tmp/peer/bin/python]
+Usage: python benchmarks/bench_coadd.py [--runs 5] [--speed] [--peer-python /tmp/peer/bin/python]
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ grid_path, out, *paths = sys.argv[1:]
 with fits.open(grid_path) as h:
     gh = h["IMAGE"].header
     shape = h["IMAGE"].data.shape
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 bands, sums, psfs = [], {}, {}
 for p in paths:
     with fits.open(p) as h:
@@ -90,9 +98,9 @@ for p in paths:
 images = np.array([np.where(sums[b][1] > 0, sums[b][0] / np.maximum(sums[b][1], 1e-300), np.nan) for b in bands])
 variance = np.array([np.where(sums[b][1] > 0, 1.0 / np.maximum(sums[b][1], 1e-300), np.nan) for b in bands])
 psf = np.array([np.mean(psfs[b], axis=0) for b in bands])
-elapsed = time.perf_counter() - t0
+elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
 np.savez(out, image=images, variance=variance, psf=psf, bands=np.array(bands))
-print(json.dumps({"seconds": elapsed}))
+print(json.dumps({"seconds": elapsed, "cpu": cpu}))
 '''
 
 
@@ -381,6 +389,7 @@ def run_ours(paths, grid_path, likelihood=False):
 
 
 def run_peer(python, paths, grid_path, work):
+    """The peer in its own process: ``((wall, cpu) of its reading, warping and stacking, arrays)``."""
     script = Path(work) / "peer_coadd.py"
     script.write_text(PEER)
     out = Path(work) / "peer.npz"
@@ -388,15 +397,119 @@ def run_peer(python, paths, grid_path, work):
                          capture_output=True, text=True, check=True)
     with np.load(out) as data:  # read now: the next run overwrites the file
         arrays = {k: data[k] for k in data.files}
-    return json.loads(res.stdout.strip().splitlines()[-1])["seconds"], arrays
+    t = json.loads(res.stdout.strip().splitlines()[-1])
+    return (t["seconds"], t["cpu"]), arrays
+
+
+def run_full(paths, grid_path, **kw):
+    """The whole ``coadd`` (what ``scarletstore coadd`` runs, without the store write):
+    ``((wall, cpu), groups)``, reading the grid and the visits included."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    grid = read_grid(grid_path)
+    groups = coadd(read_visits(paths, grid), grid, **kw)
+    return (time.perf_counter() - t0, time.process_time() - c0), groups
+
+
+# Stages of the whole coadd: (label, functions whose cumulative time it is, functions subtracted).
+STAGES = (
+    ("read visits (headers, PSFs, pixels)", ("visits.py:read_visits", "visits.py:load"), ()),
+    ("warp (mapping + Lanczos-3)", ("stack.py:_warp_visit",), ("visits.py:load",)),
+    ("match (PSF-matching kernels, matched warps)", ("pipeline.py:_matched_warp",), ()),
+    ("reject (clipped stack, artifacts)", ("pipeline.py:_psf_matched", "reject.py:find_artifacts"), ()),
+    ("background matching", ("pipeline.py:_match_backgrounds",), ()),
+    ("direct stack", ("pipeline.py:_second_pass",), ("likelihood.py:add",)),
+    ("likelihood (Kaiser sums, significance)", ("likelihood.py:add", "likelihood.py:likelihood_dataset"), ()),
+    ("sky fit", ("pipeline.py:_fit_sky",), ()),
+)
+
+
+def stage_profile(paths, grid_path):
+    """CPU seconds per stage of one whole ``coadd`` under cProfile (process_time timer).
+
+    Returns ``(total, [(label, seconds)], spill)``: ``spill`` is the time in
+    the spill files' reads and writes, which happen inside the stages.
+    """
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile(time.process_time)
+    c0 = time.process_time()
+    prof.runcall(run_full, paths, grid_path)
+    total = time.process_time() - c0
+    cum = {}
+    for (file, _, func), (_, _, _, ct, _) in pstats.Stats(prof).stats.items():
+        key = f"{Path(file).name}:{func}"
+        if "scarletstore" in file:
+            cum[key] = cum.get(key, 0.0) + ct
+    stages = [(label, sum(cum.get(f, 0.0) for f in plus) - sum(cum.get(f, 0.0) for f in minus))
+              for label, plus, minus in STAGES]
+    spill = cum.get("pipeline.py:__getitem__", 0.0) + cum.get("pipeline.py:__setitem__", 0.0)
+    return total, stages, spill
+
+
+def run_cli(paths, grid_path):
+    """``scarletstore coadd`` (store written) in a fresh process: (wall, cpu, peak RSS MB),
+    interpreter start and imports excluded."""
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        cmd = [sys.executable, "-c", MEMORY_CODE, "coadd", str(Path(work) / "store.h5"),
+               *map(str, paths), "--grid", str(grid_path)]
+        res = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    if res.returncode or not last.startswith("0 "):
+        sys.exit(f"scarletstore coadd failed: {res.stderr.strip()[-2000:]}")
+    _, wall, cpu, rss = map(float, last.split())
+    return wall, cpu, rss
+
+
+def speed_figures(paths, grid_path, runs, peer_python, work):
+    """The whole coadd against the peer, A/B alternated; then the CLI call and the stage profile.
+
+    Returns the groups of the last whole coadd (for the quality figures).
+    """
+    npix = SIZE * SIZE * len(paths)
+    run_full(paths[:1], grid_path)  # warm-up: numba kernels from their cache, imports
+    ours, peers = [], []
+    for _ in range(runs):
+        t, groups = run_full(paths, grid_path)
+        ours.append(t)
+        if peer_python:
+            peers.append(run_peer(peer_python, paths, grid_path, work)[0])
+    print(f"speed, the whole coadd (direct + PSF-matched + likelihood, rejection, background matching, "
+          f"sky fit; {len(paths)} visits with artifacts, A/B alternated with the peer, {runs} pairs):")
+    for k, (o, p) in enumerate(zip(ours, peers or [None] * len(ours))):
+        line = f"  pair {k + 1}: ours wall {o[0]:.2f} s, CPU {o[1]:.2f} s"
+        if p is not None:
+            line += (f"; peer wall {p[0]:.2f} s, CPU {p[1]:.2f} s; peer/ours CPU {p[1] / o[1]:.2f}, "
+                     f"wall {p[0] / o[0]:.2f}")
+        print(line)
+    cpu = statistics.median(o[1] for o in ours)
+    print(f"  ours median CPU {cpu:.2f} s, wall {statistics.median(o[0] for o in ours):.2f} s "
+          f"({cpu / npix * 1e9:.0f} ns CPU per output pixel per visit)")
+    if peers:
+        print(f"  peer median CPU {statistics.median(p[1] for p in peers):.2f} s, wall "
+              f"{statistics.median(p[0] for p in peers):.2f} s; peer/ours median CPU "
+              f"{statistics.median(p[1] / o[1] for o, p in zip(ours, peers)):.2f}, wall "
+              f"{statistics.median(p[0] / o[0] for o, p in zip(ours, peers)):.2f} (target >= 2)")
+    wall, cli_cpu, rss = run_cli(paths, grid_path)
+    print(f"  scarletstore coadd (CLI, store written, fresh process, imports excluded): wall {wall:.2f} s, "
+          f"CPU {cli_cpu:.2f} s, peak RSS {rss:.0f} MB")
+    total, stages, spill = stage_profile(paths, grid_path)
+    print(f"  stages (CPU under cProfile, {total:.2f} s in all with the profiler's overhead): "
+          + "; ".join(f"{label} {t:.2f} s" for label, t in stages)
+          + f"; other {total - sum(t for _, t in stages):.2f} s; spill file reads and writes "
+          f"(inside the stages) {spill:.2f} s")
+    return groups
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--peer-python", default="/tmp/peer/bin/python")
     ap.add_argument("--memory", type=int, nargs="*", metavar="SIZE",
                     help="only the peak-memory figures, at these grid sizes (e.g. 1024 4096)")
+    ap.add_argument("--speed", action="store_true",
+                    help="only the speed figures (the whole coadd vs the peer, the CLI call, the stages)")
     ap.add_argument("--seeds", type=int, default=1,
                     help="only the star figures with noise, pooled over N simulated fields (seeds 1..N)")
     args = ap.parse_args()
@@ -417,16 +530,15 @@ def main():
     truth = Table.read(clean_dir / "truth.fits")
     peer_ok = Path(args.peer_python).exists()
 
-    # Warm-up (numba compile from cache) then alternate A/B timings.
-    run_ours(clean_paths[:1], clean_grid)
-    ours, peers = [], []
     with tempfile.TemporaryDirectory() as work:
-        for _ in range(args.runs):
-            dt, ex, _ = run_ours(clean_paths, clean_grid)
-            ours.append(dt)
-            if peer_ok:
-                dp, peer = run_peer(args.peer_python, clean_paths, clean_grid, work)
-                peers.append(dp)
+        groups = speed_figures(full_paths, full_grid, args.runs, args.peer_python if peer_ok else None,
+                               work)
+        if args.speed:
+            return
+        run_ours(clean_paths[:1], clean_grid)  # warm-up
+        dt, ex, _ = run_ours(clean_paths, clean_grid)
+        if peer_ok:
+            _, peer = run_peer(args.peer_python, clean_paths, clean_grid, work)
         # Star photometry and shapes on noise-free visits (systematic errors only),
         # noise figures on the same field with noise.
         _, exn, _ = run_ours(nl_paths, nl_grid)
@@ -461,13 +573,10 @@ def main():
         artifact_figures("scarletstore direct coadd, no rejection", exf["image"].values.astype(float),
                          exf["variance"].values.astype(float), usable, truth_full,
                          [str(b) for b in exf["band"].values], full_dir, grid)
-        t0 = time.perf_counter()
-        groups = coadd(read_visits(full_paths, grid), grid)
-        dt_full = time.perf_counter() - t0
         exr = groups["exposure"]
         # REJECTED and INEXACT_PSF pixels are usable: the rejected visit is left out there.
         usable = (exr["mask"].values & ~np.int32((1 << 9) | (1 << 10))) == 0
-        artifact_figures(f"scarletstore full coadd with rejection ({dt_full:.1f} s)",
+        artifact_figures("scarletstore full coadd with rejection",
                          exr["image"].values.astype(float), exr["variance"].values.astype(float),
                          usable, truth_full, [str(b) for b in exr["band"].values], full_dir, grid)
         bands_f = [str(b) for b in exr["band"].values]
@@ -504,15 +613,9 @@ def main():
             artifact_figures("peer", pf["image"], pf["variance"],
                              np.isfinite(pf["image"]) & np.isfinite(pf["variance"]), truth_full,
                              [str(b) for b in pf["bands"]], full_dir, grid)
-    med = statistics.median(ours)
     npix = SIZE * SIZE * len(clean_paths)
-    print(f"speed: ours {', '.join(f'{t:.2f}' for t in ours)} s (median {med:.2f} s, "
-          f"{med / npix * 1e9:.0f} ns per output pixel per visit); with the Kaiser coadd {dt_lk:.2f} s")
-    if peers:
-        ratios = [p / o for p, o in zip(peers, ours)]
-        print(f"  peer {', '.join(f'{t:.2f}' for t in peers)} s; peer/ours per A/B pair "
-              f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})")
-
+    print(f"direct coadd alone (visits without artifacts, one run): {dt:.2f} s wall "
+          f"({dt / npix * 1e9:.0f} ns per output pixel per visit); with the Kaiser coadd {dt_lk:.2f} s")
 
 if __name__ == "__main__":
     main()

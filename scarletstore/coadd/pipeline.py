@@ -13,6 +13,7 @@ bands.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -51,34 +52,80 @@ class _Spill:
 
 
 class _SpilledArray:
-    """An array on disk, mapped only while one item is read or written.
+    """An (n, ny, nx) array in a file, read and written by item with pread/pwrite.
 
-    A memory map kept open for the whole run counts every page it ever
-    touched as resident (n visits x the grid x every plane); mapping per
-    access bounds what is resident to the slices in use.
+    Nothing stays mapped (a memory map kept open for the whole run counts
+    every page it ever touched as resident: n visits x the grid x every
+    plane), and no map is made per access either: ``a[j]``, ``a[list]`` and
+    ``a[list, rows]`` read just those items (and rows) into new arrays;
+    writes of whole items go straight to the file, partial ones read, modify
+    and write the item. The page cache holds the data between accesses; it
+    is never flushed to disk on purpose (scratch data).
     """
 
     def __init__(self, path, dtype, shape):
         self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self._item = int(np.prod(shape[1:]))
+        self._row = int(np.prod(shape[2:]))
         with open(path, "wb") as f:  # a sparse file of zeros: nothing is written yet
-            f.truncate(self.dtype.itemsize * int(np.prod(shape)))
+            f.truncate(self.dtype.itemsize * self.shape[0] * self._item)
+
+    @staticmethod
+    def _split(key):
+        if isinstance(key, tuple):
+            return key[0], key[1:]
+        return key, ()
+
+    def _items(self, index):
+        if isinstance(index, slice):
+            return list(range(*index.indices(self.shape[0]))), True
+        if np.ndim(index) == 0:
+            return [int(index)], False
+        return [int(i) for i in index], True
+
+    def _read(self, fd, j, y0=0, y1=None):
+        y1 = self.shape[1] if y1 is None else y1
+        out = np.empty((y1 - y0, *self.shape[2:]), self.dtype)
+        offset = (j * self._item + y0 * self._row) * self.dtype.itemsize
+        if os.preadv(fd, [out], offset) != out.nbytes:
+            raise OSError(f"{self.path}: short read")
+        return out
 
     def __getitem__(self, key):
-        m = np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
+        index, rest = self._split(key)
+        items, many = self._items(index)
+        rows = rest[0] if rest and isinstance(rest[0], slice) and rest[0].step in (None, 1) else None
+        fd = os.open(self.path, os.O_RDONLY)
         try:
-            return np.array(m[key])
+            if rows is not None:
+                y0, y1, _ = rows.indices(self.shape[1])
+                parts = [self._read(fd, j, y0, max(y0, y1)) for j in items]
+                rest = (slice(None), *rest[1:])
+            else:
+                parts = [self._read(fd, j) for j in items]
         finally:
-            del m
+            os.close(fd)
+        out = np.stack(parts) if many else parts[0]
+        if rest:
+            out = out[(slice(None), *rest)] if many else out[rest]
+        return out
 
     def __setitem__(self, key, value):
-        m = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=self.shape)
-        # No flush: the page cache is shared by every map of the file, so the
-        # next map reads what this one wrote; a flush (msync) per write only
-        # forces disk writes of scratch data.
+        index, rest = self._split(key)
+        items, many = self._items(index)
+        value = np.asarray(value)
+        fd = os.open(self.path, os.O_RDWR)
         try:
-            m[key] = value
+            for n, j in enumerate(items):
+                v = value[n] if many and value.ndim == len(self.shape) else value
+                if rest:
+                    item = self._read(fd, j)
+                    item[rest] = v
+                else:
+                    item = np.ascontiguousarray(np.broadcast_to(v, self.shape[1:]), self.dtype)
+                os.pwrite(fd, item, j * self._item * self.dtype.itemsize)
         finally:
-            del m
+            os.close(fd)
 
 
 def _plan_psfs(visits, grid, target_fwhm):
