@@ -253,3 +253,72 @@ def accumulate(sum_wi, sum_w2v, sum_w, image, variance, status, weight):
             sum_wi[y, x] += weight * image[y, x]
             sum_w2v[y, x] += weight * weight * variance[y, x]
             sum_w[y, x] += weight
+
+
+@njit(cache=True, nogil=True)
+def clipped_mean(x, var, good, weights, nsigma, iterations, mean, mean_var, kept):
+    """Per-pixel sigma-clipped weighted mean of n stacked values (in place).
+
+    Parameters
+    ----------
+    x, var : (n, ny, nx) float values and their variances
+    good : (n, ny, nx) bool, usable values
+    weights : (n,) float64, one weight per visit
+    nsigma, iterations : the clip: values more than nsigma sqrt(var) from the
+        current centre are dropped; the centre starts at the median of the
+        usable values and is the weighted mean of the kept ones after each pass
+    mean, mean_var : (ny, nx) float64, written: the centre and the variance of
+        the weighted mean of the kept values; where the clip keeps none, the
+        median with the usable values' variance; NaN where none is usable
+    kept : (n, ny, nx) bool, written
+    """
+    n, ny, nx = x.shape
+    vals = np.empty(n)
+    keep = np.empty(n, np.bool_)
+    for y in range(ny):
+        for xx in range(nx):
+            m = 0
+            for k in range(n):
+                if good[k, y, xx] and math.isfinite(x[k, y, xx]):
+                    vals[m] = x[k, y, xx]
+                    m += 1
+            if m == 0:
+                centre = np.nan
+            else:
+                for a in range(1, m):  # insertion sort: a handful of visits
+                    t = vals[a]
+                    b = a - 1
+                    while b >= 0 and vals[b] > t:
+                        vals[b + 1] = vals[b]
+                        b -= 1
+                    vals[b + 1] = t
+                centre = vals[(m - 1) // 2] if m % 2 else 0.5 * (vals[m // 2 - 1] + vals[m // 2])
+            sw = 0.0
+            for _ in range(iterations):
+                sw = 0.0
+                swx = 0.0
+                for k in range(n):
+                    keep[k] = good[k, y, xx] and abs(x[k, y, xx] - centre) <= nsigma * math.sqrt(var[k, y, xx])
+                    if keep[k]:
+                        sw += weights[k]
+                        swx += weights[k] * x[k, y, xx]
+                if sw > 0:
+                    centre = swx / sw
+            if sw == 0.0:
+                # The clip left no visit (few visits, one with an artifact): the
+                # median of the usable ones stands, with their unclipped variance.
+                for k in range(n):
+                    keep[k] = good[k, y, xx]
+                    if keep[k]:
+                        sw += weights[k]
+            swv = 0.0
+            for k in range(n):
+                kept[k, y, xx] = keep[k]
+                if keep[k]:
+                    swv += weights[k] * weights[k] * var[k, y, xx]
+            if sw > 0:
+                mean[y, xx] = centre
+                mean_var[y, xx] = swv / (sw * sw)
+            else:
+                mean[y, xx] = np.nan
+                mean_var[y, xx] = np.nan

@@ -18,6 +18,9 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
+from . import kernels
+from .cells import block_medians
+
 CLIP_SIGMA = 3.0
 CLIP_ITERATIONS = 3
 DETECT_SIGMA = 5.0
@@ -27,32 +30,6 @@ DILATE = 2
 BRIDGE = 30  # pixels: how far an artifact is carried into untestable pixels (through them)
 BLOCK_ROWS = 64
 BACKGROUND_BLOCK = 32  # pixels: scale of the smooth background difference between visits
-
-
-def block_medians(values, good, block):
-    """Median of the ``good`` pixels of each ``block`` x ``block`` cell, and their count.
-
-    Vectorised over one row of cells at a time (a sort along the cell's
-    pixels, non-usable ones sorted last as NaN): one ``np.median`` call per
-    cell costs more in call overhead than in sorting. Equal to
-    ``np.median(values[cell][good[cell]])``; NaN where a cell has no usable pixel.
-    """
-    ny, nx = values.shape
-    by, bx = max(1, -(-ny // block)), max(1, -(-nx // block))
-    med = np.full((by, bx), np.nan)
-    count = np.zeros((by, bx), np.int64)
-    row = np.full((block, bx * block), np.nan)
-    for i in range(by):
-        y0, y1 = i * block, min(ny, (i + 1) * block)
-        row[:] = np.nan
-        row[:y1 - y0, :nx] = np.where(good[y0:y1], values[y0:y1], np.nan)
-        cells = np.sort(row.reshape(block, bx, block).transpose(1, 0, 2).reshape(bx, -1), axis=1)
-        n = np.count_nonzero(np.isfinite(cells), axis=1)
-        j = np.arange(bx)
-        lo, hi = cells[j, np.maximum(n - 1, 0) // 2], cells[j, n // 2 - (n == 0)]
-        med[i] = np.where(n > 0, (lo + hi) / 2.0, np.nan)
-        count[i] = n
-    return med, count
 
 
 @functools.lru_cache(maxsize=16)
@@ -117,32 +94,15 @@ def clipped_mean(images, variances, goods, weights, nsigma=CLIP_SIGMA, iteration
     mean = np.full((ny, nx), np.nan)
     var = np.full((ny, nx), np.nan)
     kept_all = np.zeros((n, ny, nx), bool)
-    w = np.asarray(weights, np.float64)[:, None, None]
+    w = np.ascontiguousarray(weights, np.float64)
     for y0 in range(0, ny, BLOCK_ROWS):
         sl = slice(y0, min(ny, y0 + BLOCK_ROWS))
-        x = np.asarray(images[:, sl], np.float64)
-        v = np.asarray(variances[:, sl], np.float64)
-        g = np.asarray(goods[:, sl], bool)
-        xm = np.where(g, x, np.nan)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # pixels no visit covers
-            centre = np.nanmedian(xm, axis=0)
-            kept = g.copy()
-            for _ in range(iterations):
-                kept = g & (np.abs(x - centre) <= nsigma * np.sqrt(v))
-                sw = (w * kept).sum(axis=0)
-                centre = np.where(sw > 0, (w * kept * np.where(kept, x, 0)).sum(axis=0) / sw, centre)
-            # Where the clip leaves no visit (few visits, one with an artifact:
-            # every value is > nsigma from their median) the median of the
-            # usable ones stands, with the variance of their unclipped mean: a
-            # NaN there would leave a hole in artifact detection that the
-            # artifact survives in.
-            none = (w * kept).sum(axis=0) == 0
-            kept = np.where(none, g, kept)
-            sw = (w * kept).sum(axis=0)
-            m = np.where(sw > 0, centre, np.nan)
-            mv = np.where(sw > 0, (w**2 * kept * np.where(kept, v, 0)).sum(axis=0) / sw**2, np.nan)
-        mean[sl], var[sl], kept_all[:, sl] = m, mv, kept
+        # The clip itself (median start, weighted-mean passes, the median
+        # fallback where it keeps none) is the numba kernel.
+        kernels.clipped_mean(np.ascontiguousarray(images[:, sl], np.float64),
+                             np.ascontiguousarray(variances[:, sl], np.float64),
+                             np.ascontiguousarray(goods[:, sl], bool), w, float(nsigma),
+                             int(iterations), mean[sl], var[sl], kept_all[:, sl])
     return mean, var, kept_all
 
 
@@ -234,8 +194,11 @@ def find_artifacts(images, variances, goods, mean, mean_var, nsigma=DETECT_SIGMA
     for k in range(n):
         # Where the other visits show a source (a variable star, or a star
         # the artifact crosses), it is not this visit's artifact.
+        alone = strong[k] & (count == 1)
+        if not alone.any():
+            continue  # no seed can survive: spare the leave-one-out test
         persistent = _persistent_without(k, sums, images, variances, goods, weights, nsigma)
-        seeds = strong[k] & (count == 1) & ~persistent
+        seeds = alone & ~persistent
         if not seeds.any():
             continue
         # Growing stops at persistent sources: a trail crossing a bright star

@@ -18,6 +18,8 @@ import numpy as np
 from numpy.polynomial import legendre
 from scipy import ndimage
 
+from .cells import block_medians, cell_sums, per_pixel
+
 CELL = 64  # pixels; smaller grids use cells of a sixth of their side (at least MIN_CELL)
 MIN_CELL = 24
 MAX_DEGREE = 3
@@ -28,36 +30,34 @@ ITERATIONS = 3
 MIN_FILL = 0.2  # a cell needs this fraction of unmasked pixels to enter the fit
 
 
-def _disk(radius):
-    r = int(np.ceil(radius))
-    y, x = np.mgrid[-r:r + 1, -r:r + 1]
-    return x * x + y * y <= radius * radius
-
-
 def _dilate_disk(mask, radius):
-    """``mask`` dilated by the disk x^2 + y^2 <= radius^2 (as ``binary_dilation`` with
-    :func:`_disk`), from the exact Euclidean distance to the nearest set pixel:
-    its cost does not grow with the disk's area."""
+    """``mask`` dilated by the disk of pixel offsets x^2 + y^2 <= radius^2 (as
+    ``binary_dilation`` with that structure), from the exact Euclidean distance
+    to the nearest set pixel: its cost does not grow with the disk's area."""
     if not mask.any():
         return mask.copy()
     d2 = ndimage.distance_transform_edt(~mask) ** 2  # squared distances are integers
     return d2 <= radius * radius + 1e-6
 
 
-def source_mask(resid, sigma, usable, fwhm):
+def source_mask(resid, sigma, usable, fwhm, norm=None):
     """Pixels of sources (detected on the PSF-smoothed image) and their grown wings.
 
     The threshold is in units of the smoothed image's own robust scatter, not
     of the variance plane: warping correlates the noise, so the variance plane
     underestimates the noise on PSF scales and would mask noise peaks.
+    ``norm`` (the smoothed ``usable``, the same at every iteration of the
+    fit) may be passed in.
     """
     s = max(fwhm / 2.3548, 0.5)
     z = np.where(usable, resid / sigma, 0.0)
-    norm = ndimage.gaussian_filter(usable.astype(float), s)
+    if norm is None:
+        norm = ndimage.gaussian_filter(usable.astype(float), s)
     smooth = ndimage.gaussian_filter(z, s) / np.maximum(norm, 1e-3)
     vals = smooth[usable]
-    noise = 1.4826 * np.median(np.abs(vals - np.median(vals)))
-    det = usable & (smooth - np.median(vals) > DETECT_SIGMA * max(noise, 1e-12))
+    centre = np.median(vals)
+    noise = 1.4826 * np.median(np.abs(vals - centre))
+    det = usable & (smooth - centre > DETECT_SIGMA * max(noise, 1e-12))
     det = _dilate_disk(det, GROW_FWHM * fwhm)
     det |= usable & (np.abs(resid) > CLIP_SIGMA * sigma)
     return det
@@ -69,26 +69,24 @@ def _cell_medians(image, sigma, free, cell):
     The error is 1.2533 x the scatter / sqrt(n), the scatter being the
     pixels' robust scatter or their noise (variance plane) if larger: on
     noise-free images the scatter is that of faint wings and would give a
-    few cells all the weight.
+    few cells all the weight. Cells (row by row) with fewer than
+    ``MIN_FILL`` of their pixels free (and 16) are left out.
     """
     ny, nx = image.shape
-    ys, xs, meds, errs = [], [], [], []
-    for y0 in range(0, ny, cell):
-        for x0 in range(0, nx, cell):
-            sl = (slice(y0, min(ny, y0 + cell)), slice(x0, min(nx, x0 + cell)))
-            f = free[sl]
-            n = int(f.sum())
-            if n < max(MIN_FILL * f.size, 16):
-                continue
-            yy, xx = np.nonzero(f)
-            ys.append(y0 + yy.mean())  # centroid of the pixels used, not the cell centre
-            xs.append(x0 + xx.mean())
-            v = image[sl][f]
-            m = np.median(v)
-            scatter = max(1.4826 * np.median(np.abs(v - m)), np.median(sigma[sl][f]))
-            meds.append(m)
-            errs.append(1.2533 * scatter / np.sqrt(n))
-    return np.array(ys), np.array(xs), np.array(meds), np.array(errs)
+    med, n = block_medians(image, free, cell)
+    mad, _ = block_medians(np.abs(image - per_pixel(med, (ny, nx), cell)), free, cell)
+    noise, _ = block_medians(sigma, free, cell)
+    size = (np.minimum(cell, ny - cell * np.arange(n.shape[0]))[:, None]
+            * np.minimum(cell, nx - cell * np.arange(n.shape[1]))[None, :])
+    use = n >= np.maximum(MIN_FILL * size, 16)
+    ys = np.arange(ny, dtype=np.float64)[:, None] * np.ones((1, nx))
+    xs = np.ones((ny, 1)) * np.arange(nx, dtype=np.float64)[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = cell_sums(ys, free, cell) / n  # centroid of the pixels used, not the cell centre
+        cx = cell_sums(xs, free, cell) / n
+    scatter = np.maximum(1.4826 * mad, noise)
+    err = 1.2533 * scatter / np.sqrt(np.maximum(n, 1))
+    return cy[use], cx[use], med[use], err[use]
 
 
 def _best_polynomial(u, v, med, err, max_degree):
@@ -155,8 +153,9 @@ def fit_sky(image, variance, usable, fwhm, cell=CELL, max_degree=MAX_DEGREE):
     cell = int(min(cell, max(MIN_CELL, min(ny, nx) // 6)))
     yy = 2.0 * np.arange(ny) / max(ny - 1, 1) - 1.0
     xx = 2.0 * np.arange(nx) / max(nx - 1, 1) - 1.0
+    norm = ndimage.gaussian_filter(usable.astype(float), max(fwhm / 2.3548, 0.5))
     for _ in range(ITERATIONS):
-        free = usable & ~source_mask(image - model, sigma, usable, fwhm)
+        free = usable & ~source_mask(image - model, sigma, usable, fwhm, norm)
         cy, cx, med, err = _cell_medians(image, sigma, free, cell)
         if len(med) == 0:
             break
