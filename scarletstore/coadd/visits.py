@@ -60,11 +60,43 @@ class Visit:
         """(image, variance, mask) arrays of the visit."""
         from astropy.io import fits
 
+        raw = self.extra.get("raw")
+        if raw is not None and raw["stat"] == _stat(self.path):
+            # The planes' data offsets were found when the headers were read:
+            # read them straight from the file instead of parsing every header again.
+            planes = [np.fromfile(self.path, dtype=dt, count=int(np.prod(self.shape)), offset=off)
+                      .reshape(self.shape) for off, dt in (raw[n] for n in ("IMAGE", "VARIANCE", "MASK"))]
+            return planes[0].astype(np.float64), planes[1].astype(np.float64), planes[2].astype(np.int32)
         with fits.open(self.path, memmap=False) as hdul:
             img = np.asarray(hdul["IMAGE"].data, np.float64)
             var = np.asarray(hdul["VARIANCE"].data, np.float64)
             msk = np.asarray(hdul["MASK"].data).astype(np.int32)
         return img, var, msk
+
+
+_BITPIX = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+def _stat(path):
+    st = Path(path).stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _raw_layout(hdul, path):
+    """Data offset and dtype of IMAGE, VARIANCE and MASK when they are stored plain
+    (uncompressed, no BSCALE/BZERO scaling), else None (then astropy reads them)."""
+    from astropy.io import fits
+
+    out = {}
+    for name in ("IMAGE", "VARIANCE", "MASK"):
+        hdu = hdul[name]
+        h = hdu.header
+        if (type(hdu) is not fits.ImageHDU or h.get("BSCALE", 1) != 1 or h.get("BZERO", 0) != 0
+                or int(h.get("BITPIX", 0)) not in _BITPIX):
+            return None
+        out[name] = (int(hdu.fileinfo()["datLoc"]), _BITPIX[int(h["BITPIX"])])
+    out["stat"] = _stat(path)
+    return out
 
 
 def _celestial_wcs(header, where):
@@ -164,8 +196,10 @@ def read_visit(path) -> Visit:
         if hdul["PSF"].data is None:
             raise InputError(f"{where}: PSF HDU is empty")
         psf = check_visit_psf(np.array(hdul["PSF"].data), where)
+        raw = _raw_layout(hdul, path)
     return Visit(path=path, band=band, magzero=magzero, mjd=mjd, exptime=exptime, shape=shape,
-                 wcs=w, wcs_text=_wcs_text(w), mask_planes=planes or dict(LSST_MASK_PLANES), psf=psf)
+                 wcs=w, wcs_text=_wcs_text(w), mask_planes=planes or dict(LSST_MASK_PLANES), psf=psf,
+                 extra={} if raw is None else {"raw": raw})
 
 
 @dataclass
