@@ -270,16 +270,33 @@ SCRATCH_ROWS = 512  # rows per dask chunk of a band read back from the scratch f
 
 
 def _to_scratch(products: dict, path: Path) -> dict:
-    """Write one band's groups to ``path`` and return them opened lazily from it."""
-    for n, (name, ds) in enumerate(products.items()):
-        ds.to_netcdf(path, mode="a" if n else "w", group=name, engine="h5netcdf",
-                     encoding={v: {"_FillValue": None} for v in ds.variables})
+    """Write one band's groups to ``path`` and return them read lazily from it.
+
+    Image-sized variables (those with ``y`` and ``x``) go to plain HDF5
+    datasets and come back as dask arrays over them (chunks of
+    ``SCRATCH_ROWS`` rows); the small ones (PSFs, per-band numbers, coords)
+    and the attributes stay in memory. Plain datasets, not netCDF: the
+    dimension scales and attribute encoding of a netCDF write and reopen cost
+    more CPU than the whole band's stacking at small grids.
+    """
+    import dask.array as da
+    import h5py
+
+    f = h5py.File(path, "w")  # kept open by the dask arrays that read it
     out = {}
-    for name in products:
-        ds = xr.open_dataset(path, group=name, engine="h5netcdf", chunks={"y": SCRATCH_ROWS})
-        for var in ds.variables.values():
-            var.encoding = {}  # the store chooses its own storage
-        out[name] = ds
+    for name, ds in products.items():
+        group = f.require_group(name)
+        lazy = ds.copy()
+        for vname, var in ds.data_vars.items():
+            if "y" not in var.dims or "x" not in var.dims or var.dtype.kind not in "fiub":
+                continue
+            h = group.create_dataset(vname, data=var.values)
+            chunks = tuple(SCRATCH_ROWS if d == "y" else n for d, n in zip(var.dims, var.shape))
+            lazy[vname] = xr.Variable(var.dims, da.from_array(h, chunks=chunks, lock=True),
+                                      attrs=dict(var.attrs))
+        lazy.set_close(f.close)
+        out[name] = lazy
+    f.flush()
     return out
 
 
