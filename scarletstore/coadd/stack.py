@@ -183,7 +183,8 @@ def _add_visit(s: _BandSums, visit: Visit, warp, sigma2, jac, psf_size, like):
         raise InputError(f"{visit.path}: no usable pixel (all masked or zero variance)")
     weight = 1.0 / sigma2
     row = {"weight": weight, "n_good": n_good, "used": True, "reason": ""}
-    kernels.accumulate(s.wi, s.w2v, s.w, np.nan_to_num(warp.image), np.nan_to_num(warp.variance),
+    # Only GOOD pixels are read, and those are finite: no NaN-free copies needed.
+    kernels.accumulate(s.wi, s.w2v, s.w, warp.image, warp.variance,
                        warp.status, weight)
     vb, cb = _carried_bits(visit)
     if vb:
