@@ -336,18 +336,7 @@ def memory_figures(sizes, n_visits=10, bands="ugrizy"):
                             n_stars=9, artifacts=True)
         paths = [str(p) for p in sorted(out.glob("visit_*.fits"))]
         for which in (bands, bands[-1]):
-            with tempfile.TemporaryDirectory(dir=CACHE) as work:
-                cmd = [sys.executable, "-c", MEMORY_CODE, "coadd", str(Path(work) / "store.h5"),
-                       *paths, "--grid", str(out / "grid.fits"), "--bands", ",".join(which)]
-                res = subprocess.run(cmd, capture_output=True, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
-                last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-                if res.returncode or not last.startswith("0 "):
-                    sys.exit(f"memory run failed: {res.stderr.strip()[-2000:]}")
-                _, wall, cpu, rss = map(float, last.split())
-                from scarletstore.store import store_files
-
-                store_mb = sum(f.stat().st_size for f in store_files(Path(work) / "store.h5")) / 2**20
+            wall, cpu, rss, store_mb = run_cli(paths, out / "grid.fits", ["--bands", ",".join(which)])
             nvis = n_visits * len(which)
             print(f"  memory: {size}x{size} grid, {len(which)} band(s) x {n_visits} visits "
                   f"(scarletstore coadd, store {store_mb:.0f} MB): peak RSS {rss:.0f} MB, "
@@ -410,56 +399,78 @@ def run_full(paths, grid_path, **kw):
     return (time.perf_counter() - t0, time.process_time() - c0), groups
 
 
-# Stages of the whole coadd: (label, functions whose cumulative time it is, functions subtracted).
-STAGES = (
-    ("read visits (headers, PSFs, pixels)", ("visits.py:read_visits", "visits.py:load"), ()),
-    ("warp (mapping + Lanczos-3)", ("stack.py:_warp_visit",), ("visits.py:load",)),
-    ("match (PSF-matching kernels, matched warps)", ("pipeline.py:_matched_warp",), ()),
-    ("reject (clipped stack, artifacts)", ("pipeline.py:_psf_matched", "reject.py:find_artifacts"), ()),
-    ("background matching", ("pipeline.py:_match_backgrounds",), ()),
-    ("direct stack", ("pipeline.py:_second_pass",), ("likelihood.py:add",)),
-    ("likelihood (Kaiser sums, significance)", ("likelihood.py:add", "likelihood.py:likelihood_dataset"), ()),
-    ("sky fit", ("pipeline.py:_fit_sky",), ()),
-)
+# Stages of the whole coadd: label and the (module or class, attribute) of the functions
+# whose CPU time, less that of the other stages they call, it is.
+def _stages():
+    from scarletstore.coadd import likelihood, pipeline, visits
+
+    return (
+        ("read", ((sys.modules[__name__], "read_visits"), (visits.Visit, "load"))),
+        ("warp", ((pipeline, "_warp_visit"),)),
+        ("match", ((pipeline, "_matched_warp"),)),
+        ("reject", ((pipeline, "_psf_matched"), (pipeline, "find_artifacts"))),
+        ("background", ((pipeline, "_match_backgrounds"),)),
+        ("direct stack", ((pipeline, "_second_pass"),)),
+        ("likelihood", ((likelihood.LikelihoodSums, "add"), (pipeline, "likelihood_dataset"))),
+        ("sky fit", ((pipeline, "_fit_sky"),)),
+        ("spill I/O", ((pipeline._SpilledArray, "__getitem__"), (pipeline._SpilledArray, "__setitem__"))),
+    )
 
 
-def stage_profile(paths, grid_path):
-    """CPU seconds per stage of one whole ``coadd`` under cProfile (process_time timer).
+def stage_times(paths, grid_path):
+    """CPU seconds (process_time) per stage of one whole ``coadd``, each stage's
+    own time (what it spends in another stage, e.g. the warp's reading of the
+    visit, is counted there). Timers wrap the stage functions for one run:
+    a profiler's per-call overhead would inflate the Python-heavy stages
+    (FITS headers) several times. Returns ``(total, {label: seconds})``."""
+    own, stack, saved = {}, [], []
 
-    Returns ``(total, [(label, seconds)], spill)``: ``spill`` is the time in
-    the spill files' reads and writes, which happen inside the stages.
-    """
-    import cProfile
-    import pstats
+    def timed(label, fn):
+        def inner(*args, **kwargs):
+            t0 = time.process_time()
+            stack.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.process_time() - t0
+                inside = stack.pop()
+                own[label] = own.get(label, 0.0) + dt - inside
+                if stack:
+                    stack[-1] += dt
+        return inner
 
-    prof = cProfile.Profile(time.process_time)
-    c0 = time.process_time()
-    prof.runcall(run_full, paths, grid_path)
-    total = time.process_time() - c0
-    cum = {}
-    for (file, _, func), (_, _, _, ct, _) in pstats.Stats(prof).stats.items():
-        key = f"{Path(file).name}:{func}"
-        if "scarletstore" in file:
-            cum[key] = cum.get(key, 0.0) + ct
-    stages = [(label, sum(cum.get(f, 0.0) for f in plus) - sum(cum.get(f, 0.0) for f in minus))
-              for label, plus, minus in STAGES]
-    spill = cum.get("pipeline.py:__getitem__", 0.0) + cum.get("pipeline.py:__setitem__", 0.0)
-    return total, stages, spill
+    try:
+        for label, targets in _stages():
+            for owner, name in targets:
+                fn = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+                saved.append((owner, name, fn))
+                setattr(owner, name, timed(label, fn))
+        c0 = time.process_time()
+        run_full(paths, grid_path)
+        total = time.process_time() - c0
+    finally:
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
+    return total, own
 
 
-def run_cli(paths, grid_path):
-    """``scarletstore coadd`` (store written) in a fresh process: (wall, cpu, peak RSS MB),
-    interpreter start and imports excluded."""
+def run_cli(paths, grid_path, extra=()):
+    """``scarletstore coadd`` (store written) in a fresh process: (wall, cpu, peak RSS MB,
+    store MB), interpreter start and imports excluded from the times."""
+    from scarletstore.store import store_files
+
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
-        cmd = [sys.executable, "-c", MEMORY_CODE, "coadd", str(Path(work) / "store.h5"),
-               *map(str, paths), "--grid", str(grid_path)]
+        store = Path(work) / "store.h5"
+        cmd = [sys.executable, "-c", MEMORY_CODE, "coadd", str(store), *map(str, paths),
+               "--grid", str(grid_path), *extra]
         res = subprocess.run(cmd, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    if res.returncode or not last.startswith("0 "):
-        sys.exit(f"scarletstore coadd failed: {res.stderr.strip()[-2000:]}")
-    _, wall, cpu, rss = map(float, last.split())
-    return wall, cpu, rss
+        last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+        if res.returncode or not last.startswith("0 "):
+            sys.exit(f"scarletstore coadd failed: {res.stderr.strip()[-2000:]}")
+        _, wall, cpu, rss = map(float, last.split())
+        store_mb = sum(f.stat().st_size for f in store_files(store)) / 2**20
+    return wall, cpu, rss, store_mb
 
 
 def speed_figures(paths, grid_path, runs, peer_python, work):
@@ -491,14 +502,13 @@ def speed_figures(paths, grid_path, runs, peer_python, work):
               f"{statistics.median(p[0] for p in peers):.2f} s; peer/ours median CPU "
               f"{statistics.median(p[1] / o[1] for o, p in zip(ours, peers)):.2f}, wall "
               f"{statistics.median(p[0] / o[0] for o, p in zip(ours, peers)):.2f} (target >= 2)")
-    wall, cli_cpu, rss = run_cli(paths, grid_path)
+    wall, cli_cpu, rss, _ = run_cli(paths, grid_path)
     print(f"  scarletstore coadd (CLI, store written, fresh process, imports excluded): wall {wall:.2f} s, "
           f"CPU {cli_cpu:.2f} s, peak RSS {rss:.0f} MB")
-    total, stages, spill = stage_profile(paths, grid_path)
-    print(f"  stages (CPU under cProfile, {total:.2f} s in all with the profiler's overhead): "
-          + "; ".join(f"{label} {t:.2f} s" for label, t in stages)
-          + f"; other {total - sum(t for _, t in stages):.2f} s; spill file reads and writes "
-          f"(inside the stages) {spill:.2f} s")
+    total, own = stage_times(paths, grid_path)
+    print(f"  stages (CPU, one more run, {total:.2f} s in all): "
+          + "; ".join(f"{label} {t:.2f} s" for label, t in own.items())
+          + f"; other {total - sum(own.values()):.2f} s")
     return groups
 
 

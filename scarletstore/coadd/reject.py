@@ -13,7 +13,6 @@ variable star) is kept.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import numpy as np
 from scipy import ndimage
