@@ -988,15 +988,18 @@ def _missing_product(path: Path, f, group: str) -> None:
 def _index_entries(f) -> dict[str, str]:
     """``{group: product file name relative to the store's folder}`` of an open index."""
     out = {}
-    for key in f.keys():
-        link = f.get(key, getlink=True)
-        if isinstance(link, h5py.ExternalLink):
-            out[key] = link.filename
-        elif key == RUNS:
-            for name in f[RUNS].keys():
-                sub = f[RUNS].get(name, getlink=True)
-                if isinstance(sub, h5py.ExternalLink):
-                    out[run_group(name)] = sub.filename
+
+    def walk(group, prefix):
+        # products sit at any depth (runs/<name>, coadds/likelihood, apcorr/<band>):
+        # the index's own groups are plain HDF5 groups holding the links
+        for key in group.keys():
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                out[prefix + key] = link.filename
+            elif isinstance(link, h5py.HardLink) and isinstance(group.get(key), h5py.Group):
+                walk(group[key], prefix + key + "/")
+
+    walk(f, "")
     return out
 
 

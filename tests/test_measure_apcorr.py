@@ -178,6 +178,10 @@ def test_apcorr_cli_fits_stores_and_summarises(star_field, tmp_path, capsys):
     assert capsys.readouterr().out.strip().startswith("replaced apcorr/r")
     np.testing.assert_allclose(Store(path).read("apcorr/r")["coefficients"].values,
                                corr.coef, rtol=1e-12)
+    # a later write (here a second run) keeps the nested product, in either layout
+    Store(path).add_run(Store(path).read("runs/a"), name="b")
+    assert Store(path).has("apcorr/r") and Store(path).runs() == ["a", "b"]
+    np.testing.assert_allclose(Store(path).read("apcorr/r")["coefficients"].values, corr.coef, rtol=1e-12)
 
 
 @pytest.mark.parametrize("argv, message", [
