@@ -140,10 +140,12 @@ DEFAULTS = {
     "band_only_floor": 10.0,     # min significance of a peak no multi-band image saw
     "residual_peaks": True,      # search companions in symmetric residuals
     "residual_seed_min": 20.0,   # peaks at least this bright (peak image) are searched around
-    "residual_radius": None,     # -> 3 FWHM, search window radius
+    "residual_radius": None,     # -> 3 FWHM, least search window radius
+    "residual_radius_max": None, # -> 8 FWHM, search radius of the brightest seeds (see _residual_radii)
     "residual_exclusion": None,  # -> 0.6 FWHM, no companion closer to a peak than this
     "residual_min": 7.0,         # residual (units of the peak image noise) of a companion
     "residual_frac": 0.2,        # ... and at least this fraction of the local peak image
+    "residual_prominence": 1.5,  # ... and this far above the saddle to a higher residual maximum
     "refine_isolated": True,     # isolated peaks: position from the PSF-matched image
     "bkg_cell": 128,
     "bkg_nsigma": 3.0,
@@ -840,76 +842,125 @@ def _bilinear(img, y, x):
 
 
 @numba.njit(cache=True)
-def _residual_peaks(img, mask, cy, cx, radius, exclusion, r_min, frac):
+def _residual_peaks(img, mask, cy, cx, radii, exclusion, r_min, frac, min_prominence):
     # Companion search on the symmetric residual (Lupton's SDSS template
     # idea applied to detection): about each peak c, r(p) = L(p) - L(2c - p)
     # is ~0 for a point-symmetric source and positive where a neighbour adds
     # light, even where that neighbour makes no local maximum of L (a faint
-    # source on a bright one's slope). Local maxima of r inside the footprint
-    # mask, at least `exclusion` from c, with r >= r_min and r >= frac * L(p)
-    # (so centring errors on bright cores, which leave a dipole ~ gradient,
-    # do not qualify) are candidates. A numba kernel: a small window per peak.
+    # source on a bright one's slope). Candidates are the maxima of r inside
+    # the footprint mask and the window of radius radii[k] that rise at least
+    # min_prominence above the saddle to a higher maximum of r (the flood of
+    # _flood_peaks, so a noise bump on the flank of a neighbour's residual
+    # does not count), at least `exclusion` from c, with r >= r_min and
+    # r >= frac * L(p) (so centring errors on bright cores, which leave a
+    # dipole ~ gradient, do not qualify). A numba kernel: a small window
+    # per peak.
     ny, nx = img.shape
-    h = int(np.ceil(radius))
-    w = 2 * h + 1
-    buf = np.empty((w, w), np.float32)
     out_y = []
     out_x = []
     out_r = []
     for k in range(cy.shape[0]):
         yc = cy[k]
         xc = cx[k]
+        radius = radii[k]
         iy = int(np.round(yc))
         ix = int(np.round(xc))
+        h = int(np.ceil(radius))
+        w = 2 * h + 1
+        buf = np.zeros((w, w), np.float32)
+        inside = np.zeros((w, w), np.bool_)
         for a in range(w):
             for b in range(w):
                 y = iy - h + a
                 x = ix - h + b
-                buf[a, b] = -np.inf
                 if y < 0 or y >= ny or x < 0 or x >= nx or not mask[y, x]:
                     continue
                 m = _bilinear(img, 2 * yc - y, 2 * xc - x)
                 if np.isnan(m):
                     continue
                 buf[a, b] = img[y, x] - m
-        for a in range(1, w - 1):
-            for b in range(1, w - 1):
-                v = buf[a, b]
-                if v < r_min:
-                    continue
-                y = iy - h + a
-                x = ix - h + b
-                d2 = (y - yc) ** 2 + (x - xc) ** 2
-                if d2 < exclusion * exclusion or d2 > radius * radius:
-                    continue
-                if v < frac * img[y, x]:
-                    continue
-                ismax = True
-                for da in range(-1, 2):
-                    for db in range(-1, 2):
-                        if (da != 0 or db != 0) and buf[a + da, b + db] > v:
-                            ismax = False
-                if not ismax:
-                    continue
-                # sub-pixel: parabola through the residual
-                oy = 0.0
-                ox = 0.0
+                inside[a, b] = True
+        fy, fx, _, _, _ = _flood_peaks(buf, inside, np.float32(r_min), np.float32(min_prominence))
+        for j in range(fy.shape[0]):
+            a = fy[j]
+            b = fx[j]
+            if a == 0 or b == 0 or a == w - 1 or b == w - 1:
+                continue  # on the window's edge: not known to be a maximum
+            v = buf[a, b]
+            y = iy - h + a
+            x = ix - h + b
+            d2 = (y - yc) ** 2 + (x - xc) ** 2
+            if d2 < exclusion * exclusion or d2 > radius * radius:
+                continue
+            if v < frac * img[y, x]:
+                continue
+            # sub-pixel: parabola through the residual, where both neighbours are defined
+            oy = 0.0
+            ox = 0.0
+            if inside[a - 1, b] and inside[a + 1, b]:
                 p0 = buf[a - 1, b]
                 p1 = buf[a + 1, b]
-                if np.isfinite(p0) and np.isfinite(p1):
-                    dd = p0 - 2.0 * v + p1
-                    if dd < 0:
-                        oy = min(max(0.5 * (p0 - p1) / dd, -0.5), 0.5)
+                dd = p0 - 2.0 * v + p1
+                if dd < 0:
+                    oy = min(max(0.5 * (p0 - p1) / dd, -0.5), 0.5)
+            if inside[a, b - 1] and inside[a, b + 1]:
                 p0 = buf[a, b - 1]
                 p1 = buf[a, b + 1]
-                if np.isfinite(p0) and np.isfinite(p1):
-                    dd = p0 - 2.0 * v + p1
-                    if dd < 0:
-                        ox = min(max(0.5 * (p0 - p1) / dd, -0.5), 0.5)
-                out_y.append(y + oy)
-                out_x.append(x + ox)
-                out_r.append(v)
+                dd = p0 - 2.0 * v + p1
+                if dd < 0:
+                    ox = min(max(0.5 * (p0 - p1) / dd, -0.5), 0.5)
+            out_y.append(y + oy)
+            out_x.append(x + ox)
+            out_r.append(v)
     return np.array(out_y), np.array(out_x), np.array(out_r)
+
+
+def _point_profile(psfs, sigma):
+    """Relative radial profile of a point source in the peak image, widest over bands.
+
+    The peak image of band b sees a point source as ``P_b * G(sigma)``; its
+    maximum over each 1-pixel annulus, divided by the centre value, is the
+    fraction of a source's central peak-image height that reaches radius r.
+
+    Returns
+    -------
+    (n,) float64, index = radius in pixels.
+    """
+    from scipy import ndimage
+
+    k = _gauss1d(sigma) if sigma > 0 else np.ones(1, np.float32)
+    prof = None
+    for p in psfs:
+        q = np.asarray(p, np.float64)
+        q = ndimage.correlate1d(ndimage.correlate1d(q, k, axis=0), k, axis=1)
+        cy, cx = q.shape[0] // 2, q.shape[1] // 2
+        yy, xx = np.indices(q.shape)
+        ring = np.rint(np.hypot(yy - cy, xx - cx)).astype(np.int64).ravel()
+        top = np.zeros(min(cy, cx) + 1)
+        use = ring < top.size
+        np.maximum.at(top, ring[use], q.ravel()[use])
+        top /= max(q[cy, cx], 1e-300)
+        prof = top if prof is None else np.maximum(prof, top)
+    return prof
+
+
+def _residual_radii(height, profile, r_min, base, cap):
+    """Companion search radius per seed: as far as its own light can hide one.
+
+    A companion of residual ``r_min`` on a seed's wing makes no maximum of
+    its own only where the seed's light is comparable, i.e. out to the radius
+    where the seed's peak-image height times its point-source profile falls
+    below ``r_min``. A saturated star's Moffat wings hide companions well
+    beyond a fixed few FWHM; a faint seed keeps the ``base`` radius (which also
+    covers extended seeds, wider than a point source). At most ``cap``.
+    """
+    height = np.asarray(height, np.float64)
+    radii = np.full(height.size, float(base))
+    for k, hgt in enumerate(height):
+        below = np.flatnonzero(hgt * profile < r_min)
+        reach = float(below[0]) if below.size else float(profile.size)
+        radii[k] = min(max(base, reach), cap)
+    return radii
 
 
 @numba.njit(cache=True)
@@ -1174,6 +1225,8 @@ def _resolve_config(exposure, threshold, min_area, overrides, fwhm):
         cfg["peak_sigma"] = 0.2 * fwhm
     if cfg["residual_radius"] is None:
         cfg["residual_radius"] = 3.0 * fwhm
+    if cfg["residual_radius_max"] is None:
+        cfg["residual_radius_max"] = 8.0 * fwhm
     if cfg["residual_exclusion"] is None:
         cfg["residual_exclusion"] = 0.6 * fwhm
     if cfg["min_separation"] is None:
@@ -1366,10 +1419,13 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
 
     # ---- companions in the symmetric residual of the peaks found so far
     if cfg["residual_peaks"] and p_y.size:
-        bright = zsharp[p_iy, p_ix] >= cfg["residual_seed_min"]
-        ry, rx, rr = _residual_peaks(zsharp, kept_chi, p_y[bright & keep], p_x[bright & keep],
-                                     float(cfg["residual_radius"]), float(cfg["residual_exclusion"]),
-                                     float(cfg["residual_min"]), float(cfg["residual_frac"]))
+        seed = (zsharp[p_iy, p_ix] >= cfg["residual_seed_min"]) & keep
+        radii = _residual_radii(zsharp[p_iy[seed], p_ix[seed]],
+                                _point_profile(psfs[band_index], peak_sigma), cfg["residual_min"],
+                                cfg["residual_radius"], cfg["residual_radius_max"])
+        ry, rx, rr = _residual_peaks(zsharp, kept_chi, p_y[seed], p_x[seed], radii,
+                                     float(cfg["residual_exclusion"]), float(cfg["residual_min"]),
+                                     float(cfg["residual_frac"]), float(cfg["residual_prominence"]))
         if ry.size:
             # strongest first; drop any near an existing peak or a stronger candidate
             o = np.argsort(-rr, kind="stable")
