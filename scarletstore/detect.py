@@ -869,6 +869,7 @@ def _residual_peaks(img, mask, cy, cx, radii, exclusion, r_min, frac, min_promin
         w = 2 * h + 1
         buf = np.zeros((w, w), np.float32)
         inside = np.zeros((w, w), np.bool_)
+        unknown = np.zeros((w, w), np.bool_)  # in the footprint, but the mirror is off the image
         for a in range(w):
             for b in range(w):
                 y = iy - h + a
@@ -877,6 +878,7 @@ def _residual_peaks(img, mask, cy, cx, radii, exclusion, r_min, frac, min_promin
                     continue
                 m = _bilinear(img, 2 * yc - y, 2 * xc - x)
                 if np.isnan(m):
+                    unknown[a, b] = True
                     continue
                 buf[a, b] = img[y, x] - m
                 inside[a, b] = True
@@ -886,6 +888,16 @@ def _residual_peaks(img, mask, cy, cx, radii, exclusion, r_min, frac, min_promin
             b = fx[j]
             if a == 0 or b == 0 or a == w - 1 or b == w - 1:
                 continue  # on the window's edge: not known to be a maximum
+            # Next to pixels whose mirror leaves the image the residual is
+            # cut off, not falling: a rising slope (a third source's light)
+            # would end there in a false maximum.
+            edge = False
+            for da in range(-1, 2):
+                for db in range(-1, 2):
+                    if unknown[a + da, b + db]:
+                        edge = True
+            if edge:
+                continue
             v = buf[a, b]
             y = iy - h + a
             x = ix - h + b
