@@ -601,9 +601,10 @@ def test_faint_source_four_fwhm_from_a_very_bright_moffat_star_gets_its_own_peak
 def test_residual_companions_are_prominent_maxima(tmp_path):
     # Four crowded strong-wing fields (not used to choose any setting). A
     # companion must be a maximum of the symmetric residual rising 1.5 sigma
-    # above the saddle to a higher one: 3 x 3 maxima of the residual (the
-    # rule before) left 8 residual peaks matching no source here, 5 now, for
-    # 2 of the ~290 SNR > 10 sources found before (measured: 284 -> 282).
+    # above the saddle to a higher one. With 3 x 3 maxima of the residual
+    # (the rule before; residual_prominence=0) 6 residual peaks match no
+    # source here, 2 with the rule (the detector before these changes: 8),
+    # for at most 1 % of the SNR > 10 sources (measured 2 of ~290).
     pytest.importorskip("galsim")
     from astropy.io import fits
 
@@ -638,6 +639,6 @@ def test_residual_companions_are_prominent_maxima(tmp_path):
             unmatched[name] += int(((mp < 0) & res).sum())
             found[name] += int((mt[snr > 10] >= 0).sum())
     assert n_bright >= 200
-    assert unmatched["old"] >= 7, unmatched
-    assert unmatched["default"] <= 5, unmatched
+    assert unmatched["old"] >= 5, unmatched
+    assert unmatched["default"] <= 3, unmatched
     assert found["default"] >= found["old"] - 0.01 * n_bright, found
