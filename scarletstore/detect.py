@@ -35,7 +35,10 @@
    4 sigma is where the prominence of pure-noise maxima of the peak image
    becomes rare (measured on 10^6 noise pixels: 1e-2 per pixel reach 1.5
    sigma, 6e-4 reach 3, 2e-5 reach 4); 5 % is the scale of PSF-model and
-   saturation-edge structure in a bright profile.
+   saturation-edge structure in a bright profile. A peak that meets no
+   higher one (alone in its footprint island, as on the far wing of a
+   bright star where the wing lifts the significance over the threshold in
+   patches) is judged above the median of the ring 1.5-2.5 FWHM about it.
 5. **Association.** Peaks from different images closer than
    ``association_radius`` become one peak carrying the OR of the images that
    saw it (bit i = band i, bit 30 = the multi-band image). A peak only single
@@ -43,8 +46,12 @@
 6. **Companions.** Around every bright peak the symmetric residual
    ``L(p) - L(2c - p)`` of the multi-band peak image (the SDSS deblender's
    template idea) reveals faint neighbours on a bright source's slope that
-   make no local maximum; its significant local maxima become peaks flagged
-   RESIDUAL.
+   make no local maximum; its maxima that rise ``residual_prominence``
+   above the saddle to a higher one (the same flood) and pass the residual
+   thresholds become peaks flagged RESIDUAL. A seed is searched as far as
+   its light can hide a companion (its height along the point-source
+   profile of the peak image, 3-8 FWHM), so a saturated star's wings do not
+   hide sources beyond a fixed radius.
 7. **Known positions** (``known`` argument and the exposure's
    ``known_y/known_x``) become peaks flagged EXTERNAL: merged (one-to-one,
    closest first) into a detected peak within the association radius, else
@@ -130,6 +137,7 @@ DEFAULTS = {
     "min_prominence": 1.5,       # sigma above the saddle to a higher peak
     "peak_contrast": 0.05,       # fractional model uncertainty of a brighter neighbour's light
     "peak_own_floor": 4.0,       # sigma above the brighter neighbour's wing (see _own_significance)
+    "peak_ring": 1.5,            # FWHM: a peak meeting no higher one is judged above its ring r..r+1
     "peak_sigma": None,          # -> Gaussian sigma (px) of the peak-finding image
     "peak_sigma_wide": 0.0,      # > peak_sigma: difference-of-Gaussians peak image
     "peak_combine": "sum",       # multi-band peak image: "sum" (linear) or "chi2"
@@ -729,7 +737,25 @@ def _suppress_close(y, x, sig, radius):
     return order[alive[order]]
 
 
-def _own_significance(img, py, px, s_at, h_at, contrast=0.0):
+def _ring_median(img, py, px, r0, r1):
+    """Median of ``img`` over the annulus ``r0 <= r <= r1`` about each pixel (inside the image)."""
+    ny, nx = img.shape
+    h = int(np.ceil(r1))
+    dy, dx = np.mgrid[-h:h + 1, -h:h + 1]
+    rr = np.hypot(dy, dx)
+    sel = (rr >= r0) & (rr <= r1)
+    yy = np.asarray(py, np.int64)[:, None] + dy[sel][None]
+    xx = np.asarray(px, np.int64)[:, None] + dx[sel][None]
+    ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    vals = np.where(ok, img[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)], np.nan)
+    out = np.zeros(len(vals))
+    some = ok.any(axis=1)
+    if some.any():
+        out[some] = np.nanmedian(vals[some], axis=1)
+    return out
+
+
+def _own_significance(img, py, px, s_at, h_at, contrast=0.0, ring=None):
     """Significance of each peak above the light of the brighter neighbour it merges into.
 
     A peak on the wing of a brighter source (whose maximum is the flat pixel
@@ -747,7 +773,11 @@ def _own_significance(img, py, px, s_at, h_at, contrast=0.0):
     ``contrast * B`` of the wing added in quadrature: at hundreds of sigma, a
     few per cent of structure in a bright profile (PSF mismatch, the edge of
     a saturated core) is not a source. A peak that met no higher one keeps
-    its height.
+    its height, or with ``ring = (r0, r1)`` its height above the median of
+    the annulus ``r0 <= r <= r1`` about it: inside its own footprint island
+    on the far wing of a bright star (where that wing lifts the PSF-matched
+    significance over the threshold in patches) a noise maximum meets no
+    higher one, yet the wing lifts the peak image too.
 
     Returns
     -------
@@ -756,6 +786,10 @@ def _own_significance(img, py, px, s_at, h_at, contrast=0.0):
     ny, nx = img.shape
     own = img[py, px].astype(np.float64)
     has = s_at >= 0
+    if ring is not None and not has.all():
+        lone = np.flatnonzero(~has)
+        b = np.maximum(_ring_median(img, py[lone], px[lone], ring[0], ring[1]), 0.0)
+        own[lone] = (own[lone] - b) / np.sqrt(1.0 + (contrast * b) ** 2)
     if not has.any():
         return own
     qy, qx = py[has].astype(np.int64), px[has].astype(np.int64)
@@ -778,7 +812,7 @@ def _own_significance(img, py, px, s_at, h_at, contrast=0.0):
 
 
 def find_peaks(peak_image, footprint_mask, min_prominence, level=0.0, significance=None,
-               floor=0.0, min_separation=0.0, contrast=0.0, return_own=False):
+               floor=0.0, min_separation=0.0, contrast=0.0, return_own=False, ring=None):
     """Peaks of one detection image inside a footprint mask.
 
     Parameters
@@ -805,6 +839,9 @@ def find_peaks(peak_image, footprint_mask, min_prominence, level=0.0, significan
     return_own : bool
         Also return each peak's significance above the light of the
         brighter neighbour it merges into (see :func:`_own_significance`).
+    ring : (float, float), optional
+        Annulus (pixels) whose median is the light under a peak that meets no
+        higher one, for that significance.
 
     Returns
     -------
@@ -816,7 +853,7 @@ def find_peaks(peak_image, footprint_mask, min_prominence, level=0.0, significan
     mask = np.ascontiguousarray(footprint_mask, dtype=np.bool_)
     py, px, prom, s_at, h_at = _flood_peaks(img, mask, np.float32(level), np.float32(min_prominence))
     sig = img if significance is None else significance
-    own = _own_significance(img, py, px, s_at, h_at, contrast)
+    own = _own_significance(img, py, px, s_at, h_at, contrast, ring)
     val = sig[py, px]
     sel = val >= floor
     py, px, val, own = py[sel], px[sel], val[sel], own[sel]
@@ -1349,7 +1386,9 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
                                             level=cfg["peak_level"], significance=sig,
                                             floor=cfg["peak_floor"],
                                             min_separation=cfg["min_separation"],
-                                            contrast=cfg["peak_contrast"], return_own=True)
+                                            contrast=cfg["peak_contrast"], return_own=True,
+                                            ring=(cfg["peak_ring"] * fwhm, (cfg["peak_ring"] + 1) * fwhm)
+                                            if cfg["peak_ring"] > 0 else None)
         peak_sets.append((y, x, iy, ix, val, np.full(y.size, bit, np.int64), own))
         return kept
 

@@ -642,3 +642,29 @@ def test_residual_companions_are_prominent_maxima(tmp_path):
     assert unmatched["old"] >= 5, unmatched
     assert unmatched["default"] <= 3, unmatched
     assert found["default"] >= found["old"] - 0.01 * n_bright, found
+
+
+def test_far_wings_of_a_very_bright_star_make_no_peaks():
+    # Six noise realisations of a 2-4e6 flux strong-wing (Moffat beta 2.5)
+    # star. 40-50 px out its wing lifts the PSF-matched significance just
+    # over the threshold in patches; each patch is a footprint island where a
+    # noise maximum meets no higher one, and it was kept on its height alone
+    # (4 such peaks here). Judged above the median of the ring about it, the
+    # wing's light is taken off: none is left. The star keeps one peak.
+    shape = (120, 120)
+    star = (60.3, 59.6)
+    psf = _moffat((41, 41), 20, 20)
+    extra = {"default": 0, "no ring": 0}
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        img = rng.normal(0, 1, (3,) + shape)
+        for b, flux in enumerate([2e6, 3e6, 4e6]):
+            img[b] += flux * _moffat(shape, *star)
+        exp = _exposure(img, np.ones_like(img), np.zeros(img.shape), np.stack([psf] * 3), "gri")
+        for name, cfg in (("default", {}), ("no ring", {"peak_ring": 0.0})):
+            ds = detect(exp, **cfg)
+            d = np.hypot(ds["peak_y"].values - star[0], ds["peak_x"].values - star[1])
+            assert (d < 0.5).sum() == 1
+            extra[name] += int((d > 2).sum())
+    assert extra["no ring"] >= 3, extra
+    assert extra["default"] == 0, extra
