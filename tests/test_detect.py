@@ -55,6 +55,29 @@ def _field(sources, shape=(80, 90), bands=("g", "r", "i"), seed=0, noise=1.0):
                      np.stack([psf] * nb), bands)
 
 
+def _simulated(out_dir, **kw):
+    """(exposure, truth table, optimal i-band SNR per source) of a six-band simulated field."""
+    from astropy.io import fits
+
+    from scarletstore.simulate import load_truth, simulate_field
+
+    out = simulate_field(out_dir, **kw)
+    table, stamps = load_truth(out_dir)
+    cube = {k: [] for k in ("IMAGE", "VARIANCE", "MASK", "PSF")}
+    for b in "ugrizy":
+        with fits.open(out["bands"][b]) as h:
+            for k in cube:
+                cube[k].append(h[k].data.astype(np.float64))
+    exp = _exposure(cube["IMAGE"], cube["VARIANCE"], cube["MASK"],
+                    [p / p.sum() for p in cube["PSF"]], list("ugrizy"))
+    var = cube["VARIANCE"][3]
+    snr = np.zeros(len(table))
+    for k, sid in enumerate(table["id"]):
+        (y0, x0, h, w), st = stamps[int(sid)]
+        snr[k] = np.sqrt(np.sum(st[3].astype(float) ** 2 / var[y0:y0 + h, x0:x0 + w]))
+    return exp, table, snr
+
+
 def _peaks_of_parent(ds, pid):
     sel = ds["peak_parent"].values == pid
     return {k: ds[k].values[sel] for k in ("peak_y", "peak_x", "peak_bands", "peak_flags")}
@@ -469,19 +492,7 @@ def test_every_known_position_is_kept(tmp_path):
     # Before, a known position merged into a weak peak seen by one band only
     # was dropped with it (3 of 97 here, all faint).
     pytest.importorskip("galsim")
-    from astropy.io import fits
-
-    from scarletstore.simulate import load_truth, simulate_field
-
-    out = simulate_field(tmp_path, size=200, seed=42, density=200.0)
-    table, _ = load_truth(tmp_path)
-    cube = {k: [] for k in ("IMAGE", "VARIANCE", "MASK", "PSF")}
-    for b in "ugrizy":
-        with fits.open(out["bands"][b]) as h:
-            for k in cube:
-                cube[k].append(h[k].data.astype(np.float64))
-    exp = _exposure(cube["IMAGE"], cube["VARIANCE"], cube["MASK"],
-                    [p / p.sum() for p in cube["PSF"]], list("ugrizy"))
+    exp, table, _ = _simulated(tmp_path, size=200, seed=42, density=200.0)
     ky, kx = np.asarray(table["y"], float), np.asarray(table["x"], float)
     ds = detect(exp, known=(ky, kx))
     _check_layout(ds)
@@ -528,27 +539,9 @@ def test_no_spurious_peaks_in_strong_psf_wings(tmp_path):
     # unmatched fraction is less than half what it was (3 of 88 peaks: two
     # faint sources found more than 2 px off, one residual companion).
     pytest.importorskip("galsim")
-    from astropy.io import fits
-
-    from scarletstore.simulate import load_truth, simulate_field
-
-    out = simulate_field(tmp_path, size=300, seed=52, psf_beta=2.7, bright_stars=4)
-    table, stamps = load_truth(tmp_path)
-    cube = {k: [] for k in ("IMAGE", "VARIANCE", "MASK", "PSF")}
-    for b in "ugrizy":
-        with fits.open(out["bands"][b]) as h:
-            for k in cube:
-                cube[k].append(h[k].data.astype(np.float64))
-    exp = _exposure(cube["IMAGE"], cube["VARIANCE"], cube["MASK"],
-                    [p / p.sum() for p in cube["PSF"]], list("ugrizy"))
+    exp, table, snr = _simulated(tmp_path, size=300, seed=52, psf_beta=2.7, bright_stars=4)
     ds = detect(exp)
     _check_layout(ds)
-    var = cube["VARIANCE"][3]
-    snr = np.zeros(len(table))
-    for k, sid in enumerate(table["id"]):
-        (y0, x0, h, w), st = stamps[int(sid)]
-        m = st[3].astype(float)
-        snr[k] = np.sqrt(np.sum(m * m / var[y0:y0 + h, x0:x0 + w]))
     ty, tx = np.asarray(table["y"], float), np.asarray(table["x"], float)
     py, px = ds["peak_y"].values, ds["peak_x"].values
     mt, mp = match_positions(ty, tx, py, px, 2.0)
@@ -606,30 +599,12 @@ def test_residual_companions_are_prominent_maxima(tmp_path):
     # source here, 2 with the rule (the detector before these changes: 8),
     # for at most 1 % of the SNR > 10 sources (measured 2 of ~290).
     pytest.importorskip("galsim")
-    from astropy.io import fits
-
-    from scarletstore.simulate import load_truth, simulate_field
-
     unmatched = {"default": 0, "old": 0}
     found = {"default": 0, "old": 0}
     n_bright = 0
     for seed in (70, 71, 72, 73):
-        out = simulate_field(tmp_path / str(seed), size=250, seed=seed, density=220.0,
-                             psf_beta=2.8, bright_stars=2)
-        table, stamps = load_truth(tmp_path / str(seed))
-        cube = {k: [] for k in ("IMAGE", "VARIANCE", "MASK", "PSF")}
-        for b in "ugrizy":
-            with fits.open(out["bands"][b]) as h:
-                for k in cube:
-                    cube[k].append(h[k].data.astype(np.float64))
-        exp = _exposure(cube["IMAGE"], cube["VARIANCE"], cube["MASK"],
-                        [p / p.sum() for p in cube["PSF"]], list("ugrizy"))
-        var = cube["VARIANCE"][3]
-        snr = np.zeros(len(table))
-        for k, sid in enumerate(table["id"]):
-            (y0, x0, h, w), st = stamps[int(sid)]
-            m = st[3].astype(float)
-            snr[k] = np.sqrt(np.sum(m * m / var[y0:y0 + h, x0:x0 + w]))
+        exp, table, snr = _simulated(tmp_path / str(seed), size=250, seed=seed, density=220.0,
+                                     psf_beta=2.8, bright_stars=2)
         ty, tx = np.asarray(table["y"], float), np.asarray(table["x"], float)
         n_bright += int((snr > 10).sum())
         for name, cfg in (("default", {}), ("old", {"residual_prominence": 0.0})):
