@@ -47,8 +47,10 @@
    ``L(p) - L(2c - p)`` of the multi-band peak image (the SDSS deblender's
    template idea) reveals faint neighbours on a bright source's slope that
    make no local maximum; its maxima that rise ``residual_prominence``
-   above the saddle to a higher one (the same flood) and pass the residual
-   thresholds become peaks flagged RESIDUAL. A seed is searched as far as
+   (0.5 sigma) above the saddle to a higher one (the same flood: ripples on
+   the flank of a detected neighbour's residual do not count; more than
+   0.5 sigma also drops faint members of blends of extended sources) and
+   pass the residual thresholds become peaks flagged RESIDUAL. A seed is searched as far as
    its light can hide a companion (its height along the point-source
    profile of the peak image, 3-8 FWHM), so a saturated star's wings do not
    hide sources beyond a fixed radius.
@@ -153,7 +155,7 @@ DEFAULTS = {
     "residual_exclusion": None,  # -> 0.6 FWHM, no companion closer to a peak than this
     "residual_min": 7.0,         # residual (units of the peak image noise) of a companion
     "residual_frac": 0.2,        # ... and at least this fraction of the local peak image
-    "residual_prominence": 1.5,  # ... and this far above the saddle to a higher residual maximum
+    "residual_prominence": 0.5,  # ... and this far above the saddle to a higher residual maximum
     "refine_isolated": True,     # isolated peaks: position from the PSF-matched image
     "bkg_cell": 128,
     "bkg_nsigma": 3.0,
