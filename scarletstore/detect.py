@@ -35,7 +35,10 @@
    4 sigma is where the prominence of pure-noise maxima of the peak image
    becomes rare (measured on 10^6 noise pixels: 1e-2 per pixel reach 1.5
    sigma, 6e-4 reach 3, 2e-5 reach 4); 5 % is the scale of PSF-model and
-   saturation-edge structure in a bright profile.
+   saturation-edge structure in a bright profile. A peak that meets no
+   higher one (alone in its footprint island, as on the far wing of a
+   bright star where the wing lifts the significance over the threshold in
+   patches) is judged above the median of the ring 1.5-2.5 FWHM about it.
 5. **Association.** Peaks from different images closer than
    ``association_radius`` become one peak carrying the OR of the images that
    saw it (bit i = band i, bit 30 = the multi-band image). A peak only single
@@ -43,8 +46,14 @@
 6. **Companions.** Around every bright peak the symmetric residual
    ``L(p) - L(2c - p)`` of the multi-band peak image (the SDSS deblender's
    template idea) reveals faint neighbours on a bright source's slope that
-   make no local maximum; its significant local maxima become peaks flagged
-   RESIDUAL.
+   make no local maximum; its maxima that rise ``residual_prominence``
+   (0.5 sigma) above the saddle to a higher one (the same flood: ripples on
+   the flank of a detected neighbour's residual do not count; more than
+   0.5 sigma also drops faint members of blends of extended sources) and
+   pass the residual thresholds become peaks flagged RESIDUAL. A seed is searched as far as
+   its light can hide a companion (its height along the point-source
+   profile of the peak image, 3-8 FWHM), so a saturated star's wings do not
+   hide sources beyond a fixed radius.
 7. **Known positions** (``known`` argument and the exposure's
    ``known_y/known_x``) become peaks flagged EXTERNAL: merged (one-to-one,
    closest first) into a detected peak within the association radius, else
@@ -130,6 +139,7 @@ DEFAULTS = {
     "min_prominence": 1.5,       # sigma above the saddle to a higher peak
     "peak_contrast": 0.05,       # fractional model uncertainty of a brighter neighbour's light
     "peak_own_floor": 4.0,       # sigma above the brighter neighbour's wing (see _own_significance)
+    "peak_ring": 1.5,            # FWHM: a peak meeting no higher one is judged above its ring r..r+1
     "peak_sigma": None,          # -> Gaussian sigma (px) of the peak-finding image
     "peak_sigma_wide": 0.0,      # > peak_sigma: difference-of-Gaussians peak image
     "peak_combine": "sum",       # multi-band peak image: "sum" (linear) or "chi2"
@@ -140,10 +150,12 @@ DEFAULTS = {
     "band_only_floor": 10.0,     # min significance of a peak no multi-band image saw
     "residual_peaks": True,      # search companions in symmetric residuals
     "residual_seed_min": 20.0,   # peaks at least this bright (peak image) are searched around
-    "residual_radius": None,     # -> 3 FWHM, search window radius
+    "residual_radius": None,     # -> 3 FWHM, least search window radius
+    "residual_radius_max": None, # -> 8 FWHM, search radius of the brightest seeds (see _residual_radii)
     "residual_exclusion": None,  # -> 0.6 FWHM, no companion closer to a peak than this
     "residual_min": 7.0,         # residual (units of the peak image noise) of a companion
     "residual_frac": 0.2,        # ... and at least this fraction of the local peak image
+    "residual_prominence": 0.5,  # ... and this far above the saddle to a higher residual maximum
     "refine_isolated": True,     # isolated peaks: position from the PSF-matched image
     "bkg_cell": 128,
     "bkg_nsigma": 3.0,
@@ -727,7 +739,25 @@ def _suppress_close(y, x, sig, radius):
     return order[alive[order]]
 
 
-def _own_significance(img, py, px, s_at, h_at, contrast=0.0):
+def _ring_median(img, py, px, r0, r1):
+    """Median of ``img`` over the annulus ``r0 <= r <= r1`` about each pixel (inside the image)."""
+    ny, nx = img.shape
+    h = int(np.ceil(r1))
+    dy, dx = np.mgrid[-h:h + 1, -h:h + 1]
+    rr = np.hypot(dy, dx)
+    sel = (rr >= r0) & (rr <= r1)
+    yy = np.asarray(py, np.int64)[:, None] + dy[sel][None]
+    xx = np.asarray(px, np.int64)[:, None] + dx[sel][None]
+    ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    vals = np.where(ok, img[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)], np.nan)
+    out = np.zeros(len(vals))
+    some = ok.any(axis=1)
+    if some.any():
+        out[some] = np.nanmedian(vals[some], axis=1)
+    return out
+
+
+def _own_significance(img, py, px, s_at, h_at, contrast=0.0, ring=None):
     """Significance of each peak above the light of the brighter neighbour it merges into.
 
     A peak on the wing of a brighter source (whose maximum is the flat pixel
@@ -745,7 +775,11 @@ def _own_significance(img, py, px, s_at, h_at, contrast=0.0):
     ``contrast * B`` of the wing added in quadrature: at hundreds of sigma, a
     few per cent of structure in a bright profile (PSF mismatch, the edge of
     a saturated core) is not a source. A peak that met no higher one keeps
-    its height.
+    its height, or with ``ring = (r0, r1)`` its height above the median of
+    the annulus ``r0 <= r <= r1`` about it: inside its own footprint island
+    on the far wing of a bright star (where that wing lifts the PSF-matched
+    significance over the threshold in patches) a noise maximum meets no
+    higher one, yet the wing lifts the peak image too.
 
     Returns
     -------
@@ -754,6 +788,10 @@ def _own_significance(img, py, px, s_at, h_at, contrast=0.0):
     ny, nx = img.shape
     own = img[py, px].astype(np.float64)
     has = s_at >= 0
+    if ring is not None and not has.all():
+        lone = np.flatnonzero(~has)
+        b = np.maximum(_ring_median(img, py[lone], px[lone], ring[0], ring[1]), 0.0)
+        own[lone] = (own[lone] - b) / np.sqrt(1.0 + (contrast * b) ** 2)
     if not has.any():
         return own
     qy, qx = py[has].astype(np.int64), px[has].astype(np.int64)
@@ -776,7 +814,7 @@ def _own_significance(img, py, px, s_at, h_at, contrast=0.0):
 
 
 def find_peaks(peak_image, footprint_mask, min_prominence, level=0.0, significance=None,
-               floor=0.0, min_separation=0.0, contrast=0.0, return_own=False):
+               floor=0.0, min_separation=0.0, contrast=0.0, return_own=False, ring=None):
     """Peaks of one detection image inside a footprint mask.
 
     Parameters
@@ -803,6 +841,9 @@ def find_peaks(peak_image, footprint_mask, min_prominence, level=0.0, significan
     return_own : bool
         Also return each peak's significance above the light of the
         brighter neighbour it merges into (see :func:`_own_significance`).
+    ring : (float, float), optional
+        Annulus (pixels) whose median is the light under a peak that meets no
+        higher one, for that significance.
 
     Returns
     -------
@@ -814,7 +855,7 @@ def find_peaks(peak_image, footprint_mask, min_prominence, level=0.0, significan
     mask = np.ascontiguousarray(footprint_mask, dtype=np.bool_)
     py, px, prom, s_at, h_at = _flood_peaks(img, mask, np.float32(level), np.float32(min_prominence))
     sig = img if significance is None else significance
-    own = _own_significance(img, py, px, s_at, h_at, contrast)
+    own = _own_significance(img, py, px, s_at, h_at, contrast, ring)
     val = sig[py, px]
     sel = val >= floor
     py, px, val, own = py[sel], px[sel], val[sel], own[sel]
@@ -840,76 +881,137 @@ def _bilinear(img, y, x):
 
 
 @numba.njit(cache=True)
-def _residual_peaks(img, mask, cy, cx, radius, exclusion, r_min, frac):
+def _residual_peaks(img, mask, cy, cx, radii, exclusion, r_min, frac, min_prominence):
     # Companion search on the symmetric residual (Lupton's SDSS template
     # idea applied to detection): about each peak c, r(p) = L(p) - L(2c - p)
     # is ~0 for a point-symmetric source and positive where a neighbour adds
     # light, even where that neighbour makes no local maximum of L (a faint
-    # source on a bright one's slope). Local maxima of r inside the footprint
-    # mask, at least `exclusion` from c, with r >= r_min and r >= frac * L(p)
-    # (so centring errors on bright cores, which leave a dipole ~ gradient,
-    # do not qualify) are candidates. A numba kernel: a small window per peak.
+    # source on a bright one's slope). Candidates are the maxima of r inside
+    # the footprint mask and the window of radius radii[k] that rise at least
+    # min_prominence above the saddle to a higher maximum of r (the flood of
+    # _flood_peaks, so a noise bump on the flank of a neighbour's residual
+    # does not count), at least `exclusion` from c, with r >= r_min and
+    # r >= frac * L(p) (so centring errors on bright cores, which leave a
+    # dipole ~ gradient, do not qualify). A numba kernel: a small window
+    # per peak.
     ny, nx = img.shape
-    h = int(np.ceil(radius))
-    w = 2 * h + 1
-    buf = np.empty((w, w), np.float32)
     out_y = []
     out_x = []
     out_r = []
     for k in range(cy.shape[0]):
         yc = cy[k]
         xc = cx[k]
+        radius = radii[k]
         iy = int(np.round(yc))
         ix = int(np.round(xc))
+        h = int(np.ceil(radius))
+        w = 2 * h + 1
+        buf = np.zeros((w, w), np.float32)
+        inside = np.zeros((w, w), np.bool_)
+        unknown = np.zeros((w, w), np.bool_)  # in the footprint, but the mirror is off the image
         for a in range(w):
             for b in range(w):
                 y = iy - h + a
                 x = ix - h + b
-                buf[a, b] = -np.inf
                 if y < 0 or y >= ny or x < 0 or x >= nx or not mask[y, x]:
                     continue
                 m = _bilinear(img, 2 * yc - y, 2 * xc - x)
                 if np.isnan(m):
+                    unknown[a, b] = True
                     continue
                 buf[a, b] = img[y, x] - m
-        for a in range(1, w - 1):
-            for b in range(1, w - 1):
-                v = buf[a, b]
-                if v < r_min:
-                    continue
-                y = iy - h + a
-                x = ix - h + b
-                d2 = (y - yc) ** 2 + (x - xc) ** 2
-                if d2 < exclusion * exclusion or d2 > radius * radius:
-                    continue
-                if v < frac * img[y, x]:
-                    continue
-                ismax = True
-                for da in range(-1, 2):
-                    for db in range(-1, 2):
-                        if (da != 0 or db != 0) and buf[a + da, b + db] > v:
-                            ismax = False
-                if not ismax:
-                    continue
-                # sub-pixel: parabola through the residual
-                oy = 0.0
-                ox = 0.0
+                inside[a, b] = True
+        fy, fx, _, _, _ = _flood_peaks(buf, inside, np.float32(r_min), np.float32(min_prominence))
+        for j in range(fy.shape[0]):
+            a = fy[j]
+            b = fx[j]
+            if a == 0 or b == 0 or a == w - 1 or b == w - 1:
+                continue  # on the window's edge: not known to be a maximum
+            # Next to pixels whose mirror leaves the image the residual is
+            # cut off, not falling: a rising slope (a third source's light)
+            # would end there in a false maximum.
+            edge = False
+            for da in range(-1, 2):
+                for db in range(-1, 2):
+                    if unknown[a + da, b + db]:
+                        edge = True
+            if edge:
+                continue
+            v = buf[a, b]
+            y = iy - h + a
+            x = ix - h + b
+            d2 = (y - yc) ** 2 + (x - xc) ** 2
+            if d2 < exclusion * exclusion or d2 > radius * radius:
+                continue
+            if v < frac * img[y, x]:
+                continue
+            # sub-pixel: parabola through the residual, where both neighbours are defined
+            oy = 0.0
+            ox = 0.0
+            if inside[a - 1, b] and inside[a + 1, b]:
                 p0 = buf[a - 1, b]
                 p1 = buf[a + 1, b]
-                if np.isfinite(p0) and np.isfinite(p1):
-                    dd = p0 - 2.0 * v + p1
-                    if dd < 0:
-                        oy = min(max(0.5 * (p0 - p1) / dd, -0.5), 0.5)
+                dd = p0 - 2.0 * v + p1
+                if dd < 0:
+                    oy = min(max(0.5 * (p0 - p1) / dd, -0.5), 0.5)
+            if inside[a, b - 1] and inside[a, b + 1]:
                 p0 = buf[a, b - 1]
                 p1 = buf[a, b + 1]
-                if np.isfinite(p0) and np.isfinite(p1):
-                    dd = p0 - 2.0 * v + p1
-                    if dd < 0:
-                        ox = min(max(0.5 * (p0 - p1) / dd, -0.5), 0.5)
-                out_y.append(y + oy)
-                out_x.append(x + ox)
-                out_r.append(v)
+                dd = p0 - 2.0 * v + p1
+                if dd < 0:
+                    ox = min(max(0.5 * (p0 - p1) / dd, -0.5), 0.5)
+            out_y.append(y + oy)
+            out_x.append(x + ox)
+            out_r.append(v)
     return np.array(out_y), np.array(out_x), np.array(out_r)
+
+
+def _point_profile(psfs, sigma):
+    """Relative radial profile of a point source in the peak image, widest over bands.
+
+    The peak image of band b sees a point source as ``P_b * G(sigma)``; its
+    maximum over each 1-pixel annulus, divided by the centre value, is the
+    fraction of a source's central peak-image height that reaches radius r.
+
+    Returns
+    -------
+    (n,) float64, index = radius in pixels.
+    """
+    from scipy import ndimage
+
+    k = _gauss1d(sigma) if sigma > 0 else np.ones(1, np.float32)
+    prof = None
+    for p in psfs:
+        q = np.asarray(p, np.float64)
+        q = ndimage.correlate1d(ndimage.correlate1d(q, k, axis=0), k, axis=1)
+        cy, cx = q.shape[0] // 2, q.shape[1] // 2
+        yy, xx = np.indices(q.shape)
+        ring = np.rint(np.hypot(yy - cy, xx - cx)).astype(np.int64).ravel()
+        top = np.zeros(min(cy, cx) + 1)
+        use = ring < top.size
+        np.maximum.at(top, ring[use], q.ravel()[use])
+        top /= max(q[cy, cx], 1e-300)
+        prof = top if prof is None else np.maximum(prof, top)
+    return prof
+
+
+def _residual_radii(height, profile, r_min, base, cap):
+    """Companion search radius per seed: as far as its own light can hide one.
+
+    A companion of residual ``r_min`` on a seed's wing makes no maximum of
+    its own only where the seed's light is comparable, i.e. out to the radius
+    where the seed's peak-image height times its point-source profile falls
+    below ``r_min``. A saturated star's Moffat wings hide companions well
+    beyond a fixed few FWHM; a faint seed keeps the ``base`` radius (which also
+    covers extended seeds, wider than a point source). At most ``cap``.
+    """
+    height = np.asarray(height, np.float64)
+    radii = np.full(height.size, float(base))
+    for k, hgt in enumerate(height):
+        below = np.flatnonzero(hgt * profile < r_min)
+        reach = float(below[0]) if below.size else float(profile.size)
+        radii[k] = min(max(base, reach), cap)
+    return radii
 
 
 @numba.njit(cache=True)
@@ -1187,6 +1289,8 @@ def _resolve_config(exposure, threshold, min_area, overrides, fwhm):
         cfg["peak_sigma"] = 0.2 * fwhm
     if cfg["residual_radius"] is None:
         cfg["residual_radius"] = 3.0 * fwhm
+    if cfg["residual_radius_max"] is None:
+        cfg["residual_radius_max"] = 8.0 * fwhm
     if cfg["residual_exclusion"] is None:
         cfg["residual_exclusion"] = 0.6 * fwhm
     if cfg["min_separation"] is None:
@@ -1303,7 +1407,9 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
                                             level=cfg["peak_level"], significance=sig,
                                             floor=cfg["peak_floor"],
                                             min_separation=cfg["min_separation"],
-                                            contrast=cfg["peak_contrast"], return_own=True)
+                                            contrast=cfg["peak_contrast"], return_own=True,
+                                            ring=(cfg["peak_ring"] * fwhm, (cfg["peak_ring"] + 1) * fwhm)
+                                            if cfg["peak_ring"] > 0 else None)
         peak_sets.append((y, x, iy, ix, val, np.full(y.size, bit, np.int64), own))
         return kept
 
@@ -1390,10 +1496,13 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
 
     # ---- companions in the symmetric residual of the peaks found so far
     if cfg["residual_peaks"] and p_y.size:
-        bright = zsharp[p_iy, p_ix] >= cfg["residual_seed_min"]
-        ry, rx, rr = _residual_peaks(zsharp, kept_chi, p_y[bright & keep], p_x[bright & keep],
-                                     float(cfg["residual_radius"]), float(cfg["residual_exclusion"]),
-                                     float(cfg["residual_min"]), float(cfg["residual_frac"]))
+        seed = (zsharp[p_iy, p_ix] >= cfg["residual_seed_min"]) & keep
+        radii = _residual_radii(zsharp[p_iy[seed], p_ix[seed]],
+                                _point_profile(psfs[band_index], peak_sigma), cfg["residual_min"],
+                                cfg["residual_radius"], cfg["residual_radius_max"])
+        ry, rx, rr = _residual_peaks(zsharp, kept_chi, p_y[seed], p_x[seed], radii,
+                                     float(cfg["residual_exclusion"]), float(cfg["residual_min"]),
+                                     float(cfg["residual_frac"]), float(cfg["residual_prominence"]))
         if ry.size:
             # strongest first; drop any near an existing peak or a stronger candidate
             o = np.argsort(-rr, kind="stable")
