@@ -143,7 +143,7 @@ def field(tmp_path_factory):
     from scarletstore.ingest import read_fits_bands
     from scarletstore.simulate import simulate_field
 
-    out = simulate_field(tmp_path_factory.mktemp("split") / "sim", size=160, seed=23, bands="gri",
+    out = simulate_field(tmp_path_factory.mktemp("split") / "sim", size=160, seed=24, bands="gri",
                          density=200)
     exposure = read_fits_bands(list(out["bands"].values()))
     return exposure, detect(exposure)
