@@ -97,7 +97,7 @@ print(json.dumps({"seconds": elapsed}))
 
 
 def simulated(kind: str, seed: int = SEED):
-    from scarletstore.simulate_visits import simulate_visits
+    from scarletstore.simulate.visits import simulate_visits
 
     out = CACHE / f"visits-{SIZE}-{seed}-{BANDS}-{NVIS}-{kind}"
     if not (out / "truth_artifacts.fits").exists():
@@ -262,7 +262,7 @@ def galaxy_fluxes(image, truth, bands, r=5.0, mag=(22.5, 24.5)):
 
 def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0, significance=None,
                       label="the coadd"):
-    """Recall of ``scarletstore.detect.detect`` on the coadd against the truth.
+    """Recall of ``scarletstore.detect.detect.detect`` on the coadd against the truth.
 
     True static sources inside the grid (> 3 px from its edge) are matched to
     the nearest peak within ``radius`` px (1.5 px = 0.25"); recall for
@@ -274,7 +274,7 @@ def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0, significance=
     """
     from scipy.spatial import cKDTree
 
-    from scarletstore.detect import detect
+    from scarletstore.detect.detect import detect
 
     parents = detect(exposure, significance=significance)
     peaks = np.column_stack([parents["peak_x"].values, parents["peak_y"].values])
@@ -319,7 +319,7 @@ def memory_figures(sizes, n_visits=10, bands="ugrizy"):
     bright stars (no galaxy field: rendering 60 fields is slow and does not change
     the memory). Cost per output pixel per visit is the CPU time over grid pixels x visits.
     """
-    from scarletstore.simulate_visits import simulate_visits
+    from scarletstore.simulate.visits import simulate_visits
 
     for size in sizes:
         out = CACHE / f"memory-{size}-{n_visits}-{bands}"
@@ -337,7 +337,7 @@ def memory_figures(sizes, n_visits=10, bands="ugrizy"):
                 if res.returncode or not last.startswith("0 "):
                     sys.exit(f"memory run failed: {res.stderr.strip()[-2000:]}")
                 _, wall, cpu, rss = map(float, last.split())
-                from scarletstore.store import store_files
+                from scarletstore.store.store import store_files
 
                 store_mb = sum(f.stat().st_size for f in store_files(Path(work) / "store.h5")) / 2**20
             nvis = n_visits * len(which)

@@ -42,8 +42,8 @@ from scipy.spatial import cKDTree
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scarletstore import footprint as fp  # noqa: E402
-from scarletstore.truth import match_positions  # noqa: E402
+from scarletstore.detect import footprint as fp  # noqa: E402
+from scarletstore.simulate.truth import match_positions  # noqa: E402
 
 HSC = ROOT.parent / "shared" / "data" / "hsc_cosmos_35.npz"
 LSST_PLANES = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
@@ -68,7 +68,7 @@ def load_sim(out_dir):
     """(exposure, truth table, optimal i-band SNR per true source) of a simulated field."""
     from astropy.io import fits
 
-    from scarletstore.simulate import load_truth
+    from scarletstore.simulate.field import load_truth
 
     out_dir = Path(out_dir)
     table, stamps = load_truth(out_dir)
@@ -214,7 +214,7 @@ def miss_causes(parents, table, snr, fwhm, bad, snr_min=10.0, radius=2.0):
 
 def bad_pixels(exp):
     """Pixels a default bad plane flags in any band (what detection ignores)."""
-    from scarletstore.masks import DEFAULT_BAD_PLANES
+    from scarletstore.ingest.masks import DEFAULT_BAD_PLANES
 
     planes = json.loads(exp.attrs.get("mask_planes", "{}"))
     bits = sum(1 << int(planes[p]) for p in DEFAULT_BAD_PLANES if p in planes)
@@ -223,7 +223,7 @@ def bad_pixels(exp):
 
 def real_cutouts():
     """(name, peaks, catalogue offsets or None) for each real cut-out in ../shared/data."""
-    from scarletstore.detect import detect
+    from scarletstore.detect.detect import detect
 
     out = []
     for name in ("hsc_cosmos_35", "hsc_cosmos", "cut_hsc", "cut_hsc1"):
@@ -245,7 +245,7 @@ def real_cutouts():
 
 
 def hsc_offsets():
-    from scarletstore.detect import detect
+    from scarletstore.detect.detect import detect
 
     d = np.load(HSC)
     exp = make_exposure(d["images"], d["variance"], d["mask"], d["psfs"], [str(b) for b in d["filters"]])
@@ -316,7 +316,7 @@ def main(argv=None):
         have_sim = False
         print("simulated field: skipped (galsim not installed)")
     if have_sim:
-        from scarletstore.simulate import simulate_field
+        from scarletstore.simulate.field import simulate_field
 
         work = Path(args.work or tempfile.mkdtemp(prefix="bench_detect_"))
         for name, kw in FIELDS:

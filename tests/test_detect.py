@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from scarletstore import footprint as fp
-from scarletstore.truth import match_positions
-from scarletstore.detect import (CHI2_BIT, PARENT_EXTERNAL_ONLY, PARENT_HAS_EXTERNAL, PEAK_EXTERNAL,
-                                 PEAK_RESIDUAL,
-                                 detect, psf_fwhm, read_peaks_table)
+from scarletstore.detect import footprint as fp
+from scarletstore.detect.detect import CHI2_BIT, PARENT_EXTERNAL_ONLY, PARENT_HAS_EXTERNAL, detect
+from scarletstore.detect.filters import psf_fwhm
+from scarletstore.detect.known import read_peaks_table
+from scarletstore.detect.peaks import PEAK_EXTERNAL, PEAK_RESIDUAL
 from scarletstore.errors import InputError
-from scarletstore.schema import validate
+from scarletstore.simulate.truth import match_positions
+from scarletstore.store.schema import validate
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 HSC = DATA / "hsc_cosmos_35.npz"
@@ -59,7 +60,7 @@ def _simulated(out_dir, **kw):
     """(exposure, truth table, optimal i-band SNR per source) of a six-band simulated field."""
     from astropy.io import fits
 
-    from scarletstore.simulate import load_truth, simulate_field
+    from scarletstore.simulate.field import load_truth, simulate_field
 
     out = simulate_field(out_dir, **kw)
     table, stamps = load_truth(out_dir)
@@ -298,7 +299,7 @@ def test_recall_and_purity_on_simulated_field(tmp_path):
     pytest.importorskip("galsim")
     from astropy.io import fits
 
-    from scarletstore.simulate import load_truth, simulate_field
+    from scarletstore.simulate.field import load_truth, simulate_field
 
     simulate_field(tmp_path, size=240, seed=11, bands="gri", density=90.0)
     table, stamps = load_truth(tmp_path)
@@ -451,7 +452,7 @@ def test_bad_planes_setting_is_checked():
 
 def test_deblend_default_bad_planes_follow_detection():
     from scarletstore.deblend.config import DeblendConfig
-    from scarletstore.detect import DEFAULT_BAD_PLANES
+    from scarletstore.detect.detect import DEFAULT_BAD_PLANES
 
     assert DeblendConfig().bad_mask_planes == DEFAULT_BAD_PLANES
     assert set(DEFAULT_BAD_PLANES) == {"BAD", "CR", "NO_DATA", "SAT", "SUSPECT", "EDGE"}
@@ -459,8 +460,8 @@ def test_deblend_default_bad_planes_follow_detection():
 
 def test_cli_detect_bad_planes(tmp_path, capsys):
     from scarletstore.cli import main
-    from scarletstore.ingest import make_exposure
-    from scarletstore.store import Store
+    from scarletstore.ingest.exposure import make_exposure
+    from scarletstore.store.store import Store
 
     src = _field([(30, 30, [400] * 3)], seed=25)
     exp = make_exposure(src["image"].values, src["variance"].values, src["mask"].values,
@@ -504,7 +505,7 @@ def test_every_known_position_is_kept(tmp_path):
 
 
 def test_known_positions_on_no_footprint_are_flagged():
-    from scarletstore.detect import PEAK_NO_FOOTPRINT
+    from scarletstore.detect.peaks import PEAK_NO_FOOTPRINT
 
     exp = _field([(30, 30, [400] * 3)], seed=29)
     ky, kx = np.array([30.5, 60.0, 10.0]), np.array([30.2, 70.0, 80.0])

@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 from scipy.signal import fftconvolve
 
-from ..schema import stamp, validate
+from ..store.schema import stamp, validate
 
 
 def correlate(image, kernel):

@@ -24,7 +24,7 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from ..errors import InputError
-from ..schema import stamp, validate
+from ..store.schema import stamp, validate
 from . import kernels
 from .likelihood import LikelihoodSums, likelihood_dataset
 from .match import gaussian_target, matching_kernel

@@ -31,13 +31,13 @@ import time
 import numpy as np
 from scipy import fft as sfft
 
-from . import kernels as _k
 from ..errors import InputError
-from .. import models as _models
+from ..store import runs as _models
+from ..store.components import SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, Component, SourceResult
+from . import kernels as _k
 from .config import DeblendConfig
 from .psf import Convolver, difference_kernels, gaussian_psf, memoised, scratch
-from .result import (SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, BlendResult, Component,
-                     SourceResult)
+from .result import BlendResult
 
 # Tuning constants, chosen on hsc_cosmos_35 (and its flips/transposes, to
 # avoid fitting one trajectory) and on the simulated blend of the tests.

@@ -57,15 +57,9 @@ from numba import njit
 from scipy.optimize import nnls
 
 from ..errors import InputError
+from ..store.components import SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_POINT, Component, SourceResult
 from .config import DeblendConfig
-from .result import (
-    SOURCE_EDGE,
-    SOURCE_NO_FLUX,
-    SOURCE_POINT,
-    BlendResult,
-    Component,
-    SourceResult,
-)
+from .result import BlendResult
 
 __all__ = ["deblend_sdss", "symmetric_template", "fit_point_source"]
 

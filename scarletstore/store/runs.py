@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import numpy as np
 import xarray as xr
 
-from .deblend.result import Component, SourceResult
+from .components import Component, SourceResult
 from .schema import stamp, validate
 
 # blend flags

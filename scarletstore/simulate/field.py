@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["simulate_field", "load_truth", "load_artifacts", "truth_image", "ALL_BANDS"]
 
@@ -633,7 +633,7 @@ def _write_band(path, band, sim, seed, size):
 
     primary = fits.PrimaryHDU()
     primary.header["BAND"] = (band, "filter name")
-    primary.header["ORIGIN"] = ("scarletstore.simulate", "simulated LSST-like coadd patch")
+    primary.header["ORIGIN"] = ("scarletstore.simulate.field", "simulated LSST-like coadd patch")
     primary.header["SIMSEED"] = (int(seed), "simulator seed")
 
     hdr = sim["wcs"].to_header()
