@@ -39,7 +39,7 @@ CALIBRATION_FIELDS = [dict(size=500, seed=21, density=130.0, bands="grizy"),
                       dict(size=600, seed=25, density=90.0, bands="grizy", psf_beta=2.8)]
 MIN_PER_BIN = 15
 SNR_BINS = (20.0, 50.0, 100.0)  # S/N bins (noise part) of the children alone in their blend (groups)
-ERRORS_MODULE = Path(__file__).resolve().parent.parent / "scarletstore" / "photometry" / "deblend_errors.py"
+ERRORS_MODULE = Path(__file__).resolve().parent.parent / "scarletstore" / "measure" / "photometry" / "deblend_errors.py"
 
 
 def _recording_catalog(st, band):
