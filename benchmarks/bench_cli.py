@@ -90,7 +90,7 @@ def prepare(work: Path, env) -> tuple[Path, int, int]:
     sim, store = work / "sim", work / "detected.h5"
     if not store.exists():
         cli(["simulate", sim, "--size", 600, "--seed", 7, "--bands", BANDS], env)
-        from scarletstore.store import move_store, remove_store
+        from scarletstore.store.store import move_store, remove_store
 
         tmp = work / "detected.tmp.h5"
         if tmp.exists():
@@ -99,7 +99,8 @@ def prepare(work: Path, env) -> tuple[Path, int, int]:
         cli(["detect", tmp], env)
         move_store(tmp, store)  # a linked store is the file and its folder
     import numpy as np
-    from scarletstore.store import Store
+
+    from scarletstore.store.store import Store
 
     parents = Store(store).read("parents")
     ids = parents["parent_id"].values
@@ -113,7 +114,7 @@ def prepare(work: Path, env) -> tuple[Path, int, int]:
 
 
 def run_copy(base: Path, folder: Path, tag: str) -> Path:
-    from scarletstore.store import copy_store, remove_store
+    from scarletstore.store.store import copy_store, remove_store
 
     dst = folder / f"{tag}.h5"
     if dst.exists():
@@ -123,7 +124,7 @@ def run_copy(base: Path, folder: Path, tag: str) -> Path:
 
 
 def blend_runtimes(path: Path):
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
 
     store = Store(path)
     run = store.read(f"runs/{store.runs()[-1]}")

@@ -105,7 +105,7 @@ print(json.dumps({"seconds": elapsed, "cpu": cpu}))
 
 
 def simulated(kind: str, seed: int = SEED):
-    from scarletstore.simulate_visits import simulate_visits
+    from scarletstore.simulate.visits import simulate_visits
 
     out = CACHE / f"visits-{SIZE}-{seed}-{BANDS}-{NVIS}-{kind}"
     if not (out / "truth_artifacts.fits").exists():
@@ -270,7 +270,7 @@ def galaxy_fluxes(image, truth, bands, r=5.0, mag=(22.5, 24.5)):
 
 def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0, significance=None,
                       label="the coadd"):
-    """Recall of ``scarletstore.detect.detect`` on the coadd against the truth.
+    """Recall of ``scarletstore.detect.detect.detect`` on the coadd against the truth.
 
     True static sources inside the grid (> 3 px from its edge) are matched to
     the nearest peak within ``radius`` px (1.5 px = 0.25"); recall for
@@ -282,7 +282,7 @@ def detection_figures(exposure, truth, radius=1.5, mag_limit=24.0, significance=
     """
     from scipy.spatial import cKDTree
 
-    from scarletstore.detect import detect
+    from scarletstore.detect.detect import detect
 
     parents = detect(exposure, significance=significance)
     peaks = np.column_stack([parents["peak_x"].values, parents["peak_y"].values])
@@ -327,7 +327,7 @@ def memory_figures(sizes, n_visits=10, bands="ugrizy"):
     bright stars (no galaxy field: rendering 60 fields is slow and does not change
     the memory). Cost per output pixel per visit is the CPU time over grid pixels x visits.
     """
-    from scarletstore.simulate_visits import simulate_visits
+    from scarletstore.simulate.visits import simulate_visits
 
     for size in sizes:
         out = CACHE / f"memory-{size}-{n_visits}-{bands}"
@@ -457,7 +457,7 @@ def stage_times(paths, grid_path):
 def run_cli(paths, grid_path, extra=()):
     """``scarletstore coadd`` (store written) in a fresh process: (wall, cpu, peak RSS MB,
     store MB), interpreter start and imports excluded from the times."""
-    from scarletstore.store import store_files
+    from scarletstore.store.store import store_files
 
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         store = Path(work) / "store.h5"

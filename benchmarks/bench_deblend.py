@@ -277,7 +277,7 @@ def bench_hsc_sdss(repeats=7):
 
 def _truth_figures(sim, exposure, bands):
     """Truth per source: flux per band, r-band blendedness and optimal SNR."""
-    from scarletstore.simulate import load_truth
+    from scarletstore.simulate.field import load_truth
 
     table, stamps = load_truth(sim["dir"])
     b_r = bands.index("r")
@@ -457,8 +457,8 @@ def _print_position_floor(fl, rng, indent="  "):
 
 
 def _score(run, table, blend, snr, bands, label):
-    from scarletstore.compare import source_fluxes
-    from scarletstore.truth import match_positions
+    from scarletstore.measure.compare import source_fluxes
+    from scarletstore.simulate.truth import match_positions
 
     flux = source_fluxes(run)
     sx, sy = run["source_x"].values, run["source_y"].values
@@ -499,8 +499,8 @@ def _seed_field(seed):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import simulated_field
 
-    from scarletstore.detect import detect
-    from scarletstore.ingest import read_fits_bands
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import read_fits_bands
 
     sim = simulated_field(600, seed)
     exposure = read_fits_bands(list(sim["bands"].values()))
@@ -518,7 +518,7 @@ def bench_field(repeats=3):
         return None
     from scarletstore.deblend import DeblendConfig
     from scarletstore.deblend.run import deblend_exposure, init_from_run
-    from scarletstore.detect import detect
+    from scarletstore.detect.detect import detect
 
     exposure, bands, table, blend, snr, parents = _seed_field(7)
     # the peer's figures use true peak positions: detection plus the truth
@@ -602,7 +602,7 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
         return None
     from scarletstore.deblend import DeblendConfig
     from scarletstore.deblend.run import deblend_exposure
-    from scarletstore.detect import detect
+    from scarletstore.detect.detect import detect
 
     rows = (("scarlet (defaults)", "scarlet", DeblendConfig(), False),
             ("scarlet no symmetry", "scarlet", _no_symmetry_config(), False),
@@ -671,8 +671,8 @@ def bench_field_positions(repeats=1, seeds=(3, 5, 7, 11)):
         return None
     from scarletstore.deblend import DeblendConfig
     from scarletstore.deblend.run import deblend_exposure
-    from scarletstore.detect import detect
-    from scarletstore.truth import match_positions
+    from scarletstore.detect.detect import detect
+    from scarletstore.simulate.truth import match_positions
 
     rows = ("detected peaks", "detected, moved to truth", "moved + 0.15 px noise", "moved + 0.3 px noise",
             "all true positions")
@@ -722,8 +722,8 @@ def bench_real(repeats=5):
     from scarletstore.deblend import DeblendConfig
     from scarletstore.deblend.run import make_tasks
     from scarletstore.deblend.scarlet import deblend_scarlet
-    from scarletstore.detect import detect
-    from scarletstore.ingest import read_npz
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import read_npz
 
     out = {}
     for name in REAL_CUTOUTS:

@@ -21,7 +21,7 @@ from common import field_store  # noqa: E402
 
 
 def main():
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
 
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else field_store()[0].path
     store = Store(path)

@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tests.test_forced as tf  # noqa: E402  (the analytic visit writer)
-from scarletstore.forced import render  # noqa: E402
-from scarletstore.forced.run import _grid_wcs, forced_photometry, load_models  # noqa: E402
+from scarletstore.measure.forced import render  # noqa: E402
+from scarletstore.measure.forced.run import _grid_wcs, forced_photometry, load_models  # noqa: E402
 
 
 def main(n_sources=60, n_visits=4):

@@ -53,7 +53,7 @@ def field(size=600, seed=7, folder=None, density=90.0, bands="ugrizy", psf_beta=
     if not store.exists():
         folder.mkdir(parents=True, exist_ok=True)
         cli = [sys.executable, "-m", "scarletstore.cli"]
-        from scarletstore.store import move_store, remove_store
+        from scarletstore.store.store import move_store, remove_store
 
         tmp = folder / "field.tmp.h5"
         if tmp.exists():
@@ -63,7 +63,7 @@ def field(size=600, seed=7, folder=None, density=90.0, bands="ugrizy", psf_beta=
                 subprocess.run(cli + ["simulate", str(sim), "--size", str(size), "--seed", str(seed),
                                       "--density", f"{density:g}", "--bands", bands], check=True)
             else:
-                from scarletstore.simulate import simulate_field
+                from scarletstore.simulate.field import simulate_field
 
                 simulate_field(sim, size=size, seed=seed, bands=bands, density=density, psf_beta=psf_beta)
         subprocess.run(cli + ["ingest", str(tmp), *(str(sim / f"{b}.fits") for b in bands)], check=True)
@@ -74,7 +74,7 @@ def field(size=600, seed=7, folder=None, density=90.0, bands="ugrizy", psf_beta=
 
 
 def _catalog_time(store, band, suite):
-    from scarletstore.catalog import band_catalog
+    from scarletstore.measure.catalog import band_catalog
 
     cat = band_catalog(store, band, apcorr=False)
     if not suite:
@@ -88,7 +88,7 @@ def _catalog_time(store, band, suite):
 
 
 def bench_speed(store, band="r", repeats=7):
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
 
     st = Store(store)
     first_base = _catalog_time(st, band, False)[0]
@@ -115,7 +115,7 @@ def bench_speed(store, band="r", repeats=7):
 
 def _truth(sim, store, band):
     """Truth table matched to the catalog's rows, with truth blendedness in ``band``."""
-    from scarletstore.simulate import load_truth
+    from scarletstore.simulate.field import load_truth
 
     table, stamps = load_truth(sim)
     bands = list(table.meta["BANDS"]) if "BANDS" in table.meta else list("ugrizy")
@@ -136,7 +136,7 @@ def _truth(sim, store, band):
 
 
 def _matched(cat, table, radius=1.5):
-    from scarletstore.truth import match_positions
+    from scarletstore.simulate.truth import match_positions
 
     ma, _ = match_positions(cat["y"].values, cat["x"].values, np.asarray(table["y"]), np.asarray(table["x"]),
                             radius)
@@ -144,14 +144,14 @@ def _matched(cat, table, radius=1.5):
 
 
 def bench_apcorr(store, sim, band="r"):
-    from scarletstore.catalog import band_catalog
-    from scarletstore.photometry.apcorr import measure_apcorr
-    from scarletstore.store import Store
+    from scarletstore.measure.apcorr import measure_apcorr
+    from scarletstore.measure.catalog import band_catalog
+    from scarletstore.store.store import Store
 
     st = Store(store)
     # a scratch copy: the benchmark store itself keeps no correction
     with tempfile.TemporaryDirectory() as tmp:
-        from scarletstore.store import copy_store
+        from scarletstore.store.store import copy_store
 
         path = Path(tmp) / "f.h5"
         copy_store(store, path)
@@ -223,8 +223,8 @@ def _field_name(spec):
 
 def bench_errors(store, sim, bands="gri"):
     """Pull widths and counts per band and pooled, isolated and blended, noise part alone and full error."""
-    from scarletstore.catalog import band_catalog
-    from scarletstore.store import Store
+    from scarletstore.measure.catalog import band_catalog
+    from scarletstore.store.store import Store
 
     st = Store(store)
     pooled, result = {}, {}

@@ -28,9 +28,9 @@ from common import field_store, timed  # noqa: E402
 def synthetic_store(path, n_blends, bands=("g", "r", "i"), seed=0):
     """A store with an n_blends run of two-source blends (models only), for I/O figures."""
     from scarletstore.deblend.psf import gaussian_psf
-    from scarletstore.deblend.result import Component, SourceResult
-    from scarletstore.models import BlendRecord, build_run
-    from scarletstore.store import Store
+    from scarletstore.store.components import Component, SourceResult
+    from scarletstore.store.runs import BlendRecord, build_run
+    from scarletstore.store.store import Store
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:15, :15] - 7
@@ -57,8 +57,8 @@ def synthetic_store(path, n_blends, bands=("g", "r", "i"), seed=0):
 
 
 def main():
-    from scarletstore.catalog import BlendMeasurer, export_catalog
-    from scarletstore.store import Store
+    from scarletstore.measure.catalog import BlendMeasurer, export_catalog
+    from scarletstore.store.store import Store
 
     print("== field: simulate --size 600 --seed 7, ugrizy; scarlet run with defaults")
     store, _ = field_store()

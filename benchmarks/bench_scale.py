@@ -32,7 +32,7 @@ BANDS = ["g", "r", "i", "z", "y"]
 
 
 def exposure(ny, nx, seed=0):
-    from scarletstore.ingest import make_exposure
+    from scarletstore.ingest.exposure import make_exposure
 
     rng = np.random.default_rng(seed)
     image = rng.normal(0, 1, (5, ny, nx)).astype(np.float32)
@@ -45,8 +45,8 @@ def exposure(ny, nx, seed=0):
 
 def run_dataset(n_sources=300, seed=1):
     """A run of ``n_sources`` single-component sources with 21 x 21 morphologies."""
-    from scarletstore.deblend.result import Component, SourceResult
-    from scarletstore.models import BlendRecord, build_run
+    from scarletstore.store.components import Component, SourceResult
+    from scarletstore.store.runs import BlendRecord, build_run
 
     rng = np.random.default_rng(seed)
     records = []
@@ -68,7 +68,7 @@ def files(folder: Path) -> dict:
 
 
 def measure(folder: Path, size_gb: float, layout: str, run) -> dict:
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

@@ -46,7 +46,7 @@ RUBIN_PATCH = 4200  # pixels on a side of a Rubin patch with its border (4000 + 
 
 
 def simulated_visits(size, root):
-    from scarletstore.simulate_visits import simulate_visits
+    from scarletstore.simulate.visits import simulate_visits
 
     out = root / f"visits-{size}"
     if not (out / "truth.fits").exists():

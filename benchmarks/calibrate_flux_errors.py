@@ -17,7 +17,7 @@ blend while one catalog is computed; the constants are then fitted to the
 pull widths of groups of children (see :func:`groups` and :func:`solve`).
 
 Usage: ``python benchmarks/calibrate_flux_errors.py [--write]``; ``--write``
-puts the constants into ``scarletstore/photometry/deblend_errors.py``
+puts the constants into ``scarletstore/measure/photometry/deblend_errors.py``
 (re-run it after a change to the deblender: its templates set them).
 """
 
@@ -39,12 +39,12 @@ CALIBRATION_FIELDS = [dict(size=500, seed=21, density=130.0, bands="grizy"),
                       dict(size=600, seed=25, density=90.0, bands="grizy", psf_beta=2.8)]
 MIN_PER_BIN = 15
 SNR_BINS = (20.0, 50.0, 100.0)  # S/N bins (noise part) of the children alone in their blend (groups)
-ERRORS_MODULE = Path(__file__).resolve().parent.parent / "scarletstore" / "photometry" / "deblend_errors.py"
+ERRORS_MODULE = Path(__file__).resolve().parent.parent / "scarletstore" / "measure" / "photometry" / "deblend_errors.py"
 
 
 def _recording_catalog(st, band):
     """The band catalog with each blend's error inputs recorded by source id when computed."""
-    from scarletstore.catalog import band_catalog
+    from scarletstore.measure.catalog import band_catalog
 
     cat = band_catalog(st, band, apcorr=False)
     ph = cat.attrs["_measurer"].photometry
@@ -62,7 +62,7 @@ def _recording_catalog(st, band):
 
 
 def _bins(blendedness, snr):
-    from scarletstore.photometry.deblend_errors import BLENDEDNESS_EDGES, SNR_EDGES
+    from scarletstore.measure.photometry.deblend_errors import BLENDEDNESS_EDGES, SNR_EDGES
 
     b = np.nan_to_num(np.asarray(blendedness, np.float64), nan=0.0)
     r = np.nan_to_num(np.asarray(snr, np.float64), nan=0.0)
@@ -72,7 +72,7 @@ def _bins(blendedness, snr):
 
 def _child(inputs, k, n_bins):
     """(noise part, V row, edge light, flux, own bin) of child k from its blend's error inputs."""
-    from scarletstore.photometry.deblend_errors import error_model
+    from scarletstore.measure.photometry.deblend_errors import error_model
 
     c, noise, fisher, edge, own, flux, q, err_share, blendedness = inputs
     zero = np.zeros((1, 1))
@@ -88,8 +88,8 @@ def _child(inputs, k, n_bins):
 
 def samples(fields=CALIBRATION_FIELDS):
     """Per matched child (truth S/N > 10): residual, noise part, own bin, V (n, n_bins), edge light, flux."""
-    from scarletstore.photometry.deblend_errors import BLENDEDNESS_EDGES, SNR_EDGES
-    from scarletstore.store import Store
+    from scarletstore.measure.photometry.deblend_errors import BLENDEDNESS_EDGES, SNR_EDGES
+    from scarletstore.store.store import Store
 
     nb, ns = len(BLENDEDNESS_EDGES) + 1, len(SNR_EDGES) + 1
     out = {"d": [], "noise": [], "bin": [], "V": [], "E": [], "F": [], "truth_blendedness": []}

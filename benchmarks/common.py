@@ -26,7 +26,7 @@ def timed(fn, repeat=5, warmup=1):
 
 def simulated_field(size=600, seed=7, bands="ugrizy"):
     """Simulate (once, cached on disk) and return the simulator's output paths."""
-    from scarletstore.simulate import simulate_field
+    from scarletstore.simulate.field import simulate_field
 
     out = CACHE / f"sim-{size}-{seed}-{bands}"
     if not (out / "truth_images.npz").exists():
@@ -39,9 +39,9 @@ def field_store(size=600, seed=7, bands="ugrizy", runs=("scarlet",)):
     """A store of the simulated field with exposure, parents and the named runs (cached)."""
     from scarletstore.deblend import DeblendConfig
     from scarletstore.deblend.run import deblend_exposure
-    from scarletstore.detect import detect
-    from scarletstore.ingest import read_fits_bands
-    from scarletstore.store import Store
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import read_fits_bands
+    from scarletstore.store.store import Store
 
     sim = simulated_field(size, seed, bands)
     path = CACHE / f"field-{size}-{seed}-{bands}.h5"

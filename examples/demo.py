@@ -50,8 +50,8 @@ def main():
     step("catalog", ["catalog", store, "--band", "r", "--run", "scarlet", "-o", out / "catalog_r.fits"])
     step("forced", ["forced", store, *visits, "--run", "scarlet", "-o", out / "forced.fits"])
 
-    from scarletstore.query import blend_table
     import scarletstore as ss
+    from scarletstore.store.query import blend_table
 
     table = blend_table(ss.open(store), "scarlet")
     fitted = table[(table["reason"] == "") & (table["n_sources"] > 1)]

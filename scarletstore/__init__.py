@@ -9,7 +9,7 @@
 first use of ``open`` or ``Store``.
 """
 
-from .errors import InputError, SchemaError, ScarletStoreError, StoreError
+from .errors import InputError, ScarletStoreError, SchemaError, StoreError
 
 __all__ = ["__version__", "open", "Store", "copy_store", "move_store", "remove_store",
            "ScarletStoreError", "InputError", "SchemaError", "StoreError"]
@@ -26,14 +26,14 @@ def open(path):  # noqa: A001 - ss.open(path) mirrors xarray.open_dataset / h5py
 
     Returns
     -------
-    scarletstore.store.Store
+    scarletstore.store.store.Store
 
     Raises
     ------
     StoreError
         When ``path`` does not exist or is not a scarletstore store.
     """
-    from .store import Store
+    from .store.store import Store
 
     return Store(path)
 
@@ -43,7 +43,7 @@ def __getattr__(name):
     # use, and the installed version is looked up on first use only (importlib.metadata
     # scans every path entry, which a CLI call that records no version should not pay)
     if name in _STORE_FUNCTIONS:
-        from . import store
+        from .store import store
 
         return getattr(store, name)
     if name == "__version__":

@@ -153,8 +153,8 @@ def _using(asked, run) -> None:
 
 # ---------------------------------------------------------------- commands
 def cmd_ingest(args):
-    from .ingest import read_inputs
-    from .store import Store, StoreError
+    from .ingest.exposure import read_inputs
+    from .store.store import Store, StoreError
 
     exposure = read_inputs(args.inputs, bands=_bands(args.bands),
                            psf_files=_band_files(args.psf, "--psf"))
@@ -188,7 +188,7 @@ def _config_summary(text: str, method) -> str:
 
 def cmd_info(args):
     from .errors import SchemaError, StoreError
-    from .store import Store
+    from .store.store import Store
 
     store = Store(args.store)
     if args.check:
@@ -230,10 +230,10 @@ def cmd_info(args):
 
 
 def cmd_simulate(args):
-    from .simulate import simulate_field
+    from .simulate.field import simulate_field
 
     if args.visits is not None:
-        from .simulate_visits import simulate_visits
+        from .simulate.visits import simulate_visits
 
         out = simulate_visits(args.out_dir, n_visits=args.visits, size=args.size, seed=args.seed,
                               bands=_bands(args.bands), density=args.density, progress=True)
@@ -262,7 +262,7 @@ def cmd_coadd(args):
 
     from .coadd.pipeline import coadd
     from .coadd.visits import read_grid, read_visits
-    from .store import Store, StoreError
+    from .store.store import Store, StoreError
 
     path = Path(args.store)
     if path.exists():
@@ -311,7 +311,7 @@ def cmd_tract(args):
 
 
 def cmd_merge(args):
-    from .catalog import write_columns
+    from .measure.catalog import write_columns
     from .tract.merge import tract_catalog
 
     out = Path(args.output)
@@ -328,8 +328,9 @@ def cmd_merge(args):
 
 
 def cmd_detect(args):
-    from .detect import detect, read_peaks_table
-    from .store import Store
+    from .detect.detect import detect
+    from .detect.known import read_peaks_table
+    from .store.store import Store
 
     if args.threshold <= 0:
         raise InputError(f"--threshold must be positive, got {args.threshold:g}")
@@ -376,7 +377,7 @@ def cmd_deblend(args):
 
     from .deblend.config import DeblendConfig
     from .deblend.run import deblend_exposure
-    from .store import Store, check_run_name, run_group
+    from .store.store import Store, check_run_name, run_group
 
     # arguments first: nothing is read or computed for a request that will be refused
     if args.run is not None:
@@ -426,7 +427,7 @@ def cmd_deblend(args):
 
 def _open_run_store(path, run):
     """The store and the run to use: ``run`` when given, else the newest."""
-    from .store import Store
+    from .store.store import Store
 
     store = Store(path)
     runs = store.runs()
@@ -439,7 +440,7 @@ def _open_run_store(path, run):
 
 def _reprocessed_image(store, path, band):
     """One band of a reprocessed image (ingest FITS layout) checked against the store's grid."""
-    from .ingest import read_fits_bands
+    from .ingest.exposure import read_fits_bands
 
     ex = read_fits_bands([path], bands=[band], psf_files=None, require_psf=False)
     if store.has("exposure"):
@@ -464,7 +465,7 @@ def _radii(text):
 
 
 def cmd_catalog(args):
-    from .catalog import band_catalog, export_catalog
+    from .measure.catalog import band_catalog, export_catalog
 
     out = Path(args.output)
     if out.suffix.lower() not in (".fits", ".csv", ".h5"):
@@ -478,12 +479,12 @@ def cmd_catalog(args):
             raise InputError(f"{flag} names band {other[0]} but the catalog is for band {args.band}")
     psf_override = image_override = None
     if args.band in psf_files:
-        from .ingest import check_psf, read_psf_file
+        from .ingest.exposure import check_psf, read_psf_file
         psf_override = check_psf(read_psf_file(psf_files[args.band]), psf_files[args.band])
     if args.band in image_files:
         image_override = _reprocessed_image(store, image_files[args.band], args.band)
     if args.parents:
-        from .photometry.parents import parent_catalog as make_catalog
+        from .measure.parents import parent_catalog as make_catalog
     else:
         make_catalog = band_catalog
     cat = make_catalog(store, args.band, run=run, redistribute=args.redistribute,
@@ -499,7 +500,8 @@ def cmd_catalog(args):
 def cmd_apcorr(args):
     import numpy as np
 
-    from .photometry.apcorr import ApertureCorrection, measure_apcorr
+    from .measure.apcorr import measure_apcorr
+    from .measure.photometry.apcorr import ApertureCorrection
 
     store, run = _open_run_store(args.store, args.run)
     if args.min_snr <= 0:
@@ -523,7 +525,7 @@ def cmd_apcorr(args):
 def cmd_forced(args):
     import numpy as np
 
-    from .forced.run import default_visits, forced_photometry, write_table
+    from .measure.forced.run import default_visits, forced_photometry, write_table
 
     out = Path(args.output)
     if out.suffix.lower() not in (".fits", ".csv", ".h5"):
@@ -544,7 +546,7 @@ def cmd_forced(args):
 
 
 def cmd_query(args):
-    from .query import blend_table, select
+    from .store.query import blend_table, select
 
     if args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
@@ -566,7 +568,7 @@ def cmd_query(args):
 
 
 def cmd_show(args):
-    from .store import Store
+    from .store.store import Store
 
     out = Path(args.output)
     if out.suffix.lower() != ".png":
@@ -602,10 +604,8 @@ def cmd_show(args):
 
 
 def cmd_migrate(args):
-    from .migrate import migrate_store
-    from .store import Store
-
-    from .store import default_layout
+    from .store.migrate import migrate_store
+    from .store.store import Store, default_layout
 
     store = Store(args.store)
     before = store.layout
@@ -625,8 +625,8 @@ def cmd_migrate(args):
 
 
 def cmd_diff(args):
-    from .compare import diff_runs
-    from .store import run_group
+    from .measure.compare import diff_runs
+    from .store.store import run_group
 
     if args.top < 0:
         raise InputError(f"--top must be 0 or more, got {args.top}")
@@ -662,7 +662,7 @@ def cmd_diff(args):
 
 def cmd_import_lsst(args):
     from .lsst import place_on_exposure, read_lsst_models
-    from .store import Store, check_run_name, run_group
+    from .store.store import Store, check_run_name, run_group
 
     path = Path(args.store)
     if args.run is not None:
@@ -684,7 +684,7 @@ def cmd_import_lsst(args):
 
 def cmd_export_lsst(args):
     from .lsst import write_lsst_models
-    from .store import run_group
+    from .store.store import run_group
 
     out = _check_output(args.output)
     store, run = _open_run_store(args.store, args.run)
@@ -709,7 +709,7 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .blend_columns import BLEND_COLUMNS, WHERE_GRAMMAR
+    from .store.blend_columns import BLEND_COLUMNS, WHERE_GRAMMAR
 
     BLEND_COLUMN_NAMES = list(BLEND_COLUMNS.values())
 

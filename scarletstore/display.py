@@ -519,7 +519,7 @@ class BlendPicture:
 def _run_row(store, parent_id: int, run: str) -> dict:
     """A run's per-blend columns for one parent (InputError when the run does not hold it)."""
     from .errors import InputError
-    from .models import RunIndex
+    from .store.runs import RunIndex
 
     tables = store.run_tables(run)
     try:
@@ -538,7 +538,7 @@ def _run_row(store, parent_id: int, run: str) -> dict:
 
 def _exposure_box(store, bbox):
     """(image, variance, bad) of the exposure in ``bbox``; bad from the exposure's bad planes."""
-    from .ingest import DEFAULT_BAD_PLANES, bad_bits
+    from .ingest.exposure import DEFAULT_BAD_PLANES, bad_bits
 
     y0, x0, h, w = bbox
     with store.open("exposure") as ex:
@@ -553,7 +553,7 @@ def _exposure_box(store, bbox):
 
 def _parent_footprint(store, parent_id: int, bbox):
     """(footprint mask in ``bbox``, peak ids, (n, 2) peak y, x in ``bbox``) from the parents, or Nones."""
-    from .footprint import counts_to_offsets, spans_to_mask
+    from .detect.footprint import counts_to_offsets, spans_to_mask
 
     if not store.has("parents"):
         return None, None, None
@@ -577,8 +577,8 @@ def read_blend_picture(store, parent_id: int, run: str) -> BlendPicture:
     of its data with the parent's peaks (``source_ids`` are then peak ids and
     ``models`` has no rows); it needs the exposure.
     """
-    from .catalog import blend_views
     from .errors import InputError
+    from .measure.catalog import blend_views
 
     row = _run_row(store, parent_id, run)
     bbox = tuple(int(row[k]) for k in ("y0", "x0", "height", "width"))

@@ -64,9 +64,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .deblend.result import Component, SourceResult
 from .errors import InputError
-from .models import SOURCE_ISOLATED, BlendRecord, RunIndex, build_run, read_blend
+from .store.components import Component, SourceResult
+from .store.runs import SOURCE_ISOLATED, BlendRecord, RunIndex, build_run, read_blend
 
 FORMAT_VERSION = "1.0.0"
 _SUPPORTED_MAJOR = 1

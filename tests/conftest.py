@@ -21,7 +21,7 @@ def shared_file(name: str) -> Path:
 def store_bytes(path) -> dict:
     """``{file name: bytes}`` of every file of a store (its file and, for a linked
     store, its products folder): what "the store is unchanged" compares."""
-    from scarletstore.store import store_files
+    from scarletstore.store.store import store_files
 
     base = Path(path).parent
     return {str(p.relative_to(base)): p.read_bytes() for p in store_files(path)}

@@ -6,16 +6,16 @@ import xarray as xr
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from conftest import make_wcs_header
 from scipy.signal import fftconvolve
 
-from conftest import make_wcs_header
-from scarletstore.catalog import band_catalog, heavy_footprint
 from scarletstore.cli import main
 from scarletstore.deblend.psf import difference_kernels, gaussian_psf
-from scarletstore.deblend.result import Component, SourceResult
-from scarletstore.ingest import make_exposure
-from scarletstore.models import BlendRecord, build_run
-from scarletstore.store import Store
+from scarletstore.ingest.exposure import make_exposure
+from scarletstore.measure.catalog import band_catalog, heavy_footprint
+from scarletstore.store.components import Component, SourceResult
+from scarletstore.store.runs import BlendRecord, build_run
+from scarletstore.store.store import Store
 
 H = W = 120
 BANDS = ["g", "r"]
@@ -170,7 +170,7 @@ def test_export_round_trip(synthetic, tmp_path, suffix):
 
 def test_region_query_agrees_with_astropy(synthetic, capsys):
     store, *_ = synthetic
-    from scarletstore.query import blend_table, select
+    from scarletstore.store.query import blend_table, select
 
     w = WCS(fits.Header.fromstring(store.read("exposure").attrs["wcs"]))
     ra, dec = w.all_pix2world([[18.0, 18.0]], 0)[0]  # the first source of blend 1 (x, y)
@@ -218,7 +218,7 @@ def test_catalog_errors(synthetic, tmp_path, capsys):
 
 
 def test_convolution_of_boxes_smaller_than_the_kernel():
-    from scarletstore.reconstruct import convolve_stack
+    from scarletstore.measure.reconstruct import convolve_stack
 
     rng = np.random.default_rng(0)
     kernel = rng.random((39, 39))

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_wcs_header, store_bytes
+
 from scarletstore.cli import main
 from scarletstore.deblend.psf import gaussian_psf
-from scarletstore.deblend.result import Component, SourceResult
-from scarletstore.ingest import make_exposure
-from scarletstore.models import BlendRecord, build_run
-from scarletstore.store import Store, copy_store
+from scarletstore.ingest.exposure import make_exposure
+from scarletstore.store.components import Component, SourceResult
+from scarletstore.store.runs import BlendRecord, build_run
+from scarletstore.store.store import Store, copy_store
 
 ROOT = Path(__file__).resolve().parent.parent
 H = W = 64
@@ -81,7 +81,7 @@ def _fails(argv, capsys, *expect):
 @pytest.fixture(scope="module")
 def field_path(store_path, tmp_path_factory):
     """The store with parents detected in its exposure (for deblend)."""
-    from scarletstore.detect import detect
+    from scarletstore.detect.detect import detect
 
     path = tmp_path_factory.mktemp("field") / "f.h5"
     copy_store(store_path, path)
@@ -208,7 +208,7 @@ def test_os_errors_name_the_store_not_its_temporary_copy():
 def test_full_disk_during_a_write_names_the_store(field_path, tmp_path, capsys, monkeypatch, layout):
     import errno
 
-    import scarletstore.store as store_module
+    import scarletstore.store.store as store_module
 
     def full_disk(src, dst, *a, **k):  # writing the new product (or the single file's copy) fails
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))

@@ -18,8 +18,8 @@ from scarletstore.coadd.psf import warp_psf
 from scarletstore.coadd.stack import COADD_MASK_PLANES, direct_coadd
 from scarletstore.coadd.visits import read_grid, read_visit, read_visits
 from scarletstore.coadd.warp import warp_image
-from scarletstore.simulate_visits import simulate_visits
-from scarletstore.store import Store
+from scarletstore.simulate.visits import simulate_visits
+from scarletstore.store.store import Store
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ pytest.importorskip("dask.distributed")
 from scarletstore.cli import main
 from scarletstore.coadd.pipeline import coadd
 from scarletstore.coadd.visits import read_grid, read_visits
-from scarletstore.simulate_visits import simulate_visits
+from scarletstore.simulate.visits import simulate_visits
 
 
 def test_two_dask_workers_give_the_one_worker_coadd(tmp_path):

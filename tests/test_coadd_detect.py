@@ -10,8 +10,8 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from scarletstore.cli import main
-from scarletstore.simulate_visits import simulate_visits
-from scarletstore.store import Store
+from scarletstore.simulate.visits import simulate_visits
+from scarletstore.store.store import Store
 
 
 def _recall_and_spurious(parents, truth, size, radius=1.5, mag=24.0):
@@ -52,7 +52,7 @@ def test_detect_on_the_likelihood_coadd(tmp_path, capsys):
 
 def test_detect_likelihood_needs_a_coadd_store(tmp_path, capsys):
     """A store ingested from a coadd has no likelihood group: one line, exit 2, nothing written."""
-    from scarletstore.ingest import make_exposure
+    from scarletstore.ingest.exposure import make_exposure
 
     rng = np.random.default_rng(3)
     ex = make_exposure(rng.normal(size=(1, 40, 40)), np.ones((1, 40, 40)), None,

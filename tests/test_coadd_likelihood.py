@@ -11,8 +11,8 @@ from scipy import ndimage
 
 from scarletstore.coadd.stack import direct_coadd
 from scarletstore.coadd.visits import read_grid, read_visits
-from scarletstore.simulate import MAGZERO as SIM_MAGZERO
-from scarletstore.simulate_visits import simulate_visits
+from scarletstore.simulate.field import MAGZERO as SIM_MAGZERO
+from scarletstore.simulate.visits import simulate_visits
 
 
 @pytest.fixture(scope="module")

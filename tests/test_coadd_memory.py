@@ -49,8 +49,8 @@ def test_coadd_memory_is_one_bands_not_all_bands(tmp_path):
     pytest.importorskip("galsim")
     from scarletstore.coadd.pipeline import coadd
     from scarletstore.coadd.visits import read_grid, read_visits
-    from scarletstore.simulate_visits import simulate_visits
-    from scarletstore.store import Store
+    from scarletstore.simulate.visits import simulate_visits
+    from scarletstore.store.store import Store
 
     sim = simulate_visits(tmp_path / "sim", n_visits=3, size=160, seed=4, bands="griz", density=10)
     grid = read_grid(sim["grid"])

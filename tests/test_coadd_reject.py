@@ -20,8 +20,8 @@ from scarletstore.coadd.pipeline import coadd
 from scarletstore.coadd.reject import BRIDGE, DILATE, clipped_mean
 from scarletstore.coadd.stack import COADD_MASK_PLANES
 from scarletstore.coadd.visits import read_grid, read_visits
-from scarletstore.simulate_visits import simulate_visits
-from scarletstore.store import Store
+from scarletstore.simulate.visits import simulate_visits
+from scarletstore.store.store import Store
 
 
 def moffat(size, fwhm, beta=3.5, e1=0.0):
@@ -225,7 +225,7 @@ def test_few_visits_no_trail_piece_is_detected(tmp_path, n_visits, seed):
     Seed 1 at 4 visits is the demo's field."""
     from scipy.spatial import cKDTree
 
-    from scarletstore.detect import detect
+    from scarletstore.detect.detect import detect
 
     size = 240
     sim = simulate_visits(tmp_path, n_visits=n_visits, size=size, seed=seed, bands="gr", density=60)

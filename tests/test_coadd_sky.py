@@ -15,7 +15,7 @@ from astropy.wcs import WCS
 from scarletstore.coadd.pipeline import coadd
 from scarletstore.coadd.sky import fit_sky
 from scarletstore.coadd.visits import read_grid, read_visits
-from scarletstore.simulate_visits import simulate_visits
+from scarletstore.simulate.visits import simulate_visits
 
 SIZE = 192
 

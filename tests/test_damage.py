@@ -4,12 +4,12 @@ group exits 2 with one line (no traceback) and leaves the file as it was."""
 import h5py
 import numpy as np
 import pytest
-
 from conftest import gaussian_psf, make_wcs_header, store_bytes
+
 from scarletstore.cli import main
 from scarletstore.errors import SchemaError
-from scarletstore.ingest import make_exposure
-from scarletstore.store import Store, copy_store, products_dir
+from scarletstore.ingest.exposure import make_exposure
+from scarletstore.store.store import Store, copy_store, products_dir
 
 BANDS = ["g", "r", "i"]
 

@@ -5,24 +5,24 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import store_bytes
+
 from scarletstore.cli import main
 from scarletstore.deblend import DeblendConfig
 from scarletstore.deblend.run import deblend_exposure, init_from_run
+from scarletstore.detect.footprint import counts_to_offsets
 from scarletstore.errors import InputError
-from scarletstore.footprint import counts_to_offsets
-from scarletstore.ingest import read_fits_bands, read_npz
-from scarletstore.models import BLEND_FLAGS
-from scarletstore.store import Store, copy_store
+from scarletstore.ingest.exposure import read_fits_bands, read_npz
+from scarletstore.store.runs import BLEND_FLAGS
+from scarletstore.store.store import Store, copy_store
 
 
 @pytest.fixture(scope="module")
 def field(tmp_path_factory):
     """A small simulated field, ingested and detected: (exposure, parents, store path)."""
     pytest.importorskip("galsim")
-    from scarletstore.detect import detect
-    from scarletstore.simulate import simulate_field
+    from scarletstore.detect.detect import detect
+    from scarletstore.simulate.field import simulate_field
 
     tmp = tmp_path_factory.mktemp("field")
     out = simulate_field(tmp / "sim", size=128, seed=11, bands="gri", density=150)
@@ -190,7 +190,7 @@ def test_config_overrides_take_the_fields_types():
 
 
 def test_warm_start_on_hsc_needs_fewer_iterations(hsc_path):
-    from scarletstore.detect import detect
+    from scarletstore.detect.detect import detect
 
     exposure = read_npz(hsc_path)
     parents = detect(exposure)
@@ -263,8 +263,8 @@ def test_diff_and_info_report_runs(field, tmp_path, capsys):
 def test_catalog_positions_and_redistribution_conserve_flux(field, tmp_path):
     """Every row lies on its own peak, and the redistributed children of every
     parent (isolated or fitted) sum to the image over its footprint."""
-    from scarletstore.catalog import band_catalog, heavy_footprint
-    from scarletstore.models import SOURCE_FLAGS
+    from scarletstore.measure.catalog import band_catalog, heavy_footprint
+    from scarletstore.store.runs import SOURCE_FLAGS
 
     exposure, parents, src = field
     path = tmp_path / "s.h5"
@@ -311,8 +311,8 @@ def test_catalog_positions_and_redistribution_conserve_flux(field, tmp_path):
 def test_sdss_and_isolated_record_honest_statistics(field, tmp_path):
     """SDSS blends carry their template model's chi2/logL (not 0 / -0 / 1 iteration);
     isolated parents claim no fit."""
-    from scarletstore.catalog import band_catalog
     from scarletstore.deblend.run import make_tasks
+    from scarletstore.measure.catalog import band_catalog
 
     exposure, parents, src = field
     config = DeblendConfig()
@@ -405,8 +405,8 @@ def test_run_of_no_blends_reads_back(tmp_path):
     """A patch of blank sky detects nothing; its run (zero blends) must still be a valid product:
     xarray writes an empty object column as float64 unless told it holds strings."""
     from scarletstore.deblend.psf import gaussian_psf
-    from scarletstore.detect import detect
-    from scarletstore.ingest import make_exposure
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import make_exposure
 
     rng = np.random.default_rng(0)
     image = rng.normal(0, 1, (2, 48, 48)).astype(np.float32)

@@ -4,15 +4,14 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import gaussian_psf
+
 from scarletstore.cli import main
-from scarletstore.display import (
-    BlendPicture, auto_stretch, blend_layout, combined_residual, field_boxes, footprint_edges,
-    legend_entries, lupton_rgb, read_blend_picture, read_field, residual_sigma, rgb_bands,
-    show_blend, source_panel,
-)
-from scarletstore.store import Store, copy_store
+from scarletstore.display import (BlendPicture, auto_stretch, blend_layout, combined_residual,
+                                  field_boxes, footprint_edges, legend_entries, lupton_rgb,
+                                  read_blend_picture, read_field, residual_sigma, rgb_bands,
+                                  show_blend, source_panel)
+from scarletstore.store.store import Store, copy_store
 
 pytest.importorskip("matplotlib")
 
@@ -37,8 +36,8 @@ def scene(tmp_path_factory):
     different noise level per band, so the tests do not lean on the fields the
     pictures were tuned on.
     """
-    from scarletstore.detect import detect
-    from scarletstore.ingest import make_exposure
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import make_exposure
 
     ny, nx = 130, 170
     rng = np.random.default_rng(21)
@@ -289,7 +288,7 @@ def test_show_bad_arguments_exit_2(deblended, tmp_path, capsys, argv, message):
 
 
 def test_show_field_needs_parents(tmp_path, capsys):
-    from scarletstore.ingest import make_exposure
+    from scarletstore.ingest.exposure import make_exposure
 
     ex = make_exposure(np.zeros((1, 8, 8)), np.ones((1, 8, 8)), None, [gaussian_psf(5, 1.0)], ["r"])
     path = tmp_path / "bare.h5"

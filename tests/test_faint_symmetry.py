@@ -12,7 +12,7 @@ from scarletstore.deblend import scarlet as S
 
 def _blended_truth(out, exposure, band):
     """Truth table and which rows are blended (r blendedness > 0.1, SNR > 10)."""
-    from scarletstore.simulate import load_truth
+    from scarletstore.simulate.field import load_truth
 
     table, stamps = load_truth(out)
     kb = [str(b) for b in exposure.band.values].index(band)
@@ -33,9 +33,9 @@ def _blended_truth(out, exposure, band):
 
 def _true_peak_errors(exposure, parents, table, sel):
     """|flux / truth - 1| in r and i of the blended truth sources (true peaks)."""
-    from scarletstore.compare import source_fluxes
     from scarletstore.deblend.run import deblend_exposure
-    from scarletstore.truth import match_positions
+    from scarletstore.measure.compare import source_fluxes
+    from scarletstore.simulate.truth import match_positions
 
     run = deblend_exposure(exposure, parents, DeblendConfig())
     flux = source_fluxes(run)
@@ -56,9 +56,9 @@ def test_faint_sources_symmetric_over_their_box_measure_better(tmp_path, monkeyp
     # against contested symmetry for every source. Measured: median 11.0 %
     # against 12.3 % (n = 150), mean 16.8 % against 17.2 %.
     pytest.importorskip("galsim")
-    from scarletstore.detect import detect
-    from scarletstore.ingest import read_fits_bands
-    from scarletstore.simulate import simulate_field
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import read_fits_bands
+    from scarletstore.simulate.field import simulate_field
 
     errors = {True: [], False: []}
     for seed in (21, 23, 25):

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
-from scarletstore import footprint as fp
+from scarletstore.detect import footprint as fp
 
 
 @settings(max_examples=60, deadline=None)

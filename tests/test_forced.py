@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from scarletstore.deblend.psf import gaussian_psf
-from scarletstore.deblend.result import Component, SourceResult
-from scarletstore.forced.fit import FLAGS, NOT_MEASURED
-from scarletstore.forced.run import forced_photometry, forced_visit, load_models
-from scarletstore.ingest import make_exposure
-from scarletstore.models import BlendRecord, build_run
-from scarletstore.store import Store
+from scarletstore.ingest.exposure import make_exposure
+from scarletstore.measure.forced.fit import FLAGS, NOT_MEASURED
+from scarletstore.measure.forced.run import forced_photometry, forced_visit, load_models
+from scarletstore.store.components import Component, SourceResult
+from scarletstore.store.runs import BlendRecord, build_run
+from scarletstore.store.store import Store
 
 # mask-plane keywords (MP_NO_DATA) are longer than 8 characters: astropy writes
 # them as HIERARCH cards, as the visit format expects, and says so every time
@@ -313,7 +313,7 @@ def test_end_to_end_variable_star_light_curve(tmp_path, capsys):
     from astropy.table import Table
 
     from scarletstore.cli import main
-    from scarletstore.simulate import MAGZERO
+    from scarletstore.simulate.field import MAGZERO
 
     sim = tmp_path / "sim"
     # gri: with --bands gr the same seed puts the variable star where its coadd model

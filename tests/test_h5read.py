@@ -14,11 +14,11 @@ import h5py
 import numpy as np
 import pytest
 import xarray as xr
-
 from conftest import DATA
+
 from scarletstore.cli import main
-from scarletstore.h5read import read_group
-from scarletstore.store import LAYOUT_ENV, Store, copy_store
+from scarletstore.store.h5read import read_group
+from scarletstore.store.store import LAYOUT_ENV, Store, copy_store
 
 ROOT = Path(__file__).resolve().parent.parent
 

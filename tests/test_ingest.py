@@ -5,12 +5,12 @@ import pytest
 import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS
-
 from conftest import gaussian_psf, make_wcs_header, store_bytes, write_band_fits
+
 from scarletstore.cli import main
 from scarletstore.errors import InputError
-from scarletstore.ingest import bad_pixels, read_fits_bands, read_npz
-from scarletstore.store import Store
+from scarletstore.ingest.exposure import bad_pixels, read_fits_bands, read_npz
+from scarletstore.store.store import Store
 
 
 def run(argv):
@@ -177,7 +177,7 @@ def test_read_npz_errors_are_input_errors(tmp_path):
 
 def test_simulated_six_band_fits_ingest_exactly(tmp_path):
     pytest.importorskip("galsim")
-    from scarletstore.simulate import simulate_field
+    from scarletstore.simulate.field import simulate_field
 
     out = simulate_field(tmp_path / "sim", size=64, seed=2, bands="ugrizy")
     store = tmp_path / "sim.h5"
@@ -257,7 +257,7 @@ def test_psf_sum_far_from_one_is_renormalised_with_one_warning(tmp_path, capsys)
     assert run(["ingest", store, _band(tmp_path, "g", psf=psf), _band(tmp_path, "r")]) == 0
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "g.fits" in err[0] and "PSF sums to 5" in err[0] and "renormalised" in err[0]
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
     stored = Store(store).read("exposure")["psf"].values
     np.testing.assert_allclose(stored.sum(axis=(1, 2)), 1.0, rtol=1e-6)
     np.testing.assert_allclose(stored[0], gaussian_psf(9, 1.5), atol=1e-7)

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import copy
-import re
 import json
+import re
 
 import numpy as np
 import pytest
-
 from conftest import shared_file, store_bytes
+
 from scarletstore.errors import InputError
 from scarletstore.lsst import lsst_models_dict, read_lsst_models, write_lsst_models
-from scarletstore.models import CUBE, SOURCE_ISOLATED, RunIndex, read_blend
-from scarletstore.reconstruct import band_kernel, source_models
-from scarletstore.schema import validate
-from scarletstore.store import Store
+from scarletstore.measure.reconstruct import band_kernel, source_models
+from scarletstore.store.runs import CUBE, SOURCE_ISOLATED, RunIndex, read_blend
+from scarletstore.store.schema import validate
+from scarletstore.store.store import Store
 
 BLEND_IDS = [3495976385350991873, 3495976385350991874]
 SOURCE_IDS = [3495976385351016304, 3495976385351016305]
@@ -358,8 +358,8 @@ def test_bad_inputs(tmp_path):
 def test_native_run_exports_cubes_and_isolated(tmp_path):
     """A scarletstore run (observed-frame cubes, an isolated source with pixels,
     one run-level PSF) exports as cube components and imports back unchanged."""
-    from scarletstore.deblend.result import Component, SourceResult
-    from scarletstore.models import BlendRecord, build_run
+    from scarletstore.store.components import Component, SourceResult
+    from scarletstore.store.runs import BlendRecord, build_run
 
     rng = np.random.default_rng(5)
     cube = rng.random((2, 4, 3)).astype(np.float32)
@@ -395,8 +395,8 @@ def test_native_run_exports_cubes_and_isolated(tmp_path):
 
 def test_heavy_footprints_without_exposure_keep_model_flux(tmp_path):
     """Imported models rebuild per-band heavy footprints with no exposure in the store."""
-    from scarletstore.catalog import band_catalog, heavy_footprint
     from scarletstore.cli import main
+    from scarletstore.measure.catalog import band_catalog, heavy_footprint
 
     path = shared_file("lsst_v29_models.json")
     store_path = tmp_path / "imp.h5"
@@ -484,7 +484,7 @@ def _move(doc, oy, ox):
 
 
 def _exposure_store(path, shape=(60, 60), origin=(0, 0)):
-    from scarletstore.ingest import make_exposure
+    from scarletstore.ingest.exposure import make_exposure
 
     rng = np.random.default_rng(2)
     image = rng.normal(0, 1, (2, *shape)).astype(np.float32)
@@ -513,7 +513,7 @@ def test_models_off_the_exposure_are_refused(tmp_path, capsys):
 def test_models_in_global_pixels_are_placed_on_the_exposure(tmp_path, capsys):
     """Models written in tract pixels land on an exposure whose origin is that tract
     offset; the catalog then cuts the right pixels and export restores the file's frame."""
-    from scarletstore.catalog import band_catalog
+    from scarletstore.measure.catalog import band_catalog
 
     doc, *_ = _versioned_doc()
     oy, ox = 1000, 2000

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from scarletstore.photometry import PHOT_FLAGS, PhotometryConfig, flux_columns, measure_suite
-from scarletstore.photometry.aperture import circular_flux
-from scarletstore.photometry.blend import child_shares
-from scarletstore.photometry.moments import OK, adaptive_moments, psf_covariance
-from scarletstore.photometry.psf_flux import psf_flux
+from scarletstore.measure.photometry import (PHOT_FLAGS, PhotometryConfig, flux_columns,
+                                             measure_suite)
+from scarletstore.measure.photometry.aperture import circular_flux
+from scarletstore.measure.photometry.blend import child_shares
+from scarletstore.measure.photometry.moments import OK, adaptive_moments, psf_covariance
+from scarletstore.measure.photometry.psf_flux import psf_flux
 
 H = W = 71
 
@@ -191,7 +192,7 @@ def test_errors_match_the_scatter_over_noise_draws():
 @pytest.mark.parametrize("window", [(0, 41, 0, 41), (5, 30, 10, 20), (10, 15, 0, 41), (0, 41, 3, 9)])
 def test_psf_shift_matches_the_fourier_shift(window):
     """The compiled Dirichlet shift equals the FFT phase ramp on the rows/columns asked for."""
-    from scarletstore.photometry.psf_flux import _shift_odd
+    from scarletstore.measure.photometry.psf_flux import _shift_odd
 
     psf = centred_psf(moffat, 41, fwhm=4.0, beta=3.0)
     dy, dx = 0.31, -0.44

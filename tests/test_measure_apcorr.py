@@ -2,20 +2,21 @@
 
 import numpy as np
 import pytest
+from conftest import store_bytes
 from scipy.signal import fftconvolve
 from scipy.special import erf
 
-from conftest import store_bytes
-from scarletstore.catalog import band_catalog
 from scarletstore.cli import main
 from scarletstore.deblend.psf import difference_kernels, gaussian_psf
-from scarletstore.deblend.result import Component, SourceResult
-from scarletstore.ingest import make_exposure
-from scarletstore.models import BlendRecord, build_run
-from scarletstore.photometry.apcorr import (ApertureCorrection, chebyshev_terms, design_matrix, fit_field,
-                                            measure_apcorr)
-from scarletstore.schema import validate
-from scarletstore.store import Store, copy_store
+from scarletstore.ingest.exposure import make_exposure
+from scarletstore.measure.apcorr import measure_apcorr
+from scarletstore.measure.catalog import band_catalog
+from scarletstore.measure.photometry.apcorr import (ApertureCorrection, chebyshev_terms,
+                                                    design_matrix, fit_field)
+from scarletstore.store.components import Component, SourceResult
+from scarletstore.store.runs import BlendRecord, build_run
+from scarletstore.store.schema import validate
+from scarletstore.store.store import Store, copy_store
 
 N = 240  # field side (pixels)
 PSF0 = 1.6  # sigma of the stored band PSF; the stars' true PSF is broader and varies
@@ -139,7 +140,7 @@ def test_apcorr_recovers_an_injected_psf_trend(star_field, tmp_path):
     raw = band_catalog(store, "r", apcorr=False).compute()
     np.testing.assert_array_equal(raw["psf_flux"].values, before["psf_flux"].values)
     # a store holding the correction still migrates (apcorr/<band> sits in a container group)
-    from scarletstore.migrate import migrate_store
+    from scarletstore.store.migrate import migrate_store
     assert migrate_store(store) == {}
     assert main(["migrate", str(store.path)]) == 0
 
@@ -178,6 +179,10 @@ def test_apcorr_cli_fits_stores_and_summarises(star_field, tmp_path, capsys):
     assert capsys.readouterr().out.strip().startswith("replaced apcorr/r")
     np.testing.assert_allclose(Store(path).read("apcorr/r")["coefficients"].values,
                                corr.coef, rtol=1e-12)
+    # a later write (here a second run) keeps the nested product, in either layout
+    Store(path).add_run(Store(path).read("runs/a"), name="b")
+    assert Store(path).has("apcorr/r") and Store(path).runs() == ["a", "b"]
+    np.testing.assert_allclose(Store(path).read("apcorr/r")["coefficients"].values, corr.coef, rtol=1e-12)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,18 +5,18 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_wcs_header
 from scipy.signal import fftconvolve
 from scipy.special import erf
 
-from conftest import make_wcs_header
-from scarletstore.catalog import band_catalog
 from scarletstore.cli import main
 from scarletstore.deblend.psf import difference_kernels, gaussian_psf
-from scarletstore.deblend.result import Component, SourceResult
-from scarletstore.ingest import make_exposure
-from scarletstore.models import BlendRecord, build_run
-from scarletstore.photometry.parents import parent_catalog
-from scarletstore.store import Store
+from scarletstore.ingest.exposure import make_exposure
+from scarletstore.measure.catalog import band_catalog
+from scarletstore.measure.parents import parent_catalog
+from scarletstore.store.components import Component, SourceResult
+from scarletstore.store.runs import BlendRecord, build_run
+from scarletstore.store.store import Store
 
 H, W = 90, 110
 BANDS = ["g", "i"]
@@ -137,7 +137,7 @@ def test_suite_stays_lazy(field):
 
 def test_psf_broader_than_gaap_aperture_is_flagged(field, tmp_path):
     """A reanalysis PSF wider than the GAaP aperture sets the flag; the other columns stay."""
-    from scarletstore.catalog import CATALOG_FLAGS
+    from scarletstore.measure.catalog import CATALOG_FLAGS
 
     cat = band_catalog(field, "i", psf_override=gaussian_psf(3.1, 31)).compute()
     assert np.all(cat["flags"].values & CATALOG_FLAGS["gaap_psf_too_broad"])
@@ -185,8 +185,8 @@ def test_cli_apertures(field, tmp_path, capsys):
 
 def test_flux_error_parts(field):
     """The model flux's error is the noise part and the template (and footprint-edge) part in quadrature."""
-    from scarletstore.photometry import PhotometryConfig
-    from scarletstore.photometry.deblend_errors import contested_flux, share_products
+    from scarletstore.measure.photometry import PhotometryConfig
+    from scarletstore.measure.photometry.deblend_errors import contested_flux, share_products
 
     cat = field.catalog("g").compute()
     noise, model, total = (cat[c].values for c in ("flux_err_noise", "flux_err_model", "flux_err"))

@@ -4,17 +4,19 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from scarletstore.catalog import band_catalog
 from scarletstore.deblend.config import DeblendConfig
 from scarletstore.deblend.psf import gaussian_psf
 from scarletstore.deblend.run import deblend_exposure
-from scarletstore.detect import detect
-from scarletstore.ingest import make_exposure
-from scarletstore.photometry.deblend_errors import (BLENDEDNESS_EDGES, KAPPA_TABLE, SNR_EDGES,
-                                                    band_share_of_snr2, error_model, kappa_of,
-                                                    most_covariant_neighbour, noise_covariance, share_products,
-                                                    template_covariance)
-from scarletstore.store import Store
+from scarletstore.detect.detect import detect
+from scarletstore.ingest.exposure import make_exposure
+from scarletstore.measure.catalog import band_catalog
+from scarletstore.measure.photometry.deblend_errors import (BLENDEDNESS_EDGES, KAPPA_TABLE,
+                                                            SNR_EDGES, band_share_of_snr2,
+                                                            error_model, kappa_of,
+                                                            most_covariant_neighbour,
+                                                            noise_covariance, share_products,
+                                                            template_covariance)
+from scarletstore.store.store import Store
 
 PSF_SIGMA = 1.6
 TILE = 50

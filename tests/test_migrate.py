@@ -6,14 +6,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import store_bytes
-from scarletstore.catalog import band_catalog
+
 from scarletstore.cli import main
 from scarletstore.errors import SchemaError
-from scarletstore.migrate import MIGRATIONS, upgrade
-from scarletstore.schema import known_versions, latest_version
-from scarletstore.store import Store
+from scarletstore.measure.catalog import band_catalog
+from scarletstore.store.migrate import MIGRATIONS, upgrade
+from scarletstore.store.schema import known_versions, latest_version
+from scarletstore.store.store import Store
 
 DATA = Path(__file__).parent / "data"
 FROZEN = {"store_v1.h5": {"exposure": 1, "parents": 1, "runs/v1": 1}}

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cli import store_path  # noqa: F401  (the module's store fixture)
 
 from scarletstore.cli import main
 from scarletstore.errors import InputError
-from scarletstore.query import blend_table, select, where_mask
-from test_cli import store_path  # noqa: F401  (the module's store fixture)
+from scarletstore.store.query import blend_table, select, where_mask
 
 # six blends chosen so that each operator and precedence rule changes the selection
 TABLE = pd.DataFrame({
@@ -154,7 +154,7 @@ def test_cli_where_selects_blends_of_the_store(store_path, capsys):  # noqa: F81
 
 
 def test_select_combines_blend_and_where(store_path):  # noqa: F811
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
 
     table = blend_table(Store(store_path), "a")
     assert select(table, blend=2, where="not converged")["parent"].tolist() == [2]

@@ -3,7 +3,7 @@ import pytest
 import xarray as xr
 
 from scarletstore.errors import SchemaError
-from scarletstore.schema import known_versions, load_schema, stamp, validate
+from scarletstore.store.schema import known_versions, load_schema, stamp, validate
 
 
 def _exposure():
@@ -94,8 +94,8 @@ def test_every_schema_folder_ships_in_the_wheel():
 
 
 def _run(n_sources=2):
-    from scarletstore.deblend.result import Component, SourceResult
-    from scarletstore.models import BlendRecord, build_run
+    from scarletstore.store.components import Component, SourceResult
+    from scarletstore.store.runs import BlendRecord, build_run
 
     srcs = [SourceResult(k, [Component(np.ones(2, np.float32), np.ones((3, 4), np.float32), 0, 0,
                                        (1.0, 1.0))]) for k in range(n_sources)]

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scarletstore.deblend import DeblendConfig
-from scarletstore.deblend.result import SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_POINT
 from scarletstore.deblend.sdss import deblend_sdss, fit_point_source, symmetric_template
 from scarletstore.errors import InputError
+from scarletstore.store.components import SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_POINT
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,4 +1,4 @@
-"""Tests of the field simulator (scarletstore.simulate)."""
+"""Tests of the field simulator (scarletstore.simulate.field)."""
 
 import sys
 
@@ -11,15 +11,8 @@ from astropy.io import fits  # noqa: E402
 from astropy.wcs import WCS  # noqa: E402
 
 from scarletstore.errors import InputError  # noqa: E402
-from scarletstore.simulate import (  # noqa: E402
-    DEPTH_5SIGMA,
-    MAGZERO,
-    _draw_catalogue,
-    _simulate,
-    load_truth,
-    simulate_field,
-    truth_image,
-)
+from scarletstore.simulate.field import (DEPTH_5SIGMA, MAGZERO, _draw_catalogue, _simulate,
+                                         load_truth, simulate_field, truth_image)
 
 SIZE = 128
 BANDS = "gri"
@@ -267,7 +260,7 @@ def test_default_field_has_no_artifacts_file(field):
 
 
 def test_strong_wing_psf(odd_field, field):
-    from scarletstore.simulate import load_artifacts  # noqa: F401
+    from scarletstore.simulate.field import load_artifacts  # noqa: F401
 
     _, paths = odd_field
     _, ref = field
@@ -281,7 +274,7 @@ def test_strong_wing_psf(odd_field, field):
 
 
 def test_artifacts_are_flagged_and_recorded(odd_field):
-    from scarletstore.simulate import MASK_PLANES, load_artifacts
+    from scarletstore.simulate.field import MASK_PLANES, load_artifacts
 
     out, paths = odd_field
     art = load_artifacts(out)

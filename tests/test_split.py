@@ -13,8 +13,8 @@ from scarletstore.deblend.run import deblend_exposure
 from scarletstore.deblend.scarlet import deblend_scarlet
 from scarletstore.deblend.split import (PIECE_HEADROOM, CannotSplit, deblend_pieces, fit_memory,
                                         merged_fit_statistics, parent_bytes, plan_pieces)
-from scarletstore.models import BLEND_FLAGS
-from scarletstore.reconstruct import band_kernel, redistribute, source_models
+from scarletstore.measure.reconstruct import band_kernel, redistribute, source_models
+from scarletstore.store.runs import BLEND_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,11 +139,11 @@ def test_split_parent_apportions_every_pixel_once(fits):
 def field(tmp_path_factory):
     """A galsim field (not the Gaussian scenes above), ingested and detected."""
     pytest.importorskip("galsim")
-    from scarletstore.detect import detect
-    from scarletstore.ingest import read_fits_bands
-    from scarletstore.simulate import simulate_field
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import read_fits_bands
+    from scarletstore.simulate.field import simulate_field
 
-    out = simulate_field(tmp_path_factory.mktemp("split") / "sim", size=160, seed=23, bands="gri",
+    out = simulate_field(tmp_path_factory.mktemp("split") / "sim", size=160, seed=24, bands="gri",
                          density=200)
     exposure = read_fits_bands(list(out["bands"].values()))
     return exposure, detect(exposure)

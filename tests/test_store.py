@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 import pytest
 import xarray as xr
-
 from conftest import store_bytes
+
 from scarletstore.errors import SchemaError, StoreError
-from scarletstore.ingest import make_exposure
-from scarletstore.store import Store, copy_store
+from scarletstore.ingest.exposure import make_exposure
+from scarletstore.store.store import Store, copy_store
 
 
 def _exposure(seed=0, shape=(3, 30, 40)):
@@ -118,8 +118,8 @@ def test_reader_open_while_writing(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from scarletstore.ingest import make_exposure
-    from scarletstore.store import Store
+    from scarletstore.ingest.exposure import make_exposure
+    from scarletstore.store.store import Store
     store = Store(sys.argv[1])
     i = 0
     rng = np.random.default_rng(1)
@@ -187,7 +187,7 @@ def test_killed_writer_leftover_removed_by_next_write(tmp_path, layout):
 
 def test_leftover_of_live_writer_kept(tmp_path):
     """A temporary copy whose writer (by its name) still runs on this host is not removed."""
-    from scarletstore.store import _HOST
+    from scarletstore.store.store import _HOST
 
     path = tmp_path / "s.h5"
     store = Store.create(path, {"exposure": _exposure(0)})
@@ -211,8 +211,8 @@ BAD_NAMES = ["a\nb", "ctl\x07x", "..", ".", "a/b", "/abs", "", "tab\tname", "sp 
 
 
 def _tiny_run(first_id=1, n_sources=2):
-    from scarletstore.deblend.result import Component, SourceResult
-    from scarletstore.models import BlendRecord, build_run
+    from scarletstore.store.components import Component, SourceResult
+    from scarletstore.store.runs import BlendRecord, build_run
 
     srcs = [SourceResult(k, [Component(np.ones(3, np.float32), np.ones((3, 3), np.float32), k, k,
                                        (k + 1.0, k + 1.0))]) for k in range(n_sources)]
@@ -302,8 +302,9 @@ def test_concurrent_deblends_get_distinct_names_and_ids(tmp_path, names):
     runs used to share source ids (both numbered from the same maximum)."""
     import multiprocessing
 
-    from scarletstore.cli import main
     from test_damage import _field
+
+    from scarletstore.cli import main
 
     path = tmp_path / "s.h5"
     Store.create(path, {"exposure": _field(seed=5)})
@@ -331,7 +332,7 @@ from test_damage import valid_store  # noqa: E402,F401  (module fixture: a store
 
 
 def test_footprint_cache_equals_uncached_and_follows_writes(valid_store, tmp_path, monkeypatch):
-    import scarletstore.catalog as catalog
+    import scarletstore.measure.catalog as catalog
 
     path = tmp_path / "s.h5"
     copy_store(valid_store, path)

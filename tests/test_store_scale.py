@@ -14,12 +14,12 @@ import h5py
 import numpy as np
 import pytest
 import xarray as xr
+from test_store import _exposure, _tiny_run
 
-import scarletstore.store as store_module
+import scarletstore.store.store as store_module
 from scarletstore.cli import main
 from scarletstore.errors import StoreError
-from scarletstore.store import Store, products_dir
-from test_store import _exposure, _tiny_run
+from scarletstore.store.store import Store, products_dir
 
 DATA = Path(__file__).parent / "data"
 
@@ -168,7 +168,7 @@ KILLED = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, sys.argv[2])
     from test_store import _exposure, _tiny_run
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
     store = Store(sys.argv[1])
     i = int(sys.argv[3])
     print(store.add_run(_tiny_run()), flush=True)  # the imports of a first write take seconds
@@ -227,7 +227,7 @@ CONCURRENT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[2])
     from test_store import _tiny_run
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
     store = Store(sys.argv[1])
     for k in range(4):
         store.add_run(_tiny_run(n_sources=2), name=f"{sys.argv[3]}-{k}")
@@ -272,14 +272,14 @@ def test_v1_store_migrates_to_linked(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be converted back" in err
     assert store.add_run(store.read("runs/v1")) == "scarlet-1"
-    from scarletstore.catalog import band_catalog
+    from scarletstore.measure.catalog import band_catalog
     cat = band_catalog(Store(path), "i", run="v1").compute()
     assert cat.sizes["row"] == before["runs/v1"].sizes["source"] and np.isfinite(cat["flux"].values).all()
 
 
 @pytest.mark.parametrize("layout", ["linked", "single"])
 def test_copy_move_and_remove_whole_stores(tmp_path, layout):
-    from scarletstore.store import copy_store, move_store, remove_store, store_files
+    from scarletstore.store.store import copy_store, move_store, remove_store, store_files
 
     path = tmp_path / "s.h5"
     store = Store.create(path, {"exposure": _exposure(0)}, layout=layout)
@@ -319,7 +319,7 @@ def test_copy_move_and_remove_whole_stores(tmp_path, layout):
 def test_copy_taken_while_another_process_writes_is_one_version(tmp_path):
     """Copies made while a writer adds runs and replaces the exposure are each a
     complete version: sound, and holding the runs of some moment of the original."""
-    from scarletstore.store import copy_store
+    from scarletstore.store.store import copy_store
 
     path = tmp_path / "s.h5"
     Store.create(path, {"exposure": _exposure(0)})
@@ -328,7 +328,7 @@ def test_copy_taken_while_another_process_writes_is_one_version(tmp_path):
         import sys
         sys.path.insert(0, sys.argv[2])
         from test_store import _exposure, _tiny_run
-        from scarletstore.store import Store
+        from scarletstore.store.store import Store
         store = Store(sys.argv[1])
         for k in range(6):
             store.add_run(_tiny_run(n_sources=2), name=f"r{k}")

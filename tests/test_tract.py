@@ -124,7 +124,7 @@ def test_sub_grid_pixels_see_the_same_sky_as_the_grid(tract_sim):
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def tract_sim(tmp_path_factory):
-    from scarletstore.simulate_visits import simulate_visits
+    from scarletstore.simulate.visits import simulate_visits
 
     out = tmp_path_factory.mktemp("tract_sim")
     return simulate_visits(out, n_visits=3, size=192, seed=11, bands="gr", density=100, n_stars=9)
@@ -159,7 +159,7 @@ def _bright_truth(sim, tract_dir):
     """True static sources with point-source S/N above the cut in r (noise from the coadd)."""
     from astropy.table import Table
 
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
 
     t = Table.read(sim["truth"])
     ex = Store(tract_dir / "patch_0_0" / "store.h5").read("exposure")
@@ -202,7 +202,7 @@ def test_tract_index_records_boxes_status_and_stores(tract_sim, tract22):
     from astropy.io import fits
     from astropy.wcs import WCS
 
-    from scarletstore.store import Store
+    from scarletstore.store.store import Store
 
     out, cat = tract22
     index = json.loads((out / "tract.json").read_text())

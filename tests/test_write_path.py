@@ -18,9 +18,9 @@ import h5py
 import numpy as np
 import pytest
 import xarray as xr
-
 from conftest import shared_file
-from scarletstore.store import Store, _encoding, _write_groups
+
+from scarletstore.store.store import Store, _encoding, _write_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,10 +32,10 @@ def products(tmp_path_factory):
     from scarletstore.coadd.visits import read_grid, read_visits
     from scarletstore.deblend import DeblendConfig
     from scarletstore.deblend.run import deblend_exposure
-    from scarletstore.detect import detect
-    from scarletstore.ingest import read_npz
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import read_npz
     from scarletstore.lsst import read_lsst_models
-    from scarletstore.simulate_visits import simulate_visits
+    from scarletstore.simulate.visits import simulate_visits
 
     exposure = read_npz(shared_file("hsc_cosmos.npz"))
     parents = detect(exposure)
@@ -170,8 +170,8 @@ def _imported_by(code: str) -> set[str]:
 def test_store_writes_do_not_import_dask_distributed(tmp_path):
     code = f"""
 import numpy as np
-from scarletstore.ingest import make_exposure
-from scarletstore.store import Store
+from scarletstore.ingest.exposure import make_exposure
+from scarletstore.store.store import Store
 ex = make_exposure(np.zeros((2, 20, 30), np.float32), np.ones((2, 20, 30), np.float32), None,
                    [np.ones((3, 3))] * 2, ["g", "r"])
 store = Store.create({str(tmp_path / 's.h5')!r}, {{"exposure": ex}})
@@ -189,7 +189,7 @@ def test_cli_start_up_imports_only_what_a_command_needs():
                 "importlib.metadata"} & mods  # --help and bad arguments cost no imports
     # the catalog and deblend paths: no mask labelling, no progress-bar probing
     # and no version lookup until a bar or a run is made
-    mods = _imported_by("import scarletstore.catalog, scarletstore.deblend.run, scarletstore.store")
+    mods = _imported_by("import scarletstore.measure.catalog, scarletstore.deblend.run, scarletstore.store.store")
     assert "scipy.ndimage" not in mods
     assert "tqdm" not in mods
     assert "distributed" not in mods

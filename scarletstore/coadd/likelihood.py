@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..schema import stamp, validate
+from ..store.schema import stamp, validate
 from .fourier import Convolver
 
 

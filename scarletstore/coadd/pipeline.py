@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import InputError
-from ..schema import stamp, validate
+from ..store.schema import stamp, validate
 from . import kernels
 from .fourier import Convolver
 from .likelihood import LikelihoodSums, likelihood_dataset

@@ -19,8 +19,8 @@ import numpy as np
 import xarray as xr
 
 from ..errors import InputError
-from ..ingest import LSST_MASK_PLANES, make_exposure
-from ..schema import stamp, validate
+from ..ingest.exposure import LSST_MASK_PLANES, make_exposure
+from ..store.schema import stamp, validate
 from . import kernels
 from .likelihood import LikelihoodSums, likelihood_dataset
 from .psf import warp_psf_affine, warped_psf_size

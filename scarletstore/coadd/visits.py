@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..ingest import LSST_MASK_PLANES, bad_bits
+from ..ingest.exposure import LSST_MASK_PLANES, bad_bits
 
 # Planes whose pixels never enter a warp: a cosmic ray is bad in a single
 # visit even though it is informational on a coadd.

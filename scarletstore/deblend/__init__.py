@@ -11,8 +11,12 @@ __all__ = ["DeblendConfig", "BlendResult", "Component", "SourceResult"]
 def __getattr__(name):
     # the result classes need numpy: loaded on first use, so the command line's
     # argument checks (which read DeblendConfig) stay free of the numerical stack
-    if name in ("BlendResult", "Component", "SourceResult"):
-        from . import result
+    if name == "BlendResult":
+        from .result import BlendResult
 
-        return getattr(result, name)
+        return BlendResult
+    if name in ("Component", "SourceResult"):
+        from ..store import components
+
+        return getattr(components, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

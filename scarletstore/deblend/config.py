@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import InputError
-from ..masks import DEFAULT_BAD_PLANES
+from ..ingest.masks import DEFAULT_BAD_PLANES
 
 
 @dataclass

@@ -364,7 +364,7 @@ def render(components, diff_kernels: np.ndarray, shape: tuple[int, int]) -> np.n
 
     Parameters
     ----------
-    components : iterable of :class:`~scarletstore.deblend.result.Component`
+    components : iterable of :class:`~scarletstore.store.components.Component`
         Factorised (2-D morph) or cube (3-D morph) components in blend pixels.
     diff_kernels : (B, k, k) difference kernels from :func:`difference_kernels`.
     shape : (H, W) of the blend box.

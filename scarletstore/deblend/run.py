@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
+from ..detect.footprint import counts_to_offsets, spans_to_mask
 from ..errors import InputError
-from ..footprint import counts_to_offsets, spans_to_mask
-from ..ingest import bad_bits
-from ..models import BLEND_FLAGS, SOURCE_ISOLATED, BlendRecord, build_run
+from ..ingest.exposure import bad_bits
 from ..progress import progress
+from ..store.components import Component, SourceResult
+from ..store.runs import BLEND_FLAGS, SOURCE_ISOLATED, BlendRecord, build_run
 from .config import DeblendConfig
-from .result import BlendResult, Component, SourceResult
+from .result import BlendResult
 
 METHODS = ("scarlet", "sdss")
 
@@ -342,7 +343,7 @@ def init_from_run(run: xr.Dataset):
     is matched to the new blend's peaks by peak id, and a blend whose peaks
     changed, or that the stored run did not fit, starts cold.
     """
-    from ..models import RunIndex, read_blend
+    from ..store.runs import RunIndex, read_blend
 
     index = RunIndex(run)
     frame = "model" if run.attrs.get("method") != "sdss" else "observed"

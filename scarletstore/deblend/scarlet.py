@@ -31,13 +31,13 @@ import time
 import numpy as np
 from scipy import fft as sfft
 
-from . import kernels as _k
 from ..errors import InputError
-from .. import models as _models
+from ..store import runs as _models
+from ..store.components import SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, Component, SourceResult
+from . import kernels as _k
 from .config import DeblendConfig
 from .psf import Convolver, difference_kernels, gaussian_psf, memoised, scratch
-from .result import (SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, BlendResult, Component,
-                     SourceResult)
+from .result import BlendResult
 
 # Tuning constants, chosen on hsc_cosmos_35 (and its flips/transposes, to
 # avoid fitting one trajectory) and on the simulated blend of the tests.
@@ -621,77 +621,166 @@ class _Fit:
                                      and lost > DIVERGE_MIN * best)
 
 
+class _Loop:
+    """The optimiser's working state for one run of :func:`_fit`.
+
+    Holds what the iterations share besides the model itself (``state``,
+    modified in place): symmetry centres and sub-pixel shifts, Adam moments
+    or FISTA momentum, the contested-symmetry inputs, the rendering work
+    box and the region on which convergence is judged. Its methods are the
+    loop's steps in order: :meth:`evaluate`, :meth:`step`, :meth:`maintain`
+    and, after the loop, :meth:`end`.
+    """
+
+    def __init__(self, state, config, warm, peaks, conv, w, bufs, shape):
+        B, H, W = shape
+        self.state, self.config, self.warm, self.conv, self.bufs = state, config, warm, conv, bufs
+        self.H, self.W = H, W
+        scene_buf, resid_buf = bufs[0], bufs[1]
+        self.scene = scene_buf[:, :H, :W]
+        self.resid = resid_buf[:, :H, :W]
+        K = state.box.shape[0]
+        self.sym = _symmetry_centres(peaks[state.source], state.ctr)
+        self.sym_s = float(config.symmetry_strength) if config.symmetric else 0.0
+        # sub-pixel rendering only serves symmetry
+        self.shift = (_subpixel_shifts(peaks[state.source], self.sym) if self.sym_s > 0
+                      else np.zeros((K, 2)))
+        if warm and self.shift.any():
+            # stored morphologies are rendered (shifted); the proximal operators
+            # need them in their own grid, where symmetry about ``sym`` holds.
+            # Without this, symmetry about the half-pixel centre distorts them:
+            # a quarter-pixel symmetric test fit fell from logL -1192 to -16831
+            # on restart (test_warm_start_continues_a_subpixel_symmetric_fit).
+            _k.unshift_flat(state.morph, state.box, state.off, self.shift)
+        # A warm start takes proximal-gradient (FISTA) steps whatever the
+        # optimizer: Adam's first steps are sign-normalised (every pixel moves
+        # by the full step however small its gradient), which kicks a
+        # converged model -- on hsc_cosmos_35 a warm restart lost 2.3 % of
+        # logL even with steps cut to 1 %. FISTA's steps are gradient-
+        # proportional (1 / Lipschitz), so a converged model stays put.
+        self.adam = config.optimizer == "adaprox" and not warm
+        if self.adam:
+            self.mom_s = np.zeros((3, K, B))
+            self.mom_m = [np.zeros((3, state.morph.size))]
+        else:
+            self.mom_s = state.spec[None].astype(np.float64)
+            self.mom_m = [state.morph[None].astype(np.float64)]
+            self.kappa = (w.reshape(B, -1).max(axis=1).astype(np.float64) * conv.norm2)
+            self.t_f = 1.0
+        # per component; ratio < 0: symmetry over the whole box
+        self.contest = _contest_ratios(state, config, self.sym_s)
+        # band-summed model frame, for the contested-symmetry test
+        self.tsum = np.zeros((H, W) if (self.contest >= 0).any() else (1, 1), np.float32)
+        self.spec_sum = np.zeros(K, np.float32)
+        self.work = np.empty(_k._largest_box(state.box, 2), np.float32)  # one rendered box
+        self.sib = _source_runs(state.source)
+        self.bg = float(config.background_thresh)
+        # the sources' pixels, on which convergence is judged: the boxes (which
+        # end where the morphologies fall below the noise) grown by a few
+        # pixels of PSF wing. Grown by the whole difference kernel instead (12
+        # px here), a 120-px stamp still stopped a median 32 iterations against
+        # its tight stamp's 44; by 3 px, 48 against 51.
+        self.region = np.empty((H, W), np.bool_)
+        _k.boxes_region(state.box, REGION_GROW, REGION_GROW, H, W, self.region)
+        self.prev = None
+        self.nover = None
+
+    def evaluate(self, data, w):
+        """Render and convolve the current model; (loss, loss on the sources' pixels).
+
+        Leaves the weighted residual in the residual buffer for :meth:`step`.
+        """
+        st, H, W = self.state, self.H, self.W
+        # the scene plus, for contested symmetry, its band sum and the
+        # components' band-summed spectra (tsum, spec_sum)
+        _k.assemble_scene(st.spec, st.morph, st.box, st.off, self.shift, self.scene, self.tsum,
+                          self.spec_sum, self.work)
+        cm = self.conv.convolve_padded(self.bufs[0], self.bufs[2])[:, :H, :W]
+        return _k.weighted_residual_split(cm, data, w, self.resid, self.region)
+
+    def step(self, it, loss, inv_var):
+        """One Adam (adaprox) or FISTA step from the gradient of the last evaluation."""
+        st, config = self.state, self.config
+        if not self.adam and self.prev is not None and loss > self.prev:
+            # FISTA adaptive restart: drop the momentum when the loss goes up
+            self.t_f = 1.0
+        self.prev = loss
+        G = self.conv.adjoint_padded(self.bufs[1], self.bufs[3])[:, :self.H, :self.W]
+        if self.adam:
+            _k.adaprox_step(st.spec, st.morph, st.box, st.off, st.ctr, self.sym, self.shift, G,
+                            it + 1, ADAM_B1, ADAM_B2, STEP_MORPH, REL_MORPH, STEP_SPEC,
+                            inv_var, self.bg,
+                            self.mom_s, self.mom_m[0], config.monotonic, MONO_WEIGHTED, self.sym_s,
+                            st.order, st.nbr, self.tsum, self.contest, self.spec_sum, self.sib)
+        else:
+            t_new = 0.5 * (1 + math.sqrt(1 + 4 * self.t_f * self.t_f))
+            beta = (self.t_f - 1) / t_new
+            self.t_f = t_new
+            if self.nover is None:
+                self.nover = _overlaps(st.box)
+            _k.fista_step(st.spec, st.morph, st.box, st.off, st.ctr, self.sym, self.shift, G,
+                          beta, self.kappa, self.nover, inv_var, self.bg, self.mom_s, self.mom_m[0],
+                          config.monotonic, MONO_WEIGHTED, self.sym_s, st.order, st.nbr, self.tsum,
+                          self.contest, self.spec_sum, self.sib)
+
+    def maintain(self, iterations, data, w, joint):
+        """Between steps: re-solve the spectra early on, and resize the boxes every few."""
+        st, config, H, W = self.state, self.config, self.H, self.W
+        if iterations in RESOLVE_SPECTRA_AT and config.set_spectra and not self.warm:
+            # the start morphologies are observed-frame and too wide, so
+            # the initial least-squares spectra mix neighbours' colours;
+            # once the morphologies have sharpened, re-solve (Adam moves
+            # spectra only by STEP_SPEC per iteration)
+            st.spec[:] = _ls_spectra(_rendered(st, self.shift, H, W), self.conv, data, w, joint)
+            if self.adam:
+                self.mom_s[:] = 0
+            else:
+                self.mom_s[0] = st.spec
+        if config.resize_every and iterations % config.resize_every == 0:
+            self.mom_m = _resize(st, self.mom_m, H, W, self.sym if self.sym_s > 0 else None)
+            _k.boxes_region(st.box, REGION_GROW, REGION_GROW, H, W, self.region)
+            self.nover = None
+            if self.work.size < _k._largest_box(st.box, 2):
+                self.work = np.empty(_k._largest_box(st.box, 2), np.float32)
+
+    def end(self, loss, history, data, w, joint):
+        """The model as returned, and its loss (appended to ``history`` when recomputed).
+
+        FISTA's extrapolated point (where the loss was evaluated) may break
+        the constraints, so its last proximal iterate x_t is returned; final
+        least-squares spectra (:data:`FINAL_LS_SPECTRA`) change the loss too.
+        """
+        st = self.state
+        if not self.adam:
+            st.spec[:] = self.mom_s[0]
+            st.morph[:] = self.mom_m[0][0]
+        final_ls = FINAL_LS_SPECTRA and self.config.set_spectra
+        if final_ls or not self.adam:
+            loss = _finish(st, self.shift, final_ls, self.conv, data, w, joint, self.bufs,
+                           self.tsum, self.spec_sum)
+            history.append(-loss)
+        return loss
+
+
 def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs):
     """Run the optimiser on ``state`` (modified in place) with ``config``.
 
     Returns a :class:`_Fit`; its ``best`` is (loss, snapshot) of the best
     iterate the loop evaluated (the start included), for the fallback.
     """
-    scene_buf, resid_buf, conv_out, grad_out = bufs
-    B, H, W = data.shape
-    scene = scene_buf[:, :H, :W]
-    resid = resid_buf[:, :H, :W]
-    history = []
-    converged = False
-    iterations = 0
-    K = state.box.shape[0]
-    sym = _symmetry_centres(peaks[state.source], state.ctr)
-    sym_s = float(config.symmetry_strength) if config.symmetric else 0.0
-    # sub-pixel rendering only serves symmetry
-    shift = _subpixel_shifts(peaks[state.source], sym) if sym_s > 0 else np.zeros((K, 2))
-    if warm and shift.any():
-        # stored morphologies are rendered (shifted); the proximal operators
-        # need them in their own grid, where symmetry about ``sym`` holds.
-        # Without this, symmetry about the half-pixel centre distorts them:
-        # a quarter-pixel symmetric test fit fell from logL -1192 to -16831
-        # on restart (test_warm_start_continues_a_subpixel_symmetric_fit).
-        _k.unshift_flat(state.morph, state.box, state.off, shift)
+    loop = _Loop(state, config, warm, peaks, conv, w, bufs, data.shape)
     # a warm start from a fit with this same configuration refines it: if
     # the continued fit ends worse (the proximal operators need not leave
     # the stored end point fixed), the start is returned unchanged
     start = copy.deepcopy(state) if warm and refine else None
-    # A warm start takes proximal-gradient (FISTA) steps whatever the
-    # optimizer: Adam's first steps are sign-normalised (every pixel moves
-    # by the full step however small its gradient), which kicks a
-    # converged model -- on hsc_cosmos_35 a warm restart lost 2.3 % of
-    # logL even with steps cut to 1 %. FISTA's steps are gradient-
-    # proportional (1 / Lipschitz), so a converged model stays put.
-    adam = config.optimizer == "adaprox" and not warm
-    if adam:
-        mom_s = np.zeros((3, K, B))
-        mom_m = [np.zeros((3, state.morph.size))]
-    else:
-        mom_s = state.spec[None].astype(np.float64)
-        mom_m = [state.morph[None].astype(np.float64)]
-        kappa = (w.reshape(B, -1).max(axis=1).astype(np.float64) * conv.norm2)
-        t_f = 1.0
-    # per component; ratio < 0: symmetry over the whole box
-    contest = _contest_ratios(state, config, sym_s)
-    # band-summed model frame, for the contested-symmetry test
-    tsum = np.zeros((H, W) if (contest >= 0).any() else (1, 1), np.float32)
-    spec_sum = np.zeros(K, np.float32)
-    work = np.empty(_k._largest_box(state.box, 2), np.float32)  # one rendered box
-    sib = _source_runs(state.source)
-    bg = float(config.background_thresh)
-    # the sources' pixels, on which convergence is judged: the boxes (which
-    # end where the morphologies fall below the noise) grown by a few
-    # pixels of PSF wing. Grown by the whole difference kernel instead (12
-    # px here), a 120-px stamp still stopped a median 32 iterations against
-    # its tight stamp's 44; by 3 px, 48 against 51.
-    region = np.empty((H, W), np.bool_)
-    _k.boxes_region(state.box, REGION_GROW, REGION_GROW, H, W, region)
+    history = []
+    converged = False
+    iterations = 0
     best = (math.inf, None)
-    prev = None
-    nover = None
     for it in range(config.max_iter + 1):
-        # the scene plus, for contested symmetry, its band sum and the
-        # components' band-summed spectra (tsum, spec_sum)
-        _k.assemble_scene(state.spec, state.morph, state.box, state.off, shift, scene, tsum,
-                          spec_sum, work)
-        cm = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W]
-        loss, loss_src = _k.weighted_residual_split(cm, data, w, resid, region)
+        loss, loss_src = loop.evaluate(data, w)
         history.append(-loss)
-        if loss < best[0] and (adam or it == 0):
+        if loss < best[0] and (loop.adam or it == 0):
             # FISTA evaluates extrapolated points, which may break the
             # constraints: only its start is a valid fallback
             best = (loss, _snapshot(state))
@@ -700,58 +789,16 @@ def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs
             break
         if it == config.max_iter:
             break
-        if not adam and prev is not None and loss > prev:
-            # FISTA adaptive restart: drop the momentum when the loss goes up
-            t_f = 1.0
-        prev = loss
-        G = conv.adjoint_padded(resid_buf, grad_out)[:, :H, :W]
-        if adam:
-            _k.adaprox_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
-                            it + 1, ADAM_B1, ADAM_B2, STEP_MORPH, REL_MORPH, STEP_SPEC,
-                            inv_var, bg,
-                            mom_s, mom_m[0], config.monotonic, MONO_WEIGHTED, sym_s,
-                            state.order, state.nbr, tsum, contest, spec_sum, sib)
-        else:
-            t_new = 0.5 * (1 + math.sqrt(1 + 4 * t_f * t_f))
-            beta = (t_f - 1) / t_new
-            t_f = t_new
-            if nover is None:
-                nover = _overlaps(state.box)
-            _k.fista_step(state.spec, state.morph, state.box, state.off, state.ctr, sym, shift, G,
-                          beta, kappa, nover, inv_var, bg, mom_s, mom_m[0], config.monotonic,
-                          MONO_WEIGHTED, sym_s, state.order, state.nbr, tsum, contest, spec_sum, sib)
+        loop.step(it, loss, inv_var)
         iterations = it + 1
-        if iterations in RESOLVE_SPECTRA_AT and config.set_spectra and not warm:
-            # the start morphologies are observed-frame and too wide, so
-            # the initial least-squares spectra mix neighbours' colours;
-            # once the morphologies have sharpened, re-solve (Adam moves
-            # spectra only by STEP_SPEC per iteration)
-            state.spec[:] = _ls_spectra(_rendered(state, shift, H, W), conv, data, w, joint)
-            if adam:
-                mom_s[:] = 0
-            else:
-                mom_s[0] = state.spec
-        if config.resize_every and iterations % config.resize_every == 0:
-            mom_m = _resize(state, mom_m, H, W, sym if sym_s > 0 else None)
-            _k.boxes_region(state.box, REGION_GROW, REGION_GROW, H, W, region)
-            nover = None
-            if work.size < _k._largest_box(state.box, 2):
-                work = np.empty(_k._largest_box(state.box, 2), np.float32)
-    if not adam:
-        # FISTA's extrapolated point (where the loss was evaluated) may
-        # break the constraints; return the last proximal iterate x_t.
-        state.spec[:] = mom_s[0]
-        state.morph[:] = mom_m[0][0]
-    final_ls = FINAL_LS_SPECTRA and config.set_spectra
-    if final_ls or not adam:
-        loss = _finish(state, shift, final_ls, conv, data, w, joint, bufs, tsum, spec_sum)
-        history.append(-loss)
+        loop.maintain(iterations, data, w, joint)
+    loss = loop.end(loss, history, data, w, joint)
     kept_start = start is not None and -loss < history[0]
     if kept_start:
         state, loss = start, -history[0]
         history.append(history[0])
     out = _Fit()
-    out.state, out.shift, out.loss, out.history = state, shift, loss, history
+    out.state, out.shift, out.loss, out.history = state, loop.shift, loss, history
     out.converged, out.iterations, out.kept_start = converged, iterations, kept_start
     out.best, out.fallback = best, ""
     return out
@@ -935,6 +982,78 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     """
     t_start = time.perf_counter()
     config = config or DeblendConfig()
+    blend = _blend_inputs(images, variance, bad, footprint, psfs, peaks, config)
+    B, H, W = blend.data.shape
+    peaks = blend.peaks
+    warm = init is not None
+    refine = warm and _same_config(init, config)  # the same fit continued
+    fit_config = config
+    if warm and config.symmetric and init.flags & _models.BLEND_FLAGS["fallback_no_symmetry"]:
+        # the stored fit is the plain refit of a fallback: its morphologies
+        # are unshifted and need not be symmetric, so continue it as it was
+        # fitted (with symmetry the restart would unshift and symmetrise it,
+        # and a 14-peak HSC blend restarted 2 % below its cold fit)
+        fit_config = dataclasses.replace(config, symmetric=False)
+    joint = len(peaks) * H * W <= config.max_spectrum_cutoff
+    if len(peaks) == 0:
+        state = None
+    elif warm:
+        state = _state_from_result(init, peaks, blend.cy, blend.cx, B, H, W)
+    else:
+        state = blend.initialise(config)
+    t_init = time.perf_counter() - t_start
+
+    # padded FFT work buffers; the loop writes only their [:, :H, :W] corner
+    scene_buf = blend.conv.padded()
+    resid_buf = blend.conv.padded()
+    conv_out, grad_out = np.empty_like(scene_buf), np.empty_like(scene_buf)
+    bufs = (scene_buf, resid_buf, conv_out, grad_out)
+    if state is not None and state.box.shape[0] > 0:
+        fit, diverged = _fit_with_fallbacks(blend, state, config, fit_config, warm, refine, joint,
+                                            bufs)
+        # a continued fallback stays one (so its next restart is plain too)
+        fallback = fit.fallback or ("no_symmetry" if fit_config is not config else "")
+    else:
+        fit = _empty_fit(blend, state, bufs)
+        fallback, diverged = "", False
+    return _blend_result(blend, fit, config, warm, fallback, diverged, t_start, t_init)
+
+
+@dataclasses.dataclass
+class _BlendInputs:
+    """One blend's checked inputs as the fit uses them (see :func:`_blend_inputs`)."""
+
+    data: np.ndarray  # (B, H, W) float32, 0 on untrusted pixels
+    w: np.ndarray  # fit weights
+    good: np.ndarray
+    sig: np.ndarray  # per-band noise
+    inv_var: np.ndarray
+    peaks: np.ndarray  # (N, 2) float
+    cy: np.ndarray  # peak pixels
+    cx: np.ndarray
+    model_psf: np.ndarray
+    kern: np.ndarray  # difference kernels
+    kres: np.ndarray
+    conv: Convolver
+
+    def initialise(self, config):
+        """A cold start of the blend's model (:func:`_initialise`)."""
+        H, W = self.data.shape[1:]
+        return _initialise(self.data, self.w, self.good, self.sig, self.peaks, self.cy, self.cx,
+                           self.model_psf, self.conv, config, H, W)
+
+
+def _blend_inputs(images, variance, bad, footprint, psfs, peaks, config):
+    """Check and convert the arguments of :func:`deblend_scarlet`.
+
+    Masks and weights, peak pixels, the PSFs normalised to unit sum, and
+    the model PSF, difference kernels and convolver (memoised per PSF set).
+
+    Raises
+    ------
+    InputError
+        On arrays of the wrong shapes or PSFs that are not (B, odd, odd).
+    """
     images = np.asarray(images, np.float32)
     variance = np.asarray(variance, np.float32)
     if images.ndim != 3 or variance.shape != images.shape:
@@ -952,90 +1071,85 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                          f"got shape {psfs.shape}")
     psfs = psfs / psfs.sum(axis=(1, 2), keepdims=True)
     model_psf, kern, kres, conv = _psf_setup(psfs, config.model_psf_sigma, (H, W))
+    return _BlendInputs(data, w, good, sig, inv_var, peaks, cy, cx, model_psf, kern, kres, conv)
 
-    warm = init is not None
-    refine = warm and _same_config(init, config)  # the same fit continued
-    fit_config = config
-    if warm and config.symmetric and init.flags & _models.BLEND_FLAGS["fallback_no_symmetry"]:
-        # the stored fit is the plain refit of a fallback: its morphologies
-        # are unshifted and need not be symmetric, so continue it as it was
-        # fitted (with symmetry the restart would unshift and symmetrise it,
-        # and a 14-peak HSC blend restarted 2 % below its cold fit)
-        fit_config = dataclasses.replace(config, symmetric=False)
-    joint = len(peaks) * H * W <= config.max_spectrum_cutoff
-    if len(peaks) == 0:
-        state = None
-    elif warm:
-        state = _state_from_result(init, peaks, cy, cx, B, H, W)
-    else:
-        state = _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W)
-    t_init = time.perf_counter() - t_start
 
-    # padded FFT work buffers; the loop writes only their [:, :H, :W] corner
-    scene_buf = conv.padded()
-    resid_buf = conv.padded()
-    conv_out, grad_out = np.empty_like(scene_buf), np.empty_like(scene_buf)
-    scene = scene_buf[:, :H, :W]
-    resid = resid_buf[:, :H, :W]
-    bufs = (scene_buf, resid_buf, conv_out, grad_out)
-    fallback = ""
-    diverged = False
-    iterations = 0
-    kept_start = False
-    if state is not None and state.box.shape[0] > 0:
-        # the start again, for the no-symmetry refit should the fit diverge
-        # (made afresh when needed: a copy of every start costs 50 us a blend)
-        cold = None
-        if config.symmetric and not warm:
-            def cold():
-                return _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W)
-        args = (peaks, conv, data, w, inv_var, joint, bufs)
-        fit = _fit(state, fit_config, warm, refine, *args)
-        diverged = fit.diverged()
-        if diverged:
-            fit = _fall_back(fit, cold, config, *args)
-        elif not fit.converged and fit.best[0] < fit.loss:
-            # stopped at max_iter past its best (contested symmetry can keep
-            # a crowded fit oscillating): the best iterate, flagged as such
-            fit = _use_best_iterate(fit, _best_iterate_loss(fit, config, conv, data, w, joint, bufs))
-        if cold is not None and not fit.fallback and len(peaks) >= SYMMETRY_CHECK_PEAKS:
-            fit = _check_symmetry_cost(fit, cold, config, *args)
-        state, shift, loss, history = fit.state, fit.shift, fit.loss, fit.history
-        converged, iterations, kept_start = fit.converged, fit.iterations, fit.kept_start
-        # a continued fallback stays one (so its next restart is plain too)
-        fallback = fit.fallback or ("no_symmetry" if fit_config is not config else "")
-    else:
-        history = []
-        shift = None
-        scene[:] = 0
-        loss = _k.weighted_residual(conv.convolve_padded(scene_buf)[:, :H, :W], data, w, resid)
-        history.append(-loss)
-        converged = True
+def _fit_with_fallbacks(blend, state, config, fit_config, warm, refine, joint, bufs):
+    """Fit ``state`` and apply the safeguards; returns (the :class:`_Fit` to keep, diverged).
 
-    n_good = int(np.count_nonzero(w))
-    sources = _collect(state, None if state is None else _rendered(state, shift, H, W),
-                       peaks, cy, cx, H, W)
+    A diverged fit is replaced (:func:`_fall_back`); one stopped at
+    ``max_iter`` past its best iterate returns that iterate; a crowded cold
+    fit with symmetry is checked against the fit without it
+    (:func:`_check_symmetry_cost`). ``diverged`` says whether the first fit
+    diverged.
+    """
+    # the start again, for the no-symmetry refit should the fit diverge
+    # (made afresh when needed: a copy of every start costs 50 us a blend)
+    cold = None
+    if config.symmetric and not warm:
+        def cold():
+            return blend.initialise(config)
+    conv, data, w, peaks = blend.conv, blend.data, blend.w, blend.peaks
+    args = (peaks, conv, data, w, blend.inv_var, joint, bufs)
+    fit = _fit(state, fit_config, warm, refine, *args)
+    diverged = fit.diverged()
+    if diverged:
+        fit = _fall_back(fit, cold, config, *args)
+    elif not fit.converged and fit.best[0] < fit.loss:
+        # stopped at max_iter past its best (contested symmetry can keep
+        # a crowded fit oscillating): the best iterate, flagged as such
+        fit = _use_best_iterate(fit, _best_iterate_loss(fit, config, conv, data, w, joint, bufs))
+    if cold is not None and not fit.fallback and len(peaks) >= SYMMETRY_CHECK_PEAKS:
+        fit = _check_symmetry_cost(fit, cold, config, *args)
+    return fit, diverged
+
+
+def _empty_fit(blend, state, bufs):
+    """The :class:`_Fit` of a blend without components: the loss of an empty model.
+
+    ``state`` (None without peaks, else a start without components) is kept
+    so that every peak still gets its (empty) source.
+    """
+    scene_buf, resid_buf = bufs[0], bufs[1]
+    H, W = blend.data.shape[1:]
+    scene_buf[:, :H, :W] = 0
+    loss = _k.weighted_residual(blend.conv.convolve_padded(scene_buf)[:, :H, :W], blend.data,
+                                blend.w, resid_buf[:, :H, :W])
+    out = _Fit()
+    out.state, out.shift, out.loss, out.history = state, None, loss, [-loss]
+    out.converged, out.iterations, out.kept_start = True, 0, False
+    out.best, out.fallback = (math.inf, None), ""
+    return out
+
+
+def _blend_result(blend, fit, config, warm, fallback, diverged, t_start, t_init):
+    """The :class:`BlendResult` of a finished fit: trimmed sources, fit figures, flags, extras."""
+    H, W = blend.data.shape[1:]
+    state, loss = fit.state, fit.loss
+    n_good = int(np.count_nonzero(blend.w))
+    sources = _collect(state, None if state is None else _rendered(state, fit.shift, H, W),
+                       blend.peaks, blend.cy, blend.cx, H, W)
     runtime = time.perf_counter() - t_start
     return BlendResult(
         sources=sources,
-        iterations=iterations,
+        iterations=fit.iterations,
         log_likelihood=float(-loss),
-        converged=converged,
+        converged=fit.converged,
         chi2=float(2 * loss / max(n_good, 1)),
         frame="model",
-        model_psf=model_psf.astype(np.float32),
+        model_psf=blend.model_psf.astype(np.float32),
         flags=(_models.BLEND_FLAGS["diverged"] if diverged else 0)
         | (_models.BLEND_FLAGS["fallback_" + fallback] if fallback else 0),
         extra={
-            "diff_kernels": kern.astype(np.float32),
-            "diff_kernel_residual": kres,
+            "diff_kernels": blend.kern.astype(np.float32),
+            "diff_kernel_residual": blend.kres,
             "runtime": runtime,
             "init_runtime": t_init,
-            "conv_method": conv.method,
+            "conv_method": blend.conv.method,
             "n_components": 0 if state is None else int(state.box.shape[0]),
-            "logL_history": np.asarray(history),
+            "logL_history": np.asarray(fit.history),
             "warm_start": warm,
-            "warm_start_kept": kept_start,
+            "warm_start_kept": fit.kept_start,
             "fallback": fallback,
             "config": config.to_json(),
         },

@@ -50,21 +50,16 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
 from scipy.optimize import nnls
 
 from ..errors import InputError
+from ..store.components import SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_POINT, Component, SourceResult
 from .config import DeblendConfig
-from .result import (
-    SOURCE_EDGE,
-    SOURCE_NO_FLUX,
-    SOURCE_POINT,
-    BlendResult,
-    Component,
-    SourceResult,
-)
+from .result import BlendResult
 
 __all__ = ["deblend_sdss", "symmetric_template", "fit_point_source"]
 
@@ -956,16 +951,76 @@ def deblend_sdss(images, variance, bad, footprint, psfs, peaks, config=None, *,
     if stray_flux not in ("nearest", "none"):
         raise InputError(f"stray_flux must be 'nearest' or 'none', not {stray_flux!r}")
     images, variance, good, fp, psfs = _prepare(images, variance, bad, footprint, psfs)
-    B, H, W = images.shape
     peaks = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
-    N = len(peaks)
-    if N and not np.all(np.isfinite(peaks)):
+    if len(peaks) and not np.all(np.isfinite(peaks)):
         raise InputError("peak positions must be finite")
     # inverse variance, 0 off the footprint and on bad pixels
     weights = np.where(good, 1.0 / variance, 0.0)
     n_good = int(good.sum())
 
     # 1. point-source test, once per peak for all bands
+    point_chi2, centers, amps, is_point = _point_tests(
+        images, weights, psfs, peaks, psf_chi2_threshold, psf_fit_radius, psf_model_error,
+        psf_background_order, point_sources)
+    # 2. templates, each stored in its own non-zero box (ragged, flat)
+    tdata, toff, tbox = _templates(images, variance, good, fp, psfs, peaks, is_point,
+                                   centers, amps, int(median_halfwidth), bool(monotonic),
+                                   bool(bias_correct), float(psf_template_floor),
+                                   bool(subtract_points))
+    t_amps, t_resid2 = _scale_templates(images, weights, good, tdata, toff, tbox, fit_templates)
+    # 3. apportionment (+ stray flux to the nearest peak that has a template)
+    kids = _apportion_children(images, variance, good, fp, peaks, tdata, toff, tbox, stray_flux)
+
+    # 4. fit statistics of the blend's model, the templates scaled by their
+    # least-squares amplitudes, as scarlet's: the children themselves sum to the
+    # image on every assigned pixel, so their residual (only unassigned pixels)
+    # says nothing about the fit and is kept in ``extra`` only
+    log_like = -0.5 * float(t_resid2)
+    chi2 = float(t_resid2) / max(n_good, 1)
+
+    # 5. results
+    sources = _child_sources(kids, peaks, is_point, images.shape)
+    extra = {
+        "template_log_likelihood": -0.5 * t_resid2,
+        "template_chi2": t_resid2 / max(n_good, 1),
+        "apportioned_log_likelihood": -0.5 * float(kids.resid2),
+        "apportioned_chi2": float(kids.resid2) / max(n_good, 1),
+        "template_amplitudes": t_amps,
+        "point_chi2": point_chi2,
+        "point_center": centers,
+        "is_point": is_point,
+        "flux_err": np.sqrt(kids.flux_var),
+        "n_unassigned": int(kids.n_unassigned),
+        "stray_flux": stray_flux,
+        "runtime": time.perf_counter() - t0,
+    }
+    # a direct (non-iterative) solution: no iterations, and final as it stands
+    return BlendResult(sources=sources, iterations=0, log_likelihood=log_like,
+                       converged=True, chi2=chi2, frame="observed", model_psf=None,
+                       flags=0, extra=extra)
+
+
+def _point_tests(images, weights, psfs, peaks, threshold, radius, model_error, background_order,
+                 point_sources):
+    """Step 1 of :func:`deblend_sdss`: the PSF + background fit at every peak.
+
+    A peak at integer pixel coordinates (a detection peak) has its centre
+    refined by the fit; a sub-pixel position (a catalogue one) is kept. A
+    peak is a point source when the fit's reduced chi^2 is below
+    ``threshold`` and its total flux positive, unless ``point_sources``
+    overrides the decision (the fit still gives centres and amplitudes).
+
+    Returns
+    -------
+    point_chi2 : (N,) float
+        Reduced chi^2 of the fit (NaN where it could not be made).
+    centers : (N, 2) float
+        Fitted (or kept) centre of each peak.
+    amps : (N, B) float
+        PSF amplitude per band.
+    is_point : (N,) bool
+    """
+    N, B = len(peaks), images.shape[0]
     point_chi2 = np.full(N, np.nan)
     centers = peaks.copy()
     amps = np.zeros((N, B))
@@ -973,39 +1028,82 @@ def deblend_sdss(images, variance, bad, footprint, psfs, peaks, config=None, *,
     for i in range(N):
         py, px = peaks[i]
         refine = _is_integer(py) and _is_integer(px)
-        red, cy, cx, a = _fit_point(images, weights, psfs, py, px, int(psf_fit_radius), refine,
-                                   float(psf_model_error), 4 if psf_background_order == 1 else 7)
+        red, cy, cx, a = _fit_point(images, weights, psfs, py, px, int(radius), refine,
+                                   float(model_error), 4 if background_order == 1 else 7)
         point_chi2[i] = red
         centers[i] = (cy, cx)
         amps[i] = a
-        is_point[i] = bool(np.isfinite(red) and red < psf_chi2_threshold and a.sum() > 0)
+        is_point[i] = bool(np.isfinite(red) and red < threshold and a.sum() > 0)
     if point_sources is not None:
         forced = np.asarray(point_sources, bool).reshape(-1)
         if forced.shape != (N,):
             raise InputError(f"point_sources must have one entry per peak ({N}), "
                              f"got shape {forced.shape}")
         is_point = forced.copy()
+    return point_chi2, centers, amps, is_point
 
-    # 2. templates, each stored in its own non-zero box (ragged, flat)
-    tdata, toff, tbox = _templates(images, variance, good, fp, psfs, peaks, is_point,
-                                   centers, amps, int(median_halfwidth), bool(monotonic),
-                                   bool(bias_correct), float(psf_template_floor),
-                                   bool(subtract_points))
+
+def _scale_templates(images, weights, good, tdata, toff, tbox, fit_templates):
+    """Step 2 of :func:`deblend_sdss`: least-squares amplitudes of the templates.
+
+    The amplitudes give the blend model the fit statistics are quoted for.
+    With ``fit_templates`` (SDSS proper) the templates in ``tdata`` are
+    scaled by them in place, so the children are apportioned with the
+    fitted combination; otherwise the raw templates (HSC) are used.
+
+    Returns
+    -------
+    t_amps : (B, N) float
+        Non-negative amplitude of every template per band.
+    t_resid2 : float
+        Weighted residual^2 of the scaled templates, summed over bands.
+    """
+    B, N = images.shape[0], len(tbox)
     nA = np.zeros((B, N, N))
     nrhs = np.zeros((B, N))
     ndd = np.zeros(B)
     _normal_equations(images, weights, good, tdata, toff, tbox, nA, nrhs, ndd)
     t_amps, t_resid2 = _template_amplitudes(nA, nrhs, ndd)
     if fit_templates:
-        # SDSS proper: apportion with the fitted linear combination
         for i in range(N):
             seg = tdata[toff[i]:toff[i + 1]].reshape(B, -1)
             seg *= t_amps[:, i, None]
+    return t_amps, t_resid2
+
+
+@dataclass
+class _Children:
+    """The apportioned children of a blend (step 3 of :func:`deblend_sdss`).
+
+    Child i, shape (B, h_i, w_i), is ``cdata[coff[i]:coff[i+1]]`` over the
+    half-open blend box ``cbox[i]`` (its template box grown by its stray
+    pixels); ``abox[i]`` is the box of its assigned (non-zero) pixels.
+    """
+
+    has_flux: np.ndarray  # (N,) bool: template positive somewhere
+    cdata: np.ndarray
+    coff: np.ndarray
+    cbox: np.ndarray
+    abox: np.ndarray
+    flux_var: np.ndarray  # (N, B) pixel-noise variance of each child's flux
+    spectra: np.ndarray  # (N, B) per-band sums
+    n_unassigned: int
+    resid2: float  # weighted residual^2 of the unassigned footprint pixels
+
+
+def _apportion_children(images, variance, good, fp, peaks, tdata, toff, tbox, stray_flux):
+    """Split the image among the templates, each pixel in proportion to them.
+
+    Footprint pixels where every template is 0 go, with ``stray_flux ==
+    "nearest"``, to the nearest peak that has a template. Every child's
+    storage box is sized before the kernel fills it, so memory is the sum
+    of the child boxes, not N full blend boxes.
+    """
+    B, H, W = images.shape
+    N = len(peaks)
     has_flux = np.array([bool((tdata[toff[i]:toff[i + 1]] > 0).any()) for i in range(N)], bool)
     S = np.zeros((B, H, W))
     _template_sum(tdata, toff, tbox, S)
-
-    # 3. apportionment (+ stray flux to the nearest peak that has a template)
     nearest = np.full((H, W), -1, np.int64)
     if stray_flux == "nearest" and has_flux.any():
         cand = np.flatnonzero(has_flux)
@@ -1027,56 +1125,40 @@ def deblend_sdss(images, variance, bad, footprint, psfs, peaks, config=None, *,
     abox = _empty_boxes(N, H, W)
     n_unassigned, resid2 = _apportion(images, variance, good, fp, tdata, toff, tbox, S,
                                       nearest, cdata, coff, cbox, flux_var, spectra, abox)
+    return _Children(has_flux, cdata, coff, cbox, abox, flux_var, spectra, n_unassigned, resid2)
 
-    # 4. fit statistics of the blend's model, the templates scaled by their
-    # least-squares amplitudes, as scarlet's: the children themselves sum to the
-    # image on every assigned pixel, so their residual (only unassigned pixels)
-    # says nothing about the fit and is kept in ``extra`` only
-    log_like = -0.5 * float(t_resid2)
-    chi2 = float(t_resid2) / max(n_good, 1)
 
-    # 5. results
+def _child_sources(kids, peaks, is_point, shape):
+    """Step 5 of :func:`deblend_sdss`: one flagged SourceResult per peak.
+
+    Each child is trimmed to its assigned pixels and stored as one cube
+    component; an empty child becomes a 1x1 zero box at its peak pixel
+    (clipped into the blend box) so every peak keeps a source.
+    """
+    B, H, W = shape
     sources = []
-    for i in range(N):
+    for i in range(len(peaks)):
         flags = 0
         if is_point[i]:
             flags |= SOURCE_POINT
         ky, kx = _mirror_centre(peaks[i, 0], peaks[i, 1])[2:]
         if ky <= 0 or kx <= 0 or ky >= H - 1 or kx >= W - 1:
             flags |= SOURCE_EDGE
-        y0, y1, x0, x1 = (int(v) for v in abox[i])
-        if not has_flux[i] or y1 <= y0:
+        y0, y1, x0, x1 = (int(v) for v in kids.abox[i])
+        if not kids.has_flux[i] or y1 <= y0:
             flags |= SOURCE_NO_FLUX
             y0, x0 = min(max(ky, 0), H - 1), min(max(kx, 0), W - 1)
             morph = np.zeros((B, 1, 1), np.float32)
             spectrum = np.zeros(B)
         else:
-            cy0, cy1, cx0, cx1 = (int(v) for v in cbox[i])
-            cube = cdata[coff[i]:coff[i + 1]].reshape(B, cy1 - cy0, cx1 - cx0)
+            cy0, cy1, cx0, cx1 = (int(v) for v in kids.cbox[i])
+            cube = kids.cdata[kids.coff[i]:kids.coff[i + 1]].reshape(B, cy1 - cy0, cx1 - cx0)
             morph = cube[:, y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0].astype(np.float32)
-            spectrum = spectra[i].copy()
+            spectrum = kids.spectra[i].copy()
         comp = Component(spectrum=spectrum, morph=morph, y0=y0, x0=x0,
                          peak=(float(peaks[i, 0]), float(peaks[i, 1])))
         sources.append(SourceResult(peak_index=i, components=[comp], flags=flags))
-
-    extra = {
-        "template_log_likelihood": -0.5 * t_resid2,
-        "template_chi2": t_resid2 / max(n_good, 1),
-        "apportioned_log_likelihood": -0.5 * float(resid2),
-        "apportioned_chi2": float(resid2) / max(n_good, 1),
-        "template_amplitudes": t_amps,
-        "point_chi2": point_chi2,
-        "point_center": centers,
-        "is_point": is_point,
-        "flux_err": np.sqrt(flux_var),
-        "n_unassigned": int(n_unassigned),
-        "stray_flux": stray_flux,
-        "runtime": time.perf_counter() - t0,
-    }
-    # a direct (non-iterative) solution: no iterations, and final as it stands
-    return BlendResult(sources=sources, iterations=0, log_likelihood=log_like,
-                       converged=True, chi2=chi2, frame="observed", model_psf=None,
-                       flags=0, extra=extra)
+    return sources
 
 
 # ---------------------------------------------------------------------------

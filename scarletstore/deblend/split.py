@@ -13,7 +13,7 @@ light from across the seam is not pushed onto the piece's own sources), and
 keeps only its own sources. Every peak is owned by exactly one cell, so the
 merged blend has one source per peak, and flux is apportioned once: the
 children's heavy footprints are built over the whole parent from all its
-sources' models (:mod:`scarletstore.reconstruct`), not per piece.
+sources' models (:mod:`scarletstore.measure.reconstruct`), not per piece.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .result import BlendResult, Component, SourceResult
+from ..store.components import Component, SourceResult
+from .result import BlendResult
 
 # Bytes the scarlet fit allocates. The terms follow scarlet.py's arrays; the
 # constants are least-squares fits to the peak RSS growth of eight whole fits

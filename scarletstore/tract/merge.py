@@ -1,6 +1,6 @@
 """The tract catalog of one band: every patch's band catalog, each source once primary.
 
-The rows are those of :func:`scarletstore.catalog.band_catalog` for every
+The rows are those of :func:`scarletstore.measure.catalog.band_catalog` for every
 finished patch: deblended children and isolated parents (parents of blends
 are not rows; ``scarletstore catalog --parents`` measures them). A source in
 an overlap appears once per patch that measured it; ``is_primary`` is true
@@ -92,7 +92,7 @@ def resolve_seams(columns: dict, patches: dict) -> int:
 
 def patch_catalog(store, band: str, entry: dict) -> tuple[dict, dict]:
     """Columns (tract pixels, patch keys, ``is_primary``) and attributes of one patch's band catalog."""
-    from ..catalog import band_catalog, catalog_columns
+    from ..measure.catalog import band_catalog, catalog_columns
 
     cat = band_catalog(store, band, run=entry.get("run"))
     cols = catalog_columns(cat)
@@ -116,7 +116,7 @@ def tract_catalog(out_dir, band: str) -> tuple[dict, dict, list[str]]:
     third value and in the attribute ``missing_patches``; their inner
     regions have no primary source.
     """
-    from ..store import Store
+    from ..store.store import Store
 
     out_dir = Path(out_dir)
     index = read_index(out_dir)

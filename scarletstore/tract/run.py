@@ -112,8 +112,8 @@ def _build_store(path: Path, job: PatchJob) -> dict:
     from ..coadd.pipeline import coadd
     from ..deblend.config import DeblendConfig
     from ..deblend.run import deblend_exposure
-    from ..detect import detect
-    from ..store import Store
+    from ..detect.detect import detect
+    from ..store.store import Store
 
     times = {}
     t = time.process_time()

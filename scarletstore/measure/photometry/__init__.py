@@ -43,7 +43,7 @@ class PhotometryConfig:
     kron_min_radius : smallest Kron aperture radius (pixels)
     moments_max_iter, moments_tol : adaptive-moment iteration limits
     template_log_ratio_sigma : scale applied to the calibrated template log-errors
-        (1 = as calibrated; see :mod:`~scarletstore.photometry.deblend_errors`)
+        (1 = as calibrated; see :mod:`~scarletstore.measure.photometry.deblend_errors`)
     kappa_table : template log-error by blendedness and S/N bins
         (``deblend_errors.KAPPA_TABLE``)
     footprint_edge_sigma : rms jitter (pixels) of the footprint boundary
@@ -87,7 +87,7 @@ def suite_columns(config: PhotometryConfig, flux_units: str) -> dict[str, str]:
 
 
 def column_names(config: PhotometryConfig) -> list[str]:
-    """Columns of :func:`~scarletstore.photometry.kernels.suite_kernel`'s output, in order."""
+    """Columns of :func:`~scarletstore.measure.photometry.kernels.suite_kernel`'s output, in order."""
     cols = ["psf_flux", "psf_flux_err"]
     for name in config.aperture_names():
         cols += [name, name + "_err"]

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import numpy as np
 import xarray as xr
 
-from .deblend.result import Component, SourceResult
+from .components import Component, SourceResult
 from .schema import stamp, validate
 
 # blend flags
@@ -77,87 +77,18 @@ def build_run(records: list[BlendRecord], bands, psf, model_psf, *, name: str, m
     """
     records = sorted(records, key=lambda r: r.index)
     nb = len(bands)
-    b_cols = {k: [] for k in ("parent", "y0", "x0", "h", "w", "npk", "ns", "it", "logl", "chi2",
-                              "conv", "rt", "flags", "reason")}
-    s_cols = {k: [] for k in ("id", "parent", "peak", "y", "x", "nc", "flags")}
-    c_cols = {k: [] for k in ("type", "y0", "x0", "h", "w", "py", "px", "spec", "npix")}
-    pixels = []
-    next_id = int(first_source_id)
+    cols = _RunColumns(first_source_id)
     if source_ids is not None:
         source_ids = [int(v) for v in source_ids]
         n_src = sum(len(rec.sources) for rec in records)
         if len(source_ids) != n_src:
             raise ValueError(f"source_ids has {len(source_ids)} ids for {n_src} sources")
-    k_src = 0
     for rec in records:
-        y0, x0, h, w = (int(v) for v in rec.bbox)
-        for key, val in (("parent", rec.parent_id), ("y0", y0), ("x0", x0), ("h", h), ("w", w),
-                         ("npk", len(rec.peak_ids)), ("ns", len(rec.sources)), ("it", rec.iterations),
-                         ("logl", rec.log_likelihood), ("chi2", rec.chi2), ("conv", rec.converged),
-                         ("rt", rec.runtime), ("flags", rec.flags), ("reason", rec.reason)):
-            b_cols[key].append(val)
-        for src in rec.sources:
-            py, px = rec.peaks[src.peak_index]
-            sid = next_id if source_ids is None else source_ids[k_src]
-            k_src += 1
-            for key, val in (("id", sid), ("parent", rec.parent_id),
-                             ("peak", rec.peak_ids[src.peak_index]), ("y", py), ("x", px),
-                             ("nc", len(src.components)), ("flags", src.flags)):
-                s_cols[key].append(val)
-            next_id += 1
-            for comp in src.components:
-                morph = np.asarray(comp.morph, np.float32)
-                c_cols["type"].append(CUBE if morph.ndim == 3 else FACTORIZED)
-                c_cols["y0"].append(comp.y0 + y0)
-                c_cols["x0"].append(comp.x0 + x0)
-                c_cols["h"].append(morph.shape[-2])
-                c_cols["w"].append(morph.shape[-1])
-                c_cols["py"].append(comp.peak[0] + y0)
-                c_cols["px"].append(comp.peak[1] + x0)
-                c_cols["spec"].append(np.asarray(comp.spectrum, np.float32).reshape(nb))
-                c_cols["npix"].append(morph.size)
-                pixels.append(morph.ravel())
-
-    def arr(values, dtype):
-        return np.asarray(values, dtype=dtype).reshape(len(values))
-
+        cols.add_record(rec, nb, source_ids)
     ds = xr.Dataset(
-        {
-            "blend_parent_id": ("blend", arr(b_cols["parent"], np.int64)),
-            "blend_y0": ("blend", arr(b_cols["y0"], np.int32)),
-            "blend_x0": ("blend", arr(b_cols["x0"], np.int32)),
-            "blend_height": ("blend", arr(b_cols["h"], np.int32)),
-            "blend_width": ("blend", arr(b_cols["w"], np.int32)),
-            "blend_n_peaks": ("blend", arr(b_cols["npk"], np.int32)),
-            "blend_n_sources": ("blend", arr(b_cols["ns"], np.int32), {"sample_dimension": "source"}),
-            "blend_iterations": ("blend", arr(b_cols["it"], np.int32)),
-            "blend_log_likelihood": ("blend", arr(b_cols["logl"], np.float64)),
-            "blend_chi2": ("blend", arr(b_cols["chi2"], np.float64)),
-            "blend_converged": ("blend", arr(b_cols["conv"], bool)),
-            "blend_runtime": ("blend", arr(b_cols["rt"], np.float64), {"units": "s"}),
-            "blend_flags": ("blend", arr(b_cols["flags"], np.int32)),
-            "blend_reason": ("blend", np.array(b_cols["reason"], dtype=object).reshape(len(records))),
-            "source_id": ("source", arr(s_cols["id"], np.int64)),
-            "source_parent_id": ("source", arr(s_cols["parent"], np.int64)),
-            "source_peak_id": ("source", arr(s_cols["peak"], np.int64)),
-            "source_y": ("source", arr(s_cols["y"], np.float64)),
-            "source_x": ("source", arr(s_cols["x"], np.float64)),
-            "source_n_components": ("source", arr(s_cols["nc"], np.int32), {"sample_dimension": "component"}),
-            "source_flags": ("source", arr(s_cols["flags"], np.int32)),
-            "component_type": ("component", arr(c_cols["type"], np.int8)),
-            "component_y0": ("component", arr(c_cols["y0"], np.int32)),
-            "component_x0": ("component", arr(c_cols["x0"], np.int32)),
-            "component_height": ("component", arr(c_cols["h"], np.int32)),
-            "component_width": ("component", arr(c_cols["w"], np.int32)),
-            "component_peak_y": ("component", arr(c_cols["py"], np.float64)),
-            "component_peak_x": ("component", arr(c_cols["px"], np.float64)),
-            "component_spectrum": (("component", "band"),
-                                   np.asarray(c_cols["spec"], np.float32).reshape(len(c_cols["spec"]), nb)),
-            "component_n_pixels": ("component", arr(c_cols["npix"], np.int64), {"sample_dimension": "pixel"}),
-            "morph": ("pixel", np.concatenate(pixels).astype(np.float32) if pixels else np.zeros(0, np.float32)),
-            "model_psf": (("model_psf_y", "model_psf_x"), np.asarray(model_psf, np.float32)),
-            "psf": (("band", "psf_y", "psf_x"), np.asarray(psf, np.float32)),
-        },
+        {**cols.variables(len(records), nb),
+         "model_psf": (("model_psf_y", "model_psf_x"), np.asarray(model_psf, np.float32)),
+         "psf": (("band", "psf_y", "psf_x"), np.asarray(psf, np.float32))},
         coords={"band": np.array([str(b) for b in bands], dtype=object)},
         attrs={
             "name": name,
@@ -177,6 +108,105 @@ def build_run(records: list[BlendRecord], bands, psf, model_psf, *, name: str, m
         ds["blend_psf"] = (("blend", "band", "blend_psf_y", "blend_psf_x"), np.asarray(blend_psf, np.float32))
     stamp(ds, "run", 2)
     return validate(ds)
+
+
+class _RunColumns:
+    """The ragged blend / source / component columns of a run, filled record by record.
+
+    Python lists while :func:`build_run` walks the records (their lengths
+    are not known up front), turned into typed arrays by :meth:`variables`.
+    Source ids run on from ``first_source_id`` unless explicit ones are given.
+    """
+
+    def __init__(self, first_source_id=1):
+        self.b = {k: [] for k in ("parent", "y0", "x0", "h", "w", "npk", "ns", "it", "logl", "chi2",
+                                  "conv", "rt", "flags", "reason")}
+        self.s = {k: [] for k in ("id", "parent", "peak", "y", "x", "nc", "flags")}
+        self.c = {k: [] for k in ("type", "y0", "x0", "h", "w", "py", "px", "spec", "npix")}
+        self.pixels = []
+        self.next_id = int(first_source_id)
+        self.k_src = 0
+
+    def add_record(self, rec, nb, source_ids):
+        """Append one blend row, its sources' rows and their components' rows and pixels.
+
+        Source and component positions move from blend-local to exposure
+        pixels (plus the blend's bbox origin).
+        """
+        y0, x0, h, w = (int(v) for v in rec.bbox)
+        for key, val in (("parent", rec.parent_id), ("y0", y0), ("x0", x0), ("h", h), ("w", w),
+                         ("npk", len(rec.peak_ids)), ("ns", len(rec.sources)), ("it", rec.iterations),
+                         ("logl", rec.log_likelihood), ("chi2", rec.chi2), ("conv", rec.converged),
+                         ("rt", rec.runtime), ("flags", rec.flags), ("reason", rec.reason)):
+            self.b[key].append(val)
+        for src in rec.sources:
+            py, px = rec.peaks[src.peak_index]
+            sid = self.next_id if source_ids is None else source_ids[self.k_src]
+            self.k_src += 1
+            for key, val in (("id", sid), ("parent", rec.parent_id),
+                             ("peak", rec.peak_ids[src.peak_index]), ("y", py), ("x", px),
+                             ("nc", len(src.components)), ("flags", src.flags)):
+                self.s[key].append(val)
+            self.next_id += 1
+            for comp in src.components:
+                self._add_component(comp, y0, x0, nb)
+
+    def _add_component(self, comp, y0, x0, nb):
+        """One component row; its morph (float32) goes onto the pixel list."""
+        c = self.c
+        morph = np.asarray(comp.morph, np.float32)
+        c["type"].append(CUBE if morph.ndim == 3 else FACTORIZED)
+        c["y0"].append(comp.y0 + y0)
+        c["x0"].append(comp.x0 + x0)
+        c["h"].append(morph.shape[-2])
+        c["w"].append(morph.shape[-1])
+        c["py"].append(comp.peak[0] + y0)
+        c["px"].append(comp.peak[1] + x0)
+        c["spec"].append(np.asarray(comp.spectrum, np.float32).reshape(nb))
+        c["npix"].append(morph.size)
+        self.pixels.append(morph.ravel())
+
+    def variables(self, n_blend, nb):
+        """The run's blend, source, component and pixel variables (typed, CF ragged)."""
+        b, s, c, pixels = self.b, self.s, self.c, self.pixels
+
+        def arr(values, dtype):
+            return np.asarray(values, dtype=dtype).reshape(len(values))
+
+        return {
+            "blend_parent_id": ("blend", arr(b["parent"], np.int64)),
+            "blend_y0": ("blend", arr(b["y0"], np.int32)),
+            "blend_x0": ("blend", arr(b["x0"], np.int32)),
+            "blend_height": ("blend", arr(b["h"], np.int32)),
+            "blend_width": ("blend", arr(b["w"], np.int32)),
+            "blend_n_peaks": ("blend", arr(b["npk"], np.int32)),
+            "blend_n_sources": ("blend", arr(b["ns"], np.int32), {"sample_dimension": "source"}),
+            "blend_iterations": ("blend", arr(b["it"], np.int32)),
+            "blend_log_likelihood": ("blend", arr(b["logl"], np.float64)),
+            "blend_chi2": ("blend", arr(b["chi2"], np.float64)),
+            "blend_converged": ("blend", arr(b["conv"], bool)),
+            "blend_runtime": ("blend", arr(b["rt"], np.float64), {"units": "s"}),
+            "blend_flags": ("blend", arr(b["flags"], np.int32)),
+            "blend_reason": ("blend", np.array(b["reason"], dtype=object).reshape(n_blend)),
+            "source_id": ("source", arr(s["id"], np.int64)),
+            "source_parent_id": ("source", arr(s["parent"], np.int64)),
+            "source_peak_id": ("source", arr(s["peak"], np.int64)),
+            "source_y": ("source", arr(s["y"], np.float64)),
+            "source_x": ("source", arr(s["x"], np.float64)),
+            "source_n_components": ("source", arr(s["nc"], np.int32), {"sample_dimension": "component"}),
+            "source_flags": ("source", arr(s["flags"], np.int32)),
+            "component_type": ("component", arr(c["type"], np.int8)),
+            "component_y0": ("component", arr(c["y0"], np.int32)),
+            "component_x0": ("component", arr(c["x0"], np.int32)),
+            "component_height": ("component", arr(c["h"], np.int32)),
+            "component_width": ("component", arr(c["w"], np.int32)),
+            "component_peak_y": ("component", arr(c["py"], np.float64)),
+            "component_peak_x": ("component", arr(c["px"], np.float64)),
+            "component_spectrum": (("component", "band"),
+                                   np.asarray(c["spec"], np.float32).reshape(len(c["spec"]), nb)),
+            "component_n_pixels": ("component", arr(c["npix"], np.int64), {"sample_dimension": "pixel"}),
+            "morph": ("pixel", np.concatenate(pixels).astype(np.float32) if pixels else np.zeros(0, np.float32)),
+        }
 
 
 def _offsets(counts) -> np.ndarray:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .errors import InputError
+from ..errors import InputError
+from ..store.schema import stamp, validate
 from .masks import DEFAULT_BAD_PLANES, LSST_MASK_PLANES  # noqa: F401  (re-exported)
-from .schema import stamp, validate
 
 # a PSF image is centred on its central pixel; real PSF stamps sit within a
 # few tenths of a pixel of it, so a centroid further than this is a wrong image

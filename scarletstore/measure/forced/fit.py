@@ -120,7 +120,7 @@ def redistribute_fluxes(fit: BlendFit, templates, image, ivar, good):
     """Fluxes of per-visit heavy footprints: the image (less the pedestal) shared by the fitted models.
 
     Each fit pixel goes to the children in proportion to a_i T_i (positive
-    parts; :func:`scarletstore.reconstruct.apportion_weights`), so the
+    parts; :func:`scarletstore.measure.reconstruct.apportion_weights`), so the
     children sum to the image there; the light of a child's template on
     pixels not measured (masked, off the visit, outside the fit region) is
     filled from its fitted amplitude. Errors: sqrt(sum w_i^2 / ivar).

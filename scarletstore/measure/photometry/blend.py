@@ -1,6 +1,6 @@
 """The measurement suite on one blend of a stored run: children and the parent as a whole.
 
-Glue between :class:`scarletstore.catalog.BlendMeasurer` (which rebuilds the
+Glue between :class:`scarletstore.measure.catalog.BlendMeasurer` (which rebuilds the
 models, footprint and data of a blend in one band) and the families: it
 builds each child's pixels, effective variance and fit weight, and the
 band PSF with its Gaussian covariance (once per PSF).
@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
-from .deblend_errors import BLENDEDNESS_EDGES, SNR_EDGES, band_share_of_snr2, error_model, share_products
+from .deblend_errors import (BLENDEDNESS_EDGES, SNR_EDGES, band_share_of_snr2, error_model,
+                             share_products)
 from .kernels import noise_planes
 from .moments import psf_covariance
 
@@ -66,7 +67,7 @@ def moments_of(img: np.ndarray):
 
 
 class BlendPhotometry:
-    """Runs :func:`~scarletstore.photometry.measure_suite` on the blends a measurer rebuilds."""
+    """Runs :func:`~scarletstore.measure.photometry.measure_suite` on the blends a measurer rebuilds."""
 
     def __init__(self, measurer, config: PhotometryConfig | None = None):
         self.measurer = measurer

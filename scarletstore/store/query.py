@@ -10,9 +10,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from .blend_columns import BLEND_COLUMNS, WHERE_GRAMMAR  # noqa: F401  (re-exported)
-from .errors import InputError
-
 
 
 def blend_table(store, run: str) -> pd.DataFrame:

@@ -11,8 +11,8 @@ from typing import Callable
 
 import xarray as xr
 
+from ..errors import SchemaError
 from . import schema as _schema
-from .errors import SchemaError
 
 MIGRATIONS: dict[tuple[str, int], Callable[[xr.Dataset], xr.Dataset]] = {}
 

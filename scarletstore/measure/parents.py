@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 from xarray.core import indexing
 
-from . import suite_columns
+from .photometry import suite_columns
 
 
 class _ParentCache:
@@ -29,7 +29,7 @@ class _ParentCache:
         self.values: dict[int, dict] = {}
 
     def _measure(self, b: int) -> dict:
-        from ..catalog import CATALOG_FLAGS
+        from .catalog import CATALOG_FLAGS
 
         blend, models, fp, data, _ = self.measurer.blend_products(b)
         cols, flags = self.measurer.photometry.parent(b, blend, models, fp, data)
@@ -58,7 +58,7 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
     children's model fluxes), ``centroid_x``/``centroid_y`` of the summed
     model, every column of the measurement suite, ``flags``.
     """
-    from ..catalog import CATALOG_FLAGS, UNITS, _flux_units, _LazyColumn, open_measurer
+    from .catalog import CATALOG_FLAGS, UNITS, _flux_units, _LazyColumn, open_measurer
 
     # parents take the band's aperture correction like its children (same fluxes, same missing light)
     measurer = open_measurer(store, band, run, redistribute, image_override, psf_override,

@@ -44,8 +44,8 @@ import h5py
 import numpy as np
 import xarray as xr
 
+from ..errors import SchemaError, StoreError
 from . import schema as _schema
-from .errors import SchemaError, StoreError
 from .lazydask import install as _defer_dask_probe
 
 # xarray would import dask.array (~0.4 s) on the first Variable it builds; no
@@ -384,7 +384,7 @@ class Store:
     def read(self, group: str, validate: bool = True, upgrade: bool = True) -> xr.Dataset:
         """Read ``group`` fully into memory and close the file.
 
-        The group is read straight from HDF5 (:mod:`scarletstore.h5read`, the
+        The group is read straight from HDF5 (:mod:`scarletstore.store.h5read`, the
         Dataset xarray would build, several times faster); a group holding
         something only xarray decodes is read through :meth:`open`.
         """
@@ -399,7 +399,7 @@ class Store:
                                   f"{type(exc).__name__}: {_one_line(exc)}") from None
 
     def _read_h5(self, group: str, check: bool):
-        """``group`` read by :func:`~scarletstore.h5read.read_group` (after the cheap
+        """``group`` read by :func:`~scarletstore.store.h5read.read_group` (after the cheap
         schema checks when ``check``), or None for :meth:`open` to read it."""
         from .h5read import read_group
 
@@ -435,8 +435,8 @@ class Store:
             raise
 
     def run_tables(self, run: str):
-        """:class:`~scarletstore.models.RunTables` of a stored run (fast path when current)."""
-        from .models import RunTables
+        """:class:`~scarletstore.store.runs.RunTables` of a stored run (fast path when current)."""
+        from .runs import RunTables
 
         group = run_group(run)
         opened = self.h5_group(group)
@@ -448,8 +448,8 @@ class Store:
         return tables
 
     def blend(self, run: str, parent_id: int):
-        """One blend's stored models (:class:`~scarletstore.models.StoredBlend`)."""
-        from .models import RunIndex, read_blend
+        """One blend's stored models (:class:`~scarletstore.store.runs.StoredBlend`)."""
+        from .runs import RunIndex, read_blend
 
         if run not in self.runs():
             raise StoreError(f"{self.path}: no run {run!r}")
@@ -469,13 +469,13 @@ class Store:
             tables.close()
 
     def catalog(self, band: str, run: str | None = None, redistribute: bool = False, **kwargs) -> xr.Dataset:
-        """Lazy per-band catalog of ``run`` (default: newest); see :func:`scarletstore.catalog.band_catalog`."""
-        from .catalog import band_catalog
+        """Lazy per-band catalog of ``run`` (default: newest); see :func:`scarletstore.measure.catalog.band_catalog`."""
+        from ..measure.catalog import band_catalog
         return band_catalog(self, band, run=run, redistribute=redistribute, **kwargs)
 
     def footprint(self, source_id: int, band: str, run: str | None = None, redistribute: bool = False):
-        """Heavy footprint of one child; see :func:`scarletstore.catalog.heavy_footprint`."""
-        from .catalog import heavy_footprint
+        """Heavy footprint of one child; see :func:`scarletstore.measure.catalog.heavy_footprint`."""
+        from ..measure.catalog import heavy_footprint
         return heavy_footprint(self, source_id, band, run=run, redistribute=redistribute)
 
     def cached(self, key, build):
@@ -988,15 +988,18 @@ def _missing_product(path: Path, f, group: str) -> None:
 def _index_entries(f) -> dict[str, str]:
     """``{group: product file name relative to the store's folder}`` of an open index."""
     out = {}
-    for key in f.keys():
-        link = f.get(key, getlink=True)
-        if isinstance(link, h5py.ExternalLink):
-            out[key] = link.filename
-        elif key == RUNS:
-            for name in f[RUNS].keys():
-                sub = f[RUNS].get(name, getlink=True)
-                if isinstance(sub, h5py.ExternalLink):
-                    out[run_group(name)] = sub.filename
+
+    def walk(group, prefix):
+        # products sit at any depth (runs/<name>, coadds/likelihood, apcorr/<band>):
+        # the index's own groups are plain HDF5 groups holding the links
+        for key in group.keys():
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                out[prefix + key] = link.filename
+            elif isinstance(link, h5py.HardLink) and isinstance(group.get(key), h5py.Group):
+                walk(group[key], prefix + key + "/")
+
+    walk(f, "")
     return out
 
 

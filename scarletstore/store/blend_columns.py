@@ -1,6 +1,6 @@
 """Names of the blend-table columns and the ``--where`` grammar summary.
 
-Kept apart from :mod:`scarletstore.query` (numpy, pandas) so the command line
+Kept apart from :mod:`scarletstore.store.query` (numpy, pandas) so the command line
 can print them in its help without importing the numerical stack.
 """
 

@@ -18,11 +18,11 @@ import numpy as np
 import xarray as xr
 from xarray.core import indexing
 
-from .errors import InputError, StoreError
-from .footprint import counts_to_offsets, mask_to_spans, spans_to_mask
-from .ingest import DEFAULT_BAD_PLANES, bad_bits
+from ..detect.footprint import counts_to_offsets, mask_to_spans, spans_to_mask
+from ..errors import InputError, StoreError
+from ..ingest.exposure import DEFAULT_BAD_PLANES, bad_bits
+from ..store.runs import SOURCE_FLAGS, RunIndex, RunTables, read_blend
 from .measure import COLUMNS, measure_children
-from .models import SOURCE_FLAGS, RunIndex, RunTables, read_blend
 from .photometry import PHOT_FLAGS, PhotometryConfig, suite_columns
 from .photometry.apcorr import load_apcorr
 from .photometry.blend import BlendPhotometry, model_fluxes
@@ -477,7 +477,7 @@ def blend_views(store, parent_id: int, run: str | None = None):
     data : (B, h, w) observed image of the blend box (None without an exposure)
     models : (n_sources, B, h, w) observed-frame models
     bands : list of band names
-    blend : the :class:`~scarletstore.models.StoredBlend`
+    blend : the :class:`~scarletstore.store.runs.StoredBlend`
     """
     runs = store.runs()
     run = run or (runs[-1] if runs else None)
@@ -515,7 +515,7 @@ def export_catalog(cat: xr.Dataset, path, show_progress: bool = False) -> int:
 
 def catalog_columns(cat: xr.Dataset, show_progress: bool = False) -> dict:
     """Every column of ``cat`` as a numpy array, lazy ones computed in chunks of blends."""
-    from .progress import progress
+    from ..progress import progress
 
     n = cat.sizes["row"]
     cat = cat.reset_coords()

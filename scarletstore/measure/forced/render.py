@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..coadd.psf import moments, warp_psf
-from ..coadd.warp import pixel_mapping
-from ..deblend.psf import difference_kernels
+from ...coadd.psf import moments, warp_psf
+from ...coadd.warp import pixel_mapping
+from ...deblend.psf import difference_kernels
 from ..reconstruct import CUBE_DIM, band_kernel, convolve_stack
 from .kernels import resample_stack
 

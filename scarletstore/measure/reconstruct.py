@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
-
 from scipy import fft as sfft
 
-from .deblend.psf import difference_kernels
+from ..deblend.psf import difference_kernels
 
 CUBE_DIM = 3
 
@@ -33,7 +32,7 @@ def source_models(sources, band: int, kernel: np.ndarray | None, bbox) -> np.nda
     """(n_sources, h, w) observed-frame model of every source of one blend in one band.
 
     ``sources`` carry components in exposure pixels (as read by
-    :func:`scarletstore.models.read_blend`); ``bbox`` = (y0, x0, h, w).
+    :func:`scarletstore.store.runs.read_blend`); ``bbox`` = (y0, x0, h, w).
     Factorised components are convolved with ``kernel``; cube components are
     already in the observed frame and are added as they are.
     """

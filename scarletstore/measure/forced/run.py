@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ..errors import InputError
+from ...errors import InputError
 from . import render
 from .fit import FLAGS, fit_blend
 
@@ -41,7 +41,7 @@ class ForcedModels:
 
 def load_models(store, run: str) -> ForcedModels:
     """Read every blend of ``run`` and the grid it was fitted on."""
-    from ..models import RunIndex, read_blend
+    from ...store.runs import RunIndex, read_blend
 
     if not store.has("exposure"):
         raise InputError(f"{store.path}: no exposure group; forced photometry needs the coadd grid")
@@ -104,7 +104,7 @@ def _grid_wcs(text):
 
 def forced_visit(path, models: ForcedModels, background: bool = True, redistribute: bool = False) -> dict:
     """Rows (dict of columns) of every source of ``models`` in the visit at ``path``."""
-    from ..coadd.visits import read_visit
+    from ...coadd.visits import read_visit
 
     visit = read_visit(path)
     if visit.band not in models.bands:
@@ -202,7 +202,7 @@ def _run_tasks(paths, models, background, workers, scheduler, redistribute=False
         for i, p in enumerate(paths):
             yield i, forced_visit(p, models, background, redistribute)
         return
-    from ..parallel import completed, dask_client
+    from ...parallel import completed, dask_client
 
     with dask_client(workers, scheduler) as client:
         shared = client.scatter(models, broadcast=True)  # models go to each worker once
@@ -222,8 +222,8 @@ def forced_photometry(store, run: str, paths, workers: int = 1, scheduler=None,
 
     Visits are checked (headers, bands) before any pixel is read.
     """
-    from ..coadd.visits import read_visit
-    from ..progress import progress
+    from ...coadd.visits import read_visit
+    from ...progress import progress
 
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .models import CUBE
+from ..store.runs import CUBE
 
 
 def _cumsum_diff(values: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .errors import SchemaError
+from ..errors import SchemaError
+
 
 def _schema_dir() -> Path:
     """The ``schemas/`` documents: the source tree's, else the copy a wheel ships.
@@ -23,7 +24,7 @@ def _schema_dir() -> Path:
     product); a built wheel carries the same files as ``scarletstore/_schemas``
     (see ``[tool.setuptools]`` in pyproject.toml).
     """
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the package folder
     for cand in (here.parent / "schemas", here / "_schemas"):
         if (cand / "exposure").is_dir():
             return cand

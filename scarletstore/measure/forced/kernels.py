@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..coadd.kernels import _weights  # the warp's normalised Lanczos-3 taps
+from ...coadd.kernels import _weights  # the warp's normalised Lanczos-3 taps
 
 
 @njit(cache=True, nogil=True)

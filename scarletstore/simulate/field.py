@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["simulate_field", "load_truth", "load_artifacts", "truth_image", "ALL_BANDS"]
 
@@ -367,108 +367,23 @@ def _simulate(size, seed, bands, density, progress=False, options=None) -> dict:
 
 
 def _render(size, seed, bands, density, progress, opts):
+    """The steps of :func:`_simulate`: catalogue, PSFs, noise-free field, observed bands."""
     galsim = _import_galsim()
     rng = np.random.default_rng(seed)
     cat = _draw_catalogue(rng, size, density)
     # Extra draws use generators of their own so the default field is unchanged.
     _add_bright_stars(cat, np.random.default_rng([seed, 101]), size, opts["bright_stars"])
-    n = len(cat["x"])
-    nb = len(bands)
     psfs = {b: _psf_profile(galsim, b, opts["psf_beta"]) for b in bands}
-    psf_images = {}
-    for b in bands:
-        img = psfs[b].drawImage(nx=PSF_SIZE, ny=PSF_SIZE, scale=PIXEL_SCALE, method="fft").array
-        img = img.astype(np.float64)
-        psf_images[b] = (img / img.sum()).astype(np.float32)
-
-    # Scale radius / nominal hlr of each Sersic index, and the true half-light
-    # radius of the truncated profile relative to the nominal one. Fixing
-    # trunc / scale_radius lets GalSim reuse one profile table per index.
-    unit = {nn: galsim.Sersic(nn, half_light_radius=1.0).scale_radius for nn in (1, 4)}
-    trunc_of = {1: DISK_TRUNC, 4: BULGE_TRUNC}
-    hlr_ratio = {
-        nn: galsim.Sersic(nn, scale_radius=unit[nn], trunc=trunc_of[nn]).half_light_radius
-        for nn in (1, 4)
-    }
-    star = cat["is_star"]
-    no_disk = star | (cat["bulge_fraction"] >= 1)
-    no_bulge = star | (cat["bulge_fraction"] <= 0)
-    cat["hlr_disk"] = np.where(no_disk, 0.0, cat["hlr_disk_nominal"] * hlr_ratio[1])
-    cat["hlr_bulge"] = np.where(no_bulge, 0.0, cat["hlr_bulge_nominal"] * hlr_ratio[4])
-
-    noise_free = np.zeros((nb, size, size), dtype=np.float64)
-    bboxes = np.zeros((n, 4), dtype=np.int64)
-    stamps = []
-
-    bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc="simulate", unit="src", file=sys.stderr)
-    try:
-        for k in range(n):
-            x, y = cat["x"][k], cat["y"][k]
-            ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-            # GalSim centres the profile on the central pixel of an odd stamp
-            # plus this offset, so 0-indexed pixel centres line up exactly.
-            offset = galsim.PositionD(x - ix, y - iy)
-            h = _stamp_half_size(cat, k)
-            y0, y1 = max(0, iy - h), min(size, iy + h + 1)
-            x0, x1 = max(0, ix - h), min(size, ix + h + 1)
-            sy, sx = slice(y0 - (iy - h), y1 - (iy - h)), slice(x0 - (ix - h), x1 - (ix - h))
-            bboxes[k] = (y0, x0, y1 - y0, x1 - x0)
-
-            if star[k]:
-                shapes = None
-            else:
-                beta = cat["pa"][k] * galsim.radians
-                shapes = []
-                if cat["bulge_fraction"][k] > 0:
-                    hb = cat["hlr_bulge_nominal"][k]
-                    bulge = galsim.Sersic(4, scale_radius=unit[4] * hb, trunc=BULGE_TRUNC * hb)
-                    shapes.append(("bulge", bulge.shear(g=cat["g_bulge"][k], beta=beta)))
-                if cat["bulge_fraction"][k] < 1:
-                    hd = cat["hlr_disk_nominal"][k]
-                    disk = galsim.Sersic(1, scale_radius=unit[1] * hd, trunc=DISK_TRUNC * hd)
-                    shapes.append(("disk", disk.shear(g=cat["g_disk"][k], beta=beta)))
-
-            stamp = np.empty((nb, y1 - y0, x1 - x0), dtype=np.float32)
-            for j, b in enumerate(bands):
-                if shapes is None:
-                    obj = psfs[b].withFlux(cat[f"flux_{b}"][k])
-                else:
-                    parts = [s.withFlux(cat[f"flux_{name}_{b}"][k]) for name, s in shapes]
-                    gal = parts[0] if len(parts) == 1 else galsim.Add(parts)
-                    obj = galsim.Convolve(gal, psfs[b], real_space=False)
-                img = obj.drawImage(
-                    nx=2 * h + 1, ny=2 * h + 1, scale=PIXEL_SCALE, offset=offset, method="fft"
-                )
-                stamp[j] = img.array[sy, sx]
-            noise_free[:, y0:y1, x0:x1] += stamp
-            stamps.append(stamp)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
+    psf_images = {b: _psf_image(psfs[b]) for b in bands}
+    unit = _sersic_units(galsim, cat)
+    noise_free, bboxes, stamps = _render_sources(galsim, cat, psfs, bands, size, unit, progress)
     images, variances, masks, sigmas = {}, {}, {}, {}
     artifacts = []
     for j, b in enumerate(bands):
-        # One generator per band, keyed by the band's place in ugrizy, so the
-        # r-band noise is the same whichever other bands are simulated.
-        brng = np.random.default_rng([seed, 1 + ALL_BANDS.index(b)])
-        sigma = _noise_sigma(psf_images[b], b)
-        var = sigma**2 * (1.0 + VARIANCE_RIPPLE * _variance_ripple(brng, size))
-        var = var.astype(np.float32)
-        image = noise_free[j] + brng.standard_normal((size, size)) * np.sqrt(var.astype(np.float64))
-        bad = _bad_pixels(brng, size)
-        image[bad] = 0.0  # garbage, as a dead pixel would read
-        mask = np.zeros((size, size), dtype=np.int32)
-        mask[bad] |= np.int32(1 << MASK_PLANES["BAD"])
-        arng = np.random.default_rng([seed, 201 + ALL_BANDS.index(b)])
-        artifacts += _add_artifacts(arng, image, mask, var, b, opts, noise_free[j], bboxes, stamps, j)
-        images[b] = image.astype(np.float32)
+        image, var, mask, sigma, made = _observe_band(seed, size, b, j, psf_images[b], opts,
+                                                      noise_free, bboxes, stamps)
+        artifacts += made
+        images[b] = image
         variances[b] = var
         masks[b] = mask
         sigmas[b] = sigma
@@ -491,6 +406,150 @@ def _render(size, seed, bands, density, progress, opts):
         "artifacts": artifacts,
         "options": opts,
     }
+
+
+def _psf_image(psf):
+    """The PSF drawn on a PSF_SIZE stamp, normalised to unit sum in float64, stored float32."""
+    img = psf.drawImage(nx=PSF_SIZE, ny=PSF_SIZE, scale=PIXEL_SCALE, method="fft").array
+    img = img.astype(np.float64)
+    return (img / img.sum()).astype(np.float32)
+
+
+def _sersic_units(galsim, cat):
+    """Scale radius per unit nominal hlr of each Sersic index; sets the true radii in ``cat``.
+
+    Fixing trunc / scale_radius lets GalSim reuse one profile table per
+    index. The truth's ``hlr_disk`` / ``hlr_bulge`` are the half-light radii
+    of the truncated profiles, which differ from the nominal ones by a
+    fixed ratio per index (0 where the component is absent).
+    """
+    unit = {nn: galsim.Sersic(nn, half_light_radius=1.0).scale_radius for nn in (1, 4)}
+    trunc_of = {1: DISK_TRUNC, 4: BULGE_TRUNC}
+    hlr_ratio = {
+        nn: galsim.Sersic(nn, scale_radius=unit[nn], trunc=trunc_of[nn]).half_light_radius
+        for nn in (1, 4)
+    }
+    star = cat["is_star"]
+    no_disk = star | (cat["bulge_fraction"] >= 1)
+    no_bulge = star | (cat["bulge_fraction"] <= 0)
+    cat["hlr_disk"] = np.where(no_disk, 0.0, cat["hlr_disk_nominal"] * hlr_ratio[1])
+    cat["hlr_bulge"] = np.where(no_bulge, 0.0, cat["hlr_bulge_nominal"] * hlr_ratio[4])
+    return unit
+
+
+def _galaxy_shapes(galsim, cat, k, unit):
+    """Unit-flux sheared bulge and disk profiles of source ``k``, or None for a star.
+
+    A list of ("bulge" | "disk", profile) for the components it has; their
+    per-band fluxes are set when they are drawn.
+    """
+    if cat["is_star"][k]:
+        return None
+    beta = cat["pa"][k] * galsim.radians
+    shapes = []
+    if cat["bulge_fraction"][k] > 0:
+        hb = cat["hlr_bulge_nominal"][k]
+        bulge = galsim.Sersic(4, scale_radius=unit[4] * hb, trunc=BULGE_TRUNC * hb)
+        shapes.append(("bulge", bulge.shear(g=cat["g_bulge"][k], beta=beta)))
+    if cat["bulge_fraction"][k] < 1:
+        hd = cat["hlr_disk_nominal"][k]
+        disk = galsim.Sersic(1, scale_radius=unit[1] * hd, trunc=DISK_TRUNC * hd)
+        shapes.append(("disk", disk.shear(g=cat["g_disk"][k], beta=beta)))
+    return shapes
+
+
+def _render_sources(galsim, cat, psfs, bands, size, unit, progress):
+    """Draw every source into its clipped stamp and sum the stamps into the field.
+
+    Returns
+    -------
+    noise_free : (band, size, size) float64
+    bboxes : (n, 4) int64
+        Each stamp's (y0, x0, height, width), clipped to the field.
+    stamps : list of (band, h, w) float32
+    """
+    n = len(cat["x"])
+    nb = len(bands)
+    noise_free = np.zeros((nb, size, size), dtype=np.float64)
+    bboxes = np.zeros((n, 4), dtype=np.int64)
+    stamps = []
+
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc="simulate", unit="src", file=sys.stderr)
+    try:
+        for k in range(n):
+            stamp, box = _draw_source(galsim, cat, k, psfs, bands, size, unit)
+            y0, x0, h, w = box
+            bboxes[k] = box
+            noise_free[:, y0:y0 + h, x0:x0 + w] += stamp
+            stamps.append(stamp)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return noise_free, bboxes, stamps
+
+
+def _draw_source(galsim, cat, k, psfs, bands, size, unit):
+    """Source ``k`` drawn in every band, clipped to the field; (stamp, (y0, x0, h, w))."""
+    x, y = cat["x"][k], cat["y"][k]
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    # GalSim centres the profile on the central pixel of an odd stamp
+    # plus this offset, so 0-indexed pixel centres line up exactly.
+    offset = galsim.PositionD(x - ix, y - iy)
+    h = _stamp_half_size(cat, k)
+    y0, y1 = max(0, iy - h), min(size, iy + h + 1)
+    x0, x1 = max(0, ix - h), min(size, ix + h + 1)
+    sy, sx = slice(y0 - (iy - h), y1 - (iy - h)), slice(x0 - (ix - h), x1 - (ix - h))
+    shapes = _galaxy_shapes(galsim, cat, k, unit)
+    stamp = np.empty((len(bands), y1 - y0, x1 - x0), dtype=np.float32)
+    for j, b in enumerate(bands):
+        if shapes is None:
+            obj = psfs[b].withFlux(cat[f"flux_{b}"][k])
+        else:
+            parts = [s.withFlux(cat[f"flux_{name}_{b}"][k]) for name, s in shapes]
+            gal = parts[0] if len(parts) == 1 else galsim.Add(parts)
+            obj = galsim.Convolve(gal, psfs[b], real_space=False)
+        img = obj.drawImage(
+            nx=2 * h + 1, ny=2 * h + 1, scale=PIXEL_SCALE, offset=offset, method="fft"
+        )
+        stamp[j] = img.array[sy, sx]
+    return stamp, (y0, x0, y1 - y0, x1 - x0)
+
+
+def _observe_band(seed, size, band, j, psf_image, opts, noise_free, bboxes, stamps):
+    """Band ``band`` (index ``j``) as observed: noise, variance, bad pixels and artifacts.
+
+    One generator per band, keyed by the band's place in ugrizy, so the
+    r-band noise is the same whichever other bands are simulated; the
+    artifacts draw from generators of their own, so asking for them leaves
+    the noise unchanged.
+
+    Returns
+    -------
+    image, variance : (size, size) float32
+    mask : (size, size) int32
+    sigma : float
+        The band's nominal noise per pixel.
+    artifacts : list
+        The artifacts made in this band.
+    """
+    brng = np.random.default_rng([seed, 1 + ALL_BANDS.index(band)])
+    sigma = _noise_sigma(psf_image, band)
+    var = sigma**2 * (1.0 + VARIANCE_RIPPLE * _variance_ripple(brng, size))
+    var = var.astype(np.float32)
+    image = noise_free[j] + brng.standard_normal((size, size)) * np.sqrt(var.astype(np.float64))
+    bad = _bad_pixels(brng, size)
+    image[bad] = 0.0  # garbage, as a dead pixel would read
+    mask = np.zeros((size, size), dtype=np.int32)
+    mask[bad] |= np.int32(1 << MASK_PLANES["BAD"])
+    arng = np.random.default_rng([seed, 201 + ALL_BANDS.index(band)])
+    made = _add_artifacts(arng, image, mask, var, band, opts, noise_free[j], bboxes, stamps, j)
+    return image.astype(np.float32), var, mask, sigma, made
 
 
 def _line_pixels(rng, size, length):
@@ -574,7 +633,7 @@ def _write_band(path, band, sim, seed, size):
 
     primary = fits.PrimaryHDU()
     primary.header["BAND"] = (band, "filter name")
-    primary.header["ORIGIN"] = ("scarletstore.simulate", "simulated LSST-like coadd patch")
+    primary.header["ORIGIN"] = ("scarletstore.simulate.field", "simulated LSST-like coadd patch")
     primary.header["SIMSEED"] = (int(seed), "simulator seed")
 
     hdr = sim["wcs"].to_header()
@@ -764,6 +823,26 @@ def simulate_field(out_dir, size=512, seed=1, bands="ugrizy", density=90.0, prog
     ``pixels`` (float32, each source's (band, height, width) stamp flattened)
     and ``bands``. The stamps sum exactly to the noise-free field.
     """
+    size, seed, density = _check_field(size, seed, density)
+    names = _parse_bands(bands)
+    opts = _check_options(psf_beta, bright_stars, saturation, cosmic_rays, bad_columns)
+    _import_galsim()  # fail before creating anything
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sim = _simulate(size, seed, names, density, progress=progress, options=opts)
+    return _write_field(out, sim, names, seed, size, opts)
+
+
+def _check_field(size, seed, density):
+    """``(size, seed, density)`` of :func:`simulate_field` as int, int, float.
+
+    Raises
+    ------
+    InputError
+        On values that are not numbers, a field under 16 pixels, a negative
+        seed or a negative or non-finite density.
+    """
     try:
         size = int(size)
         seed = int(seed)
@@ -776,14 +855,15 @@ def simulate_field(out_dir, size=512, seed=1, bands="ugrizy", density=90.0, prog
         raise InputError(f"seed must be non-negative, got {seed}")
     if not np.isfinite(density) or density < 0:
         raise InputError(f"density must be a non-negative number, got {density}")
-    names = _parse_bands(bands)
-    opts = _check_options(psf_beta, bright_stars, saturation, cosmic_rays, bad_columns)
-    _import_galsim()  # fail before creating anything
+    return size, seed, density
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sim = _simulate(size, seed, names, density, progress=progress, options=opts)
 
+def _write_field(out, sim, names, seed, size, opts):
+    """Write a rendered field into ``out``; the paths :func:`simulate_field` returns.
+
+    One FITS file per band, the truth table and stamps, and the artifact
+    truth only when an option asked for artifacts.
+    """
     paths = {"bands": {}, "truth": out / "truth.fits", "truth_images": out / "truth_images.npz"}
     for b in names:
         p = out / f"{b}.fits"

@@ -1,7 +1,7 @@
 """Simulated calibrated visits of one field, with the truth, for the coadd.
 
 :func:`simulate_visits` draws one source catalogue on a coadd grid (the
-catalogue model of :mod:`scarletstore.simulate`) and renders it with GalSim
+catalogue model of :mod:`scarletstore.simulate.field`) and renders it with GalSim
 into ``n_visits`` visits per band, each through its own WCS and PSF, and
 writes:
 
@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import simulate as _sim
-from .errors import InputError
+from ..errors import InputError
+from . import field as _sim
 
 __all__ = ["simulate_visits", "VISIT_DEPTH"]
 
@@ -337,7 +337,7 @@ def _write_visit(path, plan, w, image, variance, mask, psf):
     hdr["EXPTIME"] = plan["exptime"]
     hdr["SEEING"] = (plan["fwhm"], "[arcsec] PSF FWHM")
     primary = fits.PrimaryHDU()
-    primary.header["ORIGIN"] = "scarletstore.simulate_visits"
+    primary.header["ORIGIN"] = "scarletstore.simulate.visits"
     m = fits.ImageHDU(mask.astype(np.int32), name="MASK")
     for name, bit in MASK_PLANES.items():
         key = f"MP_{name}"

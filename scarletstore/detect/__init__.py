@@ -1,0 +1,1 @@
+"""Detection: background, detection images, footprints, peaks, known positions."""

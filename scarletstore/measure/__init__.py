@@ -1,0 +1,1 @@
+"""Measurement: heavy footprints from stored models, the band catalog, photometry, forced photometry."""

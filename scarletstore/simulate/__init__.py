@@ -1,0 +1,1 @@
+"""Simulated fields and visits with truth (galsim), for tests, demos and benchmarks."""

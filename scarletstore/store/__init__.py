@@ -1,0 +1,1 @@
+"""The store under every stage: the versioned HDF5 file, schemas, migrations, stored runs."""
