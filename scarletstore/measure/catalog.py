@@ -75,16 +75,22 @@ class KernelCache:
         self.override = dict(psf_override or {})
         self._cache = {}
 
+    def key(self, b: int, band: int) -> int:
+        """Blend ``b`` when its PSF in ``band`` is its own, else -1 (one PSF for every blend)."""
+        return b if self.per_blend and band not in self.override else -1
+
+    def band_psf(self, b: int, band: int):
+        """The PSF of blend ``b`` in ``band``: the override, the blend's own, or the run's."""
+        if band in self.override:
+            return self.override[band]
+        if self.per_blend:
+            return self.tables.col("blend_psf")[b, band]
+        return self.tables.col("psf")[band]
+
     def get(self, b: int, band: int):
-        key = (b if self.per_blend and band not in self.override else -1, band)
+        key = (self.key(b, band), band)
         if key not in self._cache:
-            if band in self.override:
-                psf = self.override[band]
-            elif self.per_blend:
-                psf = self.tables.col("blend_psf")[b, band]
-            else:
-                psf = self.tables.col("psf")[band]
-            self._cache[key] = band_kernel(self.model_psf, psf)
+            self._cache[key] = band_kernel(self.model_psf, self.band_psf(b, band))
         return self._cache[key]
 
 

@@ -99,15 +99,9 @@ class BlendPhotometry:
         """The band PSF used for blend ``b`` (override, the blend's own, or the run's) and its covariance."""
         k = self.measurer.kernels
         band = self.measurer.b
-        key = b if (k.per_blend and band not in k.override) else -1
+        key = k.key(b, band)
         if key not in self._psf:
-            if band in k.override:
-                psf = k.override[band]
-            elif k.per_blend:
-                psf = k.tables.col("blend_psf")[b, band]
-            else:
-                psf = k.tables.col("psf")[band]
-            psf = np.asarray(psf, np.float64)
+            psf = np.asarray(k.band_psf(b, band), np.float64)
             psf = psf / psf.sum()
             self._psf[key] = (odd_psf(psf), psf_covariance(psf))
         return self._psf[key]
