@@ -143,8 +143,8 @@ def field(tmp_path_factory):
     from scarletstore.ingest.exposure import read_fits_bands
     from scarletstore.simulate.field import simulate_field
 
-    out = simulate_field(tmp_path_factory.mktemp("split") / "sim", size=160, seed=24, bands="gri",
-                         density=200)
+    out = simulate_field(tmp_path_factory.mktemp("split") / "sim", size=160, seed=21, bands="gri",
+                         density=220)
     exposure = read_fits_bands(list(out["bands"].values()))
     return exposure, detect(exposure)
 
@@ -161,8 +161,8 @@ def test_parent_over_the_budget_is_split_not_skipped(field):
     i = int(np.flatnonzero(parents["parent_id"].values == pid)[0])
     h, w = int(parents["bbox_height"].values[i]), int(parents["bbox_width"].values[i])
     need = fit_memory(3, h, w, n_peaks, exposure["psf"].shape[1:])
-    # pieces of 60 % of the whole fit, and the worker under what the whole fit needs
-    budget = 0.6 * need * PIECE_HEADROOM + parent_bytes(3, h, w)
+    # pieces of half the whole fit, and the worker under what the whole fit needs
+    budget = 0.5 * need * PIECE_HEADROOM + parent_bytes(3, h, w)
     assert budget < need
     # over the old peak limit too: before splitting this parent was skipped
     config = DeblendConfig(max_iter=20, memory_budget=budget, max_number_of_peaks=2)
