@@ -47,7 +47,7 @@ def source_models(sources, band: int, kernel: np.ndarray | None, bbox) -> np.nda
             else:
                 img, target = c.spectrum[band] * c.morph, frame
                 any_model = True
-            _add_clipped(target[i], img, c.y0 - y0, c.x0 - x0)
+            add_clipped(target[i], img, c.y0 - y0, c.x0 - x0)
     if any_model:
         if kernel is None:
             observed += frame
@@ -76,7 +76,8 @@ def convolve_stack(stack: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return sfft.irfft2(f, s=(fy, fx))[:, :h, :w].astype(np.float32)
 
 
-def _add_clipped(target, img, oy, ox):
+def add_clipped(target, img, oy, ox):
+    """Add ``img`` into ``target`` with its origin at (oy, ox), keeping only the overlap."""
     H, W = target.shape
     h, w = img.shape
     ya, xa, yb, xb = max(oy, 0), max(ox, 0), min(oy + h, H), min(ox + w, W)

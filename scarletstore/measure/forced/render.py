@@ -37,7 +37,7 @@ import numpy as np
 from ...coadd.psf import moments, warp_psf
 from ...coadd.warp import pixel_mapping
 from ...deblend.psf import difference_kernels
-from ..reconstruct import CUBE_DIM, band_kernel, convolve_stack
+from ..reconstruct import CUBE_DIM, add_clipped, band_kernel, convolve_stack
 from .kernels import resample_stack
 
 SUPPORT_LEVEL = 1e-6  # fraction of a child's peak below which its rendered light is not resampled
@@ -95,14 +95,6 @@ def grid_to_visit(frame: VisitFrame, x, y):
     return np.asarray(u, np.float64), np.asarray(v, np.float64)
 
 
-def _paste(target, img, oy, ox):
-    H, W = target.shape
-    h, w = img.shape
-    ya, xa, yb, xb = max(oy, 0), max(ox, 0), min(oy + h, H), min(ox + w, W)
-    if ya < yb and xa < xb:
-        target[ya:yb, xa:xb] += img[ya - oy:yb - oy, xa - ox:xb - ox]
-
-
 def _half(kernel) -> int:
     return 0 if kernel is None else max(kernel.shape) // 2
 
@@ -125,11 +117,11 @@ def grid_models(sources, band: int, frame: VisitFrame, bbox) -> tuple[np.ndarray
     for i, src in enumerate(sources):
         for c in src.components:
             if c.morph.ndim == CUBE_DIM:
-                _paste(cube[i], np.asarray(c.morph[band], np.float32), c.y0 - box[0], c.x0 - box[1])
+                add_clipped(cube[i], np.asarray(c.morph[band], np.float32), c.y0 - box[0], c.x0 - box[1])
                 has_cube = True
             else:
-                _paste(model[i], float(c.spectrum[band]) * np.asarray(c.morph, np.float32),
-                       c.y0 - box[0], c.x0 - box[1])
+                add_clipped(model[i], float(c.spectrum[band]) * np.asarray(c.morph, np.float32),
+                            c.y0 - box[0], c.x0 - box[1])
                 has_model = True
     out = np.zeros(shape, np.float64)
     if has_model:
