@@ -111,3 +111,26 @@ def test_isolated_fit_that_fails_keeps_the_image_record(monkeypatch):
     np.testing.assert_array_equal(cube, np.where(footprint[None] & ~bad, images, 0))
     with pytest.raises(FloatingPointError):
         process_blend(task, "scarlet", DeblendConfig(catch_failures=False))
+
+
+def test_warm_restart_continues_isolated_fits(tmp_path):
+    # a run restarted from a stored run refines its isolated fits too, instead
+    # of fitting them cold again: fewer iterations, no likelihood lost
+    pytest.importorskip("galsim")
+    from scarletstore.deblend.run import deblend_exposure, init_from_run
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import read_fits_bands
+    from scarletstore.simulate.field import simulate_field
+
+    out = simulate_field(tmp_path / "sim", size=200, seed=49, bands="gri", density=90.0)
+    exposure = read_fits_bands(list(out["bands"].values()))
+    parents = detect(exposure)
+    cold = deblend_exposure(exposure, parents, DeblendConfig())
+    warm = deblend_exposure(exposure, parents, DeblendConfig(), init=init_from_run(cold))
+    iso = cold["blend_reason"].values == "isolated"
+    assert iso.sum() >= 5 and np.all(warm["blend_reason"].values[iso] == "isolated")
+    it_c, it_w = cold["blend_iterations"].values[iso], warm["blend_iterations"].values[iso]
+    print(f"isolated fits: {iso.sum()}, iterations cold {it_c.sum()} warm {it_w.sum()}")
+    assert np.all((it_w >= 1) & (it_w <= it_c)) and it_w.sum() < 0.7 * it_c.sum()
+    l_c, l_w = cold["blend_log_likelihood"].values[iso], warm["blend_log_likelihood"].values[iso]
+    assert np.all(l_w >= l_c - 1e-6 * np.abs(l_c))

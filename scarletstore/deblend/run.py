@@ -378,7 +378,10 @@ def init_from_run(run: xr.Dataset):
             b = index.blend_of_parent(parent_id)
         except KeyError:
             return None
-        if run["blend_reason"].values[b] != "" or frame != "model":
+        reason = run["blend_reason"].values[b]
+        # an isolated parent restarts from its stored fit (isolated_model), not from its image
+        fitted_isolated = reason == "isolated" and int(run["blend_iterations"].values[b]) > 0
+        if (reason != "" and not fitted_isolated) or frame != "model":
             return None
         stored = read_blend(index, b)
         rows = range(index.source_off[b], index.source_off[b + 1])
@@ -428,7 +431,7 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
     if init is not None:
         for task in tasks:
             # a split parent starts cold: its pieces have no stored fit of their own
-            task.init = None if task.pieces or task.isolated else init(task.parent_id, task.bbox, task.peak_ids)
+            task.init = None if task.pieces else init(task.parent_id, task.bbox, task.peak_ids)
     warmup = 0.0
     if tasks:
         if show_progress and _on_terminal() and kernels_cold(method):
