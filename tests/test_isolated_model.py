@@ -5,27 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import truth_blendedness_snr
 
 from scarletstore.deblend import DeblendConfig
-
-
-def _truth_blendedness_snr(out, exposure, band):
-    """Truth table with each source's ``band`` blendedness and optimal S/N."""
-    from scarletstore.simulate.field import load_truth
-
-    table, stamps = load_truth(out)
-    kb = [str(b) for b in exposure.band.values].index(band)
-    var = np.asarray(exposure["variance"].values[kb], np.float64)
-    scene = np.zeros(var.shape)
-    for (y0, x0, h, w), st in stamps.values():
-        scene[y0:y0 + h, x0:x0 + w] += st[kb]
-    blend, snr = [], []
-    for sid in table["id"]:
-        (y0, x0, h, w), st = stamps[int(sid)]
-        own = st[kb].astype(np.float64)
-        blend.append(1 - (own * own).sum() / max((own * scene[y0:y0 + h, x0:x0 + w]).sum(), 1e-30))
-        snr.append(np.sqrt((own * own / var[y0:y0 + h, x0:x0 + w]).sum()))
-    return table, np.array(blend), np.array(snr)
 
 
 def _isolated_errors(run, table, keep, bands):
@@ -64,7 +46,7 @@ def test_isolated_model_flux_beats_the_footprint_sum(tmp_path):
         simulate_field(out, size=400, seed=seed, bands="gri", density=90.0, psf_beta=2.8)
         exposure = read_fits_bands([out / f"{b}.fits" for b in "gri"])
         bands = [str(b) for b in exposure.band.values]
-        table, blend, snr = _truth_blendedness_snr(out, exposure, "r")
+        table, blend, snr = truth_blendedness_snr(out, exposure, "r")
         parents = detect(exposure)
         for fit in (True, False):
             run = deblend_exposure(exposure, parents, DeblendConfig(isolated_model=fit))
