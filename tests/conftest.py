@@ -90,3 +90,23 @@ def fits_bands(tmp_path):
         paths.append(write_band_fits(tmp_path / f"{band}.fits", band, image, variance, mask, psf, hdr))
         arrays[band] = (image, variance, mask, psf)
     return paths, arrays, hdr
+
+
+def truth_blendedness_snr(out, exposure, band):
+    """A simulated field's truth table with each source's ``band`` blendedness
+    (1 - own.own / own.scene over its stamp) and optimal S/N (arrays in table order)."""
+    from scarletstore.simulate.field import load_truth
+
+    table, stamps = load_truth(out)
+    kb = [str(b) for b in exposure.band.values].index(band)
+    var = np.asarray(exposure["variance"].values[kb], np.float64)
+    scene = np.zeros(var.shape)
+    for (y0, x0, h, w), st in stamps.values():
+        scene[y0:y0 + h, x0:x0 + w] += st[kb]
+    blend, snr = [], []
+    for sid in table["id"]:
+        (y0, x0, h, w), st = stamps[int(sid)]
+        own = st[kb].astype(np.float64)
+        blend.append(1 - (own * own).sum() / max((own * scene[y0:y0 + h, x0:x0 + w]).sum(), 1e-30))
+        snr.append(np.sqrt((own * own / var[y0:y0 + h, x0:x0 + w]).sum()))
+    return table, np.array(blend), np.array(snr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import truth_blendedness_snr
 
 from scarletstore.deblend import DeblendConfig
 from scarletstore.deblend import scarlet as S
@@ -12,23 +13,8 @@ from scarletstore.deblend import scarlet as S
 
 def _blended_truth(out, exposure, band):
     """Truth table and which rows are blended (r blendedness > 0.1, SNR > 10)."""
-    from scarletstore.simulate.field import load_truth
-
-    table, stamps = load_truth(out)
-    kb = [str(b) for b in exposure.band.values].index(band)
-    var = np.asarray(exposure["variance"].values[kb], np.float64)
-    total = np.zeros(var.shape)
-    for (y0, x0, h, w), st in stamps.values():
-        total[y0:y0 + h, x0:x0 + w] += st[kb]
-    sel = []
-    for sid in table["id"]:
-        (y0, x0, h, w), st = stamps[int(sid)]
-        own = st[kb].astype(np.float64)
-        overlap = (own * total[y0:y0 + h, x0:x0 + w]).sum()
-        blend = 1 - (own * own).sum() / max(overlap, 1e-30)
-        snr = np.sqrt((own * own / var[y0:y0 + h, x0:x0 + w]).sum())
-        sel.append(blend > 0.1 and snr > 10)
-    return table, np.array(sel)
+    table, blend, snr = truth_blendedness_snr(out, exposure, band)
+    return table, (blend > 0.1) & (snr > 10)
 
 
 def _true_peak_errors(exposure, parents, table, sel):

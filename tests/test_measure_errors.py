@@ -83,10 +83,13 @@ def _width(p):
 def test_pulls_of_refitted_draws(draws):
     """Isolated: unit width. Blended: never too small an error.
 
-    The noise part alone is too small for every source (widths 1.3 isolated,
-    1.8-2.2 blended: the footprint edge and the refitted templates move with
-    the noise). With the calibrated model the isolated source has unit width
-    (0.97 g, 1.05 r); the blended ones have 0.45-0.54: the field calibration
+    The noise part alone is too small for every blended source (widths
+    1.9-2.3: the footprint edge and the refitted templates move with the
+    noise); for the isolated one, whose model is a one-source fit
+    (``isolated_model``), it is about its scatter (0.85 g, 0.97 r; 1.3 when
+    its model was the image in its footprint). With the calibrated model the
+    isolated source has about unit width (0.85 g, 0.93 r; it was 0.95 / 1.04);
+    the blended ones have 0.40-0.53: the field calibration
     (kappa by blendedness and S/N) also covers template-shape errors of
     bulge + disk galaxies that smooth Gaussian sources, which the
     monotonic symmetric templates represent exactly, never get, so here the
@@ -98,7 +101,10 @@ def test_pulls_of_refitted_draws(draws):
         pull = (v["flux"] - v["truth"]) / v["err"]
         widths[band, s] = (_width(pull), _width((v["flux"] - v["truth"]) / v["noise"]), np.median(pull))
     for (band, s), (w, w_noise, med) in widths.items():
-        assert w_noise > 1.25, (band, s, w_noise)
+        if s == 3:
+            assert 0.75 <= w_noise <= 1.25, (band, s, w_noise)
+        else:
+            assert w_noise > 1.25, (band, s, w_noise)
         assert abs(med) < 1.0, (band, s, med)
         if s == 3:
             assert 0.8 <= w <= 1.25, (band, s, w)

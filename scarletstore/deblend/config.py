@@ -45,6 +45,12 @@ class DeblendConfig:
         joint active-set solve.
     process_singles : bool
         Fit single-peak parents; otherwise store them as isolated sources.
+    isolated_model : bool
+        With ``process_singles`` off, still give an isolated source (scarlet
+        runs) a one-source fit as its model, so its model flux is a fit
+        rather than a sum over its detection footprint; the parent stays
+        ``isolated`` and its redistributed footprint is the image either
+        way. Off: the model is the image inside the footprint.
     max_number_of_peaks, max_footprint_area, max_area_times_peaks : float
         Size limits; with ``split_large_parents`` off, a parent over one is
         skipped with its reason (with it on, ``memory_budget`` decides).
@@ -102,6 +108,7 @@ class DeblendConfig:
     set_spectra: bool = True
     max_spectrum_cutoff: float = 1e6
     process_singles: bool = False
+    isolated_model: bool = True
     max_number_of_peaks: int = 600
     max_footprint_area: float = 2e6
     max_area_times_peaks: float = 1e9

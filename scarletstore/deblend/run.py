@@ -45,6 +45,7 @@ class BlendTask:
     peak_ids: np.ndarray
     init: BlendResult | None = None
     pieces: list | None = None  # split.Piece list: fitted in pieces (parent over the budget)
+    isolated: bool = False  # a single-peak parent fitted only for its model (see make_tasks)
 
 
 def _parent_tables(parents: xr.Dataset):
@@ -77,8 +78,12 @@ def skip_reason(config: DeblendConfig, n_peaks: int, area: int, height: int, wid
 
 
 def make_tasks(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig,
-               blend_ids=None):
+               blend_ids=None, fit_isolated=False):
     """Split an exposure into blend tasks and records of parents that are not fitted.
+
+    With ``fit_isolated`` a single-peak parent (``process_singles`` off)
+    becomes a task flagged ``isolated`` instead of a record: it is fitted for
+    its model alone and recorded as isolated (see :func:`process_blend`).
 
     Returns
     -------
@@ -131,7 +136,14 @@ def make_tasks(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig,
             fractions[plane] = hit.sum() / max(area, 1)
         reason, flag = skip_reason(config, len(ids), area, h, w, fractions)
         bad = ((m & bits) != 0) | ~np.isfinite(variance[box]) | (variance[box] <= 0)
-        if reason == "isolated":
+        if reason == "isolated" and fit_isolated and _pieces(config, fp, peaks - [y0, x0], image.shape[0],
+                                                             psfs.shape[1:]) is None:
+            tasks.append(BlendTask(index=i, parent_id=int(parent_id), bbox=(y0, x0, h, w),
+                                   images=np.ascontiguousarray(image[box], np.float32),
+                                   variance=np.ascontiguousarray(variance[box], np.float32),
+                                   bad=np.ascontiguousarray(bad), footprint=fp, psfs=psfs,
+                                   peaks=peaks - [y0, x0], peak_ids=ids, isolated=True))
+        elif reason == "isolated":
             # the parents' peaks are already exposure pixels
             done.append(_isolated_record(i, int(parent_id), (y0, x0, h, w), image[box], bad, fp,
                                          peaks, ids, flag))
@@ -308,6 +320,9 @@ def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendR
     except Exception as exc:
         if not config.catch_failures:
             raise
+        if task.isolated:  # nothing is lost: its image inside the footprint is a complete record
+            return _isolated_record(task.index, task.parent_id, task.bbox, task.images, task.bad,
+                                    task.footprint, rec.peaks, task.peak_ids, BLEND_FLAGS["isolated"])
         rec.flags |= BLEND_FLAGS["failed"]
         rec.reason = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:500]
         rec.runtime = time.perf_counter() - start
@@ -320,6 +335,12 @@ def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendR
     rec.converged = bool(result.converged)
     rec.flags |= int(result.flags) | (0 if result.converged else BLEND_FLAGS["not_converged"])
     rec.model_psf = result.model_psf
+    if task.isolated:
+        # still an isolated parent (reason, flags), with the fit's model and statistics
+        rec.reason = "isolated"
+        rec.flags |= BLEND_FLAGS["isolated"]
+        for src in rec.sources:
+            src.flags |= SOURCE_ISOLATED
     return rec
 
 
@@ -357,7 +378,10 @@ def init_from_run(run: xr.Dataset):
             b = index.blend_of_parent(parent_id)
         except KeyError:
             return None
-        if run["blend_reason"].values[b] != "" or frame != "model":
+        reason = run["blend_reason"].values[b]
+        # an isolated parent restarts from its stored fit (isolated_model), not from its image
+        fitted_isolated = reason == "isolated" and int(run["blend_iterations"].values[b]) > 0
+        if (reason != "" and not fitted_isolated) or frame != "model":
             return None
         stored = read_blend(index, b)
         rows = range(index.source_off[b], index.source_off[b + 1])
@@ -402,7 +426,8 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
         raise InputError(f"unknown method {method!r}; choose scarlet or sdss")
     if workers < 1:
         raise InputError("--workers must be at least 1")
-    tasks, records = make_tasks(exposure, parents, config, blend_ids)
+    tasks, records = make_tasks(exposure, parents, config, blend_ids,
+                                fit_isolated=method == "scarlet" and config.isolated_model)
     if init is not None:
         for task in tasks:
             # a split parent starts cold: its pieces have no stored fit of their own
