@@ -18,13 +18,14 @@ reproduce to better than a few per cent; the rendered image at the visit's
 resolution (FWHM >= 2.5 grid pixels) is well sampled, so the resampling step
 is accurate to ~0.1 % in flux (measured in ``tests/test_forced.py``).
 
-Isolated sources stored as pixel cubes (coadd pixels at the coadd PSF, when
-``process_singles`` was off) are taken to the visit PSF with a difference
+Isolated sources stored as pixel cubes (coadd pixels at the coadd PSF: runs
+made with ``isolated_model`` off, SDSS runs, and the fallbacks of a failed or
+over-budget single fit; by default an isolated parent now has a fitted
+one-source model and is rendered like any other) are taken to the visit PSF with a difference
 kernel from the coadd band PSF when the visit PSF is the wider one (size
 from second moments); a sharper visit cannot be reached from the coadd
 without amplifying the cube's noise, so there the cube is used at the coadd
-PSF as it is and the rows are flagged ``psf_mismatch``. Deblend with
-``process_singles=true`` to have a model for every source.
+PSF as it is and the rows are flagged ``psf_mismatch``.
 """
 
 from __future__ import annotations
