@@ -218,6 +218,10 @@ def test_calibration_groups_judge_every_field_and_band_apart():
     """The constants are fitted to the isolated and the blended children of each calibration field
     and band as well as to pooled groups: pooled, one field's wide blended children hid behind
     another's narrow ones (19 of 27 calibration cells inside 0.8-1.25, 23 with the cells)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the calibration is a benchmark script
     from benchmarks.calibrate_flux_errors import MIN_PER_BIN, groups
 
     rng = np.random.default_rng(1)
