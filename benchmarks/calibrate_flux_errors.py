@@ -16,9 +16,11 @@ template it shares pixels with), so these ingredients are recorded once per
 blend while one catalog is computed; the constants are then fitted to the
 pull widths of groups of children (see :func:`groups` and :func:`solve`).
 
-Usage: ``python benchmarks/calibrate_flux_errors.py [--write]``; ``--write``
-puts the constants into ``scarletstore/measure/photometry/deblend_errors.py``
-(re-run it after a change to the deblender: its templates set them).
+Usage: ``python benchmarks/calibrate_flux_errors.py [--write | --realisations]``;
+``--write`` puts the constants into ``scarletstore/measure/photometry/deblend_errors.py``
+(re-run it after a change to the deblender: its templates set them);
+``--realisations`` only splits the errors of two calibration fields into what
+the noise moves and what stays with the scene (:func:`realisations`).
 """
 
 from __future__ import annotations
@@ -262,12 +264,99 @@ def diagnose(s, pulls, edges=(0.02, 0.1, 0.3)):
         print(f"  {label:9s} " + " | ".join(cells))
 
 
+def renoised_field(spec, noise_seed):
+    """(store, sim) of ``spec``'s field with the same sources and a new draw of the noise.
+
+    The simulator's image is its truth stamps plus Gaussian noise of the
+    variance plane (checked: the residual over sqrt(variance) has unit
+    width), so the new image is the stamps plus a new draw; masked pixels
+    keep their values. Built once, in the benchmark cache, then made into a
+    store like any benchmark field.
+    """
+    import shutil
+
+    from astropy.io import fits
+
+    from benchmarks.common import CACHE
+    from scarletstore.simulate.field import load_truth
+
+    _, sim = field(**spec)
+    folder = CACHE / f"renoised-{spec['seed']}-{noise_seed}"
+    if not (folder / "sim" / "truth.fits").exists():
+        (folder / "sim").mkdir(parents=True, exist_ok=True)
+        table, stamps = load_truth(sim)
+        rng = np.random.default_rng(noise_seed)
+        for b, band in enumerate(table.meta["BANDS"]):
+            with fits.open(sim / f"{band}.fits") as hdus:
+                total = np.zeros(hdus["IMAGE"].data.shape)
+                for (y0, x0, h, w), stamp in stamps.values():
+                    total[y0:y0 + h, x0:x0 + w] += stamp[b]
+                new = total + rng.normal(size=total.shape) * np.sqrt(hdus["VARIANCE"].data)
+                hdus["IMAGE"].data = np.where(hdus["MASK"].data == 0, new, hdus["IMAGE"].data).astype(np.float32)
+                hdus.writeto(folder / "sim" / f"{band}.fits")
+        for name in ("truth_images.npz", "truth.fits"):  # the truth last: it marks the folder complete
+            shutil.copy(sim / name, folder / "sim" / name)
+    return field(**spec, folder=folder)
+
+
+def _realisation_rows(spec, noise_seed):
+    """(flux - truth in the field, in its new noise draw, flux_err, noise part, truth and catalog
+    blendedness, main neighbour found) of the sources found in both, truth S/N > 10, every band."""
+    from scarletstore.measure.catalog import band_catalog
+    from scarletstore.store.store import Store
+
+    a, sim = field(**spec)
+    stores = Store(a), Store(renoised_field(spec, noise_seed)[0])
+    rows = []
+    for band in spec["bands"]:
+        table, tblend = _truth(sim, stores[0], band)
+        cats = [band_catalog(st, band, apcorr=False).compute() for st in stores]
+        row = [{t: i for i, t in enumerate(_matched(c, table)) if t >= 0} for c in cats]
+        found = np.zeros(len(table), bool)
+        found[list(row[0])] = True
+        nbr = _main_neighbours(sim, table, band)
+        truth = np.asarray(table[f"flux_{band}"])
+        for t in sorted(set(row[0]) & set(row[1])):
+            i, j = row[0][t], row[1][t]
+            en = cats[0]["flux_err_noise"].values[i]
+            if truth[t] > 10 * en:
+                rows.append((cats[0]["flux"].values[i] - truth[t], cats[1]["flux"].values[j] - truth[t],
+                             cats[0]["flux_err"].values[i], en, tblend[t], cats[0]["blendedness"].values[i],
+                             found[nbr[t]] if nbr[t] >= 0 else True))
+    return rows
+
+
+def realisations(fields=CALIBRATION_FIELDS[:1] + CALIBRATION_FIELDS[2:3], noise_seed=1):
+    """How much of each group's error is the noise's: the same fields with a second noise draw.
+
+    Robust widths of (flux - truth) / err in the field, of the difference of
+    the two draws / sqrt(2) (what the noise moves: what refits on resampled
+    data would measure) and of their mean (what stays with the scene), with
+    ``flux_err`` and with the noise part.
+    """
+    r = np.array([row for spec in fields for row in _realisation_rows(spec, noise_seed)], np.float64)
+    da, db, err, en, tb, mb, found = r.T
+    mb, found = np.nan_to_num(mb), found.astype(bool)
+    groups = {"truth isolated": tb < 0.01, "truth blended": tb > 0.1,
+              "  neighbour found, blendedness 0.02-0.1": (tb > 0.1) & found & (mb >= 0.02) & (mb < 0.1),
+              "  neighbour found, blendedness >= 0.1": (tb > 0.1) & found & (mb >= 0.1),
+              "  neighbour missed": (tb > 0.1) & ~found}
+    print("group (n): widths with flux_err: draw, draw difference, draw mean | with the noise part: draw, difference")
+    for name, g in groups.items():
+        w = [_width(x[g] / e[g]) for e in (err, en) for x in (da, (da - db) / np.sqrt(2), (da + db) / 2)]
+        print(f"  {name:42s} ({g.sum():4d}): {w[0]:.2f} {w[1]:.2f} {w[2]:.2f} | {w[3]:.2f} {w[4]:.2f}")
+
+
 def main(argv=None):
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="write the constants into deblend_errors.py")
+    ap.add_argument("--realisations", action="store_true",
+                    help="only compare two fields with a second noise draw of themselves (realisations)")
     args = ap.parse_args(argv)
+    if args.realisations:
+        return realisations()
     s, shape = samples()
     kappa, lam, f, counts = solve(s, shape)
     var = s["noise"] ** 2 + (lam * s["E"]) ** 2 + (f * s["F"]) ** 2 + s["V"] @ np.square(kappa.ravel())
