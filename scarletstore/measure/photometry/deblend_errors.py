@@ -50,13 +50,13 @@ from numba import njit
 # it (a row whose bin had too few children repeats the less blended row's value there).
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((1.781, 0.347),
-               (0.895, 0.634),
-               (0.534, 1.941))
+KAPPA_TABLE = ((1.634, 0.753),
+               (0.821, 0.634),
+               (0.753, 0.024))
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 0.761
+FOOTPRINT_EDGE_SIGMA = 0.818
 # independent normalisation error of each template, as a fraction of its flux; same calibration
-FLUX_SIGMA = 0.0029
+FLUX_SIGMA = 0.0002
 
 
 def kappa_of(blendedness, snr, table=KAPPA_TABLE) -> np.ndarray:
