@@ -1,0 +1,300 @@
+"""Blended scenes with truth that our simulator did not make (bench section ``foreign``).
+
+Each builder yields scenes as dicts: ``label``, ``exposure`` (an exposure
+Dataset), ``bands``, ``table`` (columns ``id``, ``y``, ``x``, ``flux_<band>``:
+the sources scored), ``stamps`` (id -> (bbox, (band, h, w)) noise-free
+templates of every source in the scene, for blendedness, S/N and the perfect
+deblender) and optionally ``floor`` (a callable giving the perfect deblender's
+sigmas and errors for the selected ids when the stamps are not the truth).
+
+* :func:`psf_matched_scenes` -- scarlet's simulated 7-source blend
+  (``psf_matched_sim.npz``: per-source noise-free images), noise drawn at a
+  few levels, many draws.
+* :func:`sersic_scenes` -- :mod:`scarletstore.simulate.sersic_scenes`, the
+  numpy Sersic / clumpy / off-centre bulge generator with per-band
+  multi-component PSFs and correlated noise.
+* :func:`injected_scenes` -- the real HSC cut-outs with a real source added
+  beside one of their galaxies: the cut-out's own PSF image as a star, or a
+  galaxy's real pixels from another cut-out.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_CUTOUTS = ("hsc_cosmos_35.npz", "hsc_cosmos.npz", "cut_hsc.npz", "cut_hsc1.npz")
+
+
+def _centroid(img):
+    """Light-weighted (y, x) centre of a non-negative image."""
+    w = np.clip(img, 0, None)
+    y, x = np.indices(img.shape)
+    return float((w * y).sum() / w.sum()), float((w * x).sum() / w.sum())
+
+
+def matched_sim_psfs(cat, bands, star=1, size=41):
+    """The truth images' PSF per band: a noise-free star of the catalogue
+    (source 1, in the middle of the frame) moved to the centre of a ``size``
+    square by a Fourier phase, ringing clipped, unit sum. (The file's ``psfs``
+    are a narrow model PSF, not the PSF of its truth images.)"""
+    from scarletstore.simulate.sersic_scenes import fourier_shift
+
+    out = []
+    for band in bands:
+        img = np.asarray(cat[f"intensity_{band}"][star], np.float64)
+        cy, cx = _centroid(img)
+        iy, ix = int(round(cy)), int(round(cx))
+        h = size // 2
+        pad = np.zeros((size, size))
+        ys, xs = slice(max(iy - h, 0), min(iy + h + 1, img.shape[0])), slice(max(ix - h, 0), min(ix + h + 1, img.shape[1]))
+        pad[ys.start - (iy - h):ys.stop - (iy - h), xs.start - (ix - h):xs.stop - (ix - h)] = img[ys, xs]
+        shifted = fourier_shift(pad, iy - cy, ix - cx)  # the star's centre onto the central pixel
+        out.append(shifted / shifted.sum())
+    return np.stack(out)
+
+
+def psf_matched_scenes(sigmas=(1.0, 3.0, 10.0), draws=8, seed=0):
+    """``psf_matched_sim.npz`` with white noise of per-pixel sigma ``sigmas`` (the
+    blend's peak is ~590 counts summed over bands, so the faintest r S/N is ~8-80),
+    ``draws`` independent draws per level; truth = the per-source images and
+    the catalogue's centres."""
+    from scarletstore.ingest.exposure import make_exposure
+
+    path = DATA / "psf_matched_sim.npz"
+    if not path.is_file():
+        return
+    d = np.load(path)
+    cat = d["catalog"]
+    bands = [str(b) for b in d["filters"]]
+    truth = np.stack([[cat[f"intensity_{b}"][k] for b in bands] for k in range(len(cat))]).astype(np.float64)
+    model = truth.sum(axis=0)
+    psfs = matched_sim_psfs(cat, bands)
+    ny, nx = model.shape[1:]
+    # the catalogue's centres, its x moved by -0.5 px: its two stars sit exactly 0.5 px
+    # right of their images' centroids in x (0.00 in y), a convention of the file; light
+    # centroids of the asymmetric galaxies would be 0.1-0.5 px off their profiles' centres
+    pos = np.c_[np.asarray(cat["y"], np.float64), np.asarray(cat["x"], np.float64) - 0.5]
+    ids = np.arange(1, len(cat) + 1)
+    table = {"id": ids, "y": pos[:, 0], "x": pos[:, 1]}
+    table.update({f"flux_{b}": truth[:, k].sum(axis=(1, 2)) for k, b in enumerate(bands)})
+    stamps = {int(i): ((0, 0, ny, nx), truth[k]) for k, i in enumerate(ids)}
+    rng = np.random.default_rng(seed)
+    for sigma in sigmas:
+        for k in range(draws):
+            image = model + sigma * rng.standard_normal(model.shape)
+            exposure = make_exposure(image, np.full(model.shape, sigma ** 2), None, list(psfs), bands)
+            yield {"label": f"psf_matched_sim sigma {sigma:g} draw {k}", "exposure": exposure,
+                   "bands": bands, "table": table, "stamps": stamps}
+
+
+def sersic_scenes(seeds=(101, 102, 103, 104), size=300, **options):
+    """Scenes of :func:`scarletstore.simulate.sersic_scenes.make_scene` (seeds not
+    used to design it; ``options`` go to ``make_scene``, for ablations)."""
+    from scarletstore.ingest.exposure import make_exposure
+    from scarletstore.simulate.sersic_scenes import make_scene
+
+    for seed in seeds:
+        sc = make_scene(seed, size=size, **options)
+        exposure = make_exposure(sc.image, sc.variance, None, list(sc.psfs), list(sc.bands))
+        table = {k: v for k, v in sc.truth.items() if k != "kind"}
+        yield {"label": f"sersic seed {seed}", "exposure": exposure, "bands": list(sc.bands),
+               "table": table, "stamps": sc.stamps}
+
+
+# ------------------------------------------------------------------ real cut-outs + injections
+def _alone(exposure):
+    """A cut-out deblended alone (detected + catalogue peaks, defaults): the run,
+    and per source its position, model fluxes, model and redistributed images
+    (band, h, w) over the parent box, the box, and r-band S/N of the model."""
+    from scarletstore.deblend import DeblendConfig
+    from scarletstore.deblend.run import deblend_exposure
+    from scarletstore.detect.detect import detect
+    from scarletstore.ingest.exposure import bad_pixels
+    from scarletstore.measure.compare import source_fluxes
+    from scarletstore.store.store import Store
+
+    parents = detect(exposure)
+    image = np.asarray(exposure["image"].values, np.float64)
+    var = np.asarray(exposure["variance"].values, np.float64)
+    good = ~bad_pixels(exposure) & (var > 0)
+    run = deblend_exposure(exposure, parents, DeblendConfig())
+    bands = [str(b) for b in exposure.band.values]
+    flux = source_fluxes(run)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.create(Path(tmp) / "alone.h5", {"exposure": exposure, "parents": parents})
+        store.write({"runs/alone": run})
+        for k, sid in enumerate(run["source_id"].values):
+            hm = [store.footprint(int(sid), b, run="alone") for b in bands]
+            hr = [store.footprint(int(sid), b, run="alone", redistribute=True) for b in bands]
+            model = np.stack([h.cutout() for h in hm]).astype(np.float64)
+            pixels = np.stack([h.cutout() for h in hr]).astype(np.float64)
+            y0, x0, h, w = (int(v) for v in hm[0].bbox)
+            r = bands.index("r")
+            box_good = good[:, y0:y0 + h, x0:x0 + w]
+            src = {"y": float(run["source_y"].values[k]), "x": float(run["source_x"].values[k]),
+                   "flux": flux[k], "model": model, "bbox": (y0, x0, h, w),
+                   "snr_r": float(np.sqrt((model[r] ** 2 / var[r, y0:y0 + h, x0:x0 + w] * box_good[r]).sum())),
+                   # the share of its model on pixels with data (a peak on NO_DATA has next to none)
+                   "on_data": float((np.abs(model) * box_good).sum() / max(np.abs(model).sum(), 1e-30))}
+            # as a donor: its real pixels where its model is above 2 % of its peak in some band
+            peak = model.reshape(len(bands), -1).max(axis=1)
+            inside = (model > 0.02 * np.where(peak > 0, peak, np.inf)[:, None, None]).any(axis=0)
+            if inside.any():
+                ys, xs = np.nonzero(inside)
+                box = np.s_[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+                src.update(donor_pixels=(pixels * inside)[box], donor_model=(model * inside)[box],
+                           donor_share=np.where(image[box] != 0, (pixels * inside)[box]
+                                                / np.where(image[box] != 0, image[box], 1), 0),
+                           donor_bbox=(y0 + int(ys.min()), x0 + int(xs.min()),
+                                       int(np.ptp(ys) + 1), int(np.ptp(xs) + 1)))
+            out.append(src)
+    return out
+
+
+def _paste(target, stamp, y0, x0):
+    """Add (band, h, w) ``stamp`` into ``target`` at (y0, x0), clipped; returns the
+    clipped stamp and its box (y0, x0, h, w) in ``target``."""
+    _, H, W = target.shape
+    ya, xa = max(y0, 0), max(x0, 0)
+    yb, xb = min(y0 + stamp.shape[1], H), min(x0 + stamp.shape[2], W)
+    cut = stamp[:, ya - y0:yb - y0, xa - x0:xb - x0]
+    target[:, ya:yb, xa:xb] += cut
+    return cut, (ya, xa, yb - ya, xb - xa)
+
+
+def _full(stamp, bbox, shape):
+    """A (band, h, w) stamp at ``bbox`` as a full (band, H, W) array."""
+    out = np.zeros(shape)
+    _paste(out, stamp, bbox[0], bbox[1])
+    return out
+
+
+def injection_floor(host_var, comp_var, stamp_var, templates, host_templates, F_truth, bands):
+    """The perfect deblender's error against the truth measured alone, per band r, i, g.
+
+    ``templates`` (K, band, H, W) are the noise-free images of every source of
+    the composite (the alone fit's models for the cut-out's sources; the last
+    is the donor); the cut-out's noise has variance ``host_var``, the injected
+    real stamp its own, ``stamp_var`` (zero for a model star). The perfect
+    deblender fits amplitudes by weighted least squares on the composite
+    (weights 1 / ``comp_var``); its error for a cut-out source is against the
+    same estimate on the cut-out alone (``host_templates``; the two share the
+    cut-out's noise), for the donor against its stamp's sum ``F_truth`` (which
+    carries the stamp's noise). Both are linear in the two noises, so their
+    variances are exact sums over pixels. Returns (K, 3) relative sigmas.
+    """
+    K = len(templates)
+    sig = np.zeros((K, 3))
+    for col, band in enumerate("rig"):
+        b = bands.index(band)
+        X = templates[:, b].reshape(K, -1)
+        v1, v2, vs = (np.asarray(a[b], np.float64).ravel() for a in (host_var, comp_var, stamp_var))
+        w2 = np.where(np.isfinite(v2) & (v2 > 0), 1 / np.where(v2 > 0, v2, 1), 0)
+        w1 = np.where(np.isfinite(v1) & (v1 > 0), 1 / np.where(v1 > 0, v1, 1), 0)
+        M2 = (X * w2) @ X.T + 1e-30 * np.eye(K)
+        C2 = np.linalg.solve(M2, X * w2)  # amplitude = C2 @ data
+        Xh = host_templates[:, b].reshape(len(host_templates), -1)
+        C1 = np.linalg.solve((Xh * w1) @ Xh.T + 1e-30 * np.eye(len(Xh)), Xh * w1)
+        for k in range(K - 1):
+            g_host = C2[k] - C1[k]
+            sig[k, col] = np.sqrt((g_host ** 2 * v1).sum() + (C2[k] ** 2 * vs).sum())
+        # the donor's truth is its stamp's sum: template sum plus the stamp's noise
+        tf = X[-1].sum() / F_truth[b]
+        g_stamp = C2[-1] * tf - (vs > 0) / F_truth[b]
+        sig[-1, col] = np.sqrt(((C2[-1] * tf) ** 2 * v1).sum() + (g_stamp ** 2 * vs).sum())
+    return sig
+
+
+def injected_scenes(per_host=12, seed=0):
+    """Real cut-outs with a real source added beside one of their galaxies.
+
+    For each cut-out (the host) and injection: one of its fitted sources with
+    r S/N > 20 and 90 % of its model on pixels with data (hsc_cosmos has peaks
+    inside its NO_DATA border) is picked, and a donor is placed 3.5-9 px from it at a random
+    angle: either a star (the host's own PSF image, shifted by a Fourier
+    phase, flux 0.3-3 x the host source's in r, stellar colours), or the real
+    redistributed pixels of a galaxy of another cut-out (its noise included; r
+    S/N > 20 there, all its model on pixels with data, at most 30 px a side), scaled to 0.3-3 x the host source's
+    r flux within scales of 0.3-1.5, and moved by whole pixels. The composite's variance adds
+    the stamp's own noise (scale^2 x share^2 x its variance). Truth: the host
+    source's flux as the same pipeline measures it on the cut-out alone, the
+    donor's stamp sum. Scored: that pair.
+    """
+    from scarletstore.ingest.exposure import make_exposure, read_npz
+    from scarletstore.simulate.sersic_scenes import render_star
+
+    names = [n for n in REAL_CUTOUTS if (DATA / n).is_file()]
+    cutouts = {n: read_npz(DATA / n) for n in names}
+    alone = {n: _alone(e) for n, e in cutouts.items()}
+    rng = np.random.default_rng(seed)
+    for name in names:
+        exp = cutouts[name]
+        bands = [str(b) for b in exp.band.values]
+        image = np.asarray(exp["image"].values, np.float64)
+        var = np.asarray(exp["variance"].values, np.float64)
+        shape = image.shape
+        srcs = alone[name]
+        r = bands.index("r")
+        hosts = [k for k, s in enumerate(srcs) if s["snr_r"] > 20 and s["on_data"] > 0.9]
+        donors = [(n, s) for n in names if n != name for s in alone[n]
+                  if "donor_bbox" in s and s["snr_r"] > 20 and s["on_data"] > 0.99
+                  and max(s["donor_bbox"][2:]) <= 30]
+        for j in range(per_host):
+            k = int(rng.choice(hosts))
+            hs = srcs[k]
+            d, a = rng.uniform(3.5, 9.0), rng.uniform(0, 2 * np.pi)
+            py = float(np.clip(hs["y"] + d * np.sin(a), 4, shape[1] - 5))
+            px = float(np.clip(hs["x"] + d * np.cos(a), 4, shape[2] - 5))
+            comp, stamp_var = image.copy(), np.zeros(shape)
+            if j % 2 == 0:
+                scale = 10 ** rng.uniform(-0.5, 0.5)
+                sed = np.exp(rng.uniform(-0.3, 0.5) * np.arange(len(bands)))
+                flux = hs["flux"][r] * scale * sed / sed[r]
+                origin, st = render_star(flux, py, px, np.asarray(exp["psf"].values, np.float64))
+                cut, bbox = _paste(comp, st, *origin)
+                donor_model, kind = _full(cut, bbox, shape), "star"
+                F_truth = cut.sum(axis=(1, 2))
+            else:
+                dn, ds = donors[int(rng.integers(len(donors)))]
+                # about the host source's flux, within 0.3-1.5 (a larger scale amplifies the stamp's noise)
+                scale = float(np.clip(hs["flux"][r] * 10 ** rng.uniform(-0.5, 0.5) / ds["flux"][r], 0.3, 1.5))
+                dy, dx = int(round(py - ds["y"])), int(round(px - ds["x"]))
+                py, px = ds["y"] + dy, ds["x"] + dx
+                y0, x0 = ds["donor_bbox"][0] + dy, ds["donor_bbox"][1] + dx
+                cut, bbox = _paste(comp, scale * ds["donor_pixels"], y0, x0)
+                dvar = np.asarray(cutouts[dn]["variance"].values, np.float64)
+                db = ds["donor_bbox"]
+                dvar = dvar[:, db[0]:db[0] + db[2], db[1]:db[1] + db[3]]
+                _paste(stamp_var, scale ** 2 * np.clip(ds["donor_share"], 0, 1) ** 2 * dvar, y0, x0)
+                donor_model = _full(scale * ds["donor_model"], (y0, x0), shape)
+                kind, F_truth = f"galaxy of {dn}", cut.sum(axis=(1, 2))
+            comp_var = var + stamp_var
+            exposure = make_exposure(comp, comp_var, np.asarray(exp["mask"].values), list(exp["psf"].values),
+                                     bands, mask_planes=json.loads(exp.attrs["mask_planes"]))
+            host_t = np.stack([_full(s["model"], s["bbox"], shape) for s in srcs])
+            templates = np.concatenate([host_t, donor_model[None]])
+            stamps = {i + 1: ((0, 0) + shape[1:], templates[i]) for i in range(len(templates))}
+            did = len(templates)
+            table = {"id": np.array([k + 1, did]), "y": np.array([hs["y"], py]), "x": np.array([hs["x"], px])}
+            table.update({f"flux_{b}": np.array([hs["flux"][i], F_truth[i]]) for i, b in enumerate(bands)})
+            sig = injection_floor(var, comp_var, stamp_var, templates, host_t, F_truth, bands)
+            row = {k + 1: sig[k] for k in range(len(sig) - 1)}
+            row[did] = sig[-1]
+            yield {"label": f"{name} + {kind}", "exposure": exposure, "bands": bands, "table": table,
+                   "stamps": stamps, "known": (np.array([s["y"] for s in srcs] + [py]),
+                                               np.array([s["x"] for s in srcs] + [px])),
+                   "floor": lambda sel, row=row: _floor_rows(row, sel)}
+
+
+def _floor_rows(row, sel):
+    """``{"sigma", "error"}`` of the selected ids from per-id (r, i, g) relative sigmas
+    (g - i in magnitudes; no realised errors: the real truth is not noise-free)."""
+    s = np.array([row[i] for i in sel]).reshape(-1, 3)
+    sigma = np.c_[s[:, :2], 1.0857 * np.hypot(s[:, 2], s[:, 1])]
+    return {"sigma": sigma, "error": np.full_like(sigma, np.nan)}
