@@ -781,7 +781,7 @@ def _foreign_set(scenes):
     from scarletstore.deblend.run import deblend_exposure
     from scarletstore.detect.detect import detect
 
-    pooled = {"detected": {}, "true": {}}
+    pooled = {"detected": {}, "true": {}, "light peaks": {}}
     floors, n = [], 0
     for sc in scenes:
         exposure, bands, table = sc["exposure"], sc["bands"], sc["table"]
@@ -789,11 +789,16 @@ def _foreign_set(scenes):
         sel = _blended_ids(table, blend, snr)
         floors.append(sc["floor"](sel) if "floor" in sc else _blended_floor_errors(table, sel))
         known = sc.get("known", (np.asarray(table["y"]), np.asarray(table["x"])))
-        for peaks, parents in (("detected", detect(exposure)), ("true", detect(exposure, known=known))):
+        inputs = [("detected", table, None), ("true", table, known)]
+        if "light_peaks" in sc:  # the noise-free light's peaks as known positions, matched there
+            lp = sc["light_peaks"]
+            inputs.append(("light peaks", dict(table, y=lp[:, 0], x=lp[:, 1]), (lp[:, 0], lp[:, 1])))
+        for peaks, table_used, pos in inputs:
+            parents = detect(exposure) if pos is None else detect(exposure, known=pos)
             run = deblend_exposure(exposure, parents, DeblendConfig())
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a scene without isolated sources
-                _score(run, table, blend, snr, bands, sc["label"][:28])  # one line a scene: too many
+                _score(run, table_used, blend, snr, bands, sc["label"][:28])  # one line a scene: too many
             for k, v in _score.errors.items():
                 pooled[peaks].setdefault(k, []).append(v)
         n += 1
@@ -807,15 +812,15 @@ def _print_foreign(name, pooled, floors, n):
     floor = _print_blended_floor(fl, np.random.default_rng(0), indent="    ")
     out = {"blended_floor": floor, "scenes": n}
     t = FOREIGN_TARGETS
-    for peaks in ("true", "detected"):
+    for peaks in [p for p in ("true", "light peaks", "detected") if pooled[p]]:
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # no isolated source in a set
             m = _pooled_medians(pooled[peaks])
         m["n_isolated"] = int(np.concatenate(pooled[peaks]["isolated_r"]).size)
         m["gi_ratio"] = m["gi_blended"] / floor["expected"][2]
         out[peaks] = m
-        target = t["blended_true"] if peaks == "true" else t["blended_detected"]
-        print(f"    {peaks + ' peaks':<15} |dflux| blended r {100 * m['blended_r']:5.1f} %  i "
+        target = t["blended_detected"] if peaks == "detected" else t["blended_true"]
+        print(f"    {peaks.replace(' peaks', '') + ' peaks':<17} |dflux| blended r {100 * m['blended_r']:5.1f} %  i "
               f"{100 * m['blended_i']:5.1f} % (n={m['n_blended']}; target {100 * target:.0f} %: "
               f"{100 * (m['blended_r'] - target):+.1f} / {100 * (m['blended_i'] - target):+.1f} points);"
               f"  isolated r {100 * m['isolated_r']:4.1f} % (n={m['n_isolated']}; target "
@@ -838,7 +843,7 @@ def bench_foreign(repeats=1):
 
     sets = (("psf_matched_sim + noise", fs.psf_matched_scenes()), ("sersic generator", fs.sersic_scenes()),
             ("real cut-outs + injected", fs.injected_scenes()))
-    out, every, all_floors, total = {}, {"detected": {}, "true": {}}, [], 0
+    out, every, all_floors, total = {}, {"detected": {}, "true": {}, "light peaks": {}}, [], 0
     for name, scenes in sets:
         pooled, floors, n = _foreign_set(scenes)
         if not n:

@@ -4,7 +4,8 @@ Each builder yields scenes as dicts: ``label``, ``exposure`` (an exposure
 Dataset), ``bands``, ``table`` (columns ``id``, ``y``, ``x``, ``flux_<band>``:
 the sources scored), ``stamps`` (id -> (bbox, (band, h, w)) noise-free
 templates of every source in the scene, for blendedness, S/N and the perfect
-deblender) and optionally ``floor`` (a callable giving the perfect deblender's
+deblender), optionally ``light_peaks`` ((n, 2) peaks of the noise-free light of
+the table's sources, a perfect detection's) and ``floor`` (a callable giving the perfect deblender's
 sigmas and errors for the selected ids when the stamps are not the truth).
 
 * :func:`psf_matched_scenes` -- scarlet's simulated 7-source blend
@@ -35,6 +36,25 @@ def _centroid(img):
     w = np.clip(img, 0, None)
     y, x = np.indices(img.shape)
     return float((w * y).sum() / w.sum()), float((w * x).sum() / w.sum())
+
+
+def light_peaks(stamps, ids):
+    """(y, x) of each stamp's brightest pixel of the band sum, refined by a parabola
+    per axis: where a perfect detection puts the peak (an off-centre bulge or a
+    bright knot, not the profile's centre)."""
+    out = []
+    for i in ids:
+        (y0, x0, _, _), st = stamps[int(i)]
+        img = np.asarray(st, np.float64).sum(axis=0)
+        iy, ix = np.unravel_index(int(np.argmax(img)), img.shape)
+        pos = []
+        for line, c in ((img[:, ix], iy), (img[iy], ix)):
+            if 0 < c < line.size - 1 and line[c - 1] - 2 * line[c] + line[c + 1] < 0:
+                pos.append(c + 0.5 * (line[c - 1] - line[c + 1]) / (line[c - 1] - 2 * line[c] + line[c + 1]))
+            else:
+                pos.append(float(c))
+        out.append((y0 + pos[0], x0 + pos[1]))
+    return np.array(out).reshape(-1, 2)
 
 
 def matched_sim_psfs(cat, bands, star=1, size=41):
@@ -83,18 +103,20 @@ def psf_matched_scenes(sigmas=(1.0, 3.0, 10.0), draws=8, seed=0):
     table = {"id": ids, "y": pos[:, 0], "x": pos[:, 1]}
     table.update({f"flux_{b}": truth[:, k].sum(axis=(1, 2)) for k, b in enumerate(bands)})
     stamps = {int(i): ((0, 0, ny, nx), truth[k]) for k, i in enumerate(ids)}
+    peaks = light_peaks(stamps, ids)
     rng = np.random.default_rng(seed)
     for sigma in sigmas:
         for k in range(draws):
             image = model + sigma * rng.standard_normal(model.shape)
             exposure = make_exposure(image, np.full(model.shape, sigma ** 2), None, list(psfs), bands)
             yield {"label": f"psf_matched_sim sigma {sigma:g} draw {k}", "exposure": exposure,
-                   "bands": bands, "table": table, "stamps": stamps}
+                   "bands": bands, "table": table, "stamps": stamps, "light_peaks": peaks}
 
 
-def sersic_scenes(seeds=(101, 102, 103, 104), size=300, **options):
-    """Scenes of :func:`scarletstore.simulate.sersic_scenes.make_scene` (seeds not
-    used to design it; ``options`` go to ``make_scene``, for ablations)."""
+def sersic_scenes(seeds=(201, 202, 203, 204), size=300, **options):
+    """Scenes of :func:`scarletstore.simulate.sersic_scenes.make_scene` (seeds 1-10
+    and 101-104 were looked at while building it, so these are others;
+    ``options`` go to ``make_scene``, for ablations)."""
     from scarletstore.ingest.exposure import make_exposure
     from scarletstore.simulate.sersic_scenes import make_scene
 
@@ -103,7 +125,7 @@ def sersic_scenes(seeds=(101, 102, 103, 104), size=300, **options):
         exposure = make_exposure(sc.image, sc.variance, None, list(sc.psfs), list(sc.bands))
         table = {k: v for k, v in sc.truth.items() if k != "kind"}
         yield {"label": f"sersic seed {seed}", "exposure": exposure, "bands": list(sc.bands),
-               "table": table, "stamps": sc.stamps}
+               "table": table, "stamps": sc.stamps, "light_peaks": light_peaks(sc.stamps, table["id"])}
 
 
 # ------------------------------------------------------------------ real cut-outs + injections
