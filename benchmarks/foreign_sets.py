@@ -71,7 +71,8 @@ def matched_sim_psfs(cat, bands, star=1, size=41):
         iy, ix = int(round(cy)), int(round(cx))
         h = size // 2
         pad = np.zeros((size, size))
-        ys, xs = slice(max(iy - h, 0), min(iy + h + 1, img.shape[0])), slice(max(ix - h, 0), min(ix + h + 1, img.shape[1]))
+        ys = slice(max(iy - h, 0), min(iy + h + 1, img.shape[0]))
+        xs = slice(max(ix - h, 0), min(ix + h + 1, img.shape[1]))
         pad[ys.start - (iy - h):ys.stop - (iy - h), xs.start - (ix - h):xs.stop - (ix - h)] = img[ys, xs]
         shifted = fourier_shift(pad, iy - cy, ix - cx)  # the star's centre onto the central pixel
         out.append(shifted / shifted.sum())
@@ -130,9 +131,10 @@ def sersic_scenes(seeds=(201, 202, 203, 204), size=300, **options):
 
 # ------------------------------------------------------------------ real cut-outs + injections
 def _alone(exposure):
-    """A cut-out deblended alone (detected + catalogue peaks, defaults): the run,
-    and per source its position, model fluxes, model and redistributed images
-    (band, h, w) over the parent box, the box, and r-band S/N of the model."""
+    """A cut-out deblended alone (detected + catalogue peaks, defaults): per source
+    its position, model fluxes, model over the parent box and that box, its r
+    S/N and the share of its model on pixels with data, and (:func:`_as_donor`)
+    what it would be as a donor."""
     from scarletstore.deblend import DeblendConfig
     from scarletstore.deblend.run import deblend_exposure
     from scarletstore.detect.detect import detect
@@ -146,6 +148,7 @@ def _alone(exposure):
     good = ~bad_pixels(exposure) & (var > 0)
     run = deblend_exposure(exposure, parents, DeblendConfig())
     bands = [str(b) for b in exposure.band.values]
+    r = bands.index("r")
     flux = source_fluxes(run)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,28 +158,35 @@ def _alone(exposure):
             hm = [store.footprint(int(sid), b, run="alone") for b in bands]
             hr = [store.footprint(int(sid), b, run="alone", redistribute=True) for b in bands]
             model = np.stack([h.cutout() for h in hm]).astype(np.float64)
-            pixels = np.stack([h.cutout() for h in hr]).astype(np.float64)
             y0, x0, h, w = (int(v) for v in hm[0].bbox)
-            r = bands.index("r")
-            box_good = good[:, y0:y0 + h, x0:x0 + w]
+            box = np.s_[:, y0:y0 + h, x0:x0 + w]
             src = {"y": float(run["source_y"].values[k]), "x": float(run["source_x"].values[k]),
                    "flux": flux[k], "model": model, "bbox": (y0, x0, h, w),
-                   "snr_r": float(np.sqrt((model[r] ** 2 / var[r, y0:y0 + h, x0:x0 + w] * box_good[r]).sum())),
+                   "snr_r": float(np.sqrt((model[r] ** 2 / var[box][r] * good[box][r]).sum())),
                    # the share of its model on pixels with data (a peak on NO_DATA has next to none)
-                   "on_data": float((np.abs(model) * box_good).sum() / max(np.abs(model).sum(), 1e-30))}
-            # as a donor: its real pixels where its model is above 2 % of its peak in some band
-            peak = model.reshape(len(bands), -1).max(axis=1)
-            inside = (model > 0.02 * np.where(peak > 0, peak, np.inf)[:, None, None]).any(axis=0)
-            if inside.any():
-                ys, xs = np.nonzero(inside)
-                box = np.s_[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-                src.update(donor_pixels=(pixels * inside)[box], donor_model=(model * inside)[box],
-                           donor_share=np.where(image[box] != 0, (pixels * inside)[box]
-                                                / np.where(image[box] != 0, image[box], 1), 0),
-                           donor_bbox=(y0 + int(ys.min()), x0 + int(xs.min()),
-                                       int(np.ptp(ys) + 1), int(np.ptp(xs) + 1)))
+                   "on_data": float((np.abs(model) * good[box]).sum() / max(np.abs(model).sum(), 1e-30))}
+            src.update(_as_donor(model, np.stack([h.cutout() for h in hr]).astype(np.float64),
+                                 image[box], var[box], (y0, x0)))
             out.append(src)
     return out
+
+
+def _as_donor(model, pixels, image, var, origin):
+    """A source as a donor: its redistributed (real) pixels where its model is above
+    2 % of its peak in some band, that model, the variance of those pixels' noise
+    (its share squared x the pixel variance) and their box; {} without such pixels.
+    ``model``, ``pixels``, ``image`` and ``var`` are (band, h, w) over the parent box."""
+    peak = model.reshape(len(model), -1).max(axis=1)
+    inside = (model > 0.02 * np.where(peak > 0, peak, np.inf)[:, None, None]).any(axis=0)
+    if not inside.any():
+        return {}
+    ys, xs = np.nonzero(inside)
+    box = np.s_[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    share = np.clip(np.where(image != 0, pixels / np.where(image != 0, image, 1), 0), 0, 1)
+    return {"donor_pixels": (pixels * inside)[box], "donor_model": (model * inside)[box],
+            "donor_var": (share ** 2 * var * inside)[box],
+            "donor_bbox": (origin[0] + int(ys.min()), origin[1] + int(xs.min()),
+                           int(np.ptp(ys) + 1), int(np.ptp(xs) + 1))}
 
 
 def _paste(target, stamp, y0, x0):
@@ -233,23 +243,74 @@ def injection_floor(host_var, comp_var, stamp_var, templates, host_templates, F_
     return sig
 
 
+def _add_star(rng, comp, exp, bands, host, py, px):
+    """Add a star beside ``host``: the cut-out's PSF at (py, px), 0.3-3 x the host's r
+    flux, stellar colours. Returns its noise-free image (band, H, W) and fluxes."""
+    from scarletstore.simulate.sersic_scenes import render_star
+
+    r = bands.index("r")
+    scale = 10 ** rng.uniform(-0.5, 0.5)
+    sed = np.exp(rng.uniform(-0.3, 0.5) * np.arange(len(bands)))
+    flux = host["flux"][r] * scale * sed / sed[r]
+    origin, st = render_star(flux, py, px, np.asarray(exp["psf"].values, np.float64))
+    cut, bbox = _paste(comp, st, *origin)
+    return _full(cut, bbox, comp.shape), cut.sum(axis=(1, 2))
+
+
+def _add_galaxy(rng, comp, stamp_var, donors, bands, host, py, px):
+    """Add a donor galaxy's real pixels with its peak at the whole pixel nearest
+    (py, px), scaled to about the host's r flux (0.3-3 x) within 0.3-1.5 (a larger
+    scale amplifies the stamp's noise), its noise variance into ``stamp_var``.
+    Returns its model (band, H, W), its stamp's fluxes, its position and its cut-out."""
+    r = bands.index("r")
+    dn, ds = donors[int(rng.integers(len(donors)))]
+    scale = float(np.clip(host["flux"][r] * 10 ** rng.uniform(-0.5, 0.5) / ds["flux"][r], 0.3, 1.5))
+    dy, dx = int(round(py - ds["y"])), int(round(px - ds["x"]))
+    y0, x0 = ds["donor_bbox"][0] + dy, ds["donor_bbox"][1] + dx
+    cut, _ = _paste(comp, scale * ds["donor_pixels"], y0, x0)
+    _paste(stamp_var, scale ** 2 * ds["donor_var"], y0, x0)
+    return (_full(scale * ds["donor_model"], (y0, x0), comp.shape), cut.sum(axis=(1, 2)),
+            (ds["y"] + dy, ds["x"] + dx), dn)
+
+
+def _composite(name, exp, srcs, k, donor_model, F_truth, pos, comp, stamp_var, label):
+    """The scene dict of one composite: exposure, the pair's truth, every source's
+    template, known positions and the exact floor."""
+    from scarletstore.ingest.exposure import make_exposure
+
+    bands = [str(b) for b in exp.band.values]
+    var = np.asarray(exp["variance"].values, np.float64)
+    comp_var = var + stamp_var
+    exposure = make_exposure(comp, comp_var, np.asarray(exp["mask"].values), list(exp["psf"].values),
+                             bands, mask_planes=json.loads(exp.attrs["mask_planes"]))
+    host_t = np.stack([_full(s["model"], s["bbox"], comp.shape) for s in srcs])
+    templates = np.concatenate([host_t, donor_model[None]])
+    did = len(templates)
+    hs = srcs[k]
+    table = {"id": np.array([k + 1, did]), "y": np.array([hs["y"], pos[0]]), "x": np.array([hs["x"], pos[1]])}
+    table.update({f"flux_{b}": np.array([hs["flux"][i], F_truth[i]]) for i, b in enumerate(bands)})
+    sig = injection_floor(var, comp_var, stamp_var, templates, host_t, F_truth, bands)
+    row = {i + 1: sig[i] for i in range(did)}
+    return {"label": f"{name} + {label}", "exposure": exposure, "bands": bands, "table": table,
+            "stamps": {i + 1: ((0, 0) + comp.shape[1:], templates[i]) for i in range(did)},
+            "known": tuple(np.array([s[c] for s in srcs] + [p]) for c, p in zip("yx", pos)),
+            "floor": lambda sel: _floor_rows(row, sel)}
+
+
 def injected_scenes(per_host=12, seed=0):
     """Real cut-outs with a real source added beside one of their galaxies.
 
-    For each cut-out (the host) and injection: one of its fitted sources with
-    r S/N > 20 and 90 % of its model on pixels with data (hsc_cosmos has peaks
-    inside its NO_DATA border) is picked, and a donor is placed 3.5-9 px from it at a random
-    angle: either a star (the host's own PSF image, shifted by a Fourier
-    phase, flux 0.3-3 x the host source's in r, stellar colours), or the real
-    redistributed pixels of a galaxy of another cut-out (its noise included; r
-    S/N > 20 there, all its model on pixels with data, at most 30 px a side), scaled to 0.3-3 x the host source's
-    r flux within scales of 0.3-1.5, and moved by whole pixels. The composite's variance adds
-    the stamp's own noise (scale^2 x share^2 x its variance). Truth: the host
-    source's flux as the same pipeline measures it on the cut-out alone, the
-    donor's stamp sum. Scored: that pair.
+    For each cut-out (the host) and injection: one of its fitted sources with r
+    S/N > 20 and 90 % of its model on pixels with data (hsc_cosmos has peaks in
+    its NO_DATA border) is picked, and a donor is placed 3.5-9 px from it at a
+    random angle, alternately a star (:func:`_add_star`) or the redistributed
+    pixels of a galaxy of another cut-out (:func:`_add_galaxy`; r S/N > 20
+    there, all its model on pixels with data, at most 30 px a side). The
+    composite's variance adds the stamp's own noise. Truth: the host source's
+    flux as the same pipeline measures it on the cut-out alone, the donor's
+    stamp sum. Scored: that pair.
     """
-    from scarletstore.ingest.exposure import make_exposure, read_npz
-    from scarletstore.simulate.sersic_scenes import render_star
+    from scarletstore.ingest.exposure import read_npz
 
     names = [n for n in REAL_CUTOUTS if (DATA / n).is_file()]
     cutouts = {n: read_npz(DATA / n) for n in names}
@@ -259,59 +320,24 @@ def injected_scenes(per_host=12, seed=0):
         exp = cutouts[name]
         bands = [str(b) for b in exp.band.values]
         image = np.asarray(exp["image"].values, np.float64)
-        var = np.asarray(exp["variance"].values, np.float64)
-        shape = image.shape
         srcs = alone[name]
-        r = bands.index("r")
         hosts = [k for k, s in enumerate(srcs) if s["snr_r"] > 20 and s["on_data"] > 0.9]
         donors = [(n, s) for n in names if n != name for s in alone[n]
                   if "donor_bbox" in s and s["snr_r"] > 20 and s["on_data"] > 0.99
                   and max(s["donor_bbox"][2:]) <= 30]
         for j in range(per_host):
             k = int(rng.choice(hosts))
-            hs = srcs[k]
             d, a = rng.uniform(3.5, 9.0), rng.uniform(0, 2 * np.pi)
-            py = float(np.clip(hs["y"] + d * np.sin(a), 4, shape[1] - 5))
-            px = float(np.clip(hs["x"] + d * np.cos(a), 4, shape[2] - 5))
-            comp, stamp_var = image.copy(), np.zeros(shape)
+            py = float(np.clip(srcs[k]["y"] + d * np.sin(a), 4, image.shape[1] - 5))
+            px = float(np.clip(srcs[k]["x"] + d * np.cos(a), 4, image.shape[2] - 5))
+            comp, stamp_var = image.copy(), np.zeros(image.shape)
             if j % 2 == 0:
-                scale = 10 ** rng.uniform(-0.5, 0.5)
-                sed = np.exp(rng.uniform(-0.3, 0.5) * np.arange(len(bands)))
-                flux = hs["flux"][r] * scale * sed / sed[r]
-                origin, st = render_star(flux, py, px, np.asarray(exp["psf"].values, np.float64))
-                cut, bbox = _paste(comp, st, *origin)
-                donor_model, kind = _full(cut, bbox, shape), "star"
-                F_truth = cut.sum(axis=(1, 2))
+                model, F_truth = _add_star(rng, comp, exp, bands, srcs[k], py, px)
+                pos, label = (py, px), "star"
             else:
-                dn, ds = donors[int(rng.integers(len(donors)))]
-                # about the host source's flux, within 0.3-1.5 (a larger scale amplifies the stamp's noise)
-                scale = float(np.clip(hs["flux"][r] * 10 ** rng.uniform(-0.5, 0.5) / ds["flux"][r], 0.3, 1.5))
-                dy, dx = int(round(py - ds["y"])), int(round(px - ds["x"]))
-                py, px = ds["y"] + dy, ds["x"] + dx
-                y0, x0 = ds["donor_bbox"][0] + dy, ds["donor_bbox"][1] + dx
-                cut, bbox = _paste(comp, scale * ds["donor_pixels"], y0, x0)
-                dvar = np.asarray(cutouts[dn]["variance"].values, np.float64)
-                db = ds["donor_bbox"]
-                dvar = dvar[:, db[0]:db[0] + db[2], db[1]:db[1] + db[3]]
-                _paste(stamp_var, scale ** 2 * np.clip(ds["donor_share"], 0, 1) ** 2 * dvar, y0, x0)
-                donor_model = _full(scale * ds["donor_model"], (y0, x0), shape)
-                kind, F_truth = f"galaxy of {dn}", cut.sum(axis=(1, 2))
-            comp_var = var + stamp_var
-            exposure = make_exposure(comp, comp_var, np.asarray(exp["mask"].values), list(exp["psf"].values),
-                                     bands, mask_planes=json.loads(exp.attrs["mask_planes"]))
-            host_t = np.stack([_full(s["model"], s["bbox"], shape) for s in srcs])
-            templates = np.concatenate([host_t, donor_model[None]])
-            stamps = {i + 1: ((0, 0) + shape[1:], templates[i]) for i in range(len(templates))}
-            did = len(templates)
-            table = {"id": np.array([k + 1, did]), "y": np.array([hs["y"], py]), "x": np.array([hs["x"], px])}
-            table.update({f"flux_{b}": np.array([hs["flux"][i], F_truth[i]]) for i, b in enumerate(bands)})
-            sig = injection_floor(var, comp_var, stamp_var, templates, host_t, F_truth, bands)
-            row = {k + 1: sig[k] for k in range(len(sig) - 1)}
-            row[did] = sig[-1]
-            yield {"label": f"{name} + {kind}", "exposure": exposure, "bands": bands, "table": table,
-                   "stamps": stamps, "known": (np.array([s["y"] for s in srcs] + [py]),
-                                               np.array([s["x"] for s in srcs] + [px])),
-                   "floor": lambda sel, row=row: _floor_rows(row, sel)}
+                model, F_truth, pos, dn = _add_galaxy(rng, comp, stamp_var, donors, bands, srcs[k], py, px)
+                label = f"galaxy of {dn}"
+            yield _composite(name, exp, srcs, k, model, F_truth, pos, comp, stamp_var, label)
 
 
 def _floor_rows(row, sel):
