@@ -40,6 +40,19 @@ Sections (run all with ``python benchmarks/bench_deblend.py``, or name some:
   sources' centres (every true profile known) beside the detected peaks'
   distance from the truth.
 
+* ``foreign`` -- the ``field_seeds`` figures on blends our simulator did not
+  make (``benchmarks/foreign_sets.py``): scarlet's ``psf_matched_sim`` blend
+  with noise drawn at three levels (24 draws), the independent numpy Sersic /
+  clumpy / off-centre-bulge generator (``scarletstore/simulate/sersic_scenes``,
+  four 300 x 300 scenes) and the real HSC cut-outs with a real PSF star or a
+  real galaxy's pixels added beside one of their galaxies (48 composites);
+  per set and pooled, with the perfect deblender's floor (for the real set
+  against truth measured on the cut-out alone, both noises counted) and the
+  distance to the issue's targets loosened by 2 points.
+* ``foreign_ablation`` -- the Sersic set with one of its features turned down
+  at a time (white noise, no PSF wings, single Sersic, n = 1, bulge + disk or
+  clumpy galaxies only, wider group spacing, all of them).
+
 Timing method: wall-clock (``time.perf_counter``) per call, median over
 ``--repeats`` (>= 5) calls after one warm-up call, with ``time.process_time``
 reported alongside because the 2-core machine is shared and wall times are
@@ -57,6 +70,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -276,10 +290,18 @@ def bench_hsc_sdss(repeats=7):
 
 
 def _truth_figures(sim, exposure, bands):
-    """Truth per source: flux per band, r-band blendedness and optimal SNR."""
+    """Truth per source of a simulated field: see :func:`_stamp_truth`."""
     from scarletstore.simulate.field import load_truth
 
     table, stamps = load_truth(sim["dir"])
+    blend, snr = _stamp_truth(stamps, exposure, bands)
+    return table, blend, snr
+
+
+def _stamp_truth(stamps, exposure, bands):
+    """Per source id from its noise-free stamp ``(bbox, (band, h, w))``: r-band
+    blendedness and optimal SNR; the g - i noise floor, the perfect deblender's
+    figures and the stamps are kept on :func:`_truth_figures` for the scorers."""
     b_r = bands.index("r")
     ny, nx = exposure.sizes["y"], exposure.sizes["x"]
     var_r = np.asarray(exposure["variance"].values[b_r], np.float64)
@@ -299,11 +321,12 @@ def _truth_figures(sim, exposure, bands):
         # noise floor of the colour: optimal (known-profile, unblended) S/N in g and i
         sn_gi = [np.sqrt((stamp[bands.index(b)].astype(np.float64) ** 2
                           / var_gi[b][y0:y0 + h, x0:x0 + w]).sum()) for b in "gi"]
-        floor[int(sid)] = 1.0857 * float(np.hypot(1 / sn_gi[0], 1 / sn_gi[1]))
+        with np.errstate(divide="ignore"):  # no light in g or i: no colour
+            floor[int(sid)] = 1.0857 * float(np.hypot(1 / sn_gi[0], 1 / sn_gi[1]))
     _truth_figures.colour_sigma = floor
     _truth_figures.blended_floor = _blended_floor(exposure, stamps, bands)
     _truth_figures.stamps = stamps
-    return table, blend, snr
+    return blend, snr
 
 
 def _blended(b, sn):
@@ -382,10 +405,11 @@ def _print_blended_floor(fl, rng, indent="  "):
     draws = [np.median(np.abs(rng.normal(0, sd)), axis=0) for _ in range(2000)]
     exp_r, exp_i, exp_c = np.median(draws, axis=0)
     real_r, real_i, real_c = np.median(fl["error"], axis=0)
+    realised = (f"this noise realisation r {100 * real_r:.1f} %  i {100 * real_i:.1f} %, |d(g-i)| {real_c:.3f} mag"
+                if np.isfinite(real_r) else "no realised errors (a truth measured on real data)")
     print(f"{indent}blended floor (perfect deblender: true templates of every source, joint weighted"
           f" least squares; n={len(sd)}): expected median |dflux| r {100 * exp_r:.1f} %  i {100 * exp_i:.1f} %,"
-          f" |d(g-i)| {exp_c:.3f} mag; this noise realisation r {100 * real_r:.1f} %  i {100 * real_i:.1f} %,"
-          f" |d(g-i)| {real_c:.3f} mag")
+          f" |d(g-i)| {exp_c:.3f} mag; {realised}")
     return {"expected": [float(exp_r), float(exp_i), float(exp_c)],
             "realised": [float(real_r), float(real_i), float(real_c)]}
 
@@ -746,6 +770,124 @@ def bench_real(repeats=5):
     return out
 
 
+FOREIGN_TARGETS = {"blended_true": 0.10, "isolated": 0.04, "blended_detected": 0.15, "gi_ratio": 1.15}
+
+
+def _foreign_set(scenes):
+    """Detect and deblend (defaults) every scene of one foreign set, with detected
+    and with true peaks; returns the per-source errors pooled over its scenes
+    (peaks -> name -> list of arrays), the perfect deblender's floors and the count."""
+    import contextlib
+    import io
+
+    from scarletstore.deblend import DeblendConfig
+    from scarletstore.deblend.run import deblend_exposure
+    from scarletstore.detect.detect import detect
+
+    pooled = {"detected": {}, "true": {}, "light peaks": {}}
+    floors, n = [], 0
+    for sc in scenes:
+        exposure, bands, table = sc["exposure"], sc["bands"], sc["table"]
+        blend, snr = _stamp_truth(sc["stamps"], exposure, bands)
+        sel = _blended_ids(table, blend, snr)
+        floors.append(sc["floor"](sel) if "floor" in sc else _blended_floor_errors(table, sel))
+        known = sc.get("known", (np.asarray(table["y"]), np.asarray(table["x"])))
+        inputs = [("detected", table, None), ("true", table, known)]
+        if "light_peaks" in sc:  # the noise-free light's peaks as known positions, matched there
+            lp = sc["light_peaks"]
+            inputs.append(("light peaks", dict(table, y=lp[:, 0], x=lp[:, 1]), (lp[:, 0], lp[:, 1])))
+        for peaks, table_used, pos in inputs:
+            parents = detect(exposure) if pos is None else detect(exposure, known=pos)
+            run = deblend_exposure(exposure, parents, DeblendConfig())
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a scene without isolated sources
+                _score(run, table_used, blend, snr, bands, sc["label"][:28])  # one line a scene: too many
+            for k, v in _score.errors.items():
+                pooled[peaks].setdefault(k, []).append(v)
+        n += 1
+    return pooled, floors, n
+
+
+def _print_foreign(name, pooled, floors, n):
+    """The four figures of one set (or all pooled), the floor and the distance to the targets."""
+    fl = {k: np.concatenate([f[k] for f in floors]) for k in ("sigma", "error")}
+    print(f"  {name} ({n} scenes):")
+    floor = _print_blended_floor(fl, np.random.default_rng(0), indent="    ")
+    out = {"blended_floor": floor, "scenes": n}
+    t = FOREIGN_TARGETS
+    for peaks in [p for p in ("true", "light peaks", "detected") if pooled[p]]:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no isolated source in a set
+            m = _pooled_medians(pooled[peaks])
+        m["n_isolated"] = int(np.concatenate(pooled[peaks]["isolated_r"]).size)
+        m["gi_ratio"] = m["gi_blended"] / floor["expected"][2]
+        out[peaks] = m
+        target = t["blended_detected"] if peaks == "detected" else t["blended_true"]
+        print(f"    {peaks.replace(' peaks', '') + ' peaks':<17} |dflux| blended r {100 * m['blended_r']:5.1f} %  i "
+              f"{100 * m['blended_i']:5.1f} % (n={m['n_blended']}; target {100 * target:.0f} %: "
+              f"{100 * (m['blended_r'] - target):+.1f} / {100 * (m['blended_i'] - target):+.1f} points);"
+              f"  isolated r {100 * m['isolated_r']:4.1f} % (n={m['n_isolated']}; target "
+              f"{100 * t['isolated']:.0f} %);  g-i blended {m['gi_blended']:.3f} mag = "
+              f"{m['gi_ratio']:.2f} x floor (target {t['gi_ratio']:.2f} x + 0.02 mag)")
+    return out
+
+
+def bench_foreign(repeats=1):
+    """The deblend quality figures on blends our simulator did not make (no timing).
+
+    Three sets (``benchmarks/foreign_sets.py``): scarlet's simulated blend with
+    noise drawn at three levels, the independent Sersic / clumpy generator, and
+    real HSC cut-outs with a real star or galaxy added; per set and pooled, the
+    ``field_seeds`` figures with the perfect deblender's floor, against the
+    issue's targets loosened by 2 points.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import foreign_sets as fs
+
+    sets = (("psf_matched_sim + noise", fs.psf_matched_scenes()), ("sersic generator", fs.sersic_scenes()),
+            ("real cut-outs + injected", fs.injected_scenes()))
+    out, every, all_floors, total = {}, {"detected": {}, "true": {}, "light peaks": {}}, [], 0
+    for name, scenes in sets:
+        pooled, floors, n = _foreign_set(scenes)
+        if not n:
+            print(f"  {name}: skipped (no data)")
+            continue
+        out[name] = _print_foreign(name, pooled, floors, n)
+        for peaks in every:
+            for k, v in pooled[peaks].items():
+                every[peaks].setdefault(k, []).extend(v)
+        all_floors += floors
+        total += n
+    if total:
+        out["pooled"] = _print_foreign("all sets pooled", every, all_floors, total)
+    return out
+
+
+def bench_foreign_ablation(repeats=1):
+    """Which of the Sersic generator's features costs the deblender most (no timing).
+
+    The ``foreign`` section's Sersic set with one feature turned down at a time
+    (the same seeds and group positions; the draws after the positions differ).
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import foreign_sets as fs
+
+    single = {"sersic": 1.0}
+    variants = (("as generated", {}), ("white noise", {"correlated": False}),
+                ("Gaussian PSF, no wings", {"psf_wings": False}),
+                ("single Sersic galaxies only", {"kinds": single}),
+                ("single n = 1 galaxies only", {"kinds": single, "n_range": (1.0, 1.0)}),
+                ("bulge + disk galaxies only", {"kinds": {"bulge_disk": 1.0}}),
+                ("clumpy galaxies only", {"kinds": {"clumpy": 1.0}}),
+                ("group spacing 5-12 px", {"spacing": (5.0, 12.0)}),
+                ("all four", {"correlated": False, "psf_wings": False, "kinds": single,
+                              "n_range": (1.0, 1.0), "spacing": (5.0, 12.0)}))
+    out = {}
+    for name, options in variants:
+        out[name] = _print_foreign(name, *_foreign_set(fs.sersic_scenes(**options)))
+    return out
+
+
 SECTIONS = {
     "hsc": bench_hsc,
     "hsc_fista": lambda repeats: bench_hsc(repeats, optimizer="fista"),
@@ -758,6 +900,8 @@ SECTIONS = {
     "field_seeds": bench_field_seeds,
     "field_positions": bench_field_positions,
     "real": bench_real,
+    "foreign": bench_foreign,
+    "foreign_ablation": bench_foreign_ablation,
 }
 
 
@@ -774,7 +918,7 @@ def main(argv=None):
             ap.error(f"unknown section {name!r}; choose from {list(SECTIONS)}")
         print(f"== {name} ==")
         fn = SECTIONS[name]
-        results[name] = fn(max(args.repeats, 5)) if name.startswith(("hsc", "field", "real")) else fn()
+        results[name] = fn(max(args.repeats, 5)) if name.startswith(("hsc", "field", "real", "foreign")) else fn()
         print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))

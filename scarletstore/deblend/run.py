@@ -21,7 +21,7 @@ from ..detect.footprint import counts_to_offsets, spans_to_mask
 from ..errors import InputError
 from ..ingest.exposure import bad_bits
 from ..progress import progress
-from ..store.components import Component, SourceResult
+from ..store.components import SOURCE_MASKED_PEAK, Component, SourceResult
 from ..store.runs import BLEND_FLAGS, SOURCE_ISOLATED, BlendRecord, build_run
 from .config import DeblendConfig
 from .result import BlendResult
@@ -183,6 +183,22 @@ def _pieces(config, footprint, peaks, n_bands, kernel_shape):
         return str(exc)
 
 
+def flag_masked_peaks(sources, peaks, bad):
+    """Add SOURCE_MASKED_PEAK to every source whose peak pixel is bad in every band.
+
+    Such a peak (a saturated core, a hole, a NO_DATA border detection put a
+    peak in) has no data of its own: the model's flux there is extrapolated
+    from its neighbourhood, or from nothing. ``peaks`` (n, 2) and ``bad``
+    (band, h, w) are in the blend's pixels.
+    """
+    h, w = bad.shape[1:]
+    for src in sources:
+        y, x = np.rint(peaks[src.peak_index]).astype(int)
+        if bad[:, min(max(y, 0), h - 1), min(max(x, 0), w - 1)].all():
+            src.flags |= SOURCE_MASKED_PEAK
+    return sources
+
+
 def _isolated_record(index, parent_id, bbox, image, bad, footprint, peaks, ids, flag):
     """A single-peak parent kept as its footprint's pixels (a cube component).
 
@@ -194,7 +210,9 @@ def _isolated_record(index, parent_id, bbox, image, bad, footprint, peaks, ids, 
     comp = Component(spectrum=cube.sum(axis=(1, 2)), morph=cube, y0=0, x0=0, peak=(y, x))
     # nothing is fitted: no iterations, no convergence and no fit statistics
     return BlendRecord(index=index, parent_id=parent_id, bbox=bbox, peak_ids=ids, peaks=peaks,
-                       sources=[SourceResult(peak_index=0, components=[comp], flags=SOURCE_ISOLATED)],
+                       sources=flag_masked_peaks([SourceResult(peak_index=0, components=[comp],
+                                                               flags=SOURCE_ISOLATED)],
+                                                 peaks - [bbox[0], bbox[1]], bad),
                        iterations=0, converged=False, log_likelihood=np.nan, chi2=np.nan,
                        flags=flag, reason="isolated")
 
@@ -328,7 +346,7 @@ def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendR
         rec.runtime = time.perf_counter() - start
         return rec
     rec.runtime = time.perf_counter() - start
-    rec.sources = result.sources
+    rec.sources = flag_masked_peaks(result.sources, task.peaks, task.bad)
     rec.iterations = int(result.iterations)
     rec.log_likelihood = float(result.log_likelihood)
     rec.chi2 = float(result.chi2)

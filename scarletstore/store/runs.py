@@ -31,7 +31,8 @@ BLEND_FLAGS = {
     "diverged": 128, "fallback_no_symmetry": 256, "fallback_best_iterate": 512,
     "split": 1024,  # deblended in pieces (run attr split_pieces: parent id -> pieces)
 }
-SOURCE_FLAGS = {"psf_init": 1, "point_source": 2, "no_flux": 4, "edge": 8, "isolated": 16}
+SOURCE_FLAGS = {"psf_init": 1, "point_source": 2, "no_flux": 4, "edge": 8, "isolated": 16,
+                "masked_peak": 32}
 SOURCE_ISOLATED = SOURCE_FLAGS["isolated"]
 
 FACTORIZED, CUBE = 0, 1
