@@ -166,21 +166,28 @@ def _python(code: str, cwd: Path) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_commands_without_workers_never_import_dask(product_store, tmp_path):
-    """A deblend and a catalog in a fresh process leave dask unimported; asked for
-    afterwards, dask arrays and collections are recognised by xarray as before."""
+def _after_commands(product_store, tmp_path, package: str) -> str:
+    """Code running a one-blend deblend and a catalog in this process, then setting
+    ``before`` to the modules of ``package`` they imported."""
     path = tmp_path / "s.h5"
     copy_store(product_store, path)
     parent = int(Store(path).read("parents")["parent_id"].values[0])
-    code = f"""
+    return f"""
 import json, sys
 from scarletstore.cli import main
 assert main(["deblend", {str(path)!r}, "--blends", "{parent}", "--run", "c"]) == 0
 assert main(["catalog", {str(path)!r}, "--band", "r", "-o", {str(tmp_path / 'c.fits')!r}]) == 0
-before = sorted(m for m in sys.modules if m == "dask" or m.startswith("dask."))
+before = sorted(m for m in sys.modules if m == {package!r} or m.startswith({package + "."!r}))
+"""
+
+
+def test_commands_without_workers_never_import_dask(product_store, tmp_path):
+    """A deblend and a catalog in a fresh process leave dask unimported; asked for
+    afterwards, dask arrays and collections are recognised by xarray as before."""
+    code = _after_commands(product_store, tmp_path, "dask") + """
 import numpy as np, xarray as xr, dask.array as da
 from xarray.namedarray.utils import is_duck_dask_array
-ds = xr.Dataset({{"a": ("x", np.arange(4.0))}}).chunk({{"x": 2}})
+ds = xr.Dataset({"a": ("x", np.arange(4.0))}).chunk({"x": 2})
 lazy = xr.Variable("x", da.zeros(4, chunks=2))
 print(json.dumps([before, ds["a"].chunks, is_duck_dask_array(ds["a"].data), lazy.chunks,
                   float(ds["a"].sum().compute())]))
@@ -194,15 +201,7 @@ print(json.dumps([before, ds["a"].chunks, is_duck_dask_array(ds["a"].data), lazy
 def test_commands_leave_scipy_linalg_unimported(product_store, tmp_path):
     """numba's set-up finds BLAS/LAPACK preloaded (no scipy.linalg import, ~0.15 s); compiled
     BLAS and LAPACK calls and a later ``import scipy.linalg`` still work."""
-    path = tmp_path / "s.h5"
-    copy_store(product_store, path)
-    parent = int(Store(path).read("parents")["parent_id"].values[0])
-    code = f"""
-import json, sys
-from scarletstore.cli import main
-assert main(["deblend", {str(path)!r}, "--blends", "{parent}", "--run", "c"]) == 0
-assert main(["catalog", {str(path)!r}, "--band", "r", "-o", {str(tmp_path / 'c.fits')!r}]) == 0
-before = sorted(m for m in sys.modules if m.startswith("scipy.linalg"))
+    code = _after_commands(product_store, tmp_path, "scipy.linalg") + """
 import numpy as np, numba
 @numba.njit
 def dot_solve(a, b):

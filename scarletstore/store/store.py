@@ -420,9 +420,13 @@ class Store:
                 raise SchemaError(f"{self.path}: group {group!r} is unreadable: "
                                   f"{type(exc).__name__}: {_one_line(exc)}") from None
 
-    def _read_h5(self, group: str, check: bool):
+    def _read_h5(self, group: str, check: bool, checksum: bool = False):
         """``group`` read by :func:`~scarletstore.store.h5read.read_group` (after the cheap
-        schema checks when ``check``), or None for :meth:`open` to read it."""
+        schema checks when ``check``), or None for :meth:`open` to read it.
+
+        With ``checksum``, ``(dataset, digest)``: the group's :meth:`checksum`
+        computed from the arrays just read (digest None with a None dataset).
+        """
         from .h5read import read_group
 
         with self._h5() as f:
@@ -433,8 +437,12 @@ class Store:
             try:
                 g = f[group]
             except (KeyError, OSError):
-                return None  # a missing product file: open() says which
-            return read_group(g) if isinstance(g, h5py.Group) else None
+                g = None  # a missing product file: open() says which
+            raw = {} if checksum else None
+            ds = read_group(g, raw) if isinstance(g, h5py.Group) else None
+            if not checksum:
+                return ds
+            return ds, (_checksum(g, raw) if ds is not None else None)
 
     def h5_group(self, group: str):
         """``(h5py.File, group)`` opened read-only when ``group`` is at its latest schema
@@ -561,23 +569,7 @@ class Store:
         A deblend records the checksums of the exposure and parents it read;
         reading the (compressed) exposure twice cost ~0.06 s of a one-blend call.
         """
-        from .h5read import read_group
-
-        ds = None
-        with self._h5() as f:
-            if validate or upgrade:
-                self._check(f, group)
-            elif not self.has(group):
-                raise StoreError(f"{self.path}: no {group!r} group")
-            try:
-                g = f[group]
-            except (KeyError, OSError):
-                g = None  # a missing product file: read() says which
-            if isinstance(g, h5py.Group):
-                raw = {}
-                ds = read_group(g, raw)
-                if ds is not None:
-                    digest = _checksum(g, raw)
+        ds, digest = self._read_h5(group, validate or upgrade, checksum=True)
         if ds is None:
             return self.read(group, validate, upgrade), self.checksum(group)
         return self._current(ds, group, validate, upgrade), digest
