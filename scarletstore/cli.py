@@ -408,11 +408,13 @@ def cmd_deblend(args):
     config = base.with_overrides(overrides)
     if args.run in runs:
         raise InputError(f"{store.path}: run {args.run!r} already exists (runs are never overwritten)")
+    exposure, exposure_checksum = store.read_with_checksum("exposure")  # one read of each
+    parents, parents_checksum = store.read_with_checksum("parents")
     run = deblend_exposure(
-        store.read("exposure"), store.read("parents"), config, args.method, blend_ids=blend_ids,
+        exposure, parents, config, args.method, blend_ids=blend_ids,
         workers=args.workers, scheduler=scheduler, name=args.run or args.method, show_progress=True,
-        first_source_id=first_id, exposure_checksum=store.checksum("exposure"),
-        parents_checksum=store.checksum("parents"), init=init, from_run=args.from_run or "")
+        first_source_id=first_id, exposure_checksum=exposure_checksum,
+        parents_checksum=parents_checksum, init=init, from_run=args.from_run or "")
     # name and source ids are final only at commit, inside the writer lock
     name = store.add_run(run, name=args.run, prefix=args.method)
     nb = run.sizes["blend"]
@@ -934,6 +936,9 @@ def _quiet_stdout() -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .startup import preload_cython_blas
+
+    preload_cython_blas()  # numba's set-up then skips importing scipy.linalg (~0.15 s)
     try:
         status = args.func(args) or 0  # non-zero: the work ran but part of it failed (tract)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit

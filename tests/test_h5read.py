@@ -122,6 +122,24 @@ def test_every_product_reads_as_xarray_reads_it(layout_store):
     assert "band" in run.indexes
 
 
+def test_read_with_checksum_is_read_and_checksum(layout_store, tmp_path):
+    """One pass gives what ``read`` and ``checksum`` give apart, for every product."""
+    store = Store(layout_store)
+    for name in store.groups():
+        ds, digest = store.read_with_checksum(name)
+        assert digest == store.checksum(name), name
+        _assert_same(ds, store.read(name), name)
+    # a changed value changes the digest (the arrays hashed are the file's, not a stale copy)
+    path = tmp_path / "changed.h5"
+    copy_store(layout_store, path)
+    with h5py.File(Store(path).product_path("exposure"), "r+") as f:
+        image = f["exposure/image"][()]
+        image[np.isfinite(image)] += 1.0
+        f["exposure/image"][...] = image
+    _, changed = Store(path).read_with_checksum("exposure")
+    assert changed == Store(path).checksum("exposure") != store.checksum("exposure")
+
+
 def test_unsupported_content_falls_back_to_xarray(product_store, tmp_path):
     """Attributes and variables only xarray decodes: the reader declines, reads stay right."""
     path = tmp_path / "s.h5"
@@ -136,6 +154,9 @@ def test_unsupported_content_falls_back_to_xarray(product_store, tmp_path):
     expected = _xarray(store, "parents")
     assert expected.attrs["list_attr"] == ["a", "b"]
     _assert_same(store.read("parents"), expected, "parents")
+    ds, digest = store.read_with_checksum("parents")  # xarray's read, the same digest
+    _assert_same(ds, expected, "parents")
+    assert digest == store.checksum("parents")
 
 
 def _python(code: str, cwd: Path) -> str:
@@ -145,21 +166,28 @@ def _python(code: str, cwd: Path) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_commands_without_workers_never_import_dask(product_store, tmp_path):
-    """A deblend and a catalog in a fresh process leave dask unimported; asked for
-    afterwards, dask arrays and collections are recognised by xarray as before."""
+def _after_commands(product_store, tmp_path, package: str) -> str:
+    """Code running a one-blend deblend and a catalog in this process, then setting
+    ``before`` to the modules of ``package`` they imported."""
     path = tmp_path / "s.h5"
     copy_store(product_store, path)
     parent = int(Store(path).read("parents")["parent_id"].values[0])
-    code = f"""
+    return f"""
 import json, sys
 from scarletstore.cli import main
 assert main(["deblend", {str(path)!r}, "--blends", "{parent}", "--run", "c"]) == 0
 assert main(["catalog", {str(path)!r}, "--band", "r", "-o", {str(tmp_path / 'c.fits')!r}]) == 0
-before = sorted(m for m in sys.modules if m == "dask" or m.startswith("dask."))
+before = sorted(m for m in sys.modules if m == {package!r} or m.startswith({package + "."!r}))
+"""
+
+
+def test_commands_without_workers_never_import_dask(product_store, tmp_path):
+    """A deblend and a catalog in a fresh process leave dask unimported; asked for
+    afterwards, dask arrays and collections are recognised by xarray as before."""
+    code = _after_commands(product_store, tmp_path, "dask") + """
 import numpy as np, xarray as xr, dask.array as da
 from xarray.namedarray.utils import is_duck_dask_array
-ds = xr.Dataset({{"a": ("x", np.arange(4.0))}}).chunk({{"x": 2}})
+ds = xr.Dataset({"a": ("x", np.arange(4.0))}).chunk({"x": 2})
 lazy = xr.Variable("x", da.zeros(4, chunks=2))
 print(json.dumps([before, ds["a"].chunks, is_duck_dask_array(ds["a"].data), lazy.chunks,
                   float(ds["a"].sum().compute())]))
@@ -168,6 +196,25 @@ print(json.dumps([before, ds["a"].chunks, is_duck_dask_array(ds["a"].data), lazy
     assert before == []
     assert chunks == [[2, 2]] and is_dask and lazy_chunks == [[2, 2]]
     assert total == 6.0
+
+
+def test_commands_leave_scipy_linalg_unimported(product_store, tmp_path):
+    """numba's set-up finds BLAS/LAPACK preloaded (no scipy.linalg import, ~0.15 s); compiled
+    BLAS and LAPACK calls and a later ``import scipy.linalg`` still work."""
+    code = _after_commands(product_store, tmp_path, "scipy.linalg") + """
+import numpy as np, numba
+@numba.njit
+def dot_solve(a, b):
+    return np.dot(a, b), np.linalg.solve(a, b)
+a = np.array([[3.0, 1.0], [1.0, 2.0]]); b = np.array([[9.0], [8.0]])
+d, x = dot_solve(a, b)
+import scipy.linalg
+print(json.dumps([before, bool(np.allclose(d, a @ b)), bool(np.allclose(x, np.linalg.solve(a, b))),
+                  bool(np.allclose(scipy.linalg.solve(a, b), x))]))
+"""
+    before, dot_ok, solve_ok, scipy_ok = json.loads(_python(code, tmp_path))
+    assert before == ["scipy.linalg.cython_blas", "scipy.linalg.cython_lapack"]
+    assert dot_ok and solve_ok and scipy_ok
 
 
 def test_open_stays_lazy_and_cheap(product_store, tmp_path):

@@ -12,9 +12,8 @@ import math
 import threading
 
 import numpy as np
-from scipy import fft as sfft
-from scipy.special import erf
 
+from .. import pocketfft as sfft  # scipy.fft's transforms without importing scipy.fft
 from . import kernels as _k
 
 # Cost model used to pick direct vs FFT convolution, measured on the 2-core
@@ -62,6 +61,8 @@ def gaussian_psf(sigma: float, size: int | None = None) -> np.ndarray:
     edges = np.arange(size + 1) - c - 0.5
     # integrating over the pixel (rather than sampling the centre) keeps very
     # narrow model PSFs normalised and symmetric.
+    from scipy.special import erf  # ~0.1 s to import: only when a model PSF is made
+
     cdf = 0.5 * (1 + erf(edges / (math.sqrt(2) * sigma)))
     g1 = np.diff(cdf)
     g = np.outer(g1, g1)
@@ -178,7 +179,9 @@ def _pocketfft_backend():
     at import), else the public API is used.
     """
     try:
-        from scipy.fft._pocketfft import pypocketfft as pf
+        pf = sfft.compiled
+        if pf is None:  # pragma: no cover - scipy.fft's own functions are in use
+            from scipy.fft._pocketfft import pypocketfft as pf
 
         x = np.random.default_rng(1).random((2, 6, 5)).astype(np.float32)
         f = pf.r2c(x, (1, 2), True, 0, None, 1)

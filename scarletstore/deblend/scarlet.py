@@ -29,8 +29,8 @@ import math
 import time
 
 import numpy as np
-from scipy import fft as sfft
 
+from .. import pocketfft as sfft  # scipy.fft's transforms without importing scipy.fft
 from ..errors import InputError
 from ..store import runs as _models
 from ..store.components import SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, Component, SourceResult

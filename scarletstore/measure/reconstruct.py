@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
-from scipy import fft as sfft
 
+from .. import pocketfft as sfft  # scipy.fft's transforms without importing scipy.fft
 from ..deblend.psf import difference_kernels
 
 CUBE_DIM = 3

@@ -95,21 +95,24 @@ def _dimensions(group) -> tuple[dict, dict] | None:
     return ids, sizes
 
 
-def read_group(group) -> xr.Dataset | None:
+def read_group(group, raw: dict | None = None) -> xr.Dataset | None:
     """The product in the open h5py group ``group``, fully in memory.
 
     Returns the Dataset that ``xarray.open_dataset(..., engine="h5netcdf",
     mask_and_scale=False, decode_times=False).load()`` returns for the same
     group, or None when the group holds something only xarray decodes (see
     the module notes); errors of the file itself are left to that path too.
+    ``raw``, when given, receives the arrays of numeric datasets exactly as
+    h5py read them (``dataset[()]``, before any decoding), by name, so a
+    checksum of the group need not read them again.
     """
     try:
-        return _read(group)
+        return _read(group, raw)
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeDecodeError):
         return None  # damaged or unusual: xarray's path reports or reads it
 
 
-def _read(group) -> xr.Dataset | None:
+def _read(group, raw_out: dict | None = None) -> xr.Dataset | None:
     dims_of = _dimensions(group)
     if dims_of is None:
         return None
@@ -138,6 +141,8 @@ def _read(group) -> xr.Dataset | None:
         data = _data(obj)
         if data is None:
             return None
+        if raw_out is not None and data.dtype.kind in "biuf":
+            raw_out[key] = data  # not modified below: the bool decoding makes a copy
         if attrs.get("dtype", False) == "bool":  # xarray's BooleanCoder
             del attrs["dtype"]
             data = data.astype(bool)
