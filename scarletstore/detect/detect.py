@@ -449,8 +449,8 @@ def _peaks_in(sig, peak_img, bit, cfg, union, peak_sets):
     return kept
 
 
-def _band_images(img, var, good, psf, cfg, given):
-    """Background, PSF-matched significance, its support and the peak image of one band.
+def _band_significance(img, var, good, psf, cfg, given):
+    """Background, PSF-matched significance and its support (denominator) of one band.
 
     ``given`` is the band's precomputed significance or None (matched filter).
     The background is estimated twice when ``bkg_passes`` > 1, the second
@@ -472,9 +472,15 @@ def _band_images(img, var, good, psf, cfg, given):
     del conv
     if given is None:
         refilter_holes(sig, img, var, good, psf, bkg)
+    return bkg, sig, den
+
+
+def _peak_image(img, var, good, sig, bkg, cfg):
+    """The narrow-Gaussian peak image of one band, filled from ``sig`` where bad pixels leave
+    its kernel without support."""
     sharp = gaussian_significance(img, var, good, cfg["peak_sigma"], bkg, cfg["peak_sigma_wide"])
     fill_unsupported(sharp, sig, good, cfg["peak_sigma"])
-    return bkg, sig, den, sharp
+    return sharp
 
 
 def _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress):
@@ -498,12 +504,13 @@ def _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress):
     for i in _progress(list(band_index), desc="detect", enabled=progress):
         img, var = image_all[i], var_all[i]
         good = ((mask_all[i] & bits) == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
-        bkg, sig, den, sharp = _band_images(img, var, good, psfs[i], cfg,
-                                            None if significance is None else significance[i])
-        del good
+        bkg, sig, den = _band_significance(img, var, good, psfs[i], cfg,
+                                           None if significance is None else significance[i])
         out["background"][i] = bkg
         out["nvalid"] += den > 0
-        del den, bkg
+        del den  # before the peak image: one full-size array less at the peak of memory
+        sharp = _peak_image(img, var, good, sig, bkg, cfg)
+        del bkg, good
         _accumulate_positive_square(out["chi2"], sig)
         if cfg["peak_combine"] == "sum":
             out["chi2_sharp"] += sharp
