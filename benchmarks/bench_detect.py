@@ -301,7 +301,7 @@ def main(argv=None):
 
     cold = float("nan") if args.skip_compile else cold_compile_seconds()
     t0 = time.perf_counter()
-    from scarletstore import detect as det_mod  # noqa: F401  (imports numba kernels)
+    from scarletstore.detect import detect as det_mod  # noqa: F401  (imports numba kernels)
 
     t1 = time.perf_counter()
     det_mod.detect(_tiny_exposure(), known=([5.0], [5.0]))

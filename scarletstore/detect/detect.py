@@ -356,8 +356,57 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     InputError
         Non-positive threshold, unknown band, bad settings.
     """
-    from ..progress import progress as _progress
+    all_bands, det_bands, band_index = _detection_bands(exposure, bands)
+    psfs = np.asarray(exposure["psf"].values)
+    fwhms = {b: psf_fwhm(psfs[i]) for b, i in zip(det_bands, band_index)}
+    fwhm = max(fwhms.values())  # the widest PSF sets growth and association scales
+    cfg = _resolve_config(exposure, threshold, min_area, config, fwhm)
+    bits = _bad_bits(exposure, cfg["bad_mask_planes"])
+    ny, nx = exposure.sizes["y"], exposure.sizes["x"]
 
+    scan = _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress)
+    zsig, zsharp = _combined_images(scan.pop("chi2"), scan.pop("chi2_sharp"), scan.pop("nvalid"),
+                                    cfg)
+    kept_chi = _peaks_in(zsig, zsharp, CHI2_BIT, cfg, scan["union"], scan["peak_sets"])
+    pk = _associated_peaks(scan.pop("peak_sets"), cfg)
+    if cfg["residual_peaks"] and pk["y"].size:
+        _add_residual_companions(pk, zsharp, kept_chi, _point_profile(psfs[band_index],
+                                                                       cfg["peak_sigma"]), cfg)
+    del zsharp, kept_chi
+    if cfg["refine_isolated"] and pk["y"].size:
+        pk["y"], pk["x"] = _refine_isolated(zsig, pk["y"], pk["x"], pk["flags"], pk["keep"],
+                                            2.0 * fwhm, 0.5 * fwhm)
+
+    final = fp.grow_mask(scan.pop("union"), cfg["grow_radius"])
+    _add_known(pk, _known_positions(exposure, known), final, zsig, cfg)
+    # integer pixel of externals moved to the known position
+    pk["iy"] = np.clip(np.round(pk["y"]), 0, ny - 1).astype(np.int32)
+    pk["ix"] = np.clip(np.round(pk["x"]), 0, nx - 1).astype(np.int32)
+    # A peak moved to a known position (or rounded) just outside the grown
+    # footprints gets a disk so that every peak lies inside a parent.
+    _add_disks(final, pk["iy"], pk["ix"], ~final[pk["iy"], pk["ix"]], cfg["grow_radius"])
+
+    labels, nparent = fp.label_mask(final)
+    del final
+    spans = fp.labels_to_spans(labels, nparent)
+    pk["parent"] = labels[pk["iy"], pk["ix"]].astype(np.int64)
+    del labels
+    pk = _drop_weak(pk, nparent)
+    cfg_json = dict(cfg, fwhm_per_band=fwhms,
+                    significance="matched_filter" if significance is None else "given")
+    return _parents_dataset(exposure, spans, nparent, pk, scan["background"], all_bands,
+                            det_bands, cfg, cfg_json)
+
+
+# ------------------------------------------------------------------ steps of detect()
+def _detection_bands(exposure, bands):
+    """Check the exposure's variables and the band list.
+
+    Returns
+    -------
+    all_bands, det_bands : lists of str
+    band_index : list of int, the index of each detection band in ``all_bands``
+    """
     for var in ("image", "variance", "mask", "psf"):
         if var not in exposure.variables:
             raise InputError(f"exposure has no {var!r} variable")
@@ -375,85 +424,112 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     if len(all_bands) > CHI2_BIT:
         raise InputError(f"at most {CHI2_BIT} bands are supported (peak_bands bit {CHI2_BIT} "
                          "is the multi-band image)")
-    band_index = [all_bands.index(b) for b in det_bands]
-    psfs = np.asarray(exposure["psf"].values)
-    fwhms = {b: psf_fwhm(psfs[i]) for b, i in zip(det_bands, band_index)}
-    fwhm = max(fwhms.values())  # the widest PSF sets growth and association scales
-    cfg = _resolve_config(exposure, threshold, min_area, config, fwhm)
-    threshold = cfg["threshold"]
-    bits = _bad_bits(exposure, cfg["bad_mask_planes"])
+    return all_bands, det_bands, [all_bands.index(b) for b in det_bands]
+
+
+def _peaks_in(sig, peak_img, bit, cfg, union, peak_sets):
+    """Footprints of ``sig`` (added to ``union``) and the peaks of ``peak_img`` on them.
+
+    Appends ``(y, x, iy, ix, value, image bit, own)`` to ``peak_sets`` and
+    returns the footprint mask.
+    """
+    labels, n = fp.label_mask(sig > cfg["threshold"])
+    kept = _keep_large(labels, n, cfg["min_area"])
+    del labels
+    union |= kept
+    fwhm = cfg["fwhm"]
+    ring = ((cfg["peak_ring"] * fwhm, (cfg["peak_ring"] + 1) * fwhm)
+            if cfg["peak_ring"] > 0 else None)
+    y, x, iy, ix, val, own = find_peaks(peak_img, kept, cfg["min_prominence"],
+                                        level=cfg["peak_level"], significance=sig,
+                                        floor=cfg["peak_floor"],
+                                        min_separation=cfg["min_separation"],
+                                        contrast=cfg["peak_contrast"], return_own=True, ring=ring)
+    peak_sets.append((y, x, iy, ix, val, np.full(y.size, bit, np.int64), own))
+    return kept
+
+
+def _band_significance(img, var, good, psf, cfg, given):
+    """Background, PSF-matched significance and its support (denominator) of one band.
+
+    ``given`` is the band's precomputed significance or None (matched filter).
+    The background is estimated twice when ``bkg_passes`` > 1, the second
+    time with the first pass's detections (grown) excluded, so bright
+    sources' wings do not lift the sky.
+    """
+    bkg = estimate_background(img, ~good, cell=cfg["bkg_cell"], nsigma=cfg["bkg_nsigma"])
+    if given is None:
+        sig, den, conv = matched_filter(img, var, good, psf, bkg)
+    else:
+        sig, den, conv = given_significance(given, img.shape)
+    for _ in range(int(cfg["bkg_passes"]) - 1):
+        src = fp.grow_mask(sig > cfg["bkg_mask_threshold"], cfg["grow_radius"])
+        src |= ~good
+        bkg = estimate_background(img, src, cell=cfg["bkg_cell"], nsigma=cfg["bkg_nsigma"])
+        del src
+        if given is None:
+            sig, den, _ = matched_filter(img, var, good, psf, bkg, denominator=den, convolver=conv)
+    del conv
+    if given is None:
+        refilter_holes(sig, img, var, good, psf, bkg)
+    return bkg, sig, den
+
+
+def _peak_image(img, var, good, sig, bkg, cfg):
+    """The narrow-Gaussian peak image of one band, filled from ``sig`` where bad pixels leave
+    its kernel without support."""
+    sharp = gaussian_significance(img, var, good, cfg["peak_sigma"], bkg, cfg["peak_sigma_wide"])
+    fill_unsupported(sharp, sig, good, cfg["peak_sigma"])
+    return sharp
+
+
+def _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress):
+    """Per-band images, accumulated into the multi-band sums, one band at a time.
+
+    Returns a dict: ``background`` (band, y, x), the running sums ``chi2``
+    (positive squares of the significances), ``chi2_sharp`` (of the peak
+    images), ``nvalid`` (bands with data per pixel), the footprint
+    ``union`` and the per-band ``peak_sets`` (see :func:`_peaks_in`).
+    """
+    from ..progress import progress as _progress
 
     image_all = exposure["image"].values
     var_all = exposure["variance"].values
     mask_all = exposure["mask"].values
     nb, ny, nx = image_all.shape
-    background = np.zeros((nb, ny, nx), np.float32)
-    chi2 = np.zeros((ny, nx), np.float32)
-    chi2_sharp = np.zeros((ny, nx), np.float32)
-    nvalid = np.zeros((ny, nx), np.uint8)
-    union = np.zeros((ny, nx), bool)
-    peak_sets = []  # (y, x, iy, ix, value, image bit)
-
-    def footprints_of(sig):
-        labels, n = fp.label_mask(sig > threshold)
-        return _keep_large(labels, n, cfg["min_area"])
-
-    def detect_in(sig, peak_img, bit):
-        kept = footprints_of(sig)
-        union[...] |= kept
-        y, x, iy, ix, val, own = find_peaks(peak_img, kept, cfg["min_prominence"],
-                                            level=cfg["peak_level"], significance=sig,
-                                            floor=cfg["peak_floor"],
-                                            min_separation=cfg["min_separation"],
-                                            contrast=cfg["peak_contrast"], return_own=True,
-                                            ring=(cfg["peak_ring"] * fwhm, (cfg["peak_ring"] + 1) * fwhm)
-                                            if cfg["peak_ring"] > 0 else None)
-        peak_sets.append((y, x, iy, ix, val, np.full(y.size, bit, np.int64), own))
-        return kept
-
-    peak_sigma = cfg["peak_sigma"]
-    for b, i in _progress(list(zip(det_bands, band_index)), desc="detect", enabled=progress):
-        img = image_all[i]
-        var = var_all[i]
+    out = {"background": np.zeros((nb, ny, nx), np.float32),
+           "chi2": np.zeros((ny, nx), np.float32), "chi2_sharp": np.zeros((ny, nx), np.float32),
+           "nvalid": np.zeros((ny, nx), np.uint8), "union": np.zeros((ny, nx), bool),
+           "peak_sets": []}
+    for i in _progress(list(band_index), desc="detect", enabled=progress):
+        img, var = image_all[i], var_all[i]
         good = ((mask_all[i] & bits) == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
-        bkg = estimate_background(img, ~good, cell=cfg["bkg_cell"], nsigma=cfg["bkg_nsigma"])
-        if significance is None:
-            sig, den, conv = matched_filter(img, var, good, psfs[i], bkg)
-        else:
-            sig, den, conv = given_significance(significance[i], (ny, nx))
-        for _ in range(int(cfg["bkg_passes"]) - 1):
-            # Re-estimate with sources (grown by the growth radius) excluded.
-            src = fp.grow_mask(sig > cfg["bkg_mask_threshold"], cfg["grow_radius"])
-            src |= ~good
-            bkg = estimate_background(img, src, cell=cfg["bkg_cell"], nsigma=cfg["bkg_nsigma"])
-            del src
-            if significance is None:
-                sig, den, _ = matched_filter(img, var, good, psfs[i], bkg, denominator=den,
-                                             convolver=conv)
-        del conv
-        if significance is None:
-            refilter_holes(sig, img, var, good, psfs[i], bkg)
-        background[i] = bkg
-        nvalid += den > 0
-        del den
-        sharp = gaussian_significance(img, var, good, peak_sigma, bkg, cfg["peak_sigma_wide"])
-        fill_unsupported(sharp, sig, good, peak_sigma)
+        bkg, sig, den = _band_significance(img, var, good, psfs[i], cfg,
+                                           None if significance is None else significance[i])
+        out["background"][i] = bkg
+        out["nvalid"] += den > 0
+        del den  # before the peak image: one full-size array less at the peak of memory
+        sharp = _peak_image(img, var, good, sig, bkg, cfg)
         del bkg, good
-        _accumulate_positive_square(chi2, sig)
+        _accumulate_positive_square(out["chi2"], sig)
         if cfg["peak_combine"] == "sum":
-            chi2_sharp += sharp
+            out["chi2_sharp"] += sharp
         else:
-            _accumulate_positive_square(chi2_sharp, sharp)
+            _accumulate_positive_square(out["chi2_sharp"], sharp)
         if cfg["per_band"]:
-            detect_in(sig, sharp, i)
+            _peaks_in(sig, sharp, i, cfg, out["union"], out["peak_sets"])
         del sig, sharp
     # bands not used for detection still get a background (for the store)
     for i in range(nb):
         if i not in band_index:
             good = ((mask_all[i] & bits) == 0) & np.isfinite(image_all[i]) & (var_all[i] > 0)
-            background[i] = estimate_background(image_all[i], ~good, cell=cfg["bkg_cell"],
-                                                nsigma=cfg["bkg_nsigma"])
+            out["background"][i] = estimate_background(image_all[i], ~good, cell=cfg["bkg_cell"],
+                                                       nsigma=cfg["bkg_nsigma"])
+    return out
 
+
+def _combined_images(chi2, chi2_sharp, nvalid, cfg):
+    """The multi-band detection image ``Z`` and peak image, in place of the sums."""
     zsig = positive_chi2_significance(chi2, nvalid, out=chi2)  # in place: saves 64 MB at 4k
     if cfg["peak_combine"] == "sum":
         # Unit-noise sum of the band significances (a flat-SED detection
@@ -462,17 +538,21 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
         np.divide(zsharp, np.sqrt(np.maximum(nvalid, 1)).astype(np.float32), out=zsharp)
     else:
         zsharp = positive_chi2_significance(chi2_sharp, nvalid, out=chi2_sharp)
-    del nvalid
-    kept_chi = detect_in(zsig, zsharp, CHI2_BIT)
+    return zsig, zsharp
 
-    # ---- association of peaks across detection images
-    ys = np.concatenate([p[0] for p in peak_sets])
-    xs = np.concatenate([p[1] for p in peak_sets])
-    iys = np.concatenate([p[2] for p in peak_sets]).astype(np.int32)
-    ixs = np.concatenate([p[3] for p in peak_sets]).astype(np.int32)
-    sigs = np.concatenate([p[4] for p in peak_sets]).astype(np.float32)
-    imgs = np.concatenate([p[5] for p in peak_sets])
-    owns = np.concatenate([p[6] for p in peak_sets]).astype(np.float32)
+
+def _associated_peaks(peak_sets, cfg):
+    """One peak per group of associated peaks of the detection images.
+
+    Returns a dict of arrays: ``y, x`` (sub-pixel), ``iy, ix``, ``sig`` (best
+    significance), ``bands`` (OR of the images' bits), ``flags`` and ``keep``
+    (False for peaks that fail the band-only or own-significance floors;
+    they may still be rescued by :func:`_drop_weak`).
+    """
+    ys, xs, iys, ixs, sigs, imgs, owns = (np.concatenate([p[k] for p in peak_sets])
+                                          for k in range(7))
+    iys, ixs = iys.astype(np.int32), ixs.astype(np.int32)
+    sigs, owns = sigs.astype(np.float32), owns.astype(np.float32)
     group, seeds = _associate(ys, xs, sigs, imgs, cfg["association_radius"])
     band_bits = np.zeros(seeds.size, np.int64)
     np.bitwise_or.at(band_bits, group, np.left_shift(np.int64(1), imgs))
@@ -487,139 +567,121 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     best_own = np.full(seeds.size, -np.inf, np.float32)
     np.maximum.at(best_own, group, owns)
     keep &= best_own >= cfg["peak_own_floor"]
-    p_y, p_x = ys[seeds], xs[seeds]
-    p_iy, p_ix = iys[seeds], ixs[seeds]
-    p_sig, p_bands = best_sig, band_bits
-    p_flags = np.zeros(seeds.size, np.int64)
+    return {"y": ys[seeds], "x": xs[seeds], "iy": iys[seeds], "ix": ixs[seeds], "sig": best_sig,
+            "bands": band_bits, "flags": np.zeros(seeds.size, np.int64), "keep": keep}
 
-    # ---- companions in the symmetric residual of the peaks found so far
-    if cfg["residual_peaks"] and p_y.size:
-        seed = (zsharp[p_iy, p_ix] >= cfg["residual_seed_min"]) & keep
-        radii = _residual_radii(zsharp[p_iy[seed], p_ix[seed]],
-                                _point_profile(psfs[band_index], peak_sigma), cfg["residual_min"],
-                                cfg["residual_radius"], cfg["residual_radius_max"])
-        ry, rx, rr = _residual_peaks(zsharp, kept_chi, p_y[seed], p_x[seed], radii,
-                                     float(cfg["residual_exclusion"]), float(cfg["residual_min"]),
-                                     float(cfg["residual_frac"]), float(cfg["residual_prominence"]))
-        if ry.size:
-            # strongest first; drop any near an existing peak or a stronger candidate
-            o = np.argsort(-rr, kind="stable")
-            ry, rx, rr = ry[o], rx[o], rr[o]
-            ok = np.ones(ry.size, bool)
-            sep = cfg["residual_exclusion"]
-            if p_y.size:
-                d, _ = cKDTree(np.column_stack([p_y[keep], p_x[keep]])).query(np.column_stack([ry, rx]))
-                ok &= d >= sep
-            tree = cKDTree(np.column_stack([ry, rx]))
-            for j in range(ry.size):
-                if ok[j]:
-                    for q in tree.query_ball_point([ry[j], rx[j]], sep):
-                        if q > j:
-                            ok[q] = False
-            ry, rx, rr = ry[ok], rx[ok], rr[ok].astype(np.float32)
-            n_new = ry.size
-            p_y = np.concatenate([p_y, ry])
-            p_x = np.concatenate([p_x, rx])
-            p_iy = np.concatenate([p_iy, np.round(ry).astype(np.int32)])
-            p_ix = np.concatenate([p_ix, np.round(rx).astype(np.int32)])
-            p_sig = np.concatenate([p_sig, rr])
-            p_bands = np.concatenate([p_bands, np.full(n_new, 1 << CHI2_BIT, np.int64)])
-            p_flags = np.concatenate([p_flags, np.full(n_new, PEAK_RESIDUAL, np.int64)])
-            keep = np.concatenate([keep, np.ones(n_new, bool)])
-    del zsharp, kept_chi
 
-    # ---- positions of isolated peaks from the likelihood image
-    if cfg["refine_isolated"] and p_y.size:
-        p_y, p_x = _refine_isolated(zsig, p_y, p_x, p_flags, keep, 2.0 * fwhm, 0.5 * fwhm)
+def _append_peaks(pk, y, x, sig, bands, flags):
+    """Append new peaks (kept, at pixel ``round(y), round(x)``) to the peak dict."""
+    n = y.size
+    add = {"y": y, "x": x, "iy": np.round(y).astype(np.int32), "ix": np.round(x).astype(np.int32),
+           "sig": sig.astype(np.float32), "bands": np.full(n, bands, np.int64),
+           "flags": np.broadcast_to(flags, (n,)).astype(np.int64), "keep": np.ones(n, bool)}
+    for k, v in add.items():
+        pk[k] = np.concatenate([pk[k], v])
 
-    # ---- known (external) positions
-    ky, kx = _known_positions(exposure, known)
+
+def _add_residual_companions(pk, zsharp, kept_chi, profile, cfg):
+    """Add companions from the symmetric residual around bright peaks (flag RESIDUAL)."""
+    keep = pk["keep"]
+    seed = (zsharp[pk["iy"], pk["ix"]] >= cfg["residual_seed_min"]) & keep
+    radii = _residual_radii(zsharp[pk["iy"][seed], pk["ix"][seed]], profile, cfg["residual_min"],
+                            cfg["residual_radius"], cfg["residual_radius_max"])
+    ry, rx, rr = _residual_peaks(zsharp, kept_chi, pk["y"][seed], pk["x"][seed], radii,
+                                 float(cfg["residual_exclusion"]), float(cfg["residual_min"]),
+                                 float(cfg["residual_frac"]), float(cfg["residual_prominence"]))
+    if not ry.size:
+        return
+    # strongest first; drop any near an existing peak or a stronger candidate
+    o = np.argsort(-rr, kind="stable")
+    ry, rx, rr = ry[o], rx[o], rr[o]
+    sep = cfg["residual_exclusion"]
+    d, _ = cKDTree(np.column_stack([pk["y"][keep], pk["x"][keep]])).query(np.column_stack([ry, rx]))
+    ok = d >= sep
+    tree = cKDTree(np.column_stack([ry, rx]))
+    for j in range(ry.size):
+        if ok[j]:
+            for q in tree.query_ball_point([ry[j], rx[j]], sep):
+                if q > j:
+                    ok[q] = False
+    _append_peaks(pk, ry[ok], rx[ok], rr[ok], 1 << CHI2_BIT, PEAK_RESIDUAL)
+
+
+def _add_disks(final, iy, ix, where, grow_r):
+    """Add to ``final`` a disk (the growth radius, >= 1 px) about each pixel ``where`` selects."""
+    if where.any():
+        disk = np.zeros(final.shape, bool)
+        disk[iy[where], ix[where]] = True
+        final |= fp.grow_mask(disk, max(grow_r, 1.0))
+
+
+def _add_known(pk, known_yx, final, zsig, cfg):
+    """Merge the known positions into the peaks (flag EXTERNAL), one-to-one, closest first.
+
+    A known object that was also detected becomes one peak at the known
+    (catalogue) position; the others are new peaks, and those outside every
+    footprint get a disk in ``final`` and the NO_FOOTPRINT flag.
+    """
+    ny, nx = final.shape
+    ky, kx = known_yx
     inside = (ky > -0.5) & (ky < ny - 0.5) & (kx > -0.5) & (kx < nx - 0.5)
     n_known, n_outside = int(ky.size), int((~inside).sum())
     if n_outside:
         warnings.warn(f"{n_outside} of {n_known} known position(s) outside the image ignored",
-                      stacklevel=2)
+                      stacklevel=3)
     ky, kx = ky[inside], kx[inside]
-    grow_r = cfg["grow_radius"]
-    final = fp.grow_mask(union, grow_r)
-    del union
-    new_y = []
-    if ky.size:
-        kiy = np.clip(np.round(ky).astype(np.int64), 0, ny - 1)
-        kix = np.clip(np.round(kx).astype(np.int64), 0, nx - 1)
-        # One-to-one, closest pairs first: a known object that was also
-        # detected becomes one peak, flagged external, at the known
-        # (catalogue) position; the rest are new peaks.
-        matched = np.zeros(ky.size, bool)
-        if p_y.size:
-            sdm = cKDTree(np.column_stack([ky, kx])).sparse_distance_matrix(
-                cKDTree(np.column_stack([p_y, p_x])), cfg["association_radius"],
-                output_type="ndarray")
-            taken = np.zeros(p_y.size, bool)
-            for m in np.argsort(sdm["v"], kind="stable"):
-                j, k = sdm["i"][m], sdm["j"][m]
-                if not matched[j] and not taken[k]:
-                    matched[j] = taken[k] = True
-                    p_flags[k] |= PEAK_EXTERNAL
-                    p_y[k], p_x[k] = ky[j], kx[j]
-        new_y = list(np.flatnonzero(~matched))
-        if new_y:
-            sel = np.asarray(new_y)
-            outside = ~final[kiy[sel], kix[sel]]
-            # Known positions outside every footprint get a disk of their own.
-            new_flags = np.where(outside, PEAK_EXTERNAL | PEAK_NO_FOOTPRINT, PEAK_EXTERNAL)
-            if outside.any():
-                disk = np.zeros((ny, nx), bool)
-                disk[kiy[sel][outside], kix[sel][outside]] = True
-                final |= fp.grow_mask(disk, max(grow_r, 1.0))
-                del disk
-            ext_sig = zsig[kiy[sel], kix[sel]].astype(np.float32)
-            p_y = np.concatenate([p_y, ky[sel]])
-            p_x = np.concatenate([p_x, kx[sel]])
-            p_iy = np.concatenate([p_iy, kiy[sel].astype(np.int32)])
-            p_ix = np.concatenate([p_ix, kix[sel].astype(np.int32)])
-            p_sig = np.concatenate([p_sig, ext_sig])
-            p_bands = np.concatenate([p_bands, np.zeros(sel.size, np.int64)])
-            p_flags = np.concatenate([p_flags, new_flags.astype(np.int64)])
-    # integer pixel of externals moved to the known position
-    p_iy = np.clip(np.round(p_y), 0, ny - 1).astype(np.int32)
-    p_ix = np.clip(np.round(p_x), 0, nx - 1).astype(np.int32)
-    # A peak moved to a known position (or rounded) just outside the grown
-    # footprints gets a disk so that every peak lies inside a parent.
-    out = ~final[p_iy, p_ix]
-    if out.any():
-        disk = np.zeros((ny, nx), bool)
-        disk[p_iy[out], p_ix[out]] = True
-        final |= fp.grow_mask(disk, max(grow_r, 1.0))
-        del disk
+    if not ky.size:
+        return
+    matched = np.zeros(ky.size, bool)
+    if pk["y"].size:
+        sdm = cKDTree(np.column_stack([ky, kx])).sparse_distance_matrix(
+            cKDTree(np.column_stack([pk["y"], pk["x"]])), cfg["association_radius"],
+            output_type="ndarray")
+        taken = np.zeros(pk["y"].size, bool)
+        for m in np.argsort(sdm["v"], kind="stable"):
+            j, k = sdm["i"][m], sdm["j"][m]
+            if not matched[j] and not taken[k]:
+                matched[j] = taken[k] = True
+                pk["flags"][k] |= PEAK_EXTERNAL
+                pk["y"][k], pk["x"][k] = ky[j], kx[j]
+    sel = np.flatnonzero(~matched)
+    if not sel.size:
+        return
+    kiy = np.clip(np.round(ky[sel]).astype(np.int64), 0, ny - 1)
+    kix = np.clip(np.round(kx[sel]).astype(np.int64), 0, nx - 1)
+    outside = ~final[kiy, kix]
+    _add_disks(final, kiy, kix, outside, cfg["grow_radius"])
+    _append_peaks(pk, ky[sel], kx[sel], zsig[kiy, kix], 0,
+                  np.where(outside, PEAK_EXTERNAL | PEAK_NO_FOOTPRINT, PEAK_EXTERNAL))
 
-    # ---- parents
-    labels, nparent = fp.label_mask(final)
-    del final
-    counts, span_y, span_x0, span_x1 = fp.labels_to_spans(labels, nparent)
-    p_parent = labels[p_iy, p_ix].astype(np.int64)
-    del labels
-    # Drop weak single-band-only peaks, except the best one of a parent that
-    # would otherwise have no peak at all.
-    keep = np.concatenate([keep, np.ones(p_parent.size - keep.size, bool)])
-    # A known position is never dropped, even when it was merged into a weak
-    # peak that would be on its own.
-    keep |= (p_flags & PEAK_EXTERNAL) != 0
+
+def _drop_weak(pk, nparent):
+    """Drop the peaks ``keep`` rejects, except the best of a parent that would have none.
+
+    Known positions are never dropped, even when merged into a weak peak.
+    """
+    keep = pk["keep"] | ((pk["flags"] & PEAK_EXTERNAL) != 0)
+    parent = pk["parent"]
     has = np.zeros(nparent + 1, bool)
-    has[p_parent[keep]] = True
-    rescue = np.flatnonzero(~keep & ~has[p_parent])
+    has[parent[keep]] = True
+    rescue = np.flatnonzero(~keep & ~has[parent])
     if rescue.size:
-        rescue = rescue[np.argsort(-p_sig[rescue], kind="stable")]
-        _, first = np.unique(p_parent[rescue], return_index=True)
+        rescue = rescue[np.argsort(-pk["sig"][rescue], kind="stable")]
+        _, first = np.unique(parent[rescue], return_index=True)
         keep[rescue[first]] = True
-    p_y, p_x, p_iy, p_ix = p_y[keep], p_x[keep], p_iy[keep], p_ix[keep]
-    p_sig, p_bands, p_flags, p_parent = p_sig[keep], p_bands[keep], p_flags[keep], p_parent[keep]
-    # Invariants: every peak is in a parent (ensured above) and every parent
-    # has a peak (each kept footprint holds its maximum, disks their position).
-    assert not (p_parent == 0).any(), "a peak lies outside every footprint"
-    assert np.bincount(p_parent, minlength=nparent + 1)[1:].all(), "a footprint without peaks"
+    pk = {k: v[keep] for k, v in pk.items() if k != "keep"}
+    # Invariants: every peak is in a parent (ensured by the disks) and every
+    # parent has a peak (each kept footprint holds its maximum, disks their position).
+    assert not (pk["parent"] == 0).any(), "a peak lies outside every footprint"
+    assert np.bincount(pk["parent"], minlength=nparent + 1)[1:].all(), "a footprint without peaks"
+    return pk
 
-    # bbox and area per parent from the spans (vectorised over the ragged layout)
+
+def _parent_boxes(spans, nparent, shape):
+    """bbox (y0, y1, x0, x1 inclusive), area and EDGE flag per parent from the spans."""
+    counts, span_y, span_x0, span_x1 = spans
+    ny, nx = shape
+    # vectorised over the ragged layout
     parent_of_span = np.repeat(np.arange(nparent), counts)
     y0 = np.full(nparent, np.iinfo(np.int32).max, np.int64)
     y1 = np.full(nparent, -1, np.int64)
@@ -633,18 +695,23 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
                        minlength=nparent).astype(np.int64)
     pflags = np.zeros(nparent, np.int64)
     pflags[(y0 == 0) | (x0 == 0) | (y1 == ny - 1) | (x1 == nx - 1)] |= PARENT_EDGE
-    ext = (p_flags & PEAK_EXTERNAL) != 0
+    return y0, y1, x0, x1, area, pflags
+
+
+def _parents_dataset(exposure, spans, nparent, pk, background, all_bands, det_bands, cfg,
+                     cfg_json):
+    """The ``parents`` v1 Dataset: parents with their spans, peaks by parent then significance."""
+    counts, span_y, span_x0, span_x1 = spans
+    y0, y1, x0, x1, area, pflags = _parent_boxes(spans, nparent, background.shape[1:])
+    p_parent, p_flags = pk["parent"], pk["flags"]
     has_ext = np.zeros(nparent, bool)
-    has_ext[p_parent[ext] - 1] = True
+    has_ext[p_parent[(p_flags & PEAK_EXTERNAL) != 0] - 1] = True
     has_det = np.zeros(nparent, bool)
-    has_det[p_parent[p_bands != 0] - 1] = True
+    has_det[p_parent[pk["bands"] != 0] - 1] = True
     pflags[has_ext] |= PARENT_HAS_EXTERNAL
     pflags[~has_det] |= PARENT_EXTERNAL_ONLY
-
-    # peaks sorted by parent, then descending significance
-    order = np.lexsort((-p_sig.astype(np.float64), p_parent))
+    order = np.lexsort((-pk["sig"].astype(np.float64), p_parent))
     peak_count = np.bincount(p_parent, minlength=nparent + 1)[1:].astype(np.int64)
-
     ds = xr.Dataset(
         {
             "parent_id": ("parent", np.arange(1, nparent + 1, dtype=np.int64)),
@@ -661,26 +728,23 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
             "span_x1": ("span", span_x1.astype(np.int32)),
             "peak_id": ("peak", np.arange(1, order.size + 1, dtype=np.int64)),
             "peak_parent": ("peak", p_parent[order]),
-            "peak_y": ("peak", p_y[order].astype(np.float64)),
-            "peak_x": ("peak", p_x[order].astype(np.float64)),
-            "peak_iy": ("peak", p_iy[order]),
-            "peak_ix": ("peak", p_ix[order]),
-            "peak_significance": ("peak", p_sig[order].astype(np.float32)),
-            "peak_bands": ("peak", p_bands[order].astype(np.int32)),
+            "peak_y": ("peak", pk["y"][order].astype(np.float64)),
+            "peak_x": ("peak", pk["x"][order].astype(np.float64)),
+            "peak_iy": ("peak", pk["iy"][order]),
+            "peak_ix": ("peak", pk["ix"][order]),
+            "peak_significance": ("peak", pk["sig"][order].astype(np.float32)),
+            "peak_bands": ("peak", pk["bands"][order].astype(np.int32)),
             "peak_flags": ("peak", p_flags[order].astype(np.int32)),
             "background": (("band", "y", "x"), background),
         },
         coords={"band": ("band", np.asarray(all_bands))},
     )
-    cfg_json = {k: v for k, v in cfg.items()}
-    cfg_json["fwhm_per_band"] = fwhms
-    cfg_json["significance"] = "matched_filter" if significance is None else "given"
     ds.attrs.update({
-        "threshold": float(threshold),
+        "threshold": float(cfg["threshold"]),
         "min_area": int(cfg["min_area"]),
         "association_radius": float(cfg["association_radius"]),
         "grow_radius": float(cfg["grow_radius"]),
-        "psf_fwhm": float(fwhm),
+        "psf_fwhm": float(cfg["fwhm"]),
         "detection_bands": json.dumps(det_bands),
         "config": json.dumps(cfg_json, sort_keys=True),
         "origin_y": int(exposure.attrs.get("origin_y", 0)),
