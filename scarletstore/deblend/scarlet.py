@@ -70,9 +70,9 @@ LS_BLOCK_SWEEPS = 50        # Gauss-Seidel sweeps of the large-blend spectrum so
 LS_BLOCK_TOL = 1e-4         # ... stopped when no amplitude moves by this of the largest
 FAINT_SYMMETRIC_ALL = True  # contested symmetry: sources whose start has S/N below ...
 FAINT_SYMMETRY_SNR = 50.0   # ... this get it over their whole box (docs/design.md, "Symmetry")
-WING_FLOOR = 0.7            # sparsity-cut pixels get an extrapolated wing down to this x threshold ...
-WING_STEEP = 2.0            # ... decaying this many times as fast as the mean slope from peak to
-                            # threshold (0: no wing; docs/design.md, "Wings below the threshold")
+WING_FLOOR = 0.7            # sparsity-cut pixels get an extrapolated wing down to this x threshold
+                            # (0: none; docs/design.md, "Wings below the threshold") ...
+WING_STEEP = 2.0            # ... decaying this many times as fast as the mean slope from peak to threshold
 WING_FAINT_ONLY = True      # ... for the components of faint sources (FAINT_SYMMETRY_SNR) only
 
 
