@@ -70,6 +70,10 @@ LS_BLOCK_SWEEPS = 50        # Gauss-Seidel sweeps of the large-blend spectrum so
 LS_BLOCK_TOL = 1e-4         # ... stopped when no amplitude moves by this of the largest
 FAINT_SYMMETRIC_ALL = True  # contested symmetry: sources whose start has S/N below ...
 FAINT_SYMMETRY_SNR = 50.0   # ... this get it over their whole box (docs/design.md, "Symmetry")
+WING_FLOOR = 0.7            # sparsity-cut pixels get an extrapolated wing down to this x threshold
+                            # (0: none; docs/design.md, "Wings below the threshold") ...
+WING_STEEP = 2.0            # ... decaying this many times as fast as the mean slope from peak to threshold
+WING_FAINT_ONLY = True      # ... for the components of faint sources (FAINT_SYMMETRY_SNR) only
 
 
 # --------------------------------------------------------------------------
@@ -675,6 +679,10 @@ class _Loop:
         self.work = np.empty(_k._largest_box(state.box, 2), np.float32)  # one rendered box
         self.sib = _source_runs(state.source)
         self.bg = float(config.background_thresh)
+        # per component (floor, steepness) of the extrapolated wing: faint
+        # sources only (whose cut wings are a large part of their light)
+        self.wing = np.zeros((K, 2))
+        self.wing[state.faint[state.source] if WING_FAINT_ONLY else slice(None)] = (WING_FLOOR, WING_STEEP)
         # the sources' pixels, on which convergence is judged: the boxes (which
         # end where the morphologies fall below the noise) grown by a few
         # pixels of PSF wing. Grown by the whole difference kernel instead (12
@@ -709,7 +717,7 @@ class _Loop:
         if self.adam:
             _k.adaprox_step(st.spec, st.morph, st.box, st.off, st.ctr, self.sym, self.shift, G,
                             it + 1, ADAM_B1, ADAM_B2, STEP_MORPH, REL_MORPH, STEP_SPEC,
-                            inv_var, self.bg,
+                            inv_var, self.bg, self.wing,
                             self.mom_s, self.mom_m[0], config.monotonic, MONO_WEIGHTED, self.sym_s,
                             st.order, st.nbr, self.tsum, self.contest, self.spec_sum, self.sib)
         else:
@@ -719,9 +727,9 @@ class _Loop:
             if self.nover is None:
                 self.nover = _overlaps(st.box)
             _k.fista_step(st.spec, st.morph, st.box, st.off, st.ctr, self.sym, self.shift, G,
-                          beta, self.kappa, self.nover, inv_var, self.bg, self.mom_s, self.mom_m[0],
-                          config.monotonic, MONO_WEIGHTED, self.sym_s, st.order, st.nbr, self.tsum,
-                          self.contest, self.spec_sum, self.sib)
+                          beta, self.kappa, self.nover, inv_var, self.bg, self.wing, self.mom_s,
+                          self.mom_m[0], config.monotonic, MONO_WEIGHTED, self.sym_s, st.order, st.nbr,
+                          self.tsum, self.contest, self.spec_sum, self.sib)
 
     def maintain(self, iterations, data, w, joint):
         """Between steps: re-solve the spectra early on, and resize the boxes every few."""
