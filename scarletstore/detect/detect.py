@@ -125,6 +125,9 @@ PARENT_HAS_EXTERNAL = 1 << 1    # at least one peak is external
 PARENT_EXTERNAL_ONLY = 1 << 2   # created for a known position, nothing detected
 #: peak_bands bit of the multi-band (chi^2) detection image.
 CHI2_BIT = 30
+#: Bad planes that mean "no data here" (not a hole in data around it): such pixels are
+#: treated as if off the image (see "Bad pixels" above).
+NO_DATA_PLANES = ("NO_DATA", "EDGE")
 
 #: Default configuration; ``None`` entries are derived from the PSF (see :func:`detect`).
 DEFAULTS = {
@@ -362,12 +365,15 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     fwhm = max(fwhms.values())  # the widest PSF sets growth and association scales
     cfg = _resolve_config(exposure, threshold, min_area, config, fwhm)
     bits = _bad_bits(exposure, cfg["bad_mask_planes"])
+    no_data_bits = _bad_bits(exposure, [p for p in NO_DATA_PLANES if p in cfg["bad_mask_planes"]])
     ny, nx = exposure.sizes["y"], exposure.sizes["x"]
 
-    scan = _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress)
+    scan = _scan_bands(exposure, band_index, psfs, cfg, bits, no_data_bits, significance,
+                       progress)
     zsig, zsharp = _combined_images(scan.pop("chi2"), scan.pop("chi2_sharp"), scan.pop("nvalid"),
                                     cfg)
-    kept_chi = _peaks_in(zsig, zsharp, CHI2_BIT, cfg, scan["union"], scan["peak_sets"])
+    no_data = scan.pop("no_data")
+    kept_chi = _peaks_in(zsig, zsharp, CHI2_BIT, cfg, scan["union"], scan["peak_sets"], no_data)
     pk = _associated_peaks(scan.pop("peak_sets"), cfg)
     if cfg["residual_peaks"] and pk["y"].size:
         _add_residual_companions(pk, zsharp, kept_chi, _point_profile(psfs[band_index],
@@ -378,6 +384,9 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
                                             2.0 * fwhm, 0.5 * fwhm)
 
     final = fp.grow_mask(scan.pop("union"), cfg["grow_radius"])
+    if no_data is not None:
+        final &= ~no_data  # growth stops where the data end, as at the image's edge
+    del no_data
     _add_known(pk, _known_positions(exposure, known), final, zsig, cfg)
     # integer pixel of externals moved to the known position
     pk["iy"] = np.clip(np.round(pk["y"]), 0, ny - 1).astype(np.int32)
@@ -427,13 +436,18 @@ def _detection_bands(exposure, bands):
     return all_bands, det_bands, [all_bands.index(b) for b in det_bands]
 
 
-def _peaks_in(sig, peak_img, bit, cfg, union, peak_sets):
+def _peaks_in(sig, peak_img, bit, cfg, union, peak_sets, no_data=None):
     """Footprints of ``sig`` (added to ``union``) and the peaks of ``peak_img`` on them.
 
-    Appends ``(y, x, iy, ix, value, image bit, own)`` to ``peak_sets`` and
-    returns the footprint mask.
+    Pixels ``no_data`` selects never count as above threshold: there ``sig``
+    only extrapolates the data beside them. Appends ``(y, x, iy, ix, value,
+    image bit, own)`` to ``peak_sets`` and returns the footprint mask.
     """
-    labels, n = fp.label_mask(sig > cfg["threshold"])
+    above = sig > cfg["threshold"]
+    if no_data is not None:
+        above &= ~no_data
+    labels, n = fp.label_mask(above)
+    del above
     kept = _keep_large(labels, n, cfg["min_area"])
     del labels
     union |= kept
@@ -449,11 +463,12 @@ def _peaks_in(sig, peak_img, bit, cfg, union, peak_sets):
     return kept
 
 
-def _band_significance(img, var, good, psf, cfg, given):
+def _band_significance(img, var, good, psf, cfg, given, holes=None):
     """Background, PSF-matched significance and its support (denominator) of one band.
 
     ``given`` is the band's precomputed significance or None (matched filter).
-    The background is estimated twice when ``bkg_passes`` > 1, the second
+    ``holes`` are the bad pixels refiltered around (default all; see
+    :func:`refilter_holes`). The background is estimated twice when ``bkg_passes`` > 1, the second
     time with the first pass's detections (grown) excluded, so bright
     sources' wings do not lift the sky.
     """
@@ -471,25 +486,27 @@ def _band_significance(img, var, good, psf, cfg, given):
             sig, den, _ = matched_filter(img, var, good, psf, bkg, denominator=den, convolver=conv)
     del conv
     if given is None:
-        refilter_holes(sig, img, var, good, psf, bkg)
+        refilter_holes(sig, img, var, good, psf, bkg, holes=holes)
     return bkg, sig, den
 
 
-def _peak_image(img, var, good, sig, bkg, cfg):
-    """The narrow-Gaussian peak image of one band, filled from ``sig`` where bad pixels leave
-    its kernel without support."""
+def _peak_image(img, var, good, sig, bkg, cfg, no_data=None):
+    """The narrow-Gaussian peak image of one band, filled from ``sig`` where bad pixels (other
+    than ``no_data``) leave its kernel without support."""
     sharp = gaussian_significance(img, var, good, cfg["peak_sigma"], bkg, cfg["peak_sigma_wide"])
-    fill_unsupported(sharp, sig, good, cfg["peak_sigma"])
+    fill_unsupported(sharp, sig, good, cfg["peak_sigma"], no_data=no_data)
     return sharp
 
 
-def _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress):
+def _scan_bands(exposure, band_index, psfs, cfg, bits, no_data_bits, significance, progress):
     """Per-band images, accumulated into the multi-band sums, one band at a time.
 
     Returns a dict: ``background`` (band, y, x), the running sums ``chi2``
     (positive squares of the significances), ``chi2_sharp`` (of the peak
     images), ``nvalid`` (bands with data per pixel), the footprint
-    ``union`` and the per-band ``peak_sets`` (see :func:`_peaks_in`).
+    ``union``, the per-band ``peak_sets`` (see :func:`_peaks_in`) and
+    ``no_data``, the pixels flagged with a ``no_data_bits`` plane in every
+    detection band (None when there are none).
     """
     from ..progress import progress as _progress
 
@@ -500,25 +517,34 @@ def _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress):
     out = {"background": np.zeros((nb, ny, nx), np.float32),
            "chi2": np.zeros((ny, nx), np.float32), "chi2_sharp": np.zeros((ny, nx), np.float32),
            "nvalid": np.zeros((ny, nx), np.uint8), "union": np.zeros((ny, nx), bool),
-           "peak_sets": []}
-    for i in _progress(list(band_index), desc="detect", enabled=progress):
+           "peak_sets": [], "no_data": None}
+    for k, i in enumerate(_progress(list(band_index), desc="detect", enabled=progress)):
         img, var = image_all[i], var_all[i]
         good = ((mask_all[i] & bits) == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
+        # pixels without data are treated as off the image, other bad pixels as holes in data
+        no_data = (mask_all[i] & no_data_bits) != 0 if no_data_bits else None
+        if no_data is not None and not no_data.any():
+            no_data = None
         bkg, sig, den = _band_significance(img, var, good, psfs[i], cfg,
-                                           None if significance is None else significance[i])
+                                           None if significance is None else significance[i],
+                                           None if no_data is None else ~good & ~no_data)
         out["background"][i] = bkg
         out["nvalid"] += den > 0
         del den  # before the peak image: one full-size array less at the peak of memory
-        sharp = _peak_image(img, var, good, sig, bkg, cfg)
+        sharp = _peak_image(img, var, good, sig, bkg, cfg, no_data)
         del bkg, good
+        if k == 0:
+            out["no_data"] = None if no_data is None else no_data.copy()
+        elif out["no_data"] is not None:
+            out["no_data"] = None if no_data is None else out["no_data"] & no_data
         _accumulate_positive_square(out["chi2"], sig)
         if cfg["peak_combine"] == "sum":
             out["chi2_sharp"] += sharp
         else:
             _accumulate_positive_square(out["chi2_sharp"], sharp)
         if cfg["per_band"]:
-            _peaks_in(sig, sharp, i, cfg, out["union"], out["peak_sets"])
-        del sig, sharp
+            _peaks_in(sig, sharp, i, cfg, out["union"], out["peak_sets"], no_data)
+        del sig, sharp, no_data
     # bands not used for detection still get a background (for the store)
     for i in range(nb):
         if i not in band_index:
