@@ -85,6 +85,8 @@ def test_no_peak_or_footprint_in_a_wide_no_data_border_or_hole(seed):
     peaks_there, fp_there = _no_data_violations(ds, no_data)
     assert peaks_there.size == 0, peaks_there
     assert fp_there == 0
+    # no companion from a mirror that lands where there are no data (one a star, before)
+    assert ds.sizes["peak"] == len(stars), np.c_[ds["peak_y"].values, ds["peak_x"].values]
     # every star beside the missing data is still found, once
     for y, x in stars:
         d = np.hypot(ds["peak_y"].values - y, ds["peak_x"].values - x)
@@ -105,4 +107,21 @@ def test_hsc_cosmos_no_peak_or_footprint_in_its_no_data_border():
     with np.load(path) as d:
         cat = d["catalog"]
     for y, x in zip(cat["y"], cat["x"]):  # the catalogue's sources are all still found
+        assert np.hypot(ds["peak_y"].values - y, ds["peak_x"].values - x).min() < 1.5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_band_without_data_adds_nothing_there(seed):
+    # The i band (the brightest) has no data on the 30 px border and in the hole; g and r
+    # see pure noise there (and the stars beside them). A band is absent where it has no
+    # data: its extrapolated significance added a peak 6 px into the border beside a star.
+    exp, no_data, stars = _bordered_field(seed)
+    rng = np.random.default_rng(100 + seed)
+    for b in (0, 1):
+        exp["mask"].values[b][no_data] = 0
+        exp["image"].values[b][no_data] = rng.normal(0, 1, int(no_data.sum()))
+    ds = detect(exp)
+    on = no_data[ds["peak_iy"].values, ds["peak_ix"].values]
+    assert not on.any(), np.c_[ds["peak_y"].values, ds["peak_x"].values][on]
+    for y, x in stars:
         assert np.hypot(ds["peak_y"].values - y, ds["peak_x"].values - x).min() < 1.5

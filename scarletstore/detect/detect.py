@@ -375,6 +375,10 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     no_data = scan.pop("no_data")
     kept_chi = _peaks_in(zsig, zsharp, CHI2_BIT, cfg, scan["union"], scan["peak_sets"], no_data)
     pk = _associated_peaks(scan.pop("peak_sets"), cfg)
+    if no_data is not None:
+        # A mirror point without data is unknown, as one off the image: its peak image
+        # (no light there) would leave the seed's whole profile as a residual.
+        zsharp[no_data] = np.nan
     if cfg["residual_peaks"] and pk["y"].size:
         _add_residual_companions(pk, zsharp, kept_chi, _point_profile(psfs[band_index],
                                                                        cfg["peak_sigma"]), cfg)
@@ -529,9 +533,14 @@ def _scan_bands(exposure, band_index, psfs, cfg, bits, no_data_bits, significanc
                                            None if significance is None else significance[i],
                                            None if no_data is None else ~good & ~no_data)
         out["background"][i] = bkg
+        if no_data is not None:
+            den[no_data] = 0
+            sig[no_data] = 0
         out["nvalid"] += den > 0
         del den  # before the peak image: one full-size array less at the peak of memory
         sharp = _peak_image(img, var, good, sig, bkg, cfg, no_data)
+        if no_data is not None:
+            sharp[no_data] = 0
         del bkg, good
         if k == 0:
             out["no_data"] = None if no_data is None else no_data.copy()
