@@ -69,7 +69,16 @@ whole PSF (:func:`refilter_holes`), and where bad pixels leave the narrow
 peak kernel without support the peak image is filled from it
 (:func:`fill_unsupported`): a saturated star is detected from its
 unsaturated wings with one peak at its centre, and a cosmic ray or bad
-column does not cut a source in two.
+column does not cut a source in two. Pixels of the planes in
+:data:`NO_DATA_PLANES` (NO_DATA, EDGE) are not holes in data but its end:
+a band is treated there as if off the image. It is not refiltered around
+or filled into (the normalised filters would extrapolate the data beside a
+wide border 10+ px into it, with maxima there), its significance and peak
+image are 0 and it is not counted among the bands with data; no pixel
+without data in a band counts as above threshold in that band's images, a
+footprint's growth stops where no band has data, and a residual mirror
+point there is unknown, as off the image. Only a known position there is
+kept (with its disk).
 
 Speed: PSF convolutions are full-frame single-precision FFTs with the kernel
 cut to its S/N-bearing core, the peak images separable Gaussian filters, one
@@ -373,7 +382,7 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     zsig, zsharp = _combined_images(scan.pop("chi2"), scan.pop("chi2_sharp"), scan.pop("nvalid"),
                                     cfg)
     no_data = scan.pop("no_data")
-    kept_chi = _peaks_in(zsig, zsharp, CHI2_BIT, cfg, scan["union"], scan["peak_sets"], no_data)
+    kept_chi = _peaks_in(zsig, zsharp, CHI2_BIT, cfg, scan["union"], scan["peak_sets"])
     pk = _associated_peaks(scan.pop("peak_sets"), cfg)
     if no_data is not None:
         # A mirror point without data is unknown, as one off the image: its peak image
@@ -440,18 +449,13 @@ def _detection_bands(exposure, bands):
     return all_bands, det_bands, [all_bands.index(b) for b in det_bands]
 
 
-def _peaks_in(sig, peak_img, bit, cfg, union, peak_sets, no_data=None):
+def _peaks_in(sig, peak_img, bit, cfg, union, peak_sets):
     """Footprints of ``sig`` (added to ``union``) and the peaks of ``peak_img`` on them.
 
-    Pixels ``no_data`` selects never count as above threshold: there ``sig``
-    only extrapolates the data beside them. Appends ``(y, x, iy, ix, value,
-    image bit, own)`` to ``peak_sets`` and returns the footprint mask.
+    Appends ``(y, x, iy, ix, value, image bit, own)`` to ``peak_sets`` and
+    returns the footprint mask.
     """
-    above = sig > cfg["threshold"]
-    if no_data is not None:
-        above &= ~no_data
-    labels, n = fp.label_mask(above)
-    del above
+    labels, n = fp.label_mask(sig > cfg["threshold"])
     kept = _keep_large(labels, n, cfg["min_area"])
     del labels
     union |= kept
@@ -472,7 +476,8 @@ def _band_significance(img, var, good, psf, cfg, given, holes=None):
 
     ``given`` is the band's precomputed significance or None (matched filter).
     ``holes`` are the bad pixels refiltered around (default all; see
-    :func:`refilter_holes`). The background is estimated twice when ``bkg_passes`` > 1, the second
+    :func:`refilter_holes`).
+    The background is estimated twice when ``bkg_passes`` > 1, the second
     time with the first pass's detections (grown) excluded, so bright
     sources' wings do not lift the sky.
     """
@@ -533,7 +538,7 @@ def _scan_bands(exposure, band_index, psfs, cfg, bits, no_data_bits, significanc
                                            None if significance is None else significance[i],
                                            None if no_data is None else ~good & ~no_data)
         out["background"][i] = bkg
-        if no_data is not None:
+        if no_data is not None:  # the band is absent there: 0, not counted
             den[no_data] = 0
             sig[no_data] = 0
         out["nvalid"] += den > 0
@@ -552,7 +557,7 @@ def _scan_bands(exposure, band_index, psfs, cfg, bits, no_data_bits, significanc
         else:
             _accumulate_positive_square(out["chi2_sharp"], sharp)
         if cfg["per_band"]:
-            _peaks_in(sig, sharp, i, cfg, out["union"], out["peak_sets"], no_data)
+            _peaks_in(sig, sharp, i, cfg, out["union"], out["peak_sets"])
         del sig, sharp, no_data
     # bands not used for detection still get a background (for the store)
     for i in range(nb):
