@@ -69,7 +69,16 @@ whole PSF (:func:`refilter_holes`), and where bad pixels leave the narrow
 peak kernel without support the peak image is filled from it
 (:func:`fill_unsupported`): a saturated star is detected from its
 unsaturated wings with one peak at its centre, and a cosmic ray or bad
-column does not cut a source in two.
+column does not cut a source in two. Pixels of the planes in
+:data:`NO_DATA_PLANES` (NO_DATA, EDGE) are not holes in data but its end:
+a band is treated there as if off the image. It is not refiltered around
+or filled into (the normalised filters would extrapolate the data beside a
+wide border 10+ px into it, with maxima there), its significance and peak
+image are 0 and it is not counted among the bands with data; no pixel
+without data in a band counts as above threshold in that band's images, a
+footprint's growth stops where no band has data, and a residual mirror
+point there is unknown, as off the image. Only a known position there is
+kept (with its disk).
 
 Speed: PSF convolutions are full-frame single-precision FFTs with the kernel
 cut to its S/N-bearing core, the peak images separable Gaussian filters, one
@@ -125,6 +134,9 @@ PARENT_HAS_EXTERNAL = 1 << 1    # at least one peak is external
 PARENT_EXTERNAL_ONLY = 1 << 2   # created for a known position, nothing detected
 #: peak_bands bit of the multi-band (chi^2) detection image.
 CHI2_BIT = 30
+#: Bad planes that mean "no data here" (not a hole in data around it): such pixels are
+#: treated as if off the image (see "Bad pixels" above).
+NO_DATA_PLANES = ("NO_DATA", "EDGE")
 
 #: Default configuration; ``None`` entries are derived from the PSF (see :func:`detect`).
 DEFAULTS = {
@@ -362,13 +374,20 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
     fwhm = max(fwhms.values())  # the widest PSF sets growth and association scales
     cfg = _resolve_config(exposure, threshold, min_area, config, fwhm)
     bits = _bad_bits(exposure, cfg["bad_mask_planes"])
+    no_data_bits = _bad_bits(exposure, [p for p in NO_DATA_PLANES if p in cfg["bad_mask_planes"]])
     ny, nx = exposure.sizes["y"], exposure.sizes["x"]
 
-    scan = _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress)
+    scan = _scan_bands(exposure, band_index, psfs, cfg, bits, no_data_bits, significance,
+                       progress)
     zsig, zsharp = _combined_images(scan.pop("chi2"), scan.pop("chi2_sharp"), scan.pop("nvalid"),
                                     cfg)
+    no_data = scan.pop("no_data")
     kept_chi = _peaks_in(zsig, zsharp, CHI2_BIT, cfg, scan["union"], scan["peak_sets"])
     pk = _associated_peaks(scan.pop("peak_sets"), cfg)
+    if no_data is not None:
+        # A mirror point without data is unknown, as one off the image: its peak image
+        # (no light there) would leave the seed's whole profile as a residual.
+        zsharp[no_data] = np.nan
     if cfg["residual_peaks"] and pk["y"].size:
         _add_residual_companions(pk, zsharp, kept_chi, _point_profile(psfs[band_index],
                                                                        cfg["peak_sigma"]), cfg)
@@ -378,6 +397,9 @@ def detect(exposure: xr.Dataset, threshold=5.0, min_area=None, known=None, bands
                                             2.0 * fwhm, 0.5 * fwhm)
 
     final = fp.grow_mask(scan.pop("union"), cfg["grow_radius"])
+    if no_data is not None:
+        final &= ~no_data  # growth stops where the data end, as at the image's edge
+    del no_data
     _add_known(pk, _known_positions(exposure, known), final, zsig, cfg)
     # integer pixel of externals moved to the known position
     pk["iy"] = np.clip(np.round(pk["y"]), 0, ny - 1).astype(np.int32)
@@ -449,10 +471,12 @@ def _peaks_in(sig, peak_img, bit, cfg, union, peak_sets):
     return kept
 
 
-def _band_significance(img, var, good, psf, cfg, given):
+def _band_significance(img, var, good, psf, cfg, given, holes=None):
     """Background, PSF-matched significance and its support (denominator) of one band.
 
     ``given`` is the band's precomputed significance or None (matched filter).
+    ``holes`` are the bad pixels refiltered around (default all; see
+    :func:`refilter_holes`).
     The background is estimated twice when ``bkg_passes`` > 1, the second
     time with the first pass's detections (grown) excluded, so bright
     sources' wings do not lift the sky.
@@ -471,25 +495,27 @@ def _band_significance(img, var, good, psf, cfg, given):
             sig, den, _ = matched_filter(img, var, good, psf, bkg, denominator=den, convolver=conv)
     del conv
     if given is None:
-        refilter_holes(sig, img, var, good, psf, bkg)
+        refilter_holes(sig, img, var, good, psf, bkg, holes=holes)
     return bkg, sig, den
 
 
-def _peak_image(img, var, good, sig, bkg, cfg):
-    """The narrow-Gaussian peak image of one band, filled from ``sig`` where bad pixels leave
-    its kernel without support."""
+def _peak_image(img, var, good, sig, bkg, cfg, no_data=None):
+    """The narrow-Gaussian peak image of one band, filled from ``sig`` where bad pixels (other
+    than ``no_data``) leave its kernel without support."""
     sharp = gaussian_significance(img, var, good, cfg["peak_sigma"], bkg, cfg["peak_sigma_wide"])
-    fill_unsupported(sharp, sig, good, cfg["peak_sigma"])
+    fill_unsupported(sharp, sig, good, cfg["peak_sigma"], no_data=no_data)
     return sharp
 
 
-def _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress):
+def _scan_bands(exposure, band_index, psfs, cfg, bits, no_data_bits, significance, progress):
     """Per-band images, accumulated into the multi-band sums, one band at a time.
 
     Returns a dict: ``background`` (band, y, x), the running sums ``chi2``
     (positive squares of the significances), ``chi2_sharp`` (of the peak
     images), ``nvalid`` (bands with data per pixel), the footprint
-    ``union`` and the per-band ``peak_sets`` (see :func:`_peaks_in`).
+    ``union``, the per-band ``peak_sets`` (see :func:`_peaks_in`) and
+    ``no_data``, the pixels flagged with a ``no_data_bits`` plane in every
+    detection band (None when there are none).
     """
     from ..progress import progress as _progress
 
@@ -500,17 +526,31 @@ def _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress):
     out = {"background": np.zeros((nb, ny, nx), np.float32),
            "chi2": np.zeros((ny, nx), np.float32), "chi2_sharp": np.zeros((ny, nx), np.float32),
            "nvalid": np.zeros((ny, nx), np.uint8), "union": np.zeros((ny, nx), bool),
-           "peak_sets": []}
-    for i in _progress(list(band_index), desc="detect", enabled=progress):
+           "peak_sets": [], "no_data": None}
+    for k, i in enumerate(_progress(list(band_index), desc="detect", enabled=progress)):
         img, var = image_all[i], var_all[i]
         good = ((mask_all[i] & bits) == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
+        # pixels without data are treated as off the image, other bad pixels as holes in data
+        no_data = (mask_all[i] & no_data_bits) != 0 if no_data_bits else None
+        if no_data is not None and not no_data.any():
+            no_data = None
         bkg, sig, den = _band_significance(img, var, good, psfs[i], cfg,
-                                           None if significance is None else significance[i])
+                                           None if significance is None else significance[i],
+                                           None if no_data is None else ~good & ~no_data)
         out["background"][i] = bkg
+        if no_data is not None:  # the band is absent there: 0, not counted
+            den[no_data] = 0
+            sig[no_data] = 0
         out["nvalid"] += den > 0
         del den  # before the peak image: one full-size array less at the peak of memory
-        sharp = _peak_image(img, var, good, sig, bkg, cfg)
+        sharp = _peak_image(img, var, good, sig, bkg, cfg, no_data)
+        if no_data is not None:
+            sharp[no_data] = 0
         del bkg, good
+        if k == 0:
+            out["no_data"] = None if no_data is None else no_data.copy()
+        elif out["no_data"] is not None:
+            out["no_data"] = None if no_data is None else out["no_data"] & no_data
         _accumulate_positive_square(out["chi2"], sig)
         if cfg["peak_combine"] == "sum":
             out["chi2_sharp"] += sharp
@@ -518,7 +558,7 @@ def _scan_bands(exposure, band_index, psfs, cfg, bits, significance, progress):
             _accumulate_positive_square(out["chi2_sharp"], sharp)
         if cfg["per_band"]:
             _peaks_in(sig, sharp, i, cfg, out["union"], out["peak_sets"])
-        del sig, sharp
+        del sig, sharp, no_data
     # bands not used for detection still get a background (for the store)
     for i in range(nb):
         if i not in band_index:

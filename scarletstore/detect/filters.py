@@ -206,20 +206,21 @@ def gaussian_significance(image, variance, good, sigma, background=None, sigma_w
     return d
 
 
-def _kernel_coverage(good, sigma):
-    """Fraction of the peak kernel's S/N weight (its square) that falls on usable pixels."""
+def _kernel_coverage(good, sigma, outside=0.0):
+    """Fraction of the peak kernel's S/N weight (its square) that falls on ``good`` pixels
+    (pixels off the image count as ``outside``)."""
     from scipy import ndimage
 
     k = _gauss1d(sigma) if sigma > 0 else np.ones(1, np.float32)
     k2 = k * k
     w = good.astype(np.float32)
-    ndimage.correlate1d(w, k2, axis=0, output=w, mode="constant")
-    ndimage.correlate1d(w, k2, axis=1, output=w, mode="constant")
+    ndimage.correlate1d(w, k2, axis=0, output=w, mode="constant", cval=outside)
+    ndimage.correlate1d(w, k2, axis=1, output=w, mode="constant", cval=outside)
     w /= np.float32(k2.sum() ** 2)
     return w
 
 
-def refilter_holes(sig, image, variance, good, psf, background=None, min_pixels=9):
+def refilter_holes(sig, image, variance, good, psf, background=None, min_pixels=9, holes=None):
     """Matched filter with the whole PSF around bad regions of at least ``min_pixels``.
 
     :func:`matched_filter` cuts the PSF to its S/N-bearing core. Next to a
@@ -238,6 +239,10 @@ def refilter_holes(sig, image, variance, good, psf, background=None, min_pixels=
         Significance from :func:`matched_filter`, modified in place.
     image, variance, good, psf, background
         As for :func:`matched_filter`.
+    holes : (ny, nx) bool, optional
+        The bad pixels to treat as holes in the data (default ``~good``);
+        pixels without data (NO_DATA) are left out by the caller: like the
+        image's edge, they are not reached into.
 
     Returns
     -------
@@ -245,9 +250,10 @@ def refilter_holes(sig, image, variance, good, psf, background=None, min_pixels=
     """
     from scipy import ndimage, signal
 
-    if good.all():
+    holes = ~good if holes is None else holes
+    if not holes.any():
         return sig
-    labels, _ = ndimage.label(~good, structure=np.ones((3, 3), bool))
+    labels, _ = ndimage.label(holes, structure=np.ones((3, 3), bool))
     p = np.asarray(psf, np.float64)
     ry, rx = p.shape[0] // 2, p.shape[1] // 2
     ny, nx = sig.shape
@@ -278,7 +284,7 @@ def refilter_holes(sig, image, variance, good, psf, background=None, min_pixels=
     return sig
 
 
-def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5):
+def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5, no_data=None):
     """Fill the peak image where bad pixels leave its narrow kernel without support.
 
     Where less than ``min_coverage`` of the narrow kernel's weight lies on
@@ -301,6 +307,10 @@ def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5):
         Usable pixels.
     sigma : float
         Sigma (pixels) of the peak image's Gaussian.
+    no_data : (ny, nx) bool, optional
+        Pixels without data (NO_DATA, EDGE), treated like pixels off the
+        image: never filled, not counted against a kernel's support and
+        not part of a rim, so nothing is extrapolated into a wide border.
 
     Returns
     -------
@@ -310,13 +320,21 @@ def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5):
 
     if good.all():
         return sharp
-    low = _kernel_coverage(good, sigma) < min_coverage
+    if no_data is None or not no_data.any():
+        low = _kernel_coverage(good, sigma) < min_coverage
+    else:
+        # support relative to the pixels that exist (off the image counts as existing,
+        # as without no-data pixels, so the image's corners are treated as before)
+        low = _kernel_coverage(good, sigma) < min_coverage * _kernel_coverage(~no_data, sigma, 1.0)
+        low &= ~no_data
     if not low.any():
         return sharp
     labels, n = ndimage.label(low, structure=np.ones((3, 3), bool))
     # rim: the usable-kernel pixels touching a hole, each given to the hole it touches
     near = ndimage.grey_dilation(labels, size=(3, 3))
     rim = (labels == 0) & (near > 0)
+    if no_data is not None:
+        rim &= ~no_data
     lab = near[rim]
     rs, rr = sig[rim].astype(np.float64), sharp[rim].astype(np.float64)
     # The ratio sharp / sig grows towards a source's centre (the narrow image
