@@ -667,6 +667,7 @@ class Store:
             else:
                 with _transaction(path, new=True) as tmp:
                     _write_groups(tmp, datasets or {})
+                    _record_checksums(tmp, datasets or {})
         return cls(path)
 
     def write(self, datasets: dict[str, xr.Dataset], replace: bool = False) -> None:
@@ -864,7 +865,6 @@ def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset], encoding=_encoding
         for name, ds in datasets.items():
             ds.to_netcdf(tmp, mode=mode, group=name, engine="h5netcdf", encoding=encoding(ds))
             mode = "a"
-        _record_checksums(tmp, datasets)
         return
     check_names, check_attrs, unlimited_dims = checks
     root = H5NetCDFStore.open(os.path.abspath(tmp), mode=mode, lock=HDF5_LOCK)
@@ -876,7 +876,6 @@ def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset], encoding=_encoding
                              unlimited_dims=unlimited_dims(ds, None))
     finally:
         root.close()
-    _record_checksums(tmp, datasets)
 
 
 @contextlib.contextmanager
@@ -1039,6 +1038,7 @@ class _SingleTransaction:
                 if name in f:
                     del f[name]
         _write_groups(self.path, datasets)
+        _record_checksums(self.path, datasets)
 
 
 def _created(path: Path, f, name: str) -> str:
@@ -1160,6 +1160,7 @@ def _write_product(file: Path, group: str, ds: xr.Dataset) -> int:
     for var in ds.variables.values():
         var.encoding = {}  # storage read from another file must not override ours
     _write_groups(file, {group: ds}, encoding=_product_encoding, mode="w")
+    _record_checksums(file, [group])
     with open(file, "rb+") as fh:
         os.fsync(fh.fileno())
         return os.fstat(fh.fileno()).st_size
