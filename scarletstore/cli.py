@@ -372,6 +372,21 @@ def _likelihood_significance(store, exposure):
     return like["significance"].sel(band=exposure["band"].values).values
 
 
+def _blend_pixels(store, parents, blend_ids):
+    """``(exposure, checksum)`` for a deblend of ``blend_ids``: only their boxes are read
+    (zero elsewhere) when the store recorded the exposure's checksum at ingest,
+    else the whole exposure is read and hashed."""
+    import numpy as np
+
+    ids = set(blend_ids)  # python ints: any id, however large, is only compared
+    pid = parents["parent_id"].values.tolist()
+    wanted = np.fromiter((p in ids for p in pid), bool, len(pid))
+    boxes = np.stack([parents[v].values[wanted] for v in
+                      ("bbox_y0", "bbox_x0", "bbox_height", "bbox_width")], axis=1)
+    part = store.read_boxes("exposure", boxes)
+    return part if part is not None else store.read_with_checksum("exposure")
+
+
 def cmd_deblend(args):
     import numpy as np
 
@@ -408,8 +423,12 @@ def cmd_deblend(args):
     config = base.with_overrides(overrides)
     if args.run in runs:
         raise InputError(f"{store.path}: run {args.run!r} already exists (runs are never overwritten)")
-    exposure, exposure_checksum = store.read_with_checksum("exposure")  # one read of each
-    parents, parents_checksum = store.read_with_checksum("parents")
+    if blend_ids is None:
+        exposure, exposure_checksum = store.read_with_checksum("exposure")  # one read of each
+        parents, parents_checksum = store.read_with_checksum("parents")
+    else:
+        parents, parents_checksum = store.read_with_checksum("parents")
+        exposure, exposure_checksum = _blend_pixels(store, parents, blend_ids)
     run = deblend_exposure(
         exposure, parents, config, args.method, blend_ids=blend_ids,
         workers=args.workers, scheduler=scheduler, name=args.run or args.method, show_progress=True,

@@ -60,10 +60,11 @@ def gaussian_psf(sigma: float, size: int | None = None) -> np.ndarray:
     c = size // 2
     edges = np.arange(size + 1) - c - 0.5
     # integrating over the pixel (rather than sampling the centre) keeps very
-    # narrow model PSFs normalised and symmetric.
-    from scipy.special import erf  # ~0.1 s to import: only when a model PSF is made
-
-    cdf = 0.5 * (1 + erf(edges / (math.sqrt(2) * sigma)))
+    # narrow model PSFs normalised and symmetric. math.erf on the few edges,
+    # not scipy.special.erf: importing scipy.special cost ~0.1 s of every
+    # deblend; the two agree within 5e-16 relative (tests/test_scarlet.py).
+    scale = math.sqrt(2) * sigma
+    cdf = 0.5 * (1 + np.array([math.erf(e / scale) for e in edges.tolist()]))
     g1 = np.diff(cdf)
     g = np.outer(g1, g1)
     return g / g.sum()

@@ -66,10 +66,21 @@ def _attrs(obj) -> dict | None:
     return out
 
 
-def _data(obj) -> np.ndarray | None:
-    """All values of an h5py dataset as xarray decodes them, or None."""
+def _data(obj, boxes=None) -> np.ndarray | None:
+    """All values of an h5py dataset as xarray decodes them, or None.
+
+    With ``boxes`` (``(y0, x0, height, width)`` each) a numeric dataset whose
+    last two dimensions are the image's is read only inside those boxes
+    (h5py reads just the chunks they touch); every other value is zero.
+    """
     if obj.shape is None:  # an empty (null) dataspace
         return None
+    if boxes is not None:
+        out = np.zeros(obj.shape, obj.dtype)  # calloc: untouched pages cost nothing
+        for y0, x0, h, w in boxes:
+            box = (Ellipsis, slice(y0, y0 + h), slice(x0, x0 + w))
+            out[box] = obj[box]
+        return out
     info = h5py.check_string_dtype(obj.dtype)
     if info is not None:
         if info.length is not None:  # fixed-length strings: character-array decoding
@@ -95,7 +106,7 @@ def _dimensions(group) -> tuple[dict, dict] | None:
     return ids, sizes
 
 
-def read_group(group, raw: dict | None = None) -> xr.Dataset | None:
+def read_group(group, raw: dict | None = None, boxes=None) -> xr.Dataset | None:
     """The product in the open h5py group ``group``, fully in memory.
 
     Returns the Dataset that ``xarray.open_dataset(..., engine="h5netcdf",
@@ -104,15 +115,18 @@ def read_group(group, raw: dict | None = None) -> xr.Dataset | None:
     the module notes); errors of the file itself are left to that path too.
     ``raw``, when given, receives the arrays of numeric datasets exactly as
     h5py read them (``dataset[()]``, before any decoding), by name, so a
-    checksum of the group need not read them again.
+    checksum of the group need not read them again. ``boxes`` (a list of
+    ``(y0, x0, height, width)``) reads the numeric ``(..., y, x)`` variables
+    only inside those boxes, zero elsewhere (see :func:`_data`); such arrays
+    are not put in ``raw``.
     """
     try:
-        return _read(group, raw)
+        return _read(group, raw, boxes)
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeDecodeError):
         return None  # damaged or unusual: xarray's path reports or reads it
 
 
-def _read(group, raw_out: dict | None = None) -> xr.Dataset | None:
+def _read(group, raw_out: dict | None = None, boxes=None) -> xr.Dataset | None:
     dims_of = _dimensions(group)
     if dims_of is None:
         return None
@@ -138,10 +152,12 @@ def _read(group, raw_out: dict | None = None) -> xr.Dataset | None:
     coord_names = set()
     variables = {}
     for key, (dims, obj, attrs) in raw.items():
-        data = _data(obj)
+        windowed = (boxes is not None and len(dims) >= 2 and dims[-2:] == ("y", "x")
+                    and obj.dtype.kind in "biuf" and obj.dtype.isnative)
+        data = _data(obj, boxes if windowed else None)
         if data is None:
             return None
-        if raw_out is not None and data.dtype.kind in "biuf":
+        if raw_out is not None and data.dtype.kind in "biuf" and not windowed:
             raw_out[key] = data  # not modified below: the bool decoding makes a copy
         if attrs.get("dtype", False) == "bool":  # xarray's BooleanCoder
             del attrs["dtype"]

@@ -183,6 +183,27 @@ def _checksum(g, raw: dict | None = None) -> str:
             h.update(np.ascontiguousarray(data).tobytes())
     return h.hexdigest()
 
+
+# Groups whose checksum a run records (the deblend's inputs). Each is stored
+# beside the group when it is written (attribute ``CHECKSUM_ATTR``, hidden
+# from reads), so a deblend of a few blends reads only their boxes and need
+# not hash the whole exposure; a group written before this (no attribute) is
+# read and hashed in full as before.
+RECORDED_CHECKSUMS = ("exposure", "parents")
+CHECKSUM_ATTR = "content_sha256"
+
+
+def _record_checksums(path: Path, names) -> None:
+    """Store the content checksum of each of ``names`` (RECORDED_CHECKSUMS only) in
+    file ``path``, computed from the bytes just written (read back from the
+    file, so it is the digest :func:`_checksum` gives for the group)."""
+    names = [n for n in names if n in RECORDED_CHECKSUMS]
+    if not names:
+        return
+    with h5py.File(path, "r+") as f:
+        for name in names:
+            f[name].attrs[CHECKSUM_ATTR] = _checksum(f[name])
+
 class Store:
     """A scarletstore HDF5 file.
 
@@ -296,6 +317,10 @@ class Store:
                 continue
             if ds.attrs.get("schema") == "run":
                 problems += self._id_problems(name, ds["source_id"].values, seen)
+            recorded = self.recorded_checksum(name) if name in RECORDED_CHECKSUMS else None
+            if recorded is not None and recorded != self.checksum(name):
+                problems.append(f"{self.path}: group {name!r}: its content does not match the "
+                                "checksum recorded when it was written (changed or damaged)")
         return problems
 
     def _id_problems(self, name: str, ids, seen: dict) -> list[str]:
@@ -392,6 +417,7 @@ class Store:
 
     def _current(self, ds: xr.Dataset, group: str, validate: bool, upgrade: bool) -> xr.Dataset:
         """``ds`` migrated to its schema's latest version (``upgrade``) or checked (``validate``)."""
+        ds.attrs.pop(CHECKSUM_ATTR, None)  # the store's bookkeeping, not the product's
         try:
             if upgrade:
                 from .migrate import upgrade as _upgrade
@@ -574,6 +600,48 @@ class Store:
             return self.read(group, validate, upgrade), self.checksum(group)
         return self._current(ds, group, validate, upgrade), digest
 
+    def recorded_checksum(self, group: str) -> str | None:
+        """The checksum stored with ``group`` when it was written (None: none stored).
+
+        Equal to :meth:`checksum` for every group this package wrote; only
+        RECORDED_CHECKSUMS groups carry one (``check`` compares the two).
+        """
+        with self._h5() as f:
+            self._check(f, group)
+            value = self.group_attrs(f, group).get(CHECKSUM_ATTR)
+        return value if isinstance(value, str) and len(value) == 64 else None
+
+    def read_boxes(self, group: str, boxes) -> tuple[xr.Dataset, str] | None:
+        """``group`` with its ``(..., y, x)`` planes read only inside ``boxes``, and its
+        recorded checksum; None when that cannot stand for a full read.
+
+        ``boxes`` lists ``(y0, x0, height, width)``; pixels outside every box are
+        zero. The digest is the one stored when the group was written
+        (:meth:`recorded_checksum`), so the rest of the planes is never read nor
+        hashed: a one-blend deblend reads a few chunks of the exposure. None
+        (read it in full instead) when the group has no recorded checksum, is
+        not at its schema's latest version, or holds what only xarray decodes.
+        """
+        from .h5read import read_group
+
+        with self._h5() as f:
+            self._check(f, group)
+            attrs = self.group_attrs(f, group)
+            digest = attrs.get(CHECKSUM_ATTR)
+            if not (isinstance(digest, str) and len(digest) == 64):
+                return None
+            if int(attrs["schema_version"]) != _schema.latest_version(attrs["schema"]):
+                return None
+            try:
+                g = f[group]
+            except (KeyError, OSError):
+                return None  # a missing product file: the full read says which
+            ds = read_group(g, boxes=[tuple(int(v) for v in b) for b in boxes]) \
+                if isinstance(g, h5py.Group) else None
+        if ds is None:
+            return None
+        return self._current(ds, group, True, True), digest
+
     # ------------------------------------------------------------------ writing
     @classmethod
     def create(cls, path, datasets: dict[str, xr.Dataset] | None = None,
@@ -599,6 +667,7 @@ class Store:
             else:
                 with _transaction(path, new=True) as tmp:
                     _write_groups(tmp, datasets or {})
+                    _record_checksums(tmp, datasets or {})
         return cls(path)
 
     def write(self, datasets: dict[str, xr.Dataset], replace: bool = False) -> None:
@@ -969,6 +1038,7 @@ class _SingleTransaction:
                 if name in f:
                     del f[name]
         _write_groups(self.path, datasets)
+        _record_checksums(self.path, datasets)
 
 
 def _created(path: Path, f, name: str) -> str:
@@ -1090,6 +1160,7 @@ def _write_product(file: Path, group: str, ds: xr.Dataset) -> int:
     for var in ds.variables.values():
         var.encoding = {}  # storage read from another file must not override ours
     _write_groups(file, {group: ds}, encoding=_product_encoding, mode="w")
+    _record_checksums(file, [group])
     with open(file, "rb+") as fh:
         os.fsync(fh.fileno())
         return os.fstat(fh.fileno()).st_size
