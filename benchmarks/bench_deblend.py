@@ -480,34 +480,42 @@ def _print_position_floor(fl, rng, indent="  "):
     return out
 
 
-def _score(run, table, blend, snr, bands, label):
-    from scarletstore.measure.compare import source_fluxes
+def _flux_errors(flux, sy, sx, table, blend, snr, bands):
+    """Per-source |errors| of fluxes (n, band) at (sy, sx), matched to the truth
+    table within 2 px: blended and isolated r / i, blended g - i; and the matched
+    sources' blendedness and S/N."""
     from scarletstore.simulate.truth import match_positions
 
-    flux = source_fluxes(run)
-    sx, sy = run["source_x"].values, run["source_y"].values
     _, to_truth = match_positions(np.asarray(table["y"]), np.asarray(table["x"]), sy, sx, 2.0)
     ids = np.asarray(table["id"])
     rows = np.flatnonzero(to_truth >= 0)
     trows = to_truth[rows]
     b = np.array([blend[int(ids[t])] for t in trows])
     sn = np.array([snr[int(ids[t])] for t in trows])
-    out = {"matched": len(rows), "sources": run.sizes["source"]}
-    errors = {}  # per-source |errors| of the selections, for pooling over fields
+    errors = {}
     for band in ("r", "i"):
         k = bands.index(band)
         true = np.asarray(table[f"flux_{band}"])[trows]
         err = np.abs(flux[rows, k] / true - 1)
         errors[f"blended_{band}"] = err[_blended(b, sn)]
         errors[f"isolated_{band}"] = err[(b < 0.01) & (sn > 10)]
-        out[f"blended_{band}"] = float(np.median(errors[f"blended_{band}"]))
-        out[f"isolated_{band}"] = float(np.median(errors[f"isolated_{band}"]))
     kg, ki = bands.index("g"), bands.index("i")
     with np.errstate(divide="ignore", invalid="ignore"):
         col = -2.5 * np.log10(flux[rows, kg] / flux[rows, ki])
         tcol = -2.5 * np.log10(np.asarray(table["flux_g"])[trows] / np.asarray(table["flux_i"])[trows])
-    sel = _blended(b, sn) & np.isfinite(col)
-    errors["gi_blended"] = np.abs(col - tcol)[sel]
+    errors["gi_blended"] = np.abs(col - tcol)[_blended(b, sn) & np.isfinite(col)]
+    return errors, b, sn, len(rows)
+
+
+def _score(run, table, blend, snr, bands, label):
+    from scarletstore.measure.compare import source_fluxes
+
+    errors, b, sn, matched = _flux_errors(source_fluxes(run), run["source_y"].values, run["source_x"].values,
+                                          table, blend, snr, bands)
+    out = {"matched": matched, "sources": run.sizes["source"]}
+    for band in ("r", "i"):
+        out[f"blended_{band}"] = float(np.median(errors[f"blended_{band}"]))
+        out[f"isolated_{band}"] = float(np.median(errors[f"isolated_{band}"]))
     out["gi_blended"] = float(np.median(errors["gi_blended"]))
     _score.errors = errors
     out["n_blended"] = int(_blended(b, sn).sum())
