@@ -121,12 +121,13 @@ WRITER = textwrap.dedent("""
     from scarletstore.ingest.exposure import make_exposure
     from scarletstore.store.store import Store
     store = Store(sys.argv[1])
+    prefix = sys.argv[2] if len(sys.argv) > 2 else "extra"  # new names for a restarted writer
     i = 0
     rng = np.random.default_rng(1)
     big = rng.normal(size=(3, 600, 600)).astype(np.float32)
     while True:
         ex = make_exposure(big, np.ones_like(big), None, [np.ones((3, 3))] * 3, ["g", "r", "i"])
-        store.write({f"extra{i}": ex})
+        store.write({f"{prefix}{i}": ex})
         i += 1
 """)
 
@@ -164,10 +165,13 @@ def test_killed_writer_leftover_removed_by_next_write(tmp_path, layout):
     # a write takes tens of milliseconds: kill the writer the moment its copy
     # exists, and start again when the kill landed between two writes
     for _attempt in range(10):
-        proc = subprocess.Popen([sys.executable, str(script), str(path)])
+        # each attempt writes new group names: a write that committed before the
+        # kill must not make the next attempt's writer fail on "already exists"
+        proc = subprocess.Popen([sys.executable, str(script), str(path), f"attempt{_attempt}_"])
         try:
             deadline = time.time() + 60
-            while not list(tmp_path.glob(".s.h5.*.tmp")) and time.time() < deadline:
+            while (not list(tmp_path.glob(".s.h5.*.tmp")) and time.time() < deadline
+                   and proc.poll() is None):
                 time.sleep(0.002)
         finally:
             os.kill(proc.pid, signal.SIGKILL)
