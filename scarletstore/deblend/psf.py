@@ -180,9 +180,9 @@ def _pocketfft_backend():
     at import), else the public API is used.
     """
     try:
-        pf = sfft.compiled
+        pf = sfft.compiled  # loaded once, by ..pocketfft, for every user of the transforms
         if pf is None:  # pragma: no cover - scipy.fft's own functions are in use
-            from scipy.fft._pocketfft import pypocketfft as pf
+            return None
 
         x = np.random.default_rng(1).random((2, 6, 5)).astype(np.float32)
         f = pf.r2c(x, (1, 2), True, 0, None, 1)
