@@ -171,6 +171,9 @@ def test_cli_errors(field, tmp_path, capsys):
         (["--set", "symmetric=1"], "symmetric must be true or false"),
         (["--set", "model_psf_sigma=0"], "model_psf_sigma must be positive"),
         (["--set", "min_snr=NaN"], "min_snr must be >= 0"),
+        (["--set", "bulge_snr=-1"], "bulge_snr must be >= 0"),
+        (["--set", "bulge_snr=NaN"], "bulge_snr must be >= 0"),
+        (["--set", "bulge_snr=high"], "bulge_snr must be a number"),
     ]:
         assert main(["deblend", str(path), *argv]) == 2, argv
         err = capsys.readouterr().err
@@ -189,6 +192,18 @@ def test_config_overrides_take_the_fields_types():
     assert DeblendConfig.from_json(c.to_json()) == c
     with pytest.raises(InputError, match="max_iter must be a whole number"):
         DeblendConfig(max_iter=2.5)
+
+
+def test_config_of_a_run_stored_before_bulge_snr_keeps_its_bulges():
+    """Runs stored before ``bulge_snr`` existed had bulges above 2 x min_snr;
+    reading their config (``deblend --from-run``) keeps that rule."""
+    import json
+
+    old = json.loads(DeblendConfig(min_snr=40).to_json())
+    del old["bulge_snr"]
+    c = DeblendConfig.from_json(json.dumps(old))
+    assert (c.min_snr, c.bulge_snr) == (40.0, 80.0)
+    assert DeblendConfig.from_json(DeblendConfig(min_snr=40, bulge_snr=60).to_json()).bulge_snr == 60.0
 
 
 def test_warm_start_on_hsc_needs_fewer_iterations(hsc_path):

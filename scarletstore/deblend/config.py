@@ -27,8 +27,14 @@ class DeblendConfig:
     model_psf_sigma : float
         Sigma (pixels) of the Gaussian model-frame PSF.
     min_snr : float
-        Sources below this SNR start as the PSF; above ``2 * min_snr`` they get
-        two components (bulge + disk).
+        Sources whose start has an S/N below this start as the PSF (the Rubin
+        task's ``min_snr``, with its meaning).
+    bulge_snr : float
+        Sources started from the image with an S/N above this get two
+        components (bulge + disk); between ``min_snr`` and this, one. The
+        Rubin task ties it to ``2 * min_snr``; it is its own setting so that
+        the PSF start can move without bulges moving with it (docs/design.md,
+        "Why faint galaxies are lost"). Below ``min_snr`` it has no effect.
     background_thresh, initial_background_thresh : float
         Sparsity / box thresholds in units of the background noise.
     optimizer : str
@@ -100,6 +106,7 @@ class DeblendConfig:
     resize_every: int = 3
     model_psf_sigma: float = 0.8
     min_snr: float = 50.0
+    bulge_snr: float = 100.0
     background_thresh: float = 1.0
     initial_background_thresh: float = 1.0
     optimizer: str = "adaprox"
@@ -143,7 +150,7 @@ class DeblendConfig:
             raise InputError(f"model_psf_sigma must be positive, not {self.model_psf_sigma!r}")
         if self.max_number_of_peaks < 1:
             raise InputError(f"max_number_of_peaks must be at least 1, not {self.max_number_of_peaks!r}")
-        for name in ("resize_every", "min_snr", "background_thresh", "initial_background_thresh",
+        for name in ("resize_every", "min_snr", "bulge_snr", "background_thresh", "initial_background_thresh",
                      "max_spectrum_cutoff", "max_footprint_area", "max_area_times_peaks",
                      "max_footprint_size", "min_footprint_axis_ratio", "split_margin"):
             if not getattr(self, name) >= 0:  # also refuses NaN
@@ -200,7 +207,11 @@ class DeblendConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "DeblendConfig":
-        return cls(**json.loads(text))
+        values = json.loads(text)
+        if "bulge_snr" not in values and "min_snr" in values:
+            # a run stored before the setting existed had bulges above 2 x min_snr
+            values["bulge_snr"] = 2 * values["min_snr"]
+        return cls(**values)
 
     def with_overrides(self, items: list[str]) -> "DeblendConfig":
         """Apply ``KEY=VALUE`` strings (values parsed as JSON, else kept as strings)."""

@@ -415,7 +415,7 @@ def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W
             comps = [m]
         else:
             m = m / m[cy[i] - y0, cx[i] - x0]
-            if snr > 2 * config.min_snr:
+            if snr > config.bulge_snr:
                 # bulge + disk: the half-maximum core (a superlevel set of a
                 # monotonic image is still monotonic) and the full extent.
                 core = np.where(m >= 0.5, m, 0.0)
