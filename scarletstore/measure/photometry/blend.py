@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
+from . import PhotometryConfig, SuiteSetup, flux_columns, odd_psf, run_suite
 from .deblend_errors import (BLENDEDNESS_EDGES, SNR_EDGES, band_share_of_snr2, error_model,
                              share_products)
 from .kernels import noise_planes
@@ -74,6 +74,7 @@ class BlendPhotometry:
         self.config = config or PhotometryConfig()
         self.apcorr = None  # an ApertureCorrection applied to the flux columns, if set
         self._psf = {}
+        self._setups = {}
         self._edges = (np.array(BLENDEDNESS_EDGES, np.float64), np.array(SNR_EDGES, np.float64))
         self._sigma = None
 
@@ -106,6 +107,14 @@ class BlendPhotometry:
             self._psf[key] = (odd_psf(psf), psf_covariance(psf))
         return self._psf[key]
 
+    def suite_setup(self, b: int) -> SuiteSetup:
+        """The suite's prepared PSF and settings for blend ``b`` (one per PSF and configuration)."""
+        key = (self.measurer.kernels.key(b, self.measurer.b), self.config)
+        setup = self._setups.get(key)
+        if setup is None:
+            setup = self._setups[key] = SuiteSetup(*self.psf(b), self.config)
+        return setup
+
     def _noise(self, templates, fp, data, unit_shares=False):
         """(weight, var_eff) of the PSF fit and of each object's pixels (None without data)."""
         if data is None:
@@ -125,8 +134,7 @@ class BlendPhotometry:
         values = redist if (self.measurer.redistribute and redist is not None) else geometry
         weight, var_eff = self._noise(models, fp, data)
         centroids = np.stack([m[:, 2] - x0, m[:, 3] - y0], axis=1)
-        psf, cov = self.psf(b)
-        cols, flags = measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
+        cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, centroids, m[:, 4:7])
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
         cols.update(self.flux_errors(blend, models, fp, data, m))
@@ -185,9 +193,8 @@ class BlendPhotometry:
             values = geometry
         weight, var_eff = self._noise(geometry, fp, data, unit_shares=True)
         (cx, cy), mom = moments_of(geometry[0])
-        psf, cov = self.psf(b)
-        cols, flags = measure_suite(values, geometry, var_eff, weight, np.array([[cx, cy]]), np.array([mom]),
-                                    psf, cov, self.config)
+        cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, np.array([[cx, cy]]),
+                                np.array([mom]))
         cols.update(centroid_x=np.array([cx + blend.bbox[1]]), centroid_y=np.array([cy + blend.bbox[0]]),
                     flux=np.array([float(geometry.sum(dtype=np.float64))]))
         if self.apcorr is not None:

@@ -114,7 +114,9 @@ def share_products(templates, footprint, variance, good, has_data):
     fisher = np.zeros((n, n))
     edge = np.zeros(n)
     own = np.zeros(n)
+    contested = np.zeros(n)  # the diagonal of c, kept apart so the j loops need no test
     s = np.empty(n)
+    t = np.empty(n, templates.dtype)  # the pixel's templates, contiguous (they are n planes apart)
     for y in range(h):
         for x in range(w):
             if not footprint[y, x]:
@@ -122,38 +124,42 @@ def share_products(templates, footprint, variance, good, has_data):
             on_edge = (y == 0 or x == 0 or y == h - 1 or x == w - 1 or not footprint[y - 1, x]
                        or not footprint[y + 1, x] or not footprint[y, x - 1] or not footprint[y, x + 1])
             for i in range(n):
-                t = templates[i, y, x]
-                if t > 0:
-                    own[i] += t
+                t[i] = templates[i, y, x]
+            for i in range(n):
+                ti = t[i]
+                if ti > 0:
+                    own[i] += ti
                     if on_edge:
-                        edge[i] += t
+                        edge[i] += ti
             usable = has_data and good[y, x]
             v = variance[y, x] if usable else 0.0
             if usable and v > 0:
                 iv = 1.0 / v
                 for i in range(n):
-                    ti = templates[i, y, x]
+                    ti = t[i]
                     if ti == 0.0:
                         continue
                     for j in range(n):
-                        fisher[i, j] += ti * templates[j, y, x] * iv
+                        fisher[i, j] += ti * t[j] * iv
             total = 0.0
             for i in range(n):
-                t = templates[i, y, x]
-                s[i] = t if t > 0 else 0.0
+                ti = t[i]
+                s[i] = ti if ti > 0 else 0.0
                 total += s[i]
             if total <= 0:
                 continue
             for i in range(n):
                 s[i] /= total
             for i in range(n):
-                if s[i] == 0.0:
+                si = s[i]
+                if si == 0.0:
                     continue
-                c[i, i] += s[i] * (1.0 - s[i]) * total
-                for j in range(n):
-                    if j != i:
-                        c[i, j] += s[i] * s[j] * total
-                    noise[i, j] += s[i] * s[j] * v
+                contested[i] += si * (1.0 - si) * total
+                for j in range(n):  # c[i, i] gets junk here, replaced below
+                    c[i, j] += si * s[j] * total
+                    noise[i, j] += si * s[j] * v
+    for i in range(n):
+        c[i, i] = contested[i]
     return c, noise, edge, own, fisher
 
 
