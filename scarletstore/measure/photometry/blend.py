@@ -26,14 +26,21 @@ def child_shares(models: np.ndarray, footprint: np.ndarray) -> np.ndarray:
 
 def model_fluxes(sources, n_bands: int) -> np.ndarray:
     """(n, B) model flux of each source in every band, from its stored components (no convolution)."""
+    return _fluxes_and_cubes(sources, n_bands)[0]
+
+
+def _fluxes_and_cubes(sources, n_bands: int):
+    """:func:`model_fluxes` and which sources have a cube component (a morphology per band), in one pass."""
     out = np.zeros((len(sources), n_bands))
+    cube = np.zeros(len(sources), np.bool_)
     for i, src in enumerate(sources):
         for c in src.components:
             if c.morph.ndim == 3:
                 out[i] += c.morph.sum(axis=(1, 2), dtype=np.float64)
+                cube[i] = True
             else:
                 out[i] += np.asarray(c.spectrum, np.float64) * float(c.morph.sum(dtype=np.float64))
-    return out
+    return out, cube
 
 
 def band_noise(variance, planes=1 << 14) -> np.ndarray:
@@ -75,6 +82,7 @@ class BlendPhotometry:
         self.apcorr = None  # an ApertureCorrection applied to the flux columns, if set
         self._psf = {}
         self._setups = {}
+        self._kappa = {}
         self._edges = (np.array(BLENDEDNESS_EDGES, np.float64), np.array(SNR_EDGES, np.float64))
         self._sigma = None
 
@@ -94,7 +102,10 @@ class BlendPhotometry:
 
     @property
     def _kappa_table(self):
-        return np.asarray(self.config.kappa_table, np.float64)
+        table = self._kappa.get(self.config.kappa_table)
+        if table is None:  # one array per table, not one per blend
+            table = self._kappa[self.config.kappa_table] = np.asarray(self.config.kappa_table, np.float64)
+        return table
 
     def psf(self, b: int):
         """The band PSF used for blend ``b`` (override, the blend's own, or the run's) and its covariance."""
@@ -133,7 +144,7 @@ class BlendPhotometry:
         geometry = np.where(fp[None], models, 0)
         values = redist if (self.measurer.redistribute and redist is not None) else geometry
         weight, var_eff = self._noise(models, fp, data)
-        centroids = np.stack([m[:, 2] - x0, m[:, 3] - y0], axis=1)
+        centroids = m[:, 2:4] - np.array((x0, y0), np.float64)
         cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, centroids, m[:, 4:7])
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
@@ -172,10 +183,10 @@ class BlendPhotometry:
         else:
             variance, good, has = np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2]), True
         c, noise, edge, own, fisher = share_products(templates, fpc, variance, good, has)
-        fluxes = model_fluxes(blend.sources, len(self.measurer.tables.bands))
+        fluxes, cube = _fluxes_and_cubes(blend.sources, len(self.measurer.tables.bands))
         q = band_share_of_snr2(fluxes, self.band_sigma(), self.measurer.b) if has else np.ones(len(own))
         # a cube component (SDSS templates) has a morphology of its own in every band
-        q[[any(c.morph.ndim == 3 for c in src.components) for src in blend.sources]] = 1.0
+        q[cube] = 1.0
         return (c, noise, fisher, edge, own, np.ascontiguousarray(fluxes[:, self.measurer.b]), q,
                 np.ascontiguousarray(m[:, 1]), np.ascontiguousarray(m[:, 7]))
 
