@@ -12,7 +12,7 @@ import numpy as np
 
 from . import PhotometryConfig, SuiteSetup, flux_columns, odd_psf, run_suite
 from .deblend_errors import (BLENDEDNESS_EDGES, SNR_EDGES, band_share_of_snr2, error_model,
-                             share_products)
+                             share_planes, share_products)
 from .kernels import noise_planes
 from .moments import psf_covariance
 
@@ -141,17 +141,23 @@ class BlendPhotometry:
     def children(self, b, blend, models, fp, data, redist, m):
         """Suite columns of the children; ``m`` is :func:`measure_children`'s output."""
         y0, x0 = blend.bbox[0], blend.bbox[1]
-        geometry = np.where(fp[None], models, 0)
+        shares = None
+        if data is None:
+            geometry = np.where(fp[None], models, 0)
+            weight, var_eff = self._noise(models, fp, data)
+        else:  # the noise planes, the masked models and the flux errors' sums in one pass
+            shares = share_planes(np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp, np.bool_),
+                                  np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2], np.bool_))
+            var_eff, weight, geometry = shares[5:]
         values = redist if (self.measurer.redistribute and redist is not None) else geometry
-        weight, var_eff = self._noise(models, fp, data)
         centroids = m[:, 2:4] - np.array((x0, y0), np.float64)
         cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, centroids, m[:, 4:7])
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
-        cols.update(self.flux_errors(blend, models, fp, data, m))
+        cols.update(self.flux_errors(blend, models, fp, data, m, shares))
         return cols, flags
 
-    def flux_errors(self, blend, models, fp, data, m) -> dict:
+    def flux_errors(self, blend, models, fp, data, m, shares=None) -> dict:
         """The model flux's error (noise and template parts) and its most correlated neighbour.
 
         The noise part is the fixed-template (Fisher) covariance plus the
@@ -160,9 +166,10 @@ class BlendPhotometry:
         log-errors (kappa from each template's blendedness and S/N), a
         coherent shift of the footprint edge by ``footprint_edge_sigma``
         pixels and each template's normalisation error ``flux_sigma``; all in
-        one compiled call (:func:`~.deblend_errors.error_model`).
+        one compiled call (:func:`~.deblend_errors.error_model`). ``shares``: the
+        output of :func:`~.deblend_errors.share_planes` for this blend, if made.
         """
-        inputs = self.error_inputs(blend, models, fp, data, m)
+        inputs = self.error_inputs(blend, models, fp, data, m, shares)
         cfg = self.config
         err_noise, err, k, corr = error_model(*inputs, self._kappa_table, self._edges[0], self._edges[1],
                                               cfg.template_log_ratio_sigma, cfg.footprint_edge_sigma,
@@ -172,17 +179,19 @@ class BlendPhotometry:
                 "flux_corr_neighbour_id": np.where(k >= 0, ids[np.maximum(k, 0)], -1),
                 "flux_err": np.hypot(err_noise, err)}
 
-    def error_inputs(self, blend, models, fp, data, m) -> tuple:
+    def error_inputs(self, blend, models, fp, data, m, shares=None) -> tuple:
         """The blend's arrays :func:`~.deblend_errors.error_model` takes before its constants:
-        ``(c, noise, fisher, edge, own, flux, q, err_share, blendedness)``."""
-        templates = np.ascontiguousarray(models, np.float32)
-        fpc = np.ascontiguousarray(fp, np.bool_)
-        if data is None:
-            h, w = fp.shape
-            variance, good, has = np.zeros((h, w), np.float32), np.zeros((h, w), np.bool_), False
-        else:
-            variance, good, has = np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2]), True
-        c, noise, edge, own, fisher = share_products(templates, fpc, variance, good, has)
+        ``(c, noise, fisher, edge, own, flux, q, err_share, blendedness)``; ``shares`` as for
+        :meth:`flux_errors` (None: the sums are made here)."""
+        has = data is not None
+        if shares is None:
+            if has:
+                variance, good = np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2])
+            else:
+                variance, good = np.zeros(fp.shape, np.float32), np.zeros(fp.shape, np.bool_)
+            shares = share_products(np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp, np.bool_),
+                                    variance, good, has)
+        c, noise, edge, own, fisher = shares[:5]
         fluxes, cube = _fluxes_and_cubes(blend.sources, len(self.measurer.tables.bands))
         q = band_share_of_snr2(fluxes, self.band_sigma(), self.measurer.b) if has else np.ones(len(own))
         # a cube component (SDSS templates) has a morphology of its own in every band
