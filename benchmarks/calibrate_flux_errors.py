@@ -54,8 +54,8 @@ def _recording_catalog(st, band):
     seen = {}
     plain = ph.error_inputs
 
-    def error_inputs(blend, models, fp, data, m):
-        inputs = plain(blend, models, fp, data, m)
+    def error_inputs(blend, models, fp, data, m, shares=None):
+        inputs = plain(blend, models, fp, data, m, shares)
         for k, sid in enumerate(np.asarray(blend.source_ids)):
             seen[int(sid)] = (inputs, k)
         return inputs
