@@ -50,13 +50,13 @@ from numba import njit
 # it (a row whose bin had too few children repeats the less blended row's value there).
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((0.975, 0.534),
-               (0.895, 0.691),
-               (0.691, 0.379))
+KAPPA_TABLE = ((1.001, 0.549),
+               (0.882, 0.640),
+               (0.704, 0.640))
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 1.457
+FOOTPRINT_EDGE_SIGMA = 1.642
 # independent normalisation error of each template, as a fraction of its flux; same calibration
-FLUX_SIGMA = 0.0020
+FLUX_SIGMA = 0.0021
 
 
 def kappa_of(blendedness, snr, table=KAPPA_TABLE) -> np.ndarray:
