@@ -149,3 +149,18 @@ def test_found_sources_get_peak_ids_and_a_flag_in_the_run():
     # kept as isolated (process_singles off), the parent is not searched
     plain = deblend_exposure(exposure, parents, DeblendConfig(residual_sources=True, residual_symmetric=True))
     assert plain.sizes["source"] == 2
+
+
+def test_a_fit_with_found_sources_continues_as_a_warm_start():
+    images, variance, _, _ = _galaxy_and_star(1)
+    c = images.shape[1] // 2
+    first = _fit(images, variance, [[c, c]], True, residual_symmetric=True)
+    assert len(first.sources) == 2
+    shape = images.shape
+    again = deblend_scarlet(images, variance, np.zeros(shape, bool), np.ones(shape[1:], bool), _psfs(),
+                            np.array([[c, c]], float), DeblendConfig(residual_sources=True, residual_symmetric=True),
+                            init=first)
+    assert len(again.sources) == 2 and again.extra["warm_start"]
+    np.testing.assert_allclose(again.extra["found_peaks"], first.extra["found_peaks"])
+    assert again.sources[1].flags & SOURCE_FLAGS["found_peak"]
+    assert again.log_likelihood >= first.log_likelihood - 1e-3 * abs(first.log_likelihood)

@@ -990,7 +990,9 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         components (warm start) instead of initialising, with proximal-
         gradient (FISTA) steps. If ``init.extra["config"]`` equals this
         ``config`` (the same fit continued), a continued fit that ends with
-        a lower log-likelihood than the start returns the start.
+        a lower log-likelihood than the start returns the start. Sources
+        it found in its residual (``init.extra["found_peaks"]``) continue
+        as sources after ``peaks``.
 
     Returns
     -------
@@ -1002,11 +1004,18 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         ``diff_kernels`` (B, k, k), ``diff_kernel_residual`` (B,),
         ``runtime`` and ``init_runtime`` (s), ``conv_method`` ("fft" or
         "direct"), ``n_components``, ``logL_history`` (logL per evaluation),
-        ``warm_start``, ``warm_start_kept`` (the start was returned) and
-        ``config`` (JSON).
+        ``warm_start``, ``warm_start_kept`` (the start was returned),
+        ``config`` (JSON) and ``found_peaks`` (n, 2): the positions of the
+        sources after the input peaks, found in the residual
+        (``config.residual_sources``; flag ``found_peak``).
     """
     t_start = time.perf_counter()
     config = config or DeblendConfig()
+    n_input = len(np.asarray(peaks, np.float64).reshape(-1, 2))
+    found = np.zeros((0, 2)) if init is None else (init.extra or {}).get("found_peaks", np.zeros((0, 2)))
+    if len(found):
+        # a fit that found sources in its residual continues with them
+        peaks = np.vstack([np.asarray(peaks, np.float64).reshape(-1, 2), np.asarray(found, np.float64)])
     blend = _blend_inputs(images, variance, bad, footprint, psfs, peaks, config)
     B, H, W = blend.data.shape
     peaks = blend.peaks
@@ -1043,7 +1052,7 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
     else:
         fit = _empty_fit(blend, state, bufs)
         fallback, diverged = "", False
-    return _blend_result(blend, fit, config, warm, fallback, diverged, t_start, t_init, len(peaks))
+    return _blend_result(blend, fit, config, warm, fallback, diverged, t_start, t_init, n_input)
 
 
 @dataclasses.dataclass
@@ -1215,7 +1224,7 @@ def _recentre(blend, fit, n, config, joint, bufs):
     once the refit has handed that light over, data minus the other sources
     shows the new source whole. Kept only if the refit fits at least as well.
     """
-    B, H, W = blend.data.shape
+    H, W = blend.data.shape[1:]
     st = fit.state
     others = copy.copy(st)
     others.spec = np.where((st.source >= n)[:, None], 0, st.spec).astype(np.float32)
@@ -1256,7 +1265,7 @@ def _residual_sources(blend, fit, config, fallback, bufs):
     (a real source of significance S gains about S^2 / 2). Returns the
     blend (its peaks extended by the new ones), the fit and its fallback.
     """
-    B, H, W = blend.data.shape
+    H, W = blend.data.shape[1:]
     fit_config = dataclasses.replace(config, symmetric=False) if fallback == "no_symmetry" else config
     n_new = 0
     for _ in range(RESIDUAL_ROUNDS):
@@ -1266,9 +1275,9 @@ def _residual_sources(blend, fit, config, fallback, bufs):
         sym = _symmetry_centres(blend.peaks[st.source], st.ctr) if config.residual_symmetric else None
         model = _observed_model(st, fit.shift, blend.conv, bufs, H, W,
                                 None if sym is None else blend.peaks[st.source])
-        new, _s = _residual.find(blend.data, model, blend.w, blend.psfs, blend.psf_key, blend.peaks,
-                                 config.residual_thresh, config.residual_frac, RESIDUAL_MIN_SEP,
-                                 RESIDUAL_MAX_NEW - n_new)
+        new, _ = _residual.find(blend.data, model, blend.w, blend.psfs, blend.psf_key, blend.peaks,
+                                config.residual_thresh, config.residual_frac, RESIDUAL_MIN_SEP,
+                                RESIDUAL_MAX_NEW - n_new)
         if not len(new):
             break
         trial = blend.with_peaks(np.vstack([blend.peaks, new]))
