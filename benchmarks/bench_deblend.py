@@ -39,6 +39,10 @@ Sections (run all with ``python benchmarks/bench_deblend.py``, or name some:
   all true positions (no timing); with the Cramer-Rao bound on the blended
   sources' centres (every true profile known) beside the detected peaks'
   distance from the truth.
+* ``children`` -- recall (true SNR > 10) and unmatched fraction of the
+  deblended children on six ``bench_detect.py`` fields, beside detection's,
+  with the residual source search (``residual_sources``) off and on; the
+  sources it found, logL and fit time per blend.
 
 * ``foreign`` -- the ``field_seeds`` figures on blends our simulator did not
   make (``benchmarks/foreign_sets.py``): scarlet's ``psf_matched_sim`` blend
@@ -652,10 +656,12 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
             ("scarlet no symmetry", "scarlet", _no_symmetry_config(), False),
             ("scarlet symmetric all", "scarlet", _symmetric_config(), False),
             ("sdss baseline", "sdss", DeblendConfig(), False),
+            ("scarlet residual sources", "scarlet", DeblendConfig(residual_sources=True), False),
             ("scarlet (defaults)", "scarlet", DeblendConfig(), True),
             ("scarlet no symmetry", "scarlet", _no_symmetry_config(), True),
             ("scarlet symmetric all", "scarlet", _symmetric_config(), True),
-            ("sdss baseline", "sdss", DeblendConfig(), True))
+            ("sdss baseline", "sdss", DeblendConfig(), True),
+            ("scarlet residual sources", "scarlet", DeblendConfig(residual_sources=True), True))
     if FIELD_SEEDS_DEFAULTS_ONLY:
         rows = tuple(r for r in rows if r[0] == "scarlet (defaults)")
     pooled = {i: {} for i in range(len(rows))}
@@ -751,6 +757,67 @@ def bench_field_positions(repeats=1, seeds=(3, 5, 7, 11)):
         print(f"  {label:<28} |dflux| blended r {100 * out[label]['blended_r']:5.1f} %  i "
               f"{100 * out[label]['blended_i']:5.1f} % (n={out[label]['n_blended']});  g-i blended "
               f"{out[label]['gi_blended']:.3f} mag")
+    return out
+
+
+def bench_children(repeats=1, fields=("moffat25", "crowded", "dense27", "dense3", "mixed26", "narrow45")):
+    """Recall and unmatched fraction of the deblended children on the ``bench_detect.py`` fields.
+
+    Detection, then the scarlet run with the residual source search off (the
+    children are the detected peaks) and on (``residual_sources``): recall of
+    true sources with i-band SNR > 10 and the fraction of children matching no
+    true source (one-to-one within 2 px, as ``bench_detect.py``), the sources
+    found and how many of them match nothing, the summed logL of the fitted
+    blends and the summed fit time (``blend_runtime``, CPU-bound) per blend.
+    """
+    try:
+        import galsim  # noqa: F401
+    except ImportError:
+        print("children: skipped (galsim not installed)")
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_detect import FIELDS, load_sim
+    from common import CACHE
+
+    from scarletstore.deblend import DeblendConfig
+    from scarletstore.deblend.run import deblend_exposure
+    from scarletstore.detect.detect import detect
+    from scarletstore.simulate.field import simulate_field
+    from scarletstore.simulate.truth import match_positions
+    from scarletstore.store.runs import SOURCE_FLAGS
+
+    out = {}
+    for name, kw in FIELDS:
+        if name not in fields:
+            continue
+        fdir = CACHE / f"detect-field-{name}"
+        if not (fdir / "truth.fits").exists():
+            simulate_field(fdir, **kw)
+        exposure, table, snr = load_sim(fdir)
+        parents = detect(exposure)
+        ty, tx = np.asarray(table["y"], float), np.asarray(table["x"], float)
+        sel = snr > 10
+        row = {}
+        for label, on in (("off", False), ("on", True)):
+            run = deblend_exposure(exposure, parents, DeblendConfig(residual_sources=on))
+            mt, ms = match_positions(ty, tx, run["source_y"].values, run["source_x"].values, 2.0)
+            found = (run["source_flags"].values & SOURCE_FLAGS["found_peak"]) != 0
+            fitted = run["blend_reason"].values == ""
+            row[label] = {"recall": float((mt[sel] >= 0).mean()), "unmatched": float((ms < 0).mean()),
+                          "children": int(ms.size), "found": int(found.sum()),
+                          "found_unmatched": int((found & (ms < 0)).sum()),
+                          "found_snr10": int((found & (ms >= 0) & (snr[np.maximum(ms, 0)] > 10)).sum()),
+                          "logL": float(run["blend_log_likelihood"].values[fitted].sum()),
+                          "ms_per_blend": 1e3 * float(run["blend_runtime"].values[fitted].mean())}
+        mt, mp = match_positions(ty, tx, parents["peak_y"].values, parents["peak_x"].values, 2.0)
+        print(f"  {name:<9} detection recall {(mt[sel] >= 0).mean():.3f} unmatched {(mp < 0).mean():.3f};"
+              + "".join(f"  children ({k}) recall {v['recall']:.3f} unmatched {v['unmatched']:.3f}"
+                        for k, v in row.items()))
+        on = row["on"]
+        print(f"  {'':<9} found {on['found']} ({on['found_unmatched']} unmatched, {on['found_snr10']} true"
+              f" SNR > 10); logL {row['off']['logL']:.1f} -> {on['logL']:.1f}; fit"
+              f" {row['off']['ms_per_blend']:.1f} -> {on['ms_per_blend']:.1f} ms per blend")
+        out[name] = row
     return out
 
 
@@ -919,6 +986,7 @@ SECTIONS = {
     "field_seeds": bench_field_seeds,
     "field_positions": bench_field_positions,
     "real": bench_real,
+    "children": bench_children,
     "foreign": bench_foreign,
     "foreign_ablation": bench_foreign_ablation,
 }

@@ -244,3 +244,35 @@ def test_calibration_groups_judge_every_field_and_band_apart():
     # a cell class with too few children is no group
     few = {**s, "cell": np.where(np.arange(n) < 5, "23:i", cell)}
     assert not any(set(g) <= set(range(5)) for g in groups(few, (3, 2)))
+
+
+def test_calibration_recovers_known_constants():
+    """Children drawn with known constants: the fit gives them back and unit pull widths, and a bin
+    with too few children of its own keeps the less blended bin's kappa (9 children of the calibration
+    fields' bright most-blended bin took kappa 2.3 when fitted)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the calibration is a benchmark script
+    from benchmarks.bench_measure import _width
+    from benchmarks.calibrate_flux_errors import solve, variance
+
+    rng = np.random.default_rng(7)
+    n = 3000
+    bins = np.where(np.arange(n) < 8, 5, rng.integers(0, 5, n))  # bin 5: 8 children of its own
+    v = np.zeros((n, 6))
+    alone = rng.uniform(size=n) < 0.2
+    for i in np.flatnonzero(~alone):  # each child shares light with templates of its own and one other bin
+        v[i, bins[i]] = rng.uniform(20, 200) ** 2
+        v[i, rng.integers(0, 6)] += rng.uniform(5, 50) ** 2
+    s = {"noise": rng.uniform(5, 20, n), "E": rng.uniform(0, 30, n), "F": rng.uniform(100, 5000, n), "V": v,
+         "bin": bins, "cell": rng.choice(["21:g", "21:r", "22:i"], n),
+         "truth_blendedness": np.where(alone, 0.0, rng.choice([0.0, 0.05, 0.5], n))}
+    truth = np.array([1.2, 0.004, 0.9, 0.5, 0.7, 0.4, 0.3, 3.0])  # lambda, f, kappa by bin (bin 5: 3.0)
+    s["d"] = rng.normal(size=n) * np.sqrt(variance(s, truth))
+    kappa, lam, f, _ = solve(s, (3, 2))
+    assert lam == pytest.approx(1.2, rel=0.2) and f == pytest.approx(0.004, rel=0.4)
+    np.testing.assert_allclose(kappa.ravel()[:5], truth[2:7], rtol=0.3)  # widths, not a likelihood, are fitted
+    assert kappa[2, 1] == kappa[1, 1]  # not fitted: too few children of its own
+    pulls = s["d"][8:] / np.sqrt(variance(s, np.concatenate([[lam, f], kappa.ravel()]))[8:])
+    assert 0.93 < _width(pulls) < 1.07

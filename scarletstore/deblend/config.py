@@ -108,6 +108,24 @@ class DeblendConfig:
         Bytes one fit may use on a worker (estimate: ``deblend.split.fit_memory``).
     split_margin : float
         Pixels each piece extends past its own peaks' cell (the overlap).
+    residual_sources : bool
+        After a blend's fit, add a source (flag ``found_peak``) where the
+        PSF-matched residual has a local maximum above ``residual_thresh``
+        sigma and ``residual_frac`` times the model's matched significance
+        there, and refit (a few rounds; see ``deblend.residual``). Not in
+        fits continued from a stored run, isolated parents or split pieces.
+    residual_thresh : float
+        Significance (sigma) a residual maximum must exceed.
+    residual_frac : float
+        ... and this fraction of the model's significance at that pixel (in
+        quadrature): a bright core's model residual grows with its flux.
+    residual_symmetric : bool
+        Search the residual of each source's point-symmetric part instead
+        (light a neighbour's free pixels absorbed shows there; the plain
+        residual of a lone galaxy hides even an S/N 100 star 2 FWHM away),
+        and restart the neighbours from their symmetric parts. Finds stars
+        on galaxy slopes, but also model asymmetries of crowded blends
+        (docs/design.md, "Sources found in the residual").
     """
 
     max_iter: int = 300
@@ -142,6 +160,10 @@ class DeblendConfig:
     split_large_parents: bool = True
     memory_budget: float = 2e9
     split_margin: float = 20.0
+    residual_sources: bool = False
+    residual_thresh: float = 7.0
+    residual_frac: float = 0.1
+    residual_symmetric: bool = False
 
     def __post_init__(self):
         self._check_types()
@@ -162,8 +184,9 @@ class DeblendConfig:
         if self.max_number_of_peaks < 1:
             raise InputError(f"max_number_of_peaks must be at least 1, not {self.max_number_of_peaks!r}")
         for name in ("resize_every", "min_snr", "extended_min_snr", "bulge_snr", "background_thresh",
-                     "initial_background_thresh", "max_spectrum_cutoff", "max_footprint_area", "max_area_times_peaks",
-                     "max_footprint_size", "min_footprint_axis_ratio", "split_margin"):
+                     "initial_background_thresh", "max_spectrum_cutoff", "max_footprint_area",
+                     "max_area_times_peaks", "max_footprint_size", "min_footprint_axis_ratio", "split_margin",
+                     "residual_thresh", "residual_frac"):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 raise InputError(f"{name} must be >= 0, not {getattr(self, name)!r}")
         if not self.memory_budget > 0:

@@ -8,10 +8,12 @@ this process alone collects the results (in any order) and builds the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -305,9 +307,14 @@ def warm_kernels(method: str, config: DeblendConfig, psfs: np.ndarray) -> float:
         return 0.0
     start = time.perf_counter()
     task = _dummy_task(np.asarray(psfs, np.float32))
+    # a few iterations reach every kernel the full fit does (box resizes and
+    # convergence checks included: the same 22 kernels are loaded); the 78 the
+    # dummy takes to converge cost ~27 ms more of every deblend call
+    short = dataclasses.replace(config, max_iter=min(config.max_iter, 2 * max(config.min_iter,
+                                                                               config.resize_every) + 1))
     try:
         _deblender(method)(task.images, task.variance, task.bad, task.footprint, task.psfs,
-                           task.peaks, config, init=None)
+                           task.peaks, short, init=None)
     except Exception:  # noqa: BLE001 - a warm-up only; the real blends report their own errors
         pass
     _WARM.add(method)
@@ -325,6 +332,9 @@ def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendR
     rec = BlendRecord(index=task.index, parent_id=task.parent_id, bbox=task.bbox,
                       peak_ids=task.peak_ids, peaks=task.peaks + [y0, x0])
     start = time.perf_counter()
+    if config.residual_sources and (task.isolated or task.pieces):
+        # an isolated parent stays one source; pieces share sources at their seams
+        config = dataclasses.replace(config, residual_sources=False)
     try:
         fit = _deblender(method)
         if task.pieces:
@@ -346,7 +356,14 @@ def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendR
         rec.runtime = time.perf_counter() - start
         return rec
     rec.runtime = time.perf_counter() - start
-    rec.sources = flag_masked_peaks(result.sources, task.peaks, task.bad)
+    peaks = task.peaks
+    found = np.asarray(result.extra.get("found_peaks", np.zeros((0, 2))), np.float64).reshape(-1, 2)
+    if len(found):
+        # peaks the deblender found: id -1 until deblend_exposure numbers them
+        peaks = np.vstack([task.peaks, found])
+        rec.peaks = peaks + [y0, x0]
+        rec.peak_ids = np.concatenate([task.peak_ids, np.full(len(found), -1, np.int64)])
+    rec.sources = flag_masked_peaks(result.sources, peaks, task.bad)
     rec.iterations = int(result.iterations)
     rec.log_likelihood = float(result.log_likelihood)
     rec.chi2 = float(result.chi2)
@@ -422,6 +439,19 @@ def init_from_run(run: xr.Dataset):
     return init
 
 
+def _number_found_peaks(records, parents):
+    """Give the peaks the deblender found (id -1) ids after the parents' largest,
+    in record order (so a run's ids do not depend on the order blends finished)."""
+    ids = parents["peak_id"].values
+    nxt = int(ids.max()) + 1 if ids.size else 1
+    for rec in sorted(records, key=lambda r: r.index):
+        new = np.flatnonzero(np.asarray(rec.peak_ids) < 0)
+        if new.size:
+            rec.peak_ids = np.asarray(rec.peak_ids, np.int64).copy()
+            rec.peak_ids[new] = np.arange(nxt, nxt + new.size)
+            nxt += new.size
+
+
 def _on_terminal() -> bool:
     return sys.stderr.isatty()
 
@@ -465,6 +495,7 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
                 model_psf = rec.model_psf
             records.append(rec)
             bar.update(1)
+    _number_found_peaks(records, parents)
     if model_psf is None:
         if method == "scarlet":
             from .psf import gaussian_psf

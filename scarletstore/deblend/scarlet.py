@@ -33,8 +33,10 @@ import numpy as np
 from .. import pocketfft as sfft  # scipy.fft's transforms without importing scipy.fft
 from ..errors import InputError
 from ..store import runs as _models
-from ..store.components import SOURCE_EDGE, SOURCE_NO_FLUX, SOURCE_PSF_INIT, Component, SourceResult
+from ..store.components import (SOURCE_EDGE, SOURCE_FOUND_PEAK, SOURCE_NO_FLUX, SOURCE_PSF_INIT, Component,
+                                SourceResult)
 from . import kernels as _k
+from . import residual as _residual
 from .config import DeblendConfig
 from .psf import Convolver, difference_kernels, gaussian_psf, memoised, scratch
 from .result import BlendResult
@@ -76,6 +78,13 @@ WING_FLOOR = 0.7            # sparsity-cut pixels get an extrapolated wing down 
                             # (0: none; docs/design.md, "Wings below the threshold") ...
 WING_STEEP = 2.0            # ... decaying this many times as fast as the mean slope from peak to threshold
 WING_FAINT_ONLY = True      # ... for the components of faint sources (FAINT_SYMMETRY_SNR) only
+RESIDUAL_ROUNDS = 3         # residual source search (config.residual_sources): rounds of search + refit ...
+RESIDUAL_MAX_NEW = 5        # ... and new sources per blend at most
+RESIDUAL_MIN_SEP = 2.5      # px a new source keeps from every peak (closer: that source's own residual)
+RESIDUAL_COLD = False       # refit from a cold start with the new peaks (else warm, from the fit)
+RESIDUAL_RECENTRE = 2       # new sources move to the maximum within this many px (0: not)
+RESIDUAL_START_CORE = 0.0   # ... their neighbours restart from their symmetric parts beyond this px
+RESIDUAL_GAIN = 0.25        # a round is kept when the loss falls by this x thresh^2 per new source
 
 
 # --------------------------------------------------------------------------
@@ -287,26 +296,12 @@ def _psf_start(model_psf, cy, cx, H, W):
     return m / m.max(), ya, xa
 
 
-def _ls_spectra(state, conv, data, w, joint, spec0=None):
-    """Weighted least-squares spectra for fixed morphologies, band by band.
-
-    Each morphology is convolved with each band's difference kernel on a
-    frame of its own (box plus a kernel, see :func:`_convolve_local`; equal to
-    the model the fit uses to float32 rounding; on the blend grid when that is
-    cheaper) and cut to its box grown by half a kernel. The K x K normal
-    equations of every band are then accumulated from those boxes and their
-    overlaps (``kernels.normal_equations``) and solved with non-negative
-    amplitudes (``kernels.solve_spectra``), so memory is bounded by the
-    summed box areas times the bands plus one chunk of FFT frames (at most
-    LS_FFT_BUDGET complex numbers), never bands x components x H x W. With
-    ``joint`` False (very large blends) the coupled system is solved by
-    block Gauss-Seidel over sources from ``spec0`` (default: the state's
-    spectra) instead of the joint active-set solve. Either way the result
-    fits at least as well as ``spec0``.
-    """
+def _observed_components(state, conv, shape):
+    """Every component's morphology convolved with each band's kernel, cut to
+    its box grown by half a kernel and clipped to the blend: (cbox (K, 4),
+    coff (K,), flats (B, total)) in the flat layout (see :func:`_ls_spectra`)."""
     K = state.box.shape[0]
-    B = data.shape[0]
-    H, W = data.shape[1:]
+    B, H, W = shape
     ky, kx = conv.kernels.shape[1:]
     cbox = state.box.copy()
     cbox[:, 0] -= ky // 2
@@ -338,6 +333,28 @@ def _ls_spectra(state, conv, data, w, joint, spec0=None):
             for b in range(B):
                 _k.convolve_direct(frames[:n], np.repeat(conv.kernels[b:b + 1], n, axis=0), out[b, :n])
             _k.extract_boxes(out[:, :n], idx, origin, cbox, coff, flats)
+    return cbox, coff, flats
+
+
+def _ls_spectra(state, conv, data, w, joint, spec0=None):
+    """Weighted least-squares spectra for fixed morphologies, band by band.
+
+    Each morphology is convolved with each band's difference kernel on a
+    frame of its own (box plus a kernel, see :func:`_convolve_local`; equal to
+    the model the fit uses to float32 rounding; on the blend grid when that is
+    cheaper) and cut to its box grown by half a kernel. The K x K normal
+    equations of every band are then accumulated from those boxes and their
+    overlaps (``kernels.normal_equations``) and solved with non-negative
+    amplitudes (``kernels.solve_spectra``), so memory is bounded by the
+    summed box areas times the bands plus one chunk of FFT frames (at most
+    LS_FFT_BUDGET complex numbers), never bands x components x H x W. With
+    ``joint`` False (very large blends) the coupled system is solved by
+    block Gauss-Seidel over sources from ``spec0`` (default: the state's
+    spectra) instead of the joint active-set solve. Either way the result
+    fits at least as well as ``spec0``.
+    """
+    K = state.box.shape[0]
+    cbox, coff, flats = _observed_components(state, conv, data.shape)
     # the normal equations always couple every overlapping pair: sources
     # solved against the whole data each claim all the light they share
     # (2.5x the image flux on a 73-peak real HSC blend)
@@ -984,7 +1001,9 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         components (warm start) instead of initialising, with proximal-
         gradient (FISTA) steps. If ``init.extra["config"]`` equals this
         ``config`` (the same fit continued), a continued fit that ends with
-        a lower log-likelihood than the start returns the start.
+        a lower log-likelihood than the start returns the start. Sources
+        it found in its residual (``init.extra["found_peaks"]``) continue
+        as sources after ``peaks``.
 
     Returns
     -------
@@ -996,11 +1015,18 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
         ``diff_kernels`` (B, k, k), ``diff_kernel_residual`` (B,),
         ``runtime`` and ``init_runtime`` (s), ``conv_method`` ("fft" or
         "direct"), ``n_components``, ``logL_history`` (logL per evaluation),
-        ``warm_start``, ``warm_start_kept`` (the start was returned) and
-        ``config`` (JSON).
+        ``warm_start``, ``warm_start_kept`` (the start was returned),
+        ``config`` (JSON) and ``found_peaks`` (n, 2): the positions of the
+        sources after the input peaks, found in the residual
+        (``config.residual_sources``; flag ``found_peak``).
     """
     t_start = time.perf_counter()
     config = config or DeblendConfig()
+    n_input = len(np.asarray(peaks, np.float64).reshape(-1, 2))
+    found = np.zeros((0, 2)) if init is None else (init.extra or {}).get("found_peaks", np.zeros((0, 2)))
+    if len(found):
+        # a fit that found sources in its residual continues with them
+        peaks = np.vstack([np.asarray(peaks, np.float64).reshape(-1, 2), np.asarray(found, np.float64)])
     blend = _blend_inputs(images, variance, bad, footprint, psfs, peaks, config)
     B, H, W = blend.data.shape
     peaks = blend.peaks
@@ -1032,10 +1058,12 @@ def deblend_scarlet(images, variance, bad, footprint, psfs, peaks, config: Deble
                                             bufs)
         # a continued fallback stays one (so its next restart is plain too)
         fallback = fit.fallback or ("no_symmetry" if fit_config is not config else "")
+        if config.residual_sources and not warm:
+            blend, fit, fallback = _residual_sources(blend, fit, config, fallback, bufs)
     else:
         fit = _empty_fit(blend, state, bufs)
         fallback, diverged = "", False
-    return _blend_result(blend, fit, config, warm, fallback, diverged, t_start, t_init)
+    return _blend_result(blend, fit, config, warm, fallback, diverged, t_start, t_init, n_input)
 
 
 @dataclasses.dataclass
@@ -1054,7 +1082,15 @@ class _BlendInputs:
     kern: np.ndarray  # difference kernels
     kres: np.ndarray
     conv: Convolver
+    psfs: np.ndarray  # observed PSFs, unit sum
+    psf_key: str  # their content hash (memoised filters)
     psf_area: float  # flux / peak of the detection image's PSF (its effective area, pixels)
+
+    def with_peaks(self, peaks):
+        """The same blend with another peak list."""
+        H, W = self.data.shape[1:]
+        peaks, cy, cx = _peak_pixels(peaks, H, W)
+        return dataclasses.replace(self, peaks=peaks, cy=cy, cx=cx)
 
     def initialise(self, config):
         """A cold start of the blend's model (:func:`_initialise`)."""
@@ -1091,10 +1127,11 @@ def _blend_inputs(images, variance, bad, footprint, psfs, peaks, config):
                          f"got shape {psfs.shape}")
     psfs = psfs / psfs.sum(axis=(1, 2), keepdims=True)
     model_psf, kern, kres, conv = _psf_setup(psfs, config.model_psf_sigma, (H, W))
+    key = hashlib.sha1(np.ascontiguousarray(psfs).tobytes()).hexdigest()
     # the detection image is the inverse-variance weighted band mean, so its PSF is too
     det_psf = np.tensordot(inv_var / inv_var.sum(), psfs, axes=1)
     return _BlendInputs(data, w, good, sig, inv_var, peaks, cy, cx, model_psf, kern, kres, conv,
-                        float(1.0 / det_psf.max()))
+                        psfs, key, float(1.0 / det_psf.max()))
 
 
 def _fit_with_fallbacks(blend, state, config, fit_config, warm, refine, joint, bufs):
@@ -1127,6 +1164,161 @@ def _fit_with_fallbacks(blend, state, config, fit_config, warm, refine, joint, b
     return fit, diverged
 
 
+def _observed_model(state, shift, conv, bufs, H, W, centre=None):
+    """The fitted model in the observed frame (B, H, W), a copy.
+
+    With ``centre`` (each component's peak, (K, 2)) each source keeps
+    only its symmetric part, judged on its observed-frame light
+    (:func:`residual.symmetric_part` on the band-summed, PSF-convolved
+    components: the model frame's morphologies fit some noise, and the
+    minimum of two noisy values is biased low everywhere on a bright galaxy).
+    """
+    scene_buf, _, conv_out, _ = bufs
+    work = np.empty(_k._largest_box(state.box, 2), np.float32)
+    _k.assemble_scene(state.spec, state.morph, state.box, state.off, shift, scene_buf[:, :H, :W],
+                      np.zeros((1, 1), np.float32), np.zeros(state.box.shape[0], np.float32), work)
+    model = conv.convolve_padded(scene_buf, conv_out)[:, :H, :W].copy()
+    if centre is None:
+        return model
+    rend = _rendered(state, shift, H, W)
+    cbox, coff, flats = _observed_components(rend, conv, model.shape)
+    K = cbox.shape[0]
+    light = np.empty(flats.shape[1], np.float32)
+    for k in range(K):
+        seg = slice(coff[k], coff[k] + cbox[k, 2] * cbox[k, 3])
+        light[seg] = state.spec[k] @ flats[:, seg]
+    kept = np.empty_like(light)
+    _residual.symmetric_part(light, cbox, coff, np.ones(K, np.float32), _source_runs(state.source),
+                             np.asarray(centre, np.float64), H, W, RESIDUAL_MIN_SEP, kept)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lost = np.where(light > 0, 1.0 - kept / light, 0.0)
+    for k in range(K):
+        y0, x0, h, w = cbox[k]
+        seg = slice(coff[k], coff[k] + h * w)
+        model[:, y0:y0 + h, x0:x0 + w] -= (state.spec[k][:, None] * (lost[seg] * flats[:, seg])).reshape(-1, h, w)
+    return model
+
+
+def _with_new_sources(state, shift, new, model_psf, H, W, sym=None):
+    """A warm start: ``state``'s morphologies as rendered (their symmetric
+    parts with ``sym``, see :func:`_observed_model`) plus a PSF start
+    (flagged ``SOURCE_FOUND_PEAK``) at each pixel of ``new`` (n, 2) int."""
+    if sym is not None:
+        part = copy.copy(state)
+        part.morph = np.empty_like(state.morph)
+        _residual.symmetric_part(state.morph, state.box, state.off, state.spec.sum(axis=1),
+                                 _source_runs(state.source), 0.5 * sym, H, W, RESIDUAL_START_CORE, part.morph)
+        state = part
+    rend = _rendered(state, shift, H, W)
+    K = state.box.shape[0]
+    morphs = [rend.view(k) for k in range(K)]
+    boxes = [tuple(b) for b in rend.box]
+    ctrs = [tuple(c) for c in state.ctr]
+    source = list(state.source)
+    n_src = len(state.flags)
+    for j, (cy, cx) in enumerate(new):
+        m, y0, x0 = _psf_start(model_psf, int(cy), int(cx), H, W)
+        morphs.append(m)
+        boxes.append((y0, x0, m.shape[0], m.shape[1]))
+        ctrs.append((int(cy), int(cx)))
+        source.append(n_src + j)
+    spec = np.zeros((len(morphs), state.spec.shape[1]), np.float32)
+    spec[:K] = state.spec
+    flags = np.concatenate([state.flags, np.full(len(new), SOURCE_PSF_INIT | SOURCE_FOUND_PEAK)])
+    faint = np.concatenate([state.faint, np.ones(len(new), bool)])
+    return _State(spec, morphs, boxes, ctrs, source, flags, faint)
+
+
+def _recentre(blend, fit, n, config, joint, bufs):
+    """Move the new sources (peaks from ``n`` on) onto the maximum of the
+    residual of the other sources' refitted model, and refit once more.
+
+    The search's positions are biased away from the neighbour that absorbed
+    the light (its core keeps what it took, see :func:`residual.symmetric_part`);
+    once the refit has handed that light over, data minus the other sources
+    shows the new source whole. Kept only if the refit fits at least as well.
+    """
+    H, W = blend.data.shape[1:]
+    st = fit.state
+    others = copy.copy(st)
+    others.spec = np.where((st.source >= n)[:, None], 0, st.spec).astype(np.float32)
+    model = _observed_model(others, fit.shift, blend.conv, bufs, H, W)
+    sig, _ = _residual.significance(blend.data, model, blend.w, blend.psfs, blend.psf_key)
+    peaks = blend.peaks.copy()
+    for j in range(n, len(peaks)):
+        y, x = _residual.window_maximum(sig, blend.cy[j], blend.cx[j], RESIDUAL_RECENTRE)
+        if y is not None:
+            peaks[j] = (y, x)
+    if np.allclose(peaks, blend.peaks, atol=0.05):
+        return blend, fit
+    moved = blend.with_peaks(peaks)
+    state = _with_new_sources(st, fit.shift, np.zeros((0, 2), np.int64), blend.model_psf, H, W)
+    state.ctr[:] = np.c_[moved.cy, moved.cx][state.source]
+    state.plan()
+    refit, _ = _fit_with_fallbacks(moved, state, config, config, True, False, joint, bufs)
+    if refit.loss > fit.loss:
+        return blend, fit
+    refit.iterations += fit.iterations
+    refit.history = fit.history + refit.history
+    return moved, refit
+
+
+def _residual_sources(blend, fit, config, fallback, bufs):
+    """Add sources where the fitted blend's residual has a significant maximum, and refit.
+
+    Up to RESIDUAL_ROUNDS rounds of :func:`residual.find` (thresholds
+    ``config.residual_thresh`` sigma and ``residual_frac`` of the model's
+    significance, at most one new source per nearest peak and round) on the
+    current model (with ``residual_symmetric``, on each source's symmetric
+    part, and the neighbours restart from theirs); the new sources start as
+    the PSF beside the others as fitted (spectra re-solved jointly), the
+    blend is refitted from there (warm: proximal-gradient steps) and the
+    new sources are moved to their maximum in the residual of the others
+    (:func:`_recentre`). A round is kept only
+    if the loss falls by more than RESIDUAL_GAIN * thresh^2 per new source
+    (a real source of significance S gains about S^2 / 2). Returns the
+    blend (its peaks extended by the new ones), the fit and its fallback.
+    """
+    H, W = blend.data.shape[1:]
+    fit_config = dataclasses.replace(config, symmetric=False) if fallback == "no_symmetry" else config
+    n_new = 0
+    for _ in range(RESIDUAL_ROUNDS):
+        if n_new >= RESIDUAL_MAX_NEW:
+            break
+        st = fit.state
+        sym = _symmetry_centres(blend.peaks[st.source], st.ctr) if config.residual_symmetric else None
+        model = _observed_model(st, fit.shift, blend.conv, bufs, H, W,
+                                None if sym is None else blend.peaks[st.source])
+        new, _ = _residual.find(blend.data, model, blend.w, blend.psfs, blend.psf_key, blend.peaks,
+                                config.residual_thresh, config.residual_frac, RESIDUAL_MIN_SEP,
+                                RESIDUAL_MAX_NEW - n_new)
+        if not len(new):
+            break
+        trial = blend.with_peaks(np.vstack([blend.peaks, new]))
+        n = len(blend.peaks)
+        joint = len(trial.peaks) * H * W <= config.max_spectrum_cutoff
+        if RESIDUAL_COLD:
+            # as if detection had found them: starts apportion the light afresh
+            state = trial.initialise(config)
+            refit, _ = _fit_with_fallbacks(trial, state, config, config, False, False, joint, bufs)
+        else:
+            state = _with_new_sources(fit.state, fit.shift, np.c_[trial.cy[n:], trial.cx[n:]],
+                                      blend.model_psf, H, W, sym)
+            if config.set_spectra:
+                state.spec[:] = _ls_spectra(state, blend.conv, blend.data, blend.w, joint)
+            refit, _ = _fit_with_fallbacks(trial, state, config, fit_config, True, False, joint, bufs)
+        if fit.loss - refit.loss <= RESIDUAL_GAIN * config.residual_thresh ** 2 * len(new):
+            break
+        refit.iterations += fit.iterations
+        refit.history = fit.history + refit.history
+        if RESIDUAL_RECENTRE:
+            trial, refit = _recentre(trial, refit, n, fit_config, joint, bufs)
+        blend, fit, n_new = trial, refit, n_new + len(new)
+        fallback = refit.fallback if RESIDUAL_COLD else (refit.fallback or fallback)
+        fit_config = dataclasses.replace(config, symmetric=False) if fallback == "no_symmetry" else config
+    return blend, fit, fallback
+
+
 def _empty_fit(blend, state, bufs):
     """The :class:`_Fit` of a blend without components: the loss of an empty model.
 
@@ -1145,13 +1337,18 @@ def _empty_fit(blend, state, bufs):
     return out
 
 
-def _blend_result(blend, fit, config, warm, fallback, diverged, t_start, t_init):
-    """The :class:`BlendResult` of a finished fit: trimmed sources, fit figures, flags, extras."""
+def _blend_result(blend, fit, config, warm, fallback, diverged, t_start, t_init, n_input):
+    """The :class:`BlendResult` of a finished fit: trimmed sources, fit figures, flags, extras.
+
+    Peaks from ``n_input`` on were found in the residual (``extra["found_peaks"]``).
+    """
     H, W = blend.data.shape[1:]
     state, loss = fit.state, fit.loss
     n_good = int(np.count_nonzero(blend.w))
     sources = _collect(state, None if state is None else _rendered(state, fit.shift, H, W),
                        blend.peaks, blend.cy, blend.cx, H, W)
+    for src in sources[n_input:]:
+        src.flags |= SOURCE_FOUND_PEAK
     runtime = time.perf_counter() - t_start
     return BlendResult(
         sources=sources,
@@ -1175,6 +1372,7 @@ def _blend_result(blend, fit, config, warm, fallback, diverged, t_start, t_init)
             "warm_start_kept": fit.kept_start,
             "fallback": fallback,
             "config": config.to_json(),
+            "found_peaks": blend.peaks[n_input:].copy(),
         },
     )
 

@@ -54,3 +54,4 @@ SOURCE_POINT = 2           # SDSS: peak fitted as a point source
 SOURCE_NO_FLUX = 4         # the fit drove every component to zero
 SOURCE_EDGE = 8            # the peak sits on the blend box edge
 SOURCE_MASKED_PEAK = 32    # no band has data at the peak pixel: the flux there is extrapolated
+SOURCE_FOUND_PEAK = 64     # no detected peak: the deblender found it in a fitted blend's residual

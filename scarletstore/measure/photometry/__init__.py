@@ -122,20 +122,41 @@ def measure_suite(values, geometry, var_eff, weight, centroids, moments, psf, ps
     -------
     (columns, flags) : dict of (n,) float64 arrays, (n,) int32 flag bits
     """
+    return run_suite(SuiteSetup(psf, psf_cov, config), values, geometry, var_eff, weight, centroids, moments)
+
+
+class SuiteSetup:
+    """What :func:`run_suite` needs of one band PSF and the settings, prepared once.
+
+    A catalog measures every blend of a band with the same PSF (or a few) and
+    settings; preparing them per blend (column names, the odd-grid PSF, the
+    GAaP weight) was Python work per blend.
+    """
+
+    def __init__(self, psf, psf_cov, config: PhotometryConfig):
+        self.names = column_names(config)
+        self.psf = odd_psf(psf)
+        gaap_w = effective_weight(config.gaap_sigma, psf_cov)
+        self.gaap_ok = gaap_w is not None
+        self.gaap_w = np.array(gaap_w if self.gaap_ok else (0.0, 1.0, 1.0, 0.0), np.float64)
+        self.radii = np.array(config.apertures, np.float64)
+        self.kron_min_radius = float(config.kron_min_radius)
+        self.moments_max_iter = int(config.moments_max_iter)
+        self.moments_tol = float(config.moments_tol)
+
+
+def run_suite(setup: SuiteSetup, values, geometry, var_eff, weight, centroids, moments):
+    """:func:`measure_suite` with the PSF and settings prepared (:class:`SuiteSetup`)."""
     from .kernels import suite_kernel
 
     values = np.ascontiguousarray(values, np.float32)
     n = values.shape[0]
     if var_eff is None:
         var_eff = np.full(values.shape, np.nan, np.float32)
-    names = column_names(config)
-    out = np.empty((n, len(names)))
+    out = np.empty((n, len(setup.names)))
     flags = np.zeros(n, np.int32)
-    gaap_w = effective_weight(config.gaap_sigma, psf_cov)
     suite_kernel(values, np.ascontiguousarray(geometry, np.float32), np.ascontiguousarray(var_eff, np.float32),
                  np.ascontiguousarray(weight, np.float64), np.ascontiguousarray(centroids, np.float64),
-                 np.ascontiguousarray(moments, np.float64), odd_psf(psf),
-                 np.array(gaap_w if gaap_w is not None else (0.0, 1.0, 1.0, 0.0), np.float64), gaap_w is not None,
-                 np.array(config.apertures, np.float64), float(config.kron_min_radius),
-                 int(config.moments_max_iter), float(config.moments_tol), out, flags)
-    return {name: out[:, k] for k, name in enumerate(names)}, flags
+                 np.ascontiguousarray(moments, np.float64), setup.psf, setup.gaap_w, setup.gaap_ok,
+                 setup.radii, setup.kron_min_radius, setup.moments_max_iter, setup.moments_tol, out, flags)
+    return {name: out[:, k] for k, name in enumerate(setup.names)}, flags

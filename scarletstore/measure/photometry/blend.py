@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PhotometryConfig, flux_columns, measure_suite, odd_psf
+from . import PhotometryConfig, SuiteSetup, flux_columns, odd_psf, run_suite
 from .deblend_errors import (BLENDEDNESS_EDGES, SNR_EDGES, band_share_of_snr2, error_model,
-                             share_products)
+                             share_planes, share_products)
 from .kernels import noise_planes
 from .moments import psf_covariance
 
@@ -26,14 +26,21 @@ def child_shares(models: np.ndarray, footprint: np.ndarray) -> np.ndarray:
 
 def model_fluxes(sources, n_bands: int) -> np.ndarray:
     """(n, B) model flux of each source in every band, from its stored components (no convolution)."""
+    return _fluxes_and_cubes(sources, n_bands)[0]
+
+
+def _fluxes_and_cubes(sources, n_bands: int):
+    """:func:`model_fluxes` and which sources have a cube component (a morphology per band), in one pass."""
     out = np.zeros((len(sources), n_bands))
+    cube = np.zeros(len(sources), np.bool_)
     for i, src in enumerate(sources):
         for c in src.components:
             if c.morph.ndim == 3:
                 out[i] += c.morph.sum(axis=(1, 2), dtype=np.float64)
+                cube[i] = True
             else:
                 out[i] += np.asarray(c.spectrum, np.float64) * float(c.morph.sum(dtype=np.float64))
-    return out
+    return out, cube
 
 
 def band_noise(variance, planes=1 << 14) -> np.ndarray:
@@ -74,6 +81,8 @@ class BlendPhotometry:
         self.config = config or PhotometryConfig()
         self.apcorr = None  # an ApertureCorrection applied to the flux columns, if set
         self._psf = {}
+        self._setups = {}
+        self._kappa = {}
         self._edges = (np.array(BLENDEDNESS_EDGES, np.float64), np.array(SNR_EDGES, np.float64))
         self._sigma = None
 
@@ -93,7 +102,10 @@ class BlendPhotometry:
 
     @property
     def _kappa_table(self):
-        return np.asarray(self.config.kappa_table, np.float64)
+        table = self._kappa.get(self.config.kappa_table)
+        if table is None:  # one array per table, not one per blend
+            table = self._kappa[self.config.kappa_table] = np.asarray(self.config.kappa_table, np.float64)
+        return table
 
     def psf(self, b: int):
         """The band PSF used for blend ``b`` (override, the blend's own, or the run's) and its covariance."""
@@ -105,6 +117,14 @@ class BlendPhotometry:
             psf = psf / psf.sum()
             self._psf[key] = (odd_psf(psf), psf_covariance(psf))
         return self._psf[key]
+
+    def suite_setup(self, b: int) -> SuiteSetup:
+        """The suite's prepared PSF and settings for blend ``b`` (one per PSF and configuration)."""
+        key = (self.measurer.kernels.key(b, self.measurer.b), self.config)
+        setup = self._setups.get(key)
+        if setup is None:
+            setup = self._setups[key] = SuiteSetup(*self.psf(b), self.config)
+        return setup
 
     def _noise(self, templates, fp, data, unit_shares=False):
         """(weight, var_eff) of the PSF fit and of each object's pixels (None without data)."""
@@ -121,18 +141,23 @@ class BlendPhotometry:
     def children(self, b, blend, models, fp, data, redist, m):
         """Suite columns of the children; ``m`` is :func:`measure_children`'s output."""
         y0, x0 = blend.bbox[0], blend.bbox[1]
-        geometry = np.where(fp[None], models, 0)
+        shares = None
+        if data is None:
+            geometry = np.where(fp[None], models, 0)
+            weight, var_eff = self._noise(models, fp, data)
+        else:  # the noise planes, the masked models and the flux errors' sums in one pass
+            shares = share_planes(np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp, np.bool_),
+                                  np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2], np.bool_))
+            var_eff, weight, geometry = shares[5:]
         values = redist if (self.measurer.redistribute and redist is not None) else geometry
-        weight, var_eff = self._noise(models, fp, data)
-        centroids = np.stack([m[:, 2] - x0, m[:, 3] - y0], axis=1)
-        psf, cov = self.psf(b)
-        cols, flags = measure_suite(values, geometry, var_eff, weight, centroids, m[:, 4:7], psf, cov, self.config)
+        centroids = m[:, 2:4] - np.array((x0, y0), np.float64)
+        cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, centroids, m[:, 4:7])
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
-        cols.update(self.flux_errors(blend, models, fp, data, m))
+        cols.update(self.flux_errors(blend, models, fp, data, m, shares))
         return cols, flags
 
-    def flux_errors(self, blend, models, fp, data, m) -> dict:
+    def flux_errors(self, blend, models, fp, data, m, shares=None) -> dict:
         """The model flux's error (noise and template parts) and its most correlated neighbour.
 
         The noise part is the fixed-template (Fisher) covariance plus the
@@ -141,9 +166,10 @@ class BlendPhotometry:
         log-errors (kappa from each template's blendedness and S/N), a
         coherent shift of the footprint edge by ``footprint_edge_sigma``
         pixels and each template's normalisation error ``flux_sigma``; all in
-        one compiled call (:func:`~.deblend_errors.error_model`).
+        one compiled call (:func:`~.deblend_errors.error_model`). ``shares``: the
+        output of :func:`~.deblend_errors.share_planes` for this blend, if made.
         """
-        inputs = self.error_inputs(blend, models, fp, data, m)
+        inputs = self.error_inputs(blend, models, fp, data, m, shares)
         cfg = self.config
         err_noise, err, k, corr = error_model(*inputs, self._kappa_table, self._edges[0], self._edges[1],
                                               cfg.template_log_ratio_sigma, cfg.footprint_edge_sigma,
@@ -153,21 +179,23 @@ class BlendPhotometry:
                 "flux_corr_neighbour_id": np.where(k >= 0, ids[np.maximum(k, 0)], -1),
                 "flux_err": np.hypot(err_noise, err)}
 
-    def error_inputs(self, blend, models, fp, data, m) -> tuple:
+    def error_inputs(self, blend, models, fp, data, m, shares=None) -> tuple:
         """The blend's arrays :func:`~.deblend_errors.error_model` takes before its constants:
-        ``(c, noise, fisher, edge, own, flux, q, err_share, blendedness)``."""
-        templates = np.ascontiguousarray(models, np.float32)
-        fpc = np.ascontiguousarray(fp, np.bool_)
-        if data is None:
-            h, w = fp.shape
-            variance, good, has = np.zeros((h, w), np.float32), np.zeros((h, w), np.bool_), False
-        else:
-            variance, good, has = np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2]), True
-        c, noise, edge, own, fisher = share_products(templates, fpc, variance, good, has)
-        fluxes = model_fluxes(blend.sources, len(self.measurer.tables.bands))
+        ``(c, noise, fisher, edge, own, flux, q, err_share, blendedness)``; ``shares`` as for
+        :meth:`flux_errors` (None: the sums are made here)."""
+        has = data is not None
+        if shares is None:
+            if has:
+                variance, good = np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2])
+            else:
+                variance, good = np.zeros(fp.shape, np.float32), np.zeros(fp.shape, np.bool_)
+            shares = share_products(np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp, np.bool_),
+                                    variance, good, has)
+        c, noise, edge, own, fisher = shares[:5]
+        fluxes, cube = _fluxes_and_cubes(blend.sources, len(self.measurer.tables.bands))
         q = band_share_of_snr2(fluxes, self.band_sigma(), self.measurer.b) if has else np.ones(len(own))
         # a cube component (SDSS templates) has a morphology of its own in every band
-        q[[any(c.morph.ndim == 3 for c in src.components) for src in blend.sources]] = 1.0
+        q[cube] = 1.0
         return (c, noise, fisher, edge, own, np.ascontiguousarray(fluxes[:, self.measurer.b]), q,
                 np.ascontiguousarray(m[:, 1]), np.ascontiguousarray(m[:, 7]))
 
@@ -185,9 +213,8 @@ class BlendPhotometry:
             values = geometry
         weight, var_eff = self._noise(geometry, fp, data, unit_shares=True)
         (cx, cy), mom = moments_of(geometry[0])
-        psf, cov = self.psf(b)
-        cols, flags = measure_suite(values, geometry, var_eff, weight, np.array([[cx, cy]]), np.array([mom]),
-                                    psf, cov, self.config)
+        cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, np.array([[cx, cy]]),
+                                np.array([mom]))
         cols.update(centroid_x=np.array([cx + blend.bbox[1]]), centroid_y=np.array([cy + blend.bbox[0]]),
                     flux=np.array([float(geometry.sum(dtype=np.float64))]))
         if self.apcorr is not None:

@@ -50,13 +50,13 @@ from numba import njit
 # it (a row whose bin had too few children repeats the less blended row's value there).
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((0.975, 0.534),
-               (0.895, 0.691),
-               (0.691, 0.379))
+KAPPA_TABLE = ((1.001, 0.549),
+               (0.882, 0.640),
+               (0.704, 0.640))
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 1.457
+FOOTPRINT_EDGE_SIGMA = 1.642
 # independent normalisation error of each template, as a fraction of its flux; same calibration
-FLUX_SIGMA = 0.0020
+FLUX_SIGMA = 0.0021
 
 
 def kappa_of(blendedness, snr, table=KAPPA_TABLE) -> np.ndarray:
@@ -108,53 +108,100 @@ def share_products(templates, footprint, variance, good, has_data):
     ``own[i]`` the template's positive flux in the footprint.
     Shares use the positive parts of the templates, as the catalog does.
     """
+    none = np.zeros((1, 1, 1), np.float32)
+    return _share_pass(templates, footprint, variance, good, has_data, False, none, none[0].astype(np.float64),
+                       none)[:5]
+
+
+@njit(cache=True)
+def share_planes(templates, footprint, variance, good):
+    """:func:`share_products` with data, and in the same pass the planes the suite measures with.
+
+    Returns ``(c, noise, edge, own, fisher, var_eff, weight, geometry)``:
+    ``var_eff`` (n, h, w) float32 is each child's share squared times the
+    variance on usable footprint pixels (0 elsewhere), ``weight`` (h, w) the
+    inverse variance there (0 elsewhere), ``geometry`` (n, h, w) float32 the
+    templates inside the footprint (0 outside): what
+    :func:`~scarletstore.measure.photometry.kernels.noise_planes` and a masked
+    copy make, value for value, without two more passes over the box.
+    """
+    n, h, w = templates.shape
+    var_eff = np.empty((n, h, w), np.float32)
+    weight = np.empty((h, w))
+    geometry = np.empty((n, h, w), np.float32)
+    return _share_pass(templates, footprint, variance, good, True, True, var_eff, weight, geometry)
+
+
+@njit(cache=True)
+def _share_pass(templates, footprint, variance, good, has_data, planes, var_eff, weight, geometry):
+    """The pixel pass of :func:`share_products`; with ``planes`` it also fills ``var_eff``,
+    ``weight`` and ``geometry`` (see :func:`share_planes`)."""
     n, h, w = templates.shape
     c = np.zeros((n, n))
     noise = np.zeros((n, n))
     fisher = np.zeros((n, n))
     edge = np.zeros(n)
     own = np.zeros(n)
+    contested = np.zeros(n)  # the diagonal of c, kept apart so the j loops need no test
     s = np.empty(n)
+    t = np.empty(n, templates.dtype)  # the pixel's templates, contiguous (they are n planes apart)
     for y in range(h):
         for x in range(w):
             if not footprint[y, x]:
+                if planes:
+                    weight[y, x] = 0.0
+                    for i in range(n):
+                        var_eff[i, y, x] = 0.0
+                        geometry[i, y, x] = 0.0
                 continue
             on_edge = (y == 0 or x == 0 or y == h - 1 or x == w - 1 or not footprint[y - 1, x]
                        or not footprint[y + 1, x] or not footprint[y, x - 1] or not footprint[y, x + 1])
             for i in range(n):
-                t = templates[i, y, x]
-                if t > 0:
-                    own[i] += t
+                t[i] = templates[i, y, x]
+                if planes:
+                    geometry[i, y, x] = t[i]
+            for i in range(n):
+                ti = t[i]
+                if ti > 0:
+                    own[i] += ti
                     if on_edge:
-                        edge[i] += t
+                        edge[i] += ti
             usable = has_data and good[y, x]
             v = variance[y, x] if usable else 0.0
             if usable and v > 0:
                 iv = 1.0 / v
                 for i in range(n):
-                    ti = templates[i, y, x]
+                    ti = t[i]
                     if ti == 0.0:
                         continue
                     for j in range(n):
-                        fisher[i, j] += ti * templates[j, y, x] * iv
+                        fisher[i, j] += ti * t[j] * iv
             total = 0.0
             for i in range(n):
-                t = templates[i, y, x]
-                s[i] = t if t > 0 else 0.0
+                ti = t[i]
+                s[i] = ti if ti > 0 else 0.0
                 total += s[i]
+            if planes:
+                weight[y, x] = 1.0 / v if usable else 0.0
+                for i in range(n):
+                    # noise_planes' share: 0 where no template is positive
+                    share = s[i] / total if total > 0 else 0.0
+                    var_eff[i, y, x] = share * share * v if usable else 0.0
             if total <= 0:
                 continue
             for i in range(n):
                 s[i] /= total
             for i in range(n):
-                if s[i] == 0.0:
+                si = s[i]
+                if si == 0.0:
                     continue
-                c[i, i] += s[i] * (1.0 - s[i]) * total
-                for j in range(n):
-                    if j != i:
-                        c[i, j] += s[i] * s[j] * total
-                    noise[i, j] += s[i] * s[j] * v
-    return c, noise, edge, own, fisher
+                contested[i] += si * (1.0 - si) * total
+                for j in range(n):  # c[i, i] gets junk here, replaced below
+                    c[i, j] += si * s[j] * total
+                    noise[i, j] += si * s[j] * v
+    for i in range(n):
+        c[i, i] = contested[i]
+    return c, noise, edge, own, fisher, var_eff, weight, geometry
 
 
 def noise_covariance(noise, fisher, flux, q):
