@@ -57,6 +57,12 @@ Sections (run all with ``python benchmarks/bench_deblend.py``, or name some:
   at a time (white noise, no PSF wings, single Sersic, n = 1, bulge + disk or
   clumpy galaxies only, wider group spacing, all of them).
 
+``--set KEY=VALUE`` (repeatable, as ``scarletstore deblend --set``) changes a
+default of ``DeblendConfig`` for every fit of the sections run, including the
+ones that set other fields (``field_seeds``' no-symmetry row keeps the
+override), so a variant is measured without editing the defaults.
+``--defaults-only`` runs only the default scarlet rows of ``field_seeds``.
+
 Timing method: wall-clock (``time.perf_counter``) per call, median over
 ``--repeats`` (>= 5) calls after one warm-up call, with ``time.process_time``
 reported alongside because the 2-core machine is shared and wall times are
@@ -628,6 +634,9 @@ def _pooled_medians(lists):
     return out
 
 
+FIELD_SEEDS_DEFAULTS_ONLY = False  # --defaults-only
+
+
 def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
     """Flux and colour figures pooled over several simulated fields (no timing).
 
@@ -653,6 +662,8 @@ def bench_field_seeds(repeats=1, seeds=(3, 5, 7, 11)):
             ("scarlet symmetric all", "scarlet", _symmetric_config(), True),
             ("sdss baseline", "sdss", DeblendConfig(), True),
             ("scarlet residual sources", "scarlet", DeblendConfig(residual_sources=True), True))
+    if FIELD_SEEDS_DEFAULTS_ONLY:
+        rows = tuple(r for r in rows if r[0] == "scarlet (defaults)")
     pooled = {i: {} for i in range(len(rows))}
     floors = []
     for seed in seeds:
@@ -981,12 +992,46 @@ SECTIONS = {
 }
 
 
+def override_defaults(items):
+    """Make ``KEY=VALUE`` settings the defaults of every ``DeblendConfig`` made
+    from here on (benchmarks, ``foreign_sets`` and the library import it from
+    ``scarletstore.deblend`` / ``.config``); arguments passed explicitly still win.
+    Returns the overrides as a dict (validated like ``deblend --set``)."""
+    import scarletstore.deblend as package
+    import scarletstore.deblend.config as module
+
+    base = module.DeblendConfig
+    default, changed = json.loads(base().to_json()), json.loads(base().with_overrides(items).to_json())
+    overrides = {k: v for k, v in changed.items() if default[k] != v}
+
+    class Overridden(base):
+        def __init__(self, **kwargs):
+            super().__init__(**{**overrides, **kwargs})
+
+    Overridden.__name__ = Overridden.__qualname__ = base.__name__
+    package.DeblendConfig = module.DeblendConfig = Overridden
+    return overrides
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sections", nargs="*", help=f"subset of {list(SECTIONS)} (default: all)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (>= 5)")
     ap.add_argument("--json", help="also write the numbers to this JSON file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a DeblendConfig default for every fit (repeatable)")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="field_seeds: only the default scarlet rows (true and detected peaks)")
     args = ap.parse_args(argv)
+    if args.set:
+        from scarletstore.errors import InputError
+
+        try:
+            print(f"DeblendConfig defaults overridden: {override_defaults(args.set)}")
+        except InputError as exc:
+            ap.exit(2, f"error: {exc}\n")
+    global FIELD_SEEDS_DEFAULTS_ONLY
+    FIELD_SEEDS_DEFAULTS_ONLY = args.defaults_only
     names = args.sections or list(SECTIONS)
     results = {}
     for name in names:

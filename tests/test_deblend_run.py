@@ -171,6 +171,10 @@ def test_cli_errors(field, tmp_path, capsys):
         (["--set", "symmetric=1"], "symmetric must be true or false"),
         (["--set", "model_psf_sigma=0"], "model_psf_sigma must be positive"),
         (["--set", "min_snr=NaN"], "min_snr must be >= 0"),
+        (["--set", "bulge_snr=-1"], "bulge_snr must be >= 0"),
+        (["--set", "bulge_snr=NaN"], "bulge_snr must be >= 0"),
+        (["--set", "bulge_snr=high"], "bulge_snr must be a number"),
+        (["--set", "extended_min_snr=-5"], "extended_min_snr must be >= 0"),
     ]:
         assert main(["deblend", str(path), *argv]) == 2, argv
         err = capsys.readouterr().err
@@ -189,6 +193,20 @@ def test_config_overrides_take_the_fields_types():
     assert DeblendConfig.from_json(c.to_json()) == c
     with pytest.raises(InputError, match="max_iter must be a whole number"):
         DeblendConfig(max_iter=2.5)
+
+
+def test_config_of_a_run_stored_before_the_start_settings_keeps_its_rules():
+    """Runs stored before ``bulge_snr`` / ``extended_min_snr`` existed had
+    bulges above 2 x min_snr and every start below min_snr the PSF; reading
+    their config (``deblend --from-run``) keeps those rules."""
+    import json
+
+    old = json.loads(DeblendConfig(min_snr=40).to_json())
+    del old["bulge_snr"], old["extended_min_snr"]
+    c = DeblendConfig.from_json(json.dumps(old))
+    assert (c.min_snr, c.bulge_snr, c.extended_min_snr) == (40.0, 80.0, 40.0)
+    new = DeblendConfig(min_snr=40, bulge_snr=60, extended_min_snr=20)
+    assert DeblendConfig.from_json(new.to_json()) == new
 
 
 def test_warm_start_on_hsc_needs_fewer_iterations(hsc_path):

@@ -432,6 +432,7 @@ def test_noise_free_exact_model_is_reproduced(optimizer, max_iter, tol_model, to
     # tiny variance so the noise-level sparsity threshold sits far below the signal
     variance = np.full(images.shape, 1e-6, np.float32)
     cfg = DeblendConfig(relative_error=1e-9, max_iter=max_iter, min_snr=1e12,  # 1 component each
+                        extended_min_snr=1e12,
                         optimizer=optimizer)
     res = S.deblend_scarlet(images, variance, None, None, psfs, peaks, cfg)
     model = render([c for s in res.sources for c in s.components], res.extra["diff_kernels"], (H, W))
@@ -463,7 +464,7 @@ def test_bad_pixels_and_footprint_get_zero_weight():
     footprint = np.ones(images.shape[1:], bool)
     footprint[:, :3] = False
     corrupted[:, :, :3] = -1e6
-    cfg = DeblendConfig(min_snr=1e12)
+    cfg = DeblendConfig(min_snr=1e12, extended_min_snr=1e12)
     res = S.deblend_scarlet(corrupted, variance, bad, footprint, psfs, peaks, cfg)
     ref = S.deblend_scarlet(images, variance, bad, footprint, psfs, peaks, cfg)
     assert res.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-6)
@@ -480,10 +481,84 @@ def test_components_psf_init_and_two_components():
     peaks4 = np.vstack([peaks, [[34.0, 6.0]]])
     res = S.deblend_scarlet(noisy, variance, None, None, psfs, peaks4, DeblendConfig())
     assert res.sources[3].flags & SOURCE_PSF_INIT
-    assert all(len(s.components) == 2 for s in res.sources[:3])   # SNR >> 2 * min_snr
+    assert all(len(s.components) == 2 for s in res.sources[:3])   # SNR >> bulge_snr
     assert [s.peak_index for s in res.sources] == [0, 1, 2, 3]
-    one = S.deblend_scarlet(noisy, variance, None, None, psfs, peaks4, DeblendConfig(min_snr=1e9))
+    one = S.deblend_scarlet(noisy, variance, None, None, psfs, peaks4, DeblendConfig(min_snr=1e9, extended_min_snr=1e9))
     assert all(len(s.components) == 1 for s in one.sources)
+
+
+def exponential_pair(faint_re=7.0, faint_flux=350.0, bright_flux=900.0, sep=9.0, shape=(64, 64)):
+    """A faint exponential galaxy (half-light radius ``faint_re`` px) beside a
+    compact brighter one (2.5 px), ``sep`` px apart, rendered through Gaussian
+    PSFs (1.4-1.8 px) by direct convolution; with noise sigma 1 the faint
+    galaxy's start has an S/N of about 30 (below min_snr, above
+    extended_min_snr), the neighbour's above bulge_snr. Returns images,
+    PSFs, peaks and the faint galaxy's true band fluxes."""
+    psfs = psf_stack([1.4, 1.6, 1.8])
+    y, x = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
+    peaks = np.array([[shape[0] / 2, shape[1] / 2 - sep / 2], [shape[0] / 2, shape[1] / 2 + sep / 2]])
+
+    def expo(cy, cx, re, q, theta):
+        u = np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)
+        v = (np.cos(theta) * (y - cy) - np.sin(theta) * (x - cx)) / q
+        p = np.exp(-1.678 * np.hypot(u, v) / re)
+        return p / p.sum()
+
+    faint = faint_flux * np.array([0.8, 1.0, 1.2])
+    bright = bright_flux * np.array([1.2, 1.0, 0.8])
+    f, b = expo(*peaks[0], faint_re, 0.7, 0.5), expo(*peaks[1], 2.5, 0.8, 1.2)
+    images = np.stack([fftconvolve(faint[i] * f + bright[i] * b, psfs[i], mode="same") for i in range(3)])
+    return images, psfs, peaks, faint
+
+
+def test_faint_extended_galaxy_beside_brighter_keeps_its_flux():
+    """A galaxy whose start has S/N ~30, started as the 9 x 9 PSF (the Rubin
+    rule: every start below min_snr 50), never grows to its size and loses
+    ~30 % of its flux (median over ten noise draws: 0.71 of the truth in r);
+    its start is extended (flux / peak 3.6 x the PSF's), so by default it
+    starts from the image and keeps 0.90 (docs/design.md, "PSF start")."""
+    images, psfs, peaks, truth = exponential_pair()
+    ratios = {}
+    for name, cfg in (("default", DeblendConfig()), ("psf start", DeblendConfig(extended_min_snr=50))):
+        r = []
+        for seed in range(10):
+            noisy = (images + np.random.default_rng(seed).normal(0, 1, images.shape)).astype(np.float32)
+            res = S.deblend_scarlet(noisy, np.ones_like(noisy), None, None, psfs, peaks, cfg)
+            faint = res.sources[0]
+            assert bool(faint.flags & SOURCE_PSF_INIT) == (name == "psf start")
+            assert len(res.sources[1].components) == 2          # the neighbour: bulge + disk either way
+            r.append(sum(c.model().sum(axis=(1, 2)) for c in faint.components)[1] / truth[1])
+        ratios[name] = float(np.median(r))
+    assert abs(ratios["default"] - 1) < 0.15, ratios
+    assert ratios["psf start"] < 0.8, ratios
+
+
+def test_faint_compact_source_keeps_the_psf_start():
+    """The same S/N in a compact source (half-light radius 0.5 px, so a
+    start no wider than the PSF's): still the PSF start, which keeps faint
+    detections from absorbing undetected neighbours' light."""
+    images, psfs, peaks, _ = exponential_pair(faint_re=0.5, faint_flux=200.0)
+    noisy = (images + np.random.default_rng(0).normal(0, 1, images.shape)).astype(np.float32)
+    res = S.deblend_scarlet(noisy, np.ones_like(noisy), None, None, psfs, peaks, DeblendConfig())
+    assert res.sources[0].flags & SOURCE_PSF_INIT
+    # ... and its S/N is in the extended range: it is the size that decides
+    wide = S.deblend_scarlet(noisy, np.ones_like(noisy), None, None, psfs, peaks, DeblendConfig(min_snr=25))
+    assert not wide.sources[0].flags & SOURCE_PSF_INIT
+
+
+def test_bulge_threshold_is_apart_from_the_psf_start():
+    images, psfs, peaks, _ = exponential_pair()
+    noisy = (images + np.random.default_rng(0).normal(0, 1, images.shape)).astype(np.float32)
+    var = np.ones_like(noisy)
+
+    def shape(cfg):
+        res = S.deblend_scarlet(noisy, var, None, None, psfs, peaks, cfg)
+        return [(len(s.components), bool(s.flags & SOURCE_PSF_INIT)) for s in res.sources]
+
+    assert shape(DeblendConfig(min_snr=25, bulge_snr=100)) == [(1, False), (2, False)]
+    assert shape(DeblendConfig(min_snr=25, bulge_snr=1e9)) == [(1, False), (1, False)]
+    assert shape(DeblendConfig(min_snr=25, bulge_snr=0)) == [(2, False), (2, False)]
+    assert shape(DeblendConfig(min_snr=1e9, extended_min_snr=1e9, bulge_snr=0)) == [(1, True), (1, True)]
 
 
 @pytest.mark.parametrize("optimizer", ["adaprox", "fista"])
@@ -533,7 +608,8 @@ def test_symmetric_option_gives_symmetric_morphs():
     images, psfs, peaks, comps, kern = synthetic_scene()
     variance = np.full(images.shape, 1e-2, np.float32)
     res = S.deblend_scarlet(images, variance, None, None, psfs, peaks,
-                            DeblendConfig(symmetric=True, symmetry_region="all", min_snr=1e9, max_iter=30))
+                            DeblendConfig(symmetric=True, symmetry_region="all", min_snr=1e9,
+                                          extended_min_snr=1e9, max_iter=30))
     for src in res.sources:
         c = src.components[0]
         full = np.zeros(images.shape[1:])
@@ -723,7 +799,8 @@ def test_symmetry_centre_follows_subpixel_peak():
     img = np.stack([a * fftconvolve(gal, psfs[0], mode="same") for a in (100.0, 60.0)]).astype(np.float32)
     res = S.deblend_scarlet(img, np.full(img.shape, 1e-2, np.float32), None, None, psfs,
                             np.array([[15.5, 14.5]]),
-                            DeblendConfig(symmetric=True, symmetry_region="all", min_snr=1e9, max_iter=100,
+                            DeblendConfig(symmetric=True, symmetry_region="all", min_snr=1e9,
+                                          extended_min_snr=1e9, max_iter=100,
                                           background_thresh=0.0))
     assert res.log_likelihood > -1000
     c = res.sources[0].components[0]
@@ -831,7 +908,8 @@ def test_warm_start_continues_a_subpixel_symmetric_fit():
     img = np.stack([a * fftconvolve(gal, psfs[0], mode="same") for a in (100.0, 60.0)])
     img = (img + 0.1 * rng.standard_normal(img.shape)).astype(np.float32)
     var = np.full(img.shape, 1e-2, np.float32)
-    cfg = DeblendConfig(symmetry_region="all", min_snr=1e9, max_iter=60, background_thresh=0.0)
+    cfg = DeblendConfig(symmetry_region="all", min_snr=1e9,
+                                          extended_min_snr=1e9, max_iter=60, background_thresh=0.0)
     peaks = np.array([[py, px]])
     cold = S.deblend_scarlet(img, var, None, None, psfs, peaks, cfg)
     # another configuration: no keep-the-start guard; the continued fit itself
@@ -935,7 +1013,8 @@ def test_symmetric_fit_at_quarter_pixel_peak(dy, dx):
     gal = np.exp(-np.hypot(yy - py, xx - px) / 1.5)
     img = np.stack([a * fftconvolve(gal, psfs[0], mode="same") for a in (100.0, 60.0)]).astype(np.float32)
     var = np.full(img.shape, 1e-2, np.float32)
-    cfg = DeblendConfig(symmetric=True, symmetry_region="all", min_snr=1e9, max_iter=150, background_thresh=0.0)
+    cfg = DeblendConfig(symmetric=True, symmetry_region="all", min_snr=1e9, extended_min_snr=1e9,
+                        max_iter=150, background_thresh=0.0)
     res = S.deblend_scarlet(img, var, None, None, psfs, np.array([[py, px]]), cfg)
     model = render(res.sources[0].components, res.extra["diff_kernels"], (H, W))
     logl = -0.5 * float(((img - model) ** 2 / var).sum())
@@ -1025,7 +1104,7 @@ def test_contested_symmetry_leaves_a_lone_galaxy_free():
     img = np.stack([a * fftconvolve(gal, psfs[0], mode="same") for a in (100.0, 60.0)]).astype(np.float32)
     var = np.full(img.shape, 1e-2, np.float32)
     peaks = np.array([[15.0, 15.0]])
-    base = dict(min_snr=1e9, max_iter=80)
+    base = dict(min_snr=1e9, extended_min_snr=1e9, max_iter=80)
     free = S.deblend_scarlet(img, var, None, None, psfs, peaks, DeblendConfig(symmetric=False, **base))
     cont = S.deblend_scarlet(img, var, None, None, psfs, peaks, DeblendConfig(**base))
     full = S.deblend_scarlet(img, var, None, None, psfs, peaks, DeblendConfig(symmetry_region="all", **base))
@@ -1167,13 +1246,14 @@ def test_large_lsb_host_blend_stays_sane(symmetric):
     assert _flat_fraction(res) < 0.5
     # flagged honestly: a divergence always falls back, a fallback is named
     # in the flags, and only a fit that did not converge takes its best
-    # iterate without having diverged
+    # iterate without having diverged (the crowded-blend swap to the fit
+    # without symmetry, _check_symmetry_cost, is a named fallback of its own)
     diverged = bool(res.flags & BLEND_FLAGS["diverged"])
     fallback = res.extra["fallback"]
     assert not diverged or fallback
     if fallback:
         assert res.flags & BLEND_FLAGS["fallback_" + fallback]
-        assert diverged or (fallback == "best_iterate" and not res.converged)
+        assert diverged or fallback == "no_symmetry" or (fallback == "best_iterate" and not res.converged)
     if not diverged:
         # an unflagged fit ended within DIVERGE_FRAC of its best iterate's gain
         assert hist[-1] >= hist.max() - S.DIVERGE_FRAC * (hist.max() - hist[0])
@@ -1374,14 +1454,17 @@ def _exponential_pair(peak_snr):
 @pytest.mark.parametrize("peak_snr", [3.0, 4.0])
 def test_wings_below_the_sparsity_threshold_keep_their_flux(peak_snr, monkeypatch):
     # The fainter disc is started as the PSF (a faint source, which gets the
-    # wing). Measured (g / r / i, fainter disc): with the threshold cutting
+    # wing; pinned with extended_min_snr, as its start is extended: started
+    # from the image it has -16 / +12 % in r noise-free at S/N 3 / 4, over six
+    # noise draws a median |error| of 14 / 5.5 % against 10 / 8.1 % for the
+    # PSF start, docs/design.md "PSF start"). Measured (g / r / i, fainter disc): with the threshold cutting
     # its wings -24 / -21 / -14 % at peak S/N 3 and -27 / -25 / -22 % at 4;
     # with the extrapolated wing -9.7 / -4.3 / +3.9 % and -4.8 / -1.7 / +2.9 %.
     # The brighter disc (no wing) moves from -3 to -8 % to -5 to -8 %.
     img, var, psfs, peaks, truth = _exponential_pair(peak_snr)
 
     def fluxes():
-        res = S.deblend_scarlet(img, var, None, None, psfs, peaks, DeblendConfig())
+        res = S.deblend_scarlet(img, var, None, None, psfs, peaks, DeblendConfig(extended_min_snr=50))
         return [render(s.components, res.extra["diff_kernels"], img.shape[1:]).sum(axis=(1, 2)) / t - 1
                 for s, t in zip(res.sources, truth)]
 

@@ -27,8 +27,23 @@ class DeblendConfig:
     model_psf_sigma : float
         Sigma (pixels) of the Gaussian model-frame PSF.
     min_snr : float
-        Sources below this SNR start as the PSF; above ``2 * min_snr`` they get
-        two components (bulge + disk).
+        Sources whose start has an S/N below this start as the PSF (the Rubin
+        task's ``min_snr``, with its meaning), unless ``extended_min_snr``
+        lets an extended one start from the image.
+    extended_min_snr : float
+        A source whose start has an S/N from this up to ``min_snr`` starts
+        from the image, not as the PSF, if its start is extended: flux / peak
+        at least ``scarlet.EXTENDED_START_RATIO`` (2) times the detection
+        PSF's. A faint resolved galaxy started as the PSF never grows to its
+        size and loses its light to brighter neighbours; compact faint
+        sources (and noise peaks) keep the PSF start, which keeps them from
+        absorbing undetected neighbours. At or above ``min_snr``: off.
+    bulge_snr : float
+        Sources started from the image with an S/N above this get two
+        components (bulge + disk); between ``min_snr`` and this, one. The
+        Rubin task ties it to ``2 * min_snr``; it is its own setting so that
+        the PSF start can move without bulges moving with it (docs/design.md,
+        "Why faint galaxies are lost"). Below ``min_snr`` it has no effect.
     background_thresh, initial_background_thresh : float
         Sparsity / box thresholds in units of the background noise.
     optimizer : str
@@ -72,8 +87,9 @@ class DeblendConfig:
         times this source's, i.e. where flux is shared and symmetry decides
         who owns it; a source's own core and wings away from neighbours stay
         free, so real, irregular galaxies (and cores a little off their
-        peak) are not forced; faint sources (start S/N below 50, by default
-        those started as the PSF) are kept symmetric over their whole box,
+        peak) are not forced; faint sources (start S/N below 50, the default
+        ``min_snr``, whether started as the PSF or, extended, from the
+        image) are kept symmetric over their whole box,
         where symmetry averages noise rather than forcing structure. ``"all"``: the whole box for every source, the strongest
         separation when positions are exact, but it breaks real galaxies.
     contest_ratio : float
@@ -118,6 +134,8 @@ class DeblendConfig:
     resize_every: int = 3
     model_psf_sigma: float = 0.8
     min_snr: float = 50.0
+    extended_min_snr: float = 25.0
+    bulge_snr: float = 100.0
     background_thresh: float = 1.0
     initial_background_thresh: float = 1.0
     optimizer: str = "adaprox"
@@ -165,9 +183,9 @@ class DeblendConfig:
             raise InputError(f"model_psf_sigma must be positive, not {self.model_psf_sigma!r}")
         if self.max_number_of_peaks < 1:
             raise InputError(f"max_number_of_peaks must be at least 1, not {self.max_number_of_peaks!r}")
-        for name in ("resize_every", "min_snr", "background_thresh", "initial_background_thresh",
-                     "max_spectrum_cutoff", "max_footprint_area", "max_area_times_peaks",
-                     "max_footprint_size", "min_footprint_axis_ratio", "split_margin",
+        for name in ("resize_every", "min_snr", "extended_min_snr", "bulge_snr", "background_thresh",
+                     "initial_background_thresh", "max_spectrum_cutoff", "max_footprint_area",
+                     "max_area_times_peaks", "max_footprint_size", "min_footprint_axis_ratio", "split_margin",
                      "residual_thresh", "residual_frac"):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 raise InputError(f"{name} must be >= 0, not {getattr(self, name)!r}")
@@ -223,7 +241,13 @@ class DeblendConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "DeblendConfig":
-        return cls(**json.loads(text))
+        values = json.loads(text)
+        if "min_snr" in values:
+            # a run stored before these settings existed: bulges above
+            # 2 x min_snr, and every start below min_snr the PSF
+            values.setdefault("bulge_snr", 2 * values["min_snr"])
+            values.setdefault("extended_min_snr", values["min_snr"])
+        return cls(**values)
 
     def with_overrides(self, items: list[str]) -> "DeblendConfig":
         """Apply ``KEY=VALUE`` strings (values parsed as JSON, else kept as strings)."""

@@ -34,7 +34,7 @@ from .result import BlendResult
 PAD_BYTES = 26           # per band x padded-box pixel: the inputs, data, weights
 #                          and good mask, the four float32 FFT work buffers and
 #                          the kernel transforms (the FFT spectra reuse scratch)
-COMPONENTS_PER_PEAK = 1.6  # sources above 2 x min_snr get a bulge and a disk
+COMPONENTS_PER_PEAK = 1.6  # sources above bulge_snr get a bulge and a disk
 SYSTEM_BYTES = 8         # per band x component^2: the float64 normal equations
 BOX_PIXELS = 1420        # a component box during the fit (starts are wide)
 MORPH_BYTES = 4 + 3 * 8 + 4 + 4 * 16  # per box pixel: the float32 morphology,
