@@ -50,11 +50,11 @@ from numba import njit
 # it (a row whose bin had too few children repeats the less blended row's value there).
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((1.001, 0.549),
-               (0.882, 0.640),
-               (0.704, 0.640))
+KAPPA_TABLE = ((0.947, 0.623),
+               (0.782, 0.556),
+               (0.798, 0.556))
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 1.642
+FOOTPRINT_EDGE_SIGMA = 1.693
 # independent normalisation error of each template, as a fraction of its flux; same calibration
 FLUX_SIGMA = 0.0021
 
