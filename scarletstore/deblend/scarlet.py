@@ -73,6 +73,7 @@ LS_BLOCK_TOL = 1e-4         # ... stopped when no amplitude moves by this of the
 FAINT_SYMMETRIC_ALL = True  # contested symmetry: sources whose start has S/N below ...
 EXTENDED_START_RATIO = 2.0  # start flux / peak over the PSF's above which a start with S/N
 #                            from extended_min_snr to min_snr is extended (docs/design.md, "PSF start")
+EXTENDED_START_MAX_RATIO = 12.0  # ... up to this: a faint start wider holds a neighbour's light
 FAINT_SYMMETRY_SNR = 50.0   # ... this get it over their whole box (docs/design.md, "Symmetry")
 WING_FLOOR = 0.7            # sparsity-cut pixels get an extrapolated wing down to this x threshold
                             # (0: none; docs/design.md, "Wings below the threshold") ...
@@ -434,7 +435,10 @@ def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W
             # size and a brighter neighbour takes its light (docs/design.md,
             # "PSF start"); flux / peak is the start's effective area
             peak = m[cy[i] - y0, cx[i] - x0]
-            psf = not (peak > 0 and m.sum() / peak >= EXTENDED_START_RATIO * psf_area)
+            # a faint start many PSFs wide is mostly a neighbour's light (a
+            # noise peak 2 px from an S/N 90 galaxy: 17-22x) and would take it
+            ratio = m.sum() / (peak * psf_area) if peak > 0 else 0.0
+            psf = not (EXTENDED_START_RATIO <= ratio <= EXTENDED_START_MAX_RATIO)
         if psf:
             m, y0, x0 = _psf_start(model_psf, cy[i], cx[i], H, W)
             flags[i] |= SOURCE_PSF_INIT
