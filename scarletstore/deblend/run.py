@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
