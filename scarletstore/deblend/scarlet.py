@@ -82,7 +82,6 @@ WING_FAINT_ONLY = True      # ... for the components of faint sources (FAINT_SYM
 RESIDUAL_ROUNDS = 3         # residual source search (config.residual_sources): rounds of search + refit ...
 RESIDUAL_MAX_NEW = 5        # ... and new sources per blend at most
 RESIDUAL_MIN_SEP = 2.5      # px a new source keeps from every peak (closer: that source's own residual)
-RESIDUAL_COLD = False       # refit from a cold start with the new peaks (else warm, from the fit)
 RESIDUAL_RECENTRE = 2       # new sources move to the maximum within this many px (0: not)
 RESIDUAL_START_CORE = 0.0   # ... their neighbours restart from their symmetric parts beyond this px
 RESIDUAL_GAIN = 0.25        # a round is kept when the loss falls by this x thresh^2 per new source
@@ -1301,16 +1300,13 @@ def _residual_sources(blend, fit, config, fallback, bufs):
         trial = blend.with_peaks(np.vstack([blend.peaks, new]))
         n = len(blend.peaks)
         joint = len(trial.peaks) * H * W <= config.max_spectrum_cutoff
-        if RESIDUAL_COLD:
-            # as if detection had found them: starts apportion the light afresh
-            state = trial.initialise(config)
-            refit, _ = _fit_with_fallbacks(trial, state, config, config, False, False, joint, bufs)
-        else:
-            state = _with_new_sources(fit.state, fit.shift, np.c_[trial.cy[n:], trial.cx[n:]],
-                                      blend.model_psf, H, W, sym)
-            if config.set_spectra:
-                state.spec[:] = _ls_spectra(state, blend.conv, blend.data, blend.w, joint)
-            refit, _ = _fit_with_fallbacks(trial, state, config, fit_config, True, False, joint, bufs)
+        # warm: a cold refit lets the PSF-started newcomer take 2x its flux from its host
+        # (docs/design.md, "Sources found in the residual")
+        state = _with_new_sources(fit.state, fit.shift, np.c_[trial.cy[n:], trial.cx[n:]],
+                                  blend.model_psf, H, W, sym)
+        if config.set_spectra:
+            state.spec[:] = _ls_spectra(state, blend.conv, blend.data, blend.w, joint)
+        refit, _ = _fit_with_fallbacks(trial, state, config, fit_config, True, False, joint, bufs)
         if fit.loss - refit.loss <= RESIDUAL_GAIN * config.residual_thresh ** 2 * len(new):
             break
         refit.iterations += fit.iterations
@@ -1318,7 +1314,7 @@ def _residual_sources(blend, fit, config, fallback, bufs):
         if RESIDUAL_RECENTRE:
             trial, refit = _recentre(trial, refit, n, fit_config, joint, bufs)
         blend, fit, n_new = trial, refit, n_new + len(new)
-        fallback = refit.fallback if RESIDUAL_COLD else (refit.fallback or fallback)
+        fallback = refit.fallback or fallback
         fit_config = dataclasses.replace(config, symmetric=False) if fallback == "no_symmetry" else config
     return blend, fit, fallback
 
