@@ -16,7 +16,8 @@ Sections (default: all):
   17, 68-70; 500 px, beta 4.5, density 120 in griz, 71-74; density 40 with
   6 bright stars, 75-78; 500 px, density 120, 10 bright stars in grizy,
   79-82), each cell with the 5-95 % interval of the width of
-  N unit-normal pulls; ``--seeds K`` judges the first K scenes of each
+  N unit-normal pulls and the 5-95 % range of its width over the setting's
+  scenes drawn with replacement; ``--seeds K`` judges the first K scenes of each
   setting. The error model is calibrated on other fields and settings by
   ``calibrate_flux_errors.py``.
 
@@ -223,10 +224,10 @@ def _width(p):
 # the defaults, a denser field in three bands, a Moffat PSF with strong wings (beta 2.5), a
 # crowded field in the red bands only, a narrow-winged PSF (beta 4.5) and a sparse field
 # (density 40) with bright stars, both unlike any calibration field, and a denser one with
-# more bright stars (calibration field 26 has 8 bright stars at density 90). Each is realised with several scene seeds and judged pooled over them (a
-# scene's blended width is mostly the luck of its neighbours, not the calibration's); the
-# former one judging field of a setting is its first seed, the others (61-82) are in no other
-# list of the benchmarks or tests.
+# more bright stars (calibration field 26 has 8 bright stars at density 90). Each is realised
+# with several scene seeds and judged pooled over them (a scene's blended width is mostly the
+# luck of its neighbours, not the calibration's); the former one judging field of a setting is
+# its first seed, the others (61-82) are in no other list of the benchmarks or tests.
 JUDGING_SETTINGS = {
     "default": (dict(), (7, 3, 11, 61)),
     "dense gri": (dict(density=150.0, bands="gri"), (5, 62, 63, 64)),
