@@ -344,7 +344,8 @@ def _inside(results, min_n=20):
     cells = [c for c in cells if c[1] >= min_n]
     wide = sum(0.8 <= w <= 1.25 for w, n, _, _ in cells)
     chance = sum(chance_interval(n)[0] <= w <= chance_interval(n)[1] for w, n, _, _ in cells)
-    boot = sum(lo <= 1.25 and hi >= 0.8 for _, _, lo, hi in cells)
+    ranged = [(lo, hi) for _, _, lo, hi in cells if np.isfinite(lo)]
+    boot = sum(lo <= 1.25 and hi >= 0.8 for lo, hi in ranged) if ranged else None  # None: one scene each
     return wide, chance, boot, len(cells)
 
 
@@ -360,7 +361,8 @@ def print_error_table(results, interval=True, title="setting"):
                   f"{' ' * 8 + _cell(result, key, 'blended', interval)}")
     wide, chance, boot, n = _inside(results)
     print(f"  per-band cells with N >= 20 ({n}): inside 0.8-1.25 {wide}; inside the 5-95 % chance interval of "
-          f"their N {chance} (a perfect model: ~{0.9 * n:.0f}); scene bootstrap range reaching 0.8-1.25 {boot}")
+          f"their N {chance} (a perfect model: ~{0.9 * n:.0f})"
+          + ("" if boot is None else f"; scene bootstrap range reaching 0.8-1.25 {boot}"))
     return wide, chance, boot, n
 
 
