@@ -1,12 +1,15 @@
 """Derive the flux-error model's constants (``KAPPA_TABLE``, ``FOOTPRINT_EDGE_SIGMA``, ``FLUX_SIGMA``).
 
-The calibration fields are made for this and differ from the judging fields
-of ``bench_measure.py errors`` (seeds 7, 3, 11 at the default density, size
-and bands; seed 5 at density 150 in gri; seed 13 with Moffat beta 2.5;
-seed 17 at density 200 in izy) in seed *and* settings: seed 21 (500 px,
-density 130, grizy), seed 22 (700 px, density 60, ugri), seed 23 (600 px,
-density 110, griz), seed 24 (550 px, density 75, gri) and seed 25 (600 px,
-Moffat beta 2.8, grizy). Children matched to truth with truth S/N > 10
+The calibration fields are made for this and differ from the judging scenes
+of ``bench_measure.py errors`` (``JUDGING_SETTINGS``: the defaults; density
+150 in gri; Moffat beta 2.5; density 200 in izy; beta 4.5 in griz; density
+40 with bright stars; 500 px, density 120 with 10 bright stars, four seeds
+each) in seed *and* settings: seed 21 (500 px, density 130, grizy), seed 22
+(700 px, density 60, ugri), seed 23 (600 px, density 110, griz), seed 24
+(550 px, density 75, gri), seed 25 (600 px, Moffat beta 2.8, grizy) and
+seed 26 (600 px, density 90, griz, 8 bright stars: without bright stars the
+normalisation term had no children above S/N ~3000 to hold it and made the
+isolated bright stars' errors 3-5x too large). Children matched to truth with truth S/N > 10
 (noise part) are scored in every band of their field. The variance of a
 child is linear in the squared constants, ``var_i = noise_i^2 + (lambda
 E_i)^2 + (f F_i)^2 + sum_bin kappa_bin^2 V_i,bin`` (``noise``: the
@@ -39,7 +42,8 @@ CALIBRATION_FIELDS = [dict(size=500, seed=21, density=130.0, bands="grizy"),
                       dict(size=700, seed=22, density=60.0, bands="ugri"),
                       dict(size=600, seed=23, density=110.0, bands="griz"),
                       dict(size=550, seed=24, density=75.0, bands="gri"),
-                      dict(size=600, seed=25, density=90.0, bands="grizy", psf_beta=2.8)]
+                      dict(size=600, seed=25, density=90.0, bands="grizy", psf_beta=2.8),
+                      dict(size=600, seed=26, density=90.0, bands="griz", bright_stars=8)]
 MIN_PER_BIN = 15
 SNR_BINS = (20.0, 50.0, 100.0)  # S/N bins (noise part) of the children alone in their blend (groups)
 ERRORS_MODULE = Path(__file__).resolve().parent.parent / "scarletstore" / "measure" / "photometry" / "deblend_errors.py"
