@@ -79,7 +79,7 @@ WING_FLOOR = 0.7            # sparsity-cut pixels get an extrapolated wing down 
                             # (0: none; docs/design.md, "Wings below the threshold") ...
 WING_STEEP = 2.0            # ... decaying this many times as fast as the mean slope from peak to threshold
 WING_FAINT_ONLY = True      # ... for the components of faint sources only: start S/N below
-WING_SNR = 50.0             # this (the same as FAINT_SYMMETRY_SNR; docs/design.md, "Wings below the threshold")
+WING_SNR = 50.0             # this (the same as FAINT_SYMMETRY_SNR; docs/design.md, "Colours of faint sources")
 RESIDUAL_ROUNDS = 3         # residual source search (config.residual_sources): rounds of search + refit ...
 RESIDUAL_MAX_NEW = 5        # ... and new sources per blend at most
 RESIDUAL_MIN_SEP = 2.5      # px a new source keeps from every peak (closer: that source's own residual)
@@ -859,7 +859,8 @@ def _contest_ratios(state, config, sym_s):
     the sources started as the PSF and the extended ones that
     ``extended_min_snr`` starts from the image; a fixed S/N rather than
     ``min_snr``, which a user may raise only to force single PSF starts;
-    not re-measured at 25 with the extended starts). Their free pixels
+    re-measured with the extended starts at 30 / 40 / 75 / 100: no better,
+    docs/design.md "Colours of faint sources"). Their free pixels
     mostly fit noise, and the mirror average halves its variance. Pooled
     over the four simulated fields with true positions this took the
     blended flux errors from 9.6 / 8.3 % to 7.6 / 8.1 % (61 % of sources
