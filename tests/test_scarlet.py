@@ -1503,4 +1503,10 @@ def test_wings_below_the_sparsity_threshold_keep_their_flux(peak_snr, monkeypatc
     assert np.all(np.abs(bright) < 0.09)
     # the scene does exercise the threshold: without the wing the cut loses light
     monkeypatch.setattr(S, "WING_FLOOR", 0.0)
-    assert np.abs(fluxes()[1]).mean() > 0.15
+    cut = fluxes()[1]
+    assert np.abs(cut).mean() > 0.15
+    # the wing's S/N limit is its own: below the fainter disc's start S/N it
+    # gets none (the cut fit exactly) while symmetry still treats it as faint
+    monkeypatch.setattr(S, "WING_FLOOR", 0.7)
+    monkeypatch.setattr(S, "WING_SNR", 0.0)
+    np.testing.assert_allclose(fluxes()[1], cut, rtol=1e-6, atol=1e-6)

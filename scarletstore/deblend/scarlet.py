@@ -78,7 +78,8 @@ FAINT_SYMMETRY_SNR = 50.0   # ... this get it over their whole box (docs/design.
 WING_FLOOR = 0.7            # sparsity-cut pixels get an extrapolated wing down to this x threshold
                             # (0: none; docs/design.md, "Wings below the threshold") ...
 WING_STEEP = 2.0            # ... decaying this many times as fast as the mean slope from peak to threshold
-WING_FAINT_ONLY = True      # ... for the components of faint sources (FAINT_SYMMETRY_SNR) only
+WING_FAINT_ONLY = True      # ... for the components of faint sources only: start S/N below
+WING_SNR = 50.0             # this (the same as FAINT_SYMMETRY_SNR; docs/design.md, "Colours of faint sources")
 RESIDUAL_ROUNDS = 3         # residual source search (config.residual_sources): rounds of search + refit ...
 RESIDUAL_MAX_NEW = 5        # ... and new sources per blend at most
 RESIDUAL_MIN_SEP = 2.5      # px a new source keeps from every peak (closer: that source's own residual)
@@ -95,9 +96,9 @@ RESIDUAL_GAIN = 0.25        # a round is kept when the loss falls by this x thre
 class _State:
     """Flat component storage plus bookkeeping (see :mod:`.kernels`)."""
 
-    __slots__ = ("spec", "morph", "box", "off", "ctr", "source", "flags", "faint", "order", "nbr")
+    __slots__ = ("spec", "morph", "box", "off", "ctr", "source", "flags", "snr", "faint", "order", "nbr")
 
-    def __init__(self, spec, morphs, boxes, ctr, source, flags, faint=None):
+    def __init__(self, spec, morphs, boxes, ctr, source, flags, snr=None):
         self.spec = np.ascontiguousarray(spec, dtype=np.float32)
         self.box = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
         sizes = self.box[:, 2] * self.box[:, 3]
@@ -110,9 +111,13 @@ class _State:
         self.ctr = np.asarray(ctr, dtype=np.int64).reshape(-1, 2)
         self.source = np.asarray(source, dtype=np.int64)
         self.flags = flags  # per source
-        # per source: S/N of its start below FAINT_SYMMETRY_SNR (see _contest_ratios);
-        # without a measured start, a source started as the PSF
-        self.faint = (flags & SOURCE_PSF_INIT) != 0 if faint is None else np.asarray(faint, bool)
+        # per source: the aperture S/N of its start (see _initialise); without
+        # a measured start, 0 for a source started as the PSF and inf else
+        if snr is None:
+            snr = np.where((flags & SOURCE_PSF_INIT) != 0, 0.0, np.inf)
+        self.snr = np.asarray(snr, np.float64)
+        # ... below FAINT_SYMMETRY_SNR: a faint source (see _contest_ratios)
+        self.faint = self.snr < FAINT_SYMMETRY_SNR
         self.plan()
 
     def plan(self, box_old=None, off_old=None):
@@ -416,7 +421,7 @@ def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W
     thresh = config.initial_background_thresh * sig_det
     morphs, boxes, ctrs, source = [], [], [], []
     flags = np.zeros(len(peaks), np.int64)
-    faint = np.zeros(len(peaks), bool)
+    snrs = np.zeros(len(peaks))
     starts = [_monotonic_start(det, cy[i], cx[i], thresh, sig_det) for i in range(len(peaks))]
     if len(peaks) > 1:
         starts = _apportion(det, starts, cy, cx, thresh)
@@ -427,7 +432,7 @@ def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W
             m, y0, x0 = start
             # aperture S/N of the start's flux in the detection image
             snr = float(m.sum() / (sig_det * math.sqrt(np.count_nonzero(m))))
-        faint[i] = snr < FAINT_SYMMETRY_SNR
+        snrs[i] = snr
         psf = start is None or snr < config.min_snr
         if psf and start is not None and snr >= config.extended_min_snr:
             # a resolved faint galaxy: a 9 x 9 PSF start never grows to its
@@ -457,7 +462,7 @@ def _initialise(data, w, good, sig, peaks, cy, cx, model_psf, conv, config, H, W
             ctrs.append((cy[i], cx[i]))
             source.append(i)
     K = len(morphs)
-    state = _State(np.zeros((K, data.shape[0])), morphs, boxes, ctrs, source, flags, faint)
+    state = _State(np.zeros((K, data.shape[0])), morphs, boxes, ctrs, source, flags, snrs)
     if config.set_spectra:
         joint = len(peaks) * H * W <= config.max_spectrum_cutoff
         state.spec[:] = _ls_spectra(state, conv, data, w, joint)
@@ -709,9 +714,10 @@ class _Loop:
         self.sib = _source_runs(state.source)
         self.bg = float(config.background_thresh)
         # per component (floor, steepness) of the extrapolated wing: faint
-        # sources only (whose cut wings are a large part of their light)
+        # sources only (start S/N below WING_SNR, whose cut wings are a large
+        # part of their light)
         self.wing = np.zeros((K, 2))
-        self.wing[state.faint[state.source] if WING_FAINT_ONLY else slice(None)] = (WING_FLOOR, WING_STEEP)
+        self.wing[state.snr[state.source] < WING_SNR if WING_FAINT_ONLY else slice(None)] = (WING_FLOOR, WING_STEEP)
         # the sources' pixels, on which convergence is judged: the boxes (which
         # end where the morphologies fall below the noise) grown by a few
         # pixels of PSF wing. Grown by the whole difference kernel instead (12
@@ -852,7 +858,8 @@ def _contest_ratios(state, config, sym_s):
     the sources started as the PSF and the extended ones that
     ``extended_min_snr`` starts from the image; a fixed S/N rather than
     ``min_snr``, which a user may raise only to force single PSF starts;
-    not re-measured at 25 with the extended starts). Their free pixels
+    re-measured with the extended starts at 30 / 40 / 75 / 100: no better,
+    docs/design.md "Colours of faint sources"). Their free pixels
     mostly fit noise, and the mirror average halves its variance. Pooled
     over the four simulated fields with true positions this took the
     blended flux errors from 9.6 / 8.3 % to 7.6 / 8.1 % (61 % of sources
@@ -1228,8 +1235,8 @@ def _with_new_sources(state, shift, new, model_psf, H, W, sym=None):
     spec = np.zeros((len(morphs), state.spec.shape[1]), np.float32)
     spec[:K] = state.spec
     flags = np.concatenate([state.flags, np.full(len(new), SOURCE_PSF_INIT | SOURCE_FOUND_PEAK)])
-    faint = np.concatenate([state.faint, np.ones(len(new), bool)])
-    return _State(spec, morphs, boxes, ctrs, source, flags, faint)
+    snr = np.concatenate([state.snr, np.zeros(len(new))])
+    return _State(spec, morphs, boxes, ctrs, source, flags, snr)
 
 
 def _recentre(blend, fit, n, config, joint, bufs):
