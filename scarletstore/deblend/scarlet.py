@@ -79,6 +79,9 @@ WING_FLOOR = 0.7            # sparsity-cut pixels get an extrapolated wing down 
                             # (0: none; docs/design.md, "Wings below the threshold") ...
 WING_STEEP = 2.0            # ... decaying this many times as fast as the mean slope from peak to threshold
 WING_FAINT_ONLY = True      # ... for the components of faint sources (FAINT_SYMMETRY_SNR) only
+WING_SINGLE = True          # ... and every component of a one-source blend (no neighbour to take from)
+WING_UNCONTESTED = False    # ... and of a source whose start box overlaps no other source's
+UNCONTESTED_MIN_ITER = 0    # a converged blend's uncontested sources iterate on (others frozen) to this
 RESIDUAL_ROUNDS = 3         # residual source search (config.residual_sources): rounds of search + refit ...
 RESIDUAL_MAX_NEW = 5        # ... and new sources per blend at most
 RESIDUAL_MIN_SEP = 2.5      # px a new source keeps from every peak (closer: that source's own residual)
@@ -713,6 +716,11 @@ class _Loop:
         # sources only (whose cut wings are a large part of their light)
         self.wing = np.zeros((K, 2))
         self.wing[state.faint[state.source] if WING_FAINT_ONLY else slice(None)] = (WING_FLOOR, WING_STEEP)
+        n_src = int(state.source.max()) + 1 if K else 0
+        if WING_SINGLE and n_src == 1:
+            self.wing[:] = (WING_FLOOR, WING_STEEP)
+        if WING_UNCONTESTED and n_src > 1:
+            self.wing[_uncontested(state)[state.source]] = (WING_FLOOR, WING_STEEP)
         # the sources' pixels, on which convergence is judged: the boxes (which
         # end where the morphologies fall below the noise) grown by a few
         # pixels of PSF wing. Grown by the whole difference kernel instead (12
@@ -722,6 +730,19 @@ class _Loop:
         _k.boxes_region(state.box, REGION_GROW, REGION_GROW, H, W, self.region)
         self.prev = None
         self.nover = None
+        self.frozen = None  # components held fixed (see freeze_contested)
+
+    def freeze_contested(self):
+        """Hold the components of sources whose boxes overlap another source's;
+        True when some source is left to iterate (and some is held)."""
+        st = self.state
+        if not self.adam or st.box.shape[0] == 0 or int(st.source.max()) == 0:
+            return False
+        frozen = ~_uncontested(st)[st.source]
+        if frozen.all() or not frozen.any():
+            return False
+        self.frozen = frozen
+        return True
 
     def evaluate(self, data, w):
         """Render and convolve the current model; (loss, loss on the sources' pixels).
@@ -744,6 +765,11 @@ class _Loop:
             self.t_f = 1.0
         self.prev = loss
         G = self.conv.adjoint_padded(self.bufs[1], self.bufs[3])[:, :self.H, :self.W]
+        held = None
+        if self.frozen is not None:
+            # a component without flux is skipped by the step kernels
+            held = st.spec[self.frozen].copy()
+            st.spec[self.frozen] = 0
         if self.adam:
             _k.adaprox_step(st.spec, st.morph, st.box, st.off, st.ctr, self.sym, self.shift, G,
                             it + 1, ADAM_B1, ADAM_B2, STEP_MORPH, REL_MORPH, STEP_SPEC,
@@ -760,6 +786,8 @@ class _Loop:
                           beta, self.kappa, self.nover, inv_var, self.bg, self.wing, self.mom_s,
                           self.mom_m[0], config.monotonic, MONO_WEIGHTED, self.sym_s, st.order, st.nbr,
                           self.tsum, self.contest, self.spec_sum, self.sib)
+        if held is not None:
+            st.spec[self.frozen] = held
 
     def maintain(self, iterations, data, w, joint):
         """Between steps: re-solve the spectra early on, and resize the boxes every few."""
@@ -800,6 +828,19 @@ class _Loop:
         return loss
 
 
+def _uncontested(state):
+    """Per source: True when none of its components' boxes overlaps another source's."""
+    box, src = state.box, state.source
+    n = int(src.max()) + 1
+    y0, x0, h, w = box[:, 0], box[:, 1], box[:, 2], box[:, 3]
+    over = ((y0[:, None] < (y0 + h)[None]) & (y0[None] < (y0 + h)[:, None])
+            & (x0[:, None] < (x0 + w)[None]) & (x0[None] < (x0 + w)[:, None])
+            & (src[:, None] != src[None]))
+    out = np.ones(n, bool)
+    out[src[over.any(axis=1)]] = False
+    return out
+
+
 def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs):
     """Run the optimiser on ``state`` (modified in place) with ``config``.
 
@@ -822,9 +863,13 @@ def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs
             # FISTA evaluates extrapolated points, which may break the
             # constraints: only its start is a valid fallback
             best = (loss, _snapshot(state))
-        if _converged(history, loss_src, it, config):
+        if loop.frozen is not None:
+            if it >= UNCONTESTED_MIN_ITER:
+                break
+        elif _converged(history, loss_src, it, config):
             converged = True
-            break
+            if it >= UNCONTESTED_MIN_ITER or not loop.freeze_contested():
+                break
         if it == config.max_iter:
             break
         loop.step(it, loss, inv_var)
