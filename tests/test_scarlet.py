@@ -1536,3 +1536,33 @@ def test_a_lone_bright_source_gets_the_wing_too(peak_snr, monkeypatch):
     without = errors()
     assert np.all(np.abs(with_wing) < 0.7 * np.abs(without))
     assert np.all(without < -0.04)  # the threshold does cut this disc's wing
+
+
+def test_uncontested_sources_iterate_on_with_the_contested_held(monkeypatch):
+    # UNCONTESTED_MIN_ITER: once a blend has converged, the sources whose boxes
+    # overlap no other source's keep iterating (to that many iterations), the
+    # others held as they were: their morphologies are those of the plain fit.
+    rng = np.random.default_rng(11)
+    H, W, B = 48, 90, 3
+    psfs = psf_stack([1.3, 1.4, 1.5])
+    peaks = np.array([[24.0, 20.0], [25.0, 29.0], [23.5, 72.0]])
+    truth = np.zeros((B, H, W))
+    for (cy, cx), amp, sig in zip(peaks, (200.0, 120.0, 40.0), (2.5, 2.0, 1.8)):
+        truth += rng.uniform(0.6, 1.4, B)[:, None, None] * amp * gaussian_image((H, W), cy, cx, sig)[None]
+    images = np.stack([fftconvolve(truth[b], psfs[b], mode="same") for b in range(B)])
+    images += rng.normal(0, 1.0, images.shape)
+    variance = np.ones_like(images)
+
+    def fit():
+        return S.deblend_scarlet(images, variance, None, None, psfs, peaks, DeblendConfig())
+
+    monkeypatch.setattr(S, "UNCONTESTED_MIN_ITER", 0)
+    plain = fit()
+    monkeypatch.setattr(S, "UNCONTESTED_MIN_ITER", plain.iterations + 20)
+    longer = fit()
+    assert longer.iterations == plain.iterations + 20
+    for i in (0, 1):  # the contested pair: held
+        for a, b in zip(plain.sources[i].components, longer.sources[i].components):
+            assert a.morph.shape == b.morph.shape and np.allclose(a.morph, b.morph)
+    far = [np.abs(a.morph - b.morph).max() for a, b in zip(plain.sources[2].components, longer.sources[2].components)]
+    assert max(far) > 1e-3
