@@ -1510,3 +1510,65 @@ def test_wings_below_the_sparsity_threshold_keep_their_flux(peak_snr, monkeypatc
     monkeypatch.setattr(S, "WING_FLOOR", 0.7)
     monkeypatch.setattr(S, "WING_SNR", 0.0)
     np.testing.assert_allclose(fluxes()[1], cut, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("peak_snr", [8.0, 15.0])
+def test_a_lone_bright_source_gets_the_wing_too(peak_snr, monkeypatch):
+    # WING_SINGLE: a one-source blend (an isolated parent's fit) has no
+    # neighbour whose light a fixed wing could take, so every component gets
+    # the wing, not only faint sources'. A noise-free gri exponential disc
+    # (scale 3 px) whose start is well above FAINT_SYMMETRY_SNR. Measured
+    # (r): -10.0 / -8.4 % without, -5.8 / -3.9 % with the wing at peak S/N 8 /
+    # 15 (the Gaussian-edge continuation is shorter than an exponential's
+    # tail; at peak S/N 4 the source is faint and had the wing already).
+    H = W = 64
+    y, x = np.mgrid[0:H, 0:W]
+    psfs = psf_stack([1.5, 1.35, 1.28], size=25)
+    m = np.exp(-np.hypot(y - 32.2, x - 31.8) / 3.0)
+    m /= m.sum()
+    spec = [3000.0, 4000.0, 5000.0]
+    img = np.stack([fftconvolve(m * s, p, mode="same") for s, p in zip(spec, psfs)]).astype(np.float32)
+    truth = img.sum(axis=(1, 2))
+    var = np.full((3, H, W), (img[1].max() / peak_snr) ** 2, np.float32)
+    peaks = np.array([[32.0, 32.0]])
+
+    def errors():
+        res = S.deblend_scarlet(img, var, None, None, psfs, peaks, DeblendConfig())
+        assert not res.sources[0].flags & SOURCE_PSF_INIT
+        return render(res.sources[0].components, res.extra["diff_kernels"], img.shape[1:]).sum(axis=(1, 2)) / truth - 1
+
+    with_wing = errors()
+    monkeypatch.setattr(S, "WING_SINGLE", False)
+    without = errors()
+    assert np.all(np.abs(with_wing) < 0.7 * np.abs(without))
+    assert np.all(without < -0.04)  # the threshold does cut this disc's wing
+
+
+def test_uncontested_sources_iterate_on_with_the_contested_held(monkeypatch):
+    # UNCONTESTED_MIN_ITER: once a blend has converged, the sources whose boxes
+    # overlap no other source's keep iterating (to that many iterations), the
+    # others held as they were: their morphologies are those of the plain fit.
+    rng = np.random.default_rng(11)
+    H, W, B = 48, 90, 3
+    psfs = psf_stack([1.3, 1.4, 1.5])
+    peaks = np.array([[24.0, 20.0], [25.0, 29.0], [23.5, 72.0]])
+    truth = np.zeros((B, H, W))
+    for (cy, cx), amp, sig in zip(peaks, (200.0, 120.0, 40.0), (2.5, 2.0, 1.8)):
+        truth += rng.uniform(0.6, 1.4, B)[:, None, None] * amp * gaussian_image((H, W), cy, cx, sig)[None]
+    images = np.stack([fftconvolve(truth[b], psfs[b], mode="same") for b in range(B)])
+    images += rng.normal(0, 1.0, images.shape)
+    variance = np.ones_like(images)
+
+    def fit():
+        return S.deblend_scarlet(images, variance, None, None, psfs, peaks, DeblendConfig())
+
+    monkeypatch.setattr(S, "UNCONTESTED_MIN_ITER", 0)
+    plain = fit()
+    monkeypatch.setattr(S, "UNCONTESTED_MIN_ITER", plain.iterations + 20)
+    longer = fit()
+    assert longer.iterations == plain.iterations + 20
+    for i in (0, 1):  # the contested pair: held
+        for a, b in zip(plain.sources[i].components, longer.sources[i].components):
+            assert a.morph.shape == b.morph.shape and np.allclose(a.morph, b.morph)
+    far = [np.abs(a.morph - b.morph).max() for a, b in zip(plain.sources[2].components, longer.sources[2].components)]
+    assert max(far) > 1e-3

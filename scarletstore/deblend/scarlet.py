@@ -80,6 +80,11 @@ WING_FLOOR = 0.7            # sparsity-cut pixels get an extrapolated wing down 
 WING_STEEP = 2.0            # ... decaying this many times as fast as the mean slope from peak to threshold
 WING_FAINT_ONLY = True      # ... for the components of faint sources only: start S/N below
 WING_SNR = 50.0             # this (the same as FAINT_SYMMETRY_SNR; docs/design.md, "Colours of faint sources")
+WING_SINGLE = True          # ... and every component of a one-source blend (no neighbour to take from)
+WING_UNCONTESTED = False    # ... and of a source whose start box overlaps no other source's
+COLD_MIN_ITER = 0           # a cold fit runs at least this many iterations (config.min_iter if more; off)
+UNCONTESTED_MIN_ITER = 40   # a converged blend's uncontested sources iterate on (others frozen) to this
+UNCONTESTED_BLEND = -1.0    # ... uncontested: model blendedness below this (< 0: no box overlap)
 RESIDUAL_ROUNDS = 3         # residual source search (config.residual_sources): rounds of search + refit ...
 RESIDUAL_MAX_NEW = 5        # ... and new sources per blend at most
 RESIDUAL_MIN_SEP = 2.5      # px a new source keeps from every peak (closer: that source's own residual)
@@ -715,9 +720,17 @@ class _Loop:
         self.bg = float(config.background_thresh)
         # per component (floor, steepness) of the extrapolated wing: faint
         # sources only (start S/N below WING_SNR, whose cut wings are a large
-        # part of their light)
+        # part of their light), and every component of a one-source fit
+        # (docs/design.md, "Convergence of uncontested sources")
         self.wing = np.zeros((K, 2))
         self.wing[state.snr[state.source] < WING_SNR if WING_FAINT_ONLY else slice(None)] = (WING_FLOOR, WING_STEEP)
+        n_src = int(state.source.max()) + 1 if K else 0
+        # not with the residual search: the wing of one source then takes an
+        # undetected neighbour's light (a star on a galaxy's slope went unfound)
+        if WING_SINGLE and n_src == 1 and not config.residual_sources:
+            self.wing[:] = (WING_FLOOR, WING_STEEP)
+        if WING_UNCONTESTED and n_src > 1:
+            self.wing[_uncontested(state)[state.source]] = (WING_FLOOR, WING_STEEP)
         # the sources' pixels, on which convergence is judged: the boxes (which
         # end where the morphologies fall below the noise) grown by a few
         # pixels of PSF wing. Grown by the whole difference kernel instead (12
@@ -727,6 +740,24 @@ class _Loop:
         _k.boxes_region(state.box, REGION_GROW, REGION_GROW, H, W, self.region)
         self.prev = None
         self.nover = None
+        self.frozen = None  # components held fixed (see freeze_contested)
+        self.extend = False  # iterating on past convergence (freeze_contested)
+
+    def freeze_contested(self):
+        """Hold the components of sources whose boxes overlap another source's;
+        True when some source is left to iterate."""
+        st = self.state
+        if not self.adam or st.box.shape[0] == 0 or int(st.source.max()) == 0:
+            return False
+        if UNCONTESTED_BLEND >= 0:
+            frozen = ~(_model_blendedness(st, self.H, self.W) < UNCONTESTED_BLEND)[st.source]
+        else:
+            frozen = ~_uncontested(st)[st.source]
+        if frozen.all():
+            return False
+        self.frozen = frozen if frozen.any() else None
+        self.extend = True
+        return True
 
     def evaluate(self, data, w):
         """Render and convolve the current model; (loss, loss on the sources' pixels).
@@ -749,6 +780,11 @@ class _Loop:
             self.t_f = 1.0
         self.prev = loss
         G = self.conv.adjoint_padded(self.bufs[1], self.bufs[3])[:, :self.H, :self.W]
+        held = None
+        if self.frozen is not None:
+            # a component without flux is skipped by the step kernels
+            held = st.spec[self.frozen].copy()
+            st.spec[self.frozen] = 0
         if self.adam:
             _k.adaprox_step(st.spec, st.morph, st.box, st.off, st.ctr, self.sym, self.shift, G,
                             it + 1, ADAM_B1, ADAM_B2, STEP_MORPH, REL_MORPH, STEP_SPEC,
@@ -765,6 +801,8 @@ class _Loop:
                           beta, self.kappa, self.nover, inv_var, self.bg, self.wing, self.mom_s,
                           self.mom_m[0], config.monotonic, MONO_WEIGHTED, self.sym_s, st.order, st.nbr,
                           self.tsum, self.contest, self.spec_sum, self.sib)
+        if held is not None:
+            st.spec[self.frozen] = held
 
     def maintain(self, iterations, data, w, joint):
         """Between steps: re-solve the spectra early on, and resize the boxes every few."""
@@ -805,6 +843,40 @@ class _Loop:
         return loss
 
 
+def _uncontested(state):
+    """Per source: True when none of its components' boxes overlaps another source's."""
+    box, src = state.box, state.source
+    n = int(src.max()) + 1
+    y0, x0, h, w = box[:, 0], box[:, 1], box[:, 2], box[:, 3]
+    over = ((y0[:, None] < (y0 + h)[None]) & (y0[None] < (y0 + h)[:, None])
+            & (x0[:, None] < (x0 + w)[None]) & (x0[None] < (x0 + w)[:, None])
+            & (src[:, None] != src[None]))
+    out = np.ones(n, bool)
+    out[src[over.any(axis=1)]] = False
+    return out
+
+
+def _model_blendedness(state, H, W):
+    """Per source: 1 - sum(O^2) / sum(O T) of its band-summed (unconvolved)
+    model O against the scene's T, like the truth blendedness."""
+    n = int(state.source.max()) + 1
+    own = [np.zeros((H, W), np.float64) for _ in range(n)]
+    for k in range(state.box.shape[0]):
+        y0, x0, h, w = (int(v) for v in state.box[k])
+        m = state.morph[state.off[k]:state.off[k] + h * w].reshape(h, w) * float(state.spec[k].sum())
+        ya, xa = max(y0, 0), max(x0, 0)
+        yb, xb = min(y0 + h, H), min(x0 + w, W)
+        if yb > ya and xb > xa:
+            own[state.source[k]][ya:yb, xa:xb] += m[ya - y0:yb - y0, xa - x0:xb - x0]
+    total = np.sum(own, axis=0)
+    out = np.ones(n)
+    for i, o in enumerate(own):
+        s_ot = (o * total).sum()
+        if s_ot > 0:
+            out[i] = 1 - (o * o).sum() / s_ot
+    return out
+
+
 def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs):
     """Run the optimiser on ``state`` (modified in place) with ``config``.
 
@@ -820,6 +892,8 @@ def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs
     converged = False
     iterations = 0
     best = (math.inf, None)
+    # a warm start continues a converged fit: only the configured minimum
+    min_iter = config.min_iter if warm else max(config.min_iter, COLD_MIN_ITER)
     for it in range(config.max_iter + 1):
         loss, loss_src = loop.evaluate(data, w)
         history.append(-loss)
@@ -827,9 +901,13 @@ def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs
             # FISTA evaluates extrapolated points, which may break the
             # constraints: only its start is a valid fallback
             best = (loss, _snapshot(state))
-        if _converged(history, loss_src, it, config):
+        if loop.extend:
+            if it >= UNCONTESTED_MIN_ITER:
+                break
+        elif _converged(history, loss_src, it, config, min_iter):
             converged = True
-            break
+            if it >= UNCONTESTED_MIN_ITER or not loop.freeze_contested():
+                break
         if it == config.max_iter:
             break
         loop.step(it, loss, inv_var)
@@ -875,7 +953,7 @@ def _contest_ratios(state, config, sym_s):
     return out
 
 
-def _converged(history, loss_src, it, config):
+def _converged(history, loss_src, it, config, min_iter=None):
     """Mean relative change of the loss over the last CONVERGE_RUN iterations.
 
     Relative to the loss on the sources' pixels, not the whole blend: sky
@@ -889,7 +967,7 @@ def _converged(history, loss_src, it, config):
     at logL -8371 instead of -8159 (docs/design.md).
     """
     n = CONVERGE_RUN
-    if it < max(config.min_iter, n):
+    if it < max(config.min_iter if min_iter is None else min_iter, n):
         return False
     change = sum(abs(history[-1 - i] - history[-2 - i]) for i in range(n))
     return change <= n * config.relative_error * abs(loss_src)
