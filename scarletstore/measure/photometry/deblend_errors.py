@@ -50,13 +50,13 @@ from numba import njit
 # it (a row whose bin had too few children repeats the less blended row's value there).
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((1.059, 0.738),
-               (0.646, 0.346),
-               (0.784, 0.154))
+KAPPA_TABLE = ((1.089, 0.452),
+               (0.863, 0.229),
+               (0.778, 0.277))
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 2.461
+FOOTPRINT_EDGE_SIGMA = 1.286
 # independent normalisation error of each template, as a fraction of its flux; same calibration
-FLUX_SIGMA = 0.0003
+FLUX_SIGMA = 0.0007
 
 
 def kappa_of(blendedness, snr, table=KAPPA_TABLE) -> np.ndarray:
