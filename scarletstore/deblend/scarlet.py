@@ -81,10 +81,7 @@ WING_STEEP = 2.0            # ... decaying this many times as fast as the mean s
 WING_FAINT_ONLY = True      # ... for the components of faint sources only: start S/N below
 WING_SNR = 50.0             # this (the same as FAINT_SYMMETRY_SNR; docs/design.md, "Colours of faint sources")
 WING_SINGLE = True          # ... and every component of a one-source blend (no neighbour to take from)
-WING_UNCONTESTED = False    # ... and of a source whose start box overlaps no other source's
-COLD_MIN_ITER = 0           # a cold fit runs at least this many iterations (config.min_iter if more; off)
 UNCONTESTED_MIN_ITER = 40   # a converged blend's uncontested sources iterate on (others frozen) to this
-UNCONTESTED_BLEND = -1.0    # ... uncontested: model blendedness below this (< 0: no box overlap)
 RESIDUAL_ROUNDS = 3         # residual source search (config.residual_sources): rounds of search + refit ...
 RESIDUAL_MAX_NEW = 5        # ... and new sources per blend at most
 RESIDUAL_MIN_SEP = 2.5      # px a new source keeps from every peak (closer: that source's own residual)
@@ -729,8 +726,6 @@ class _Loop:
         # undetected neighbour's light (a star on a galaxy's slope went unfound)
         if WING_SINGLE and n_src == 1 and not config.residual_sources:
             self.wing[:] = (WING_FLOOR, WING_STEEP)
-        if WING_UNCONTESTED and n_src > 1:
-            self.wing[_uncontested(state)[state.source]] = (WING_FLOOR, WING_STEEP)
         # the sources' pixels, on which convergence is judged: the boxes (which
         # end where the morphologies fall below the noise) grown by a few
         # pixels of PSF wing. Grown by the whole difference kernel instead (12
@@ -749,10 +744,7 @@ class _Loop:
         st = self.state
         if not self.adam or st.box.shape[0] == 0 or int(st.source.max()) == 0:
             return False
-        if UNCONTESTED_BLEND >= 0:
-            frozen = ~(_model_blendedness(st, self.H, self.W) < UNCONTESTED_BLEND)[st.source]
-        else:
-            frozen = ~_uncontested(st)[st.source]
+        frozen = ~_uncontested(st)[st.source]
         if frozen.all():
             return False
         self.frozen = frozen if frozen.any() else None
@@ -856,27 +848,6 @@ def _uncontested(state):
     return out
 
 
-def _model_blendedness(state, H, W):
-    """Per source: 1 - sum(O^2) / sum(O T) of its band-summed (unconvolved)
-    model O against the scene's T, like the truth blendedness."""
-    n = int(state.source.max()) + 1
-    own = [np.zeros((H, W), np.float64) for _ in range(n)]
-    for k in range(state.box.shape[0]):
-        y0, x0, h, w = (int(v) for v in state.box[k])
-        m = state.morph[state.off[k]:state.off[k] + h * w].reshape(h, w) * float(state.spec[k].sum())
-        ya, xa = max(y0, 0), max(x0, 0)
-        yb, xb = min(y0 + h, H), min(x0 + w, W)
-        if yb > ya and xb > xa:
-            own[state.source[k]][ya:yb, xa:xb] += m[ya - y0:yb - y0, xa - x0:xb - x0]
-    total = np.sum(own, axis=0)
-    out = np.ones(n)
-    for i, o in enumerate(own):
-        s_ot = (o * total).sum()
-        if s_ot > 0:
-            out[i] = 1 - (o * o).sum() / s_ot
-    return out
-
-
 def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs):
     """Run the optimiser on ``state`` (modified in place) with ``config``.
 
@@ -892,8 +863,6 @@ def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs
     converged = False
     iterations = 0
     best = (math.inf, None)
-    # a warm start continues a converged fit: only the configured minimum
-    min_iter = config.min_iter if warm else max(config.min_iter, COLD_MIN_ITER)
     for it in range(config.max_iter + 1):
         loss, loss_src = loop.evaluate(data, w)
         history.append(-loss)
@@ -904,7 +873,7 @@ def _fit(state, config, warm, refine, peaks, conv, data, w, inv_var, joint, bufs
         if loop.extend:
             if it >= UNCONTESTED_MIN_ITER:
                 break
-        elif _converged(history, loss_src, it, config, min_iter):
+        elif _converged(history, loss_src, it, config):
             converged = True
             if it >= UNCONTESTED_MIN_ITER or not loop.freeze_contested():
                 break
@@ -953,7 +922,7 @@ def _contest_ratios(state, config, sym_s):
     return out
 
 
-def _converged(history, loss_src, it, config, min_iter=None):
+def _converged(history, loss_src, it, config):
     """Mean relative change of the loss over the last CONVERGE_RUN iterations.
 
     Relative to the loss on the sources' pixels, not the whole blend: sky
@@ -967,7 +936,7 @@ def _converged(history, loss_src, it, config, min_iter=None):
     at logL -8371 instead of -8159 (docs/design.md).
     """
     n = CONVERGE_RUN
-    if it < max(config.min_iter if min_iter is None else min_iter, n):
+    if it < max(config.min_iter, n):
         return False
     change = sum(abs(history[-1 - i] - history[-2 - i]) for i in range(n))
     return change <= n * config.relative_error * abs(loss_src)
