@@ -8,6 +8,10 @@ Prints
   raw cosmic rays and hot bad columns, mostly sky, crowded, and two fields
   no setting was chosen on), with the missed sources counted by cause
   (:func:`miss_causes`) and the detection's wall and CPU time;
+* the floor of each field's recall (:func:`deblended_significance`): the
+  fraction of those sources a detector knowing every true profile could
+  find at detect's threshold, their neighbours' amplitudes and centres free,
+  and the recall among them;
 * peaks found on each real HSC cut-out of ``../shared/data``;
 * the offsets of the 7 catalogue peaks of ``../shared/data/hsc_cosmos_35.npz``;
 * numba compile time, then the median wall time and the peak memory of
@@ -212,6 +216,189 @@ def miss_causes(parents, table, snr, fwhm, bad, snr_min=10.0, radius=2.0):
     return counts
 
 
+def _crop_box(tmpl, wgt, keep=1e-6):
+    """Sub-box (in the stamp's pixels) holding all but ``keep`` of the template's
+    information sum_b T_b^2 w_b; what is cut changes any correlation coefficient
+    between two templates by at most sqrt(keep) (Cauchy-Schwarz)."""
+    info = (tmpl * tmpl * wgt).sum(axis=0)
+    tot = info.sum()
+    if tot <= 0:
+        return None
+    v = np.sort(info.ravel())
+    cut = v[np.searchsorted(np.cumsum(v), keep * tot, side="right") - 1] if v[0] <= keep * tot else -1.0
+    ys, xs = np.nonzero(info > cut)
+    return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+
+
+def _shift_derivatives(t, pad=16):
+    """d/dy and d/dx of stamps (band, h, w) by the Fourier derivative (exact for a
+    band-limited profile; central differences bias a 2 px Gaussian's by ~5 %),
+    zero-padded by ``pad`` px so the periodic images do not meet."""
+    h, w = t.shape[1:]
+    ft = np.fft.rfft2(np.pad(t, ((0, 0), (pad, pad), (pad, pad))))
+    ky = 2j * np.pi * np.fft.fftfreq(h + 2 * pad)[:, None]
+    kx = 2j * np.pi * np.fft.rfftfreq(w + 2 * pad)[None]
+    sl = np.s_[:, pad:pad + h, pad:pad + w]
+    return (np.fft.irfft2(ft * ky, s=(h + 2 * pad, w + 2 * pad))[sl],
+            np.fft.irfft2(ft * kx, s=(h + 2 * pad, w + 2 * pad))[sl])
+
+
+def deblended_significance(templates, boxes, variance, good=None, centres=True, keep=1e-6,
+                           model_frac=0.0):
+    """Significance of each source beyond what its neighbours can absorb.
+
+    Every source's noise-free ``templates[k]`` (band, h, w), placed at
+    ``boxes[k] = (y0, x0, h, w)`` in image pixels, is known; free are every
+    source's per-band amplitudes and (with ``centres``) its (y, x) shift to first
+    order (the template's y and x derivatives times its amplitude, which keeps
+    the model linear). With inverse-variance weights (0 where ``good`` is False)
+    the Fisher matrix F of all parameters is inverted once; at the truth every
+    amplitude is 1 and every shift 0. Per source:
+
+    * ``plain`` / ``plain_band``: its optimal S/N alone (no neighbours), all bands / per band;
+    * ``amp_sn``: the S/N of its amplitude with the SED known, all other
+      parameters (its own centre too) marginalised: sqrt(1^T C_aa^-1 1), C_aa its
+      amplitudes' block of F^-1 (equals ``plain`` for a lone source);
+    * ``dchi2``: the likelihood ratio of the model with and without it, the
+      neighbours refitted (the expected chi^2 increase when its amplitudes and
+      shifts are set to 0): theta^T C_kk^-1 theta over its whole block;
+    * ``z`` / ``z_lr``: ``amp_sn^2`` / ``dchi2`` mapped as :func:`detect` maps its
+      multi-band chi^2 (positive-flux mixture over the bands with light) to a
+      one-sided Gaussian significance, so it compares with detect's threshold;
+    * ``nbands``: bands with light in the template.
+
+    ``model_frac`` > 0 adds ``(model_frac * M)^2`` to the variance, M the sum of all
+    templates: profiles known only to that fraction per pixel (uncorrelated),
+    a crude stand-in for the unknown morphologies a real detector faces.
+    """
+    from scarletstore.detect.filters import positive_chi2_significance
+
+    var = np.asarray(variance, np.float64)
+    nb, ny, nx = var.shape
+    if model_frac > 0:
+        total = np.zeros_like(var)
+        for t, (y0, x0, h, w) in zip(templates, boxes):
+            a0, b0, a1, b1 = max(y0, 0), max(x0, 0), min(y0 + h, ny), min(x0 + w, nx)
+            if a1 > a0 and b1 > b0:
+                total[:, a0:a1, b0:b1] += np.asarray(t, np.float64)[:, a0 - y0:a1 - y0, b0 - x0:b1 - x0]
+        var = var + (model_frac * total) ** 2
+    with np.errstate(divide="ignore"):
+        wgt = np.where(var > 0, 1.0 / var, 0.0)
+    if good is not None:
+        wgt = wgt * np.asarray(good, bool)
+    nd = 3 if centres else 1
+    npar = nb + (2 if centres else 0)
+    n = len(templates)
+    basis, cbox = [], []
+    plain_band = np.zeros((n, nb))
+    for k, (t, (y0, x0, h, w)) in enumerate(zip(templates, boxes)):
+        t = np.asarray(t, np.float64)
+        a0, b0, a1, b1 = max(y0, 0), max(x0, 0), min(y0 + h, ny), min(x0 + w, nx)
+        sub = t[:, a0 - y0:a1 - y0, b0 - x0:b1 - x0] if a1 > a0 and b1 > b0 else t[:, :0, :0]
+        ww = wgt[:, a0:a1, b0:b1]
+        plain_band[k] = np.sqrt((sub * sub * ww).sum(axis=(1, 2)))
+        cb = _crop_box(sub, ww, keep) if sub.size else None
+        if cb is None:
+            basis.append(None)
+            cbox.append((0, 0, 0, 0))
+            continue
+        # derivatives on the whole stamp, then cropped (no edge effects inside the crop)
+        der = [t] + (list(_shift_derivatives(t)) if centres else [])
+        st = np.stack(der, axis=1)[:, :, a0 - y0:a1 - y0, b0 - x0:b1 - x0]
+        ya, yb, xa, xb = cb
+        basis.append(st[:, :, ya:yb, xa:xb])
+        cbox.append((a0 + ya, a0 + yb, b0 + xa, b0 + xb))
+    cb = np.array(cbox, np.int64).reshape(-1, 4)
+    ov = ((np.maximum(cb[:, None, 0], cb[None, :, 0]) < np.minimum(cb[:, None, 1], cb[None, :, 1]))
+          & (np.maximum(cb[:, None, 2], cb[None, :, 2]) < np.minimum(cb[:, None, 3], cb[None, :, 3])))
+    F = np.zeros((n * npar, n * npar))
+    for i, j in np.argwhere(np.triu(ov)):
+        ya, yb = max(cb[i, 0], cb[j, 0]), min(cb[i, 1], cb[j, 1])
+        xa, xb = max(cb[i, 2], cb[j, 2]), min(cb[i, 3], cb[j, 3])
+        bi = basis[i][:, :, ya - cb[i, 0]:yb - cb[i, 0], xa - cb[i, 2]:xb - cb[i, 2]].reshape(nb, nd, -1)
+        bj = basis[j][:, :, ya - cb[j, 0]:yb - cb[j, 0], xa - cb[j, 2]:xb - cb[j, 2]].reshape(nb, nd, -1)
+        M = np.einsum("bpn,bqn->bpq", bi, bj * wgt[:, ya:yb, xa:xb].reshape(nb, 1, -1))
+        blk = np.zeros((npar, npar))
+        blk[np.arange(nb), np.arange(nb)] = M[:, 0, 0]  # amplitudes meet only in their own band
+        if centres:
+            blk[:nb, nb:] = M[:, 0, 1:]
+            blk[nb:, :nb] = M[:, 1:, 0].T
+            blk[nb:, nb:] = M[:, 1:, 1:].sum(axis=0)
+        F[i * npar:(i + 1) * npar, j * npar:(j + 1) * npar] = blk
+        F[j * npar:(j + 1) * npar, i * npar:(i + 1) * npar] = blk.T
+    d = np.diag(F).copy()
+    amp = (np.arange(n * npar) % npar) < nb
+    # a band carrying < 1e-8 of a template's information has no amplitude to fit
+    ref = np.repeat(np.maximum((plain_band ** 2).max(axis=1), 1e-300), npar)
+    used = np.flatnonzero(d > np.where(amp, 1e-8 * ref, 0.0))
+    s = 1.0 / np.sqrt(d[used])
+    Fs = F[np.ix_(used, used)] * s[:, None] * s[None]
+    C = np.zeros_like(F)
+    # Jacobi-scaled; the tiny ridge only matters for exactly coincident templates
+    C[np.ix_(used, used)] = np.linalg.inv(Fs + 1e-12 * np.eye(len(used))) * s[:, None] * s[None]
+    pos = np.full(n * npar, -1)
+    pos[used] = used
+    amp_sn, dchi2, nbands = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
+    for k in range(n):
+        blk = [p for p in range(k * npar, (k + 1) * npar) if pos[p] >= 0]
+        ka = [p for p in blk if amp[p]]
+        nbands[k] = len(ka)
+        if not ka:
+            continue
+        Caa = C[np.ix_(ka, ka)]
+        one = np.ones(len(ka))
+        amp_sn[k] = np.sqrt(max(one @ np.linalg.solve(Caa, one), 0.0))
+        theta = amp[blk].astype(float)
+        dchi2[k] = max(theta @ np.linalg.solve(C[np.ix_(blk, blk)], theta), 0.0)
+    z = np.zeros(n)
+    z_lr = np.zeros(n)
+    ok = nbands > 0
+    if ok.any():
+        z[ok] = positive_chi2_significance(amp_sn[ok][None] ** 2, nbands[ok][None])[0]
+        z_lr[ok] = positive_chi2_significance(dchi2[ok][None], nbands[ok][None])[0]
+    return {"plain": np.sqrt((plain_band ** 2).sum(axis=1)), "plain_band": plain_band,
+            "amp_sn": amp_sn, "dchi2": dchi2, "z": z, "z_lr": z_lr, "nbands": nbands}
+
+
+def field_floor(exp, out_dir, model_frac=0.0):
+    """:func:`deblended_significance` of every true source of a simulated field
+    (truth stamps as templates, the exposure's variance, bad-plane pixels of
+    each band at weight 0), in the truth table's row order."""
+    from scarletstore.simulate.field import load_truth
+
+    table, stamps = load_truth(out_dir)
+    planes = json.loads(exp.attrs.get("mask_planes", "{}"))
+    from scarletstore.ingest.masks import DEFAULT_BAD_PLANES
+
+    bits = sum(1 << int(planes[p]) for p in DEFAULT_BAD_PLANES if p in planes)
+    good = (exp["mask"].values & bits) == 0
+    ids = [int(i) for i in table["id"]]
+    return deblended_significance([stamps[i][1] for i in ids], [stamps[i][0] for i in ids],
+                                  exp["variance"].values, good, model_frac=model_frac)
+
+
+def floor_quality(parents, table, snr, fl, threshold, snr_min=10.0, radius=2.0):
+    """Recall against the floor: of the true SNR > ``snr_min`` sources, the fraction
+    whose deblended significance (:func:`deblended_significance` ``z_lr``, the
+    likelihood ratio; and ``z``, the amplitude alone) exceeds the detection
+    ``threshold`` (what a detector knowing every profile could reach), and the
+    recall among those sources; and ``z_for_target``, the 3rd percentile of
+    their ``z_lr``: a recall of 0.97 needs every source down to it found."""
+    ty, tx = np.asarray(table["y"], float), np.asarray(table["x"], float)
+    mt, _ = match(ty, tx, parents["peak_y"].values, parents["peak_x"].values, radius)
+    sel = snr > snr_min
+    found = mt >= 0
+    # 0.97 recall needs every source found down to this deblended significance
+    out = {"z_for_target": float(np.percentile(fl["z_lr"][sel], 3)) if sel.any() else float("nan")}
+    for key in ("z_lr", "z"):
+        ok = sel & (fl[key] > threshold)
+        out[key] = {"attainable": float(ok.sum() / max(sel.sum(), 1)),
+                    "recall_attainable": float(found[ok].mean()) if ok.any() else float("nan"),
+                    "n_attainable": int(ok.sum()), "missed_attainable": int((ok & ~found).sum()),
+                    "missed_below": int((sel & ~ok & ~found).sum())}
+    return out
+
+
 def bad_pixels(exp):
     """Pixels a default bad plane flags in any band (what detection ignores)."""
     from scarletstore.ingest.masks import DEFAULT_BAD_PLANES
@@ -341,6 +528,18 @@ def main(argv=None):
                   f"  pairs {q['n_pairs']} split {q['split_rate']:.3f} (>= 0.90)  residual peaks {resid}")
             causes = miss_causes(parents, table, snr, fwhm_i, bad_pixels(fexp))
             print("  misses: " + (", ".join(f"{v} {k}" for k, v in causes.items() if v) or "none"))
+            t = time.perf_counter()
+            thr = float(parents.attrs["threshold"])
+            fq = floor_quality(parents, table, snr, field_floor(fexp, fdir), thr)
+            f10 = floor_quality(parents, table, snr, field_floor(fexp, fdir, 0.1), thr)["z_lr"]
+            lr, am = fq["z_lr"], fq["z"]
+            print(f"  floor (true profiles known; all amplitudes + centres free; deblended Z > {thr:g}):"
+                  f" attainable {lr['attainable']:.3f}, recall of those {lr['recall_attainable']:.3f}"
+                  f" (misses {lr['missed_attainable']} attainable, {lr['missed_below']} below); by"
+                  f" amplitude S/N alone {am['attainable']:.3f} / {am['recall_attainable']:.3f}; profiles"
+                  f" known to 10 % per px {f10['attainable']:.3f} / {f10['recall_attainable']:.3f};"
+                  f" 0.97 needs all down to deblended Z {fq['z_for_target']:.1f}"
+                  f" ({time.perf_counter() - t:.1f} s)")
             if name == "default":
                 exp = fexp
 
