@@ -276,3 +276,46 @@ def test_calibration_recovers_known_constants():
     assert kappa[2, 1] == kappa[1, 1]  # not fitted: too few children of its own
     pulls = s["d"][8:] / np.sqrt(variance(s, np.concatenate([[lam, f], kappa.ravel()]))[8:])
     assert 0.93 < _width(pulls) < 1.07
+
+
+def _moffat(beta, fwhm, size=41):
+    y, x = np.indices((size, size)) - size // 2
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    p = (1 + (x * x + y * y) / alpha ** 2) ** -beta
+    return p / p.sum()
+
+
+def test_psf_wing_ratio_measures_the_wings_not_the_size():
+    """A Gaussian's second moment over FWHM^2 is 2 / (8 ln 2) = 0.361; Moffat PSFs have more the
+    stronger their wings (smaller beta), whatever their stamp (the pixel sampling of a 3-5 px
+    FWHM moves the ratio by a few per cent, the beta 2.5-4.5 span is a factor 1.8)."""
+    from scarletstore.measure.photometry.deblend_errors import psf_wing_ratio
+
+    sigma = 1.8
+    y, x = np.indices((41, 41)) - 20
+    gauss = np.exp(-(x * x + y * y) / (2 * sigma ** 2))
+    assert psf_wing_ratio(gauss) == pytest.approx(2 / (8 * np.log(2)), rel=0.06)
+    ratios = [psf_wing_ratio(_moffat(beta, 4.0)) for beta in (2.5, 2.8, 3.5, 4.5)]
+    assert all(a > b for a, b in zip(ratios, ratios[1:])) and ratios[-1] > 0.45
+    for beta in (2.5, 4.5):
+        assert psf_wing_ratio(_moffat(beta, 4.0, 61)) == pytest.approx(psf_wing_ratio(_moffat(beta, 4.0)), rel=0.01)
+        assert psf_wing_ratio(_moffat(beta, 3.2, 51)) == pytest.approx(psf_wing_ratio(_moffat(beta, 4.0)), rel=0.08)
+    assert np.isnan(psf_wing_ratio(np.zeros((5, 5))))
+
+
+def test_wing_scale_is_the_power_of_the_ratio_held_to_the_calibrated_span():
+    from scarletstore.measure.photometry.deblend_errors import (KAPPA_WING_RANGE, KAPPA_WING_REF,
+                                                                psf_wing_ratio, wing_scale)
+
+    wide, narrow = _moffat(2.8, 4.0), _moffat(4.5, 4.0)
+    for psf in (wide, narrow):
+        w = psf_wing_ratio(psf)
+        assert KAPPA_WING_RANGE[0] < w < KAPPA_WING_RANGE[1]
+        assert wing_scale(psf, -1.3) == pytest.approx((w / KAPPA_WING_REF) ** -1.3, rel=1e-12)
+        assert wing_scale(psf, 0.0) == 1.0
+    assert wing_scale(narrow, -1.0) > 1.0 > wing_scale(wide, -1.0)
+    y, x = np.indices((41, 41)) - 20
+    gauss = np.exp(-(x * x + y * y) / (2 * 1.8 ** 2))  # ratio 0.36: below the span, taken as its end
+    assert wing_scale(gauss, -1.0) == pytest.approx(KAPPA_WING_REF / KAPPA_WING_RANGE[0], rel=1e-12)
+    assert wing_scale(np.zeros((5, 5)), -1.0) == 1.0
+
