@@ -53,18 +53,18 @@ from numba import njit
 # it (a row whose bin had too few children repeats the less blended row's value there).
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((1.089, 0.452),
-               (0.863, 0.229),
-               (0.778, 0.277))
+KAPPA_TABLE = ((1.168, 0.532),
+               (0.949, 0.036),
+               (0.786, 0.333))
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 1.286
+FOOTPRINT_EDGE_SIGMA = 1.238
 # independent normalisation error of each template, as a fraction of its flux; same calibration
-FLUX_SIGMA = 0.0007
+FLUX_SIGMA = 0.0008
 # kappa scales with the band PSF's wings as (psf_wing_ratio / KAPPA_WING_REF) ** KAPPA_WING_POWER;
 # the reference is fixed (about the simulator's default Moffat beta 3.5), the power fitted
 # with the table (same calibration; 0 leaves kappa as the table has it)
 KAPPA_WING_REF = 0.7
-KAPPA_WING_POWER = 0.0
+KAPPA_WING_POWER = -0.915
 # wing ratios outside the calibration fields' span (Moffat beta 4.5-2.5) count as its ends
 KAPPA_WING_RANGE = (0.55, 1.1)
 
