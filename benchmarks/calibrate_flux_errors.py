@@ -9,18 +9,23 @@ each) in seed *and* settings: seed 21 (500 px, density 130, grizy), seed 22
 (550 px, density 75, gri), seed 25 (600 px, Moffat beta 2.8, grizy) and
 seed 26 (600 px, density 90, griz, 8 bright stars: without bright stars the
 normalisation term had no children above S/N ~3000 to hold it and made the
-isolated bright stars' errors 3-5x too large). Children matched to truth with truth S/N > 10
+isolated bright stars' errors 3-5x too large), and, so that the PSF's wings
+can be fitted, seed 27 (600 px, density 100, grizy, Moffat beta 2.5), seed 28
+(550 px, density 110, rizy, beta 4.5) and seed 29 (500 px, density 180, rizy:
+crowded). Children matched to truth with truth S/N > 10
 (noise part) are scored in every band of their field. The variance of a
 child is linear in the squared constants, ``var_i = noise_i^2 + (lambda
 E_i)^2 + (f F_i)^2 + sum_bin kappa_bin^2 V_i,bin`` (``noise``: the
 library's noise part, ``E``: the child's light on the footprint edge,
 ``F`` its flux, ``V`` its contested fluxes squared by the bin of each
-template it shares pixels with), so these ingredients are recorded once per
-blend while one catalog is computed; the constants are then fitted to the
-pull widths of groups of children (see :func:`groups` and :func:`solve`).
+template it shares pixels with, times ``W^(2 p)`` with ``W`` the band PSF's
+wing ratio over ``KAPPA_WING_REF`` and ``p`` = ``KAPPA_WING_POWER``), so these
+ingredients are recorded once per blend while one catalog is computed; the
+constants are then fitted to the pull widths of groups of children (see
+:func:`groups`, :func:`solve` and, for the power, :func:`solve_power`).
 
 Usage: ``python benchmarks/calibrate_flux_errors.py [--write | --realisations] [--samples FILE]``;
-``--write`` puts the constants into ``scarletstore/measure/photometry/deblend_errors.py``
+``--write`` puts the constants (and ``KAPPA_WING_POWER``) into ``scarletstore/measure/photometry/deblend_errors.py``
 (re-run it after a change to the deblender: its templates set them);
 ``--realisations`` only splits the errors of two calibration fields into what
 the noise moves and what stays with the scene (:func:`realisations`);
@@ -43,7 +48,10 @@ CALIBRATION_FIELDS = [dict(size=500, seed=21, density=130.0, bands="grizy"),
                       dict(size=600, seed=23, density=110.0, bands="griz"),
                       dict(size=550, seed=24, density=75.0, bands="gri"),
                       dict(size=600, seed=25, density=90.0, bands="grizy", psf_beta=2.8),
-                      dict(size=600, seed=26, density=90.0, bands="griz", bright_stars=8)]
+                      dict(size=600, seed=26, density=90.0, bands="griz", bright_stars=8),
+                      dict(size=600, seed=27, density=100.0, bands="grizy", psf_beta=2.5),
+                      dict(size=550, seed=28, density=110.0, bands="rizy", psf_beta=4.5),
+                      dict(size=500, seed=29, density=180.0, bands="rizy")]
 MIN_PER_BIN = 15
 SNR_BINS = (20.0, 50.0, 100.0)  # S/N bins (noise part) of the children alone in their blend (groups)
 ERRORS_MODULE = Path(__file__).resolve().parent.parent / "scarletstore" / "measure" / "photometry" / "deblend_errors.py"
@@ -126,8 +134,10 @@ def samples(fields=CALIBRATION_FIELDS):
     from scarletstore.store.store import Store
 
     nb, ns = len(BLENDEDNESS_EDGES) + 1, len(SNR_EDGES) + 1
-    out = {k: [] for k in ("d", "noise", "bin", "V", "E", "F", "truth_blendedness", "cell", "model_blendedness",
-                           "neighbour_found")}
+    from scarletstore.measure.photometry.deblend_errors import wing_scale
+
+    out = {k: [] for k in ("d", "noise", "bin", "V", "E", "F", "W", "truth_blendedness", "cell",
+                           "model_blendedness", "neighbour_found")}
     for spec in fields:
         store, sim = field(**spec)
         st = Store(store)
@@ -135,6 +145,9 @@ def samples(fields=CALIBRATION_FIELDS):
             table, tblend = _truth(sim, st, band)
             lazy, seen = _recording_catalog(st, band)
             cat = lazy.compute()
+            # the band PSF's wing ratio over KAPPA_WING_REF, held to the calibrated span (the
+            # run's PSF: the calibration fields are simulated)
+            wing = wing_scale(cat.attrs["_measurer"].photometry.psf(0)[0], power=1.0)
             ma = _matched(cat, table)
             ok = ma >= 0
             t = np.asarray(table[f"flux_{band}"])[ma[ok]]
@@ -146,6 +159,7 @@ def samples(fields=CALIBRATION_FIELDS):
             nbr = _main_neighbours(sim, table, band)[ma[ok]]
             cols = {"d": f - t, "noise": np.array([r[0] for r in rows]), "V": np.array([r[1] for r in rows]),
                     "E": np.array([r[2] for r in rows]), "F": np.array([r[3] for r in rows]),
+                    "W": np.full(ok.sum(), wing),
                     "bin": np.array([r[4] for r in rows], np.int64), "truth_blendedness": tblend[ma[ok]],
                     "cell": np.full(ok.sum(), f"{spec['seed']}:{band}"),
                     "model_blendedness": cat["blendedness"].values[ok],
@@ -186,15 +200,19 @@ def groups(s, shape):
     return [g for g in out if len(g) >= MIN_PER_BIN]
 
 
-def variance(s, params):
-    """Each child's variance for constants ``params = (lambda, f, kappa...)``."""
+def variance(s, params, power=0.0):
+    """Each child's variance for constants ``params = (lambda, f, kappa...)`` and the power of the
+    PSF's wing ratio on kappa (``s["W"]``: each child's band PSF's ratio over ``KAPPA_WING_REF``)."""
     lam, f, kappa = params[0], params[1], params[2:]
-    return s["noise"] ** 2 + (lam * s["E"]) ** 2 + (f * s["F"]) ** 2 + s["V"] @ np.square(kappa)
+    v = s["V"] @ np.square(kappa)
+    if power:
+        v = v * s["W"] ** (2 * power)
+    return s["noise"] ** 2 + (lam * s["E"]) ** 2 + (f * s["F"]) ** 2 + v
 
 
-def _cost(s, groups_, params):
+def _cost(s, groups_, params, power=0.0):
     """Sum over groups of sqrt(n) log(width)^2 for constants ``params = (lambda, f, kappa...)``."""
-    p = s["d"] / np.sqrt(variance(s, params))
+    p = s["d"] / np.sqrt(variance(s, params, power))
     return sum(np.sqrt(len(g)) * np.log(max(_width(p[g]), 1e-6)) ** 2 for g in groups_)
 
 
@@ -206,7 +224,7 @@ STARTS = ((0.7, 0.005, (0.5, 0.5, 0.5, 0.5, 0.5, 0.5)),
           (1.5, 0.0, (0.3, 0.3, 0.3, 0.3, 0.3, 0.3)))
 
 
-def solve(s, shape):
+def solve(s, shape, power=0.0):
     """Edge jitter, normalisation error and kappa table minimising :func:`_cost`.
 
     Powell's method (no derivatives: the cost is made of medians) from every
@@ -217,6 +235,7 @@ def solve(s, shape):
     bright most-blended bin of the calibration fields took kappa 2.3 when
     fitted, widening their neighbours' errors). Coordinate sweeps over grids,
     used before, stopped in worse minima: in-sample cost 5.21 against 5.14.
+    ``power``: the PSF wing ratio's power on kappa, held (see :func:`solve_power`).
     Returns ``(kappa, lambda, f, counts)``.
     """
     from scipy.optimize import minimize
@@ -241,28 +260,54 @@ def solve(s, shape):
     best = None
     for lam, f, kappa in STARTS:
         x0 = np.concatenate([[lam, f], np.resize(kappa, nb * ns)])[free]
-        r = minimize(lambda x: _cost(s, g, full(x)), x0, method="Powell",
+        r = minimize(lambda x: _cost(s, g, full(x), power), x0, method="Powell",
                      options=dict(xtol=1e-3, ftol=1e-4, maxfev=4000))
         if best is None or r.fun < best.fun:
             best = r
     params = full(best.x)
-    print(f"cost {best.fun:.3f} over {len(g)} groups")
+    print(f"cost {best.fun:.3f} over {len(g)} groups" + (f" (wing power {power:.3f})" if power else ""))
+    solve.last_cost = best.fun
     return params[2:].reshape(nb, ns), params[0], params[1], own.reshape(nb, ns)
 
 
-def constants_text(kappa, lam, f) -> dict:
-    """Source lines of the three constants, by name."""
+POWER_BOUNDS = (-3.0, 1.0)  # search range of the wing ratio's power on kappa
+
+
+def solve_power(s, shape, bounds=POWER_BOUNDS, xatol=0.05):
+    """:func:`solve` with the wing ratio's power on kappa fitted too: a bounded scalar search
+    (Brent) of the power, the rest refitted by :func:`solve` at each step (a joint Powell fit of
+    the power with the table stopped in the flat minima of the table). Samples without a spread
+    of wing ratios (``s["W"]`` all alike) keep power 0. Returns ``(kappa, lambda, f, counts, power)``.
+    """
+    from scipy.optimize import minimize_scalar
+
+    w = np.asarray(s.get("W", np.ones(1)), np.float64)
+    if np.ptp(np.log(w[np.isfinite(w) & (w > 0)])) < 0.05:
+        return (*solve(s, shape), 0.0)
+    fits = {}
+
+    def cost(p):
+        fits[p] = solve(s, shape, p)
+        return solve.last_cost
+
+    r = minimize_scalar(cost, bounds=bounds, method="bounded", options=dict(xatol=xatol))
+    p = min(fits, key=lambda q: abs(q - r.x))
+    return (*fits[p], float(p))
+
+
+def constants_text(kappa, lam, f, power=0.0) -> dict:
+    """Source lines of the four constants, by name."""
     rows = ",\n               ".join("(" + ", ".join(f"{x:.3f}" for x in row) + ")" for row in kappa)
     return {"KAPPA_TABLE": f"KAPPA_TABLE = ({rows})", "FOOTPRINT_EDGE_SIGMA": f"FOOTPRINT_EDGE_SIGMA = {lam:.3f}",
-            "FLUX_SIGMA": f"FLUX_SIGMA = {f:.4f}"}
+            "FLUX_SIGMA": f"FLUX_SIGMA = {f:.4f}", "KAPPA_WING_POWER": f"KAPPA_WING_POWER = {power:.3f}"}
 
 
-def write_constants(kappa, lam, f, path=ERRORS_MODULE):
-    """Replace the three assignments in ``deblend_errors.py`` (each up to its closing bracket or line end)."""
+def write_constants(kappa, lam, f, power=0.0, path=ERRORS_MODULE):
+    """Replace the four assignments in ``deblend_errors.py`` (each up to its closing bracket or line end)."""
     import re
 
     text = path.read_text()
-    for name, line in constants_text(kappa, lam, f).items():
+    for name, line in constants_text(kappa, lam, f, power).items():
         pattern = rf"^{name} = \((?:[^()]|\([^()]*\))*\)" if name == "KAPPA_TABLE" else rf"^{name} = .*$"
         text, n = re.subn(pattern, line, text, count=1, flags=re.M)
         if n != 1:
@@ -393,8 +438,9 @@ def main(argv=None):
         s, shape = samples()
         if args.samples:
             np.savez(args.samples, shape=np.array(shape), **s)
-    kappa, lam, f, counts = solve(s, shape)
-    pulls = s["d"] / np.sqrt(variance(s, np.concatenate([[lam, f], kappa.ravel()])))
+    kappa, lam, f, counts, power = solve_power(s, shape)
+    pulls = s["d"] / np.sqrt(variance(s, np.concatenate([[lam, f], kappa.ravel()]), power))
+    print(f"wing ratio power on kappa {power:.3f}")
     print("children per bin (rows blendedness, columns S/N):\n", counts)
     for k in range(kappa.size):
         sel = s["bin"] == k
@@ -410,12 +456,12 @@ def main(argv=None):
     print(f"  alone in their blend: n {alone.sum()}  width noise {_width(s['d'][alone] / s['noise'][alone]):.2f}"
           f" -> {_width(pulls[alone]):.2f}")
     diagnose(s, pulls)
-    for line in constants_text(kappa, lam, f).values():
+    for line in constants_text(kappa, lam, f, power).values():
         print(line)
     if args.write:
-        write_constants(kappa, lam, f)
+        write_constants(kappa, lam, f, power)
         print(f"written to {ERRORS_MODULE}")
-    return kappa, lam, f
+    return kappa, lam, f, power
 
 
 if __name__ == "__main__":

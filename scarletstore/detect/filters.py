@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 from ..errors import InputError
 
@@ -356,6 +356,10 @@ def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5, no_data=None):
 def _positive_chi2_table(nbands, tmax=36.0, npts=2048):
     # z(t) with t = sqrt(X), X ~ sum_k C(n,k) 2^-n chi2_k (k=0 is a point mass
     # at 0). Tabulated in t, where z(t) is smooth and close to linear.
+    # scipy.stats imports scipy.linalg (~0.15 s): only here, so that psf_fwhm (the catalog's
+    # flux errors use it) leaves it unimported
+    from scipy import stats
+
     t = np.linspace(0.0, tmax, npts)
     x = t * t
     k = np.arange(1, nbands + 1)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .deblend_errors import FLUX_SIGMA, FOOTPRINT_EDGE_SIGMA, KAPPA_TABLE
+from .deblend_errors import FLUX_SIGMA, FOOTPRINT_EDGE_SIGMA, KAPPA_TABLE, KAPPA_WING_POWER
 from .gaap import effective_weight
 from .psf_flux import ShiftedPSF
 
@@ -50,6 +50,8 @@ class PhotometryConfig:
         (``deblend_errors.FOOTPRINT_EDGE_SIGMA``)
     flux_sigma : independent normalisation error of each template, fraction of its flux
         (``deblend_errors.FLUX_SIGMA``)
+    kappa_wing_power : power of the band PSF's wing ratio in the factor on kappa
+        (``deblend_errors.KAPPA_WING_POWER``; 0: no factor)
     """
 
     apertures: tuple = (3.0, 6.0, 12.0)
@@ -61,6 +63,7 @@ class PhotometryConfig:
     kappa_table: tuple = KAPPA_TABLE
     footprint_edge_sigma: float = FOOTPRINT_EDGE_SIGMA
     flux_sigma: float = FLUX_SIGMA
+    kappa_wing_power: float = KAPPA_WING_POWER
 
     def aperture_names(self):
         return [f"aperture_flux_{_radius_name(r)}" for r in self.apertures]

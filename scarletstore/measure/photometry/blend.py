@@ -12,7 +12,7 @@ import numpy as np
 
 from . import PhotometryConfig, SuiteSetup, flux_columns, odd_psf, run_suite
 from .deblend_errors import (BLENDEDNESS_EDGES, SNR_EDGES, band_share_of_snr2, error_model,
-                             share_planes, share_products)
+                             share_planes, share_products, wing_scale)
 from .kernels import noise_planes
 from .moments import psf_covariance
 
@@ -83,6 +83,7 @@ class BlendPhotometry:
         self._psf = {}
         self._setups = {}
         self._kappa = {}
+        self._wing = {}
         self._edges = (np.array(BLENDEDNESS_EDGES, np.float64), np.array(SNR_EDGES, np.float64))
         self._sigma = None
 
@@ -117,6 +118,13 @@ class BlendPhotometry:
             psf = psf / psf.sum()
             self._psf[key] = (odd_psf(psf), psf_covariance(psf))
         return self._psf[key]
+
+    def kappa_scale(self, b: int) -> float:
+        """The factor on the templates' kappa for blend ``b``'s band PSF (:func:`~.deblend_errors.wing_scale`)."""
+        key = (self.measurer.kernels.key(b, self.measurer.b), self.config.kappa_wing_power)
+        if key not in self._wing:
+            self._wing[key] = wing_scale(self.psf(b)[0], self.config.kappa_wing_power)
+        return self._wing[key]
 
     def suite_setup(self, b: int) -> SuiteSetup:
         """The suite's prepared PSF and settings for blend ``b`` (one per PSF and configuration)."""
@@ -154,25 +162,28 @@ class BlendPhotometry:
         cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, centroids, m[:, 4:7])
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
-        cols.update(self.flux_errors(blend, models, fp, data, m, shares))
+        cols.update(self.flux_errors(blend, models, fp, data, m, shares, b))
         return cols, flags
 
-    def flux_errors(self, blend, models, fp, data, m, shares=None) -> dict:
+    def flux_errors(self, blend, models, fp, data, m, shares=None, b=0) -> dict:
         """The model flux's error (noise and template parts) and its most correlated neighbour.
 
         The noise part is the fixed-template (Fisher) covariance plus the
         morphology's share of the noise by the band's fraction of each
         child's S/N^2; the model part the covariance of independent template
-        log-errors (kappa from each template's blendedness and S/N), a
+        log-errors (kappa from each template's blendedness and S/N, times the
+        band PSF's wing factor :meth:`kappa_scale`), a
         coherent shift of the footprint edge by ``footprint_edge_sigma``
         pixels and each template's normalisation error ``flux_sigma``; all in
         one compiled call (:func:`~.deblend_errors.error_model`). ``shares``: the
-        output of :func:`~.deblend_errors.share_planes` for this blend, if made.
+        output of :func:`~.deblend_errors.share_planes` for this blend, if made;
+        ``b``: the blend's number (its band PSF scales kappa, :meth:`kappa_scale`).
         """
         inputs = self.error_inputs(blend, models, fp, data, m, shares)
         cfg = self.config
+        scale = cfg.template_log_ratio_sigma * self.kappa_scale(b)
         err_noise, err, k, corr = error_model(*inputs, self._kappa_table, self._edges[0], self._edges[1],
-                                              cfg.template_log_ratio_sigma, cfg.footprint_edge_sigma,
+                                              scale, cfg.footprint_edge_sigma,
                                               cfg.flux_sigma, data is not None)
         ids = np.asarray(blend.source_ids, np.int64)
         return {"flux_err_noise": err_noise, "flux_err_model": err, "flux_corr_neighbour": corr,

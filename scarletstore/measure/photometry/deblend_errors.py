@@ -34,7 +34,10 @@ order: ``var F_b = sigma_b^2 (P_eff + q_b (P - P_eff))`` with ``P_eff =
 the others and its error is near the fixed-template one.
 
 ``kappa_k`` comes from a small table by template k's own blendedness and S/N
-(``KAPPA_TABLE``); table, edge jitter and ``FLUX_SIGMA`` are derived by
+(``KAPPA_TABLE``), times a factor of the band PSF's wings (:func:`wing_scale`:
+the same blendedness means more or less overlap of the templates under a
+PSF with wider or narrower wings); table, power of that factor, edge jitter
+and ``FLUX_SIGMA`` are derived by
 ``benchmarks/calibrate_flux_errors.py`` on calibration fields never used to
 judge them (``benchmarks/bench_measure.py errors``).
 """
@@ -50,13 +53,60 @@ from numba import njit
 # it (a row whose bin had too few children repeats the less blended row's value there).
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((1.089, 0.452),
-               (0.863, 0.229),
-               (0.778, 0.277))
+KAPPA_TABLE = ((1.168, 0.532),
+               (0.949, 0.036),
+               (0.786, 0.333))
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 1.286
+FOOTPRINT_EDGE_SIGMA = 1.238
 # independent normalisation error of each template, as a fraction of its flux; same calibration
-FLUX_SIGMA = 0.0007
+FLUX_SIGMA = 0.0008
+# kappa scales with the band PSF's wings as (psf_wing_ratio / KAPPA_WING_REF) ** KAPPA_WING_POWER;
+# the reference is fixed (about the simulator's default Moffat beta 3.5), the power fitted
+# with the table (same calibration; 0 leaves kappa as the table has it)
+KAPPA_WING_REF = 0.7
+KAPPA_WING_POWER = -0.915
+# wing ratios outside the calibration fields' span (Moffat beta 4.5-2.5) count as its ends
+KAPPA_WING_RANGE = (0.55, 1.1)
+
+
+def psf_wing_ratio(psf, extent=4.0) -> float:
+    """Second moment of a PSF image over its FWHM squared: ``sum_p P r^2 / FWHM^2`` within
+    ``extent`` FWHM of the peak (unit-sum P; the FWHM of
+    :func:`~scarletstore.detect.filters.psf_fwhm`).
+
+    A measure of the PSF's wings that does not depend on its size or its
+    stamp (when the stamp holds ``extent`` FWHM): the simulator's Moffat PSFs
+    of beta 4.5, 3.5, 2.8 and 2.5 have 0.58, 0.71, 0.90 and 1.04 (every
+    band within 0.02); a Gaussian about 0.36. The wider the wings, the more the templates overlap for
+    the same blendedness; the template log-error is scaled by this ratio
+    (:data:`KAPPA_WING_POWER`).
+    """
+    from ...detect.filters import psf_fwhm
+
+    p = np.asarray(psf, np.float64)
+    total = p.sum()
+    if not total > 0:
+        return float("nan")
+    p = p / total
+    fwhm = psf_fwhm(p)
+    if not fwhm > 0:
+        return float("nan")
+    cy, cx = np.unravel_index(np.argmax(p), p.shape)
+    y, x = np.indices(p.shape)
+    r2 = (y - cy) ** 2 + (x - cx) ** 2
+    return float((p * r2)[r2 <= (extent * fwhm) ** 2].sum() / fwhm ** 2)
+
+
+def wing_scale(psf, power=KAPPA_WING_POWER, ref=KAPPA_WING_REF, span=KAPPA_WING_RANGE) -> float:
+    """Factor on every template's kappa for a band PSF: ``(psf_wing_ratio(psf) / ref) ** power``,
+    the ratio held to ``span`` (the calibrated range: a power law is not extrapolated); 1 for
+    power 0 or a PSF whose ratio cannot be measured."""
+    if power == 0:
+        return 1.0
+    w = psf_wing_ratio(psf)
+    if not (np.isfinite(w) and w > 0):
+        return 1.0
+    return float((min(max(w, span[0]), span[1]) / ref) ** power)
 
 
 def kappa_of(blendedness, snr, table=KAPPA_TABLE) -> np.ndarray:
