@@ -7,42 +7,13 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from scipy import special
+from scipy import special, stats
 
 from ..errors import InputError
+from .psf_size import psf_fwhm  # noqa: F401  (detect and its tests take it from here)
 
 
 # ------------------------------------------------------------------ PSF and filters
-def psf_fwhm(psf, oversample=4):
-    """FWHM (pixels) of a PSF image from the area above half maximum.
-
-    The PSF is oversampled (cubic spline) so the half-maximum area of a 2-4 pixel
-    FWHM core is measured to a few per cent; ``FWHM = 2 sqrt(area / pi)``.
-    """
-    from scipy import ndimage
-
-    psf = np.asarray(psf, dtype=np.float64)
-    cy, cx = np.unravel_index(np.argmax(psf), psf.shape)
-    half = psf[cy, cx] / 2.0
-    # Only the core matters: a window of +-8 px around the maximum (wider if needed).
-    r = 8
-    while True:
-        y0, y1 = max(cy - r, 0), min(cy + r + 1, psf.shape[0])
-        x0, x1 = max(cx - r, 0), min(cx + r + 1, psf.shape[1])
-        core = psf[y0:y1, x0:x1]
-        edge = np.concatenate([core[0], core[-1], core[:, 0], core[:, -1]])
-        if edge.max() < half or (y0 == 0 and x0 == 0 and y1 == psf.shape[0] and x1 == psf.shape[1]):
-            break
-        r *= 2
-    n = oversample
-    yy = (np.arange(core.shape[0] * n) + 0.5) / n - 0.5
-    xx = (np.arange(core.shape[1] * n) + 0.5) / n - 0.5
-    gy, gx = np.meshgrid(yy, xx, indexing="ij")
-    fine = ndimage.map_coordinates(core, [gy.ravel(), gx.ravel()], order=3, mode="nearest")
-    area = np.count_nonzero(fine >= half) / float(n * n)
-    return float(2.0 * np.sqrt(area / np.pi))
-
-
 def _corr_kernel(psf, keep=0.998):
     # Matched filtering is a correlation with the PSF: convolve with the
     # flipped PSF. The kernel is cut to the smallest centred square holding
@@ -356,10 +327,6 @@ def fill_unsupported(sharp, sig, good, sigma, min_coverage=0.5, no_data=None):
 def _positive_chi2_table(nbands, tmax=36.0, npts=2048):
     # z(t) with t = sqrt(X), X ~ sum_k C(n,k) 2^-n chi2_k (k=0 is a point mass
     # at 0). Tabulated in t, where z(t) is smooth and close to linear.
-    # scipy.stats imports scipy.linalg (~0.15 s): only here, so that psf_fwhm (the catalog's
-    # flux errors use it) leaves it unimported
-    from scipy import stats
-
     t = np.linspace(0.0, tmax, npts)
     x = t * t
     k = np.arange(1, nbands + 1)

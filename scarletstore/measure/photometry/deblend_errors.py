@@ -53,18 +53,18 @@ from numba import njit
 # it (a row whose bin had too few children repeats the less blended row's value there).
 BLENDEDNESS_EDGES = (0.02, 0.2)
 SNR_EDGES = (50.0,)
-KAPPA_TABLE = ((1.168, 0.532),
-               (0.949, 0.036),
-               (0.786, 0.333))
+KAPPA_TABLE = ((1.214, 0.569),
+               (0.965, 0.036),
+               (0.800, 0.320))
 # rms jitter (pixels) of the footprint boundary, found on the noisy data; same calibration
-FOOTPRINT_EDGE_SIGMA = 1.238
+FOOTPRINT_EDGE_SIGMA = 1.247
 # independent normalisation error of each template, as a fraction of its flux; same calibration
 FLUX_SIGMA = 0.0008
 # kappa scales with the band PSF's wings as (psf_wing_ratio / KAPPA_WING_REF) ** KAPPA_WING_POWER;
 # the reference is fixed (about the simulator's default Moffat beta 3.5), the power fitted
 # with the table (same calibration; 0 leaves kappa as the table has it)
 KAPPA_WING_REF = 0.7
-KAPPA_WING_POWER = -0.915
+KAPPA_WING_POWER = -0.940
 # wing ratios outside the calibration fields' span (Moffat beta 4.5-2.5) count as its ends
 KAPPA_WING_RANGE = (0.55, 1.1)
 
@@ -72,7 +72,7 @@ KAPPA_WING_RANGE = (0.55, 1.1)
 def psf_wing_ratio(psf, extent=4.0) -> float:
     """Second moment of a PSF image over its FWHM squared: ``sum_p P r^2 / FWHM^2`` within
     ``extent`` FWHM of the peak (unit-sum P; the FWHM of
-    :func:`~scarletstore.detect.filters.psf_fwhm`).
+    :func:`~scarletstore.detect.psf_size.psf_fwhm_linear`).
 
     A measure of the PSF's wings that does not depend on its size or its
     stamp (when the stamp holds ``extent`` FWHM): the simulator's Moffat PSFs
@@ -81,7 +81,7 @@ def psf_wing_ratio(psf, extent=4.0) -> float:
     the same blendedness; the template log-error is scaled by this ratio
     (:data:`KAPPA_WING_POWER`).
     """
-    from ...detect.filters import psf_fwhm
+    from ...detect.psf_size import psf_fwhm_linear as psf_fwhm
 
     p = np.asarray(psf, np.float64)
     total = p.sum()
