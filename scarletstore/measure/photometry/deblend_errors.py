@@ -76,8 +76,8 @@ def psf_wing_ratio(psf, extent=4.0) -> float:
 
     A measure of the PSF's wings that does not depend on its size or its
     stamp (when the stamp holds ``extent`` FWHM): the simulator's Moffat PSFs
-    of beta 4.5, 3.5, 2.8 and 2.5 have 0.58, 0.71, 0.90 and 1.04 (every
-    band within 0.02); a Gaussian about 0.36. The wider the wings, the more the templates overlap for
+    of beta 4.5, 3.5, 2.8 and 2.5 have 0.60, 0.73, 0.93 and 1.07 (every
+    band within 0.02); a Gaussian about 0.38. The wider the wings, the more the templates overlap for
     the same blendedness; the template log-error is scaled by this ratio
     (:data:`KAPPA_WING_POWER`).
     """
