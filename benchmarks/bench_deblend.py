@@ -738,7 +738,8 @@ def _floor_draw_errors(table, blend, snr, stamps, floor):
 def bench_field_draws(repeats=1, seeds=(3, 5, 7, 11), draws=None):
     """``field_seeds``' default rows on the simulated noise and on ``--draws`` fresh noise
     draws of the same four scenes (no timing), each beside the perfect deblender's realised
-    figures on that draw; then the median over the draws of each figure.
+    figures on that draw; then the median over the fresh draws of each figure (the
+    simulated draw is the one the defaults were tuned on, so it is not counted there).
 
     One noise draw of the four scenes is one sample of each pooled median: its spread
     over draws is as large as the distance of several figures from their targets, so a
@@ -781,12 +782,14 @@ def bench_field_draws(repeats=1, seeds=(3, 5, 7, 11), draws=None):
         print(f"  draw {draw}{' (simulated)' if draw == 0 else ''}: " + "; ".join(
             f"{p} r / i {100 * m['blended_r']:4.1f} / {100 * m['blended_i']:4.1f} %, isolated"
             f" {100 * m['isolated_r']:4.2f} %, g-i {m['gi_blended']:.3f}" for p, m in row.items()), flush=True)
-    med = {p: {k: float(np.median([r[p][k] for r in rows])) for k in keys} for p in rows[0]}
-    ratio = float(np.median([r["true"]["gi_blended"] / r["floor"]["gi_blended"] for r in rows]))
-    print(f"  median over the {len(rows)} draws: " + "; ".join(
+    # the simulated draw is the one every default was tuned on: judge by the fresh ones
+    fresh = rows[1:] or rows
+    med = {p: {k: float(np.median([r[p][k] for r in fresh])) for k in keys} for p in rows[0]}
+    ratio = float(np.median([r["true"]["gi_blended"] / r["floor"]["gi_blended"] for r in fresh]))
+    print(f"  median over the {len(fresh)} {'fresh ' if rows[1:] else ''}draws: " + "; ".join(
         f"{p} r / i {100 * m['blended_r']:4.1f} / {100 * m['blended_i']:4.1f} %, isolated"
         f" {100 * m['isolated_r']:4.2f} %, g-i {m['gi_blended']:.3f}" for p, m in med.items())
-        + f"; true-peak g-i / realised floor, median over draws {ratio:.2f}")
+        + f"; true-peak g-i / realised floor {ratio:.2f} (median of the per-draw ratios)")
     return {"draws": rows, "median": med, "gi_ratio": ratio}
 
 
