@@ -126,6 +126,15 @@ class DeblendConfig:
         and restart the neighbours from their symmetric parts. Finds stars
         on galaxy slopes, but also model asymmetries of crowded blends
         (docs/design.md, "Sources found in the residual").
+    shared_gradient : bool
+        Give the one-component sources of a field (``deblend_exposure``) a
+        colour gradient shared by all of them: band b's template of such a
+        component is m + alpha_b D, D = (r^2 / <r^2> - 1) m (zero sum), one
+        alpha_b per band fitted by weighted least squares over the field's
+        pixels (shrunk where its S/N is below 2), then their spectra
+        re-solved. Only the spectra (so the fluxes and colours) change; the
+        stored model stays spectrum x m, whose log-likelihood drops a
+        little (docs/design.md, "Colours of faint sources"). Off by default.
     """
 
     max_iter: int = 300
@@ -164,6 +173,7 @@ class DeblendConfig:
     residual_thresh: float = 7.0
     residual_frac: float = 0.1
     residual_symmetric: bool = False
+    shared_gradient: bool = False
 
     def __post_init__(self):
         self._check_types()

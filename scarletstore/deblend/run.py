@@ -363,6 +363,8 @@ def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendR
         rec.peaks = peaks + [y0, x0]
         rec.peak_ids = np.concatenate([task.peak_ids, np.full(len(found), -1, np.int64)])
     rec.sources = flag_masked_peaks(result.sources, peaks, task.bad)
+    if "gradient_sums" in result.extra and not task.pieces:
+        rec.gradient_sums = result.extra["gradient_sums"]  # see _shared_gradient
     rec.iterations = int(result.iterations)
     rec.log_likelihood = float(result.log_likelihood)
     rec.chi2 = float(result.chi2)
@@ -438,6 +440,39 @@ def init_from_run(run: xr.Dataset):
     return init
 
 
+def _shared_gradient(tasks, records, config):
+    """The field's colour gradient (``DeblendConfig.shared_gradient``): one
+    alpha per band, the weighted least squares over every fitted blend's
+    one-component sources (each blend's sums from the fit), then those
+    blends' spectra re-solved with it (docs/design.md, "Colours of faint
+    sources"). Returns (alpha, its S/N z per band), None when no blend had
+    such sources."""
+    from .scarlet import GRADIENT_MAX, GRADIENT_Z, shared_gradient_spectra
+
+    fitted = [r for r in records if getattr(r, "gradient_sums", None) is not None]
+    if not fitted:
+        return None
+    sums = np.sum([r.gradient_sums for r in fitted], axis=0)
+    alpha = np.clip(np.where(sums[1] > 0, sums[0] / np.where(sums[1] > 0, sums[1], 1.0), 0.0),
+                    -GRADIENT_MAX, GRADIENT_MAX)
+    # z: alpha over its standard error (the weights are inverse variances);
+    # a gradient the field's data do not resolve is shrunk towards none
+    z = np.where(sums[1] > 0, sums[0] / np.sqrt(np.where(sums[1] > 0, sums[1], 1.0)), 0.0)
+    alpha = alpha * np.clip(1 - GRADIENT_Z ** 2 / np.maximum(z ** 2, 1e-30), 0, None)
+    by_index = {t.index: t for t in tasks}
+    for rec in fitted:
+        t = by_index[rec.index]
+        peaks = np.asarray(rec.peaks, np.float64) - [t.bbox[0], t.bbox[1]]
+        rec.sources, dloss = shared_gradient_spectra(t.images, t.variance, t.bad, t.footprint, t.psfs,
+                                                     peaks, rec.sources, alpha, config)
+        loss = -rec.log_likelihood
+        if loss > 0:
+            rec.chi2 *= (loss + dloss) / loss
+        rec.log_likelihood -= dloss
+        del rec.gradient_sums
+    return alpha, z
+
+
 def _number_found_peaks(records, parents):
     """Give the peaks the deblender found (id -1) ids after the parents' largest,
     in record order (so a run's ids do not depend on the order blends finished)."""
@@ -495,6 +530,7 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
             records.append(rec)
             bar.update(1)
     _number_found_peaks(records, parents)
+    gradient = _shared_gradient(tasks, records, config) if method == "scarlet" and config.shared_gradient else None
     if model_psf is None:
         if method == "scarlet":
             from .psf import gaussian_psf
@@ -510,6 +546,10 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
                     first_source_id=first_source_id)
     # kept out of every blend's runtime; compile (cold cache) or cache loading
     run.attrs["kernel_warmup_seconds"] = float(warmup)
+    if gradient is not None:
+        # the field's colour gradient per band and its S/N (DeblendConfig.shared_gradient)
+        run.attrs["shared_gradient"] = json.dumps([float(a) for a in gradient[0]])
+        run.attrs["shared_gradient_z"] = json.dumps([round(float(a), 2) for a in gradient[1]])
     # which parents were deblended in pieces, and in how many (flag "split" marks them too)
     run.attrs["split_pieces"] = json.dumps({str(t.parent_id): len(t.pieces) for t in tasks if t.pieces})
     return run
