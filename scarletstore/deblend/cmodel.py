@@ -13,7 +13,8 @@ variances in units of the squared half-light radius below, fitted here
 once by least squares to the truncated profiles, exponential at 4.5 and
 de Vaucouleurs at 8 half-light radii, area-weighted on a log-radius grid,
 amplitudes summing to one), so the convolution with the Gaussian model
-PSF is exact: each variance gains the PSF's, plus 1/12 px^2 for the pixel.
+PSF is exact: each variance gains the PSF's (the observed PSFs, which the
+difference kernels match, hold the pixel already).
 Sampled at pixel centres, a Gaussian of sigma >= 0.8 px sums to its
 integral to 1e-5, so a template's total is one (before the frame's edge).
 """
