@@ -5,8 +5,9 @@ profile sharing one centre, one half-light radius and one ellipse, the
 de Vaucouleurs fraction free, drawn in the model frame (convolved with
 the model PSF) and convolved to each band with its difference kernel; the
 per-band amplitudes are linear and solved inside every evaluation
-(weighted least squares), the five non-linear parameters by
-``scipy.optimize.least_squares``.
+(weighted least squares), the six non-linear ones (centre shift, log
+half-light radius, two log-axis ellipse parameters, de Vaucouleurs
+fraction) by a small Levenberg-Marquardt (:meth:`SourceFit.fit`).
 
 Each profile is a mixture of concentric Gaussians (amplitudes and
 variances in units of the squared half-light radius below, fitted here
