@@ -135,6 +135,18 @@ class DeblendConfig:
         re-solved. Only the spectra (so the fluxes and colours) change; the
         stored model stays spectrum x m, whose log-likelihood drops a
         little (docs/design.md, "Colours of faint sources"). Off by default.
+    cmodel_snr : float
+        After the fit, one-component sources whose box overlaps no other
+        source's and whose start S/N is below this get a parametric template
+        instead of their free morphology: an exponential plus a de
+        Vaucouleurs profile sharing centre, half-light radius and ellipse
+        (fitted, per-band amplitudes solved inside), on a box that holds the
+        profile's wings and still overlaps no other source's
+        (:mod:`scarletstore.deblend.cmodel`; 0: off; docs/design.md, "A
+        two-profile parametric template").
+    cmodel_chi2 : float
+        ... kept only where its chi^2 over the fit's region exceeds the free
+        morphology's by at most this (negative: always kept).
     """
 
     max_iter: int = 300
@@ -174,6 +186,8 @@ class DeblendConfig:
     residual_frac: float = 0.1
     residual_symmetric: bool = False
     shared_gradient: bool = False
+    cmodel_snr: float = 0.0
+    cmodel_chi2: float = -1.0
 
     def __post_init__(self):
         self._check_types()
@@ -196,7 +210,7 @@ class DeblendConfig:
         for name in ("resize_every", "min_snr", "extended_min_snr", "bulge_snr", "background_thresh",
                      "initial_background_thresh", "max_spectrum_cutoff", "max_footprint_area",
                      "max_area_times_peaks", "max_footprint_size", "min_footprint_axis_ratio", "split_margin",
-                     "residual_thresh", "residual_frac"):
+                     "residual_thresh", "residual_frac", "cmodel_snr"):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 raise InputError(f"{name} must be >= 0, not {getattr(self, name)!r}")
         if not self.memory_budget > 0:
