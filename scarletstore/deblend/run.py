@@ -447,7 +447,7 @@ def _shared_gradient(tasks, records, config):
     blends' spectra re-solved with it (docs/design.md, "Colours of faint
     sources"). Returns (alpha, its S/N z per band), None when no blend had
     such sources."""
-    from .scarlet import GRADIENT_MAX, GRADIENT_Z, shared_gradient_spectra
+    from .gradient import GRADIENT_MAX, GRADIENT_Z, shared_gradient_spectra
 
     fitted = [r for r in records if getattr(r, "gradient_sums", None) is not None]
     if not fitted:
