@@ -77,8 +77,10 @@ def main():
           f"{int(good.sum())} unflagged, median chi2/dof {np.nanmedian(chi2[good]):.2f})")
     print(f"  pictures: {out / f'blend_{pick}.png'} (blend {pick}), {out / 'field.png'} "
           f"({len(fitted)} multi-source blends fitted)")
-    print(f"  scarlet:  {len(table)} parents, median {np.median(table['iterations'][table['reason'] == '']):.0f} "
-          f"iterations, {int(table['converged'][table['reason'] == ''].sum())} converged")
+    multi = table["reason"] == ""  # fitted as blends; isolated parents are one-source fits
+    print(f"  scarlet:  {len(table)} parents: {int(multi.sum())} blends fitted "
+          f"({int(table['converged'][multi].sum())} converged, median {np.median(table['iterations'][multi]):.0f} "
+          f"iterations), {int((table['reason'] == 'isolated').sum())} isolated")
 
 
 if __name__ == "__main__":
