@@ -383,8 +383,8 @@ def _blend_pixels(store, parents, blend_ids):
     wanted = np.fromiter((p in ids for p in pid), bool, len(pid))
     boxes = np.stack([parents[v].values[wanted] for v in
                       ("bbox_y0", "bbox_x0", "bbox_height", "bbox_width")], axis=1)
-    part = store.read_boxes("exposure", boxes)
-    return part if part is not None else store.read_with_checksum("exposure")
+    part = store.read_boxes("exposure", boxes, frame=True)
+    return part if part is not None else store.read_with_checksum("exposure", frame=True)
 
 
 def cmd_deblend(args):
@@ -424,18 +424,20 @@ def cmd_deblend(args):
     if args.run in runs:
         raise InputError(f"{store.path}: run {args.run!r} already exists (runs are never overwritten)")
     if blend_ids is None:
-        exposure, exposure_checksum = store.read_with_checksum("exposure")  # one read of each
-        parents, parents_checksum = store.read_with_checksum("parents")
+        # one read of each, as Frames: the call never needs xarray (store/frame.py)
+        exposure, exposure_checksum = store.read_with_checksum("exposure", frame=True)
+        parents, parents_checksum = store.read_with_checksum("parents", frame=True)
     else:
         # no fit uses the parents' background planes (6 x H x W, compressed: 0.05 s of a
         # one-blend call): read none of them when the checksum recorded at detect stands in
-        parents, parents_checksum = store.read_boxes("parents", []) or store.read_with_checksum("parents")
+        parents, parents_checksum = (store.read_boxes("parents", [], frame=True)
+                                     or store.read_with_checksum("parents", frame=True))
         exposure, exposure_checksum = _blend_pixels(store, parents, blend_ids)
     run = deblend_exposure(
         exposure, parents, config, args.method, blend_ids=blend_ids,
         workers=args.workers, scheduler=scheduler, name=args.run or args.method, show_progress=True,
         first_source_id=first_id, exposure_checksum=exposure_checksum,
-        parents_checksum=parents_checksum, init=init, from_run=args.from_run or "")
+        parents_checksum=parents_checksum, init=init, from_run=args.from_run or "", as_frame=True)
     # name and source ids are final only at commit, inside the writer lock
     name = store.add_run(run, name=args.run, prefix=args.method)
     nb = run.sizes["blend"]

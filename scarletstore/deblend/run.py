@@ -15,8 +15,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import xarray as xr
 
 from ..detect.footprint import counts_to_offsets, spans_to_mask
 from ..errors import InputError
@@ -26,6 +27,9 @@ from ..store.components import SOURCE_MASKED_PEAK, Component, SourceResult
 from ..store.runs import BLEND_FLAGS, SOURCE_ISOLATED, BlendRecord, build_run
 from .config import DeblendConfig
 from .result import BlendResult
+
+if TYPE_CHECKING:  # annotations only: the inputs may be Datasets or store Frames
+    import xarray as xr
 
 METHODS = ("scarlet", "sdss")
 
@@ -494,8 +498,12 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
                      method: str = "scarlet", *, blend_ids=None, workers: int = 1,
                      scheduler: str | None = None, name: str = "run", show_progress: bool = False,
                      first_source_id: int = 1, exposure_checksum: str = "", parents_checksum: str = "",
-                     init=None, from_run: str = "") -> xr.Dataset:
-    """Deblend every parent and return the run Dataset (schema ``run`` v1).
+                     init=None, from_run: str = "", as_frame: bool = False) -> xr.Dataset:
+    """Deblend every parent and return the run Dataset (schema ``run``).
+
+    ``exposure`` and ``parents`` may be Datasets or the store's Frames
+    (:mod:`scarletstore.store.frame`); with ``as_frame`` the run is a Frame
+    too (the command line writes it without importing xarray).
 
     Parameters
     ----------
@@ -543,7 +551,7 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
                     name=name, method=method, config_json=config.to_json(),
                     package_version=__version__, exposure_checksum=exposure_checksum,
                     parents_checksum=parents_checksum, from_run=from_run,
-                    first_source_id=first_source_id)
+                    first_source_id=first_source_id, frame=as_frame)
     # kept out of every blend's runtime; compile (cold cache) or cache loading
     run.attrs["kernel_warmup_seconds"] = float(warmup)
     if gradient is not None:

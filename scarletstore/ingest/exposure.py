@@ -11,12 +11,16 @@ import sys
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import xarray as xr
 
 from ..errors import InputError
 from ..store.schema import stamp, validate
 from .masks import DEFAULT_BAD_PLANES, LSST_MASK_PLANES  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 # a PSF image is centred on its central pixel; real PSF stamps sit within a
 # few tenths of a pixel of it, so a centroid further than this is a wrong image
@@ -149,6 +153,8 @@ def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(
                          f"and {len(psfs)} PSFs")
     _check_planes(image, variance, mask, bands, where, mask_planes, bad_planes)
     psf = _stack_psfs([check_psf(p, f"{where} (band {b})") for p, b in zip(psfs, bands)])
+    import xarray as xr  # here: a deblend imports this module for its mask-plane helpers only
+
     ds = xr.Dataset(
         {
             "image": (("band", "y", "x"), image),

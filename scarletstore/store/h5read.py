@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
-import xarray as xr
 
+from .frame import Column, Frame
 from .schema import _h5_dims
 
 # attributes h5netcdf keeps to itself (netCDF-4 and HDF5 dimension-scale bookkeeping)
@@ -106,12 +106,20 @@ def _dimensions(group) -> tuple[dict, dict] | None:
     return ids, sizes
 
 
-def read_group(group, raw: dict | None = None, boxes=None) -> xr.Dataset | None:
-    """The product in the open h5py group ``group``, fully in memory.
+def read_group(group, raw: dict | None = None, boxes=None):
+    """The product in the open h5py group ``group``, fully in memory, as an
+    :class:`xarray.Dataset` (see :func:`read_frame`; arguments and None alike)."""
+    frame = read_frame(group, raw, boxes)
+    return None if frame is None else frame.to_dataset()
 
-    Returns the Dataset that ``xarray.open_dataset(..., engine="h5netcdf",
-    mask_and_scale=False, decode_times=False).load()`` returns for the same
-    group, or None when the group holds something only xarray decodes (see
+
+def read_frame(group, raw: dict | None = None, boxes=None) -> Frame | None:
+    """The product in the open h5py group ``group``, fully in memory, as a :class:`Frame`.
+
+    Returns the arrays, dims and attributes of the Dataset that
+    ``xarray.open_dataset(..., engine="h5netcdf", mask_and_scale=False,
+    decode_times=False).load()`` returns for the same group (its
+    :meth:`Frame.to_dataset` is that Dataset), or None when the group holds something only xarray decodes (see
     the module notes); errors of the file itself are left to that path too.
     ``raw``, when given, receives the arrays of numeric datasets exactly as
     h5py read them (``dataset[()]``, before any decoding), by name, so a
@@ -126,7 +134,7 @@ def read_group(group, raw: dict | None = None, boxes=None) -> xr.Dataset | None:
         return None  # damaged or unusual: xarray's path reports or reads it
 
 
-def _read(group, raw_out: dict | None = None, boxes=None) -> xr.Dataset | None:
+def _read(group, raw_out: dict | None = None, boxes=None) -> Frame | None:
     dims_of = _dimensions(group)
     if dims_of is None:
         return None
@@ -164,9 +172,9 @@ def _read(group, raw_out: dict | None = None, boxes=None) -> xr.Dataset | None:
             data = data.astype(bool)
         if "coordinates" in attrs:  # CF: the coordinates of a data variable
             coord_names.update(c for c in str(attrs.pop("coordinates")).split() if c in raw)
-        variables[key] = xr.Variable(dims, data, attrs)
+        variables[key] = Column(dims, data, attrs)
     if isinstance(global_attrs.get("coordinates"), str):
         coord_names.update(global_attrs.pop("coordinates").split())
     coords = {k: v for k, v in variables.items() if k in coord_names or v.dims == (k,)}
     data_vars = {k: v for k, v in variables.items() if k not in coords}
-    return xr.Dataset(data_vars, coords=coords, attrs=global_attrs)
+    return Frame(data_vars, coords=coords, attrs=global_attrs)

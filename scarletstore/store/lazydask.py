@@ -19,16 +19,55 @@ And dask's own test answers "no" at once for an object without a callable
 ``__dask_graph__`` (a numpy array); xarray's check is wrapped to give that
 answer without the import. Nothing else changes: dask arrays and
 collections are recognised as before (tests/test_h5read.py checks both).
+
+:func:`install` does not import xarray itself (a one-blend deblend and a
+catalog never do, see ``store/frame.py``): when xarray is not imported yet,
+the probe is put in place the moment its import completes.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import sys
 
 
 def install() -> bool:
-    """Install the deferred dask probe in xarray (once); False when xarray's
-    internals differ from what this expects (nothing is changed then)."""
+    """Install the deferred dask probe in xarray now, or as soon as xarray is imported.
+
+    Returns False when xarray's internals differ from what this expects
+    (nothing is changed then); True when installed or waiting for the import.
+    """
+    if "xarray" in sys.modules:
+        return _patch()
+    if not any(isinstance(f, _AfterXarrayImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterXarrayImport())
+    return True
+
+
+class _AfterXarrayImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps xarray's own loader so :func:`_patch` runs
+    right after ``import xarray`` completes (xarray asks its dask questions
+    only later, when it builds a Variable)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "xarray":
+            return None
+        sys.meta_path.remove(self)  # one import to watch; and find_spec below must not recurse
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_patch(module):
+            exec_module(module)
+            _patch()
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+def _patch() -> bool:
     try:
         from xarray.namedarray import pycompat
     except ImportError:  # pragma: no cover - xarray without namedarray

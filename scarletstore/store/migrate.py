@@ -7,9 +7,10 @@ A store is migrated in place by rewriting its groups in one atomic write.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import xarray as xr
+if TYPE_CHECKING:
+    import xarray as xr
 
 from ..errors import SchemaError
 from . import schema as _schema

@@ -13,11 +13,16 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import xarray as xr
 
 from .components import Component, SourceResult
+from .frame import Frame
 from .schema import stamp, validate
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 # blend flags
 BLEND_FLAGS = {
@@ -65,8 +70,11 @@ def _utcnow() -> str:
 def build_run(records: list[BlendRecord], bands, psf, model_psf, *, name: str, method: str,
               config_json: str, package_version: str, exposure_checksum: str = "",
               parents_checksum: str = "", from_run: str = "", first_source_id: int = 1,
-              blend_psf=None, source_ids=None) -> xr.Dataset:
+              blend_psf=None, source_ids=None, frame: bool = False) -> xr.Dataset | Frame:
     """Assemble a validated run Dataset from per-blend records (sorted by ``index``).
+
+    With ``frame`` the run is a :class:`~scarletstore.store.frame.Frame` (the
+    same variables, for a caller that only writes it: no xarray import).
 
     ``blend_psf`` (n_blend, band, py, px), when given, holds each blend's own
     observed PSF (models imported from pipelines with a varying PSF); the
@@ -86,7 +94,12 @@ def build_run(records: list[BlendRecord], bands, psf, model_psf, *, name: str, m
             raise ValueError(f"source_ids has {len(source_ids)} ids for {n_src} sources")
     for rec in records:
         cols.add_record(rec, nb, source_ids)
-    ds = xr.Dataset(
+    if frame:
+        make = Frame
+    else:
+        import xarray as xr
+        make = xr.Dataset
+    ds = make(
         {**cols.variables(len(records), nb),
          "model_psf": (("model_psf_y", "model_psf_x"), np.asarray(model_psf, np.float32)),
          "psf": (("band", "psf_y", "psf_x"), np.asarray(psf, np.float32))},

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 
 from ..errors import SchemaError
+
+if TYPE_CHECKING:  # annotations only: checks take Datasets and Frames alike
+    import xarray as xr
 
 
 def _schema_dir() -> Path:

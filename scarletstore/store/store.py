@@ -42,14 +42,15 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import xarray as xr
 
 from ..errors import SchemaError, StoreError
 from . import schema as _schema
+from .frame import Frame
 from .lazydask import install as _defer_dask_probe
 
 # xarray would import dask.array (~0.4 s) on the first Variable it builds; no
-# store read or write needs it (see lazydask)
+# store read or write needs it (see lazydask). xarray itself is imported only
+# where a Dataset is made (0.5-0.6 s: see frame.py)
 _defer_dask_probe()
 
 FORMAT = "scarletstore"
@@ -407,6 +408,8 @@ class Store:
             self.validate(group)
         elif not self.has(group):
             raise StoreError(f"{self.path}: no {group!r} group")
+        import xarray as xr
+
         try:
             ds = xr.open_dataset(self.product_path(group), group=group, engine="h5netcdf",
                                  mask_and_scale=False, decode_times=False, cache=False)
@@ -415,8 +418,15 @@ class Store:
                               f"{type(exc).__name__}: {_one_line(exc)}") from None
         return self._current(ds, group, validate, upgrade)
 
-    def _current(self, ds: xr.Dataset, group: str, validate: bool, upgrade: bool) -> xr.Dataset:
-        """``ds`` migrated to its schema's latest version (``upgrade``) or checked (``validate``)."""
+    def _current(self, ds: xr.Dataset, group: str, validate: bool, upgrade: bool,
+                 frame: bool = False) -> xr.Dataset:
+        """``ds`` migrated to its schema's latest version (``upgrade``) or checked (``validate``).
+
+        A Frame comes back as a Dataset unless ``frame`` (and then still as a
+        Dataset when it had to be migrated: migrations are written for Datasets).
+        """
+        if isinstance(ds, Frame) and not (frame and _at_latest(ds)):
+            ds = ds.to_dataset()
         ds.attrs.pop(CHECKSUM_ATTR, None)  # the store's bookkeeping, not the product's
         try:
             if upgrade:
@@ -429,16 +439,20 @@ class Store:
             raise SchemaError(f"{self.path}: group {group!r}: {_one_line(exc)}") from None
         return ds
 
-    def read(self, group: str, validate: bool = True, upgrade: bool = True) -> xr.Dataset:
+    def read(self, group: str, validate: bool = True, upgrade: bool = True,
+             frame: bool = False) -> xr.Dataset:
         """Read ``group`` fully into memory and close the file.
 
         The group is read straight from HDF5 (:mod:`scarletstore.store.h5read`, the
         Dataset xarray would build, several times faster); a group holding
-        something only xarray decodes is read through :meth:`open`.
+        something only xarray decodes is read through :meth:`open`. With
+        ``frame`` a group at its latest schema version comes back as a
+        :class:`~scarletstore.store.frame.Frame` (no xarray import; anything
+        else still as a Dataset, which has the same reading interface).
         """
         ds = self._read_h5(group, validate or upgrade)
         if ds is not None:
-            return self._current(ds, group, validate, upgrade)
+            return self._current(ds, group, validate, upgrade, frame)
         with self.open(group, validate=validate, upgrade=upgrade) as ds:
             try:
                 return ds.load()
@@ -447,13 +461,13 @@ class Store:
                                   f"{type(exc).__name__}: {_one_line(exc)}") from None
 
     def _read_h5(self, group: str, check: bool, checksum: bool = False):
-        """``group`` read by :func:`~scarletstore.store.h5read.read_group` (after the cheap
+        """``group`` read by :func:`~scarletstore.store.h5read.read_frame` (after the cheap
         schema checks when ``check``), or None for :meth:`open` to read it.
 
-        With ``checksum``, ``(dataset, digest)``: the group's :meth:`checksum`
-        computed from the arrays just read (digest None with a None dataset).
+        With ``checksum``, ``(frame, digest)``: the group's :meth:`checksum`
+        computed from the arrays just read (digest None with a None frame).
         """
-        from .h5read import read_group
+        from .h5read import read_frame
 
         with self._h5() as f:
             if check:
@@ -465,7 +479,7 @@ class Store:
             except (KeyError, OSError):
                 g = None  # a missing product file: open() says which
             raw = {} if checksum else None
-            ds = read_group(g, raw) if isinstance(g, h5py.Group) else None
+            ds = read_frame(g, raw) if isinstance(g, h5py.Group) else None
             if not checksum:
                 return ds
             return ds, (_checksum(g, raw) if ds is not None else None)
@@ -589,16 +603,17 @@ class Store:
             return _checksum(f[group])
 
     def read_with_checksum(self, group: str, validate: bool = True,
-                           upgrade: bool = True) -> tuple[xr.Dataset, str]:
+                           upgrade: bool = True, frame: bool = False) -> tuple[xr.Dataset, str]:
         """``(read(group), checksum(group))`` from one read of the group's arrays.
 
         A deblend records the checksums of the exposure and parents it read;
         reading the (compressed) exposure twice cost ~0.06 s of a one-blend call.
+        ``frame`` as in :meth:`read`.
         """
         ds, digest = self._read_h5(group, validate or upgrade, checksum=True)
         if ds is None:
             return self.read(group, validate, upgrade), self.checksum(group)
-        return self._current(ds, group, validate, upgrade), digest
+        return self._current(ds, group, validate, upgrade, frame), digest
 
     def recorded_checksum(self, group: str) -> str | None:
         """The checksum stored with ``group`` when it was written (None: none stored).
@@ -611,7 +626,7 @@ class Store:
             value = self.group_attrs(f, group).get(CHECKSUM_ATTR)
         return value if isinstance(value, str) and len(value) == 64 else None
 
-    def read_boxes(self, group: str, boxes) -> tuple[xr.Dataset, str] | None:
+    def read_boxes(self, group: str, boxes, frame: bool = False) -> tuple[xr.Dataset, str] | None:
         """``group`` with its ``(..., y, x)`` planes read only inside ``boxes``, and its
         recorded checksum; None when that cannot stand for a full read.
 
@@ -621,8 +636,9 @@ class Store:
         hashed: a one-blend deblend reads a few chunks of the exposure. None
         (read it in full instead) when the group has no recorded checksum, is
         not at its schema's latest version, or holds what only xarray decodes.
+        ``frame`` as in :meth:`read`.
         """
-        from .h5read import read_group
+        from .h5read import read_frame
 
         with self._h5() as f:
             self._check(f, group)
@@ -636,11 +652,11 @@ class Store:
                 g = f[group]
             except (KeyError, OSError):
                 return None  # a missing product file: the full read says which
-            ds = read_group(g, boxes=[tuple(int(v) for v in b) for b in boxes]) \
+            ds = read_frame(g, boxes=[tuple(int(v) for v in b) for b in boxes]) \
                 if isinstance(g, h5py.Group) else None
         if ds is None:
             return None
-        return self._current(ds, group, True, True), digest
+        return self._current(ds, group, True, True, frame), digest
 
     # ------------------------------------------------------------------ writing
     @classmethod
@@ -782,6 +798,14 @@ class Store:
             tx.put(datasets)
 
 
+def _at_latest(ds) -> bool:
+    """Whether ``ds`` is at its schema's latest version (False when it names none)."""
+    try:
+        return int(ds.attrs["schema_version"]) == _schema.latest_version(ds.attrs["schema"])
+    except (KeyError, TypeError, ValueError, SchemaError):
+        return False
+
+
 def _check_group_name(name: str) -> None:
     if name.startswith(RUNS + "/"):
         check_run_name(name[len(RUNS) + 1:])
@@ -853,10 +877,29 @@ def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset], encoding=_encoding
     to_netcdf as before. The file is opened once for all the groups, in
     ``mode`` ("a", or "w" for a new product file); ``encoding(ds)`` gives the
     storage of each variable.
+
+    Frames (``store/frame.py``) that :func:`~scarletstore.store.h5write.writable`
+    accepts are written the same way by h5netcdf alone, without importing
+    xarray (a one-blend deblend's run); any other Frame is made a Dataset first.
     """
+    from .frame import as_dataset
+    from .h5write import writable, write_frame
+
+    encodings = {name: encoding(ds) for name, ds in datasets.items()}
+    if datasets and all(writable(ds, encodings[name]) for name, ds in datasets.items()):
+        import h5netcdf
+
+        with h5netcdf.File(os.path.abspath(tmp), mode=mode, invalid_netcdf=None,
+                           decode_vlen_strings=True, driver=None, format="NETCDF4") as root:
+            for name, ds in datasets.items():
+                write_frame(root, name, ds, encodings[name])
+        return
+
     from xarray.backends import H5NetCDFStore
     from xarray.backends import writers as _writers
     from xarray.backends.locks import HDF5_LOCK
+
+    datasets = {name: as_dataset(ds) for name, ds in datasets.items()}
 
     checks = [getattr(_writers, f, None) for f in
               ("_validate_dataset_names", "_validate_attrs", "_sanitize_unlimited_dims")]
@@ -1156,9 +1199,10 @@ def _product_name(group: str) -> str:
 def _write_product(file: Path, group: str, ds: xr.Dataset) -> int:
     """Write ``ds`` as the one group of a new product file and flush it to disk;
     returns the file's size in bytes."""
-    ds = ds.copy()
-    for var in ds.variables.values():
-        var.encoding = {}  # storage read from another file must not override ours
+    if not isinstance(ds, Frame):  # a Frame carries no storage of its own
+        ds = ds.copy()
+        for var in ds.variables.values():
+            var.encoding = {}  # storage read from another file must not override ours
     _write_groups(file, {group: ds}, encoding=_product_encoding, mode="w")
     _record_checksums(file, [group])
     with open(file, "rb+") as fh:
@@ -1252,6 +1296,8 @@ class _LinkedTransaction:
 
     def _copy_old_groups(self) -> None:
         """Converting a single-file store: every group not replaced moves to its own file."""
+        import xarray as xr
+
         for name in self._old_groups:
             if name in self.written:
                 continue
