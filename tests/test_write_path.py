@@ -234,3 +234,28 @@ assert items == [0, 1, 2, 3, 4] and bar.n == 3
 """
     mods = _imported_by(code)
     assert "tqdm" not in mods
+
+
+def test_frames_of_every_product_are_written_as_xarray_writes_them(products, tmp_path):
+    """The h5netcdf-only writer (store/h5write.py) against xarray's, on the real HSC
+    cut-out's products and the others: each product as a Frame, where the writer
+    takes it, gives the same HDF5 objects, attributes, storage and bytes."""
+    from scarletstore.store.frame import Frame
+    from scarletstore.store.h5write import writable
+    from scarletstore.store.store import _product_encoding
+
+    taken = set()
+    for encoding, mode in ((_encoding, "a"), (_product_encoding, "w")):
+        for name, ds in products.items():
+            frame = Frame.from_dataset(ds.drop_encoding())
+            if not writable(frame, encoding(frame)):
+                continue
+            taken.add(name)
+            for which, obj in (("frame", frame), ("xarray", ds.drop_encoding())):
+                path = tmp_path / f"{which}-{encoding.__name__}.h5"
+                _write_groups(path, {name: obj}, encoding=encoding, mode=mode)
+            assert _layout(tmp_path / f"frame-{encoding.__name__}.h5", name) == \
+                _layout(tmp_path / f"xarray-{encoding.__name__}.h5", name), name
+            mode = "a"
+    # what the command line writes without xarray must be among them
+    assert {"exposure", "parents", "runs/scarlet", "runs/sdss"} <= taken

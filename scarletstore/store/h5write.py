@@ -13,8 +13,9 @@ encoding that change anything for them, done here with h5netcdf's own API
   written;
 * booleans stored as int8 with the attribute ``dtype: "bool"`` (xarray's
   BooleanCoder);
-* object arrays of ``str`` (and empty object arrays, which the store's
-  encoding declares strings) as variable-length UTF-8 strings.
+* unicode arrays and object arrays of ``str`` (and empty object arrays,
+  which the store's encoding declares strings) as variable-length UTF-8
+  strings.
 
 Anything else (fill values or other CF attributes, non-dimension coordinates,
 fixed-length or non-string objects, non-native byte order, attribute types
@@ -47,6 +48,8 @@ def _attr_ok(value) -> bool:
 
 
 def _strings(values: np.ndarray) -> bool:
+    if values.dtype.kind == "U":
+        return True  # xarray stores unicode arrays as variable-length strings too
     return values.dtype.kind == "O" and all(isinstance(v, str) for v in values.ravel().tolist())
 
 
@@ -116,8 +119,9 @@ def write_frame(root, name: str, frame: Frame, encoding: dict) -> None:
         if values.dtype.kind == "b":
             values, attrs["dtype"] = values.astype("i1"), "bool"
             dtype = values.dtype
-        elif values.dtype.kind == "O":
+        elif values.dtype.kind in "OU":
             dtype = h5py.special_dtype(vlen=str)
+            values = values.astype(object)
         else:
             dtype = values.dtype
         var = group.create_variable(vname, dimensions=col.dims, dtype=dtype, fillvalue=None,
