@@ -7,6 +7,7 @@ no command leaves a half-written store (all writes are atomic).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -983,5 +984,39 @@ def main(argv=None) -> int:
     return status
 
 
+def run() -> int:
+    """The ``scarletstore`` command (and ``python -m scarletstore.cli``): :func:`main`,
+    then an exit without the interpreter's teardown.
+
+    Once the command has returned, its output is flushed and every exit
+    handler has run, the process ends at once (``os._exit`` with the
+    command's status) instead of clearing every module and running a last
+    garbage collection over numba's and xarray's objects: 0.3-0.5 s of a
+    one-blend ``deblend`` on this machine, a quarter of the call, spent
+    freeing memory the operating system frees anyway. Every file a command
+    writes is closed (and synced) before it returns, so nothing is lost. A
+    command that ends in an unexpected exception (a traceback) exits as
+    Python always does; :func:`main` itself, as the tests call it, is unchanged.
+    """
+    status = []
+    # registered before anything the command imports registers its own handlers:
+    # exit handlers run last-registered first, so this one runs after all of them
+    atexit.register(_exit_now, status)
+    code = main()
+    status.append(code)
+    return code
+
+
+def _exit_now(status: list) -> None:
+    if not status:  # main() did not return: leave the exit to Python
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to write
+            pass
+    os._exit(status[0])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -350,3 +350,43 @@ def test_import_is_cheap():
     assert res.returncode == 0, res.stderr
     # the store module loads on first use, and it opens stores without xarray (store/frame.py)
     assert res.stdout.split("\n")[:2] == ["[]", "True False"]
+
+
+def test_the_command_exits_without_teardown_and_loses_nothing(tmp_path):
+    """``python -m scarletstore.cli`` (and the ``scarletstore`` script) ends with
+    ``os._exit`` after every exit handler: statuses, piped output and the store
+    written must be what a normal exit gives."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cli(*args, extra=""):
+        code = ("import atexit, sys\n"
+                f"{extra}\n"
+                "from scarletstore.cli import run\n"
+                f"sys.argv = ['scarletstore', *{[str(a) for a in args]!r}]\n"
+                "sys.exit(run())")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    res = cli("info", tmp_path / "missing.h5")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no such store" in res.stderr
+    image = np.random.default_rng(3).normal(0, 1, (2, 40, 50)).astype(np.float32)
+    image[:, 18:23, 20:26] += 40  # one source
+    ex = make_exposure(image, np.ones_like(image), None, [gaussian_psf(0.9)] * 2, ["g", "r"],
+                       wcs=make_wcs_header(40, 50).tostring())
+    path = tmp_path / "s.h5"
+    Store.create(path, {"exposure": ex})
+    # an exit handler registered while the command runs (as its imports do) still runs
+    hook = ("import scarletstore.cli as c\n_main = c.main\n"
+            "def main(argv=None):\n"
+            "    atexit.register(lambda: print('handler ran', flush=True))\n"
+            "    return _main(argv)\n"
+            "c.main = main")
+    res = cli("detect", path, extra=hook)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.rstrip().endswith("handler ran") and "parents" in res.stdout
+    res = cli("deblend", path, "--run", "a")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("run a: ") and res.stdout.endswith("\n")
+    assert Store(path).check() == [] and Store(path).runs() == ["a"]
+    res = cli("query", path)  # a long table through a pipe arrives whole
+    assert res.returncode == 0 and res.stdout.count("\n") >= 2
