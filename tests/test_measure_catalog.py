@@ -211,3 +211,33 @@ def test_flux_error_parts(field):
     # pixels outside the footprint are not the blend's
     fp = np.zeros((20, 20), bool)
     assert contested_flux(t, fp).sum() == 0 and kappa > 0
+
+
+@pytest.mark.parametrize("redistribute", [False, True])
+def test_eager_table_is_the_lazy_catalog(field, redistribute):
+    """``catalog_table`` (no xarray) gives the columns, dtypes, bytes and attributes
+    of ``catalog_columns(band_catalog(...))``."""
+    from scarletstore.measure.catalog import catalog_columns, catalog_table
+
+    lazy = band_catalog(field, "i", redistribute=redistribute)
+    expected = catalog_columns(lazy)
+    columns, attrs = catalog_table(field, "i", redistribute=redistribute)
+    assert list(columns) == list(expected)  # same order: the FITS and CSV tables follow it
+    assert ("flux_redistributed" in columns) == redistribute
+    for name, values in expected.items():
+        assert columns[name].dtype == values.dtype, name
+        assert columns[name].tobytes() == values.tobytes(), name
+    assert len(columns["id"]) == 3 and np.all(np.isfinite(columns["psf_flux"]))
+    public = {k: v for k, v in lazy.attrs.items() if not k.startswith("_")}
+    assert list(attrs.items()) == list(public.items())  # order too: the FITS header's
+    assert list(json.loads(attrs["units"])) == list(columns)
+
+
+def test_blend_chunks_break_only_between_blends():
+    from scarletstore.measure.catalog import _blend_chunks
+
+    blend = np.repeat([0, 2, 3, 5, 6], [2, 1, 3, 1, 2])
+    assert _blend_chunks(blend, chunk=2) == [(0, 3), (3, 7), (7, 9)]
+    assert _blend_chunks(blend) == [(0, 9)]
+    assert _blend_chunks(blend[:0]) == []
+
