@@ -211,3 +211,78 @@ def test_flux_error_parts(field):
     # pixels outside the footprint are not the blend's
     fp = np.zeros((20, 20), bool)
     assert contested_flux(t, fp).sum() == 0 and kappa > 0
+
+
+@pytest.mark.parametrize("redistribute", [False, True])
+def test_eager_table_is_the_lazy_catalog(field, redistribute):
+    """``catalog_table`` (no xarray) gives the columns, dtypes, bytes and attributes
+    of ``catalog_columns(band_catalog(...))``."""
+    from scarletstore.measure.catalog import catalog_columns, catalog_table
+
+    lazy = band_catalog(field, "i", redistribute=redistribute)
+    expected = catalog_columns(lazy)
+    columns, attrs = catalog_table(field, "i", redistribute=redistribute)
+    assert list(columns) == list(expected)  # same order: the FITS and CSV tables follow it
+    assert ("flux_redistributed" in columns) == redistribute
+    for name, values in expected.items():
+        assert columns[name].dtype == values.dtype, name
+        assert columns[name].tobytes() == values.tobytes(), name
+    assert len(columns["id"]) == 3 and np.all(np.isfinite(columns["psf_flux"]))
+    public = {k: v for k, v in lazy.attrs.items() if not k.startswith("_")}
+    assert list(attrs.items()) == list(public.items())  # order too: the FITS header's
+    assert list(json.loads(attrs["units"])) == list(columns)
+
+
+def test_blend_chunks_break_only_between_blends():
+    from scarletstore.measure.catalog import _blend_chunks
+
+    blend = np.repeat([0, 2, 3, 5, 6], [2, 1, 3, 1, 2])
+    assert _blend_chunks(blend, chunk=2) == [(0, 3), (3, 7), (7, 9)]
+    assert _blend_chunks(blend) == [(0, 9)]
+    assert _blend_chunks(blend[:0]) == []
+
+
+def _cli_modules(store_path, out) -> set:
+    """Modules loaded by a fresh interpreter that runs the catalog command into ``out``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys\nfrom scarletstore.cli import main\n"
+            f"assert main(['catalog', {str(store_path)!r}, '--band', 'g', '-o', {str(out)!r}]) == 0\n"
+            "print(' '.join(sorted(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split("\n")[-2].split())
+
+
+def test_cli_fits_catalog_imports_neither_xarray_nor_pandas(field, tmp_path):
+    """xarray and pandas cost 0.5-0.6 s of a catalog call; the FITS path needs neither."""
+    from astropy.table import Table
+
+    from scarletstore.measure.catalog import catalog_columns
+
+    mods = _cli_modules(field.path, tmp_path / "c.fits")
+    assert "numba" in mods and "h5py" in mods  # it did measure the store
+    assert "xarray" not in mods and "pandas" not in mods
+    table = Table.read(tmp_path / "c.fits")
+    expected = catalog_columns(band_catalog(field, "g"))
+    assert table.colnames == list(expected)
+    for name, values in expected.items():
+        # FITS stores big-endian: compare in the catalog's own byte order
+        assert np.asarray(table[name], values.dtype).tobytes() == values.tobytes(), name
+
+
+def test_cli_h5_catalog_is_written_through_xarray(field, tmp_path):
+    import xarray as xr
+
+    mods = _cli_modules(field.path, tmp_path / "c.h5")
+    assert "xarray" in mods
+    back = xr.open_dataset(tmp_path / "c.h5", engine="h5netcdf").load()
+    cat = field.catalog("g").compute().reset_coords()
+    assert list(back.data_vars) == list(cat.data_vars)
+    np.testing.assert_array_equal(back["psf_flux"].values, cat["psf_flux"].values)
+    assert back.attrs["units"] == cat.attrs["units"]

@@ -197,6 +197,7 @@ def test_cli_start_up_imports_only_what_a_command_needs():
     assert "scipy.ndimage" not in mods
     assert "tqdm" not in mods
     assert "distributed" not in mods
+    assert "xarray" not in mods and "pandas" not in mods  # only the lazy Datasets need them
 
 
 def test_version_is_looked_up_on_first_use():

@@ -15,7 +15,6 @@ import json
 
 import numpy as np
 import xarray as xr
-from xarray.core import indexing
 
 from .photometry import suite_columns
 
@@ -58,7 +57,8 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
     children's model fluxes), ``centroid_x``/``centroid_y`` of the summed
     model, every column of the measurement suite, ``flags``.
     """
-    from .catalog import CATALOG_FLAGS, UNITS, _flux_units, _LazyColumn, open_measurer
+    from .catalog import CATALOG_FLAGS, UNITS, _flux_units, open_measurer
+    from .lazycolumn import lazy_variable
 
     # parents take the band's aperture correction like its children (same fluxes, same missing light)
     measurer = open_measurer(store, band, run, redistribute, image_override, psf_override,
@@ -77,7 +77,7 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
             "n_children": ("row", counts[blends].astype(np.int64))}
     for c in ["flux", "centroid_x", "centroid_y", *suite_columns(config, flux_units), *corrected, "flags"]:
         dtype = np.int32 if c == "flags" else np.float64
-        data[c] = xr.Variable(("row",), indexing.LazilyIndexedArray(_LazyColumn(cache, c, dtype, n)))
+        data[c] = lazy_variable(cache, c, dtype, n)
     ds = xr.Dataset(data, attrs={"band": band, "run": run, "redistribute": int(redistribute),
                                  "row_type": "parent",
                                  "apcorr": "" if measurer.photometry.apcorr is None else f"apcorr/{band}", "flag_bits": json.dumps(CATALOG_FLAGS)})

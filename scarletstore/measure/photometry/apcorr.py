@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import xarray as xr
 
 from ...errors import InputError
 from ...store.schema import stamp
@@ -115,6 +114,8 @@ def select_stars(cat: dict, psf_size: float, reference: str, min_snr: float, max
 def apcorr_dataset(fits: dict, band: str, run: str, reference: str, width: int, height: int,
                    config: dict) -> xr.Dataset:
     """The ``apcorr`` v1 product of one band from per-flux-type fits."""
+    import xarray as xr  # here: a catalog only reads corrections (see load_apcorr)
+
     names = list(fits)
     order = max(f["order"] for f in fits.values())
     terms = chebyshev_terms(order)
@@ -189,4 +190,4 @@ def load_apcorr(store, band: str) -> ApertureCorrection | None:
     group = f"apcorr/{band}"
     if not store.has(group):
         return None
-    return ApertureCorrection(store.read(group))
+    return ApertureCorrection(store.read(group, frame=True))  # a Frame: no xarray import
