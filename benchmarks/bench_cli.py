@@ -13,9 +13,10 @@ warm cache, as every later process of a user does.
 Timed, alternating, ``--repeat`` times each (median quoted):
 
 * ``scarletstore --help``;
-* ``python -c "import numpy, xarray, h5py, numba"``: the third-party start-up
+* ``python -c "import numpy, h5py, numba"``: the third-party start-up
   every deblend and catalog pays before any package code runs, printed
-  beside the fixed costs (the host's yardstick: it is not ours to cut);
+  beside the fixed costs (the host's yardstick: it is not ours to cut;
+  neither call imports xarray or pandas since the store's Frames);
 * ``deblend --blends <one id>`` on a copy of the detected store;
 * ``catalog --band r`` of a store holding one one-blend run;
 * the full ``deblend`` (every parent) on a copy of the detected store.
@@ -59,7 +60,7 @@ from common import CACHE  # noqa: E402
 BANDS = "ugrizy"
 # what every deblend or catalog process imports before any package code runs:
 # the part of a call's fixed cost that no change inside the package removes
-THIRD_PARTY = "import numpy, xarray, h5py, numba"
+THIRD_PARTY = "import numpy, h5py, numba"
 
 
 def _env(numba_cache: Path, root: Path = ROOT) -> dict:
@@ -185,7 +186,7 @@ def _report(label, walls, cpus, one, nparents, rt, cold_one, cold_cat):
           f"catalog of one band {med['catalog']:.3f} s")
     marginal = (med["full"] - med["one"]) / (nparents - 1)
     marginal_cpu = (cpu["full"] - cpu["one"]) / (nparents - 1)
-    print(f"of which third-party imports (numpy, xarray + pandas, h5py, numba; no package code) "
+    print(f"of which third-party imports (numpy, h5py, numba; no package code) "
           f"{med['floor']:.3f} s wall, {cpu['floor']:.3f} s CPU")
     print(f"CPU of a call: deblend of one blend {cpu['one']:.3f} s, "
           f"catalog of one band {cpu['catalog']:.3f} s")
