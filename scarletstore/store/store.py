@@ -7,7 +7,8 @@ Layout::
     /parents          parents Dataset
     /runs/<name>      one run Dataset per deblend run (append-only)
 
-Every group is written and read through xarray's h5netcdf engine, so plain
+Every group is written in the layout xarray's h5netcdf engine writes (by that
+engine, or for a Frame by h5netcdf alone, see ``h5write``), so plain
 ``xarray.open_dataset(store.product_path(g), group=g, engine="h5netcdf")``
 reads it (``product_path`` is the store file itself in the single-file layout).
 
