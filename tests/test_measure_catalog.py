@@ -272,8 +272,18 @@ def test_cli_fits_catalog_imports_neither_xarray_nor_pandas(field, tmp_path):
     expected = catalog_columns(band_catalog(field, "g"))
     assert table.colnames == list(expected)
     for name, values in expected.items():
-        # FITS stores big-endian: compare in the catalog's own byte order
-        assert np.asarray(table[name], values.dtype).tobytes() == values.tobytes(), name
+        got = np.asarray(table[name], values.dtype)  # FITS stores big-endian
+        if values.dtype.kind != "f":
+            assert got.tobytes() == values.tobytes(), name
+        else:
+            # the two processes may run different machine code for the fastmath suite
+            # kernels: one that compiled them and one that loaded them from the cache
+            # differ in the last bits (shapes 1e-15 relative, same tree and store, see
+            # docs/design.md "Start-up and per-call costs"); bytes are equal once both load
+            # (iterated adaptive moments carry them further: shape_xy of a round source,
+            # ~3e-7 px^2, moved by 2.5e-16); the in-process test above compares bytes
+            np.testing.assert_allclose(got, values, rtol=1e-9, atol=1e-14, err_msg=name)
+            assert np.array_equal(np.isnan(got), np.isnan(values)), name
 
 
 def test_cli_h5_catalog_is_written_through_xarray(field, tmp_path):
