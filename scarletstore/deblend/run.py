@@ -27,6 +27,7 @@ from ..store.components import SOURCE_MASKED_PEAK, Component, SourceResult
 from ..store.runs import BLEND_FLAGS, SOURCE_ISOLATED, BlendRecord, build_run
 from .config import DeblendConfig
 from .result import BlendResult
+from .sharp import flag_sharp_peaks
 
 if TYPE_CHECKING:  # annotations only: the inputs may be Datasets or store Frames
     import xarray as xr
@@ -150,8 +151,8 @@ def make_tasks(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig,
                                    peaks=peaks - [y0, x0], peak_ids=ids, isolated=True))
         elif reason == "isolated":
             # the parents' peaks are already exposure pixels
-            done.append(_isolated_record(i, int(parent_id), (y0, x0, h, w), image[box], bad, fp,
-                                         peaks, ids, flag))
+            done.append(_isolated_record(i, int(parent_id), (y0, x0, h, w), image[box], variance[box],
+                                         bad, psfs, fp, peaks, ids, flag))
         elif reason:
             done.append(BlendRecord(index=i, parent_id=int(parent_id), bbox=(y0, x0, h, w),
                                     peak_ids=ids, peaks=peaks, flags=flag, reason=reason))
@@ -204,7 +205,12 @@ def flag_masked_peaks(sources, peaks, bad):
     return sources
 
 
-def _isolated_record(index, parent_id, bbox, image, bad, footprint, peaks, ids, flag):
+def _flag_peaks(sources, peaks, images, variance, bad, psfs):
+    """Both peak-pixel flags: masked (no data) and sharp (sharper than the PSF allows)."""
+    return flag_sharp_peaks(flag_masked_peaks(sources, peaks, bad), peaks, images, variance, bad, psfs)
+
+
+def _isolated_record(index, parent_id, bbox, image, variance, bad, psfs, footprint, peaks, ids, flag):
     """A single-peak parent kept as its footprint's pixels (a cube component).
 
     ``peaks`` are exposure pixels; the component's peak is blend-local, as
@@ -215,9 +221,9 @@ def _isolated_record(index, parent_id, bbox, image, bad, footprint, peaks, ids, 
     comp = Component(spectrum=cube.sum(axis=(1, 2)), morph=cube, y0=0, x0=0, peak=(y, x))
     # nothing is fitted: no iterations, no convergence and no fit statistics
     return BlendRecord(index=index, parent_id=parent_id, bbox=bbox, peak_ids=ids, peaks=peaks,
-                       sources=flag_masked_peaks([SourceResult(peak_index=0, components=[comp],
-                                                               flags=SOURCE_ISOLATED)],
-                                                 peaks - [bbox[0], bbox[1]], bad),
+                       sources=_flag_peaks([SourceResult(peak_index=0, components=[comp],
+                                                         flags=SOURCE_ISOLATED)],
+                                           peaks - [bbox[0], bbox[1]], image, variance, bad, psfs),
                        iterations=0, converged=False, log_likelihood=np.nan, chi2=np.nan,
                        flags=flag, reason="isolated")
 
@@ -352,8 +358,9 @@ def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendR
         if not config.catch_failures:
             raise
         if task.isolated:  # nothing is lost: its image inside the footprint is a complete record
-            return _isolated_record(task.index, task.parent_id, task.bbox, task.images, task.bad,
-                                    task.footprint, rec.peaks, task.peak_ids, BLEND_FLAGS["isolated"])
+            return _isolated_record(task.index, task.parent_id, task.bbox, task.images, task.variance,
+                                    task.bad, task.psfs, task.footprint, rec.peaks, task.peak_ids,
+                                    BLEND_FLAGS["isolated"])
         rec.flags |= BLEND_FLAGS["failed"]
         rec.reason = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:500]
         rec.runtime = time.perf_counter() - start
@@ -366,7 +373,7 @@ def process_blend(task: BlendTask, method: str, config: DeblendConfig) -> BlendR
         peaks = np.vstack([task.peaks, found])
         rec.peaks = peaks + [y0, x0]
         rec.peak_ids = np.concatenate([task.peak_ids, np.full(len(found), -1, np.int64)])
-    rec.sources = flag_masked_peaks(result.sources, peaks, task.bad)
+    rec.sources = _flag_peaks(result.sources, peaks, task.images, task.variance, task.bad, task.psfs)
     if "gradient_sums" in result.extra and not task.pieces:
         rec.gradient_sums = result.extra["gradient_sums"]  # see _shared_gradient
     rec.iterations = int(result.iterations)

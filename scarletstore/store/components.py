@@ -55,3 +55,4 @@ SOURCE_NO_FLUX = 4         # the fit drove every component to zero
 SOURCE_EDGE = 8            # the peak sits on the blend box edge
 SOURCE_MASKED_PEAK = 32    # no band has data at the peak pixel: the flux there is extrapolated
 SOURCE_FOUND_PEAK = 64     # no detected peak: the deblender found it in a fitted blend's residual
+SOURCE_SHARP_PEAK = 128    # the peak pixel is sharper than the PSF allows: an unflagged defect

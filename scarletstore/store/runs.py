@@ -37,7 +37,7 @@ BLEND_FLAGS = {
     "split": 1024,  # deblended in pieces (run attr split_pieces: parent id -> pieces)
 }
 SOURCE_FLAGS = {"psf_init": 1, "point_source": 2, "no_flux": 4, "edge": 8, "isolated": 16,
-                "masked_peak": 32, "found_peak": 64}
+                "masked_peak": 32, "found_peak": 64, "sharp_peak": 128}
 SOURCE_ISOLATED = SOURCE_FLAGS["isolated"]
 
 FACTORIZED, CUBE = 0, 1
