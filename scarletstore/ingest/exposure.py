@@ -123,7 +123,8 @@ def _check_planes(image, variance, mask, bands, where, mask_planes, bad_planes):
 
 
 def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(0, 0),
-                  mask_planes=None, bad_planes=None, known=None, sources=()) -> xr.Dataset:
+                  mask_planes=None, bad_planes=None, known=None, sources=(),
+                  mask_defects: bool = True) -> xr.Dataset:
     """Build a validated exposure Dataset from arrays.
 
     Parameters
@@ -135,6 +136,12 @@ def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(
     wcs : FITS header text of the WCS ("" when unknown)
     origin : global (y, x) of pixel (0, 0)
     known : optional (y, x) arrays of known source positions
+    mask_defects : bool
+        Set the CR plane on pixels sharper than their band's PSF allows
+        (unflagged hot columns, hot pixels, cosmic rays;
+        :mod:`scarletstore.ingest.defects`) and record the count per band in
+        attr ``defect_pixels`` (JSON ``null`` when off). Done here, not in
+        the readers, so FITS, npz, coadds and arrays are treated alike.
     """
     image = np.asarray(image, dtype=np.float32)
     variance = np.asarray(variance, dtype=np.float32)
@@ -153,6 +160,12 @@ def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(
                          f"and {len(psfs)} PSFs")
     _check_planes(image, variance, mask, bands, where, mask_planes, bad_planes)
     psf = _stack_psfs([check_psf(p, f"{where} (band {b})") for p, b in zip(psfs, bands)])
+    defects = None
+    if mask_defects:
+        from .defects import mask_defects as _mask
+
+        mask, mask_planes, defects = _mask(image, variance, mask, bad_bits(mask_planes, bad_planes),
+                                           psf, bands, mask_planes)
     import xarray as xr  # here: a deblend imports this module for its mask-plane helpers only
 
     ds = xr.Dataset(
@@ -170,6 +183,7 @@ def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(
             "mask_planes": json.dumps(mask_planes, sort_keys=True),
             "bad_mask_planes": json.dumps(bad_planes),
             "sources": json.dumps([str(s) for s in sources]),
+            "defect_pixels": json.dumps(defects),
         },
     )
     ds["image"].attrs["units"] = "counts"
@@ -252,14 +266,15 @@ def _grid_mismatch(first, other, shape) -> str:
     return ""
 
 
-def read_fits_bands(paths, bands=None, psf_files=None, require_psf: bool = True) -> xr.Dataset:
+def read_fits_bands(paths, bands=None, psf_files=None, require_psf: bool = True,
+                    mask_defects: bool = True) -> xr.Dataset:
     """One FITS file per band (HDUs IMAGE, MASK, VARIANCE and PSF) -> exposure.
 
     The band name comes from header ``BAND`` (primary or IMAGE HDU) or, in
     order, from ``bands``; a PSF in ``psf_files[band]`` overrides the PSF HDU.
     Every band must be on the first band's pixel grid (same WCS and LTV
     origin): bands on different grids are refused, never silently given the
-    first band's WCS.
+    first band's WCS. ``mask_defects`` as in :func:`make_exposure`.
     """
     psf_files = dict(psf_files or {})
     if bands is not None and len(bands) != len(paths):
@@ -269,10 +284,10 @@ def read_fits_bands(paths, bands=None, psf_files=None, require_psf: bool = True)
         # on trailing bytes, ...) as warnings: the data are read all the same, and a
         # problem that matters is refused below with one line
         warnings.simplefilter("ignore")
-        return _read_fits_bands(paths, bands, psf_files, require_psf)
+        return _read_fits_bands(paths, bands, psf_files, require_psf, mask_defects)
 
 
-def _read_fits_bands(paths, bands, psf_files, require_psf):
+def _read_fits_bands(paths, bands, psf_files, require_psf, mask_defects):
     from astropy.io import fits
 
     images, variances, masks, psfs, names = [], [], [], [], []
@@ -343,16 +358,16 @@ def _read_fits_bands(paths, bands, psf_files, require_psf):
         raise InputError(f"--psf names band(s) {', '.join(psf_files)} that no input provides")
     return make_exposure(np.stack(images), np.stack(variances), np.stack(masks), psfs, names,
                          wcs=wcs or "", origin=origin, mask_planes=mask_planes,
-                         sources=[Path(p).name for p in paths])
+                         sources=[Path(p).name for p in paths], mask_defects=mask_defects)
 
 
 # ------------------------------------------------------------------ npz
-def read_npz(path, bands=None, psf_files=None) -> xr.Dataset:
+def read_npz(path, bands=None, psf_files=None, mask_defects: bool = True) -> xr.Dataset:
     """An npz in the layout of hsc_cosmos_35.npz -> exposure.
 
     Keys ``images`` (band, y, x), ``variance``, ``psfs`` (band, py, px),
     ``filters``; optional ``mask`` (LSST bits) and ``catalog`` with ``x, y``
-    (kept as known peaks for detection).
+    (kept as known peaks for detection). ``mask_defects`` as in :func:`make_exposure`.
     """
     path = Path(path)
     if not path.is_file():
@@ -397,10 +412,10 @@ def read_npz(path, bands=None, psf_files=None) -> xr.Dataset:
                 raise InputError(f"{path}: 'catalog' must be a table with x and y fields")
             known = (np.asarray(cat["y"], np.float64), np.asarray(cat["x"], np.float64))
     return make_exposure(images, variance, mask, psfs, bands, known=known,
-                         sources=[path.name])
+                         sources=[path.name], mask_defects=mask_defects)
 
 
-def read_inputs(paths, bands=None, psf_files=None) -> xr.Dataset:
+def read_inputs(paths, bands=None, psf_files=None, mask_defects: bool = True) -> xr.Dataset:
     """Dispatch on the inputs: a single ``.npz``, or FITS files (one per band)."""
     paths = [Path(p) for p in paths]
     if not paths:
@@ -408,5 +423,5 @@ def read_inputs(paths, bands=None, psf_files=None) -> xr.Dataset:
     if any(p.suffix == ".npz" for p in paths):
         if len(paths) != 1:
             raise InputError("give a single .npz input (it holds every band)")
-        return read_npz(paths[0], bands=bands, psf_files=psf_files)
-    return read_fits_bands(paths, bands=bands, psf_files=psf_files)
+        return read_npz(paths[0], bands=bands, psf_files=psf_files, mask_defects=mask_defects)
+    return read_fits_bands(paths, bands=bands, psf_files=psf_files, mask_defects=mask_defects)

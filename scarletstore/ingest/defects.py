@@ -1,0 +1,115 @@
+"""Pixels sharper than the PSF allows, masked CR at ingest.
+
+An unflagged hot column, hot pixel or cosmic ray is detected like a source:
+its pixels seed and grow footprints and glue their neighbours into one
+parent. Light from the sky has been through the PSF, so no pixel of it can
+be sharper than the PSF; the criterion is the one :mod:`scarletstore.deblend.sharp`
+applies to a child's peak, here applied to every pixel of the exposure, and
+the pixels that fail it are set in the CR plane (a bad plane, so detection
+and the deblender never use them).
+
+Masking a pixel only takes comparisons away from its neighbours (a bad
+neighbour is never compared), so a second pass finds nothing the first did
+not: one pass is final.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ..deblend.sharp import DIRECTIONS, K_SIGMA, SAFETY, psf_neighbour_ratios
+
+#: the plane the marked pixels are set in (one of the default bad planes)
+DEFECT_PLANE = "CR"
+# the highest bit an int32 mask can hold without touching the sign bit
+_MAX_BIT = 30
+
+_DY = np.array([d[0] for d in DIRECTIONS], np.int64)
+_DX = np.array([d[1] for d in DIRECTIONS], np.int64)
+
+
+@njit(cache=True)
+def _sharp_kernel(image, variance, mask, bits, ratios, dys, dxs, k_sigma, safety, out):
+    """Set ``out[y, x]`` where one band's pixel fails the PSF criterion in some direction."""
+    h, w = image.shape
+    for y in range(h):
+        for x in range(w):
+            v = variance[y, x]
+            if (mask[y, x] & bits) != 0 or not v > 0:
+                continue
+            low = image[y, x] - k_sigma * math.sqrt(v)
+            if low <= 0:
+                continue  # not significant: noise decides its shape
+            for k in range(dys.size):
+                if not ratios[k] > 0:
+                    continue  # a PSF with nothing one step away allows any sharpness
+                y1, x1, y2, x2 = y + dys[k], x + dxs[k], y - dys[k], x - dxs[k]
+                if y1 < 0 or y2 < 0 or y1 >= h or y2 >= h or x1 < 0 or x2 < 0 or x1 >= w or x2 >= w:
+                    continue
+                if (mask[y1, x1] & bits) != 0 or (mask[y2, x2] & bits) != 0:
+                    continue
+                high = 0.5 * (image[y1, x1] + image[y2, x2]) \
+                    + k_sigma * 0.5 * math.sqrt(variance[y1, x1] + variance[y2, x2])
+                if high < safety * ratios[k] * low:
+                    out[y, x] = True
+                    break
+
+
+def band_ratios(psfs: np.ndarray) -> np.ndarray:
+    """:func:`psf_neighbour_ratios`, or zeros (test nothing) for PSFs under 3 x 3 pixels."""
+    psfs = np.asarray(psfs, np.float64)
+    if psfs.shape[1] < 3 or psfs.shape[2] < 3:
+        return np.zeros((psfs.shape[0], len(DIRECTIONS)))
+    return psf_neighbour_ratios(psfs)
+
+
+def sharp_pixels(image, variance, mask, bad_bits: int, psfs) -> np.ndarray:
+    """(band, y, x) bool: good pixels sharper than their band's PSF allows.
+
+    Parameters
+    ----------
+    image, variance, mask : (band, y, x) arrays
+    bad_bits : int
+        Mask bits of the bad planes; such pixels are neither tested nor compared.
+    psfs : (band, py, px) array
+        The bands' PSFs, centred.
+    """
+    ratios = band_ratios(psfs)
+    out = np.zeros(np.shape(image), bool)
+    mask = np.asarray(mask, np.int32)
+    for b in range(out.shape[0]):
+        _sharp_kernel(np.asarray(image[b]), np.asarray(variance[b]), mask[b], np.int32(bad_bits), ratios[b], _DY, _DX,
+                      K_SIGMA, SAFETY, out[b])
+    return out
+
+
+def defect_plane(mask_planes: dict) -> tuple[dict, int]:
+    """``mask_planes`` with the CR plane (added at the lowest free bit if missing), and its bit."""
+    planes = dict(mask_planes)
+    if DEFECT_PLANE not in planes:
+        used = {int(v) for v in planes.values()}
+        free = [b for b in range(_MAX_BIT + 1) if b not in used]
+        if not free:
+            raise ValueError("no free mask bit for the CR plane")
+        planes[DEFECT_PLANE] = free[0]
+    return planes, 1 << int(planes[DEFECT_PLANE])
+
+
+def mask_defects(image, variance, mask, bad_bits: int, psfs, bands, mask_planes: dict):
+    """Set the CR bit on every pixel sharper than the PSF allows.
+
+    Returns the new mask (a copy), the mask planes (with CR added if they
+    lacked it) and ``{band: pixels marked}``. Pixels already bad are never
+    marked, so the counts are of new pixels only.
+    """
+    sharp = sharp_pixels(image, variance, mask, bad_bits, psfs)
+    counts = {str(b): int(n) for b, n in zip(bands, sharp.sum(axis=(1, 2)))}
+    if not sharp.any():
+        return mask, dict(mask_planes), counts
+    planes, bit = defect_plane(mask_planes)
+    out = np.array(mask, np.int32)
+    out[sharp] |= np.int32(bit)
+    return out, planes, counts
