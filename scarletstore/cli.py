@@ -158,7 +158,8 @@ def cmd_ingest(args):
     from .store.store import Store, StoreError
 
     exposure = read_inputs(args.inputs, bands=_bands(args.bands),
-                           psf_files=_band_files(args.psf, "--psf"))
+                           psf_files=_band_files(args.psf, "--psf"),
+                           mask_defects=not args.no_defect_mask)
     path = Path(args.store)
     if path.exists():
         store = Store(path)
@@ -169,7 +170,16 @@ def cmd_ingest(args):
         Store.create(path, {"exposure": exposure})
     ny, nx = exposure.sizes["y"], exposure.sizes["x"]
     print(f"ingested {exposure.sizes['band']} bands ({','.join(exposure.band.values)}) "
-          f"of {ny}x{nx} pixels into {path}")
+          f"of {ny}x{nx} pixels into {path}; {_defect_summary(exposure)}")
+
+
+def _defect_summary(exposure) -> str:
+    """The ingest line's account of the pixels masked CR as sharper than the PSF."""
+    counts = json.loads(exposure.attrs.get("defect_pixels", "null") or "null")
+    if counts is None:
+        return "defect masking off"
+    per_band = ", ".join(f"{b} {n}" for b, n in counts.items())
+    return f"{sum(counts.values())} pixels sharper than the PSF masked CR ({per_band})"
 
 
 def _config_summary(text: str, method) -> str:
@@ -468,7 +478,8 @@ def _reprocessed_image(store, path, band):
     """One band of a reprocessed image (ingest FITS layout) checked against the store's grid."""
     from .ingest.exposure import read_fits_bands
 
-    ex = read_fits_bands([path], bands=[band], psf_files=None, require_psf=False)
+    # no PSF, so nothing to judge sharpness by; the image is not detected on
+    ex = read_fits_bands([path], bands=[band], psf_files=None, require_psf=False, mask_defects=False)
     if store.has("exposure"):
         ref = store.open("exposure")
         shape = (ref.sizes["y"], ref.sizes["x"])
@@ -765,6 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", help="one FITS file per band, or one .npz")
     s.add_argument("--bands", help="band names in input order, e.g. g,r,i")
     s.add_argument("--psf", action="append", metavar="BAND=FILE", help="PSF image for a band")
+    s.add_argument("--no-defect-mask", action="store_true",
+                   help="do not set the CR plane on pixels sharper than the PSF allows "
+                        "(unflagged hot columns, hot pixels, cosmic rays)")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("info", help="list a store's groups, schemas, bands and runs")
