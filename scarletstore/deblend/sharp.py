@@ -17,23 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ingest.defects import DIRECTIONS, K_SIGMA, SAFETY, psf_neighbour_ratios
 from ..store.components import SOURCE_SHARP_PEAK
-
-# the four directions through a pixel: along x, along y, and the two diagonals
-DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
-K_SIGMA = 5.0
-SAFETY = 0.5
-
-
-def psf_neighbour_ratios(psfs: np.ndarray) -> np.ndarray:
-    """(band, direction) mean of the two PSF pixels one step away, over the centre pixel."""
-    n, ph, pw = psfs.shape
-    cy, cx = ph // 2, pw // 2
-    out = np.zeros((n, len(DIRECTIONS)))
-    for k, (dy, dx) in enumerate(DIRECTIONS):
-        pair = psfs[:, cy + dy, cx + dx] + psfs[:, cy - dy, cx - dx]
-        out[:, k] = 0.5 * pair / np.maximum(psfs[:, cy, cx], 1e-30)
-    return out
 
 
 def sharp_pixel(images, variance, bad, y: int, x: int, ratios) -> bool:

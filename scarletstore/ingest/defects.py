@@ -4,7 +4,8 @@ An unflagged hot column, hot pixel or cosmic ray is detected like a source:
 its pixels seed and grow footprints and glue their neighbours into one
 parent. Light from the sky has been through the PSF, so no pixel of it can
 be sharper than the PSF; the criterion is the one :mod:`scarletstore.deblend.sharp`
-applies to a child's peak, here applied to every pixel of the exposure, and
+applies to a child's peak (its constants live here, below the stages that
+use them), here applied to every pixel of the exposure, and
 the pixels that fail it are set in the CR plane (a bad plane, so detection
 and the deblender never use them).
 
@@ -20,7 +21,22 @@ import math
 import numpy as np
 from numba import njit
 
-from ..deblend.sharp import DIRECTIONS, K_SIGMA, SAFETY, psf_neighbour_ratios
+# the four directions through a pixel: along x, along y, and the two diagonals
+DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
+K_SIGMA = 5.0
+SAFETY = 0.5
+
+
+def psf_neighbour_ratios(psfs: np.ndarray) -> np.ndarray:
+    """(band, direction) mean of the two PSF pixels one step away, over the centre pixel."""
+    n, ph, pw = psfs.shape
+    cy, cx = ph // 2, pw // 2
+    out = np.zeros((n, len(DIRECTIONS)))
+    for k, (dy, dx) in enumerate(DIRECTIONS):
+        pair = psfs[:, cy + dy, cx + dx] + psfs[:, cy - dy, cx - dx]
+        out[:, k] = 0.5 * pair / np.maximum(psfs[:, cy, cx], 1e-30)
+    return out
+
 
 #: the plane the marked pixels are set in (one of the default bad planes)
 DEFECT_PLANE = "CR"
