@@ -17,35 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ingest.defects import DIRECTIONS, K_SIGMA, SAFETY, psf_neighbour_ratios
+# the criterion is ingest's (it masks such pixels over the whole image); here it
+# judges the peaks of children that ingest did not mask
+from ..ingest.defects import band_ratios, psf_neighbour_ratios, sharp_pixel  # noqa: F401
 from ..store.components import SOURCE_SHARP_PEAK
-
-
-def sharp_pixel(images, variance, bad, y: int, x: int, ratios) -> bool:
-    """Whether pixel (y, x) is sharper than the PSF allows in some band and direction.
-
-    ``images``, ``variance``, ``bad`` are (band, h, w); ``ratios`` is
-    :func:`psf_neighbour_ratios` of the bands' PSFs. Bad pixels, and
-    neighbours off the box, are never used.
-    """
-    nb, h, w = images.shape
-    for b in range(nb):
-        if bad[b, y, x] or not variance[b, y, x] > 0:
-            continue
-        low = images[b, y, x] - K_SIGMA * np.sqrt(variance[b, y, x])
-        if low <= 0:
-            continue  # not significant: noise decides its shape
-        for k, (dy, dx) in enumerate(DIRECTIONS):
-            y1, x1, y2, x2 = y + dy, x + dx, y - dy, x - dx
-            if not (0 <= y1 < h and 0 <= y2 < h and 0 <= x1 < w and 0 <= x2 < w):
-                continue
-            if bad[b, y1, x1] or bad[b, y2, x2]:
-                continue
-            high = 0.5 * (images[b, y1, x1] + images[b, y2, x2]) \
-                + K_SIGMA * 0.5 * np.sqrt(variance[b, y1, x1] + variance[b, y2, x2])
-            if high < SAFETY * ratios[b, k] * low:
-                return True
-    return False
 
 
 def flag_sharp_peaks(sources, peaks, images, variance, bad, psfs):
@@ -54,10 +29,10 @@ def flag_sharp_peaks(sources, peaks, images, variance, bad, psfs):
     ``peaks`` (n, 2) and the (band, h, w) arrays are in the blend's pixels;
     ``psfs`` (band, py, px) are the bands' observed PSFs, centred.
     """
-    ratios = psf_neighbour_ratios(np.asarray(psfs, np.float64))
+    ratios = band_ratios(psfs)
     h, w = images.shape[1:]
     for src in sources:
         y, x = np.rint(peaks[src.peak_index]).astype(int)
-        if 0 <= y < h and 0 <= x < w and sharp_pixel(images, variance, bad, int(y), int(x), ratios):
+        if 0 <= y < h and 0 <= x < w and sharp_pixel(images, variance, bad, y, x, ratios):
             src.flags |= SOURCE_SHARP_PEAK
     return sources

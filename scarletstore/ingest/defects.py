@@ -48,30 +48,54 @@ _DX = np.array([d[1] for d in DIRECTIONS], np.int64)
 
 
 @njit(cache=True)
-def _sharp_kernel(image, variance, mask, bits, ratios, dys, dxs, k_sigma, safety, out):
-    """Set ``out[y, x]`` where one band's pixel fails the PSF criterion in some direction."""
+def pixel_is_sharp(image, variance, bad, y, x, ratios, dys, dxs, k_sigma, safety):
+    """Whether one band's pixel (y, x) fails the PSF criterion in some direction.
+
+    ``bad`` (h, w) bool: such pixels are neither tested nor compared; neighbours
+    off the image are not compared either. The one test behind both the
+    whole-image pass and the deblend's check of a child's peak.
+    """
+    h, w = image.shape
+    v = variance[y, x]
+    if bad[y, x] or not v > 0:
+        return False
+    low = image[y, x] - k_sigma * math.sqrt(v)
+    if low <= 0:
+        return False  # not significant: noise decides its shape
+    for k in range(dys.size):
+        if not ratios[k] > 0:
+            continue  # a PSF with nothing one step away allows any sharpness
+        y1, x1, y2, x2 = y + dys[k], x + dxs[k], y - dys[k], x - dxs[k]
+        if y1 < 0 or y2 < 0 or y1 >= h or y2 >= h or x1 < 0 or x2 < 0 or x1 >= w or x2 >= w:
+            continue
+        if bad[y1, x1] or bad[y2, x2]:
+            continue
+        high = 0.5 * (image[y1, x1] + image[y2, x2]) \
+            + k_sigma * 0.5 * math.sqrt(variance[y1, x1] + variance[y2, x2])
+        if high < safety * ratios[k] * low:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _sharp_kernel(image, variance, bad, ratios, dys, dxs, k_sigma, safety, out):
+    """Set ``out[y, x]`` on every pixel of one band that :func:`pixel_is_sharp`."""
     h, w = image.shape
     for y in range(h):
         for x in range(w):
-            v = variance[y, x]
-            if (mask[y, x] & bits) != 0 or not v > 0:
-                continue
-            low = image[y, x] - k_sigma * math.sqrt(v)
-            if low <= 0:
-                continue  # not significant: noise decides its shape
-            for k in range(dys.size):
-                if not ratios[k] > 0:
-                    continue  # a PSF with nothing one step away allows any sharpness
-                y1, x1, y2, x2 = y + dys[k], x + dxs[k], y - dys[k], x - dxs[k]
-                if y1 < 0 or y2 < 0 or y1 >= h or y2 >= h or x1 < 0 or x2 < 0 or x1 >= w or x2 >= w:
-                    continue
-                if (mask[y1, x1] & bits) != 0 or (mask[y2, x2] & bits) != 0:
-                    continue
-                high = 0.5 * (image[y1, x1] + image[y2, x2]) \
-                    + k_sigma * 0.5 * math.sqrt(variance[y1, x1] + variance[y2, x2])
-                if high < safety * ratios[k] * low:
-                    out[y, x] = True
-                    break
+            out[y, x] = pixel_is_sharp(image, variance, bad, y, x, ratios, dys, dxs, k_sigma, safety)
+
+
+def sharp_pixel(images, variance, bad, y: int, x: int, ratios) -> bool:
+    """Whether pixel (y, x) is sharper than the PSF allows in some band and direction.
+
+    ``images``, ``variance``, ``bad`` are (band, h, w); ``ratios`` is
+    :func:`band_ratios` of the bands' PSFs.
+    """
+    return any(pixel_is_sharp(np.asarray(images[b]), np.asarray(variance[b]), np.asarray(bad[b], bool),
+                              int(y), int(x), np.asarray(ratios[b], np.float64), _DY, _DX,
+                              K_SIGMA, SAFETY)
+               for b in range(len(images)))
 
 
 def band_ratios(psfs: np.ndarray) -> np.ndarray:
@@ -97,8 +121,8 @@ def sharp_pixels(image, variance, mask, bad_bits: int, psfs) -> np.ndarray:
     out = np.zeros(np.shape(image), bool)
     mask = np.asarray(mask, np.int32)
     for b in range(out.shape[0]):
-        _sharp_kernel(np.asarray(image[b]), np.asarray(variance[b]), mask[b], np.int32(bad_bits), ratios[b], _DY, _DX,
-                      K_SIGMA, SAFETY, out[b])
+        _sharp_kernel(np.asarray(image[b]), np.asarray(variance[b]), (mask[b] & np.int32(bad_bits)) != 0,
+                      ratios[b], _DY, _DX, K_SIGMA, SAFETY, out[b])
     return out
 
 
