@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import InputError, ScarletStoreError
+from .errors import InputError, ScarletStoreError, StoreError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,12 +41,21 @@ def _band_files(items, flag):
         if "=" not in item:
             raise InputError(f"{flag} expects BAND=FILE, got {item!r}")
         band, path = item.split("=", 1)
+        if band.strip() in out:  # the last one would silently win
+            raise InputError(f"{flag} names band {band.strip()} twice")
         out[band.strip()] = path
     return out
 
 
-def _check_output(path, flag="-o") -> Path:
-    """Refuse an output path that cannot be written before any work is done."""
+def _check_output(path, flag="-o", inputs=(), stores=()) -> Path:
+    """Refuse an output path that cannot be written before any work is done.
+
+    ``inputs`` are files the command reads and ``stores`` store indexes it
+    reads: an output that is one of them, or lies in a store's product
+    folder (``STORE.d``), would overwrite the data being measured -- a
+    catalog written over its own store's index left a store that no
+    longer opened, and the command reported success.
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
@@ -55,6 +64,15 @@ def _check_output(path, flag="-o") -> Path:
         raise InputError(f"{path}: the directory {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"{path}: the directory {folder} is not writable")
+    real = os.path.realpath(path)
+    for src in list(inputs) + list(stores):
+        if real == os.path.realpath(src):
+            raise InputError(f"{path}: {flag} names an input of this command; choose another file")
+    for store in stores:
+        products = os.path.realpath(store) + ".d"
+        if real.startswith(products + os.sep):
+            raise InputError(f"{path}: {flag} lies in the store's product folder {store}.d; "
+                             "choose a file outside it")
     return path
 
 
@@ -243,14 +261,6 @@ def cmd_info(args):
 def cmd_simulate(args):
     from .simulate.field import simulate_field
 
-    if args.visits is not None:
-        from .simulate.visits import simulate_visits
-
-        out = simulate_visits(args.out_dir, n_visits=args.visits, size=args.size, seed=args.seed,
-                              bands=_bands(args.bands), density=args.density, progress=True)
-        print(f"simulated {len(out['visits'])} visits of a {args.size}x{args.size} grid in "
-              f"{args.out_dir}; grid {out['grid']}; truth in {out['truth']}")
-        return
     if args.size < 16:
         raise InputError("--size must be at least 16 pixels")
     if not args.density > 0 or math.isinf(args.density):
@@ -259,9 +269,20 @@ def cmd_simulate(args):
     if out_dir.is_file() or (out_dir.exists() and not out_dir.is_dir()):
         raise InputError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
+        # visits too: a stale visit_*.fits beside new ones would be coadded with them
         raise InputError(f"{out_dir}: directory is not empty; simulate into a new or empty one")
     if not out_dir.parent.is_dir():
         raise InputError(f"{out_dir}: the directory {out_dir.parent} does not exist")
+    if args.visits is not None:
+        from .simulate.visits import simulate_visits
+
+        # its bar draws on a terminal only, like every other (quiet when piped)
+        out = simulate_visits(args.out_dir, n_visits=args.visits, size=args.size, seed=args.seed,
+                              bands=_bands(args.bands), density=args.density,
+                              progress=sys.stderr.isatty())
+        print(f"simulated {len(out['visits'])} visits of a {args.size}x{args.size} grid in "
+              f"{args.out_dir}; grid {out['grid']}; truth in {out['truth']}")
+        return
     out = simulate_field(args.out_dir, size=args.size, seed=args.seed, bands=_bands(args.bands),
                          density=args.density, progress=True)
     print(f"simulated {args.size}x{args.size} field in {len(out['bands'])} bands: "
@@ -328,7 +349,10 @@ def cmd_merge(args):
     out = Path(args.output)
     if out.suffix.lower() not in (".fits", ".csv", ".h5"):
         raise InputError(f"{out}: output must end in .fits, .csv or .h5")
-    _check_output(out)
+    _check_output(out, inputs=[Path(args.out_dir) / "tract.json"])
+    if os.path.realpath(out).startswith(os.path.realpath(args.out_dir) + os.sep):
+        raise InputError(f"{out}: -o lies in the tract folder {args.out_dir}, whose patch stores "
+                         "merge reads; choose a file outside it")
     columns, attrs, missing = tract_catalog(args.out_dir, args.band)
     write_columns(columns, attrs, out)
     print(f"wrote {len(columns['is_primary'])} rows ({int(columns['is_primary'].sum())} primary) of "
@@ -362,6 +386,13 @@ def cmd_detect(args):
     for w in caught:  # one line each (e.g. known positions outside the image)
         sys.stderr.write(f"scarletstore detect: warning: {w.message}\n")
     store.write({"parents": parents}, replace=args.replace)
+    if args.replace:
+        from .store.runs import stale_runs
+
+        stale = stale_runs(store)
+        if stale:  # their catalogs are refused from now on (store.runs.check_run_parents)
+            sys.stderr.write(f"scarletstore detect: warning: runs {', '.join(stale)} were deblended "
+                             "from the replaced parents; deblend again to measure them\n")
     n_ext = int(((parents["peak_flags"].values & 1) != 0).sum())
     print(f"detected {parents.sizes['parent']} parents with {parents.sizes['peak']} peaks "
           f"({n_ext} external) in {store.path}")
@@ -449,6 +480,10 @@ def cmd_deblend(args):
         workers=args.workers, scheduler=scheduler, name=args.run or args.method, show_progress=True,
         first_source_id=first_id, exposure_checksum=exposure_checksum,
         parents_checksum=parents_checksum, init=init, from_run=args.from_run or "", as_frame=True)
+    if parents_checksum and store.recorded_checksum("parents") not in (None, parents_checksum):
+        # a 'detect --replace' finished while this deblend ran: its run would
+        # record parents the store no longer has
+        raise StoreError(f"{store.path}: the parents were replaced while deblending; run deblend again")
     # name and source ids are final only at commit, inside the writer lock
     name = store.add_run(run, name=args.run, prefix=args.method)
     nb = run.sizes["blend"]
@@ -522,9 +557,9 @@ def cmd_catalog(args):
     out = Path(args.output)
     if out.suffix.lower() not in (".fits", ".csv", ".h5"):
         raise InputError(f"{out}: output must end in .fits, .csv or .h5")
-    _check_output(out)
-    store, run = _open_run_store(args.store, args.run)
     psf_files, image_files = _band_files(args.psf, "--psf"), _band_files(args.image, "--image")
+    _check_output(out, inputs=list(psf_files.values()) + list(image_files.values()), stores=[args.store])
+    store, run = _open_run_store(args.store, args.run)
     for flag, files in (("--psf", psf_files), ("--image", image_files)):
         other = [b for b in files if b != args.band]
         if other:
@@ -584,7 +619,7 @@ def cmd_forced(args):
     out = Path(args.output)
     if out.suffix.lower() not in (".fits", ".csv", ".h5"):
         raise InputError(f"{out}: output must end in .fits, .csv or .h5")
-    _check_output(out)
+    _check_output(out, inputs=args.visits or (), stores=[args.store])
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
@@ -622,12 +657,13 @@ def cmd_query(args):
 
 
 def cmd_show(args):
+    from .store.runs import check_run_parents
     from .store.store import Store
 
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise InputError(f"{out}: output must be a .png file")
-    _check_output(out)
+    _check_output(out, stores=[args.store])
     if args.field:
         from .display import read_field, show_field
 
@@ -637,6 +673,7 @@ def cmd_show(args):
             raise InputError(f"{store.path}: no run {args.run!r} (runs: {', '.join(runs) or 'none'})")
         run = args.run or (runs[-1] if runs else None)
         if run is not None:
+            check_run_parents(store, run)  # the boxes are the parents'
             _using(args.run, run)
         bands, idx, image, boxes = read_field(store, run)
         title = f"{store.path.name}: {len(boxes)} parents, " + (f"run {run}" if run else "no run")
@@ -647,8 +684,8 @@ def cmd_show(args):
         return
     from .display import read_blend_picture, show_blend
 
-    _check_output(out)
     store, run = _open_run_store(args.store, args.run)
+    check_run_parents(store, run)  # the picture's footprint is the parents'
     pic = read_blend_picture(store, args.blend, run)
     _using(args.run, run)
     size = show_blend(pic, out)
@@ -740,7 +777,7 @@ def cmd_export_lsst(args):
     from .lsst import write_lsst_models
     from .store.store import run_group
 
-    out = _check_output(args.output)
+    out = _check_output(args.output, stores=[args.store])
     store, run = _open_run_store(args.store, args.run)
     ds = store.read(run_group(run))
     _using(args.run, run)

@@ -441,6 +441,9 @@ def _detection_bands(exposure, bands):
         if missing:
             raise InputError(f"unknown band(s) {', '.join(missing)}; the exposure has "
                              f"{', '.join(all_bands)}")
+        twice = sorted({b for b in det_bands if det_bands.count(b) > 1})
+        if twice:  # a repeated band would count its chi^2 twice
+            raise InputError(f"band(s) {', '.join(twice)} named twice in the detection bands")
         if not det_bands:
             raise InputError("no detection bands given")
     if len(all_bands) > CHI2_BIT:

@@ -362,6 +362,24 @@ def _read_fits_bands(paths, bands, psf_files, require_psf, mask_defects):
 
 
 # ------------------------------------------------------------------ npz
+def _npz_array(data, key, path, kinds="iuf"):
+    """``data[key]`` with its dtype kind in ``kinds``, else one InputError line.
+
+    Object arrays need pickle, which is never allowed (a file could run code),
+    and complex or text pixels are not pixels: both failed later with a
+    traceback or a ComplexWarning.
+    """
+    try:
+        arr = data[key]
+    except ValueError:  # object array: loading it would need allow_pickle
+        raise InputError(f"{path}: {key!r} is an object array (not loaded: it would need pickle)") from None
+    if arr.dtype.kind not in kinds:
+        raise InputError(f"{path}: {key!r} has dtype {arr.dtype}, expected "
+                         + {"iuf": "real numbers", "iub": "integers", "US": "text",
+                            "V": "a table with x and y fields"}.get(kinds, kinds))
+    return arr
+
+
 def read_npz(path, bands=None, psf_files=None, mask_defects: bool = True) -> xr.Dataset:
     """An npz in the layout of hsc_cosmos_35.npz -> exposure.
 
@@ -383,22 +401,25 @@ def read_npz(path, bands=None, psf_files=None, mask_defects: bool = True) -> xr.
         for key in ("variance", "psfs"):
             if key not in keys:
                 raise InputError(f"{path}: npz has no {key!r} array")
-        images = data["images"]
+        images = _npz_array(data, "images", path)
         if images.ndim != 3:
             raise InputError(f"{path}: 'images' must be (band, y, x), got shape {images.shape}")
-        variance = data["variance"]
+        variance = _npz_array(data, "variance", path)
         if variance.shape != images.shape:
             raise InputError(f"{path}: 'variance' shape {variance.shape} differs from images {images.shape}")
-        mask = data["mask"] if "mask" in keys else None
+        mask = _npz_array(data, "mask", path, kinds="iub") if "mask" in keys else None
         if mask is not None and mask.shape != images.shape:
             raise InputError(f"{path}: 'mask' shape {mask.shape} differs from images {images.shape}")
         if bands is None:
             if "filters" not in keys:
                 raise InputError(f"{path}: npz has no 'filters'; name the bands with --bands")
-            bands = [str(b) for b in data["filters"]]
+            bands = [(b.decode() if isinstance(b, bytes) else str(b)).strip()
+                     for b in _npz_array(data, "filters", path, kinds="US").tolist()]
+            if not all(bands):
+                raise InputError(f"{path}: 'filters' holds an empty band name")
         elif len(bands) != images.shape[0]:
             raise InputError(f"{path}: --bands names {len(bands)} bands, images have {images.shape[0]}")
-        psfs = list(data["psfs"])
+        psfs = list(_npz_array(data, "psfs", path))
         if len(psfs) != images.shape[0]:
             raise InputError(f"{path}: {len(psfs)} PSFs for {images.shape[0]} bands")
         for band, pf in dict(psf_files or {}).items():
@@ -407,10 +428,16 @@ def read_npz(path, bands=None, psf_files=None, mask_defects: bool = True) -> xr.
             psfs[bands.index(band)] = read_psf_file(pf)
         known = None
         if "catalog" in keys:
-            cat = data["catalog"]
+            cat = _npz_array(data, "catalog", path, kinds="V")
             if cat.dtype.names is None or not {"x", "y"} <= set(cat.dtype.names):
                 raise InputError(f"{path}: 'catalog' must be a table with x and y fields")
-            known = (np.asarray(cat["y"], np.float64), np.asarray(cat["x"], np.float64))
+            try:
+                known = (np.asarray(cat["y"], np.float64), np.asarray(cat["x"], np.float64))
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: 'catalog' x and y must be numbers") from None
+            if not (np.isfinite(known[0]).all() and np.isfinite(known[1]).all()):
+                # as detect --peaks: a NaN position is no position
+                raise InputError(f"{path}: 'catalog' holds non-finite x or y")
     return make_exposure(images, variance, mask, psfs, bands, known=known,
                          sources=[path.name], mask_defects=mask_defects)
 

@@ -372,6 +372,9 @@ def open_measurer(store, band, run=None, redistribute=False, image_override=None
     run = run or runs[-1]
     if run not in runs:
         raise InputError(f"{store.path}: no run {run!r} (runs: {', '.join(runs)})")
+    from ..store.runs import check_run_parents
+
+    check_run_parents(store, run)  # footprints come from the parents
     config = photometry_config(apertures)
     measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
     if apcorr:

@@ -367,3 +367,60 @@ def read_blend(index: RunIndex, b: int) -> StoredBlend:
     bbox = tuple(int(t.col(v)[b]) for v in ("blend_y0", "blend_x0", "blend_height", "blend_width"))
     return StoredBlend(index=b, parent_id=int(index.parent_ids[b]), bbox=bbox,
                        source_ids=np.asarray(index.source_ids[s0:s1]), sources=sources)
+
+
+def run_parents_checksum(store, run: str) -> str:
+    """The parents checksum ``run`` recorded when it was deblended ("" if none:
+    imported runs, or runs of stores written before checksums were recorded)."""
+    from .store import run_group
+
+    group = run_group(run)
+    opened = store.h5_group(group)
+    if opened is None:  # an older schema version: read (and migrate) it
+        return str(store.read(group).attrs.get("parents_checksum") or "")
+    f, g = opened
+    try:
+        value = g.attrs.get("parents_checksum", "")
+    finally:
+        f.close()
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def check_run_parents(store, run: str) -> None:
+    """Refuse to measure ``run`` against parents other than the ones it was
+    deblended from.
+
+    ``detect --replace`` swaps the store's parents while earlier runs stay:
+    their catalogs were then measured on the new footprints without a word
+    (every redistributed flux changed, children of merged parents got 0).
+    A run's recorded ``parents_checksum`` against the one stored with the
+    parents tells; either missing (imported runs, old stores) is not checked.
+
+    Raises
+    ------
+    StoreError
+        One line naming the run and what to do.
+    """
+    from ..errors import StoreError
+
+    if not store.has("parents"):
+        return
+    recorded = run_parents_checksum(store, run)
+    current = store.recorded_checksum("parents")
+    if recorded and current and recorded != current:
+        raise StoreError(f"{store.path}: run {run!r} was deblended from other parents than the "
+                         "store's ('detect --replace' has replaced them since); deblend again "
+                         "to measure on these parents")
+
+
+def stale_runs(store) -> list[str]:
+    """The runs deblended from parents other than the store's current ones."""
+    from ..errors import StoreError
+
+    out = []
+    for run in store.runs():
+        try:
+            check_run_parents(store, run)
+        except StoreError:
+            out.append(run)
+    return out

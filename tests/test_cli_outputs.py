@@ -1,0 +1,141 @@
+"""Commands never overwrite their own inputs, and runs are measured only on their own parents.
+
+Found by running the commands as a user would: ``catalog STORE -o STORE`` wrote a catalog over
+the store's index (and ``export-lsst`` JSON over it) and reported success; after
+``detect --replace`` an earlier run's catalog was measured on the new footprints without a
+word; ``detect --bands r,r`` counted one band twice; npz inputs with object arrays gave a
+traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scarletstore.cli import main
+from scarletstore.deblend.psf import gaussian_psf
+from scarletstore.store.store import Store
+
+H = W = 64
+
+
+def _scene(rng):
+    y, x = np.mgrid[:H, :W]
+    blob = lambda cy, cx, s: np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * s * s))  # noqa: E731
+    scene = 60 * (blob(20, 20, 2.0) + blob(24, 27, 2.2) + blob(46, 44, 2.5))
+    return np.array([scene * s + rng.normal(0, 1, (H, W)) for s in (0.7, 1.0, 0.9)], np.float32)
+
+
+def _write_npz(path, **changes):
+    rng = np.random.default_rng(3)
+    arrays = dict(images=_scene(rng), variance=np.ones((3, H, W), np.float32),
+                  mask=np.zeros((3, H, W), np.int32), filters=np.array(["g", "r", "i"]),
+                  psfs=np.array([gaussian_psf(1.3 + 0.1 * b, 15) for b in range(3)]))
+    arrays.update(changes)
+    np.savez(path, **arrays)
+    return path
+
+
+def _ok(argv):
+    assert main([str(a) for a in argv]) == 0, argv
+
+
+def _fails(argv, capsys, *expect):
+    assert main([str(a) for a in argv]) == 2, argv
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for text in expect:
+        assert text in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def deblended(tmp_path_factory):
+    """A store with parents and one scarlet run."""
+    tmp = tmp_path_factory.mktemp("outputs")
+    store = tmp / "s.h5"
+    _ok(["ingest", store, _write_npz(tmp / "in.npz")])
+    _ok(["detect", store])
+    _ok(["deblend", store, "--run", "first"])
+    return store
+
+
+def _copy(store, dest):
+    from scarletstore.store.store import copy_store
+
+    copy_store(store, dest)
+    return dest
+
+
+def test_outputs_never_overwrite_the_store(deblended, tmp_path, capsys):
+    store = _copy(deblended, tmp_path / "c.h5")
+    before = Store(store).runs()
+    _fails(["catalog", store, "--band", "r", "-o", store], capsys, "input of this command")
+    product = next(Path(str(store) + ".d").iterdir())
+    _fails(["catalog", store, "--band", "r", "-o", product.with_suffix(".fits")], capsys,
+           "product folder")
+    _fails(["export-lsst", store, "-o", store], capsys, "input of this command")
+    _fails(["show", store, "--field", "-o", Path(str(store) + ".d") / "f.png"], capsys,
+           "product folder")
+    # the store is whole: it opens, checks clean and measures
+    assert Store(store).runs() == before and Store(store).check() == []
+    _ok(["catalog", store, "--band", "r", "-o", tmp_path / "cat.fits"])
+    assert (tmp_path / "cat.fits").stat().st_size > 0
+
+
+def test_an_override_file_named_twice_or_as_output_is_refused(deblended, tmp_path, capsys):
+    psf = tmp_path / "psf.fits"
+    _fails(["catalog", deblended, "--band", "r", "--psf", f"r={psf}", "--psf", f"r={psf}",
+            "-o", tmp_path / "c.fits"], capsys, "twice")
+
+
+def test_runs_of_replaced_parents_are_not_measured_on_the_new_ones(deblended, tmp_path, capsys):
+    store = _copy(deblended, tmp_path / "r.h5")
+    _ok(["catalog", store, "--band", "r", "-o", tmp_path / "before.csv"])
+    capsys.readouterr()
+    _ok(["detect", store, "--replace", "--threshold", "3"])
+    err = capsys.readouterr().err
+    assert "first" in err and "deblend again" in err
+    # the old run's catalog (API and CLI) and picture are refused, in one line
+    _fails(["catalog", store, "--band", "r", "--run", "first", "-o", tmp_path / "after.csv"],
+           capsys, "'first'", "detect --replace")
+    assert not (tmp_path / "after.csv").exists()
+    _fails(["show", store, "--blend", "1", "--run", "first", "-o", tmp_path / "b.png"], capsys,
+           "detect --replace")
+    from scarletstore.errors import StoreError
+
+    with pytest.raises(StoreError, match="deblend again"):
+        Store(store).catalog("r", run="first")
+    # a new run on the new parents measures
+    _ok(["deblend", store, "--run", "second"])
+    _ok(["catalog", store, "--band", "r", "--run", "second", "-o", tmp_path / "new.csv"])
+    assert (tmp_path / "new.csv").stat().st_size > 0
+
+
+def test_a_detection_band_named_twice_is_refused(deblended, tmp_path, capsys):
+    store = _copy(deblended, tmp_path / "d.h5")
+    _fails(["detect", store, "--replace", "--bands", "r,r"], capsys, "named twice")
+    assert Store(store).runs() == ["first"]
+
+
+@pytest.mark.parametrize("change, expect", [
+    (dict(images=np.empty(3, object)), "object array"),
+    (dict(mask=np.zeros((3, H, W), np.float32)), "integers"),
+    (dict(images=np.zeros((3, H, W), np.complex64)), "real numbers"),
+    (dict(filters=np.array(["g", " ", "i"])), "empty band name"),
+    (dict(catalog=np.array([(np.nan, 3.0)], dtype=[("x", "f8"), ("y", "f8")])), "non-finite"),
+])
+def test_npz_inputs_that_are_not_pixels_are_refused(tmp_path, capsys, change, expect):
+    npz = _write_npz(tmp_path / "bad.npz", **change)
+    _fails(["ingest", tmp_path / "s.h5", npz], capsys, expect)
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_simulated_visits_need_an_empty_folder(tmp_path, capsys):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "visit_g_01.fits").write_bytes(b"old")
+    _fails(["simulate", tmp_path / "v", "--visits", "1", "--size", "32", "--bands", "g"], capsys,
+           "not empty")
+    _fails(["simulate", tmp_path / "w", "--visits", "1", "--density", "0"], capsys, "--density")
