@@ -780,6 +780,8 @@ def cmd_export_lsst(args):
     out = _check_output(args.output, stores=[args.store])
     store, run = _open_run_store(args.store, args.run)
     ds = store.read(run_group(run))
+    if ds.sizes["blend"] == 0:  # a file import-lsst (and Rubin's reader) could not take back
+        raise InputError(f"{store.path}: run {run!r} has no blends; nothing to export")
     _using(args.run, run)
     write_lsst_models(ds, out)
     print(f"wrote run {run} ({ds.sizes['blend']} blends, {ds.sizes['source']} sources) to {args.output}")

@@ -139,3 +139,22 @@ def test_simulated_visits_need_an_empty_folder(tmp_path, capsys):
     _fails(["simulate", tmp_path / "v", "--visits", "1", "--size", "32", "--bands", "g"], capsys,
            "not empty")
     _fails(["simulate", tmp_path / "w", "--visits", "1", "--density", "0"], capsys, "--density")
+
+
+def test_diff_prints_integer_source_ids_and_export_refuses_an_empty_run(deblended, tmp_path, capsys):
+    store = _copy(deblended, tmp_path / "e.h5")
+    _ok(["deblend", store, "--blends", "1", "--run", "one"])
+    capsys.readouterr()
+    _ok(["diff", store, "first", "one", "--top", "3"])
+    out = capsys.readouterr().out
+    table = out.splitlines()[-1].split()
+    assert all("." not in v for v in table[:4]), out  # parent, peak, source ids
+    empty = tmp_path / "empty.h5"
+    _ok(["ingest", empty, _write_npz(tmp_path / "sky.npz", images=np.zeros((3, H, W), np.float32))])
+    _ok(["detect", empty])
+    _ok(["deblend", empty])
+    _fails(["export-lsst", empty, "-o", tmp_path / "m.json"], capsys, "no blends")
+
+
+def test_region_ra_is_one_turn_of_the_sky(deblended, capsys):
+    _fails(["query", deblended, "--region", "1000", "2", "5"], capsys, "RA")

@@ -57,6 +57,9 @@ def diff_runs(run_a: xr.Dataset, run_b: xr.Dataset) -> tuple[pd.DataFrame, dict]
     bands = [c[5:] for c in a.columns if c.startswith("flux_") and c in b.columns]
     m = a.merge(b, on=["parent", "peak"], how="outer", suffixes=("_a", "_b"), indicator=True)
     both = m[m["_merge"] == "both"].copy()
+    for col in ("source_id_a", "source_id_b", "iterations_a", "iterations_b"):
+        # the outer merge made them float (NaN on one side); matched rows have both
+        both[col] = both[col].astype(np.int64)
     summary = {
         "matched": len(both),
         "only_a": int((m["_merge"] == "left_only").sum()),

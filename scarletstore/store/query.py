@@ -76,6 +76,8 @@ def _check_region(region) -> tuple[float, float, float]:
         raise InputError(f"--region values must be finite numbers, got {ra:g} {dec:g} {radius:g}")
     if not -90 <= dec <= 90:
         raise InputError(f"--region DEC must be in [-90, 90] degrees, got {dec:g}")
+    if not -180 <= ra <= 360:  # RA either way round the sky, but not several times
+        raise InputError(f"--region RA must be in [-180, 360] degrees, got {ra:g}")
     if radius <= 0:
         raise InputError(f"--region radius must be positive, got {radius:g} arcsec")
     return ra, dec, radius
