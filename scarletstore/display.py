@@ -514,6 +514,7 @@ class BlendPicture:
     bad: np.ndarray | None = None
     footprint: np.ndarray | None = None
     summary: str = ""
+    fluxes: np.ndarray | None = None  # (n, B) the catalog's model fluxes (None: the pixels' sums)
 
 
 def _run_row(store, parent_id: int, run: str) -> dict:
@@ -579,6 +580,7 @@ def read_blend_picture(store, parent_id: int, run: str) -> BlendPicture:
     """
     from .errors import InputError
     from .measure.catalog import blend_views
+    from .measure.photometry.blend import model_fluxes
 
     row = _run_row(store, parent_id, run)
     bbox = tuple(int(row[k]) for k in ("y0", "x0", "height", "width"))
@@ -602,7 +604,7 @@ def read_blend_picture(store, parent_id: int, run: str) -> BlendPicture:
                           for s in blend.sources], np.float64).reshape(-1, 2)
     pic = BlendPicture(parent_id=int(parent_id), run=run, bands=list(bands), bbox=bbox, models=models,
                        source_ids=np.asarray(blend.source_ids), positions=positions, data=data,
-                       footprint=footprint)
+                       footprint=footprint, fluxes=model_fluxes(blend.sources, len(bands)))
     if data is not None:
         _, pic.variance, pic.bad = _exposure_box(store, bbox)
     fit = reason or (f"{int(row['iterations'])} iterations, logL {float(row['log_likelihood']):.6g}, "
@@ -712,7 +714,9 @@ def show_blend(pic: BlendPicture, path, dpi: int = 110) -> tuple[int, int]:
     n, _, h, w = models.shape
     idx = rgb_bands(bands)
     model = models.sum(axis=0)
-    fluxes = models.sum(axis=(2, 3))
+    # the labels quote the catalog's flux (the whole model), not the part
+    # inside the picture's box, so the two agree
+    fluxes = pic.fluxes if pic.fluxes is not None else models.sum(axis=(2, 3))
     lb = label_band(bands)
     note = ("footprint outlined; data and model on one stretch, each source on its own"
             if pic.data is not None else "no exposure in the store: models only; each source on its own stretch")
