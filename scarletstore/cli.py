@@ -522,8 +522,27 @@ def _reprocessed_image(store, path, band):
         if (ex.sizes["y"], ex.sizes["x"]) != shape:
             raise InputError(f"{path}: image is {ex.sizes['y']}x{ex.sizes['x']}, the store's grid is "
                              f"{shape[0]}x{shape[1]}")
+        why = _image_grid_mismatch(ref.attrs.get("wcs") or "", ex.attrs.get("wcs") or "", shape)
+        if why:  # another field of the same size would be measured as this one
+            raise InputError(f"{path}: {why}")
     return {"image": ex["image"].values[0], "variance": ex["variance"].values[0],
             "mask": ex["mask"].values[0], "mask_planes": json.loads(ex.attrs["mask_planes"])}
+
+
+def _image_grid_mismatch(store_wcs: str, image_wcs: str, shape) -> str:
+    """Why an image's WCS header puts pixels elsewhere on the sky than the store's
+    ('' when they agree, or when either has none: a WCS-less store has nothing to
+    compare with, and one WCS-less image is the user's word)."""
+    if not store_wcs or not image_wcs:
+        return ""
+    from astropy.io import fits
+
+    from .ingest.exposure import _celestial_wcs, _grid_mismatch
+
+    first, other = (_celestial_wcs(fits.Header.fromstring(t)) for t in (store_wcs, image_wcs))
+    why = _grid_mismatch(first, other, shape)
+    return why.replace("the first band's", "the store exposure's").replace("the first band lacks",
+                                                                           "the store's exposure lacks")
 
 
 def _radii(text):

@@ -179,3 +179,30 @@ def test_the_blend_picture_labels_quote_the_catalog_flux(hsc_path, tmp_path):
     got = np.asarray(got)
     lit = got > 0
     assert np.max(np.abs(inside[lit] / got[lit] - 1)) > 0.05  # the case the labels got wrong
+
+
+def test_a_reprocessed_image_of_another_sky_is_refused(tmp_path, capsys):
+    """``catalog --image`` took any FITS of the store's size, whatever sky it held."""
+    from conftest import gaussian_psf as psf_image, make_wcs_header, write_band_fits
+
+    rng = np.random.default_rng(5)
+    hdr = make_wcs_header(H, W)
+    scene = _scene(rng)
+    paths = [write_band_fits(tmp_path / f"{b}.fits", b, scene[k], np.ones((H, W)), np.zeros((H, W)),
+                             psf_image(15, 1.4), hdr) for k, b in enumerate("gri")]
+    store = tmp_path / "w.h5"
+    _ok(["ingest", store, *paths])
+    _ok(["detect", store])
+    _ok(["deblend", store])
+    same = write_band_fits(tmp_path / "same.fits", "r", scene[1] * 1.01, np.ones((H, W)),
+                           np.zeros((H, W)), None, hdr)
+    _ok(["catalog", store, "--band", "r", "--redistribute", "--image", f"r={same}",
+         "-o", tmp_path / "ok.fits"])
+    moved = hdr.copy()
+    moved["CRVAL1"] += 3 / 3600  # 3 arcsec: 15 px of this 0.2" grid
+    other = write_band_fits(tmp_path / "other.fits", "r", scene[1], np.ones((H, W)),
+                            np.zeros((H, W)), None, moved)
+    capsys.readouterr()
+    _fails(["catalog", store, "--band", "r", "--redistribute", "--image", f"r={other}",
+            "-o", tmp_path / "no.fits"], capsys, "different pixel grid", "store exposure")
+    assert not (tmp_path / "no.fits").exists()
