@@ -209,7 +209,11 @@ class BlendMeasurer:
             return None
         bits = bad_bits(planes, self.config.get("bad_mask_planes", DEFAULT_BAD_PLANES))
         good = ((mask & bits) == 0) & np.isfinite(variance) & (variance > 0) & np.isfinite(image)
-        return image, np.where(good, variance, 1).astype(np.float32), good
+        # every measurement reads these three arrays: an unusable pixel (bad plane, or a
+        # non-finite image or variance value) is zero in the image, as forced photometry
+        # does, because a zero weight times NaN is still NaN (redistributed shares, sums)
+        return (np.where(good, image, 0).astype(np.float32), np.where(good, variance, 1).astype(np.float32),
+                good)
 
     def blend_products(self, b: int):
         """Models, heavy values, footprint and data of blend ``b`` in this band."""
