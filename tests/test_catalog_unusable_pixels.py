@@ -3,7 +3,8 @@
 A NaN image (or variance) pixel under NO_DATA used to reach the redistributed
 footprints (a zero share times NaN is NaN) and the photometry suite, so a
 child's ``flux_redistributed``, PSF, aperture, Kron and GAaP fluxes were NaN
-with no flag.
+with no flag. The parent's flux in redistribute mode was the model's, not
+the image over the footprint its children share.
 """
 
 import numpy as np
@@ -13,6 +14,7 @@ from scipy.special import erf
 from scarletstore.deblend.psf import difference_kernels, gaussian_psf
 from scarletstore.ingest.exposure import make_exposure
 from scarletstore.measure.catalog import band_catalog
+from scarletstore.measure.parents import parent_catalog
 from scarletstore.store.components import Component, SourceResult
 from scarletstore.store.runs import BlendRecord, build_run
 from scarletstore.store.store import Store
@@ -131,3 +133,18 @@ def test_nan_pixels_in_a_reprocessed_image_without_mask_bits(stores):
                  "gaap_flux", "data_coverage", "chi2", "flags"):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
 
+
+def test_parent_flux_in_redistribute_mode_is_the_image(stores):
+    nan, _, _, image = stores
+    children = band_catalog(nan, "r", redistribute=True).compute()
+    red = parent_catalog(nan, "r", redistribute=True).compute()
+    model = parent_catalog(nan, "r").compute()
+    for k, (bbox, _) in enumerate(BLENDS):
+        mine = children["parent"].values == k + 1
+        # what the children's re-apportioned pixels add up to
+        assert red["flux"].values[k] == pytest.approx(children["flux_redistributed"].values[mine].sum(), rel=1e-6)
+        assert red["flux"].values[k] == pytest.approx(_good_sum(image, 1, bbox), rel=1e-6)
+        # model mode: the children's summed model (footprint = box, nothing cut off here)
+        assert model["flux"].values[k] == pytest.approx(children["flux"].values[mine].sum(), rel=1e-4)
+    # the hole cost blend 0's image part of its light, so the two modes differ there
+    assert model["flux"].values[0] - red["flux"].values[0] > 40
