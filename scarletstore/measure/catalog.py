@@ -468,15 +468,14 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
     """
     import xarray as xr
 
-    from .lazycolumn import lazy_variable
+    from .lazycolumn import lazy_variable, with_measurer
 
     spec = catalog_spec(store, band, run, redistribute, image_override, psf_override, apertures, apcorr)
     data = {c: xr.Variable(("row",), v, attrs={"units": spec.units[c]}) for c, v in spec.eager.items()}
     for c, dtype in spec.lazy.items():
         data[c] = lazy_variable(spec.cache, c, dtype, spec.n_rows, attrs={"units": spec.units[c]})
     ds = xr.Dataset(data, attrs=dict(spec.attrs)).set_coords(["id"])
-    ds.attrs["_measurer"] = spec.measurer  # kept so callers/tests can inspect reads; not serialised
-    return ds
+    return with_measurer(ds, spec.measurer)  # attrs["_measurer"], never copied or written
 
 
 def catalog_table(store, band: str, run: str | None = None, redistribute: bool = False,

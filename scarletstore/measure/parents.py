@@ -60,7 +60,7 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
     model, every column of the measurement suite, ``flags``.
     """
     from .catalog import CATALOG_FLAGS, UNITS, _flux_units, open_measurer
-    from .lazycolumn import lazy_variable
+    from .lazycolumn import lazy_variable, with_measurer
 
     # parents take the band's aperture correction like its children (same fluxes, same missing light)
     measurer = open_measurer(store, band, run, redistribute, image_override, psf_override,
@@ -86,6 +86,4 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
     for c in ds.variables:
         ds[c].attrs["units"] = units[c]
     ds.attrs["units"] = json.dumps({c: units[c] for c in ds.variables})
-    ds = ds.set_coords(["parent"])
-    ds.attrs["_measurer"] = measurer
-    return ds
+    return with_measurer(ds.set_coords(["parent"]), measurer)  # attrs["_measurer"], never copied
