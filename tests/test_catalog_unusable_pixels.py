@@ -50,8 +50,9 @@ def _records():
     return records
 
 
-def _store(path, hole_image, hole_variance=None):
-    """A two-band store whose HOLE carries NO_DATA and the given image (and variance) value."""
+def _store(path, hole_image, hole_variance=None, units="counts"):
+    """A two-band store whose HOLE carries NO_DATA and the given image (and variance) value,
+    pixel values in ``units``."""
     psfs = [gaussian_psf(s, 25) for s in (1.4, 1.9)]
     model_psf = gaussian_psf(0.8)
     rng = np.random.default_rng(4)
@@ -67,7 +68,7 @@ def _store(path, hole_image, hole_variance=None):
         image[:, HOLE[0], HOLE[1]] = hole_image
     if hole_variance is not None:
         variance[:, HOLE[0], HOLE[1]] = hole_variance
-    ex = make_exposure(image, variance, mask, psfs, BANDS, mask_defects=False)
+    ex = make_exposure(image, variance, mask, psfs, BANDS, mask_defects=False, units=units)
     run = build_run(_records(), BANDS, ex["psf"].values, model_psf, name="m", method="scarlet",
                     config_json="{}", package_version="test")
     Store.create(path, {"exposure": ex, "runs/m": run})
