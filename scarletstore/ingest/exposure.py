@@ -124,7 +124,7 @@ def _check_planes(image, variance, mask, bands, where, mask_planes, bad_planes):
 
 def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(0, 0),
                   mask_planes=None, bad_planes=None, known=None, sources=(),
-                  mask_defects: bool = True) -> xr.Dataset:
+                  mask_defects: bool = True, units: str = "counts") -> xr.Dataset:
     """Build a validated exposure Dataset from arrays.
 
     Parameters
@@ -142,6 +142,10 @@ def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(
         :mod:`scarletstore.ingest.defects`) and record the count per band in
         attr ``defect_pixels`` (JSON ``null`` when off). Done here, not in
         the readers, so FITS, npz, coadds and arrays are treated alike.
+    units : str
+        Units of the pixel values (attr ``units`` of ``image``; the variance's
+        are their square); FITS inputs give their ``BUNIT``. Catalogs label
+        their fluxes with it.
     """
     image = np.asarray(image, dtype=np.float32)
     variance = np.asarray(variance, dtype=np.float32)
@@ -186,8 +190,8 @@ def make_exposure(image, variance, mask, psfs, bands, *, wcs: str = "", origin=(
             "defect_pixels": json.dumps(defects),
         },
     )
-    ds["image"].attrs["units"] = "counts"
-    ds["variance"].attrs["units"] = "counts^2"
+    ds["image"].attrs["units"] = units
+    ds["variance"].attrs["units"] = f"{units}^2" if units.isidentifier() else f"({units})^2"
     if known is not None and len(known[0]):
         ds["known_y"] = ("known", np.asarray(known[0], dtype=np.float64))
         ds["known_x"] = ("known", np.asarray(known[1], dtype=np.float64))
@@ -291,7 +295,7 @@ def _read_fits_bands(paths, bands, psf_files, require_psf, mask_defects):
     from astropy.io import fits
 
     images, variances, masks, psfs, names = [], [], [], [], []
-    wcs, first_wcs, mask_planes, shape, origin = None, None, None, None, (0, 0)
+    wcs, first_wcs, mask_planes, shape, origin, units = None, None, None, None, (0, 0), None
     for i, path in enumerate(paths):
         path = Path(path)
         if not path.is_file():
@@ -349,6 +353,13 @@ def _read_fits_bands(paths, bands, psf_files, require_psf, mask_defects):
             elif planes and planes != mask_planes:
                 raise InputError(f"{path}: mask planes differ from the first band's")
             psf = check_psf(psf, f"{path} (band {band})")
+            # the pixel values' units (the simulator writes nJy); unrecorded: counts
+            band_units = str(hdr.get("BUNIT", "")).strip() or "counts"
+            if units is None:
+                units = band_units
+            elif band_units != units:
+                raise InputError(f"{path}: band {band} is in {band_units!r} (BUNIT), band {names[0]} "
+                                 f"in {units!r}; every band must be in the same units")
             images.append(img)
             variances.append(var)
             masks.append(msk)
@@ -358,7 +369,8 @@ def _read_fits_bands(paths, bands, psf_files, require_psf, mask_defects):
         raise InputError(f"--psf names band(s) {', '.join(psf_files)} that no input provides")
     return make_exposure(np.stack(images), np.stack(variances), np.stack(masks), psfs, names,
                          wcs=wcs or "", origin=origin, mask_planes=mask_planes,
-                         sources=[Path(p).name for p in paths], mask_defects=mask_defects)
+                         sources=[Path(p).name for p in paths], mask_defects=mask_defects,
+                         units=units)
 
 
 # ------------------------------------------------------------------ npz

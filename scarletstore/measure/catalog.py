@@ -209,7 +209,11 @@ class BlendMeasurer:
             return None
         bits = bad_bits(planes, self.config.get("bad_mask_planes", DEFAULT_BAD_PLANES))
         good = ((mask & bits) == 0) & np.isfinite(variance) & (variance > 0) & np.isfinite(image)
-        return image, np.where(good, variance, 1).astype(np.float32), good
+        # every measurement reads these three arrays: an unusable pixel (bad plane, or a
+        # non-finite image or variance value) is zero in the image, as forced photometry
+        # does, because a zero weight times NaN is still NaN (redistributed shares, sums)
+        return (np.where(good, image, 0).astype(np.float32), np.where(good, variance, 1).astype(np.float32),
+                good)
 
     def blend_products(self, b: int):
         """Models, heavy values, footprint and data of blend ``b`` in this band."""
@@ -467,15 +471,14 @@ def band_catalog(store, band: str, run: str | None = None, redistribute: bool = 
     """
     import xarray as xr
 
-    from .lazycolumn import lazy_variable
+    from .lazycolumn import lazy_variable, with_measurer
 
     spec = catalog_spec(store, band, run, redistribute, image_override, psf_override, apertures, apcorr)
     data = {c: xr.Variable(("row",), v, attrs={"units": spec.units[c]}) for c, v in spec.eager.items()}
     for c, dtype in spec.lazy.items():
         data[c] = lazy_variable(spec.cache, c, dtype, spec.n_rows, attrs={"units": spec.units[c]})
     ds = xr.Dataset(data, attrs=dict(spec.attrs)).set_coords(["id"])
-    ds.attrs["_measurer"] = spec.measurer  # kept so callers/tests can inspect reads; not serialised
-    return ds
+    return with_measurer(ds, spec.measurer)  # attrs["_measurer"], never copied or written
 
 
 def catalog_table(store, band: str, run: str | None = None, redistribute: bool = False,
@@ -604,20 +607,30 @@ def _blend_chunks(blend: np.ndarray, chunk: int = 256) -> list[tuple[int, int]]:
 
 
 def write_columns(columns: dict, attrs: dict, path) -> None:
-    """Write equal-length columns as a .fits, .csv or .h5 table, atomically (temporary + rename)."""
+    """Write equal-length columns as a .fits, .csv or .h5 table, atomically (temporary + rename).
+
+    The columns' units (attribute ``units``, JSON) go to each FITS column's
+    ``TUNITn`` (dimensionless ones get none) and to each .h5 variable's
+    ``units`` attribute; CSV keeps a plain header (readers expect names only).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     suffix = path.suffix.lower()
+    units = _column_units(attrs, columns)
     if suffix == ".fits":
         from .fits_table import fits_writable, write_fits_table
 
         header = {k.upper()[:8]: v for k, v in attrs.items() if k != "flag_bits"}
         header["FLAGBITS"] = attrs.get("flag_bits", "")
-        if fits_writable(columns, header):  # numeric columns: no astropy import (~0.35 s)
-            write_fits_table(columns, header, tmp)
+        tunits = {c: _FITS_UNITS.get(text, text) for c, text in units.items() if text not in ("", "1")}
+        if fits_writable(columns, header, tunits):  # numeric columns: no astropy import (~0.35 s)
+            write_fits_table(columns, header, tmp, tunits)
         else:
+            import astropy.units as u
             from astropy.table import Table
             t = Table(columns)
+            for c, text in tunits.items():
+                t[c].unit = u.Unit(text, format="fits", parse_strict="silent")
             t.meta.update(header)
             t.write(tmp, format="fits", overwrite=True)
     elif suffix == ".csv":
@@ -625,8 +638,25 @@ def write_columns(columns: dict, attrs: dict, path) -> None:
         pd.DataFrame(columns).to_csv(tmp, index=False)
     elif suffix == ".h5":
         import xarray as xr
-        ds = xr.Dataset({k: ("row", v) for k, v in columns.items()}, attrs=attrs)
+        variables = {k: ("row", v, {"units": units[k]} if k in units else {}) for k, v in columns.items()}
+        ds = xr.Dataset(variables, attrs=attrs)
         ds.to_netcdf(tmp, engine="h5netcdf", encoding={k: {"_FillValue": None} for k in columns})
     else:
         raise InputError(f"{path}: output must end in .fits, .csv or .h5")
     os.replace(tmp, path)
+
+
+# the catalog's unit names that FITS spells otherwise (FITS 4.0, table 27: "count"
+# or "ct"; astropy reads "counts" as an unrecognised unit, with a warning)
+_FITS_UNITS = {"counts": "count", "counts^2": "count^2"}
+
+
+def _column_units(attrs: dict, columns: dict) -> dict:
+    """Column -> units text, from the catalog attribute ``units`` (JSON; absent or bad: none)."""
+    try:
+        units = json.loads(attrs.get("units") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(units, dict):
+        return {}
+    return {c: str(units[c]) for c in columns if units.get(c) is not None}

@@ -35,8 +35,8 @@ def _tform(a: np.ndarray) -> str | None:
     return _TFORMS.get((a.dtype.kind, a.dtype.itemsize))
 
 
-def fits_writable(columns: dict, header: dict) -> bool:
-    """Whether :func:`write_fits_table` can write these columns and header values."""
+def fits_writable(columns: dict, header: dict, units: dict | None = None) -> bool:
+    """Whether :func:`write_fits_table` can write these columns, header values and units."""
     lengths = {np.shape(v)[0] if np.ndim(v) == 1 else -1 for v in columns.values()}
     if len(lengths) > 1 or -1 in lengths or not columns:
         return False
@@ -50,6 +50,9 @@ def fits_writable(columns: dict, header: dict) -> bool:
         if isinstance(v, str) and not (v.isascii() and v.isprintable()):
             return False
         if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+            return False
+    for k, v in (units or {}).items():
+        if k not in columns or not (isinstance(v, str) and v.isascii() and v.isprintable()):
             return False
     return True
 
@@ -108,7 +111,7 @@ def _header_block(cards: list[str]) -> bytes:
     return (text + " " * (-len(text) % BLOCK)).encode("ascii")
 
 
-def write_fits_table(columns: dict, header: dict, path) -> None:
+def write_fits_table(columns: dict, header: dict, path, units: dict | None = None) -> None:
     """Write equal-length 1-d columns as a FITS file with one binary table.
 
     Parameters
@@ -119,8 +122,12 @@ def write_fits_table(columns: dict, header: dict, path) -> None:
         Extra cards of the table HDU (keys upper case, at most 8 characters).
     path : str or os.PathLike
         The file written (overwritten).
+    units : dict of str -> str, optional
+        Units of some columns, written as their ``TUNITn`` (FITS 4.0, 7.3.2),
+        after ``TFORMn`` as astropy writes them.
     """
-    if not fits_writable(columns, header):
+    units = units or {}
+    if not fits_writable(columns, header, units):
         raise ValueError("columns or header values not writable by write_fits_table")
     arrays = [np.asarray(v) for v in columns.values()]
     forms = [_tform(a) for a in arrays]
@@ -145,6 +152,8 @@ def write_fits_table(columns: dict, header: dict, path) -> None:
              _card("TFIELDS", f"{len(arrays):>20}", "number of table fields")]
     for i, (name, form) in enumerate(zip(columns, forms), start=1):
         table += _string_cards(f"TTYPE{i}", name) + [_card(f"TFORM{i}", f"'{form:<8}'")]
+        if units.get(name):
+            table += _string_cards(f"TUNIT{i}", units[name])
     for key, value in header.items():
         table += _string_cards(key, value) if isinstance(value, str) else [_card(key, _fixed(value))]
     data = rows.tobytes()

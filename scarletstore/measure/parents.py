@@ -53,12 +53,14 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
                    image_override=None, psf_override=None, apertures=None) -> xr.Dataset:
     """One row per deblended parent of ``run`` in ``band``; measured columns are lazy.
 
-    Columns: ``parent`` (id), ``blend``, ``n_children``, ``flux`` (sum of the
-    children's model fluxes), ``centroid_x``/``centroid_y`` of the summed
+    Columns: ``parent`` (id), ``blend``, ``n_children``, ``flux`` (the sum of
+    the children's models over the footprint; with ``redistribute``, the image
+    over the footprint's good pixels, which the children's
+    ``flux_redistributed`` add up to), ``centroid_x``/``centroid_y`` of the summed
     model, every column of the measurement suite, ``flags``.
     """
     from .catalog import CATALOG_FLAGS, UNITS, _flux_units, open_measurer
-    from .lazycolumn import lazy_variable
+    from .lazycolumn import lazy_variable, with_measurer
 
     # parents take the band's aperture correction like its children (same fluxes, same missing light)
     measurer = open_measurer(store, band, run, redistribute, image_override, psf_override,
@@ -84,6 +86,4 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
     for c in ds.variables:
         ds[c].attrs["units"] = units[c]
     ds.attrs["units"] = json.dumps({c: units[c] for c in ds.variables})
-    ds = ds.set_coords(["parent"])
-    ds.attrs["_measurer"] = measurer
-    return ds
+    return with_measurer(ds.set_coords(["parent"]), measurer)  # attrs["_measurer"], never copied

@@ -215,7 +215,10 @@ class BlendPhotometry:
 
         Model mode measures the sum of the children's models; redistribute mode
         the observed image inside the footprint (which is what the children's
-        re-apportioned pixels add up to). Geometry comes from the summed model.
+        re-apportioned pixels add up to). ``flux`` is the sum of those pixels
+        (model: the summed model; redistribute: the image over the good
+        footprint pixels, the sum of the children's ``flux_redistributed``).
+        Geometry comes from the summed model.
         """
         geometry = np.where(fp, models.sum(axis=0), 0)[None]
         if self.measurer.redistribute and data is not None:
@@ -227,7 +230,7 @@ class BlendPhotometry:
         cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, np.array([[cx, cy]]),
                                 np.array([mom]))
         cols.update(centroid_x=np.array([cx + blend.bbox[1]]), centroid_y=np.array([cy + blend.bbox[0]]),
-                    flux=np.array([float(geometry.sum(dtype=np.float64))]))
+                    flux=np.array([float(values.sum(dtype=np.float64))]))
         if self.apcorr is not None:
             self.apcorr.apply(cols, cols["centroid_x"], cols["centroid_y"])
         return cols, flags
