@@ -1197,6 +1197,22 @@ def _product_name(group: str) -> str:
     return f"{safe}-{uuid.uuid4().hex}.h5"
 
 
+# Names of the shape _product_name makes (``<group>-<hex>.h5``; it writes the 32 hex
+# digits of a uuid4, tests fake shorter ones): the only files the clean-up may ever
+# delete from a products folder. Anything else there is the user's, whatever its age.
+_PRODUCT_FILE = re.compile(r"[A-Za-z0-9._-]+-[0-9a-f]{8,32}\.h5")
+
+
+def _product_files(folder: Path) -> list[os.DirEntry]:
+    """The regular files of ``folder`` named like product files (none if it is absent)."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    return [e for e in entries
+            if _PRODUCT_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+
+
 def _write_product(file: Path, group: str, ds: xr.Dataset) -> int:
     """Write ``ds`` as the one group of a new product file and flush it to disk;
     returns the file's size in bytes."""
@@ -1237,7 +1253,9 @@ class _LinkedTransaction:
                     raise StoreError(foreign + "; refusing to write")
                 self.entries = _index_entries(f)
                 self.retired = _retired_of(f)
-        elif convert:
+        else:  # no index names a file of self.dir yet
+            _check_unclaimed(self.path, self.dir)
+        if convert:
             with h5py.File(self.path, "r") as f:
                 self._old_groups = _group_names(f)
 
@@ -1317,9 +1335,9 @@ class _LinkedTransaction:
                 keep.append((rel, when))
         waiting = {rel for rel, _ in keep}
         self.retired = keep
-        for entry in os.scandir(self.dir):
+        for entry in _product_files(self.dir):
             rel = f"{self.dir.name}/{entry.name}"
-            if rel in named or rel in waiting or not entry.is_file(follow_symlinks=False):
+            if rel in named or rel in waiting:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
@@ -1328,6 +1346,18 @@ class _LinkedTransaction:
 def _now() -> float:
     import time
     return time.time()
+
+
+def _check_unclaimed(path: Path, folder: Path) -> None:
+    """Refuse to create the linked store ``path`` (new, or converted from a single
+    file) while its products folder holds product files: no index names them, so
+    they are another store's (one renamed by hand still links to this folder) or a
+    killed create's, and cannot be told apart. The new index's clean-up would
+    delete them."""
+    found = _product_files(folder)
+    if found:
+        raise StoreError(f"{path}: {folder} already holds {len(found)} product file(s) of another "
+                         f"store (renamed by hand?); restore that store's name, or move {folder} away")
 
 
 def _commit_index(path: Path, entries: dict[str, str], retired) -> int:
