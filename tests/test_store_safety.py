@@ -89,3 +89,54 @@ def test_migrate_beside_another_stores_products_refused(tmp_path):
         single.convert("linked")
     assert single.layout == "single"
     assert {p.name: p.read_bytes() for p in products_dir(path).iterdir()} == before
+
+
+# ---------------------------------------------------------------- 2. failed commits
+def test_failed_commit_removes_its_new_files(tmp_path, monkeypatch):
+    """The index rename refused (a read-only index or folder, simulated: tests run as
+    root): the write raises one line naming the folder and leaves the store as it was."""
+    path = tmp_path / "s.h5"
+    store = Store.create(path, {"exposure": _exposure(0)})
+    before = {p: p.read_bytes() for p in store_files(path)}
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(store_module.os, "replace", refused)
+    with pytest.raises(StoreError) as exc:
+        store.add_run(_tiny_run())
+    assert _one_line(exc) == f"{path}: cannot write to {tmp_path}: permission denied"
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in store_files(path)} == before  # no runs-...-<uuid>.h5
+    assert not list(tmp_path.glob(".s.h5.*.tmp"))
+    assert Store(path).add_run(_tiny_run()) == "scarlet-1"  # and the next write works
+
+
+def test_failed_create_commit_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "s.h5"
+    monkeypatch.setattr(store_module.os, "replace",
+                        lambda s, d: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(StoreError, match="permission denied"):
+        Store.create(path, {"exposure": _exposure(0)})
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_unwritable_products_folder_one_line(tmp_path, monkeypatch):
+    """h5py's text for EACCES is a clause list of HDF5 internals: name the folder instead."""
+    path = tmp_path / "s.h5"
+    store = Store.create(path, {"exposure": _exposure(0)})
+    before = {p: p.read_bytes() for p in store_files(path)}
+    real = store_module._write_groups
+
+    def denied(tmp, *args, **kwargs):
+        if products_dir(path) in Path(tmp).parents:  # h5py's error, errno set
+            raise OSError(13, "Unable to synchronously create file (unable to open file: "
+                              f"name = '{tmp}', errno = 13, error message = 'Permission denied')")
+        return real(tmp, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "_write_groups", denied)
+    with pytest.raises(StoreError) as exc:
+        store.add_run(_tiny_run())
+    assert _one_line(exc) == f"{path}: cannot write to {products_dir(path)}: permission denied"
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in store_files(path)} == before

@@ -1260,7 +1260,9 @@ class _LinkedTransaction:
                 self._old_groups = _group_names(f)
 
     def __enter__(self):
-        self.dir.mkdir(exist_ok=True)
+        self._made_dir = not self.dir.is_dir()
+        with _writable(self.path, self.folder):
+            self.dir.mkdir(exist_ok=True)
         return self
 
     def has(self, name: str) -> bool:
@@ -1271,8 +1273,9 @@ class _LinkedTransaction:
     def put(self, datasets: dict[str, xr.Dataset]) -> None:
         for name, ds in datasets.items():
             file = _product_name(name)
-            self.bytes_written += _write_product(self.dir / file, name, ds)
-            self.written[name] = f"{self.dir.name}/{file}"
+            self.written[name] = f"{self.dir.name}/{file}"  # first: a failed write is removed too
+            with _writable(self.path, self.dir):
+                self.bytes_written += _write_product(self.dir / file, name, ds)
 
     def put_file(self, name: str, source, link: bool = False) -> None:
         """Add group ``name`` as a copy of a product file (an open binary file),
@@ -1280,38 +1283,52 @@ class _LinkedTransaction:
         OSError if the file systems differ)."""
         file = Path(source.name).name
         target = self.dir / file
+        self.written[name] = f"{self.dir.name}/{file}"  # first: a failed copy is removed too
         if link:
             os.link(source.name, target)
         else:
-            with open(target, "wb") as out:
+            with _writable(self.path, self.dir), open(target, "wb") as out:
                 shutil.copyfileobj(source, out, _COPY_BUFFER)
                 os.fsync(out.fileno())
                 self.bytes_written += out.tell()
-        self.written[name] = f"{self.dir.name}/{file}"
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            for rel in self.written.values():  # never named by an index: safe to drop now
-                with contextlib.suppress(FileNotFoundError):
-                    (self.folder / rel).unlink()
-            if self.new:  # a failed create leaves no empty products folder behind
-                with contextlib.suppress(OSError):
-                    self.dir.rmdir()
+            self._discard()
             return False
-        if self.convert:
-            self._copy_old_groups()
-        now = _now()
-        for name, rel in self.written.items():
-            old = self.entries.get(name)
-            if old is not None and old != rel:
-                self.retired.append((old, now))
-            self.entries[name] = rel
-        # only a write that commits cleans up: a failed one (a damaged store) leaves
-        # every file as it was
-        self._collect_garbage()
-        _fsync_dir(self.dir)
-        self.bytes_written += _commit_index(self.path, self.entries, self.retired)
+        try:
+            if self.convert:
+                self._copy_old_groups()
+            now = _now()
+            for name, rel in self.written.items():
+                old = self.entries.get(name)
+                if old is not None and old != rel:
+                    self.retired.append((old, now))
+                self.entries[name] = rel
+            # only a write that commits cleans up: a failed one (a damaged store) leaves
+            # every file as it was
+            with _writable(self.path, self.dir):
+                self._collect_garbage()
+                _fsync_dir(self.dir)
+            with _writable(self.path, self.folder):
+                size = _commit_index(self.path, self.entries, self.retired)
+        except BaseException:
+            # the rename is _commit_index's last step: it did not happen, the old
+            # index stands and names none of our files
+            self._discard()
+            raise
+        self.bytes_written += size
+        _fsync_dir(self.folder)  # after the commit: a failure here must not drop named files
         return False
+
+    def _discard(self) -> None:
+        """Remove this transaction's new files (no index names them)."""
+        for rel in self.written.values():
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / rel).unlink()
+        if self._made_dir:  # a failed create leaves no empty products folder behind
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
 
     def _copy_old_groups(self) -> None:
         """Converting a single-file store: every group not replaced moves to its own file."""
@@ -1341,6 +1358,18 @@ class _LinkedTransaction:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
+
+
+@contextlib.contextmanager
+def _writable(path: Path, folder: Path):
+    """Report a permission error while writing into ``folder`` in one line naming it
+    (h5py's text for it is a clause list of HDF5 internals)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM):
+            raise
+        raise StoreError(f"{path}: cannot write to {folder}: permission denied") from None
 
 
 def _now() -> float:
@@ -1385,8 +1414,7 @@ def _commit_index(path: Path, entries: dict[str, str], retired) -> int:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
             size = os.fstat(fh.fileno()).st_size
-        os.replace(tmp, path)
-        _fsync_dir(folder)
+        os.replace(tmp, path)  # the commit; the caller fsyncs the folder
         return size
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
