@@ -140,3 +140,59 @@ def test_unwritable_products_folder_one_line(tmp_path, monkeypatch):
     assert _one_line(exc) == f"{path}: cannot write to {products_dir(path)}: permission denied"
     monkeypatch.undo()
     assert {p: p.read_bytes() for p in store_files(path)} == before
+
+
+# ---------------------------------------------------------------- 3. symlinks, copied indexes
+def test_symlinked_index_reads_and_writes_its_target(tmp_path):
+    """``ln -s ../real/s.h5 other/s.h5``: writing through the link adds to the real
+    store; the link stays a link and no other/s.h5.d appears."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "other").mkdir()
+    real = tmp_path / "real" / "s.h5"
+    Store.create(real, {"exposure": _exposure(0)})
+    link = tmp_path / "other" / "s.h5"
+    link.symlink_to(os.path.join("..", "real", "s.h5"))
+    store = ss.open(link)
+    assert store.add_run(_tiny_run()) == "scarlet-1"
+    assert link.is_symlink() and not products_dir(link).exists()
+    assert Store(real).runs() == ["scarlet-1"]
+    assert Store(link).read("runs/scarlet-1")["source_id"].values.tolist() == [1, 2]
+    assert ss.copy_store(link, tmp_path / "copy.h5").runs() == ["scarlet-1"]
+
+
+def test_copied_index_not_read_through_working_directory(tmp_path, monkeypatch, capsys):
+    """``cp s.h5 sub/`` opened from the original's directory: HDF5 would find
+    s.h5.d/... relative to the working directory and read the original's products."""
+    path = tmp_path / "s.h5"
+    Store.create(path, {"exposure": _exposure(0)}).add_run(_tiny_run())
+    (tmp_path / "sub").mkdir()
+    shutil.copyfile(path, tmp_path / "sub" / "s.h5")
+    before = {p: p.read_bytes() for p in store_files(path)}
+    monkeypatch.chdir(tmp_path)
+    for given in ("sub/s.h5", tmp_path / "sub" / "s.h5"):
+        with pytest.raises(StoreError) as exc:
+            Store(given)
+        assert "not beside it but in the working directory" in _one_line(exc)
+    with pytest.raises(StoreError, match="not beside it"):  # a writer checks again under the lock
+        store_module._LinkedTransaction(Path("sub/s.h5"), new=False)
+    capsys.readouterr()
+    assert main(["catalog", "sub/s.h5", "--band", "g", "-o", "c.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not beside it" in err, err
+    assert not (tmp_path / "sub" / "s.h5.d").exists()
+    assert {p: p.read_bytes() for p in store_files(path)} == before
+    # the original, opened from its own directory, is of course fine
+    assert Store("s.h5").runs() == ["scarlet-1"]
+
+
+def test_open_cost_stays_small(tmp_path):
+    """The per-product check is a stat or two: opening a 20-product store stays cheap."""
+    path = tmp_path / "s.h5"
+    store = Store.create(path, {"exposure": _exposure(0)})
+    for _ in range(19):
+        store.add_run(_tiny_run())
+    Store(path)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        Store(path)
+    assert (time.perf_counter() - t0) / 20 < 0.05  # generous: a loaded shared machine

@@ -38,13 +38,15 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..errors import SchemaError, StoreError
+from ..errors import InputError, SchemaError, StoreError
 from . import schema as _schema
 from .frame import Frame
 from .lazydask import install as _defer_dask_probe
@@ -226,7 +228,7 @@ class Store:
     """
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = _store_path(path)
         self._stamp = None
         self._valid: set[str] = set()
         self._cache: dict = {}
@@ -669,7 +671,7 @@ class Store:
         ``layout`` is ``"single"`` or ``"linked"`` (see docs/store.md); the
         default is the ``SCARLETSTORE_LAYOUT`` environment variable, else linked.
         """
-        path = Path(path)
+        path = _store_path(path)
         layout = default_layout() if layout is None else check_layout(layout)
         for name, ds in (datasets or {}).items():
             _check_group_name(name)
@@ -1056,6 +1058,20 @@ def _layout_of(f) -> str:
     return "linked" if version is not None and int(version) >= LINKED_VERSION else "single"
 
 
+def _store_path(path) -> Path:
+    """``path`` as a Path, a symlink replaced by its target (InputError if not a path).
+
+    A symlinked index works like its target: HDF5 resolves the links beside the
+    file it opens and the folder is ``<name>.d`` beside it, so through the link's
+    own name a write would replace the link and put products in the wrong folder.
+    A plain path is kept as given (messages show what the user typed).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"a store path must be a str or os.PathLike, not {type(path).__name__}")
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def _folder_of(path: Path) -> Path:
     return path.parent if str(path.parent) else Path(".")
 
@@ -1104,12 +1120,19 @@ def _foreign_products(path: Path, f) -> str | None:
     if _layout_of(f) != "linked":
         return None
     own = products_dir(path).name
+    how = (f"a linked store is {path.name} and {own} together: copy, move and remove it "
+           "with scarletstore.copy_store, move_store, remove_store")
+    beside = _folder_of(path)
     for group, rel in _index_entries(f).items():
         folder = Path(rel).parent.name
         if folder != own:
-            return (f"{path}: its products are in {folder}, not {own} (copied or renamed by hand? "
-                    f"a linked store is {path.name} and {own} together: copy, move and remove it "
-                    "with scarletstore.copy_store, move_store, remove_store)")
+            return f"{path}: its products are in {folder}, not {own} (copied or renamed by hand? {how})"
+        # HDF5 looks for a link's file beside the index and then, failing that, in
+        # the working directory: an index copied without its folder, opened from the
+        # original's directory, would read (and a write split) the original's files
+        if not os.path.exists(beside / rel) and os.path.exists(rel):
+            return (f"{path}: its product file {rel} is not beside it but in the working "
+                    f"directory, another store's (copied by hand? {how})")
     return None
 
 
@@ -1448,6 +1471,7 @@ def _open_version(path: Path):
     {group: file} or the store file)``. Held open, they stay readable whatever
     writers (or the clean-up of replaced products) do meanwhile."""
     store = Store(path)  # refuses what is not a sound store of a version we know
+    path = store.path  # a symlink's target
     with contextlib.ExitStack() as stack:
         with store._h5() as f:
             layout = _layout_of(f)
@@ -1492,7 +1516,7 @@ def copy_store(src, dest) -> Store:
     The copy keeps the layout; a linked one gets its own ``<dest>.d`` (the
     links of an index copied by hand would still point at ``src``'s folder).
     """
-    src, dest = Path(src), Path(dest)
+    src, dest = _store_path(src), _store_path(dest)
     with _locked(dest):
         _paste(src, dest, link=False)
     return Store(dest)
@@ -1506,7 +1530,7 @@ def move_store(src, dest) -> Store:
     killed half-way leaves ``src`` intact (and perhaps ``dest`` too), never
     neither, and no write to ``src`` is lost.
     """
-    src, dest = Path(src), Path(dest)
+    src, dest = _store_path(src), _store_path(dest)
     with _locked(src, dest):
         try:
             _paste(src, dest, link=True)
@@ -1523,9 +1547,10 @@ def remove_store(path) -> None:
 
     The store file goes first, so an interrupted removal leaves no store that
     names missing files; readers that have it open keep reading their version.
-    Refuses a file that is not a scarletstore store.
+    Refuses a file that is not a scarletstore store. Through a symlink, the
+    store it names is removed (the link is left).
     """
-    path = Path(path)
+    path = _store_path(path)
     try:
         with h5py.File(path, "r") as f:
             fmt = _plain(f.attrs.get("format"))
