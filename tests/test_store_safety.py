@@ -196,3 +196,36 @@ def test_open_cost_stays_small(tmp_path):
     for _ in range(20):
         Store(path)
     assert (time.perf_counter() - t0) / 20 < 0.05  # generous: a loaded shared machine
+
+
+# ---------------------------------------------------------------- 4. API misuse
+def test_copy_into_missing_directory_one_line(tmp_path):
+    path = tmp_path / "s.h5"
+    Store.create(path, {"exposure": _exposure(0)})
+    with pytest.raises(StoreError) as exc:
+        ss.copy_store(path, tmp_path / "nodir" / "x.h5")
+    assert _one_line(exc) == f"{tmp_path / 'nodir' / 'x.h5'}: no such directory {tmp_path / 'nodir'}"
+    with pytest.raises(StoreError, match="no such directory"):
+        Store.create(tmp_path / "nodir" / "y.h5", {})
+
+
+@pytest.mark.parametrize("bad", [[1], {"foo": 3}, {3: None}, "exposure"])
+def test_write_needs_a_mapping_of_datasets(tmp_path, bad):
+    path = tmp_path / "s.h5"
+    store = Store.create(path, {"exposure": _exposure(0)})
+    before = {p: p.read_bytes() for p in store_files(path)}
+    with pytest.raises(InputError, match="expected a mapping of group name -> Dataset"):
+        store.write(bad)
+    with pytest.raises(InputError, match="expected a mapping of group name -> Dataset"):
+        Store.create(tmp_path / "t.h5", [_exposure(0)] if isinstance(bad, list) else bad)
+    assert not (tmp_path / "t.h5").exists()
+    assert {p: p.read_bytes() for p in store_files(path)} == before
+    with pytest.raises(InputError, match="expected a run Dataset"):
+        store.add_run({"source_id": np.arange(2)})
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"s.h5"])
+def test_open_needs_a_path(bad):
+    with pytest.raises(InputError, match="a store path must be a str or os.PathLike"):
+        ss.open(bad)
+

@@ -673,9 +673,7 @@ class Store:
         """
         path = _store_path(path)
         layout = default_layout() if layout is None else check_layout(layout)
-        for name, ds in (datasets or {}).items():
-            _check_group_name(name)
-            _schema.validate(ds)
+        _check_datasets({} if datasets is None else datasets)
         with _locked(path):
             _remove_stale_temps(path)
             if path.exists():
@@ -697,9 +695,7 @@ class Store:
         version than this package knows is never replaced, and nothing is
         written to a store holding one.
         """
-        for name, ds in datasets.items():
-            _check_group_name(name)
-            _schema.validate(ds)
+        _check_datasets(datasets)
         with self._commit() as tx:
             for name in datasets:
                 if tx.has(name) and not replace:
@@ -728,6 +724,8 @@ class Store:
             not collide with any stored id. Otherwise the run's sources are
             renumbered in row order from the largest stored id + 1.
         """
+        if not _is_dataset(run):
+            raise InputError(f"expected a run Dataset, got a {type(run).__name__}")
         _schema.validate(run)
         if name is not None:
             check_run_name(name)
@@ -793,10 +791,8 @@ class Store:
     def convert(self, layout: str, datasets: dict[str, xr.Dataset] | None = None) -> None:
         """Rewrite the store in ``layout`` in one atomic commit, replacing the
         groups named in ``datasets`` (migrated products) on the way."""
-        datasets = dict(datasets or {})
-        for name, ds in datasets.items():
-            _check_group_name(name)
-            _schema.validate(ds)
+        datasets = {} if datasets is None else datasets
+        _check_datasets(datasets)
         with self._commit(layout=layout) as tx:
             tx.put(datasets)
 
@@ -807,6 +803,28 @@ def _at_latest(ds) -> bool:
         return int(ds.attrs["schema_version"]) == _schema.latest_version(ds.attrs["schema"])
     except (KeyError, TypeError, ValueError, SchemaError):
         return False
+
+
+def _is_dataset(ds) -> bool:
+    if isinstance(ds, Frame):
+        return True
+    xr = sys.modules.get("xarray")  # not imported: ds cannot be an xarray Dataset
+    return xr is not None and isinstance(ds, xr.Dataset)
+
+
+def _check_datasets(datasets) -> None:
+    """InputError unless ``datasets`` maps group names to Datasets; then the names
+    and every Dataset's schema are checked (nothing is written unless all pass)."""
+    if not isinstance(datasets, Mapping):
+        raise InputError("expected a mapping of group name -> Dataset, "
+                         f"got a {type(datasets).__name__}")
+    for name, ds in datasets.items():
+        if not (isinstance(name, str) and _is_dataset(ds)):
+            raise InputError("expected a mapping of group name -> Dataset, "
+                             f"got {name!r}: {type(ds).__name__}")
+    for name, ds in datasets.items():
+        _check_group_name(name)
+        _schema.validate(ds)
 
 
 def _check_group_name(name: str) -> None:
@@ -937,7 +955,12 @@ def _locked(*paths: Path):
     """
     fds, seen = [], {}
     for path in paths:
-        fd = os.open(_folder_of(Path(path)), os.O_RDONLY)
+        try:
+            fd = os.open(_folder_of(Path(path)), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            for fd in seen.values():
+                os.close(fd)
+            raise StoreError(f"{path}: no such directory {_folder_of(Path(path))}") from None
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) in seen:
             os.close(fd)
