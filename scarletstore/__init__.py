@@ -32,6 +32,8 @@ def open(path):  # noqa: A001 - ss.open(path) mirrors xarray.open_dataset / h5py
     ------
     StoreError
         When ``path`` does not exist or is not a scarletstore store.
+    InputError
+        When ``path`` is not a str or os.PathLike.
     """
     from .store.store import Store
 

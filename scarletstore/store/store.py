@@ -38,13 +38,15 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..errors import SchemaError, StoreError
+from ..errors import InputError, SchemaError, StoreError
 from . import schema as _schema
 from .frame import Frame
 from .lazydask import install as _defer_dask_probe
@@ -226,7 +228,7 @@ class Store:
     """
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = _store_path(path)
         self._stamp = None
         self._valid: set[str] = set()
         self._cache: dict = {}
@@ -669,11 +671,9 @@ class Store:
         ``layout`` is ``"single"`` or ``"linked"`` (see docs/store.md); the
         default is the ``SCARLETSTORE_LAYOUT`` environment variable, else linked.
         """
-        path = Path(path)
+        path = _store_path(path)
         layout = default_layout() if layout is None else check_layout(layout)
-        for name, ds in (datasets or {}).items():
-            _check_group_name(name)
-            _schema.validate(ds)
+        _check_datasets({} if datasets is None else datasets)
         with _locked(path):
             _remove_stale_temps(path)
             if path.exists():
@@ -695,9 +695,7 @@ class Store:
         version than this package knows is never replaced, and nothing is
         written to a store holding one.
         """
-        for name, ds in datasets.items():
-            _check_group_name(name)
-            _schema.validate(ds)
+        _check_datasets(datasets)
         with self._commit() as tx:
             for name in datasets:
                 if tx.has(name) and not replace:
@@ -726,6 +724,8 @@ class Store:
             not collide with any stored id. Otherwise the run's sources are
             renumbered in row order from the largest stored id + 1.
         """
+        if not _is_dataset(run):
+            raise InputError(f"expected a run Dataset, got a {type(run).__name__}")
         _schema.validate(run)
         if name is not None:
             check_run_name(name)
@@ -791,10 +791,8 @@ class Store:
     def convert(self, layout: str, datasets: dict[str, xr.Dataset] | None = None) -> None:
         """Rewrite the store in ``layout`` in one atomic commit, replacing the
         groups named in ``datasets`` (migrated products) on the way."""
-        datasets = dict(datasets or {})
-        for name, ds in datasets.items():
-            _check_group_name(name)
-            _schema.validate(ds)
+        datasets = {} if datasets is None else datasets
+        _check_datasets(datasets)
         with self._commit(layout=layout) as tx:
             tx.put(datasets)
 
@@ -805,6 +803,28 @@ def _at_latest(ds) -> bool:
         return int(ds.attrs["schema_version"]) == _schema.latest_version(ds.attrs["schema"])
     except (KeyError, TypeError, ValueError, SchemaError):
         return False
+
+
+def _is_dataset(ds) -> bool:
+    if isinstance(ds, Frame):
+        return True
+    xr = sys.modules.get("xarray")  # not imported: ds cannot be an xarray Dataset
+    return xr is not None and isinstance(ds, xr.Dataset)
+
+
+def _check_datasets(datasets) -> None:
+    """InputError unless ``datasets`` maps group names to Datasets; then the names
+    and every Dataset's schema are checked (nothing is written unless all pass)."""
+    if not isinstance(datasets, Mapping):
+        raise InputError("expected a mapping of group name -> Dataset, "
+                         f"got a {type(datasets).__name__}")
+    for name, ds in datasets.items():
+        if not (isinstance(name, str) and _is_dataset(ds)):
+            raise InputError("expected a mapping of group name -> Dataset, "
+                             f"got {name!r}: {type(ds).__name__}")
+    for name, ds in datasets.items():
+        _check_group_name(name)
+        _schema.validate(ds)
 
 
 def _check_group_name(name: str) -> None:
@@ -935,7 +955,12 @@ def _locked(*paths: Path):
     """
     fds, seen = [], {}
     for path in paths:
-        fd = os.open(_folder_of(Path(path)), os.O_RDONLY)
+        try:
+            fd = os.open(_folder_of(Path(path)), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            for fd in seen.values():
+                os.close(fd)
+            raise StoreError(f"{path}: no such directory {_folder_of(Path(path))}") from None
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) in seen:
             os.close(fd)
@@ -1056,6 +1081,20 @@ def _layout_of(f) -> str:
     return "linked" if version is not None and int(version) >= LINKED_VERSION else "single"
 
 
+def _store_path(path) -> Path:
+    """``path`` as a Path, a symlink replaced by its target (InputError if not a path).
+
+    A symlinked index works like its target: HDF5 resolves the links beside the
+    file it opens and the folder is ``<name>.d`` beside it, so through the link's
+    own name a write would replace the link and put products in the wrong folder.
+    A plain path is kept as given (messages show what the user typed).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"a store path must be a str or os.PathLike, not {type(path).__name__}")
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def _folder_of(path: Path) -> Path:
     return path.parent if str(path.parent) else Path(".")
 
@@ -1104,12 +1143,19 @@ def _foreign_products(path: Path, f) -> str | None:
     if _layout_of(f) != "linked":
         return None
     own = products_dir(path).name
+    how = (f"a linked store is {path.name} and {own} together: copy, move and remove it "
+           "with scarletstore.copy_store, move_store, remove_store")
+    beside = _folder_of(path)
     for group, rel in _index_entries(f).items():
         folder = Path(rel).parent.name
         if folder != own:
-            return (f"{path}: its products are in {folder}, not {own} (copied or renamed by hand? "
-                    f"a linked store is {path.name} and {own} together: copy, move and remove it "
-                    "with scarletstore.copy_store, move_store, remove_store)")
+            return f"{path}: its products are in {folder}, not {own} (copied or renamed by hand? {how})"
+        # HDF5 looks for a link's file beside the index and then, failing that, in
+        # the working directory: an index copied without its folder, opened from the
+        # original's directory, would read (and a write split) the original's files
+        if not os.path.exists(beside / rel) and os.path.exists(rel):
+            return (f"{path}: its product file {rel} is not beside it but in the working "
+                    f"directory, another store's (copied by hand? {how})")
     return None
 
 
@@ -1197,6 +1243,22 @@ def _product_name(group: str) -> str:
     return f"{safe}-{uuid.uuid4().hex}.h5"
 
 
+# Names of the shape _product_name makes (``<group>-<hex>.h5``; it writes the 32 hex
+# digits of a uuid4, tests fake shorter ones): the only files the clean-up may ever
+# delete from a products folder. Anything else there is the user's, whatever its age.
+_PRODUCT_FILE = re.compile(r"[A-Za-z0-9._-]+-[0-9a-f]{8,32}\.h5")
+
+
+def _product_files(folder: Path) -> list[os.DirEntry]:
+    """The regular files of ``folder`` named like product files (none if it is absent)."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    return [e for e in entries
+            if _PRODUCT_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+
+
 def _write_product(file: Path, group: str, ds: xr.Dataset) -> int:
     """Write ``ds`` as the one group of a new product file and flush it to disk;
     returns the file's size in bytes."""
@@ -1237,12 +1299,16 @@ class _LinkedTransaction:
                     raise StoreError(foreign + "; refusing to write")
                 self.entries = _index_entries(f)
                 self.retired = _retired_of(f)
-        elif convert:
+        else:  # no index names a file of self.dir yet
+            _check_unclaimed(self.path, self.dir)
+        if convert:
             with h5py.File(self.path, "r") as f:
                 self._old_groups = _group_names(f)
 
     def __enter__(self):
-        self.dir.mkdir(exist_ok=True)
+        self._made_dir = not self.dir.is_dir()
+        with _writable(self.path, self.folder):
+            self.dir.mkdir(exist_ok=True)
         return self
 
     def has(self, name: str) -> bool:
@@ -1253,8 +1319,9 @@ class _LinkedTransaction:
     def put(self, datasets: dict[str, xr.Dataset]) -> None:
         for name, ds in datasets.items():
             file = _product_name(name)
-            self.bytes_written += _write_product(self.dir / file, name, ds)
-            self.written[name] = f"{self.dir.name}/{file}"
+            self.written[name] = f"{self.dir.name}/{file}"  # first: a failed write is removed too
+            with _writable(self.path, self.dir):
+                self.bytes_written += _write_product(self.dir / file, name, ds)
 
     def put_file(self, name: str, source, link: bool = False) -> None:
         """Add group ``name`` as a copy of a product file (an open binary file),
@@ -1262,38 +1329,52 @@ class _LinkedTransaction:
         OSError if the file systems differ)."""
         file = Path(source.name).name
         target = self.dir / file
+        self.written[name] = f"{self.dir.name}/{file}"  # first: a failed copy is removed too
         if link:
             os.link(source.name, target)
         else:
-            with open(target, "wb") as out:
+            with _writable(self.path, self.dir), open(target, "wb") as out:
                 shutil.copyfileobj(source, out, _COPY_BUFFER)
                 os.fsync(out.fileno())
                 self.bytes_written += out.tell()
-        self.written[name] = f"{self.dir.name}/{file}"
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            for rel in self.written.values():  # never named by an index: safe to drop now
-                with contextlib.suppress(FileNotFoundError):
-                    (self.folder / rel).unlink()
-            if self.new:  # a failed create leaves no empty products folder behind
-                with contextlib.suppress(OSError):
-                    self.dir.rmdir()
+            self._discard()
             return False
-        if self.convert:
-            self._copy_old_groups()
-        now = _now()
-        for name, rel in self.written.items():
-            old = self.entries.get(name)
-            if old is not None and old != rel:
-                self.retired.append((old, now))
-            self.entries[name] = rel
-        # only a write that commits cleans up: a failed one (a damaged store) leaves
-        # every file as it was
-        self._collect_garbage()
-        _fsync_dir(self.dir)
-        self.bytes_written += _commit_index(self.path, self.entries, self.retired)
+        try:
+            if self.convert:
+                self._copy_old_groups()
+            now = _now()
+            for name, rel in self.written.items():
+                old = self.entries.get(name)
+                if old is not None and old != rel:
+                    self.retired.append((old, now))
+                self.entries[name] = rel
+            # only a write that commits cleans up: a failed one (a damaged store) leaves
+            # every file as it was
+            with _writable(self.path, self.dir):
+                self._collect_garbage()
+                _fsync_dir(self.dir)
+            with _writable(self.path, self.folder):
+                size = _commit_index(self.path, self.entries, self.retired)
+        except BaseException:
+            # the rename is _commit_index's last step: it did not happen, the old
+            # index stands and names none of our files
+            self._discard()
+            raise
+        self.bytes_written += size
+        _fsync_dir(self.folder)  # after the commit: a failure here must not drop named files
         return False
+
+    def _discard(self) -> None:
+        """Remove this transaction's new files (no index names them)."""
+        for rel in self.written.values():
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / rel).unlink()
+        if self._made_dir:  # a failed create leaves no empty products folder behind
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
 
     def _copy_old_groups(self) -> None:
         """Converting a single-file store: every group not replaced moves to its own file."""
@@ -1317,17 +1398,41 @@ class _LinkedTransaction:
                 keep.append((rel, when))
         waiting = {rel for rel, _ in keep}
         self.retired = keep
-        for entry in os.scandir(self.dir):
+        for entry in _product_files(self.dir):
             rel = f"{self.dir.name}/{entry.name}"
-            if rel in named or rel in waiting or not entry.is_file(follow_symlinks=False):
+            if rel in named or rel in waiting:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
 
 
+@contextlib.contextmanager
+def _writable(path: Path, folder: Path):
+    """Report a permission error while writing into ``folder`` in one line naming it
+    (h5py's text for it is a clause list of HDF5 internals)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM):
+            raise
+        raise StoreError(f"{path}: cannot write to {folder}: permission denied") from None
+
+
 def _now() -> float:
     import time
     return time.time()
+
+
+def _check_unclaimed(path: Path, folder: Path) -> None:
+    """Refuse to create the linked store ``path`` (new, or converted from a single
+    file) while its products folder holds product files: no index names them, so
+    they are another store's (one renamed by hand still links to this folder) or a
+    killed create's, and cannot be told apart. The new index's clean-up would
+    delete them."""
+    found = _product_files(folder)
+    if found:
+        raise StoreError(f"{path}: {folder} already holds {len(found)} product file(s) of another "
+                         f"store (renamed by hand?); restore that store's name, or move {folder} away")
 
 
 def _commit_index(path: Path, entries: dict[str, str], retired) -> int:
@@ -1355,8 +1460,7 @@ def _commit_index(path: Path, entries: dict[str, str], retired) -> int:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
             size = os.fstat(fh.fileno()).st_size
-        os.replace(tmp, path)
-        _fsync_dir(folder)
+        os.replace(tmp, path)  # the commit; the caller fsyncs the folder
         return size
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -1390,6 +1494,7 @@ def _open_version(path: Path):
     {group: file} or the store file)``. Held open, they stay readable whatever
     writers (or the clean-up of replaced products) do meanwhile."""
     store = Store(path)  # refuses what is not a sound store of a version we know
+    path = store.path  # a symlink's target
     with contextlib.ExitStack() as stack:
         with store._h5() as f:
             layout = _layout_of(f)
@@ -1434,7 +1539,7 @@ def copy_store(src, dest) -> Store:
     The copy keeps the layout; a linked one gets its own ``<dest>.d`` (the
     links of an index copied by hand would still point at ``src``'s folder).
     """
-    src, dest = Path(src), Path(dest)
+    src, dest = _store_path(src), _store_path(dest)
     with _locked(dest):
         _paste(src, dest, link=False)
     return Store(dest)
@@ -1448,7 +1553,7 @@ def move_store(src, dest) -> Store:
     killed half-way leaves ``src`` intact (and perhaps ``dest`` too), never
     neither, and no write to ``src`` is lost.
     """
-    src, dest = Path(src), Path(dest)
+    src, dest = _store_path(src), _store_path(dest)
     with _locked(src, dest):
         try:
             _paste(src, dest, link=True)
@@ -1465,9 +1570,10 @@ def remove_store(path) -> None:
 
     The store file goes first, so an interrupted removal leaves no store that
     names missing files; readers that have it open keep reading their version.
-    Refuses a file that is not a scarletstore store.
+    Refuses a file that is not a scarletstore store. Through a symlink, the
+    store it names is removed (the link is left).
     """
-    path = Path(path)
+    path = _store_path(path)
     try:
         with h5py.File(path, "r") as f:
             fmt = _plain(f.attrs.get("format"))
