@@ -206,3 +206,12 @@ def test_a_reprocessed_image_of_another_sky_is_refused(tmp_path, capsys):
     _fails(["catalog", store, "--band", "r", "--redistribute", "--image", f"r={other}",
             "-o", tmp_path / "no.fits"], capsys, "different pixel grid", "store exposure")
     assert not (tmp_path / "no.fits").exists()
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "scarletstore", "info", "/nonexistent.h5"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr

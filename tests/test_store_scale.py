@@ -135,7 +135,7 @@ def test_replaced_product_kept_for_grace_then_collected(tmp_path, monkeypatch):
     np.testing.assert_array_equal(reader["image"].values, _exposure(0)["image"].values)
     reader.close()
     np.testing.assert_array_equal(store.read("exposure")["image"].values, _exposure(1)["image"].values)
-    orphan = products_dir(path) / "runs-x-deadbeef.h5"  # left by a killed writer: never named
+    orphan = products_dir(path) / ("runs-x-" + "deadbeef" * 4 + ".h5")  # left by a killed writer: never named
     orphan.write_bytes(b"x" * 100)
     store.add_run(_tiny_run())
     assert first.exists() and not orphan.exists()  # replaced file still within its grace period

@@ -1243,10 +1243,10 @@ def _product_name(group: str) -> str:
     return f"{safe}-{uuid.uuid4().hex}.h5"
 
 
-# Names of the shape _product_name makes (``<group>-<hex>.h5``; it writes the 32 hex
-# digits of a uuid4, tests fake shorter ones): the only files the clean-up may ever
-# delete from a products folder. Anything else there is the user's, whatever its age.
-_PRODUCT_FILE = re.compile(r"[A-Za-z0-9._-]+-[0-9a-f]{8,32}\.h5")
+# Names of the shape _product_name makes (``<group>-<32 hex digits of a uuid4>.h5``):
+# the only files the clean-up may ever delete from a products folder. Anything else
+# there (``data-20240101.h5`` too) is the user's, whatever its age.
+_PRODUCT_FILE = re.compile(r"[A-Za-z0-9._-]+-[0-9a-f]{32}\.h5")
 
 
 def _product_files(folder: Path) -> list[os.DirEntry]:
