@@ -229,3 +229,31 @@ def test_open_needs_a_path(bad):
     with pytest.raises(InputError, match="a store path must be a str or os.PathLike"):
         ss.open(bad)
 
+
+
+def test_a_writer_that_waits_for_the_lock_says_so_on_a_terminal(tmp_path, monkeypatch):
+    """A second writer waited for the folder's lock forever without a word."""
+    import fcntl
+    import io
+    import threading
+
+    path = tmp_path / "s.h5"
+    Store.create(path, {"exposure": _exposure(1)})
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another writer of this folder
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (Store(path).add_run(_tiny_run(), name="w"), done.set()))
+    writer.start()
+    time.sleep(0.5)
+    assert not done.is_set() and "waiting for another writer" in err.getvalue()
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    writer.join(20)
+    assert done.is_set() and Store(path).runs() == ["w"]

@@ -968,7 +968,16 @@ def _locked(*paths: Path):
             seen[st.st_dev, st.st_ino] = fd
     try:
         for key in sorted(seen):
-            fcntl.flock(seen[key], fcntl.LOCK_EX)
+            try:
+                fcntl.flock(seen[key], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # another writer holds it: say why the command waits (on a
+                # terminal, like progress), then wait as before
+                if sys.stderr.isatty():
+                    sys.stderr.write(f"waiting for another writer of {_folder_of(Path(paths[0]))} "
+                                     "to finish...\n")
+                    sys.stderr.flush()
+                fcntl.flock(seen[key], fcntl.LOCK_EX)
             fds.append(seen[key])
         yield
     finally:
