@@ -2,6 +2,7 @@
 follows symlinks and refuses an index that HDF5 would resolve through the
 working directory, and reports API misuse with its own one-line errors."""
 
+import json
 import os
 import shutil
 import time
@@ -257,3 +258,26 @@ def test_a_writer_that_waits_for_the_lock_says_so_on_a_terminal(tmp_path, monkey
     os.close(fd)
     writer.join(20)
     assert done.is_set() and Store(path).runs() == ["w"]
+
+
+def test_api_writes_make_the_checks_ingest_makes(tmp_path):
+    """Store.create took an exposure with NaN pixels or negative variance (detect then found
+    nothing, silently) and an exposure under the name 'parents'."""
+    with pytest.raises(InputError, match="holds parents products, not exposure"):
+        Store.create(tmp_path / "a.h5", {"exposure": _exposure(1), "parents": _exposure(2)})
+    assert not (tmp_path / "a.h5").exists()
+    bad = _exposure(3)
+    bad["image"].values[0, 4, 5] = np.nan
+    with pytest.raises(InputError, match="non-finite image values"):
+        Store.create(tmp_path / "b.h5", {"exposure": bad})
+    neg = _exposure(4)
+    neg["variance"].values[:] = -1
+    with pytest.raises(InputError, match="negative variance"):
+        Store.create(tmp_path / "c.h5", {"exposure": neg})
+    # a NaN under a bad plane is what bad planes are for
+    planes = json.loads(bad.attrs["mask_planes"])
+    bad["mask"].values[0, 4, 5] = 1 << int(planes["NO_DATA"])
+    Store.create(tmp_path / "d.h5", {"exposure": bad})
+    assert Store(tmp_path / "d.h5").check() == []
+    # a group of the user's own name takes any schema
+    Store(tmp_path / "d.h5").write({"mine": _exposure(5)})

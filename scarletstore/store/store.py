@@ -35,6 +35,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import json
 import re
 import shutil
 import socket
@@ -825,11 +826,55 @@ def _check_datasets(datasets) -> None:
     for name, ds in datasets.items():
         _check_group_name(name)
         _schema.validate(ds)
+        _check_group_schema(name, ds)
+        if ds.attrs.get("schema") == "exposure":
+            _check_exposure_values(name, ds)
+
+
+# The schema each product group name holds ("<prefix>/" names: any suffix). Every
+# reader finds a product by its name: an exposure written as "parents" passed the
+# schema check and then failed in every command that reads parents.
+GROUP_SCHEMAS = {"exposure": "exposure", "parents": "parents", "visits": "visits",
+                 "coadds/likelihood": "likelihood_coadd", "coadds/psf_matched": "psf_matched_coadd",
+                 RUNS + "/": "run", "apcorr/": "apcorr"}
 
 
 def _check_group_name(name: str) -> None:
     if name.startswith(RUNS + "/"):
         check_run_name(name[len(RUNS) + 1:])
+
+
+def _check_group_schema(name: str, ds) -> None:
+    """InputError when ``name`` is a product group name (:data:`GROUP_SCHEMAS`) and
+    ``ds`` is not of its schema; other names are the user's own groups."""
+    want = GROUP_SCHEMAS.get(name) or next(
+        (v for k, v in GROUP_SCHEMAS.items() if k.endswith("/") and name.startswith(k)
+         and len(name) > len(k)), None)
+    if want is None:  # a group of the user's own: any schema
+        return
+    got = ds.attrs.get("schema")
+    if got != want:
+        raise InputError(f"group {name!r} holds {want} products, not {got}")
+
+
+def _check_exposure_values(name: str, ds) -> None:
+    """The pixel checks ``ingest`` makes, for exposures written through the API: on
+    every pixel outside the exposure's bad planes the image is finite and the
+    variance finite and non-negative (a negative-variance store made detect
+    find nothing, silently)."""
+    planes = json.loads(ds.attrs.get("mask_planes") or "{}")
+    bad = json.loads(ds.attrs.get("bad_mask_planes") or "[]")
+    bits = 0
+    for plane in bad:
+        if plane in planes:
+            bits |= 1 << int(planes[plane])
+    image, variance = np.asarray(ds["image"].values), np.asarray(ds["variance"].values)
+    good = (np.asarray(ds["mask"].values).astype(np.int64) & bits) == 0
+    for what, ok in (("non-finite image values", np.isfinite(image)),
+                     ("non-finite or negative variance", np.isfinite(variance) & (variance >= 0))):
+        if not ok[good].all():
+            raise InputError(f"group {name!r}: {what} on pixels outside the bad planes "
+                             f"({', '.join(bad) or 'none'})")
 
 
 def _max_source_id(f, check) -> int:
