@@ -215,3 +215,22 @@ def test_python_dash_m_runs_the_command_line():
     out = subprocess.run([sys.executable, "-m", "scarletstore", "info", "/nonexistent.h5"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_a_child_without_light_in_a_band_has_a_point_source_error(hsc_path, tmp_path):
+    """hsc_cosmos_35's source 4 has no model light in r and y; its flux_err was 0 (an
+    exact zero), now the noise of a point source on its peak."""
+    store = tmp_path / "z.h5"
+    _ok(["ingest", store, hsc_path])
+    _ok(["detect", store])
+    _ok(["deblend", store])
+    seen = 0
+    for band in "grizy":
+        cat = Store(store).catalog(band).load()
+        zero = cat["flux"].values <= 0
+        seen += int(zero.sum())
+        if zero.any():
+            err = cat["flux_err"].values[zero]
+            typical = np.nanmedian(cat["psf_flux_err"].values[~zero])
+            assert np.all(err > 0.3 * typical) and np.all(err < 3 * typical), (band, err, typical)
+    assert seen >= 1

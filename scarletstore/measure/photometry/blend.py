@@ -163,7 +163,31 @@ class BlendPhotometry:
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
         cols.update(self.flux_errors(blend, models, fp, data, m, shares, b))
+        self._zero_flux_errors(cols, b, blend, models, data)
         return cols, flags
+
+    def _zero_flux_errors(self, cols, b, blend, models, data) -> None:
+        """A child with no model light in the band has no template, so its Fisher
+        error was 0, which reads as an exact zero: give it the noise of a point
+        source on its peak, sqrt(var / sum psf^2) (the scale of an upper limit;
+        the variance at the peak pixel, else the box's median)."""
+        noise = cols["flux_err_noise"]
+        empty = (noise <= 0) & ~np.any(models > 0, axis=(1, 2))
+        if data is None or not empty.any():
+            return
+        _, variance, good = data
+        psf = self.psf(b)[0]
+        norm = float((psf * psf).sum())
+        peaks = np.rint(self.measurer._local_peaks(b, blend.bbox)).astype(np.int64)
+        h, w = variance.shape
+        typical = float(np.median(variance[good])) if good.any() else np.nan
+        out = noise.copy()
+        for k in np.flatnonzero(empty):
+            y, x = peaks[k]
+            inside = 0 <= y < h and 0 <= x < w and bool(good[y, x])
+            out[k] = np.sqrt((float(variance[y, x]) if inside else typical) / norm)
+        cols["flux_err_noise"] = out
+        cols["flux_err"] = np.hypot(out, cols["flux_err_model"])
 
     def flux_errors(self, blend, models, fp, data, m, shares=None, b=0) -> dict:
         """The model flux's error (noise and template parts) and its most correlated neighbour.
