@@ -234,3 +234,11 @@ def test_a_child_without_light_in_a_band_has_a_point_source_error(hsc_path, tmp_
             typical = np.nanmedian(cat["psf_flux_err"].values[~zero])
             assert np.all(err > 0.3 * typical) and np.all(err < 3 * typical), (band, err, typical)
     assert seen >= 1
+
+
+def test_bands_named_against_their_headers_are_warned_about(fits_bands, tmp_path, capsys):
+    paths, _, _ = fits_bands
+    _ok(["ingest", tmp_path / "s.h5", *paths, "--bands", "r,g,i"])
+    err = capsys.readouterr().err
+    assert "g.fits: --bands names it r, its BAND header says g" in err
+    assert "r.fits: --bands names it g" in err and "i.fits" not in err

@@ -315,11 +315,15 @@ def _read_fits_bands(paths, bands, psf_files, require_psf, mask_defects):
                 msk = np.array(hdul["MASK"].data)
             except Exception:
                 raise InputError(f"{path}: unreadable image data") from None
-            band = bands[i] if bands is not None else (
-                hdul[0].header.get("BAND") or hdul["IMAGE"].header.get("BAND"))
+            header_band = hdul[0].header.get("BAND") or hdul["IMAGE"].header.get("BAND")
+            band = bands[i] if bands is not None else header_band
             if not band:
                 raise InputError(f"{path}: no BAND header; name the bands with --bands")
             band = str(band).strip()
+            if header_band and str(header_band).strip() != band:
+                # --bands wins, but a swapped list would relabel the data silently
+                warn(f"{path.name}: --bands names it {band}, its BAND header says "
+                     f"{str(header_band).strip()}")
             if band in psf_files:
                 psf = read_psf_file(psf_files.pop(band))
             elif "PSF" in hdul and hdul["PSF"].data is not None:
