@@ -273,8 +273,16 @@ def cmd_simulate(args):
         raise InputError(f"{out_dir}: directory is not empty; simulate into a new or empty one")
     if not out_dir.parent.is_dir():
         raise InputError(f"{out_dir}: the directory {out_dir.parent} does not exist")
+    field_opts = {"bright_stars": args.bright_stars, "saturation": args.saturation,
+                  "cosmic_rays": args.cosmic_rays, "bad_columns": args.bad_columns}
+    if args.psf_beta is not None:
+        field_opts["psf_beta"] = args.psf_beta
     if args.visits is not None:
         from .simulate.visits import simulate_visits
+
+        asked = [f"--{k.replace('_', '-')}" for k, v in field_opts.items() if v not in (0, None)]
+        if asked:
+            raise InputError(f"{', '.join(asked)}: options of a simulated coadd, not of --visits")
 
         # its bar draws on a terminal only, like every other (quiet when piped)
         out = simulate_visits(args.out_dir, n_visits=args.visits, size=args.size, seed=args.seed,
@@ -284,7 +292,7 @@ def cmd_simulate(args):
               f"{args.out_dir}; grid {out['grid']}; truth in {out['truth']}")
         return
     out = simulate_field(args.out_dir, size=args.size, seed=args.seed, bands=_bands(args.bands),
-                         density=args.density, progress=True)
+                         density=args.density, progress=True, **field_opts)
     print(f"simulated {args.size}x{args.size} field in {len(out['bands'])} bands: "
           f"{' '.join(str(p) for p in out['bands'].values())}; truth in {out['truth']}")
 
@@ -857,6 +865,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sources per square arcminute (default 90)")
     s.add_argument("--visits", type=int, default=None,
                    help="write N calibrated visits per band (and grid.fits) instead of a coadd")
+    # fields unlike the defaults, where the bugs were (not for --visits)
+    s.add_argument("--psf-beta", type=float, default=None,
+                   help="Moffat beta of the PSF (default 3.5; 2.5-3 gives strong wings)")
+    s.add_argument("--bright-stars", type=int, default=0, help="extra stars with i in [14.5, 18]")
+    s.add_argument("--saturation", type=float, default=None,
+                   help="clip pixels above this level (nJy per pixel) and flag them SAT")
+    s.add_argument("--cosmic-rays", type=int, default=0,
+                   help="raw cosmic-ray tracks per band, kept in the image and flagged CR")
+    s.add_argument("--bad-columns", type=int, default=0,
+                   help="hot bad columns per band, kept at their raw value and flagged BAD")
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("coadd", help="warp visits onto a grid and stack them into a new store")

@@ -242,3 +242,24 @@ def test_bands_named_against_their_headers_are_warned_about(fits_bands, tmp_path
     err = capsys.readouterr().err
     assert "g.fits: --bands names it r, its BAND header says g" in err
     assert "r.fits: --bands names it g" in err and "i.fits" not in err
+
+
+def test_simulate_builds_the_fields_unlike_ours_from_the_command_line(tmp_path, capsys):
+    """Other PSF wings, bright stars, saturation, cosmic rays and bad columns were Python
+    keywords only; a user of the command could not make the fields where the bugs were."""
+    pytest.importorskip("galsim")
+    from astropy.io import fits
+
+    _ok(["simulate", tmp_path / "plain", "--size", "64", "--bands", "r"])
+    _ok(["simulate", tmp_path / "odd", "--size", "64", "--bands", "r", "--psf-beta", "2.5",
+         "--cosmic-rays", "3", "--bad-columns", "1", "--bright-stars", "1", "--saturation", "2e4"])
+    with fits.open(tmp_path / "plain" / "r.fits") as a, fits.open(tmp_path / "odd" / "r.fits") as b:
+        planes = {k[3:]: int(v) for k, v in b["MASK"].header.items() if k.startswith("MP_")}
+        plain, odd = a["MASK"].data, b["MASK"].data
+        cr, bad = 1 << planes["CR"], 1 << planes["BAD"]
+        assert not np.any(plain & cr) and np.any(odd & cr)
+        # a bad column runs the height of the field (the plain one has scattered bad pixels)
+        assert np.count_nonzero(odd & bad) >= np.count_nonzero(plain & bad) + 32
+        assert not np.allclose(a["PSF"].data, b["PSF"].data)  # other wings
+    assert (tmp_path / "odd" / "truth_artifacts.fits").exists()
+    _fails(["simulate", tmp_path / "v", "--visits", "2", "--bad-columns", "1"], capsys, "--bad-columns")
