@@ -358,9 +358,10 @@ def cmd_merge(args):
     if out.suffix.lower() not in (".fits", ".csv", ".h5"):
         raise InputError(f"{out}: output must end in .fits, .csv or .h5")
     _check_output(out, inputs=[Path(args.out_dir) / "tract.json"])
-    if os.path.realpath(out).startswith(os.path.realpath(args.out_dir) + os.sep):
-        raise InputError(f"{out}: -o lies in the tract folder {args.out_dir}, whose patch stores "
-                         "merge reads; choose a file outside it")
+    inside = os.path.relpath(os.path.realpath(out), os.path.realpath(args.out_dir)).split(os.sep)
+    if len(inside) > 1 and inside[0].startswith("patch_"):
+        raise InputError(f"{out}: -o lies in the patch folder {inside[0]} of {args.out_dir}, "
+                         "whose store merge reads; choose a file outside it")
     columns, attrs, missing = tract_catalog(args.out_dir, args.band)
     write_columns(columns, attrs, out)
     print(f"wrote {len(columns['is_primary'])} rows ({int(columns['is_primary'].sum())} primary) of "
