@@ -325,6 +325,30 @@ def cmd_coadd(args):
           f"{exposure.attrs['zeropoint']:g} into {path}; {int(table['n_rejected'].values.sum())} "
           f"artifact pixels rejected, {int((~table['psf_matched'].values).sum())} visits left out "
           f"of the PSF-matched coadd")
+    for line in _coadd_warnings(exposure.attrs, table, not args.no_reject):
+        sys.stderr.write(f"scarletstore coadd: warning: {line}\n")
+
+
+def _coadd_warnings(attrs, table, reject) -> list[str]:
+    """What a coadd did not do although asked, band by band: rejection needs 3
+    PSF-matched visits, background matching 2, and a PSF-matched coadd 1."""
+    import numpy as np
+
+    out = []
+    bands = np.asarray(table["band"].values).astype(str)
+    matched = np.asarray(table["psf_matched"].values, bool)
+    done = {k: json.loads(attrs.get(f"{k}_bands") or "{}") for k in ("artifact_rejection",
+                                                                     "background_matching")}
+    for b in dict.fromkeys(bands):
+        n = int(matched[bands == b].sum())
+        if n == 0:
+            out.append(f"band {b}: no visit is narrower than the PSF-matched target; its "
+                       "PSF-matched coadd is empty")
+        if reject and not done["artifact_rejection"].get(b, True):
+            out.append(f"band {b}: artifact rejection needs 3 PSF-matched visits, has {n}: not done")
+        if reject and not done["background_matching"].get(b, True):
+            out.append(f"band {b}: background matching needs 2 PSF-matched visits, has {n}: not done")
+    return out
 
 
 def cmd_tract(args):
@@ -341,6 +365,14 @@ def cmd_tract(args):
     print(f"tract {plan.out_dir}: {len(done)} of {len(plan.jobs)} patches done "
           f"({plan.shape[0]}x{plan.shape[1]}, overlap {plan.overlap} px), "
           f"{sum(e['n_sources'] for e in done)} sources; index {plan.out_dir / 'tract.json'}")
+    dropped = {}
+    for e in done:
+        for name in e.get("visits_dropped") or []:
+            dropped.setdefault(name, []).append(e["name"])
+    if dropped:  # no usable pixel on those patches: left out there, not failed
+        sys.stderr.write("scarletstore tract: warning: visits left out of patches where they have "
+                         "no usable pixel: " + "; ".join(f"{v} ({', '.join(p)})"
+                                                         for v, p in dropped.items()) + "\n")
     bad = failed_patches(index)
     if bad:
         sys.stderr.write(f"scarletstore tract: error: {len(bad)} of {len(plan.jobs)} patches failed after "
@@ -350,6 +382,19 @@ def cmd_tract(args):
     return 0
 
 
+def _tract_inputs(out_dir) -> list[str]:
+    """The grid and visit files a tract's index names (none when it has no index)."""
+    try:
+        index = json.loads((Path(out_dir) / "tract.json").read_text())
+    except (OSError, ValueError):
+        return []  # merge itself says what is wrong with the folder
+    if not isinstance(index, dict):
+        return []
+    grid = index.get("grid")
+    files = [grid.get("path") if isinstance(grid, dict) else grid] + list(index.get("visits") or [])
+    return [f for f in files if isinstance(f, str)]
+
+
 def cmd_merge(args):
     from .measure.catalog import write_columns
     from .tract.merge import tract_catalog
@@ -357,7 +402,7 @@ def cmd_merge(args):
     out = Path(args.output)
     if out.suffix.lower() not in (".fits", ".csv", ".h5"):
         raise InputError(f"{out}: output must end in .fits, .csv or .h5")
-    _check_output(out, inputs=[Path(args.out_dir) / "tract.json"])
+    _check_output(out, inputs=[Path(args.out_dir) / "tract.json", *_tract_inputs(args.out_dir)])
     inside = os.path.relpath(os.path.realpath(out), os.path.realpath(args.out_dir)).split(os.sep)
     if len(inside) > 1 and inside[0].startswith("patch_"):
         raise InputError(f"{out}: -o lies in the patch folder {inside[0]} of {args.out_dir}, "
@@ -653,6 +698,8 @@ def cmd_forced(args):
     scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
     store, run = _open_run_store(args.store, args.run)
     visits = args.visits or default_visits(store)
+    if not args.visits:  # the coadd's own visits are inputs too
+        _check_output(out, inputs=visits)
     table = forced_photometry(store, run, visits, workers=args.workers, scheduler=scheduler,
                               background=not args.no_background, show_progress=True,
                               redistribute=args.redistribute)
@@ -887,7 +934,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1,
                    help="visits warped at once, as processes on a local dask cluster")
     s.add_argument("--scheduler", help="address of an existing dask scheduler to warp visits on")
-    s.add_argument("--no-reject", action="store_true", help="keep artifacts (no CompareWarp-style rejection)")
+    s.add_argument("--no-reject", action="store_true",
+                   help="keep artifacts (no CompareWarp-style rejection; the PSF-matched warps it "
+                        "compares are not made, so backgrounds are not matched either)")
     s.add_argument("--psf-matched-fwhm", type=float, default=None, metavar="ARCSEC",
                    help="target FWHM of the PSF-matched coadd (default 1.1 x the widest visit)")
     s.set_defaults(func=cmd_coadd)

@@ -308,6 +308,10 @@ def _assemble(parts, chi2, rows, visits, bands, plan, references, skies) -> dict
         return ds
 
     exposure = joined("exposure")
+    for key in ("artifact_rejection", "background_matching"):
+        done = {b: bool(ds.attrs.get(key, 0)) for b, ds in zip(bands, parts["exposure"])}
+        exposure.attrs[key] = int(all(done.values()))  # 1: done in every band
+        exposure.attrs[f"{key}_bands"] = json.dumps(done)
     exposure.attrs["sources"] = json.dumps([v.path.name for v in visits])
     exposure.attrs["background_reference"] = json.dumps(references)
     if plan.sky:
@@ -368,6 +372,9 @@ def _coadd_band(plan: _Plan, visits, idx, folder):
             ref = _match_backgrounds(arr, background, local, rejected, sigma2)
             reference = visits[idx[ref]].path.name
     exposure, like, rows = _second_pass(arr, visits, idx, plan, sigma2, rejected, background)
+    # what was asked is not always what a band's visits allow: say which ran
+    exposure.attrs["artifact_rejection"] = int(plan.reject and len(local) >= 3)
+    exposure.attrs["background_matching"] = int(reference is not None)
     sky_fit = None
     if plan.sky:
         model, sky_fit = _fit_sky(exposure)
@@ -403,6 +410,18 @@ def _fit_sky(exposure):
     return model, info
 
 
+class EmptyWarpError(InputError):
+    """A visit that reaches the grid on the sky but has no usable pixel on it
+    (all masked or non-finite there). ``path``: the visit's file."""
+
+    def __init__(self, path):
+        super().__init__(f"{path}: visit does not overlap the grid (no usable warped pixel)")
+        self.path = str(path)
+
+    def __reduce__(self):  # raised in dask workers: rebuilt from its path
+        return (type(self), (self.path,))
+
+
 def warp_task(visit, grid, zeropoint, area_ratio, match):
     """One visit's warp (and PSF-matched warp when ``match`` = (psf, target)): a dask task.
 
@@ -411,7 +430,7 @@ def warp_task(visit, grid, zeropoint, area_ratio, match):
     """
     warp, s2 = _warp_visit(visit, grid, zeropoint, area_ratio)
     if not warp.good.any():
-        raise InputError(f"{visit.path}: visit does not overlap the grid (no usable warped pixel)")
+        raise EmptyWarpError(visit.path)
     if not s2 > 0:
         raise InputError(f"{visit.path}: no usable pixel (all masked or zero variance)")
     m = None if match is None else _matched_warp(warp, s2, *match)

@@ -170,10 +170,18 @@ def read_visit(path) -> Visit:
     where = str(path)
     if not path.is_file():
         raise InputError(f"{where}: no such file")
+    import warnings
+
     try:
-        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
     except Exception:
         raise InputError(f"{where}: not a readable FITS file") from None
+    if any("truncated" in str(w.message) for w in caught):
+        # astropy reads on and fails later on a short data block (a traceback)
+        hdul.close()
+        raise InputError(f"{where}: the FITS file is truncated")
     with hdul:
         for name in ("IMAGE", "MASK", "VARIANCE", "PSF"):
             if name not in hdul:
@@ -195,7 +203,11 @@ def read_visit(path) -> Visit:
         planes = {k[3:]: int(v) for k, v in hdul["MASK"].header.items() if k.startswith("MP_")}
         if hdul["PSF"].data is None:
             raise InputError(f"{where}: PSF HDU is empty")
-        psf = check_visit_psf(np.array(hdul["PSF"].data), where)
+        try:
+            psf_data = np.array(hdul["PSF"].data)
+        except (ValueError, TypeError, OSError):
+            raise InputError(f"{where}: unreadable PSF data") from None
+        psf = check_visit_psf(psf_data, where)
         raw = _raw_layout(hdul, path)
     return Visit(path=path, band=band, magzero=magzero, mjd=mjd, exptime=exptime, shape=shape,
                  wcs=w, wcs_text=_wcs_text(w), mask_planes=planes or dict(LSST_MASK_PLANES), psf=psf,

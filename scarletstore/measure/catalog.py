@@ -622,7 +622,8 @@ def write_columns(columns: dict, attrs: dict, path) -> None:
 
         header = {k.upper()[:8]: v for k, v in attrs.items() if k != "flag_bits"}
         header["FLAGBITS"] = attrs.get("flag_bits", "")
-        tunits = {c: _FITS_UNITS.get(text, text) for c, text in units.items() if text not in ("", "1")}
+        tunits = {c: _FITS_UNITS.get(text, text) for c, text in units.items()
+                  if text not in ("", "1") and _is_fits_unit(_FITS_UNITS.get(text, text))}
         if fits_writable(columns, header, tunits):  # numeric columns: no astropy import (~0.35 s)
             write_fits_table(columns, header, tmp, tunits)
         else:
@@ -649,6 +650,20 @@ def write_columns(columns: dict, attrs: dict, path) -> None:
 # the catalog's unit names that FITS spells otherwise (FITS 4.0, table 27: "count"
 # or "ct"; astropy reads "counts" as an unrecognised unit, with a warning)
 _FITS_UNITS = {"counts": "count", "counts^2": "count^2"}
+
+
+# FITS unit strings (FITS 4.0, 4.3) built from these: anything else, e.g. a coadd's
+# "flux at AB zero point 27", gets no TUNITn (astropy warned once per column on
+# reading it) and stays in the UNITS card only
+_FITS_UNIT_TOKENS = {"count", "ct", "nJy", "uJy", "mJy", "Jy", "pix", "pixel", "deg", "arcsec",
+                     "mag", "adu", "electron", "s", "erg", "cm", "Hz", "Angstrom"}
+
+
+def _is_fits_unit(text: str) -> bool:
+    import re
+
+    tokens = re.split(r"[\s*/()^.]+|\*\*|[-+]?\d+", text)
+    return bool(text.strip()) and all(t in _FITS_UNIT_TOKENS for t in tokens if t)
 
 
 def _column_units(attrs: dict, columns: dict) -> dict:

@@ -109,7 +109,6 @@ def plan_tract(out_dir, visit_paths, grid_path, patches: str, overlap: int, band
 
 def _build_store(path: Path, job: PatchJob) -> dict:
     """coadd -> detect -> deblend of one patch into a new store at ``path``; stage times and counts."""
-    from ..coadd.pipeline import coadd
     from ..deblend.config import DeblendConfig
     from ..deblend.run import deblend_exposure
     from ..detect.detect import detect
@@ -117,7 +116,8 @@ def _build_store(path: Path, job: PatchJob) -> dict:
 
     times = {}
     t = time.process_time()
-    store = Store.create(path, coadd(job.visits, job.grid))
+    groups, dropped = _patch_coadd(job)
+    store = Store.create(path, groups)
     times["coadd"], t = time.process_time() - t, time.process_time()
     exposure = store.read("exposure")
     with warnings.catch_warnings():
@@ -131,8 +131,37 @@ def _build_store(path: Path, job: PatchJob) -> dict:
                            parents_checksum=store.checksum("parents"))
     name = store.add_run(run, prefix="scarlet")
     times["deblend"] = time.process_time() - t
-    return {"run": name, "n_visits": len(job.visits), "n_parents": int(parents.sizes["parent"]),
-            "n_sources": int(run.sizes["source"]), "stage_cpu_seconds": times}
+    return {"run": name, "n_visits": len(job.visits) - len(dropped), "visits_dropped": dropped,
+            "n_parents": int(parents.sizes["parent"]), "n_sources": int(run.sizes["source"]),
+            "stage_cpu_seconds": times}
+
+
+def _patch_coadd(job: PatchJob):
+    """The patch's coadd groups and the visits left out of it.
+
+    The planner picks a patch's visits by their footprints on the sky; one
+    whose pixels there are all masked or NaN (a chip edge, a masked half)
+    has nothing to add to this patch, though it has to others: it is left out
+    here (and named in the index) rather than failing the patch -- a
+    partly masked visit lost half a tract. A band left without visits still
+    fails the patch.
+    """
+    from ..coadd.pipeline import EmptyWarpError, coadd
+
+    visits, dropped = list(job.visits), []
+    while True:
+        try:
+            return coadd(visits, job.grid), dropped
+        except EmptyWarpError as exc:
+            gone = [v for v in visits if str(v.path) == exc.path]
+            if not gone:
+                raise
+            band = gone[0].band
+            visits = [v for v in visits if str(v.path) != exc.path]
+            dropped.append(Path(exc.path).name)
+            if not any(v.band == band for v in visits):
+                raise InputError(f"{job.patch.name}: no visit in band {band} has usable pixels "
+                                 f"on it ({', '.join(dropped)} left out)") from None
 
 
 def process_patch(job: PatchJob) -> dict:

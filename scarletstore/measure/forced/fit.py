@@ -80,7 +80,8 @@ def fit_blend(templates, image, ivar, good, flags, background: bool = True) -> B
             out.flags[i] |= FLAGS["singular"]
             continue
         out.npix[i] = npix[k]
-        out.chi2[i] = chi2[k] / max(npix[k] - 1, 1)
+        # no pixel of its own measured: no chi^2 (0 read as a perfect fit)
+        out.chi2[i] = chi2[k] / max(npix[k] - 1, 1) if npix[k] > 0 else np.nan
         if out.flags[i] & NOT_MEASURED:
             continue
         out.flux[i] = coef[k]

@@ -83,9 +83,10 @@ def default_visits(store) -> list[Path]:
         raise InputError(f"{store.path}: no visits group (not made by 'scarletstore coadd'); "
                          "name the visit files")
     table = store.read("visits")
+    folders = [Path(store.path).parent, Path(".")] + _tract_visit_folders(store)
     out = []
     for name in (str(f) for f in table["file"].values):
-        for folder in (Path(store.path).parent, Path(".")):
+        for folder in folders:
             if (folder / name).is_file():
                 out.append(folder / name)
                 break
@@ -93,6 +94,22 @@ def default_visits(store) -> list[Path]:
             raise InputError(f"{name}: visit listed in {store.path} not found beside the store "
                              "or here; name the visit files")
     return out
+
+
+def _tract_visit_folders(store) -> list[Path]:
+    """The folders of a tract's visits when ``store`` is one of its patch stores
+    (``OUT_DIR/patch_i_j/store.h5``; ``OUT_DIR/tract.json`` names the visits by
+    absolute path, the patch's ``visits`` group by file name only)."""
+    index = Path(store.path).parent.parent / "tract.json"
+    if not index.is_file():
+        return []
+    import json
+
+    try:
+        visits = json.loads(index.read_text()).get("visits") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return list(dict.fromkeys(Path(v).parent for v in visits if isinstance(v, str)))
 
 
 def _grid_wcs(text):
@@ -253,7 +270,12 @@ def forced_photometry(store, run: str, paths, workers: int = 1, scheduler=None,
                            "background": "fitted constant per blend" if background else "none",
                            "flux": "redistributed (per-visit heavy footprints)" if redistribute
                            else "joint linear fit of the models"})
-    ds["flux"].attrs["units"] = f"flux at AB zero point {models.zeropoint:g}"
+    unit = f"flux at AB zero point {models.zeropoint:g}"
+    for name in ("flux", "flux_err"):
+        if name in ds:
+            ds[name].attrs["units"] = unit
+    if "mjd" in ds:
+        ds["mjd"].attrs["units"] = "d"
     return ds
 
 
@@ -276,7 +298,11 @@ def write_table(ds: xr.Dataset, path) -> int:
 
         t = Table({k: (v.astype(str) if v.dtype == object else v) for k, v in cols.items()})
         t.meta.update({"RUN": ds.attrs["run"], "ZEROPT": ds.attrs["zeropoint"],
-                       "FLAGBITS": ds.attrs["flag_bits"]})
+                       "FLAGBITS": ds.attrs["flag_bits"],
+                       # no FITS unit spells "flux at AB zero point 27": said in a card
+                       "FLUXUNIT": ds["flux"].attrs.get("units", "")})
+        if "mjd" in t.colnames:
+            t["mjd"].unit = "d"
         t.write(tmp, format="fits", overwrite=True)
     elif suffix == ".csv":
         import pandas as pd
