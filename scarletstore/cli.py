@@ -904,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="simulate a multi-band field (needs galsim)")
     s.add_argument("out_dir", help="new (or empty) directory for the FITS files and the truth")
     s.add_argument("--size", type=int, default=512, help="side of the square field in pixels "
-                   "(0.2 arcsec; at least 16; default 512)")
+                   "(0.2 arcsec; at least 16, 32 with --visits; default 512)")
     s.add_argument("--seed", type=int, default=1, help="random seed: the same seed gives the "
                    "same field (default 1)")
     s.add_argument("--bands", default="ugrizy", help="LSST bands to draw, e.g. gri or g,r,i "
