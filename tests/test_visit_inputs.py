@@ -123,3 +123,12 @@ def test_forced_chi2_is_nan_where_no_pixel_was_measured(coadded, visits, tmp_pat
     none = np.asarray(t["n_pix"]) == 0
     assert none.any() and np.all(np.isnan(np.asarray(t["chi2"])[none]))
     assert str(t["mjd"].unit) == "d"
+
+
+def test_one_exposure_under_two_names_is_refused(coadded, visits, tmp_path, capsys):
+    copy = tmp_path / "copy.fits"
+    shutil.copy(visits["visits"][0], copy)
+    _fails(["coadd", tmp_path / "x.h5", *visits["visits"], copy, "--grid", visits["grid"]], capsys,
+           "the same exposure as")
+    _fails(["forced", coadded, visits["visits"][0], copy, "-o", tmp_path / "f.csv"],
+           capsys, "the same exposure as")

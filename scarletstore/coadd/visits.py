@@ -288,7 +288,7 @@ def read_visits(paths, grid: Grid, bands=None) -> list[Visit]:
     """
     if not paths:
         raise InputError("no visit files given")
-    seen = set()
+    seen, exposures = set(), {}
     visits = []
     for p in paths:
         key = Path(p).resolve()
@@ -298,6 +298,10 @@ def read_visits(paths, grid: Grid, bands=None) -> list[Visit]:
         v = read_visit(p)
         if not overlaps(v, grid):
             raise InputError(f"{p}: visit does not overlap the grid")
+        # one exposure under two names (a copy) would count twice in every stack
+        same = exposures.setdefault((v.band, v.mjd, v.exptime, v.shape, v.wcs_text), p)
+        if same is not p:
+            raise InputError(f"{p}: the same exposure as {same} (band, MJD-OBS, EXPTIME and WCS)")
         visits.append(v)
     if bands is not None:
         have = {v.band for v in visits}
