@@ -283,7 +283,9 @@ def test_deblend_help_lists_the_configuration_keys():
 
 def test_every_simulate_option_has_help():
     actions = [a for a in _subparser("simulate")._actions if a.dest != "help"]
-    assert {a.dest for a in actions} == {"out_dir", "size", "seed", "bands", "density", "visits"}
+    assert {a.dest for a in actions} == {"out_dir", "size", "seed", "bands", "density", "visits",
+                                         "psf_beta", "bright_stars", "saturation", "cosmic_rays",
+                                         "bad_columns"}
     assert all(a.help and len(a.help) > 10 for a in actions)
 
 
