@@ -13,6 +13,29 @@ from .errors import InputError
 
 
 @contextlib.contextmanager
+def _workers_ignore_interrupt():
+    """SIGINT ignored while the local cluster starts its processes.
+
+    A Ctrl-C reaches the whole process group: every nanny and worker printed
+    its own KeyboardInterrupt traceback (79 lines for two workers) before the
+    command said "interrupted". An ignored signal stays ignored in the
+    processes started meanwhile (and Python then installs no handler of its
+    own), so only this process is interrupted, and it closes the cluster.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
 def dask_client(workers: int, scheduler: str | None):
     """A ``dask.distributed.Client``, closed (with its local cluster) on exit.
 
@@ -34,9 +57,10 @@ def dask_client(workers: int, scheduler: str | None):
         # scheduler's HTTP server starts even without a dashboard, on port 8787
         # unless told otherwise, and warns on stderr when that port is taken (a
         # second cluster on the machine): any free port will do.
-        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
-                               silence_logs=40)
+        with _workers_ignore_interrupt():
+            cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                                   dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                                   silence_logs=40)
         client = Client(cluster)
     else:
         try:
@@ -45,6 +69,13 @@ def dask_client(workers: int, scheduler: str | None):
             raise InputError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
     try:
         yield client
+    except KeyboardInterrupt:
+        # the interrupted gathers are not errors to report: the command
+        # says "interrupted" (the scheduler logged "Couldn't gather keys")
+        import logging
+
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+        raise
     finally:
         client.close()
         if cluster is not None:

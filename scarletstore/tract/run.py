@@ -300,10 +300,37 @@ def run_tract(plan: TractPlan, workers: int = 1, scheduler: str | None = None,
                 writer.update()
                 handling += time.perf_counter() - t
     finally:  # interrupted or not, the index on disk says where each patch stands
+        for entry in entries.values():
+            _recover_finished(entry, plan.out_dir)
         index["driver"] = {"handling_seconds": handling, "index_writes": writer.writes + 1,
                            "index_seconds": writer.seconds}
         writer.write()
     return index
+
+
+def _recover_finished(entry, out_dir: Path) -> None:
+    """A patch still ``pending`` whose folder is in place finished after all: its
+    task renamed ``.patch_i_j.*.tmp`` to ``patch_i_j`` (a patch is whole or
+    absent) but the result never reached this process (an interrupt). Its index
+    entry is rebuilt from the store, so ``merge`` takes it instead of calling it
+    not done."""
+    from ..store.store import Store
+
+    store_path = Path(out_dir) / entry["name"] / "store.h5"
+    if entry.get("status") != "pending" or not store_path.is_file():
+        return
+    try:
+        store = Store(store_path)
+        run = store.runs()[-1]
+        tables = store.run_tables(run)
+        n_sources = len(tables.col("source_id"))
+        n_parents = int(store.groups()["parents"]["dims"].get("parent", 0))
+        if getattr(tables, "file", None) is not None:
+            tables.file.close()
+    except Exception:  # not a finished store after all: leave it pending
+        return
+    entry.update(status="done", error="", run=run, n_parents=n_parents, n_sources=n_sources,
+                 recovered=True)
 
 
 def _record(entry, job, result, exc, ex, bar) -> None:
