@@ -263,3 +263,18 @@ def test_simulate_builds_the_fields_unlike_ours_from_the_command_line(tmp_path, 
         assert not np.allclose(a["PSF"].data, b["PSF"].data)  # other wings
     assert (tmp_path / "odd" / "truth_artifacts.fits").exists()
     _fails(["simulate", tmp_path / "v", "--visits", "2", "--bad-columns", "1"], capsys, "--bad-columns")
+
+
+def test_detect_warns_about_an_image_that_still_holds_its_sky(tmp_path, capsys):
+    """A +1000 sky went into the deblend's fluxes (880x the truth, 'converged'): detection
+    subtracts its own background, so only its warning can tell the user."""
+    rng = np.random.default_rng(3)
+    for sky, warned in ((0.0, False), (1000.0, True), (-50.0, True)):
+        store = tmp_path / f"sky{sky:g}.h5"
+        _ok(["ingest", store, _write_npz(tmp_path / f"sky{sky:g}.npz", images=_scene(rng) + sky)])
+        capsys.readouterr()
+        _ok(["detect", store])
+        err = capsys.readouterr().err
+        assert ("not sky-subtracted" in err) is warned, (sky, err)
+        if warned:
+            assert f"r {sky:+.3g}" in err, err
