@@ -501,6 +501,35 @@ def _on_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+MODEL_PSF_MAX_RATIO = 0.75  # model-frame PSF sigma at most this fraction of the narrowest band's
+
+
+def model_psf_for(config: DeblendConfig, psfs) -> DeblendConfig:
+    """``config`` with a model-frame PSF narrower than every band's PSF.
+
+    The model frame is partially deconvolved: each band's PSF is the model
+    PSF convolved with a difference kernel, which does not exist when the band
+    PSF is the narrower (undersampled or space-like data). With the default
+    0.8 px model PSF a 0.6 px band PSF left a galaxy at 12 % of its flux, the
+    fit "converged", nothing flagged. The model PSF's sigma is lowered to
+    ``MODEL_PSF_MAX_RATIO`` times the narrowest band PSF's Gaussian-equivalent
+    sigma (FWHM / 2.355) when it exceeds that, with one warning line; the run's
+    config records the sigma used. PSFs of the simulator and of HSC (sigma
+    1.2-1.9 px) are untouched.
+    """
+    from ..detect.psf_size import psf_fwhm_linear
+
+    sigmas = [psf_fwhm_linear(np.asarray(p, np.float64)) / 2.3548 for p in psfs]
+    narrowest = min((s for s in sigmas if np.isfinite(s) and s > 0), default=None)
+    if narrowest is None or config.model_psf_sigma <= MODEL_PSF_MAX_RATIO * narrowest:
+        return config
+    sigma = round(MODEL_PSF_MAX_RATIO * narrowest, 3)
+    sys.stderr.write(f"scarletstore: warning: the narrowest band PSF (sigma {narrowest:.2f} px) is "
+                     f"narrower than the model PSF allows; model_psf_sigma {config.model_psf_sigma:g}"
+                     f" -> {sigma:g} px\n")
+    return dataclasses.replace(config, model_psf_sigma=sigma)
+
+
 def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendConfig | None = None,
                      method: str = "scarlet", *, blend_ids=None, workers: int = 1,
                      scheduler: str | None = None, name: str = "run", show_progress: bool = False,
@@ -521,6 +550,8 @@ def deblend_exposure(exposure: xr.Dataset, parents: xr.Dataset, config: DeblendC
     config = config or DeblendConfig()
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose scarlet or sdss")
+    if method == "scarlet":
+        config = model_psf_for(config, np.asarray(exposure["psf"].values))
     if workers < 1:
         raise InputError("--workers must be at least 1")
     tasks, records = make_tasks(exposure, parents, config, blend_ids,
