@@ -312,3 +312,19 @@ def test_a_band_psf_narrower_than_the_model_psf_still_fits(tmp_path, capsys):
 
     run = Store(store).read("runs/" + Store(store).runs()[-1])
     assert _json.loads(run.attrs["config"])["model_psf_sigma"] < 0.6
+
+
+def test_repeated_known_positions_are_one_source_and_reported(tmp_path, capsys):
+    store = tmp_path / "k.h5"
+    _ok(["ingest", store, _write_npz(tmp_path / "k.npz")])
+    table = tmp_path / "peaks.csv"
+    table.write_text("x,y\n20,20\n20,20\n20.2,20.1\n44,46\n")
+    capsys.readouterr()
+    _ok(["detect", store, "--peaks", table])
+    err = capsys.readouterr().err
+    assert "2 of 4 known position(s) repeat another within 0.5 px" in err, err
+    parents = Store(store).read("parents")
+    flags = parents["peak_flags"].values
+    ys, xs = parents["peak_y"].values, parents["peak_x"].values
+    near = np.hypot(ys - 20, xs - 20) < 1
+    assert near.sum() == 1, (ys, xs, flags)
