@@ -594,9 +594,7 @@ def _image_grid_mismatch(store_wcs: str, image_wcs: str, shape) -> str:
     from .ingest.exposure import _celestial_wcs, _grid_mismatch
 
     first, other = (_celestial_wcs(fits.Header.fromstring(t)) for t in (store_wcs, image_wcs))
-    why = _grid_mismatch(first, other, shape)
-    return why.replace("the first band's", "the store exposure's").replace("the first band lacks",
-                                                                           "the store's exposure lacks")
+    return _grid_mismatch(first, other, shape, reference="the store exposure")
 
 
 def _radii(text):

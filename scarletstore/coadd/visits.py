@@ -280,6 +280,29 @@ def overlaps(visit: Visit, grid: Grid, step: int = 8) -> bool:
     return bool(inside.any())
 
 
+class DistinctVisits:
+    """Reads visits, refusing one given twice, by path or as a copy.
+
+    A copy under another name (same band, MJD-OBS, EXPTIME, shape and WCS)
+    is the same exposure: it counted twice in every stack, and in forced
+    photometry gave its rows again as another epoch.
+    """
+
+    def __init__(self):
+        self.paths, self.exposures = set(), {}
+
+    def read(self, path) -> "Visit":
+        key = Path(path).resolve()
+        if key in self.paths:
+            raise InputError(f"{path}: visit given twice")
+        self.paths.add(key)
+        v = read_visit(path)
+        same = self.exposures.setdefault((v.band, v.mjd, v.exptime, v.shape, v.wcs_text), path)
+        if same is not path:
+            raise InputError(f"{path}: the same exposure as {same} (band, MJD-OBS, EXPTIME and WCS)")
+        return v
+
+
 def read_visits(paths, grid: Grid, bands=None) -> list[Visit]:
     """Read and validate every visit before any pixel is warped.
 
@@ -288,20 +311,12 @@ def read_visits(paths, grid: Grid, bands=None) -> list[Visit]:
     """
     if not paths:
         raise InputError("no visit files given")
-    seen, exposures = set(), {}
+    distinct = DistinctVisits()
     visits = []
     for p in paths:
-        key = Path(p).resolve()
-        if key in seen:
-            raise InputError(f"{p}: visit given twice")
-        seen.add(key)
-        v = read_visit(p)
+        v = distinct.read(p)
         if not overlaps(v, grid):
             raise InputError(f"{p}: visit does not overlap the grid")
-        # one exposure under two names (a copy) would count twice in every stack
-        same = exposures.setdefault((v.band, v.mjd, v.exptime, v.shape, v.wcs_text), p)
-        if same is not p:
-            raise InputError(f"{p}: the same exposure as {same} (band, MJD-OBS, EXPTIME and WCS)")
         visits.append(v)
     if bands is not None:
         have = {v.band for v in visits}

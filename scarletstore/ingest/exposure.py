@@ -244,15 +244,15 @@ def _wcs_text(header) -> str:
         return w.to_header(relax=True).tostring()
 
 
-def _grid_mismatch(first, other, shape) -> str:
+def _grid_mismatch(first, other, shape, reference: str = "the first band") -> str:
     """Why two bands' WCSs put the same pixels on different sky positions ('' when they agree).
 
     The sky position of a grid of pixels (corners, edges and centre) under
     ``other`` must map back through ``first`` to the same pixels, to
-    :data:`GRID_TOLERANCE` pixels.
+    :data:`GRID_TOLERANCE` pixels. ``reference`` names ``first`` in the reason.
     """
     if (first is None) != (other is None):
-        return "has no WCS" if other is None else "has a WCS the first band lacks"
+        return "has no WCS" if other is None else f"has a WCS {reference} lacks"
     if first is None:
         return ""
     ny, nx = shape
@@ -263,10 +263,10 @@ def _grid_mismatch(first, other, shape) -> str:
             ra, dec = other.celestial.all_pix2world(x.ravel(), y.ravel(), 0)
             bx, by = first.celestial.all_world2pix(ra, dec, 0)
         except Exception:
-            return "has a WCS that cannot be compared with the first band's"
+            return f"has a WCS that cannot be compared with {reference}'s"
     off = float(np.nanmax(np.hypot(bx - x.ravel(), by - y.ravel()))) if np.size(bx) else 0.0
     if not np.isfinite(off) or off > GRID_TOLERANCE:
-        return f"is on a different pixel grid (its pixels sit up to {off:.3g} px from the first band's)"
+        return f"is on a different pixel grid (its pixels sit up to {off:.3g} px from {reference}'s)"
     return ""
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -660,8 +661,6 @@ _FITS_UNIT_TOKENS = {"count", "ct", "nJy", "uJy", "mJy", "Jy", "pix", "pixel", "
 
 
 def _is_fits_unit(text: str) -> bool:
-    import re
-
     tokens = re.split(r"[\s*/()^.]+|\*\*|[-+]?\d+", text)
     return bool(text.strip()) and all(t in _FITS_UNIT_TOKENS for t in tokens if t)
 

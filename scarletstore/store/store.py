@@ -34,8 +34,8 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import os
 import json
+import os
 import re
 import shutil
 import socket

@@ -239,7 +239,7 @@ def forced_photometry(store, run: str, paths, workers: int = 1, scheduler=None,
 
     Visits are checked (headers, bands) before any pixel is read.
     """
-    from ...coadd.visits import read_visit
+    from ...coadd.visits import DistinctVisits
     from ...progress import progress
 
     if workers < 1:
@@ -248,15 +248,9 @@ def forced_photometry(store, run: str, paths, workers: int = 1, scheduler=None,
     paths = [Path(p) for p in paths]
     if not paths:
         raise InputError("no visit files given")
-    seen, exposures = set(), {}
+    distinct = DistinctVisits()
     for p in paths:
-        if p.resolve() in seen:
-            raise InputError(f"{p}: visit given twice")
-        seen.add(p.resolve())
-        v = read_visit(p)
-        same = exposures.setdefault((v.band, v.mjd, v.exptime, v.shape, v.wcs_text), p)
-        if same is not p:  # a copy: its rows would repeat the other's as another epoch
-            raise InputError(f"{p}: the same exposure as {same} (band, MJD-OBS, EXPTIME and WCS)")
+        v = distinct.read(p)
         if v.band not in models.bands:
             raise InputError(f"{p}: band {v.band} is not in run {run} (bands {','.join(models.bands)})")
     parts = [None] * len(paths)
