@@ -141,3 +141,26 @@ def test_ingest_masks_an_npz_and_reports_it(tmp_path, capsys):
 def test_real_hsc_cutouts_get_none(name):
     ex = read_npz(shared_file(f"{name}.npz"))
     assert set(json.loads(ex.attrs["defect_pixels"]).values()) == {0}
+
+
+@pytest.mark.parametrize("sky", [1000.0, -50.0])
+def test_a_sky_left_in_the_image_changes_nothing(sky):
+    """A sky left in (+1000 hid every cosmic ray: none is significant against its
+    neighbours' sky; -50 made star cores 'sharper' than the PSF) is taken off
+    before the test, so the same pixels are marked."""
+    clean, image = _defective()
+    ex = _remake(clean, image + np.float32(sky))
+    marked = (ex["mask"].values & CR) != 0
+    assert np.array_equal(marked, _defect_pixels(image.shape))
+
+
+@pytest.mark.parametrize("seed", [3, 5, 11])
+def test_a_sky_subtracted_field_keeps_its_sky(seed):
+    """Faint source light lifts a sky-subtracted field's median by about 0.1 pixel
+    sigma; that is not a sky left in, and nothing is taken off."""
+    from scarletstore.ingest.defects import sky_left_in, sky_level
+    ex = _field(seed)
+    for b in range(ex.sizes["band"]):
+        args = ex["image"].values[b], ex["variance"].values[b], np.zeros(ex["image"].shape[1:], bool)
+        level, sigma = sky_level(*args)
+        assert 0.0 < level < 0.2 * sigma and sky_left_in(*args) == 0.0

@@ -102,6 +102,7 @@ from ..errors import InputError
 #: Mask planes whose pixels never enter detection: the default bad mask of
 #: Rubin's deblender (its ``badMask`` setting), so detect and deblend agree.
 from ..ingest.masks import DEFAULT_BAD_PLANES  # noqa: E402  (one definition for every stage)
+from ..ingest.defects import SKY_LEVEL_SIGMA  # noqa: E402  (the same rule as ingest's sky check)
 from ..store.schema import stamp, validate
 from . import footprint as fp
 from .background import estimate_background
@@ -762,7 +763,6 @@ def _parent_boxes(spans, nparent, shape):
     return y0, y1, x0, x1, area, pflags
 
 
-SKY_LEVEL_SIGMA = 1.0  # a median background above this many pixel sigmas is a sky left in
 
 
 def sky_levels(exposure, background, bits) -> dict:
