@@ -352,18 +352,36 @@ def _coadd_warnings(attrs, table, reject) -> list[str]:
 
 
 def cmd_tract(args):
-    from .tract.run import failed_patches, plan_tract, run_tract
+    from .tract.run import failed_patches, plan_resume, plan_tract, run_tract
 
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
-    plan = plan_tract(args.out_dir, args.visits, args.grid, args.patches, args.overlap,
-                      bands=_bands(args.bands), threshold=args.threshold,
-                      overrides=_check_overrides(args.set))
-    index = run_tract(plan, workers=args.workers, scheduler=scheduler, show_progress=True)
+    given = [flag for flag, value in (("VISIT", args.visits), ("--grid", args.grid),
+                                      ("--patches", args.patches), ("--overlap", args.overlap),
+                                      ("--bands", args.bands), ("--threshold", args.threshold),
+                                      ("--set", args.set)) if value not in (None, [])]
+    if args.resume:
+        if given:
+            raise InputError(f"--resume takes the grid, visits and settings from OUT_DIR/tract.json; "
+                             f"drop {', '.join(given)}")
+        plan, index = plan_resume(args.out_dir)
+    else:
+        missing = [flag for flag, value in (("VISIT", args.visits), ("--grid", args.grid),
+                                            ("--patches", args.patches), ("--overlap", args.overlap))
+                   if value in (None, [])]
+        if missing:
+            raise InputError(f"the following arguments are required: {', '.join(missing)}")
+        plan, index = plan_tract(args.out_dir, args.visits, args.grid, args.patches, args.overlap,
+                                 bands=_bands(args.bands),
+                                 threshold=5.0 if args.threshold is None else args.threshold,
+                                 overrides=_check_overrides(args.set)), None
+    n_run = len(plan.jobs)
+    index = run_tract(plan, workers=args.workers, scheduler=scheduler, show_progress=True, index=index)
     done = [e for e in index["patches"] if e["status"] == "done"]
-    print(f"tract {plan.out_dir}: {len(done)} of {len(plan.jobs)} patches done "
-          f"({plan.shape[0]}x{plan.shape[1]}, overlap {plan.overlap} px), "
+    total = len(index["patches"])
+    print(f"tract {plan.out_dir}: {len(done)} of {total} patches done"
+          f"{f', {n_run} in this run' if args.resume else ''} ({plan.shape[0]}x{plan.shape[1]}, overlap {plan.overlap} px), "
           f"{sum(e['n_sources'] for e in done)} sources; index {plan.out_dir / 'tract.json'}")
     dropped = {}
     for e in done:
@@ -375,9 +393,10 @@ def cmd_tract(args):
                                                          for v, p in dropped.items()) + "\n")
     bad = failed_patches(index)
     if bad:
-        sys.stderr.write(f"scarletstore tract: error: {len(bad)} of {len(plan.jobs)} patches failed after "
+        sys.stderr.write(f"scarletstore tract: error: {len(bad)} of {total} patches failed after "
                          f"{bad[0]['attempts']} attempts ({bad[0]['name']}: {bad[0]['error']}"
-                         f"{'; ...' if len(bad) > 1 else ''}); recorded in tract.json\n")
+                         f"{'; ...' if len(bad) > 1 else ''}); recorded in tract.json; "
+                         f"'scarletstore tract {args.out_dir} --resume' runs them again\n")
         return 1
     return 0
 
@@ -941,16 +960,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tract", help="cut a grid into overlapping patches and run coadd, detect "
                                       "and deblend on each (dask tasks) into its own store")
-    s.add_argument("out_dir", help="new (or empty) directory: patch_<i>_<j>/store.h5 and tract.json")
-    s.add_argument("visits", nargs="+", help="one FITS file per visit")
-    s.add_argument("--grid", required=True, help="FITS file whose IMAGE WCS and shape define the tract")
-    s.add_argument("--patches", required=True, metavar="NxM",
-                   help="patches along x and along y, e.g. 2x2")
-    s.add_argument("--overlap", type=int, required=True, metavar="PIXELS",
-                   help="pixels shared by the outer boxes of neighbouring patches")
+    s.add_argument("out_dir", help="new (or empty) directory: patch_<i>_<j>/store.h5 and tract.json; "
+                   "with --resume, a tract's directory")
+    s.add_argument("visits", nargs="*", metavar="VISIT", help="one FITS file per visit")
+    s.add_argument("--grid", help="FITS file whose IMAGE WCS and shape define the tract (required)")
+    s.add_argument("--patches", metavar="NxM",
+                   help="patches along x and along y, e.g. 2x2 (required)")
+    s.add_argument("--overlap", type=int, metavar="PIXELS",
+                   help="pixels shared by the outer boxes of neighbouring patches (required)")
     s.add_argument("--bands", help="bands to coadd, in this order (default: all, in input order)")
-    s.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
+    s.add_argument("--threshold", type=float, help="detection threshold in sigma (default 5)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="deblend configuration override")
+    s.add_argument("--resume", action="store_true",
+                   help="take up an interrupted or partly failed tract in OUT_DIR: run the patches "
+                   "that are not done, with the grid, visits and settings of its tract.json")
     s.add_argument("--workers", type=int, default=1, help="patches at once, as processes on a local "
                    "dask cluster (1: in this process)")
     s.add_argument("--scheduler", help="address of an existing dask scheduler (its workers must "
@@ -1134,7 +1157,9 @@ def main(argv=None) -> int:
                          .rstrip() + "\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write(f"scarletstore {args.command}: interrupted\n")
+        hint = f"; 'scarletstore tract {args.out_dir} --resume' takes it up" \
+            if args.command == "tract" else ""
+        sys.stderr.write(f"scarletstore {args.command}: interrupted{hint}\n")
         return 130
     return status
 

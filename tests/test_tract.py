@@ -9,6 +9,7 @@ agree with the single-patch run.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -385,3 +386,72 @@ def test_merge_refuses_a_band_the_tract_does_not_have(tract22, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no band 'z'" in err[0]
     assert not (tmp_path / "c.fits").exists()
+
+
+def test_resume_runs_only_the_patches_not_done_and_gives_the_tract_of_one_run(
+        tract_sim, tmp_path, capsys, monkeypatch):
+    """A tract folder could not be taken up again: after a failed patch (or an
+    interrupt) a new run needed an empty folder, so every done patch ran again."""
+    import scarletstore.tract.run as tract_run
+
+    real, calls = tract_run._build_store, []
+
+    def broken(path, job):
+        calls.append(job.patch.name)
+        if job.patch.name == "patch_1_0":
+            raise RuntimeError("node lost")
+        return real(path, job)
+
+    out, whole = tmp_path / "t", tmp_path / "whole"
+    args = [*_args(tract_sim), "--patches", "2x1", "--overlap", "48"]
+    monkeypatch.setattr(tract_run, "_build_store", broken)
+    assert main(["tract", str(out), *args]) == 1
+    assert "--resume" in capsys.readouterr().err
+    kept = (out / "patch_0_0" / "store.h5").stat().st_mtime_ns
+    (out / ".patch_1_0.1.999.tmp").mkdir()  # what a killed attempt leaves
+    calls.clear()
+    monkeypatch.setattr(tract_run, "_build_store", lambda path, job: (calls.append(job.patch.name),
+                                                                        real(path, job))[1])
+    assert main(["tract", str(out), "--resume"]) == 0
+    assert calls == ["patch_1_0"] and (out / "patch_0_0" / "store.h5").stat().st_mtime_ns == kept
+    assert "2 of 2 patches done, 1 in this run" in capsys.readouterr().out
+    index = json.loads((out / "tract.json").read_text())
+    assert [e["status"] for e in index["patches"]] == ["done", "done"] and not list(out.glob(".*"))
+    assert main(["tract", str(whole), *args]) == 0
+    from astropy.table import Table
+
+    cats = []
+    for d in (out, whole):
+        assert main(["merge", str(d), "--band", "r", "-o", str(d) + ".fits"]) == 0
+        cats.append(Table.read(str(d) + ".fits"))
+    assert len(cats[0]) == len(cats[1]) > 20
+    for col in ("x", "y", "flux", "flux_err", "is_primary"):
+        assert np.array_equal(cats[0][col], cats[1][col]), col
+
+
+def test_resume_refuses_a_changed_tract_in_one_line(tract_sim, tmp_path, capsys):
+    import os
+    import shutil
+
+    visits = []
+    for v in tract_sim["visits"]:
+        visits.append(tmp_path / Path(v).name)
+        shutil.copy(v, visits[-1])
+    out = tmp_path / "t"
+    assert main(["tract", str(out), *map(str, visits), "--grid", str(tract_sim["grid"]),
+                 "--patches", "1x1", "--overlap", "0"]) == 0
+    capsys.readouterr()
+    for args, words in [([str(out), str(visits[0]), "--resume"], "drop VISIT"),
+                        ([str(out), "--resume", "--overlap", "0"], "drop --overlap"),
+                        ([str(tmp_path), "--resume"], "no tract.json"),
+                        ([str(tmp_path / "new"), *map(str, visits)], "--grid, --patches, --overlap")]:
+        assert main(["tract", *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (args, err)
+    assert main(["tract", str(out), "--resume"]) == 0  # nothing left to run
+    assert "1 of 1 patches done, 0 in this run" in capsys.readouterr().out
+    st = os.stat(visits[1])
+    os.utime(visits[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the visit was rewritten
+    assert main(["tract", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the visit changed" in err[0] and visits[1].name in err[0]

@@ -155,9 +155,17 @@ def test_an_interrupted_tract_says_one_line_and_its_index_matches_the_disk(visit
         pytest.skip("the tract finished before it could be interrupted")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines() == ["scarletstore tract: interrupted"], err
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        f"scarletstore tract: interrupted; 'scarletstore tract {out} --resume' takes it up"], err
     index = json.loads((out / "tract.json").read_text())
     for entry in index["patches"]:
         on_disk = (out / entry["name"] / "store.h5").is_file()
         assert (entry["status"] == "done") == on_disk, entry
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    # taken up again, only the patches not done run, and the tract completes
+    done = {e["name"]: (out / e["name"] / "store.h5").stat().st_mtime_ns
+            for e in index["patches"] if e["status"] == "done"}
+    assert main(["tract", str(out), "--resume"]) == 0
+    index = json.loads((out / "tract.json").read_text())
+    assert {e["status"] for e in index["patches"]} == {"done"} and len(index["resumed"]) == 1
+    assert {n: (out / n / "store.h5").stat().st_mtime_ns for n in done} == done

@@ -6,6 +6,11 @@ folder) before anything is written; :func:`run_tract` then runs
 tasks on dask.distributed (:mod:`scarletstore.parallel`), retries a failed
 patch once, and rewrites the tract index after every patch that finishes.
 
+:func:`plan_resume` takes an interrupted or partly failed tract up again
+from its index: the same grid, visits and patches (checked against what the
+index recorded, down to each visit's size and modification time), and jobs
+for the patches that are not done.
+
 A patch's task receives the headers of the visits that overlap its outer
 box only and reads their pixels itself, so a worker holds one patch (its
 visits are streamed through the coadd's spill files). It builds its store
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InputError
-from .index import FORMAT, VERSION, IndexWriter, patch_entry
+from .index import FORMAT, INDEX, VERSION, IndexWriter, patch_entry, read_index
 from .patches import Patch, cut_patches, parse_patches
 
 MAX_ATTEMPTS = 2  # a failed patch is tried once more before it is recorded as failed
@@ -82,11 +87,15 @@ def plan_tract(out_dir, visit_paths, grid_path, patches: str, overlap: int, band
     Every patch must be overlapped by a visit of every band (else its coadd
     would lack bands that its neighbours have); InputError otherwise.
     """
+    out_dir = Path(out_dir).absolute()
+    _check_out_dir(out_dir)
+    return _plan(out_dir, visit_paths, grid_path, patches, overlap, bands, threshold, overrides)
+
+
+def _plan(out_dir: Path, visit_paths, grid_path, patches, overlap, bands, threshold, overrides):
     from ..coadd.visits import overlaps, read_grid, read_visits, sub_grid
     from ..deblend.config import DeblendConfig
 
-    out_dir = Path(out_dir).absolute()
-    _check_out_dir(out_dir)
     nx, ny = parse_patches(patches)
     if not threshold > 0:
         raise InputError(f"--threshold must be positive, got {threshold:g}")
@@ -105,6 +114,56 @@ def plan_tract(out_dir, visit_paths, grid_path, patches: str, overlap: int, band
             raise InputError(f"{patch.name}: no visit in band {', '.join(lacking)} overlaps it")
         jobs.append(PatchJob(patch, pgrid, mine, out_dir, float(threshold), list(overrides or [])))
     return TractPlan(out_dir, grid, visits, cut, jobs, bands, int(overlap), (nx, ny))
+
+
+def plan_resume(out_dir) -> tuple[TractPlan, dict]:
+    """The plan and index of a tract to take up again: jobs for its patches that
+    are not done (failed, or pending after an interrupt); nothing is written.
+
+    The grid, the visits and the patches are the index's. A grid whose shape
+    or WCS changed, a visit missing or rewritten (size or modification time),
+    or another cut of patches would mix two tracts in one folder: InputError,
+    one line, naming what changed.
+    """
+    out_dir = Path(out_dir).absolute()
+    index = read_index(out_dir)
+    try:
+        grid, stats = index["grid"], index.get("visit_stats") or {}
+        nx, ny = index["patches_shape"]
+        plan = _plan(out_dir, index["visits"], grid["path"], f"{nx}x{ny}", index["overlap"],
+                     index["bands"], index["threshold"], index.get("deblend_overrides"))
+    except KeyError as exc:
+        raise InputError(f"{out_dir / INDEX}: has no {exc.args[0]!r}; not a tract index this "
+                         "scarletstore can resume") from None
+    if list(plan.grid.shape) != list(grid["shape"]) or plan.grid.wcs_text != grid["wcs"]:
+        raise InputError(f"{grid['path']}: the grid's shape or WCS changed since the tract was made")
+    for path, recorded in stats.items():
+        if _file_stats(path) != recorded:
+            raise InputError(f"{path}: the visit changed since the tract was made "
+                             "(size or modification time); make the tract in a new folder")
+    entries = {e["name"]: e for e in index["patches"]}
+    for job in plan.jobs:
+        entry = entries.get(job.patch.name)
+        visits = [Path(v.path).name for v in job.visits]
+        if entry is None or patch_entry(job.patch)["outer"] != entry["outer"] or \
+                visits != entry.get("visits", visits):
+            raise InputError(f"{out_dir / INDEX}: {job.patch.name} does not match the index; "
+                             "make the tract in a new folder")
+    for entry in entries.values():
+        _recover_finished(entry, out_dir)
+        if entry["status"] == "done" and not (out_dir / entry["store"]).is_file():
+            entry["status"] = "pending"  # its store was removed since: run it again
+    plan.jobs = [j for j in plan.jobs if entries[j.patch.name]["status"] != "done"]
+    return plan, index
+
+
+def _file_stats(path) -> list:
+    """A visit file's size and modification time (ns), to see it unchanged on resume."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _build_store(path: Path, job: PatchJob) -> dict:
@@ -267,24 +326,30 @@ def new_index(plan: TractPlan) -> dict:
             "patches_shape": list(plan.shape), "overlap": plan.overlap, "bands": plan.bands,
             "threshold": plan.jobs[0].threshold, "deblend_overrides": plan.jobs[0].overrides,
             "visits": [str(Path(v.path).absolute()) for v in plan.visits],
+            "visit_stats": {str(Path(v.path).absolute()): _file_stats(v.path) for v in plan.visits},
             "patches": [dict(patch_entry(j.patch), visits=[Path(v.path).name for v in j.visits])
                         for j in plan.jobs]}
 
 
 def run_tract(plan: TractPlan, workers: int = 1, scheduler: str | None = None,
-              show_progress: bool = False) -> dict:
-    """Run every patch of ``plan``; return the final tract index (also in ``OUT_DIR/tract.json``).
+              show_progress: bool = False, index: dict | None = None) -> dict:
+    """Run every job of ``plan``; return the final tract index (also in ``OUT_DIR/tract.json``).
 
     A patch whose task raises (or whose worker dies) is submitted once more;
     a second failure marks it ``failed`` with the error in the index. The
-    other patches go on either way.
+    other patches go on either way. ``index`` is the index of a tract taken
+    up again (:func:`plan_resume`): its done patches are kept, the others
+    start again as ``pending``, and the time is added to its ``resumed``.
     """
     from ..progress import progress
 
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    index = new_index(plan)
+    if index is None:
+        index = new_index(plan)
+    else:
+        _resume_index(index, plan)
     entries = {e["name"]: e for e in index["patches"]}
     writer = IndexWriter(plan.out_dir, index)
     writer.write()
@@ -306,6 +371,23 @@ def run_tract(plan: TractPlan, workers: int = 1, scheduler: str | None = None,
                            "index_seconds": writer.seconds}
         writer.write()
     return index
+
+
+def _resume_index(index: dict, plan: TractPlan) -> None:
+    """Mark the patches about to run ``pending`` again and clear what killed
+    attempts left: their ``.patch_i_j.*.tmp`` folders (a task removes its own
+    unless the process dies) and stray index temporaries."""
+    todo = {j.patch.name for j in plan.jobs}
+    for entry in index["patches"]:
+        if entry["name"] in todo:
+            entry.update(status="pending", attempts=0, error="")
+    for leftover in plan.out_dir.glob(".*.tmp"):
+        name = leftover.name[1:].split(".")[0]
+        if name in todo and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.name.startswith(f".{INDEX}.") and leftover.is_file():
+            leftover.unlink()
+    index.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def _recover_finished(entry, out_dir: Path) -> None:
