@@ -34,6 +34,10 @@ from .reconstruct import apportion_weights, band_kernel, heavy_values, source_mo
 
 # catalog flag bits (source flags keep their bits; these are added)
 CATALOG_FLAGS = dict(SOURCE_FLAGS, zero_flux=1 << 8, not_converged=1 << 9, no_data=1 << 10, **PHOT_FLAGS)
+#: a child with less of its model light than this on usable pixels is flagged flux_masked:
+#: its flux in the band is the model's extrapolation (a star in a NO_DATA region read
+#: 2.4e9 against a truth of 3e5 with no flag)
+FLUX_MASKED_COVERAGE = 0.5
 
 
 @dataclass
@@ -262,6 +266,9 @@ class BlendMeasurer:
             flags |= CATALOG_FLAGS["not_converged"]
         if data is None:
             flags |= CATALOG_FLAGS["no_data"]
+        else:
+            flags |= np.where(cols["flux_coverage"] < FLUX_MASKED_COVERAGE, CATALOG_FLAGS["flux_masked"],
+                              0).astype(np.int32)
         # the measurement suite (PSF, aperture, Kron, GAaP fluxes, adaptive moments);
         # photometry None measures the base columns only (benchmarks compare the two)
         if self.photometry is not None:
@@ -341,8 +348,8 @@ LAZY_DTYPES = dict({c: np.float64 for c in COLUMNS}, flux=np.float64, n_pixels=n
 # units of the catalog's own columns ("1": dimensionless); the suite's come with it
 UNITS = {"id": "1", "parent": "1", "blend": "1", "x": "pixel", "y": "pixel", "ra": "deg", "dec": "deg",
          "centroid_x": "pixel", "centroid_y": "pixel", "ixx": "pixel^2", "iyy": "pixel^2", "ixy": "pixel^2",
-         "blendedness": "1", "chi2": "1", "n_pixels": "pixel", "data_coverage": "1", "flags": "1",
-         "flux_corr_neighbour": "1", "flux_corr_neighbour_id": "1"}
+         "blendedness": "1", "chi2": "1", "n_pixels": "pixel", "data_coverage": "1", "flux_coverage": "1",
+         "flags": "1", "flux_corr_neighbour": "1", "flux_corr_neighbour_id": "1"}
 FLUX_COLUMNS = ("flux", "flux_redistributed", "flux_err", "flux_err_noise", "flux_err_model")
 
 
@@ -425,7 +432,7 @@ def _lazy_columns(measurer, redistribute: bool) -> tuple[list, dict]:
     """Names of the measured columns, in catalog order, and the units of every column."""
     config = measurer.photometry.config
     cols = ["flux", "flux_err", "centroid_x", "centroid_y", "ixx", "iyy", "ixy", "blendedness",
-            "chi2", "n_pixels", "data_coverage", "flags"]
+            "chi2", "n_pixels", "data_coverage", "flux_coverage", "flags"]
     if redistribute:
         cols.insert(1, "flux_redistributed")
     flux_units = _flux_units(measurer)

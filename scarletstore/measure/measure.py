@@ -7,7 +7,7 @@ from numba import njit
 
 # columns of measure_children's output, in order
 COLUMNS = ("flux_redistributed", "flux_err", "centroid_x", "centroid_y", "ixx", "iyy", "ixy",
-           "blendedness", "chi2", "n_pixels", "data_coverage")
+           "blendedness", "chi2", "n_pixels", "data_coverage", "flux_coverage")
 
 
 @njit(cache=True)
@@ -22,6 +22,7 @@ def _measure(models, redist, footprint, image, variance, good, y0, x0, has_data,
         s_red = 0.0
         s_var = 0.0
         s_chi = 0.0
+        s_f_good = 0.0
         n_pix = 0
         n_good = 0
         for y in range(h):
@@ -43,6 +44,7 @@ def _measure(models, redist, footprint, image, variance, good, y0, x0, has_data,
                 s_fy += t * y
                 n_pix += 1
                 if has_data and good[y, x]:
+                    s_f_good += t
                     frac = t / total
                     s_red += redist[i, y, x]
                     s_var += frac * frac * variance[y, x]
@@ -78,10 +80,13 @@ def _measure(models, redist, footprint, image, variance, good, y0, x0, has_data,
         out[i, 4] = ixx
         out[i, 5] = iyy
         out[i, 6] = ixy
-        out[i, 7] = 1.0 - s_own2 / s_own_all if s_own_all > 0 else np.nan
+        # clipped: in float32 a lone child's ratio is 1 to rounding, and -7e-9 is not a blendedness
+        out[i, 7] = max(0.0, 1.0 - s_own2 / s_own_all) if s_own_all > 0 else np.nan
         out[i, 8] = s_chi / n_good if (has_data and n_good > 0) else np.nan
         out[i, 9] = n_pix
         out[i, 10] = n_good / n_pix if (has_data and n_pix > 0) else np.nan
+        # the share of the model's light (not of its pixels) that the data saw
+        out[i, 11] = s_f_good / s_f if (has_data and s_f > 0) else np.nan
 
 
 def measure_children(models, footprint, y0, x0, image=None, variance=None, good=None,

@@ -36,6 +36,8 @@ class _ParentCache:
             flags |= CATALOG_FLAGS["not_converged"]
         if data is None:
             flags |= CATALOG_FLAGS["no_data"]
+        if not np.any(models > 0):  # as for its children: no model light in the band
+            flags |= CATALOG_FLAGS["zero_flux"]
         cols["flags"] = flags
         return {k: v[0] for k, v in cols.items()}
 

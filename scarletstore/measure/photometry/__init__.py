@@ -31,6 +31,15 @@ PHOT_FLAGS = {
     "gaap_psf_too_broad": 1 << 15,  # the band PSF is not narrower than the pre-seeing aperture
     "shape_failed": 1 << 16,        # adaptive moments diverged (flux, definiteness, centre)
     "shape_not_converged": 1 << 17,  # adaptive moments hit the iteration limit (values kept)
+    # under 90 % of the window's model light on usable pixels (bad planes, non-finite, no
+    # variance): model mode measured the model there, its error scaled by that coverage;
+    # redistribute mode measured nothing there. No usable pixel at all: NaN.
+    "aperture_masked": 1 << 18,     # any of the circular apertures
+    "kron_masked": 1 << 19,
+    "gaap_masked": 1 << 20,
+    # under half the child's model light in the band on usable pixels (its flux there is the
+    # model's extrapolation), or, for a child with no model light, its peak on an unusable pixel
+    "flux_masked": 1 << 21,
 }
 
 
@@ -148,18 +157,29 @@ class SuiteSetup:
         self.moments_tol = float(config.moments_tol)
 
 
-def run_suite(setup: SuiteSetup, values, geometry, var_eff, weight, centroids, moments):
-    """:func:`measure_suite` with the PSF and settings prepared (:class:`SuiteSetup`)."""
+def run_suite(setup: SuiteSetup, values, geometry, var_eff, weight, centroids, moments, good=None,
+              model_values=True):
+    """:func:`measure_suite` with the PSF and settings prepared (:class:`SuiteSetup`).
+
+    ``good`` (h, w) marks the usable pixels; where some footprint pixel is not
+    usable, every aperture, Kron and GAaP window gets its coverage (flags
+    ``*_masked``, see ``PHOT_FLAGS``); ``model_values``: ``values`` are the
+    models (model mode) rather than re-apportioned data.
+    """
     from .kernels import suite_kernel
 
     values = np.ascontiguousarray(values, np.float32)
+    geometry = np.ascontiguousarray(geometry, np.float32)
     n = values.shape[0]
     if var_eff is None:
         var_eff = np.full(values.shape, np.nan, np.float32)
+    masked = good is not None and bool(np.any((geometry != 0) & ~np.asarray(good, bool)[None]))
+    geom_good = np.where(good[None], geometry, 0).astype(np.float32) if masked else geometry
     out = np.empty((n, len(setup.names)))
     flags = np.zeros(n, np.int32)
-    suite_kernel(values, np.ascontiguousarray(geometry, np.float32), np.ascontiguousarray(var_eff, np.float32),
+    suite_kernel(values, geometry, np.ascontiguousarray(var_eff, np.float32),
                  np.ascontiguousarray(weight, np.float64), np.ascontiguousarray(centroids, np.float64),
                  np.ascontiguousarray(moments, np.float64), setup.psf, setup.gaap_w, setup.gaap_ok,
-                 setup.radii, setup.kron_min_radius, setup.moments_max_iter, setup.moments_tol, out, flags)
+                 setup.radii, setup.kron_min_radius, setup.moments_max_iter, setup.moments_tol,
+                 geom_good, masked, bool(model_values), out, flags)
     return {name: out[:, k] for k, name in enumerate(setup.names)}, flags

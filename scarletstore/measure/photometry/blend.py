@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PhotometryConfig, SuiteSetup, flux_columns, odd_psf, run_suite
+from . import PHOT_FLAGS, PhotometryConfig, SuiteSetup, flux_columns, odd_psf, run_suite
 from .deblend_errors import (BLENDEDNESS_EDGES, SNR_EDGES, band_share_of_snr2, error_model,
                              share_planes, share_products, wing_scale)
 from .kernels import noise_planes
@@ -157,37 +157,45 @@ class BlendPhotometry:
             shares = share_planes(np.ascontiguousarray(models, np.float32), np.ascontiguousarray(fp, np.bool_),
                                   np.ascontiguousarray(data[1], np.float32), np.ascontiguousarray(data[2], np.bool_))
             var_eff, weight, geometry = shares[5:]
-        values = redist if (self.measurer.redistribute and redist is not None) else geometry
+        on_data = self.measurer.redistribute and redist is not None
+        values = redist if on_data else geometry
         centroids = m[:, 2:4] - np.array((x0, y0), np.float64)
-        cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, centroids, m[:, 4:7])
+        cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, centroids, m[:, 4:7],
+                                good=None if data is None else data[2], model_values=not on_data)
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
         cols.update(self.flux_errors(blend, models, fp, data, m, shares, b))
-        self._zero_flux_errors(cols, b, blend, models, data)
+        flags |= self._zero_flux_errors(cols, b, blend, models, data)
         return cols, flags
 
-    def _zero_flux_errors(self, cols, b, blend, models, data) -> None:
+    def _zero_flux_errors(self, cols, b, blend, models, data) -> np.ndarray:
         """A child with no model light in the band has no template, so its Fisher
         error was 0, which reads as an exact zero: give it the noise of a point
-        source on its peak, sqrt(var / sum psf^2) (the scale of an upper limit;
-        the variance at the peak pixel, else the box's median)."""
+        source on its peak, sqrt(var / sum psf^2) (the scale of an upper limit).
+        A peak on an unusable pixel has no such limit (a star in a NO_DATA region
+        read 0 +- 12.5 against a truth of 470): its error is NaN, and the flags
+        returned (``flux_masked`` on those rows) say why."""
         noise = cols["flux_err_noise"]
+        flags = np.zeros(len(noise), np.int32)
         empty = (noise <= 0) & ~np.any(models > 0, axis=(1, 2))
         if data is None or not empty.any():
-            return
+            return flags
         _, variance, good = data
         psf = self.psf(b)[0]
         norm = float((psf * psf).sum())
         peaks = np.rint(self.measurer._local_peaks(b, blend.bbox)).astype(np.int64)
         h, w = variance.shape
-        typical = float(np.median(variance[good])) if good.any() else np.nan
         out = noise.copy()
         for k in np.flatnonzero(empty):
             y, x = peaks[k]
-            inside = 0 <= y < h and 0 <= x < w and bool(good[y, x])
-            out[k] = np.sqrt((float(variance[y, x]) if inside else typical) / norm)
+            if 0 <= y < h and 0 <= x < w and bool(good[y, x]):
+                out[k] = np.sqrt(float(variance[y, x]) / norm)
+            else:
+                out[k] = np.nan
+                flags[k] = PHOT_FLAGS["flux_masked"]
         cols["flux_err_noise"] = out
         cols["flux_err"] = np.hypot(out, cols["flux_err_model"])
+        return flags
 
     def flux_errors(self, blend, models, fp, data, m, shares=None, b=0) -> dict:
         """The model flux's error (noise and template parts) and its most correlated neighbour.
@@ -245,14 +253,13 @@ class BlendPhotometry:
         Geometry comes from the summed model.
         """
         geometry = np.where(fp, models.sum(axis=0), 0)[None]
-        if self.measurer.redistribute and data is not None:
-            values = np.where(fp & data[2], data[0], 0)[None]
-        else:
-            values = geometry
+        on_data = self.measurer.redistribute and data is not None
+        values = np.where(fp & data[2], data[0], 0)[None] if on_data else geometry
         weight, var_eff = self._noise(geometry, fp, data, unit_shares=True)
         (cx, cy), mom = moments_of(geometry[0])
         cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, np.array([[cx, cy]]),
-                                np.array([mom]))
+                                np.array([mom]), good=None if data is None else data[2],
+                                model_values=not on_data)
         cols.update(centroid_x=np.array([cx + blend.bbox[1]]), centroid_y=np.array([cy + blend.bbox[0]]),
                     flux=np.array([float(values.sum(dtype=np.float64))]))
         if self.apcorr is not None:
