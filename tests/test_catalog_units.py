@@ -126,3 +126,19 @@ def test_fits_units_as_astropy_writes_them(tmp_path):
     assert ours.read_bytes()[2880 * 2:] == theirs.read_bytes()[2880 * 2:]  # the data, to the byte
     read = _read(ours)
     assert read["flux"].unit == u.nJy and read["ixx"].unit == u.pix ** 2 and read["id"].unit is None
+
+
+def test_fits_keys_cut_to_8_characters_name_their_attribute(tmp_path):
+    """A catalog attribute longer than a FITS key (missing_patches, redistribute,
+    sky_coordinates) was cut to MISSING_ / REDISTRI / SKY_COOR with no word of what it was."""
+    from astropy.io import fits
+
+    from scarletstore.measure.catalog import write_columns
+
+    path = tmp_path / "t.fits"
+    write_columns({"a": np.arange(3.0)}, {"band": "r", "redistribute": 1, "missing_patches": "[]",
+                                          "sky_coordinates": "wcs", "units": '{"a": "1"}'}, path)
+    cards = {c.keyword: c for c in fits.getheader(path, 1).cards}
+    assert cards["MISSING_"].comment == "missing_patches" and cards["MISSING_"].value == "[]"
+    assert cards["REDISTRI"].comment == "redistribute" and cards["REDISTRI"].value == 1
+    assert cards["SKY_COOR"].comment == "sky_coordinates" and cards["BAND"].comment == ""

@@ -177,7 +177,7 @@ def test_cli_apertures(field, tmp_path, capsys):
     assert "aperture_flux_3" not in df.columns
     assert np.all(df["aperture_flux_8"] > df["aperture_flux_2p5"])
     capsys.readouterr()  # the successful call's notices ("using run ...")
-    for bad in ("0", "3,x", "-2", "nan"):
+    for bad in ("0", "3,x", "-2", "nan", "0.01", "3,0.2"):  # under half a pixel: 0 +- 0 on most rows
         assert main(["catalog", str(field.path), "--band", "g", "--apertures", bad, "-o", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "aperture" in err
@@ -296,3 +296,8 @@ def test_cli_h5_catalog_is_written_through_xarray(field, tmp_path):
     assert list(back.data_vars) == list(cat.data_vars)
     np.testing.assert_array_equal(back["psf_flux"].values, cat["psf_flux"].values)
     assert back.attrs["units"] == cat.attrs["units"]
+
+
+def test_catalog_says_its_sky_coordinates_come_from_the_wcs(field):
+    cat = band_catalog(field, "g")
+    assert np.all(np.isfinite(cat["ra"].values)) and cat.attrs["sky_coordinates"] == "wcs"

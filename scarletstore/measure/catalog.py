@@ -353,12 +353,20 @@ UNITS = {"id": "1", "parent": "1", "blend": "1", "x": "pixel", "y": "pixel", "ra
 FLUX_COLUMNS = ("flux", "flux_redistributed", "flux_err", "flux_err_noise", "flux_err_model")
 
 
+#: the smallest aperture radius (pixels) a catalog takes
+MIN_APERTURE_RADIUS = 0.5
+
+
 def photometry_config(apertures=None, **settings) -> PhotometryConfig:
     """Suite settings with the given aperture radii (pixels); refuses bad radii."""
     if apertures is not None:
         radii = tuple(float(r) for r in apertures)
         if not radii or any(not (np.isfinite(r) and r > 0) for r in radii):
             raise InputError(f"aperture radii must be positive pixels, got {list(apertures)}")
+        small = [r for r in radii if r < MIN_APERTURE_RADIUS]
+        if small:  # a radius of 0.01 px fell between the boundary samples: 0 +- 0 on most rows
+            raise InputError(f"aperture radii must be at least {MIN_APERTURE_RADIUS:g} pixel "
+                             f"(half a pixel, under which an aperture measures no pixel), got {small}")
         settings["apertures"] = tuple(sorted(set(radii)))
     return PhotometryConfig(**settings)
 
@@ -462,6 +470,9 @@ def catalog_spec(store, band: str, run: str | None = None, redistribute: bool = 
     attrs = {"band": band, "run": measurer.run_name, "redistribute": int(redistribute),
              "flag_bits": json.dumps(CATALOG_FLAGS),
              "apcorr": "" if measurer.photometry.apcorr is None else f"apcorr/{band}",
+             # why ra / dec are NaN on every row of a store made without a WCS (an npz, a FITS
+             # file with no celestial header): not a failed measurement
+             "sky_coordinates": "wcs" if _has_wcs(measurer.exposure) else "none: the exposure has no WCS",
              "units": json.dumps({c: units[c] for c in [*eager, *lazy]})}
     return CatalogSpec(measurer, cache, eager, lazy, units, attrs)
 
@@ -505,8 +516,12 @@ def catalog_table(store, band: str, run: str | None = None, redistribute: bool =
         spec.measurer.close()
 
 
+def _has_wcs(exposure) -> bool:
+    return exposure is not None and bool(exposure.attrs.get("wcs"))
+
+
 def _sky(exposure, x, y):
-    if exposure is None or not exposure.attrs.get("wcs"):
+    if not _has_wcs(exposure):
         return np.full(x.shape, np.nan), np.full(x.shape, np.nan)
     from .tan_sky import tan_pixel_to_sky
 
@@ -630,10 +645,13 @@ def write_columns(columns: dict, attrs: dict, path) -> None:
 
         header = {k.upper()[:8]: v for k, v in attrs.items() if k != "flag_bits"}
         header["FLAGBITS"] = attrs.get("flag_bits", "")
+        # a key cut to FITS's 8 characters names its attribute in its comment (MISSING_ alone
+        # did not say it was missing_patches)
+        comments = {k.upper()[:8]: k for k in attrs if len(k) > 8 and k != "flag_bits"}
         tunits = {c: _FITS_UNITS.get(text, text) for c, text in units.items()
                   if text not in ("", "1") and _is_fits_unit(_FITS_UNITS.get(text, text))}
         if fits_writable(columns, header, tunits):  # numeric columns: no astropy import (~0.35 s)
-            write_fits_table(columns, header, tmp, tunits)
+            write_fits_table(columns, header, tmp, tunits, comments)
         else:
             import astropy.units as u
             from astropy.table import Table

@@ -111,7 +111,8 @@ def _header_block(cards: list[str]) -> bytes:
     return (text + " " * (-len(text) % BLOCK)).encode("ascii")
 
 
-def write_fits_table(columns: dict, header: dict, path, units: dict | None = None) -> None:
+def write_fits_table(columns: dict, header: dict, path, units: dict | None = None,
+                     comments: dict | None = None) -> None:
     """Write equal-length 1-d columns as a FITS file with one binary table.
 
     Parameters
@@ -125,8 +126,11 @@ def write_fits_table(columns: dict, header: dict, path, units: dict | None = Non
     units : dict of str -> str, optional
         Units of some columns, written as their ``TUNITn`` (FITS 4.0, 7.3.2),
         after ``TFORMn`` as astropy writes them.
+    comments : dict of str -> str, optional
+        Comments of some header cards (a string value too long for one card
+        gets none).
     """
-    units = units or {}
+    units, comments = units or {}, comments or {}
     if not fits_writable(columns, header, units):
         raise ValueError("columns or header values not writable by write_fits_table")
     arrays = [np.asarray(v) for v in columns.values()]
@@ -155,7 +159,12 @@ def write_fits_table(columns: dict, header: dict, path, units: dict | None = Non
         if units.get(name):
             table += _string_cards(f"TUNIT{i}", units[name])
     for key, value in header.items():
-        table += _string_cards(key, value) if isinstance(value, str) else [_card(key, _fixed(value))]
+        note = comments.get(key, "")
+        if isinstance(value, str):
+            cards = _string_cards(key, value)
+            table += [_card(key, cards[0][10:].rstrip(), note)] if note and len(cards) == 1 else cards
+        else:
+            table += [_card(key, _fixed(value), note)]
     data = rows.tobytes()
     with open(path, "wb") as f:
         f.write(_header_block(primary))
