@@ -1138,9 +1138,10 @@ def _quiet_stdout() -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .startup import preload_cython_blas
+    from .startup import first_run_notice, preload_cython_blas
 
     preload_cython_blas()  # numba's set-up then skips importing scipy.linalg (~0.15 s)
+    first_run_notice(args.command)
     try:
         status = args.func(args) or 0  # non-zero: the work ran but part of it failed (tract)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit

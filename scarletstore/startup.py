@@ -61,3 +61,28 @@ def preload_cython_blas() -> bool:
             del sys.modules[full]
             return False
     return True
+
+
+#: commands whose first run compiles numba kernels (tens of seconds, once per install)
+COMPILING_COMMANDS = frozenset({"simulate", "ingest", "detect", "deblend", "catalog", "coadd",
+                                "forced", "tract", "apcorr", "show"})
+
+
+def kernels_cached() -> bool:
+    """Whether the deblender's numba kernels have a cache on disk (``__pycache__`` beside
+    the package, or ``NUMBA_CACHE_DIR``): the first call of a fresh install compiles them
+    (about a minute of the README example, 0.7 s warm), and a user saw no reason for it."""
+    from pathlib import Path
+
+    here = Path(__file__).parent / "deblend"
+    places = [here / "__pycache__"]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        places.append(Path(os.environ["NUMBA_CACHE_DIR"]))
+    return any(next(p.rglob("kernels.*.nbi"), None) is not None for p in places if p.is_dir())
+
+
+def first_run_notice(command: str) -> None:
+    """On a terminal, say once that this call compiles the kernels (quiet when piped)."""
+    if command in COMPILING_COMMANDS and sys.stderr.isatty() and not kernels_cached():
+        sys.stderr.write("scarletstore: first run of this install: compiling numba kernels into "
+                         "their cache (about a minute, once)\n")
