@@ -54,6 +54,27 @@ def test_fit_field_recovers_a_trend_despite_outliers():
     assert chebyshev_terms(1) == [(0, 0), (1, 0), (0, 1)]
 
 
+def test_clipping_keeps_three_stars_a_term_and_records_the_order():
+    from scarletstore.measure.photometry.apcorr import apcorr_dataset
+    # 9 stars, a linear field (3 terms), heavy-tailed ratios: each round narrows the robust sigma,
+    # and clipping went on down to 3 stars, an exact interpolation with a scatter of 3e-16
+    rng = np.random.default_rng(8)
+    x, y = rng.uniform(0, 200, 9), rng.uniform(0, 200, 9)
+    ratio = 1.05 + rng.standard_cauchy(9) * 0.01
+    fit = fit_field(x, y, ratio, np.full(9, 0.001), 1, 200, 200)
+    assert fit["order"] == 1 and fit["used"].sum() == 9 and fit["scatter"] > 1e-3
+    # 4 stars: the order falls to a constant, and clipping kept 2 of them, below the 3 a term
+    rng = np.random.default_rng(6)
+    x4, y4 = rng.uniform(0, 200, 4), rng.uniform(0, 200, 4)
+    few = fit_field(x4, y4, 1.05 + rng.standard_cauchy(4) * 0.01, np.full(4, 0.001), 2, 200, 200)
+    assert few["order"] == 0 and few["used"].sum() >= 3
+    # the product records the order each flux type was fitted with (the asked one is in config)
+    ds = apcorr_dataset({"psf_flux": few, "kron_flux": fit}, "r", "a", "aperture_flux_12", 200, 200,
+                        {"order": 2})
+    validate(ds)
+    assert ds["fit_order"].values.tolist() == [0, 1] and ds.attrs["order"] == 1
+
+
 def _blob(size, c, s):
     e = 0.5 * np.diff(erf((np.arange(size + 1) - 0.5 - c) / (np.sqrt(2) * s)))
     m = np.outer(e, e)
