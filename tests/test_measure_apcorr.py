@@ -81,46 +81,59 @@ def _blob(size, c, s):
     return (m / m.max()).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def star_field(tmp_path_factory):
-    """Isolated stars whose true PSF widens across the field, a few galaxies, noise; stored PSF fixed."""
-    tmp = tmp_path_factory.mktemp("apc")
-    model_sigma = 0.8
+def _build_field(path, placements, rng, sigma_of, spoil=None):
+    """A one-band store of deblended sources: ``placements`` are (y0, x0, kind[, flux[, flags]]),
+    the corner of each source's 25 px box (cut where it leaves the field); stars have the true
+    PSF width ``sigma_of(x, y)``, galaxies are broad blobs. ``spoil(image, variance, mask)``
+    edits the observed planes (defects). Returns (store, kinds, true fluxes)."""
+    model_sigma, size = 0.8, 25
     psf = gaussian_psf(PSF0, 31)
     model_psf = gaussian_psf(model_sigma)
     (kernel,), _ = difference_kernels(psf[None], model_psf)
-    rng = np.random.default_rng(8)
     truth_img = np.zeros((N, N))
     records, truth = [], []
-    centres = [(y, x, "star") for y in range(15, N - 20, 30) for x in range(15, N - 20, 30)]
-    centres += [(30 + 45 * k, 28 + 41 * k, "galaxy") for k in range(5)]
-    for i, (cy, cx, kind) in enumerate(centres):
-        size = 25
-        sigma_true = true_sigma(cx + size // 2, cy + size // 2)
+    for i, (cy, cx, kind, *more) in enumerate(placements):
+        sigma_true = sigma_of(cx + size // 2, cy + size // 2)
         # model-frame width whose observed image (through the stored kernel) has the true PSF
         s = np.sqrt(sigma_true ** 2 - PSF0 ** 2 + model_sigma ** 2) if kind == "star" else 3.0
         morph = _blob(size, size // 2 + rng.uniform(-0.3, 0.3), s)
         flux = rng.uniform(1500, 6000)
+        flux = more[0] if more else flux
         spec = flux / morph.sum(dtype=np.float64)
-        bbox = (cy - 3, cx - 3, size + 6, size + 6)
-        c = Component(np.array([spec], np.float32), morph, 3, 3, (3 + size // 2, 3 + size // 2))
+        my, mx = max(-cy, 0), max(-cx, 0)  # rows and columns of the box off the field
+        morph = np.ascontiguousarray(morph[my:, mx:])
+        by, bx = max(cy - 3, 0), max(cx - 3, 0)
+        bbox = (by, bx, min(cy + size + 3, N) - by, min(cx + size + 3, N) - bx)
+        c = Component(np.array([spec], np.float32), morph, cy + my - by, cx + mx - bx,
+                      (cy + size // 2 - by, cx + size // 2 - bx))
         records.append(BlendRecord(index=i, parent_id=i + 1, bbox=bbox, peak_ids=np.array([i]),
                                    peaks=np.array([[cy + size // 2, cx + size // 2]], float),
-                                   sources=[SourceResult(0, [c])], iterations=1, log_likelihood=0.0,
-                                   chi2=1.0, converged=True))
+                                   sources=[SourceResult(0, [c], *more[1:])], iterations=1,
+                                   log_likelihood=0.0, chi2=1.0, converged=True))
         scene = np.zeros((N, N))
-        scene[cy:cy + size, cx:cx + size] = morph * spec
+        scene[cy + my:cy + size, cx + mx:cx + size] = morph * spec
         truth_img += fftconvolve(scene, kernel, mode="same")
         truth.append((kind, flux))
     image = (truth_img + rng.normal(0, 0.5, (N, N))).astype(np.float32)[None]
-    ex = make_exposure(image, np.full((1, N, N), 0.25, np.float32), np.zeros((1, N, N), np.int32),
-                       [psf], ["r"], wcs="")
+    variance, mask = np.full((1, N, N), 0.25, np.float32), np.zeros((1, N, N), np.int32)
+    if spoil is not None:
+        spoil(image[0], variance[0], mask[0])
+    ex = make_exposure(image, variance, mask, [psf], ["r"], wcs="")
     run = build_run(records, ["r"], ex["psf"].values, model_psf, name="a", method="scarlet",
                     config_json="{}", package_version="test")
-    path = tmp / "a.h5"
     Store.create(path, {"exposure": ex, "runs/a": run})
     kinds = np.array([k for k, _ in truth])
     return Store(path), kinds, np.array([f for _, f in truth])
+
+
+GRID = [(y, x, "star") for y in range(15, N - 20, 30) for x in range(15, N - 20, 30)]
+
+
+@pytest.fixture(scope="module")
+def star_field(tmp_path_factory):
+    """Isolated stars whose true PSF widens across the field, a few galaxies, noise; stored PSF fixed."""
+    centres = GRID + [(30 + 45 * k, 28 + 41 * k, "galaxy") for k in range(5)]
+    return _build_field(tmp_path_factory.mktemp("apc") / "a.h5", centres, np.random.default_rng(8), true_sigma)
 
 
 def test_apcorr_recovers_an_injected_psf_trend(star_field, tmp_path):
@@ -164,6 +177,63 @@ def test_apcorr_recovers_an_injected_psf_trend(star_field, tmp_path):
     from scarletstore.store.migrate import migrate_store
     assert migrate_store(store) == {}
     assert main(["migrate", str(store.path)]) == 0
+
+
+SAT_LEVEL = 1e4
+SATURATED = (10, 24, 38)  # grid stars made too bright: the first two flagged masked_peak, the last not
+SPOILED = {30: "BAD", 44: "zero variance"}  # grid stars with an unusable pixel 8 px out
+
+
+def _centre(k):
+    y0, x0, _ = GRID[k]
+    return y0 + 12, x0 + 12
+
+
+def _spoil(image, variance, mask):
+    from scarletstore.ingest.exposure import LSST_MASK_PLANES
+    near = np.zeros(image.shape, bool)
+    for k in SATURATED:
+        cy, cx = _centre(k)
+        near[cy - 14:cy + 15, cx - 14:cx + 15] = True
+    sat = near & (image > SAT_LEVEL)
+    image[sat] = SAT_LEVEL
+    mask[sat] |= 1 << LSST_MASK_PLANES["SAT"]
+    (by, bx), (ny, nx) = _centre(30), _centre(44)
+    mask[by, bx + 8] |= 1 << LSST_MASK_PLANES["BAD"]
+    variance[ny + 8, nx] = 0.0  # (ingest refuses non-finite variance on unmasked pixels)
+
+
+@pytest.fixture(scope="module")
+def defect_field(tmp_path_factory):
+    """A constant PSF (the stored one): the true correction is flat. Among the grid stars,
+    saturated and spoiled ones, and a bright star 3 px from the left edge whose 12 px
+    reference aperture the edge cuts."""
+    centres = list(GRID)
+    for n, k in enumerate(SATURATED):
+        centres[k] = (*GRID[k][:2], "star", 5e5, 32 if n < 2 else 0)
+    centres.append((120, -9, "star", 1e5))
+    return _build_field(tmp_path_factory.mktemp("apd") / "d.h5", centres, np.random.default_rng(3),
+                        lambda x, y: PSF0, _spoil)
+
+
+def test_apcorr_uses_only_stars_whose_reference_aperture_is_clean(defect_field):
+    store, kinds, flux = defect_field
+    edge = len(kinds) - 1
+    clean = np.ones(len(kinds), bool)
+    clean[[*SATURATED, *SPOILED, edge]] = False
+    raw = band_catalog(store, "r", apcorr=False).compute()
+    assert raw["centroid_x"].values[edge] < 3.5  # the reference aperture reaches 8 px off the field
+    ds = measure_apcorr(store, "r")
+    validate(ds)
+    k = list(ds["flux_type"].values).index("psf_flux")
+    # flagged saturated stars fail the flags; the rest fail the aperture rule
+    assert ds["n_candidates"].values[k] == clean.sum()
+    assert ds.attrs["n_rejected"] == 4
+    corr = ApertureCorrection(ds)
+    c, _ = corr.evaluate("psf_flux", raw["centroid_x"].values[clean], raw["centroid_y"].values[clean])
+    dev = raw["psf_flux"].values[clean] * c / flux[clean] - 1
+    # (the edge star, pinning the fit, and clipping had left clean stars 1 % off)
+    assert abs(np.median(dev)) < 0.001 and np.max(np.abs(dev)) < 0.003
 
 
 def _copy(store, tmp_path):

@@ -195,21 +195,37 @@ class BlendMeasurer:
         sy, sx0, sx1 = self.parents["spans"]
         return spans_to_mask(sy[sl], sx0[sl], sx1[sl], bbox)
 
-    def _data(self, bbox):
+    def _pixels(self, bbox):
+        """(image, variance, mask, mask planes) of the band in ``bbox``, or None without an image."""
         y0, x0, h, w = bbox
         ys, xs = slice(y0, y0 + h), slice(x0, x0 + w)
         if self.image_override is not None:
             image = np.asarray(self.image_override["image"][ys, xs], np.float32)
             variance = np.asarray(self.image_override["variance"][ys, xs], np.float32)
             mask = np.asarray(self.image_override["mask"][ys, xs])
-            planes = self.image_override["mask_planes"]
-        elif self.exposure is not None:
+            return image, variance, mask, self.image_override["mask_planes"]
+        if self.exposure is not None:
             image, variance, mask = self.exposure.cutout(self.b, ys, xs)
-            planes = json.loads(self.exposure.attrs["mask_planes"])
-        else:
+            return image, variance, mask, json.loads(self.exposure.attrs["mask_planes"])
+        return None
+
+    def usable(self, bbox, extra_planes=()) -> np.ndarray | None:
+        """(h, w) bool: the pixels of ``bbox`` the measurements use in this band (no bad
+        plane, nor ``extra_planes``; finite image and variance; positive variance)."""
+        pixels = self._pixels(bbox)
+        return None if pixels is None else self._good(*pixels, extra_planes)
+
+    def _good(self, image, variance, mask, planes, extra_planes=()):
+        bad = [*self.config.get("bad_mask_planes", DEFAULT_BAD_PLANES), *extra_planes]
+        return ((mask & bad_bits(planes, bad)) == 0) & np.isfinite(variance) & (variance > 0) \
+            & np.isfinite(image)
+
+    def _data(self, bbox):
+        pixels = self._pixels(bbox)
+        if pixels is None:
             return None
-        bits = bad_bits(planes, self.config.get("bad_mask_planes", DEFAULT_BAD_PLANES))
-        good = ((mask & bits) == 0) & np.isfinite(variance) & (variance > 0) & np.isfinite(image)
+        image, variance = pixels[:2]
+        good = self._good(*pixels)
         # every measurement reads these three arrays: an unusable pixel (bad plane, or a
         # non-finite image or variance value) is zero in the image, as forced photometry
         # does, because a zero weight times NaN is still NaN (redistributed shares, sums)

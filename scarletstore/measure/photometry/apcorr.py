@@ -114,8 +114,12 @@ def select_stars(cat: dict, psf_size: float, reference: str, min_snr: float, max
 
 
 def apcorr_dataset(fits: dict, band: str, run: str, reference: str, width: int, height: int,
-                   config: dict) -> xr.Dataset:
-    """The ``apcorr`` v1 product of one band from per-flux-type fits."""
+                   config: dict, n_rejected: int = 0) -> xr.Dataset:
+    """The ``apcorr`` v1 product of one band from per-flux-type fits.
+
+    ``n_rejected``: stars that passed the catalog cuts but were set aside
+    because their reference aperture was not wholly on usable pixels.
+    """
     import xarray as xr  # here: a catalog only reads corrections (see load_apcorr)
 
     names = list(fits)
@@ -140,7 +144,8 @@ def apcorr_dataset(fits: dict, band: str, run: str, reference: str, width: int, 
          "scatter": (("flux_type",), np.array([fits[n]["scatter"] for n in names], np.float64))},
         coords={"flux_type": np.array(names, dtype=object)},
         attrs={"band": band, "run": run, "reference": reference, "width": int(width),
-               "height": int(height), "order": int(order), "config": json.dumps(config)},
+               "height": int(height), "order": int(order), "config": json.dumps(config),
+               "n_rejected": int(n_rejected)},
     )
     return stamp(ds, "apcorr", 1)
 
