@@ -662,15 +662,19 @@ def cmd_catalog(args):
         image_override = _reprocessed_image(store, image_files[args.band], args.band)
     kwargs = dict(run=run, redistribute=args.redistribute, image_override=image_override,
                   psf_override=psf_override, apertures=_radii(args.apertures))
-    if args.parents:
-        from .measure.catalog import export_catalog
-        from .measure.parents import parent_catalog
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.parents:
+            from .measure.catalog import export_catalog
+            from .measure.parents import parent_catalog
 
-        cat = parent_catalog(store, args.band, **kwargs)
-        _using(args.run, run)
-        n = export_catalog(cat, out, show_progress=True)
-    else:
-        n = _write_child_catalog(store, args.band, out, args.run, kwargs)
+            cat = parent_catalog(store, args.band, **kwargs)
+            _using(args.run, run)
+            n = export_catalog(cat, out, show_progress=True)
+        else:
+            n = _write_child_catalog(store, args.band, out, args.run, kwargs)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # one line each, once
+        sys.stderr.write(f"scarletstore catalog: warning: {message}\n")
     what = "parent rows" if args.parents else "rows"
     print(f"wrote {n} {what} of band {args.band} "
           f"(run {run}{', redistributed' if args.redistribute else ''}) to {out}")

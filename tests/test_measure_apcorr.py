@@ -70,7 +70,7 @@ def test_clipping_keeps_three_stars_a_term_and_records_the_order():
     assert few["order"] == 0 and few["used"].sum() >= 3
     # the product records the order each flux type was fitted with (the asked one is in config)
     ds = apcorr_dataset({"psf_flux": few, "kron_flux": fit}, "r", "a", "aperture_flux_12", 200, 200,
-                        {"order": 2})
+                        {"order": 2}, reference_radius=12.0)
     validate(ds)
     assert ds["fit_order"].values.tolist() == [0, 1] and ds.attrs["order"] == 1
 
@@ -228,7 +228,7 @@ def test_apcorr_uses_only_stars_whose_reference_aperture_is_clean(defect_field):
     k = list(ds["flux_type"].values).index("psf_flux")
     # flagged saturated stars fail the flags; the rest fail the aperture rule
     assert ds["n_candidates"].values[k] == clean.sum()
-    assert ds.attrs["n_rejected"] == 4
+    assert ds.attrs["n_rejected"] == 4 and ds.attrs["reference_radius"] == 12.0
     corr = ApertureCorrection(ds)
     c, _ = corr.evaluate("psf_flux", raw["centroid_x"].values[clean], raw["centroid_y"].values[clean])
     dev = raw["psf_flux"].values[clean] * c / flux[clean] - 1
@@ -276,10 +276,41 @@ def test_apcorr_cli_fits_stores_and_summarises(star_field, tmp_path, capsys):
     np.testing.assert_allclose(Store(path).read("apcorr/r")["coefficients"].values, corr.coef, rtol=1e-12)
 
 
+def test_catalog_names_the_correction_and_warns_when_it_was_fitted_on_another_run(star_field, tmp_path,
+                                                                                     capsys):
+    from astropy.io import fits
+    store, _, _ = star_field
+    path = _copy(store, tmp_path)
+    assert main(["apcorr", str(path), "--band", "r", "--run", "a"]) == 0
+    stored = Store(path).read("apcorr/r")
+    assert stored.attrs["run"] == "a" and stored.attrs["reference_radius"] == 12.0
+    out = tmp_path / "a.fits"
+    capsys.readouterr()
+    assert main(["catalog", str(path), "--band", "r", "--run", "a", "-o", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    head = fits.getheader(out, 1)
+    assert (head["APCORR"], head["APC_RUN"], head["APC_REF"], head["APC_RAD"], head["APC_NOTE"]) == \
+        ("apcorr/r", "a", "aperture_flux_12", 12.0, "")
+    # another run of the same data: the correction still applies (it belongs to the PSF and the
+    # measurement), and the catalog and stderr say it came from run a
+    Store(path).add_run(Store(path).read("runs/a"), name="b")
+    with pytest.warns(UserWarning, match="fitted on run a, applied to run b"):
+        cat = band_catalog(Store(path), "r", run="b")
+    assert cat.attrs["apc_run"] == "a" and "psf_flux_uncorrected" in cat
+    out = tmp_path / "b.fits"
+    assert main(["catalog", str(path), "--band", "r", "--run", "b", "-o", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err.count("scarletstore catalog: warning: aperture correction apcorr/r was fitted on run a, "
+                     "applied to run b") == 1
+    assert fits.getheader(out, 1)["APC_NOTE"] == "fitted on run a, not this run"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--band", "z"], "band 'z' is not in run a"),
     (["--band", "r", "--min-snr", "1e9"], "needs at least 3 bright isolated stars, found 0"),
     (["--band", "r", "--min-snr", "-1"], "--min-snr must be positive"),
+    # a reference smaller than the PSF (FWHM 3.8 px here) misses a PSF-dependent part of the light
+    (["--band", "r", "--apertures", "2,3"], "reference aperture radius 3 px is below 2 PSF FWHM of band r"),
     (["--band", "r", "--run", "nope"], "no run 'nope'"),
     (["--band", "r", "--apertures", "3,x"], "--apertures: expected comma-separated radii"),
 ])

@@ -8,8 +8,14 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ..detect.psf_size import psf_fwhm_linear
 from ..errors import InputError
 from .photometry.apcorr import _exposure_shape, apcorr_dataset, fit_field, select_stars
+
+# the reference aperture must hold nearly all of a star's light: a radius below
+# this many PSF FWHMs misses a part that depends on the PSF (3 px on a 3.5 px
+# FWHM "corrected" PSF fluxes by x0.63)
+MIN_REFERENCE_FWHM = 2.0
 
 # catalog flags that make a star unfit to calibrate: failed or doubtful
 # measurements, and peaks on masked (e.g. saturated) pixels
@@ -24,9 +30,10 @@ def measure_apcorr(store, band: str, run: str | None = None, *, reference: str |
 
     Write the result with ``store.write({f"apcorr/{band}": ds})``; later
     catalogs of the band apply it. ``reference`` (an aperture column)
-    defaults to the largest aperture. The stars are the catalog rows passing
-    :func:`select_stars` whose reference aperture lies wholly on usable
-    pixels of the band (:func:`clean_apertures`).
+    defaults to the largest aperture, whose radius must be at least
+    :data:`MIN_REFERENCE_FWHM` band PSF FWHMs. The stars are the catalog rows
+    passing :func:`select_stars` whose reference aperture lies wholly on
+    usable pixels of the band (:func:`clean_apertures`).
     """
     from .catalog import CATALOG_FLAGS, band_catalog
     from .photometry import flux_columns
@@ -36,7 +43,7 @@ def measure_apcorr(store, band: str, run: str | None = None, *, reference: str |
     try:
         config = measurer.photometry.config
         types = flux_columns(config)
-        radius, reference = _reference(config, types, reference)
+        radius, reference = _reference(measurer, config, types, reference, band)
         need = [*types, *(t + "_err" for t in types), "x", "y", "centroid_x", "centroid_y", "shape_xx",
                 "shape_yy", "blendedness", "flags"]
         values = {k: np.asarray(cat[k].values) for k in need}
@@ -58,11 +65,11 @@ def measure_apcorr(store, band: str, run: str | None = None, *, reference: str |
                     size_tolerance=size_tolerance, clip=clip, redistribute=bool(redistribute),
                     apertures=list(config.apertures))
     return apcorr_dataset(fits, band, cat.attrs["run"], reference, width, height, settings,
-                          n_rejected=int((~clean).sum()))
+                          reference_radius=radius, n_rejected=int((~clean).sum()))
 
 
-def _reference(config, types, reference):
-    """(radius, name) of the reference aperture, refused when it is not one."""
+def _reference(measurer, config, types, reference, band):
+    """(radius, name) of the reference aperture, refused when it is not one or is too small."""
     radii = dict(zip(config.aperture_names(), config.apertures))
     reference = reference or max(radii, key=radii.get)
     if reference not in types:
@@ -70,6 +77,11 @@ def _reference(config, types, reference):
     if reference not in radii:
         raise InputError(f"reference {reference!r} is not an aperture flux ({', '.join(radii)})")
     radius = float(radii[reference])
+    fwhm = psf_fwhm_linear(measurer.photometry.psf(0)[0])
+    if radius < MIN_REFERENCE_FWHM * fwhm:
+        raise InputError(f"reference aperture radius {radius:g} px is below {MIN_REFERENCE_FWHM:g} PSF "
+                         f"FWHM of band {band} ({MIN_REFERENCE_FWHM * fwhm:.1f} px): it misses part of "
+                         "a star's light; use larger --apertures")
     return radius, reference
 
 

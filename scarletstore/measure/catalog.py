@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -399,8 +400,31 @@ def open_measurer(store, band, run=None, redistribute=False, image_override=None
     config = photometry_config(apertures)
     measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
     if apcorr:
-        measurer.photometry.apcorr = load_apcorr(store, band)
+        corr = measurer.photometry.apcorr = load_apcorr(store, band)
+        if corr is not None and corr.run != run:
+            # still applied: the correction belongs to the PSF and the measurement, not the run
+            warnings.warn(f"aperture correction apcorr/{band} was fitted on run {corr.run}, "
+                          f"applied to run {run}", stacklevel=2)
     return measurer
+
+
+def apcorr_attrs(measurer, band: str) -> dict:
+    """Catalog attributes naming the applied aperture correction (keys fit 8-character FITS cards).
+
+    ``apcorr``: its group ("" when none); ``apc_run``: the run it was fitted
+    on; ``apc_ref`` / ``apc_rad``: its reference aperture and radius (px);
+    ``apc_note``: says so when the catalog's run is another one.
+    """
+    corr = measurer.photometry.apcorr
+    if corr is None:
+        return {"apcorr": ""}
+    other = corr.run != measurer.run_name
+    attrs = {"apcorr": f"apcorr/{band}", "apc_run": corr.run, "apc_ref": corr.reference,
+             "apc_rad": corr.reference_radius,
+             "apc_note": f"fitted on run {corr.run}, not this run" if other else ""}
+    if not np.isfinite(corr.reference_radius):
+        del attrs["apc_rad"]  # a product older than the recorded radius (FITS takes no NaN card)
+    return attrs
 
 
 @dataclass
@@ -470,7 +494,7 @@ def catalog_spec(store, band: str, run: str | None = None, redistribute: bool = 
     lazy = {c: np.dtype(LAZY_DTYPES.get(c, np.float64)) for c in cols}
     attrs = {"band": band, "run": measurer.run_name, "redistribute": int(redistribute),
              "flag_bits": json.dumps(CATALOG_FLAGS),
-             "apcorr": "" if measurer.photometry.apcorr is None else f"apcorr/{band}",
+             **apcorr_attrs(measurer, band),
              "units": json.dumps({c: units[c] for c in [*eager, *lazy]})}
     return CatalogSpec(measurer, cache, eager, lazy, units, attrs)
 

@@ -114,9 +114,10 @@ def select_stars(cat: dict, psf_size: float, reference: str, min_snr: float, max
 
 
 def apcorr_dataset(fits: dict, band: str, run: str, reference: str, width: int, height: int,
-                   config: dict, n_rejected: int = 0) -> xr.Dataset:
+                   config: dict, reference_radius: float, n_rejected: int = 0) -> xr.Dataset:
     """The ``apcorr`` v1 product of one band from per-flux-type fits.
 
+    ``reference_radius``: the reference aperture's radius (pixels);
     ``n_rejected``: stars that passed the catalog cuts but were set aside
     because their reference aperture was not wholly on usable pixels.
     """
@@ -145,7 +146,7 @@ def apcorr_dataset(fits: dict, band: str, run: str, reference: str, width: int, 
         coords={"flux_type": np.array(names, dtype=object)},
         attrs={"band": band, "run": run, "reference": reference, "width": int(width),
                "height": int(height), "order": int(order), "config": json.dumps(config),
-               "n_rejected": int(n_rejected)},
+               "reference_radius": float(reference_radius), "n_rejected": int(n_rejected)},
     )
     return stamp(ds, "apcorr", 1)
 
@@ -160,6 +161,9 @@ class ApertureCorrection:
         self.cov = np.asarray(ds["covariance"].values, np.float64)
         self.width, self.height = float(ds.attrs["width"]), float(ds.attrs["height"])
         self.reference = str(ds.attrs["reference"])
+        self.run = str(ds.attrs["run"])
+        # products written before the radius was recorded: nan (unknown)
+        self.reference_radius = float(ds.attrs.get("reference_radius", np.nan))
 
     def evaluate(self, name: str, x, y):
         """(factor, factor error) of flux type ``name`` at pixel positions (x, y)."""
