@@ -687,8 +687,8 @@ def cmd_apcorr(args):
     from .measure.photometry.apcorr import ApertureCorrection
 
     store, run = _open_run_store(args.store, args.run)
-    if args.min_snr <= 0:
-        raise InputError(f"--min-snr must be positive, got {args.min_snr}")
+    if not np.isfinite(args.min_snr) or args.min_snr <= 0:
+        raise InputError(f"--min-snr must be a positive number, got {args.min_snr}")
     ds = measure_apcorr(store, args.band, run=run, min_snr=args.min_snr, apertures=_radii(args.apertures))
     _using(args.run, run)
     group = f"apcorr/{args.band}"

@@ -308,7 +308,9 @@ def test_catalog_names_the_correction_and_warns_when_it_was_fitted_on_another_ru
 @pytest.mark.parametrize("argv, message", [
     (["--band", "z"], "band 'z' is not in run a"),
     (["--band", "r", "--min-snr", "1e9"], "needs at least 3 bright isolated stars, found 0"),
-    (["--band", "r", "--min-snr", "-1"], "--min-snr must be positive"),
+    (["--band", "r", "--min-snr", "-1"], "--min-snr must be a positive number"),
+    (["--band", "r", "--min-snr", "nan"], "--min-snr must be a positive number, got nan"),
+    (["--band", "r", "--min-snr", "inf"], "--min-snr must be a positive number, got inf"),
     # a reference smaller than the PSF (FWHM 3.8 px here) misses a PSF-dependent part of the light
     (["--band", "r", "--apertures", "2,3"], "reference aperture radius 3 px is below 2 PSF FWHM of band r"),
     (["--band", "r", "--run", "nope"], "no run 'nope'"),

@@ -38,6 +38,8 @@ def measure_apcorr(store, band: str, run: str | None = None, *, reference: str |
     from .catalog import CATALOG_FLAGS, band_catalog
     from .photometry import flux_columns
 
+    if not np.isfinite(min_snr) or min_snr <= 0:
+        raise InputError(f"min_snr must be a positive number, got {min_snr}")
     cat = band_catalog(store, band, run=run, redistribute=redistribute, apertures=apertures, apcorr=False)
     measurer = cat.attrs["_measurer"]
     try:
