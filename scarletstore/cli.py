@@ -684,7 +684,6 @@ def cmd_apcorr(args):
     import numpy as np
 
     from .measure.apcorr import measure_apcorr
-    from .measure.photometry.apcorr import ApertureCorrection
 
     store, run = _open_run_store(args.store, args.run)
     if not np.isfinite(args.min_snr) or args.min_snr <= 0:
@@ -694,15 +693,36 @@ def cmd_apcorr(args):
     group = f"apcorr/{args.band}"
     replaced = store.has(group)
     store.write({group: ds}, replace=True)
-    # the summary: the PSF flux's correction over the patch (a 9 x 9 grid) and its largest error
+    print(f"{'replaced' if replaced else 'wrote'} {group} (run {run}): {_apcorr_summary(ds)}")
+
+
+def _apcorr_summary(ds) -> str:
+    """The PSF flux's stars, order and correction over the patch (a 9 x 9 grid) with its
+    largest error; the stars and orders of all flux types; stars set aside."""
+    import numpy as np
+
+    from .measure.photometry.apcorr import ApertureCorrection
+
     corr = ApertureCorrection(ds)
     name = "psf_flux" if "psf_flux" in corr.names else corr.names[0]
     gx, gy = np.meshgrid(np.linspace(0, corr.width - 1, 9), np.linspace(0, corr.height - 1, 9))
     c, ce = corr.evaluate(name, gx.ravel(), gy.ravel())
     k = corr.names.index(name)
-    print(f"{'replaced' if replaced else 'wrote'} {group} (run {run}): {int(ds['n_stars'].values[k])} of "
-          f"{int(ds['n_candidates'].values[k])} stars, {name} x{c.min():.4f}-{c.max():.4f} "
-          f"+- {ce.max():.4f}, {len(corr.names)} flux types to {ds.attrs['reference']}")
+    used, cand = ds["n_stars"].values, ds["n_candidates"].values
+    order = ds["fit_order"].values
+
+    def span(a):  # "n" or "lo-hi" over the flux types
+        return f"{a.min()}" if a.min() == a.max() else f"{a.min()}-{a.max()}"
+
+    text = (f"{name} {used[k]} of {cand[k]} stars (order {order[k]}) x{c.min():.4f}-{c.max():.4f} "
+            f"+- {ce.max():.4f}; {len(corr.names)} flux types to {ds.attrs['reference']} "
+            f"({corr.reference_radius:g} px), each from {span(used)} of {span(cand)} stars, "
+            f"order {span(order)} of {json.loads(ds.attrs['config'])['order']} asked")
+    n_rejected = int(ds.attrs.get("n_rejected", 0))
+    if n_rejected:
+        text += (f"; {n_rejected} star{'s' if n_rejected > 1 else ''} set aside (reference aperture "
+                 "off the image or on masked pixels)")
+    return text
 
 
 def cmd_forced(args):

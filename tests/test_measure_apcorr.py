@@ -216,7 +216,7 @@ def defect_field(tmp_path_factory):
                         lambda x, y: PSF0, _spoil)
 
 
-def test_apcorr_uses_only_stars_whose_reference_aperture_is_clean(defect_field):
+def test_apcorr_uses_only_stars_whose_reference_aperture_is_clean(defect_field, tmp_path, capsys):
     store, kinds, flux = defect_field
     edge = len(kinds) - 1
     clean = np.ones(len(kinds), bool)
@@ -229,6 +229,10 @@ def test_apcorr_uses_only_stars_whose_reference_aperture_is_clean(defect_field):
     # flagged saturated stars fail the flags; the rest fail the aperture rule
     assert ds["n_candidates"].values[k] == clean.sum()
     assert ds.attrs["n_rejected"] == 4 and ds.attrs["reference_radius"] == 12.0
+    # the summary says how many were set aside
+    assert main(["apcorr", str(_copy(store, tmp_path)), "--band", "r"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        "; 4 stars set aside (reference aperture off the image or on masked pixels)")
     corr = ApertureCorrection(ds)
     c, _ = corr.evaluate("psf_flux", raw["centroid_x"].values[clean], raw["centroid_y"].values[clean])
     dev = raw["psf_flux"].values[clean] * c / flux[clean] - 1
@@ -252,8 +256,9 @@ def test_apcorr_cli_fits_stores_and_summarises(star_field, tmp_path, capsys):
     capsys.readouterr()
     assert main(["apcorr", str(path), "--band", "r"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    m = re.search(r"apcorr/r \(run a\): (\d+) of (\d+) stars, psf_flux x([\d.]+)-([\d.]+) \+- ([\d.]+), "
-                  r"(\d+) flux types to aperture_flux_12", line)
+    m = re.search(r"apcorr/r \(run a\): psf_flux (\d+) of (\d+) stars \(order 2\) x([\d.]+)-([\d.]+) "
+                  r"\+- ([\d.]+); (\d+) flux types to aperture_flux_12 \(12 px\), each from [\d-]+ of 49 stars, "
+                  r"order 2 of 2 asked$", line)
     assert m, line
     used, candidates = int(m[1]), int(m[2])
     assert candidates == stars.sum() and used >= candidates - 3
