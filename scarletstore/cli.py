@@ -662,15 +662,19 @@ def cmd_catalog(args):
         image_override = _reprocessed_image(store, image_files[args.band], args.band)
     kwargs = dict(run=run, redistribute=args.redistribute, image_override=image_override,
                   psf_override=psf_override, apertures=_radii(args.apertures))
-    if args.parents:
-        from .measure.catalog import export_catalog
-        from .measure.parents import parent_catalog
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.parents:
+            from .measure.catalog import export_catalog
+            from .measure.parents import parent_catalog
 
-        cat = parent_catalog(store, args.band, **kwargs)
-        _using(args.run, run)
-        n = export_catalog(cat, out, show_progress=True)
-    else:
-        n = _write_child_catalog(store, args.band, out, args.run, kwargs)
+            cat = parent_catalog(store, args.band, **kwargs)
+            _using(args.run, run)
+            n = export_catalog(cat, out, show_progress=True)
+        else:
+            n = _write_child_catalog(store, args.band, out, args.run, kwargs)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # one line each, once
+        sys.stderr.write(f"scarletstore catalog: warning: {message}\n")
     what = "parent rows" if args.parents else "rows"
     print(f"wrote {n} {what} of band {args.band} "
           f"(run {run}{', redistributed' if args.redistribute else ''}) to {out}")
@@ -680,25 +684,45 @@ def cmd_apcorr(args):
     import numpy as np
 
     from .measure.apcorr import measure_apcorr
-    from .measure.photometry.apcorr import ApertureCorrection
 
     store, run = _open_run_store(args.store, args.run)
-    if args.min_snr <= 0:
-        raise InputError(f"--min-snr must be positive, got {args.min_snr}")
+    if not np.isfinite(args.min_snr) or args.min_snr <= 0:
+        raise InputError(f"--min-snr must be a positive number, got {args.min_snr}")
     ds = measure_apcorr(store, args.band, run=run, min_snr=args.min_snr, apertures=_radii(args.apertures))
     _using(args.run, run)
     group = f"apcorr/{args.band}"
     replaced = store.has(group)
     store.write({group: ds}, replace=True)
-    # the summary: the PSF flux's correction over the patch (a 9 x 9 grid) and its largest error
+    print(f"{'replaced' if replaced else 'wrote'} {group} (run {run}): {_apcorr_summary(ds)}")
+
+
+def _apcorr_summary(ds) -> str:
+    """The PSF flux's stars, order and correction over the patch (a 9 x 9 grid) with its
+    largest error; the stars and orders of all flux types; stars set aside."""
+    import numpy as np
+
+    from .measure.photometry.apcorr import ApertureCorrection
+
     corr = ApertureCorrection(ds)
     name = "psf_flux" if "psf_flux" in corr.names else corr.names[0]
     gx, gy = np.meshgrid(np.linspace(0, corr.width - 1, 9), np.linspace(0, corr.height - 1, 9))
     c, ce = corr.evaluate(name, gx.ravel(), gy.ravel())
     k = corr.names.index(name)
-    print(f"{'replaced' if replaced else 'wrote'} {group} (run {run}): {int(ds['n_stars'].values[k])} of "
-          f"{int(ds['n_candidates'].values[k])} stars, {name} x{c.min():.4f}-{c.max():.4f} "
-          f"+- {ce.max():.4f}, {len(corr.names)} flux types to {ds.attrs['reference']}")
+    used, cand = ds["n_stars"].values, ds["n_candidates"].values
+    order = ds["fit_order"].values
+
+    def span(a):  # "n" or "lo-hi" over the flux types
+        return f"{a.min()}" if a.min() == a.max() else f"{a.min()}-{a.max()}"
+
+    text = (f"{name} {used[k]} of {cand[k]} stars (order {order[k]}) x{c.min():.4f}-{c.max():.4f} "
+            f"+- {ce.max():.4f}; {len(corr.names)} flux types to {ds.attrs['reference']} "
+            f"({corr.reference_radius:g} px), each from {span(used)} of {span(cand)} stars, "
+            f"order {span(order)} of {json.loads(ds.attrs['config'])['order']} asked")
+    n_rejected = int(ds.attrs.get("n_rejected", 0))
+    if n_rejected:
+        text += (f"; {n_rejected} star{'s' if n_rejected > 1 else ''} set aside (reference aperture "
+                 "off the image or on masked pixels)")
+    return text
 
 
 def cmd_forced(args):

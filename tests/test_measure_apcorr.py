@@ -54,52 +54,86 @@ def test_fit_field_recovers_a_trend_despite_outliers():
     assert chebyshev_terms(1) == [(0, 0), (1, 0), (0, 1)]
 
 
+def test_clipping_keeps_three_stars_a_term_and_records_the_order():
+    from scarletstore.measure.photometry.apcorr import apcorr_dataset
+    # 9 stars, a linear field (3 terms), heavy-tailed ratios: each round narrows the robust sigma,
+    # and clipping went on down to 3 stars, an exact interpolation with a scatter of 3e-16
+    rng = np.random.default_rng(8)
+    x, y = rng.uniform(0, 200, 9), rng.uniform(0, 200, 9)
+    ratio = 1.05 + rng.standard_cauchy(9) * 0.01
+    fit = fit_field(x, y, ratio, np.full(9, 0.001), 1, 200, 200)
+    assert fit["order"] == 1 and fit["used"].sum() == 9 and fit["scatter"] > 1e-3
+    # 4 stars: the order falls to a constant, and clipping kept 2 of them, below the 3 a term
+    rng = np.random.default_rng(6)
+    x4, y4 = rng.uniform(0, 200, 4), rng.uniform(0, 200, 4)
+    few = fit_field(x4, y4, 1.05 + rng.standard_cauchy(4) * 0.01, np.full(4, 0.001), 2, 200, 200)
+    assert few["order"] == 0 and few["used"].sum() >= 3
+    # the product records the order each flux type was fitted with (the asked one is in config)
+    ds = apcorr_dataset({"psf_flux": few, "kron_flux": fit}, "r", "a", "aperture_flux_12", 200, 200,
+                        {"order": 2}, reference_radius=12.0)
+    validate(ds)
+    assert ds["fit_order"].values.tolist() == [0, 1] and ds.attrs["order"] == 1
+
+
 def _blob(size, c, s):
     e = 0.5 * np.diff(erf((np.arange(size + 1) - 0.5 - c) / (np.sqrt(2) * s)))
     m = np.outer(e, e)
     return (m / m.max()).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def star_field(tmp_path_factory):
-    """Isolated stars whose true PSF widens across the field, a few galaxies, noise; stored PSF fixed."""
-    tmp = tmp_path_factory.mktemp("apc")
-    model_sigma = 0.8
+def _build_field(path, placements, rng, sigma_of, spoil=None):
+    """A one-band store of deblended sources: ``placements`` are (y0, x0, kind[, flux[, flags]]),
+    the corner of each source's 25 px box (cut where it leaves the field); stars have the true
+    PSF width ``sigma_of(x, y)``, galaxies are broad blobs. ``spoil(image, variance, mask)``
+    edits the observed planes (defects). Returns (store, kinds, true fluxes)."""
+    model_sigma, size = 0.8, 25
     psf = gaussian_psf(PSF0, 31)
     model_psf = gaussian_psf(model_sigma)
     (kernel,), _ = difference_kernels(psf[None], model_psf)
-    rng = np.random.default_rng(8)
     truth_img = np.zeros((N, N))
     records, truth = [], []
-    centres = [(y, x, "star") for y in range(15, N - 20, 30) for x in range(15, N - 20, 30)]
-    centres += [(30 + 45 * k, 28 + 41 * k, "galaxy") for k in range(5)]
-    for i, (cy, cx, kind) in enumerate(centres):
-        size = 25
-        sigma_true = true_sigma(cx + size // 2, cy + size // 2)
+    for i, (cy, cx, kind, *more) in enumerate(placements):
+        sigma_true = sigma_of(cx + size // 2, cy + size // 2)
         # model-frame width whose observed image (through the stored kernel) has the true PSF
         s = np.sqrt(sigma_true ** 2 - PSF0 ** 2 + model_sigma ** 2) if kind == "star" else 3.0
         morph = _blob(size, size // 2 + rng.uniform(-0.3, 0.3), s)
         flux = rng.uniform(1500, 6000)
+        flux = more[0] if more else flux
         spec = flux / morph.sum(dtype=np.float64)
-        bbox = (cy - 3, cx - 3, size + 6, size + 6)
-        c = Component(np.array([spec], np.float32), morph, 3, 3, (3 + size // 2, 3 + size // 2))
+        my, mx = max(-cy, 0), max(-cx, 0)  # rows and columns of the box off the field
+        morph = np.ascontiguousarray(morph[my:, mx:])
+        by, bx = max(cy - 3, 0), max(cx - 3, 0)
+        bbox = (by, bx, min(cy + size + 3, N) - by, min(cx + size + 3, N) - bx)
+        c = Component(np.array([spec], np.float32), morph, cy + my - by, cx + mx - bx,
+                      (cy + size // 2 - by, cx + size // 2 - bx))
         records.append(BlendRecord(index=i, parent_id=i + 1, bbox=bbox, peak_ids=np.array([i]),
                                    peaks=np.array([[cy + size // 2, cx + size // 2]], float),
-                                   sources=[SourceResult(0, [c])], iterations=1, log_likelihood=0.0,
-                                   chi2=1.0, converged=True))
+                                   sources=[SourceResult(0, [c], *more[1:])], iterations=1,
+                                   log_likelihood=0.0, chi2=1.0, converged=True))
         scene = np.zeros((N, N))
-        scene[cy:cy + size, cx:cx + size] = morph * spec
+        scene[cy + my:cy + size, cx + mx:cx + size] = morph * spec
         truth_img += fftconvolve(scene, kernel, mode="same")
         truth.append((kind, flux))
     image = (truth_img + rng.normal(0, 0.5, (N, N))).astype(np.float32)[None]
-    ex = make_exposure(image, np.full((1, N, N), 0.25, np.float32), np.zeros((1, N, N), np.int32),
-                       [psf], ["r"], wcs="")
+    variance, mask = np.full((1, N, N), 0.25, np.float32), np.zeros((1, N, N), np.int32)
+    if spoil is not None:
+        spoil(image[0], variance[0], mask[0])
+    ex = make_exposure(image, variance, mask, [psf], ["r"], wcs="")
     run = build_run(records, ["r"], ex["psf"].values, model_psf, name="a", method="scarlet",
                     config_json="{}", package_version="test")
-    path = tmp / "a.h5"
     Store.create(path, {"exposure": ex, "runs/a": run})
     kinds = np.array([k for k, _ in truth])
     return Store(path), kinds, np.array([f for _, f in truth])
+
+
+GRID = [(y, x, "star") for y in range(15, N - 20, 30) for x in range(15, N - 20, 30)]
+
+
+@pytest.fixture(scope="module")
+def star_field(tmp_path_factory):
+    """Isolated stars whose true PSF widens across the field, a few galaxies, noise; stored PSF fixed."""
+    centres = GRID + [(30 + 45 * k, 28 + 41 * k, "galaxy") for k in range(5)]
+    return _build_field(tmp_path_factory.mktemp("apc") / "a.h5", centres, np.random.default_rng(8), true_sigma)
 
 
 def test_apcorr_recovers_an_injected_psf_trend(star_field, tmp_path):
@@ -145,6 +179,67 @@ def test_apcorr_recovers_an_injected_psf_trend(star_field, tmp_path):
     assert main(["migrate", str(store.path)]) == 0
 
 
+SAT_LEVEL = 1e4
+SATURATED = (10, 24, 38)  # grid stars made too bright: the first two flagged masked_peak, the last not
+SPOILED = {30: "BAD", 44: "zero variance"}  # grid stars with an unusable pixel 8 px out
+
+
+def _centre(k):
+    y0, x0, _ = GRID[k]
+    return y0 + 12, x0 + 12
+
+
+def _spoil(image, variance, mask):
+    from scarletstore.ingest.exposure import LSST_MASK_PLANES
+    near = np.zeros(image.shape, bool)
+    for k in SATURATED:
+        cy, cx = _centre(k)
+        near[cy - 14:cy + 15, cx - 14:cx + 15] = True
+    sat = near & (image > SAT_LEVEL)
+    image[sat] = SAT_LEVEL
+    mask[sat] |= 1 << LSST_MASK_PLANES["SAT"]
+    (by, bx), (ny, nx) = _centre(30), _centre(44)
+    mask[by, bx + 8] |= 1 << LSST_MASK_PLANES["BAD"]
+    variance[ny + 8, nx] = 0.0  # (ingest refuses non-finite variance on unmasked pixels)
+
+
+@pytest.fixture(scope="module")
+def defect_field(tmp_path_factory):
+    """A constant PSF (the stored one): the true correction is flat. Among the grid stars,
+    saturated and spoiled ones, and a bright star 3 px from the left edge whose 12 px
+    reference aperture the edge cuts."""
+    centres = list(GRID)
+    for n, k in enumerate(SATURATED):
+        centres[k] = (*GRID[k][:2], "star", 5e5, 32 if n < 2 else 0)
+    centres.append((120, -9, "star", 1e5))
+    return _build_field(tmp_path_factory.mktemp("apd") / "d.h5", centres, np.random.default_rng(3),
+                        lambda x, y: PSF0, _spoil)
+
+
+def test_apcorr_uses_only_stars_whose_reference_aperture_is_clean(defect_field, tmp_path, capsys):
+    store, kinds, flux = defect_field
+    edge = len(kinds) - 1
+    clean = np.ones(len(kinds), bool)
+    clean[[*SATURATED, *SPOILED, edge]] = False
+    raw = band_catalog(store, "r", apcorr=False).compute()
+    assert raw["centroid_x"].values[edge] < 3.5  # the reference aperture reaches 8 px off the field
+    ds = measure_apcorr(store, "r")
+    validate(ds)
+    k = list(ds["flux_type"].values).index("psf_flux")
+    # flagged saturated stars fail the flags; the rest fail the aperture rule
+    assert ds["n_candidates"].values[k] == clean.sum()
+    assert ds.attrs["n_rejected"] == 4 and ds.attrs["reference_radius"] == 12.0
+    # the summary says how many were set aside
+    assert main(["apcorr", str(_copy(store, tmp_path)), "--band", "r"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        "; 4 stars set aside (reference aperture off the image or on masked pixels)")
+    corr = ApertureCorrection(ds)
+    c, _ = corr.evaluate("psf_flux", raw["centroid_x"].values[clean], raw["centroid_y"].values[clean])
+    dev = raw["psf_flux"].values[clean] * c / flux[clean] - 1
+    # (the edge star, pinning the fit, and clipping had left clean stars 1 % off)
+    assert abs(np.median(dev)) < 0.001 and np.max(np.abs(dev)) < 0.003
+
+
 def _copy(store, tmp_path):
     path = tmp_path / "copy.h5"
     copy_store(store.path, path)
@@ -161,8 +256,9 @@ def test_apcorr_cli_fits_stores_and_summarises(star_field, tmp_path, capsys):
     capsys.readouterr()
     assert main(["apcorr", str(path), "--band", "r"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    m = re.search(r"apcorr/r \(run a\): (\d+) of (\d+) stars, psf_flux x([\d.]+)-([\d.]+) \+- ([\d.]+), "
-                  r"(\d+) flux types to aperture_flux_12", line)
+    m = re.search(r"apcorr/r \(run a\): psf_flux (\d+) of (\d+) stars \(order 2\) x([\d.]+)-([\d.]+) "
+                  r"\+- ([\d.]+); (\d+) flux types to aperture_flux_12 \(12 px\), each from [\d-]+ of 49 stars, "
+                  r"order 2 of 2 asked$", line)
     assert m, line
     used, candidates = int(m[1]), int(m[2])
     assert candidates == stars.sum() and used >= candidates - 3
@@ -185,10 +281,43 @@ def test_apcorr_cli_fits_stores_and_summarises(star_field, tmp_path, capsys):
     np.testing.assert_allclose(Store(path).read("apcorr/r")["coefficients"].values, corr.coef, rtol=1e-12)
 
 
+def test_catalog_names_the_correction_and_warns_when_it_was_fitted_on_another_run(star_field, tmp_path,
+                                                                                     capsys):
+    from astropy.io import fits
+    store, _, _ = star_field
+    path = _copy(store, tmp_path)
+    assert main(["apcorr", str(path), "--band", "r", "--run", "a"]) == 0
+    stored = Store(path).read("apcorr/r")
+    assert stored.attrs["run"] == "a" and stored.attrs["reference_radius"] == 12.0
+    out = tmp_path / "a.fits"
+    capsys.readouterr()
+    assert main(["catalog", str(path), "--band", "r", "--run", "a", "-o", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    head = fits.getheader(out, 1)
+    assert (head["APCORR"], head["APC_RUN"], head["APC_REF"], head["APC_RAD"], head["APC_NOTE"]) == \
+        ("apcorr/r", "a", "aperture_flux_12", 12.0, "")
+    # another run of the same data: the correction still applies (it belongs to the PSF and the
+    # measurement), and the catalog and stderr say it came from run a
+    Store(path).add_run(Store(path).read("runs/a"), name="b")
+    with pytest.warns(UserWarning, match="fitted on run a, applied to run b"):
+        cat = band_catalog(Store(path), "r", run="b")
+    assert cat.attrs["apc_run"] == "a" and "psf_flux_uncorrected" in cat
+    out = tmp_path / "b.fits"
+    assert main(["catalog", str(path), "--band", "r", "--run", "b", "-o", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err.count("scarletstore catalog: warning: aperture correction apcorr/r was fitted on run a, "
+                     "applied to run b") == 1
+    assert fits.getheader(out, 1)["APC_NOTE"] == "fitted on run a, not this run"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--band", "z"], "band 'z' is not in run a"),
     (["--band", "r", "--min-snr", "1e9"], "needs at least 3 bright isolated stars, found 0"),
-    (["--band", "r", "--min-snr", "-1"], "--min-snr must be positive"),
+    (["--band", "r", "--min-snr", "-1"], "--min-snr must be a positive number"),
+    (["--band", "r", "--min-snr", "nan"], "--min-snr must be a positive number, got nan"),
+    (["--band", "r", "--min-snr", "inf"], "--min-snr must be a positive number, got inf"),
+    # a reference smaller than the PSF (FWHM 3.8 px here) misses a PSF-dependent part of the light
+    (["--band", "r", "--apertures", "2,3"], "reference aperture radius 3 px is below 2 PSF FWHM of band r"),
     (["--band", "r", "--run", "nope"], "no run 'nope'"),
     (["--band", "r", "--apertures", "3,x"], "--apertures: expected comma-separated radii"),
 ])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,21 +200,37 @@ class BlendMeasurer:
         sy, sx0, sx1 = self.parents["spans"]
         return spans_to_mask(sy[sl], sx0[sl], sx1[sl], bbox)
 
-    def _data(self, bbox):
+    def _pixels(self, bbox):
+        """(image, variance, mask, mask planes) of the band in ``bbox``, or None without an image."""
         y0, x0, h, w = bbox
         ys, xs = slice(y0, y0 + h), slice(x0, x0 + w)
         if self.image_override is not None:
             image = np.asarray(self.image_override["image"][ys, xs], np.float32)
             variance = np.asarray(self.image_override["variance"][ys, xs], np.float32)
             mask = np.asarray(self.image_override["mask"][ys, xs])
-            planes = self.image_override["mask_planes"]
-        elif self.exposure is not None:
+            return image, variance, mask, self.image_override["mask_planes"]
+        if self.exposure is not None:
             image, variance, mask = self.exposure.cutout(self.b, ys, xs)
-            planes = json.loads(self.exposure.attrs["mask_planes"])
-        else:
+            return image, variance, mask, json.loads(self.exposure.attrs["mask_planes"])
+        return None
+
+    def usable(self, bbox, extra_planes=()) -> np.ndarray | None:
+        """(h, w) bool: the pixels of ``bbox`` the measurements use in this band (no bad
+        plane, nor ``extra_planes``; finite image and variance; positive variance)."""
+        pixels = self._pixels(bbox)
+        return None if pixels is None else self._good(*pixels, extra_planes)
+
+    def _good(self, image, variance, mask, planes, extra_planes=()):
+        bad = [*self.config.get("bad_mask_planes", DEFAULT_BAD_PLANES), *extra_planes]
+        return ((mask & bad_bits(planes, bad)) == 0) & np.isfinite(variance) & (variance > 0) \
+            & np.isfinite(image)
+
+    def _data(self, bbox):
+        pixels = self._pixels(bbox)
+        if pixels is None:
             return None
-        bits = bad_bits(planes, self.config.get("bad_mask_planes", DEFAULT_BAD_PLANES))
-        good = ((mask & bits) == 0) & np.isfinite(variance) & (variance > 0) & np.isfinite(image)
+        image, variance = pixels[:2]
+        good = self._good(*pixels)
         # every measurement reads these three arrays: an unusable pixel (bad plane, or a
         # non-finite image or variance value) is zero in the image, as forced photometry
         # does, because a zero weight times NaN is still NaN (redistributed shares, sums)
@@ -398,8 +415,31 @@ def open_measurer(store, band, run=None, redistribute=False, image_override=None
     config = photometry_config(apertures)
     measurer = BlendMeasurer(store, run, band, redistribute, image_override, psf_override, config)
     if apcorr:
-        measurer.photometry.apcorr = load_apcorr(store, band)
+        corr = measurer.photometry.apcorr = load_apcorr(store, band)
+        if corr is not None and corr.run != run:
+            # still applied: the correction belongs to the PSF and the measurement, not the run
+            warnings.warn(f"aperture correction apcorr/{band} was fitted on run {corr.run}, "
+                          f"applied to run {run}", stacklevel=2)
     return measurer
+
+
+def apcorr_attrs(measurer, band: str) -> dict:
+    """Catalog attributes naming the applied aperture correction (keys fit 8-character FITS cards).
+
+    ``apcorr``: its group ("" when none); ``apc_run``: the run it was fitted
+    on; ``apc_ref`` / ``apc_rad``: its reference aperture and radius (px);
+    ``apc_note``: says so when the catalog's run is another one.
+    """
+    corr = measurer.photometry.apcorr
+    if corr is None:
+        return {"apcorr": ""}
+    other = corr.run != measurer.run_name
+    attrs = {"apcorr": f"apcorr/{band}", "apc_run": corr.run, "apc_ref": corr.reference,
+             "apc_rad": corr.reference_radius,
+             "apc_note": f"fitted on run {corr.run}, not this run" if other else ""}
+    if not np.isfinite(corr.reference_radius):
+        del attrs["apc_rad"]  # a product older than the recorded radius (FITS takes no NaN card)
+    return attrs
 
 
 @dataclass
@@ -469,7 +509,7 @@ def catalog_spec(store, band: str, run: str | None = None, redistribute: bool = 
     lazy = {c: np.dtype(LAZY_DTYPES.get(c, np.float64)) for c in cols}
     attrs = {"band": band, "run": measurer.run_name, "redistribute": int(redistribute),
              "flag_bits": json.dumps(CATALOG_FLAGS),
-             "apcorr": "" if measurer.photometry.apcorr is None else f"apcorr/{band}",
+             **apcorr_attrs(measurer, band),
              # why ra / dec are NaN on every row of a store made without a WCS (an npz, a FITS
              # file with no celestial header): not a failed measurement
              "sky_coordinates": "wcs" if _has_wcs(measurer.exposure) else "none: the exposure has no WCS",

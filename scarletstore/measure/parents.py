@@ -61,7 +61,7 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
     ``flux_redistributed`` add up to), ``centroid_x``/``centroid_y`` of the summed
     model, every column of the measurement suite, ``flags``.
     """
-    from .catalog import CATALOG_FLAGS, UNITS, _flux_units, open_measurer
+    from .catalog import CATALOG_FLAGS, UNITS, _flux_units, apcorr_attrs, open_measurer
     from .lazycolumn import lazy_variable, with_measurer
 
     # parents take the band's aperture correction like its children (same fluxes, same missing light)
@@ -84,7 +84,7 @@ def parent_catalog(store, band: str, run: str | None = None, redistribute: bool 
         data[c] = lazy_variable(cache, c, dtype, n)
     ds = xr.Dataset(data, attrs={"band": band, "run": run, "redistribute": int(redistribute),
                                  "row_type": "parent",
-                                 "apcorr": "" if measurer.photometry.apcorr is None else f"apcorr/{band}", "flag_bits": json.dumps(CATALOG_FLAGS)})
+                                 **apcorr_attrs(measurer, band), "flag_bits": json.dumps(CATALOG_FLAGS)})
     for c in ds.variables:
         ds[c].attrs["units"] = units[c]
     ds.attrs["units"] = json.dumps({c: units[c] for c in ds.variables})

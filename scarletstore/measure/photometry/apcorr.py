@@ -49,8 +49,10 @@ def fit_field(x, y, ratio, ratio_err, order: int, width: float, height: float, c
               n_iter: int = 10):
     """Robust weighted least-squares Chebyshev fit of ``ratio`` over the patch.
 
-    The order is lowered until there are ``MIN_STARS_PER_TERM`` stars per
-    term. The covariance of the coefficients is scaled by the reduced chi^2
+    The order is lowered (down to a constant) until there are
+    ``MIN_STARS_PER_TERM`` stars per term, and clipping stops before it would
+    keep fewer than that: fewer stars than terms is an exact interpolation
+    with no scatter left to judge the errors by. The covariance of the coefficients is scaled by the reduced chi^2
     of the kept stars when it exceeds 1 (scatter the errors do not explain,
     e.g. PSF structure the series cannot follow).
 
@@ -75,8 +77,8 @@ def fit_field(x, y, ratio, ratio_err, order: int, width: float, height: float, c
         resid = (ratio - a @ coef) * np.sqrt(w)
         s = robust_sigma(resid[used])
         new = np.abs(resid - np.median(resid[used])) <= clip * max(s, 1e-12)
-        if new.sum() < len(terms) or np.array_equal(new, used):
-            break
+        if new.sum() < MIN_STARS_PER_TERM * len(terms) or np.array_equal(new, used):
+            break  # (too few left: keep the previous set)
         used = new
     coef, cov = _weighted_lstsq(a[used], ratio[used], w[used])
     resid = (ratio - a @ coef) * np.sqrt(w)
@@ -112,8 +114,13 @@ def select_stars(cat: dict, psf_size: float, reference: str, min_snr: float, max
 
 
 def apcorr_dataset(fits: dict, band: str, run: str, reference: str, width: int, height: int,
-                   config: dict) -> xr.Dataset:
-    """The ``apcorr`` v1 product of one band from per-flux-type fits."""
+                   config: dict, reference_radius: float, n_rejected: int = 0) -> xr.Dataset:
+    """The ``apcorr`` v1 product of one band from per-flux-type fits.
+
+    ``reference_radius``: the reference aperture's radius (pixels);
+    ``n_rejected``: stars that passed the catalog cuts but were set aside
+    because their reference aperture was not wholly on usable pixels.
+    """
     import xarray as xr  # here: a catalog only reads corrections (see load_apcorr)
 
     names = list(fits)
@@ -134,10 +141,12 @@ def apcorr_dataset(fits: dict, band: str, run: str, reference: str, width: int, 
          "degree_y": (("term",), np.array([t[1] for t in terms], np.int32)),
          "n_stars": (("flux_type",), np.array([int(fits[n]["used"].sum()) for n in names], np.int64)),
          "n_candidates": (("flux_type",), np.array([len(fits[n]["used"]) for n in names], np.int64)),
+         "fit_order": (("flux_type",), np.array([fits[n]["order"] for n in names], np.int32)),
          "scatter": (("flux_type",), np.array([fits[n]["scatter"] for n in names], np.float64))},
         coords={"flux_type": np.array(names, dtype=object)},
         attrs={"band": band, "run": run, "reference": reference, "width": int(width),
-               "height": int(height), "order": int(order), "config": json.dumps(config)},
+               "height": int(height), "order": int(order), "config": json.dumps(config),
+               "reference_radius": float(reference_radius), "n_rejected": int(n_rejected)},
     )
     return stamp(ds, "apcorr", 1)
 
@@ -152,6 +161,9 @@ class ApertureCorrection:
         self.cov = np.asarray(ds["covariance"].values, np.float64)
         self.width, self.height = float(ds.attrs["width"]), float(ds.attrs["height"])
         self.reference = str(ds.attrs["reference"])
+        self.run = str(ds.attrs["run"])
+        # products written before the radius was recorded: nan (unknown)
+        self.reference_radius = float(ds.attrs.get("reference_radius", np.nan))
 
     def evaluate(self, name: str, x, y):
         """(factor, factor error) of flux type ``name`` at pixel positions (x, y)."""
