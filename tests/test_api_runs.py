@@ -52,3 +52,33 @@ def test_write_of_a_run_refuses_source_ids_of_another_run(detected, tmp_path):
     store.write({"runs/first": run}, replace=True)
     store.add_run(run, name="second")  # renumbers its sources
     assert store.runs() == ["first", "second"] and store.check(deep=True) == []
+
+
+@pytest.mark.parametrize("how", ["add_run", "write"])
+def test_api_run_is_refused_after_detect_replace(detected, tmp_path, capsys, how):
+    store, run = _copy(detected, tmp_path / "r.h5"), detected[1]
+    if how == "add_run":
+        store.add_run(run, name="api")
+    else:
+        store.write({"runs/api": run})
+    attrs = store.read("runs/api").attrs
+    # the run records the inputs of the store it was added to, as a CLI deblend does
+    assert attrs["parents_checksum"] == store.recorded_checksum("parents")
+    assert attrs["exposure_checksum"] == store.recorded_checksum("exposure")
+    _ok(["catalog", store.path, "--band", "r", "-o", tmp_path / "before.csv"])
+    _ok(["detect", store.path, "--replace", "--threshold", "3"])
+    capsys.readouterr()
+    _fails(["catalog", store.path, "--band", "r", "--run", "api", "-o", tmp_path / "after.csv"],
+           capsys, "'api'", "detect --replace")
+    with pytest.raises(StoreError, match="deblend again"):
+        Store(store.path).catalog("r", run="api")
+
+
+def test_a_run_of_other_parents_is_refused(detected, tmp_path):
+    store, run = _copy(detected, tmp_path / "o.h5"), detected[1]
+    other = run.assign(blend_parent_id=run["blend_parent_id"] + 1000)
+    before = store_bytes(store.path)
+    for add in (lambda: store.add_run(other), lambda: store.write({"runs/o": other})):
+        with pytest.raises(InputError, match="not among the store's parents"):
+            add()
+    assert store_bytes(store.path) == before and store.runs() == []

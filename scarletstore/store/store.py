@@ -717,6 +717,9 @@ class Store:
                                            "; add runs with Store.add_run, which numbers "
                                            "their sources", skip=others, extra=taken)
                         taken = np.union1d(taken, ids)
+                        if not ({"exposure", "parents"} & set(datasets)):
+                            datasets[name] = _with_input_checksums(self.path, f, check,
+                                                                   datasets[name])
             tx.put(datasets)
 
     def add_run(self, run: xr.Dataset, name: str | None = None, prefix: str = "scarlet",
@@ -760,6 +763,7 @@ class Store:
                     final = name
                 ids = run["source_id"].values
                 check = _checker(self, f)
+                run = _with_input_checksums(self.path, f, check, run)
                 if keep_ids:
                     _refuse_stored_ids(self.path, f, ids, check, StoreError)
                 else:
@@ -954,6 +958,42 @@ def _refuse_stored_ids(path: Path, f, ids, check, error=StoreError, hint: str = 
         clash = int(both[0]) if both.size else None
     if clash is not None:
         raise error(f"{path}: source id {clash} of the new run is already in the store{hint}")
+
+
+# Runs the store's own deblenders made; imported runs (method "lsst") refer to the
+# survey's parents and are never checked against the store's (runs.check_run_parents).
+_FITTED_METHODS = ("scarlet", "sdss")
+
+
+def _with_input_checksums(path: Path, f, check, run):
+    """``run`` with the checksums of the exposure and parents of the open file ``f``
+    filled in where it records none.
+
+    A run made through the Python API (``deblend_exposure`` without checksums) is
+    being added to the store whose parents it was fitted on; without the record,
+    after ``detect --replace`` its catalog was measured on the new parents without
+    a word. Its parent ids must then all be among the store's parents (InputError
+    otherwise: it was fitted on other ones).
+    """
+    wanted = [g for g in RECORDED_CHECKSUMS
+              if not run.attrs.get(f"{g}_checksum") and g in f]
+    if run.attrs.get("method") not in _FITTED_METHODS or "parents" not in wanted:
+        return run
+    check("parents")
+    ids = np.unique(np.asarray(run["blend_parent_id"].values, np.int64))
+    missing = np.setdiff1d(ids, f["parents"]["parent_id"][()])
+    if missing.size:
+        raise InputError(f"{path}: parent {int(missing[0])} of the new run is not among the "
+                         "store's parents; add a run to the store it was deblended from")
+    run = run.copy()
+    for group in wanted:
+        check(group)
+        digest = f[group].attrs.get(CHECKSUM_ATTR)
+        digest = digest.decode() if isinstance(digest, bytes) else digest
+        # the digest recorded at write time (what a CLI deblend records); else hash it
+        run.attrs[f"{group}_checksum"] = (digest if isinstance(digest, str) and len(digest) == 64
+                                          else _checksum(f[group]))
+    return run
 
 
 def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset], encoding=_encoding,
