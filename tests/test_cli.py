@@ -64,7 +64,7 @@ def store_path(tmp_path_factory):
                                          name=name, method="scarlet", config_json="{}",
                                          package_version="test")
     Store.create(path, {"exposure": ex, "runs/a": runs["runs/a"]})
-    Store(path).write({"runs/b": runs["runs/b"]})  # written second: the newest
+    Store(path).add_run(runs["runs/b"], name="b")  # added second: the newest
     return path
 
 
