@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from .errors import InputError, ScarletStoreError, StoreError
+from .text import noun, plural
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,7 +188,7 @@ def cmd_ingest(args):
     else:
         Store.create(path, {"exposure": exposure})
     ny, nx = exposure.sizes["y"], exposure.sizes["x"]
-    print(f"ingested {exposure.sizes['band']} bands ({','.join(exposure.band.values)}) "
+    print(f"ingested {plural(exposure.sizes['band'], 'band')} ({','.join(exposure.band.values)}) "
           f"of {ny}x{nx} pixels into {path}; {_defect_summary(exposure)}")
 
 
@@ -288,12 +289,12 @@ def cmd_simulate(args):
         out = simulate_visits(args.out_dir, n_visits=args.visits, size=args.size, seed=args.seed,
                               bands=_bands(args.bands), density=args.density,
                               progress=sys.stderr.isatty())
-        print(f"simulated {len(out['visits'])} visits of a {args.size}x{args.size} grid in "
+        print(f"simulated {plural(len(out['visits']), 'visit')} of a {args.size}x{args.size} grid in "
               f"{args.out_dir}; grid {out['grid']}; truth in {out['truth']}")
         return
     out = simulate_field(args.out_dir, size=args.size, seed=args.seed, bands=_bands(args.bands),
                          density=args.density, progress=True, **field_opts)
-    print(f"simulated {args.size}x{args.size} field in {len(out['bands'])} bands: "
+    print(f"simulated {args.size}x{args.size} field in {plural(len(out['bands']), 'band')}: "
           f"{' '.join(str(p) for p in out['bands'].values())}; truth in {out['truth']}")
 
 
@@ -320,10 +321,11 @@ def cmd_coadd(args):
             ds.close()
     exposure, table = groups["exposure"], groups["visits"]
     ny, nx = grid.shape
-    print(f"coadded {len(visits)} visits in {exposure.sizes['band']} bands "
+    print(f"coadded {plural(len(visits), 'visit')} in {plural(exposure.sizes['band'], 'band')} "
           f"({','.join(exposure.band.values)}) onto {ny}x{nx} pixels at zero point "
-          f"{exposure.attrs['zeropoint']:g} into {path}; {int(table['n_rejected'].values.sum())} "
-          f"artifact pixels rejected, {int((~table['psf_matched'].values).sum())} visits left out "
+          f"{exposure.attrs['zeropoint']:g} into {path}; "
+          f"{plural(int(table['n_rejected'].values.sum()), 'artifact pixel')} rejected, "
+          f"{plural(int((~table['psf_matched'].values).sum()), 'visit')} left out "
           f"of the PSF-matched coadd")
     for line in _coadd_warnings(exposure.attrs, table, not args.no_reject):
         sys.stderr.write(f"scarletstore coadd: warning: {line}\n")
@@ -380,7 +382,7 @@ def cmd_tract(args):
     index = run_tract(plan, workers=args.workers, scheduler=scheduler, show_progress=True, index=index)
     done = [e for e in index["patches"] if e["status"] == "done"]
     total = len(index["patches"])
-    print(f"tract {plan.out_dir}: {len(done)} of {total} patches done"
+    print(f"tract {plan.out_dir}: {len(done)} of {plural(total, 'patch', 'patches')} done"
           f"{f', {n_run} in this run' if args.resume else ''} ({plan.shape[0]}x{plan.shape[1]}, overlap {plan.overlap} px), "
           f"{sum(e['n_sources'] for e in done)} sources; index {plan.out_dir / 'tract.json'}")
     dropped = {}
@@ -393,8 +395,8 @@ def cmd_tract(args):
                                                          for v, p in dropped.items()) + "\n")
     bad = failed_patches(index)
     if bad:
-        sys.stderr.write(f"scarletstore tract: error: {len(bad)} of {total} patches failed after "
-                         f"{bad[0]['attempts']} attempts ({bad[0]['name']}: {bad[0]['error']}"
+        sys.stderr.write(f"scarletstore tract: error: {len(bad)} of {plural(total, 'patch', 'patches')} failed after "
+                         f"{plural(bad[0]['attempts'], 'attempt')} ({bad[0]['name']}: {bad[0]['error']}"
                          f"{'; ...' if len(bad) > 1 else ''}); recorded in tract.json; "
                          f"'scarletstore tract {args.out_dir} --resume' runs them again\n")
         return 1
@@ -429,9 +431,10 @@ def cmd_merge(args):
     columns, attrs, missing = tract_catalog(args.out_dir, args.band)
     write_columns(columns, attrs, out)
     print(f"wrote {len(columns['is_primary'])} rows ({int(columns['is_primary'].sum())} primary) of "
-          f"band {args.band} from {len(json.loads(attrs['run']))} patches to {out}")
+          f"band {args.band} from {plural(len(json.loads(attrs['run'])), 'patch', 'patches')} to {out}")
     if missing:
-        sys.stderr.write(f"scarletstore merge: warning: {len(missing)} patches not done and left out "
+        sys.stderr.write(f"scarletstore merge: warning: {plural(len(missing), 'patch', 'patches')} not done "
+                         "and left out "
                          f"({', '.join(missing)}): no primaries in their inner regions\n")
 
 
@@ -464,10 +467,12 @@ def cmd_detect(args):
 
         stale = stale_runs(store)
         if stale:  # their catalogs are refused from now on (store.runs.check_run_parents)
-            sys.stderr.write(f"scarletstore detect: warning: runs {', '.join(stale)} were deblended "
+            sys.stderr.write(f"scarletstore detect: warning: {noun(len(stale), 'run')} "
+                             f"{', '.join(stale)} {noun(len(stale), 'was', 'were')} deblended "
                              "from the replaced parents; deblend again to measure them\n")
     n_ext = int(((parents["peak_flags"].values & 1) != 0).sum())
-    print(f"detected {parents.sizes['parent']} parents with {parents.sizes['peak']} peaks "
+    print(f"detected {plural(parents.sizes['parent'], 'parent')} with "
+          f"{plural(parents.sizes['peak'], 'peak')} "
           f"({n_ext} external) in {store.path}")
 
 
@@ -723,7 +728,7 @@ def cmd_forced(args):
     _using(args.run, run)
     n = write_table(table, out)
     measured = int(np.isfinite(table["flux"].values).sum())
-    print(f"wrote {n} rows ({measured} measured) of run {run} on {len(visits)} visits to {out}")
+    print(f"wrote {n} rows ({measured} measured) of run {run} on {plural(len(visits), 'visit')} to {out}")
 
 
 def cmd_query(args):

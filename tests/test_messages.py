@@ -1,0 +1,35 @@
+"""Summary lines and errors say what happened, in the right number.
+
+Found by a new-user review: messages read "1 bands", "1 files were given", "runs second were",
+"1 patches not done".
+"""
+
+from __future__ import annotations
+
+from test_cli_outputs import _fails, _ok, _write_npz
+
+from scarletstore.cli import main
+from scarletstore.text import noun, plural
+
+
+def test_plural():
+    assert plural(1, "band") == "1 band" and plural(0, "band") == "0 bands"
+    assert plural(2, "patch", "patches") == "2 patches" and plural(1, "patch", "patches") == "1 patch"
+    assert noun(1, "was", "were") == "was" and noun(3, "run") == "runs"
+
+
+def test_counts_of_one_are_singular(tmp_path, capsys):
+    npz = _write_npz(tmp_path / "in.npz")
+    _fails(["ingest", tmp_path / "s.h5", npz, "--bands", "r"], capsys,
+           "--bands names 1 band,")
+    fits = [tmp_path / f"{b}.fits" for b in "gr"]
+    assert main(["ingest", str(tmp_path / "t.h5"), str(fits[0]), "--bands", "g,r"]) == 2
+    assert "names 2 bands but 1 file was given" in capsys.readouterr().err
+    store = tmp_path / "u.h5"
+    _ok(["ingest", store, npz])
+    _ok(["detect", store])
+    _ok(["deblend", store, "--run", "second"])
+    capsys.readouterr()
+    _ok(["detect", store, "--replace", "--threshold", "3"])
+    err = capsys.readouterr().err
+    assert "warning: run second was deblended from the replaced parents" in err, err
