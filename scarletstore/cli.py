@@ -508,8 +508,6 @@ def _blend_pixels(store, parents, blend_ids):
 
 
 def cmd_deblend(args):
-    import numpy as np
-
     from .deblend.config import DeblendConfig
     from .deblend.run import deblend_exposure
     from .store.store import Store, check_run_name, run_group
@@ -564,14 +562,31 @@ def cmd_deblend(args):
         raise StoreError(f"{store.path}: the parents were replaced while deblending; run deblend again")
     # name and source ids are final only at commit, inside the writer lock
     name = store.add_run(run, name=args.run, prefix=args.method)
-    nb = run.sizes["blend"]
-    fitted = int((run["blend_reason"].values == "").sum())
-    failed = int(sum(str(r).startswith("failed") for r in run["blend_reason"].values))
-    conv = int(run["blend_converged"].values[run["blend_reason"].values == ""].sum())
-    rt = run["blend_runtime"].values[run["blend_reason"].values == ""]
-    print(f"run {name}: {nb} parents, {fitted} fitted ({conv} converged, {failed} failed), "
-          f"{run.sizes['source']} sources, {run.sizes['component']} components; "
-          f"median {1e3 * (float(np.median(rt)) if rt.size else 0):.1f} ms per blend")
+    print(_deblend_summary(name, run))
+
+
+def _deblend_summary(name, run) -> str:
+    """The line ``deblend`` ends with: how many parents were fitted, failed, kept as
+    isolated sources and skipped (with the reasons), and what the run holds."""
+    import numpy as np
+
+    reasons = np.asarray(run["blend_reason"].values).astype(str)
+    fitted = reasons == ""
+    failed = int(np.char.startswith(reasons, "failed").sum())
+    isolated = int((reasons == "isolated").sum())
+    # a skipped parent (parent_too_big, masked, ...) has no model in the run: the line
+    # said nothing of them, so a run missing parents looked complete
+    skipped = {}
+    for r in reasons[~fitted & (reasons != "isolated") & ~np.char.startswith(reasons, "failed")]:
+        skipped[r] = skipped.get(r, 0) + 1
+    why = f" ({', '.join(f'{r}: {n}' for r, n in sorted(skipped.items()))})" if skipped else ""
+    conv = int(run["blend_converged"].values[fitted].sum())
+    rt = run["blend_runtime"].values[fitted]
+    return (f"run {name}: {plural(run.sizes['blend'], 'parent')}, {int(fitted.sum())} fitted "
+            f"({conv} converged, {failed} failed), {isolated} isolated, "
+            f"{sum(skipped.values())} skipped{why}, {plural(run.sizes['source'], 'source')}, "
+            f"{plural(run.sizes['component'], 'component')}; "
+            f"median {1e3 * (float(np.median(rt)) if rt.size else 0):.1f} ms per blend")
 
 
 def _open_run_store(path, run):
