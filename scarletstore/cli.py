@@ -890,6 +890,8 @@ def cmd_export_lsst(args):
     from .store.store import run_group
 
     out = _check_output(args.output, stores=[args.store])
+    if out.suffix.lower() != ".json":  # the models are JSON, whatever the name
+        raise InputError(f"{out}: output must end in .json")
     store, run = _open_run_store(args.store, args.run)
     ds = store.read(run_group(run))
     if ds.sizes["blend"] == 0:  # a file import-lsst (and Rubin's reader) could not take back

@@ -47,3 +47,13 @@ def test_counts_of_one_are_singular(tmp_path, capsys):
     _ok(["detect", store, "--replace", "--threshold", "3"])
     err = capsys.readouterr().err
     assert "warning: run second was deblended from the replaced parents" in err, err
+
+
+def test_export_lsst_output_must_be_json(tmp_path, capsys):
+    store = tmp_path / "s.h5"
+    _ok(["ingest", store, _write_npz(tmp_path / "in.npz")])
+    _ok(["detect", store])
+    _ok(["deblend", store])
+    _fails(["export-lsst", store, "-o", tmp_path / "x.txt"], capsys, "must end in .json")
+    assert not (tmp_path / "x.txt").exists()
+    _ok(["export-lsst", store, "-o", tmp_path / "x.json"])
