@@ -316,6 +316,7 @@ def cmd_coadd(args):
     with tempfile.TemporaryDirectory(prefix="scarletstore-coadd-bands-") as scratch:
         groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers, scheduler=scheduler,
                        reject=not args.no_reject, target_fwhm=args.psf_matched_fwhm, scratch=scratch)
+        _record_relative_paths(groups["visits"], path)
         Store.create(path, groups)
         for ds in groups.values():
             ds.close()
@@ -329,6 +330,42 @@ def cmd_coadd(args):
           f"of the PSF-matched coadd")
     for line in _coadd_warnings(exposure.attrs, table, not args.no_reject):
         sys.stderr.write(f"scarletstore coadd: warning: {line}\n")
+
+
+def _record_relative_paths(table, store) -> None:
+    """Add to the visits table's ``paths`` the visit files relative to the store's folder:
+    a folder holding the store and its visits (the demo's output) may be moved whole."""
+    paths = json.loads(table.attrs.get("paths") or "{}")
+    folder = os.path.abspath(Path(store).parent)
+    paths["relative"] = [os.path.relpath(p, folder) for p in paths.get("absolute", [])]
+    table.attrs["paths"] = json.dumps(paths)
+
+
+def _recorded_visits(store) -> list[Path] | None:
+    """The coadd's visit files where the ``visits`` group recorded them (relative to the
+    store first, then absolute), or None when any is not found there (or none is recorded).
+
+    Without it forced looked for the bare file names beside the store or here only, and
+    failed on visits kept in a folder of their own (the demo's ``visits/``).
+    """
+    if not store.has("visits"):
+        return None
+    table = store.read("visits")
+    try:
+        paths = json.loads(table.attrs.get("paths") or "{}")
+    except ValueError:
+        return None
+    folder = Path(store.path).parent
+    n = table.sizes["visit"]
+    choices = [[folder / p for p in paths.get("relative") or []],
+               [Path(p) for p in paths.get("absolute") or []]]
+    out = []
+    for i in range(n):
+        found = next((c[i] for c in choices if len(c) == n and c[i].is_file()), None)
+        if found is None:
+            return None
+        out.append(found)
+    return out
 
 
 def _coadd_warnings(attrs, table, reject) -> list[str]:
@@ -734,7 +771,7 @@ def cmd_forced(args):
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
     store, run = _open_run_store(args.store, args.run)
-    visits = args.visits or default_visits(store)
+    visits = args.visits or _recorded_visits(store) or default_visits(store)
     if not args.visits:  # the coadd's own visits are inputs too
         _check_output(out, inputs=visits)
     table = forced_photometry(store, run, visits, workers=args.workers, scheduler=scheduler,
