@@ -230,12 +230,13 @@ def cmd_info(args):
         print(f"{store.path}: {len(store.groups())} groups checked, no problems")
         return
     groups = store.groups()
-    print(f"store {store.path} ({store.disk_bytes() / 1e6:.2f} MB, {store.layout})")
+    # two different sizes: the files' bytes (compressed) here, each group's decoded arrays below
+    print(f"store {store.path} ({store.disk_bytes() / 1e6:.2f} MB on disk, {store.layout})")
     damaged = 0
     for name, g in groups.items():
         dims = ", ".join(f"{k}={v}" for k, v in sorted(g["dims"].items()))
         print(f"  {name:<24} {g['schema']} v{g['schema_version']}  {dims}  "
-              f"{g['nbytes'] / 1e6:.2f} MB")
+              f"{g['nbytes'] / 1e6:.2f} MB in memory")
         try:
             store.validate(name)
         except (SchemaError, StoreError) as exc:  # list the rest; --check exits 2 on it
