@@ -4,6 +4,7 @@
 >>> store = ss.open("field.h5")            # an existing store
 >>> store = ss.Store.create("new.h5", {"exposure": exposure})
 >>> ss.copy_store("new.h5", "copy.h5")    # new.h5 is a file plus its folder new.h5.d
+>>> ss.store_files("copy.h5")             # every file of it: the index and its products
 
 ``import scarletstore`` stays cheap: the store (h5py, xarray) is imported on
 first use of ``open`` or ``Store``.
@@ -12,8 +13,8 @@ first use of ``open`` or ``Store``.
 from .errors import InputError, ScarletStoreError, SchemaError, StoreError
 
 __all__ = ["__version__", "open", "Store", "copy_store", "move_store", "remove_store",
-           "ScarletStoreError", "InputError", "SchemaError", "StoreError"]
-_STORE_FUNCTIONS = ("Store", "copy_store", "move_store", "remove_store")
+           "store_files", "ScarletStoreError", "InputError", "SchemaError", "StoreError"]
+_STORE_FUNCTIONS = ("Store", "copy_store", "move_store", "remove_store", "store_files")
 
 
 def open(path):  # noqa: A001 - ss.open(path) mirrors xarray.open_dataset / h5py.File

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from .errors import InputError, ScarletStoreError, StoreError
+from .text import noun, plural
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,7 +188,7 @@ def cmd_ingest(args):
     else:
         Store.create(path, {"exposure": exposure})
     ny, nx = exposure.sizes["y"], exposure.sizes["x"]
-    print(f"ingested {exposure.sizes['band']} bands ({','.join(exposure.band.values)}) "
+    print(f"ingested {plural(exposure.sizes['band'], 'band')} ({','.join(exposure.band.values)}) "
           f"of {ny}x{nx} pixels into {path}; {_defect_summary(exposure)}")
 
 
@@ -229,12 +230,13 @@ def cmd_info(args):
         print(f"{store.path}: {len(store.groups())} groups checked, no problems")
         return
     groups = store.groups()
-    print(f"store {store.path} ({store.disk_bytes() / 1e6:.2f} MB, {store.layout})")
+    # two different sizes: the files' bytes (compressed) here, each group's decoded arrays below
+    print(f"store {store.path} ({store.disk_bytes() / 1e6:.2f} MB on disk, {store.layout})")
     damaged = 0
     for name, g in groups.items():
         dims = ", ".join(f"{k}={v}" for k, v in sorted(g["dims"].items()))
         print(f"  {name:<24} {g['schema']} v{g['schema_version']}  {dims}  "
-              f"{g['nbytes'] / 1e6:.2f} MB")
+              f"{g['nbytes'] / 1e6:.2f} MB in memory")
         try:
             store.validate(name)
         except (SchemaError, StoreError) as exc:  # list the rest; --check exits 2 on it
@@ -288,12 +290,12 @@ def cmd_simulate(args):
         out = simulate_visits(args.out_dir, n_visits=args.visits, size=args.size, seed=args.seed,
                               bands=_bands(args.bands), density=args.density,
                               progress=sys.stderr.isatty())
-        print(f"simulated {len(out['visits'])} visits of a {args.size}x{args.size} grid in "
+        print(f"simulated {plural(len(out['visits']), 'visit')} of a {args.size}x{args.size} grid in "
               f"{args.out_dir}; grid {out['grid']}; truth in {out['truth']}")
         return
     out = simulate_field(args.out_dir, size=args.size, seed=args.seed, bands=_bands(args.bands),
                          density=args.density, progress=True, **field_opts)
-    print(f"simulated {args.size}x{args.size} field in {len(out['bands'])} bands: "
+    print(f"simulated {args.size}x{args.size} field in {plural(len(out['bands']), 'band')}: "
           f"{' '.join(str(p) for p in out['bands'].values())}; truth in {out['truth']}")
 
 
@@ -315,18 +317,56 @@ def cmd_coadd(args):
     with tempfile.TemporaryDirectory(prefix="scarletstore-coadd-bands-") as scratch:
         groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers, scheduler=scheduler,
                        reject=not args.no_reject, target_fwhm=args.psf_matched_fwhm, scratch=scratch)
+        _record_relative_paths(groups["visits"], path)
         Store.create(path, groups)
         for ds in groups.values():
             ds.close()
     exposure, table = groups["exposure"], groups["visits"]
     ny, nx = grid.shape
-    print(f"coadded {len(visits)} visits in {exposure.sizes['band']} bands "
+    print(f"coadded {plural(len(visits), 'visit')} in {plural(exposure.sizes['band'], 'band')} "
           f"({','.join(exposure.band.values)}) onto {ny}x{nx} pixels at zero point "
-          f"{exposure.attrs['zeropoint']:g} into {path}; {int(table['n_rejected'].values.sum())} "
-          f"artifact pixels rejected, {int((~table['psf_matched'].values).sum())} visits left out "
+          f"{exposure.attrs['zeropoint']:g} into {path}; "
+          f"{plural(int(table['n_rejected'].values.sum()), 'artifact pixel')} rejected, "
+          f"{plural(int((~table['psf_matched'].values).sum()), 'visit')} left out "
           f"of the PSF-matched coadd")
     for line in _coadd_warnings(exposure.attrs, table, not args.no_reject):
         sys.stderr.write(f"scarletstore coadd: warning: {line}\n")
+
+
+def _record_relative_paths(table, store) -> None:
+    """Add to the visits table's ``paths`` the visit files relative to the store's folder:
+    a folder holding the store and its visits (the demo's output) may be moved whole."""
+    paths = json.loads(table.attrs.get("paths") or "{}")
+    folder = os.path.abspath(Path(store).parent)
+    paths["relative"] = [os.path.relpath(p, folder) for p in paths.get("absolute", [])]
+    table.attrs["paths"] = json.dumps(paths)
+
+
+def _recorded_visits(store) -> list[Path] | None:
+    """The coadd's visit files where the ``visits`` group recorded them (relative to the
+    store first, then absolute), or None when any is not found there (or none is recorded).
+
+    Without it forced looked for the bare file names beside the store or here only, and
+    failed on visits kept in a folder of their own (the demo's ``visits/``).
+    """
+    if not store.has("visits"):
+        return None
+    table = store.read("visits")
+    try:
+        paths = json.loads(table.attrs.get("paths") or "{}")
+    except ValueError:
+        return None
+    folder = Path(store.path).parent
+    n = table.sizes["visit"]
+    choices = [[folder / p for p in paths.get("relative") or []],
+               [Path(p) for p in paths.get("absolute") or []]]
+    out = []
+    for i in range(n):
+        found = next((c[i] for c in choices if len(c) == n and c[i].is_file()), None)
+        if found is None:
+            return None
+        out.append(found)
+    return out
 
 
 def _coadd_warnings(attrs, table, reject) -> list[str]:
@@ -380,7 +420,7 @@ def cmd_tract(args):
     index = run_tract(plan, workers=args.workers, scheduler=scheduler, show_progress=True, index=index)
     done = [e for e in index["patches"] if e["status"] == "done"]
     total = len(index["patches"])
-    print(f"tract {plan.out_dir}: {len(done)} of {total} patches done"
+    print(f"tract {plan.out_dir}: {len(done)} of {plural(total, 'patch', 'patches')} done"
           f"{f', {n_run} in this run' if args.resume else ''} ({plan.shape[0]}x{plan.shape[1]}, overlap {plan.overlap} px), "
           f"{sum(e['n_sources'] for e in done)} sources; index {plan.out_dir / 'tract.json'}")
     dropped = {}
@@ -393,8 +433,8 @@ def cmd_tract(args):
                                                          for v, p in dropped.items()) + "\n")
     bad = failed_patches(index)
     if bad:
-        sys.stderr.write(f"scarletstore tract: error: {len(bad)} of {total} patches failed after "
-                         f"{bad[0]['attempts']} attempts ({bad[0]['name']}: {bad[0]['error']}"
+        sys.stderr.write(f"scarletstore tract: error: {len(bad)} of {plural(total, 'patch', 'patches')} failed after "
+                         f"{plural(bad[0]['attempts'], 'attempt')} ({bad[0]['name']}: {bad[0]['error']}"
                          f"{'; ...' if len(bad) > 1 else ''}); recorded in tract.json; "
                          f"'scarletstore tract {args.out_dir} --resume' runs them again\n")
         return 1
@@ -429,9 +469,10 @@ def cmd_merge(args):
     columns, attrs, missing = tract_catalog(args.out_dir, args.band)
     write_columns(columns, attrs, out)
     print(f"wrote {len(columns['is_primary'])} rows ({int(columns['is_primary'].sum())} primary) of "
-          f"band {args.band} from {len(json.loads(attrs['run']))} patches to {out}")
+          f"band {args.band} from {plural(len(json.loads(attrs['run'])), 'patch', 'patches')} to {out}")
     if missing:
-        sys.stderr.write(f"scarletstore merge: warning: {len(missing)} patches not done and left out "
+        sys.stderr.write(f"scarletstore merge: warning: {plural(len(missing), 'patch', 'patches')} not done "
+                         "and left out "
                          f"({', '.join(missing)}): no primaries in their inner regions\n")
 
 
@@ -464,10 +505,12 @@ def cmd_detect(args):
 
         stale = stale_runs(store)
         if stale:  # their catalogs are refused from now on (store.runs.check_run_parents)
-            sys.stderr.write(f"scarletstore detect: warning: runs {', '.join(stale)} were deblended "
+            sys.stderr.write(f"scarletstore detect: warning: {noun(len(stale), 'run')} "
+                             f"{', '.join(stale)} {noun(len(stale), 'was', 'were')} deblended "
                              "from the replaced parents; deblend again to measure them\n")
     n_ext = int(((parents["peak_flags"].values & 1) != 0).sum())
-    print(f"detected {parents.sizes['parent']} parents with {parents.sizes['peak']} peaks "
+    print(f"detected {plural(parents.sizes['parent'], 'parent')} with "
+          f"{plural(parents.sizes['peak'], 'peak')} "
           f"({n_ext} external) in {store.path}")
 
 
@@ -503,8 +546,6 @@ def _blend_pixels(store, parents, blend_ids):
 
 
 def cmd_deblend(args):
-    import numpy as np
-
     from .deblend.config import DeblendConfig
     from .deblend.run import deblend_exposure
     from .store.store import Store, check_run_name, run_group
@@ -559,14 +600,31 @@ def cmd_deblend(args):
         raise StoreError(f"{store.path}: the parents were replaced while deblending; run deblend again")
     # name and source ids are final only at commit, inside the writer lock
     name = store.add_run(run, name=args.run, prefix=args.method)
-    nb = run.sizes["blend"]
-    fitted = int((run["blend_reason"].values == "").sum())
-    failed = int(sum(str(r).startswith("failed") for r in run["blend_reason"].values))
-    conv = int(run["blend_converged"].values[run["blend_reason"].values == ""].sum())
-    rt = run["blend_runtime"].values[run["blend_reason"].values == ""]
-    print(f"run {name}: {nb} parents, {fitted} fitted ({conv} converged, {failed} failed), "
-          f"{run.sizes['source']} sources, {run.sizes['component']} components; "
-          f"median {1e3 * (float(np.median(rt)) if rt.size else 0):.1f} ms per blend")
+    print(_deblend_summary(name, run))
+
+
+def _deblend_summary(name, run) -> str:
+    """The line ``deblend`` ends with: how many parents were fitted, failed, kept as
+    isolated sources and skipped (with the reasons), and what the run holds."""
+    import numpy as np
+
+    reasons = np.asarray(run["blend_reason"].values).astype(str)
+    fitted = reasons == ""
+    failed = int(np.char.startswith(reasons, "failed").sum())
+    isolated = int((reasons == "isolated").sum())
+    # a skipped parent (parent_too_big, masked, ...) has no model in the run: the line
+    # said nothing of them, so a run missing parents looked complete
+    skipped = {}
+    for r in reasons[~fitted & (reasons != "isolated") & ~np.char.startswith(reasons, "failed")]:
+        skipped[r] = skipped.get(r, 0) + 1
+    why = f" ({', '.join(f'{r}: {n}' for r, n in sorted(skipped.items()))})" if skipped else ""
+    conv = int(run["blend_converged"].values[fitted].sum())
+    rt = run["blend_runtime"].values[fitted]
+    return (f"run {name}: {plural(run.sizes['blend'], 'parent')}, {int(fitted.sum())} fitted "
+            f"({conv} converged, {failed} failed), {isolated} isolated, "
+            f"{sum(skipped.values())} skipped{why}, {plural(run.sizes['source'], 'source')}, "
+            f"{plural(run.sizes['component'], 'component')}; "
+            f"median {1e3 * (float(np.median(rt)) if rt.size else 0):.1f} ms per blend")
 
 
 def _open_run_store(path, run):
@@ -738,7 +796,7 @@ def cmd_forced(args):
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
     store, run = _open_run_store(args.store, args.run)
-    visits = args.visits or default_visits(store)
+    visits = args.visits or _recorded_visits(store) or default_visits(store)
     if not args.visits:  # the coadd's own visits are inputs too
         _check_output(out, inputs=visits)
     table = forced_photometry(store, run, visits, workers=args.workers, scheduler=scheduler,
@@ -747,7 +805,7 @@ def cmd_forced(args):
     _using(args.run, run)
     n = write_table(table, out)
     measured = int(np.isfinite(table["flux"].values).sum())
-    print(f"wrote {n} rows ({measured} measured) of run {run} on {len(visits)} visits to {out}")
+    print(f"wrote {n} rows ({measured} measured) of run {run} on {plural(len(visits), 'visit')} to {out}")
 
 
 def cmd_query(args):
@@ -894,6 +952,8 @@ def cmd_export_lsst(args):
     from .store.store import run_group
 
     out = _check_output(args.output, stores=[args.store])
+    if out.suffix.lower() != ".json":  # the models are JSON, whatever the name
+        raise InputError(f"{out}: output must end in .json")
     store, run = _open_run_store(args.store, args.run)
     ds = store.read(run_group(run))
     if ds.sizes["blend"] == 0:  # a file import-lsst (and Rubin's reader) could not take back

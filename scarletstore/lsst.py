@@ -67,6 +67,7 @@ import xarray as xr
 from .errors import InputError
 from .store.components import Component, SourceResult
 from .store.runs import SOURCE_ISOLATED, BlendRecord, RunIndex, build_run, read_blend
+from .text import plural
 
 FORMAT_VERSION = "1.0.0"
 _SUPPORTED_MAJOR = 1
@@ -260,7 +261,7 @@ def _component(c, nb, where):
         morph = _shaped(_get(c, "morph", where), shape, f"{where} morph")
         spectrum = _floats(_get(c, "spectrum", where), f"{where} spectrum").ravel()
         if spectrum.size != nb:
-            raise _Fail(f"{where} spectrum has {spectrum.size} values for {nb} bands")
+            raise _Fail(f"{where} spectrum has {plural(spectrum.size, 'value')} for {plural(nb, 'band')}")
         return spectrum, morph, origin, peak
     if kind in _CUBE_TYPES:
         shape = _get(c, "shape", where)
@@ -268,12 +269,12 @@ def _component(c, nb, where):
         if len(shape) == 2:
             shape = [nb] + shape
         if len(shape) != 3 or shape[0] != nb:
-            raise _Fail(f"{where} cube shape {shape} does not match {nb} bands")
+            raise _Fail(f"{where} cube shape {shape} does not match {plural(nb, 'band')}")
         cube = _shaped(_get(c, "model", where), shape, f"{where} model")
         if c.get("spectrum") is not None:
             spectrum = _floats(c["spectrum"], f"{where} spectrum").ravel()
             if spectrum.size != nb:
-                raise _Fail(f"{where} spectrum has {spectrum.size} values for {nb} bands")
+                raise _Fail(f"{where} spectrum has {plural(spectrum.size, 'value')} for {plural(nb, 'band')}")
         else:
             spectrum = cube.sum(axis=(1, 2), dtype=np.float32)
         return spectrum, cube, origin, peak
@@ -294,7 +295,7 @@ def _isolated(src, nb, where):
         mask = _shaped(_get(src, "span_array", where), shape[-2:], f"{where} span_array")
         cube = np.repeat(mask[None], nb, axis=0)
     if cube.shape[0] != nb:
-        raise _Fail(f"{where} model has {cube.shape[0]} bands, expected {nb}")
+        raise _Fail(f"{where} model has {plural(cube.shape[0], 'band')}, expected {nb}")
     if src.get("spectrum") is not None:
         spectrum = _floats(src["spectrum"], f"{where} spectrum").ravel()
     else:

@@ -64,7 +64,7 @@ def store_path(tmp_path_factory):
                                          name=name, method="scarlet", config_json="{}",
                                          package_version="test")
     Store.create(path, {"exposure": ex, "runs/a": runs["runs/a"]})
-    Store(path).write({"runs/b": runs["runs/b"]})  # written second: the newest
+    Store(path).add_run(runs["runs/b"], name="b")  # added second: the newest
     return path
 
 
@@ -385,7 +385,7 @@ def test_the_command_exits_without_teardown_and_loses_nothing(tmp_path):
             "c.main = main")
     res = cli("detect", path, extra=hook)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.rstrip().endswith("handler ran") and "parents" in res.stdout
+    assert res.stdout.rstrip().endswith("handler ran") and "detected 1 parent with" in res.stdout
     res = cli("deblend", path, "--run", "a")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("run a: ") and res.stdout.endswith("\n")

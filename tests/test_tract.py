@@ -316,8 +316,10 @@ def test_a_failing_patch_is_retried_then_recorded_and_reported(tract_sim, tmp_pa
     assert not list(out.glob(".*"))  # the failed attempts' folders are gone
     # the merge names what is missing and keeps it in the catalog
     assert main(["merge", str(out), "--band", "g", "-o", str(tmp_path / "c.fits")]) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "patch_1_0" in err[0]
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "patch_1_0" in err[0] and "1 patch not done" in err[0]
+    assert "from 1 patch to" in captured.out
     from astropy.table import Table
 
     t = Table.read(tmp_path / "c.fits")
@@ -449,7 +451,7 @@ def test_resume_refuses_a_changed_tract_in_one_line(tract_sim, tmp_path, capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], (args, err)
     assert main(["tract", str(out), "--resume"]) == 0  # nothing left to run
-    assert "1 of 1 patches done, 0 in this run" in capsys.readouterr().out
+    assert "1 of 1 patch done, 0 in this run" in capsys.readouterr().out
     st = os.stat(visits[1])
     os.utime(visits[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the visit was rewritten
     assert main(["tract", str(out), "--resume"]) == 2

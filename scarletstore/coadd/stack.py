@@ -13,6 +13,8 @@ sum W^2 Var_warp / (sum W)^2 is the exact per-pixel variance of the stack.
 
 from __future__ import annotations
 
+import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -245,7 +247,10 @@ def visits_table(visits: list[Visit], rows: list[dict], zeropoint, kernel) -> xr
             "psf_matched": ("visit", np.array([r.get("psf_matched", False) for r in rows], bool)),
             "wcs": ("visit", np.array([v.wcs_text for v in visits], dtype=object)),
         },
-        attrs={"zeropoint": float(zeropoint), "kernel": kernel},
+        # the file names alone were looked for beside the store: visits kept in a folder
+        # of their own (the demo's visits/) were then not found by forced's default
+        attrs={"zeropoint": float(zeropoint), "kernel": kernel,
+               "paths": json.dumps({"absolute": [os.path.abspath(v.path) for v in visits]})},
     )
     stamp(ds, "visits", 1)
     return validate(ds)

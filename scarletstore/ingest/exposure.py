@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..store.schema import stamp, validate
+from ..text import noun, plural
 from .masks import DEFAULT_BAD_PLANES, LSST_MASK_PLANES  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -282,7 +283,8 @@ def read_fits_bands(paths, bands=None, psf_files=None, require_psf: bool = True,
     """
     psf_files = dict(psf_files or {})
     if bands is not None and len(bands) != len(paths):
-        raise InputError(f"--bands names {len(bands)} bands but {len(paths)} files were given")
+        raise InputError(f"--bands names {plural(len(bands), 'band')} but "
+                         f"{plural(len(paths), 'file')} {noun(len(paths), 'was', 'were')} given")
     with warnings.catch_warnings():
         # astropy reports the files' header fix-ups (FITSFixedWarning, VerifyWarning
         # on trailing bytes, ...) as warnings: the data are read all the same, and a
@@ -434,10 +436,11 @@ def read_npz(path, bands=None, psf_files=None, mask_defects: bool = True) -> xr.
             if not all(bands):
                 raise InputError(f"{path}: 'filters' holds an empty band name")
         elif len(bands) != images.shape[0]:
-            raise InputError(f"{path}: --bands names {len(bands)} bands, images have {images.shape[0]}")
+            raise InputError(f"{path}: --bands names {plural(len(bands), 'band')}, "
+                             f"images have {images.shape[0]}")
         psfs = list(_npz_array(data, "psfs", path))
         if len(psfs) != images.shape[0]:
-            raise InputError(f"{path}: {len(psfs)} PSFs for {images.shape[0]} bands")
+            raise InputError(f"{path}: {plural(len(psfs), 'PSF')} for {plural(images.shape[0], 'band')}")
         for band, pf in dict(psf_files or {}).items():
             if band not in bands:
                 raise InputError(f"--psf names band {band} that {path.name} does not have")

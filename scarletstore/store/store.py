@@ -701,6 +701,25 @@ class Store:
             for name in datasets:
                 if tx.has(name) and not replace:
                     raise StoreError(f"{self.path}: group {name!r} already exists")
+            runs = [name for name in datasets if name.startswith(RUNS + "/")]
+            if runs:
+                datasets = dict(datasets)
+                with h5py.File(tx.path, "r") as f:
+                    check = _checker(self, f)
+                    # the runs written here replace their namesakes: their ids are not "in use"
+                    others = {name[len(RUNS) + 1:] for name in runs}
+                    taken = np.zeros(0, np.int64)
+                    for name in runs:
+                        ids = np.asarray(datasets[name]["source_id"].values, np.int64)
+                        # the write keeps the run's own ids: a second run written this way
+                        # reused ids and left a store 'info --check' refused
+                        _refuse_stored_ids(self.path, f, ids, check, InputError,
+                                           "; add runs with Store.add_run, which numbers "
+                                           "their sources", skip=others, extra=taken)
+                        taken = np.union1d(taken, ids)
+                        if not ({"exposure", "parents"} & set(datasets)):
+                            datasets[name] = _with_input_checksums(self.path, f, check,
+                                                                   datasets[name])
             tx.put(datasets)
 
     def add_run(self, run: xr.Dataset, name: str | None = None, prefix: str = "scarlet",
@@ -744,11 +763,9 @@ class Store:
                     final = name
                 ids = run["source_id"].values
                 check = _checker(self, f)
+                run = _with_input_checksums(self.path, f, check, run)
                 if keep_ids:
-                    clash = _stored_ids_in(f, ids, check)
-                    if clash is not None:
-                        raise StoreError(f"{self.path}: source id {clash} of the new run is "
-                                         "already in the store")
+                    _refuse_stored_ids(self.path, f, ids, check, StoreError)
                 else:
                     first = _max_source_id(f, check) + 1
                     run = run.assign(source_id=("source", np.arange(first, first + ids.size,
@@ -915,16 +932,68 @@ def _checker(store: Store, f):
     return lambda group: _validate_group(store.path, f, group)
 
 
-def _stored_ids_in(f, ids, check) -> int | None:
-    """The first of ``ids`` already used by a run of the open file ``f``, else None."""
+def _stored_ids_in(f, ids, check, skip=()) -> int | None:
+    """The first of ``ids`` already used by a run of the open file ``f`` (runs named
+    in ``skip`` aside), else None."""
     ids = np.asarray(ids, np.int64)
     for name in f[RUNS].keys() if RUNS in f else []:
+        if name in skip:
+            continue
         group = run_group(name)
         check(group)
         hit = np.intersect1d(ids, f[group]["source_id"][()])
         if hit.size:
             return int(hit[0])
     return None
+
+
+def _refuse_stored_ids(path: Path, f, ids, check, error=StoreError, hint: str = "",
+                       skip=(), extra=()) -> None:
+    """Raise ``error`` (one line, ending in ``hint``) when a new run's ``ids`` use a
+    source id of a run of the open file ``f`` (runs in ``skip`` aside) or of ``extra``
+    (ids of other runs of the same write)."""
+    clash = _stored_ids_in(f, ids, check, skip)
+    if clash is None:
+        both = np.intersect1d(np.asarray(ids, np.int64), np.asarray(extra, np.int64))
+        clash = int(both[0]) if both.size else None
+    if clash is not None:
+        raise error(f"{path}: source id {clash} of the new run is already in the store{hint}")
+
+
+# Runs the store's own deblenders made; imported runs (method "lsst") refer to the
+# survey's parents and are never checked against the store's (runs.check_run_parents).
+_FITTED_METHODS = ("scarlet", "sdss")
+
+
+def _with_input_checksums(path: Path, f, check, run):
+    """``run`` with the checksums of the exposure and parents of the open file ``f``
+    filled in where it records none.
+
+    A run made through the Python API (``deblend_exposure`` without checksums) is
+    being added to the store whose parents it was fitted on; without the record,
+    after ``detect --replace`` its catalog was measured on the new parents without
+    a word. Its parent ids must then all be among the store's parents (InputError
+    otherwise: it was fitted on other ones).
+    """
+    wanted = [g for g in RECORDED_CHECKSUMS
+              if not run.attrs.get(f"{g}_checksum") and g in f]
+    if run.attrs.get("method") not in _FITTED_METHODS or "parents" not in wanted:
+        return run
+    check("parents")
+    ids = np.unique(np.asarray(run["blend_parent_id"].values, np.int64))
+    missing = np.setdiff1d(ids, f["parents"]["parent_id"][()])
+    if missing.size:
+        raise InputError(f"{path}: parent {int(missing[0])} of the new run is not among the "
+                         "store's parents; add a run to the store it was deblended from")
+    run = run.copy()
+    for group in wanted:
+        check(group)
+        digest = f[group].attrs.get(CHECKSUM_ATTR)
+        digest = digest.decode() if isinstance(digest, bytes) else digest
+        # the digest recorded at write time (what a CLI deblend records); else hash it
+        run.attrs[f"{group}_checksum"] = (digest if isinstance(digest, str) and len(digest) == 64
+                                          else _checksum(f[group]))
+    return run
 
 
 def _write_groups(tmp: Path, datasets: dict[str, xr.Dataset], encoding=_encoding,
