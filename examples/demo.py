@@ -1,4 +1,4 @@
-"""End-to-end demo: visits -> coadd -> detect -> deblend -> catalog -> forced -> pictures.
+"""End-to-end demo: visits -> coadd -> detect -> deblend -> apcorr -> catalog -> forced -> pictures.
 
 Run with ``make demo``. Everything goes through the ``scarletstore`` command
 line, exactly as a user would type it; the outputs land in ``--out``.
@@ -41,12 +41,13 @@ def main():
     sim = out / "visits"
 
     step("simulate visits", ["simulate", sim, "--visits", args.visits, "--size", args.size,
-                             "--seed", args.seed, "--bands", "gri"])
+                             "--seed", args.seed, "--bands", "gri", "--bright-stars", 9])
     visits = sorted(sim.glob("visit_*.fits"))
     step("coadd", ["coadd", store, *visits, "--grid", sim / "grid.fits", "--bands", "g,r,i"])
     step("detect", ["detect", store])
     step("deblend", ["deblend", store, "--run", "scarlet"])
     step("baseline", ["deblend", store, "--method", "sdss", "--run", "sdss"])
+    step("aperture correction", ["apcorr", store, "--band", "r", "--run", "scarlet"])
     step("catalog", ["catalog", store, "--band", "r", "--run", "scarlet", "-o", out / "catalog_r.fits"])
     step("forced", ["forced", store, *visits, "--run", "scarlet", "-o", out / "forced.fits"])
 
@@ -72,7 +73,8 @@ def main():
           f"{args.size}x{args.size} grid")
     print(f"  store:    {store}")
     print(f"  catalog:  {out / 'catalog_r.fits'} ({len(cat)} children in r, "
-          f"median blendedness {np.nanmedian(cat['blendedness']):.3f})")
+          f"median blendedness {np.nanmedian(np.ma.filled(cat['blendedness'], np.nan)):.3f}, "
+          f"aperture-corrected: {'yes' if cat.meta.get('APCORR') else 'no'})")
     print(f"  forced:   {out / 'forced.fits'} ({len(forced)} source-visit rows, "
           f"{int(good.sum())} unflagged, median chi2/dof {np.nanmedian(chi2[good]):.2f})")
     print(f"  pictures: {out / f'blend_{pick}.png'} (blend {pick}), {out / 'field.png'} "

@@ -282,14 +282,17 @@ def cmd_simulate(args):
     if args.visits is not None:
         from .simulate.visits import simulate_visits
 
-        asked = [f"--{k.replace('_', '-')}" for k, v in field_opts.items() if v not in (0, None)]
+        asked = [f"--{k.replace('_', '-')}" for k, v in field_opts.items()
+                 if v not in (0, None) and k != "bright_stars"]
         if asked:
             raise InputError(f"{', '.join(asked)}: options of a simulated coadd, not of --visits")
+        if args.bright_stars is not None and args.bright_stars < 0:
+            raise InputError(f"--bright-stars must not be negative, got {args.bright_stars}")
 
         # its bar draws on a terminal only, like every other (quiet when piped)
         out = simulate_visits(args.out_dir, n_visits=args.visits, size=args.size, seed=args.seed,
                               bands=_bands(args.bands), density=args.density,
-                              progress=sys.stderr.isatty())
+                              n_stars=int(args.bright_stars or 0), progress=sys.stderr.isatty())
         print(f"simulated {plural(len(out['visits']), 'visit')} of a {args.size}x{args.size} grid in "
               f"{args.out_dir}; grid {out['grid']}; truth in {out['truth']}")
         return

@@ -169,3 +169,16 @@ def test_an_interrupted_tract_says_one_line_and_its_index_matches_the_disk(visit
     index = json.loads((out / "tract.json").read_text())
     assert {e["status"] for e in index["patches"]} == {"done"} and len(index["resumed"]) == 1
     assert {n: (out / n / "store.h5").stat().st_mtime_ns for n in done} == done
+
+
+def test_simulated_visits_take_bright_stars_for_the_aperture_correction(tmp_path):
+    """--bright-stars was refused with --visits, so a coadd from simulated visits had too few
+    stars for apcorr (the demo's field: 1 of the 3 needed)."""
+    from astropy.table import Table
+
+    for name, extra in (("v", ["--bright-stars", "4"]), ("plain", [])):
+        assert main(["simulate", str(tmp_path / name), "--visits", "1", "--size", "64", "--bands", "r",
+                     *extra]) == 0
+    truth, plain = (Table.read(tmp_path / n / "truth.fits") for n in ("v", "plain"))
+    assert len(truth) == len(plain) + 4
+    assert main(["simulate", str(tmp_path / "w"), "--visits", "1", "--bright-stars", "-1"]) == 2
