@@ -345,33 +345,6 @@ def _record_relative_paths(table, store) -> None:
     table.attrs["paths"] = json.dumps(paths)
 
 
-def _recorded_visits(store) -> list[Path] | None:
-    """The coadd's visit files where the ``visits`` group recorded them (relative to the
-    store first, then absolute), or None when any is not found there (or none is recorded).
-
-    Without it forced looked for the bare file names beside the store or here only, and
-    failed on visits kept in a folder of their own (the demo's ``visits/``).
-    """
-    if not store.has("visits"):
-        return None
-    table = store.read("visits")
-    try:
-        paths = json.loads(table.attrs.get("paths") or "{}")
-    except ValueError:
-        return None
-    folder = Path(store.path).parent
-    n = table.sizes["visit"]
-    choices = [[folder / p for p in paths.get("relative") or []],
-               [Path(p) for p in paths.get("absolute") or []]]
-    out = []
-    for i in range(n):
-        found = next((c[i] for c in choices if len(c) == n and c[i].is_file()), None)
-        if found is None:
-            return None
-        out.append(found)
-    return out
-
-
 def _coadd_warnings(attrs, table, reject) -> list[str]:
     """What a coadd did not do although asked, band by band: rejection needs 3
     PSF-matched visits, background matching 2, and a PSF-matched coadd 1."""
@@ -799,7 +772,7 @@ def cmd_forced(args):
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
     store, run = _open_run_store(args.store, args.run)
-    visits = args.visits or _recorded_visits(store) or default_visits(store)
+    visits = args.visits or default_visits(store)
     if not args.visits:  # the coadd's own visits are inputs too
         _check_output(out, inputs=visits)
     table = forced_photometry(store, run, visits, workers=args.workers, scheduler=scheduler,

@@ -43,3 +43,18 @@ def test_forced_finds_the_coadd_visits_in_their_own_folder(tmp_path, monkeypatch
     # the whole folder moved: the visits where they are relative to the store
     shutil.move(field, tmp_path / "moved")
     _ok(["forced", tmp_path / "moved" / "out" / "s.h5", "-o", tmp_path / "f3.fits"])
+
+
+def test_the_api_default_finds_the_recorded_visits_too(tmp_path, monkeypatch):
+    """The recorded paths were first looked up by the command line only, so
+    ``forced.run.default_visits`` from Python still failed on the demo's layout."""
+    pytest.importorskip("galsim")
+    from scarletstore.measure.forced.run import default_visits
+
+    sim, store = tmp_path / "visits", tmp_path / "out" / "s.h5"
+    _ok(["simulate", sim, "--visits", "1", "--size", "64", "--bands", "g"])
+    visits = sorted(sim.glob("visit_*.fits"))
+    store.parent.mkdir()
+    _ok(["coadd", store, *visits, "--grid", sim / "grid.fits"])
+    monkeypatch.chdir(store.parent)
+    assert [p.resolve() for p in default_visits(Store(store))] == [v.resolve() for v in visits]

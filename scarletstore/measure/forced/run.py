@@ -78,11 +78,16 @@ def load_models(store, run: str) -> ForcedModels:
 
 
 def default_visits(store) -> list[Path]:
-    """The coadd's own visit files (the ``visits`` group), beside the store or in the current directory."""
+    """The coadd's own visit files (the ``visits`` group): where coadd recorded them
+    (relative to the store, then absolute), else by name beside the store, in the
+    current directory or in a tract's visit folders."""
     if not store.has("visits"):
         raise InputError(f"{store.path}: no visits group (not made by 'scarletstore coadd'); "
                          "name the visit files")
     table = store.read("visits")
+    recorded = _recorded_visits(store, table)
+    if recorded is not None:
+        return recorded
     folders = [Path(store.path).parent, Path(".")] + _tract_visit_folders(store)
     out = []
     for name in (str(f) for f in table["file"].values):
@@ -93,6 +98,31 @@ def default_visits(store) -> list[Path]:
         else:
             raise InputError(f"{name}: visit listed in {store.path} not found beside the store "
                              "or here; name the visit files")
+    return out
+
+
+def _recorded_visits(store, table) -> list[Path] | None:
+    """The visit files where the ``visits`` group's ``paths`` attribute recorded them
+    (relative to the store first, then absolute), or None when any is not found there
+    (or none is recorded). Without it the bare file names were looked for beside the
+    store or here only, which failed on visits kept in a folder of their own (the
+    demo's ``visits/``)."""
+    import json
+
+    try:
+        paths = json.loads(table.attrs.get("paths") or "{}")
+    except ValueError:
+        return None
+    folder = Path(store.path).parent
+    n = table.sizes["visit"]
+    choices = [[folder / p for p in paths.get("relative") or []],
+               [Path(p) for p in paths.get("absolute") or []]]
+    out = []
+    for i in range(n):
+        found = next((c[i] for c in choices if len(c) == n and c[i].is_file()), None)
+        if found is None:
+            return None
+        out.append(found)
     return out
 
 
