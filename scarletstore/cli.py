@@ -373,19 +373,17 @@ def cmd_tract(args):
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     scheduler = _check_scheduler(args.scheduler) if args.scheduler is not None else None
-    given = [flag for flag, value in (("VISIT", args.visits), ("--grid", args.grid),
-                                      ("--patches", args.patches), ("--overlap", args.overlap),
-                                      ("--bands", args.bands), ("--threshold", args.threshold),
-                                      ("--set", args.set)) if value not in (None, [])]
+    required = (("VISIT", args.visits), ("--grid", args.grid), ("--patches", args.patches),
+                ("--overlap", args.overlap))
+    settings = (("--bands", args.bands), ("--threshold", args.threshold), ("--set", args.set))
+    given = [flag for flag, value in required + settings if value not in (None, [])]
     if args.resume:
         if given:
             raise InputError(f"--resume takes the grid, visits and settings from OUT_DIR/tract.json; "
                              f"drop {', '.join(given)}")
         plan, index = plan_resume(args.out_dir)
     else:
-        missing = [flag for flag, value in (("VISIT", args.visits), ("--grid", args.grid),
-                                            ("--patches", args.patches), ("--overlap", args.overlap))
-                   if value in (None, [])]
+        missing = [flag for flag, value in required if value in (None, [])]
         if missing:
             raise InputError(f"the following arguments are required: {', '.join(missing)}")
         plan, index = plan_tract(args.out_dir, args.visits, args.grid, args.patches, args.overlap,
@@ -396,8 +394,9 @@ def cmd_tract(args):
     index = run_tract(plan, workers=args.workers, scheduler=scheduler, show_progress=True, index=index)
     done = [e for e in index["patches"] if e["status"] == "done"]
     total = len(index["patches"])
-    print(f"tract {plan.out_dir}: {len(done)} of {plural(total, 'patch', 'patches')} done"
-          f"{f', {n_run} in this run' if args.resume else ''} ({plan.shape[0]}x{plan.shape[1]}, overlap {plan.overlap} px), "
+    this_run = f", {n_run} in this run" if args.resume else ""
+    print(f"tract {plan.out_dir}: {len(done)} of {plural(total, 'patch', 'patches')} done{this_run} "
+          f"({plan.shape[0]}x{plan.shape[1]}, overlap {plan.overlap} px), "
           f"{sum(e['n_sources'] for e in done)} sources; index {plan.out_dir / 'tract.json'}")
     dropped = {}
     for e in done:
@@ -754,7 +753,7 @@ def _apcorr_summary(ds) -> str:
             f"order {span(order)} of {json.loads(ds.attrs['config'])['order']} asked")
     n_rejected = int(ds.attrs.get("n_rejected", 0))
     if n_rejected:
-        text += (f"; {n_rejected} star{'s' if n_rejected > 1 else ''} set aside (reference aperture "
+        text += (f"; {plural(n_rejected, 'star')} set aside (reference aperture "
                  "off the image or on masked pixels)")
     return text
 

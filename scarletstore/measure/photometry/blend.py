@@ -17,6 +17,15 @@ from .kernels import noise_planes
 from .moments import psf_covariance
 
 
+def _good_if_masked(fp, data):
+    """The usable-pixel plane for :func:`run_suite` when some footprint pixel is not
+    usable, else None: one (h, w) test per blend instead of the suite's (n, h, w) one,
+    so the common blend with all its pixels usable pays nothing for the coverage sums."""
+    if data is None or bool(data[2][fp].all()):
+        return None
+    return data[2]
+
+
 def child_shares(models: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     """Each child's share ``T_i+ / sum_j T_j+`` of every footprint pixel (0 where no template is positive)."""
     pos = np.where(footprint[None], np.clip(models, 0, None), 0).astype(np.float64)
@@ -161,7 +170,7 @@ class BlendPhotometry:
         values = redist if on_data else geometry
         centroids = m[:, 2:4] - np.array((x0, y0), np.float64)
         cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, centroids, m[:, 4:7],
-                                good=None if data is None else data[2], model_values=not on_data)
+                                good=_good_if_masked(fp, data), model_values=not on_data)
         if self.apcorr is not None:
             self.apcorr.apply(cols, m[:, 2], m[:, 3])
         cols.update(self.flux_errors(blend, models, fp, data, m, shares, b))
@@ -258,8 +267,7 @@ class BlendPhotometry:
         weight, var_eff = self._noise(geometry, fp, data, unit_shares=True)
         (cx, cy), mom = moments_of(geometry[0])
         cols, flags = run_suite(self.suite_setup(b), values, geometry, var_eff, weight, np.array([[cx, cy]]),
-                                np.array([mom]), good=None if data is None else data[2],
-                                model_values=not on_data)
+                                np.array([mom]), good=_good_if_masked(fp, data), model_values=not on_data)
         # model mode: the children's model fluxes summed (their models reach past the footprint,
         # by 44 % of a one-child parent's light on a field with masked columns, and the sum
         # over the footprint disagreed with its child's row); redistribute: the image over the
