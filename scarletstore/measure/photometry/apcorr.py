@@ -50,9 +50,11 @@ def fit_field(x, y, ratio, ratio_err, order: int, width: float, height: float, c
     """Robust weighted least-squares Chebyshev fit of ``ratio`` over the patch.
 
     The order is lowered (down to a constant) until there are
-    ``MIN_STARS_PER_TERM`` stars per term, and clipping stops before it would
-    keep fewer than that: fewer stars than terms is an exact interpolation
-    with no scatter left to judge the errors by. The covariance of the coefficients is scaled by the reduced chi^2
+    ``MIN_STARS_PER_TERM`` stars per term, before the fit and again whenever
+    clipping leaves fewer (an outlier kept to hold the order would pin the
+    field); clipping stops before a constant would keep fewer than that:
+    fewer stars than terms is an exact interpolation with no scatter left to
+    judge the errors by. The covariance of the coefficients is scaled by the reduced chi^2
     of the kept stars when it exceeds 1 (scatter the errors do not explain,
     e.g. PSF structure the series cannot follow).
 
@@ -77,8 +79,14 @@ def fit_field(x, y, ratio, ratio_err, order: int, width: float, height: float, c
         resid = (ratio - a @ coef) * np.sqrt(w)
         s = robust_sigma(resid[used])
         new = np.abs(resid - np.median(resid[used])) <= clip * max(s, 1e-12)
-        if new.sum() < MIN_STARS_PER_TERM * len(terms) or np.array_equal(new, used):
-            break  # (too few left: keep the previous set)
+        if new.sum() < MIN_STARS_PER_TERM or np.array_equal(new, used):
+            break  # (too few left even for a constant: keep the previous set)
+        # rejecting the outliers wins over the order: keeping one galaxy among 9 stars
+        # to fit a plane let it pin the plane
+        while order > 0 and new.sum() < MIN_STARS_PER_TERM * len(terms):
+            order -= 1
+            terms = chebyshev_terms(order)
+            a = design_matrix(x, y, terms, width, height)
         used = new
     coef, cov = _weighted_lstsq(a[used], ratio[used], w[used])
     resid = (ratio - a @ coef) * np.sqrt(w)
