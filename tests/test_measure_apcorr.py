@@ -329,6 +329,30 @@ def test_catalog_names_the_correction_and_warns_when_it_was_fitted_on_another_ru
     assert fits.getheader(out, 1)["APC_NOTE"] == "fitted on run a, not this run"
 
 
+def test_catalog_with_apertures_the_correction_has_no_term_for_says_which_are_left_uncorrected(
+        star_field, tmp_path, capsys):
+    from astropy.io import fits
+    store, _, _ = star_field
+    path = _copy(store, tmp_path)
+    assert main(["apcorr", str(path), "--band", "r"]) == 0  # fitted with 3, 6 and 12 px
+    plain = band_catalog(Store(path), "r")
+    assert plain.attrs["apc_skip"] == ""
+    out = tmp_path / "c.fits"
+    capsys.readouterr()
+    assert main(["catalog", str(path), "--band", "r", "--apertures", "4,6,12", "-o", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err.count("scarletstore catalog: warning: aperture correction apcorr/r has no term for "
+                     "aperture_flux_4 (fitted for psf_flux, aperture_flux_3, aperture_flux_6, "
+                     "kron_flux, gaap_flux): left uncorrected") == 1, err
+    assert fits.getheader(out, 1)["APC_SKIP"] == "aperture_flux_4"
+    with pytest.warns(UserWarning, match="no term for aperture_flux_4"):
+        cat = band_catalog(Store(path), "r", apertures=[4, 6, 12])
+    # the covered columns are corrected as in the plain catalog; the other one is raw
+    assert "aperture_flux_4_uncorrected" not in cat and "aperture_flux_6_uncorrected" in cat
+    np.testing.assert_allclose(cat["aperture_flux_6"].values, plain["aperture_flux_6"].values, rtol=1e-12)
+    np.testing.assert_allclose(cat["psf_flux"].values, plain["psf_flux"].values, rtol=1e-12)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--band", "z"], "band 'z' is not in run a"),
     (["--band", "r", "--min-snr", "1e9"], "needs at least 3 bright isolated stars, found 0"),

@@ -420,7 +420,22 @@ def open_measurer(store, band, run=None, redistribute=False, image_override=None
             # still applied: the correction belongs to the PSF and the measurement, not the run
             warnings.warn(f"aperture correction apcorr/{band} was fitted on run {corr.run}, "
                           f"applied to run {run}", stacklevel=2)
+        skip = uncorrected_columns(corr, config) if corr is not None else []
+        if skip:
+            # e.g. --apertures 4,8 against a correction fitted with 3,6,12: a user reading
+            # "apcorr" in the header would take every flux for corrected
+            warnings.warn(f"aperture correction apcorr/{band} has no term for "
+                          f"{', '.join(skip)} (fitted for "
+                          f"{', '.join(corr.names)}): left uncorrected", stacklevel=2)
     return measurer
+
+
+def uncorrected_columns(corr, config) -> list[str]:
+    """Flux columns of the catalog ``config`` that the correction ``corr`` has no term for
+    (its reference aperture apart: it is the scale the others are corrected to)."""
+    from .photometry import flux_columns
+
+    return [t for t in flux_columns(config) if t not in corr.names and t != corr.reference]
 
 
 def apcorr_attrs(measurer, band: str) -> dict:
@@ -428,7 +443,8 @@ def apcorr_attrs(measurer, band: str) -> dict:
 
     ``apcorr``: its group ("" when none); ``apc_run``: the run it was fitted
     on; ``apc_ref`` / ``apc_rad``: its reference aperture and radius (px);
-    ``apc_note``: says so when the catalog's run is another one.
+    ``apc_note``: says so when the catalog's run is another one; ``apc_skip``:
+    the flux columns it has no term for, left uncorrected (comma-separated).
     """
     corr = measurer.photometry.apcorr
     if corr is None:
@@ -436,7 +452,8 @@ def apcorr_attrs(measurer, band: str) -> dict:
     other = corr.run != measurer.run_name
     attrs = {"apcorr": f"apcorr/{band}", "apc_run": corr.run, "apc_ref": corr.reference,
              "apc_rad": corr.reference_radius,
-             "apc_note": f"fitted on run {corr.run}, not this run" if other else ""}
+             "apc_note": f"fitted on run {corr.run}, not this run" if other else "",
+             "apc_skip": ",".join(uncorrected_columns(corr, measurer.photometry.config))}
     if not np.isfinite(corr.reference_radius):
         del attrs["apc_rad"]  # a product older than the recorded radius (FITS takes no NaN card)
     return attrs
