@@ -306,6 +306,7 @@ def cmd_coadd(args):
     import tempfile
 
     from .coadd.pipeline import coadd
+    from .coadd.stack import record_relative_paths
     from .coadd.visits import read_grid, read_visits
     from .store.store import Store, StoreError
 
@@ -320,7 +321,7 @@ def cmd_coadd(args):
     with tempfile.TemporaryDirectory(prefix="scarletstore-coadd-bands-") as scratch:
         groups = coadd(visits, grid, kernel=args.kernel, workers=args.workers, scheduler=scheduler,
                        reject=not args.no_reject, target_fwhm=args.psf_matched_fwhm, scratch=scratch)
-        _record_relative_paths(groups["visits"], path)
+        record_relative_paths(groups["visits"], path)
         Store.create(path, groups)
         for ds in groups.values():
             ds.close()
@@ -334,15 +335,6 @@ def cmd_coadd(args):
           f"of the PSF-matched coadd")
     for line in _coadd_warnings(exposure.attrs, table, not args.no_reject):
         sys.stderr.write(f"scarletstore coadd: warning: {line}\n")
-
-
-def _record_relative_paths(table, store) -> None:
-    """Add to the visits table's ``paths`` the visit files relative to the store's folder:
-    a folder holding the store and its visits (the demo's output) may be moved whole."""
-    paths = json.loads(table.attrs.get("paths") or "{}")
-    folder = os.path.abspath(Path(store).parent)
-    paths["relative"] = [os.path.relpath(p, folder) for p in paths.get("absolute", [])]
-    table.attrs["paths"] = json.dumps(paths)
 
 
 def _coadd_warnings(attrs, table, reject) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 
 from scarletstore.cli import main
 from scarletstore.errors import InputError
+from scarletstore.store.store import Store
 from scarletstore.tract.patches import Box, cut_patches, parse_patches
 
 SNR_CUT = 10.0
@@ -457,3 +458,24 @@ def test_resume_refuses_a_changed_tract_in_one_line(tract_sim, tmp_path, capsys)
     assert main(["tract", str(out), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the visit changed" in err[0] and visits[1].name in err[0]
+
+
+def test_a_tract_moved_with_its_visits_still_finds_them_for_forced(tract_sim, tmp_path, capsys):
+    """The patch stores recorded their visits by absolute path only (the relative
+    record was the coadd command's), so a tract folder moved or copied together with
+    its visits lost them: forced on a patch store said the visits were not found."""
+    import shutil
+
+    field = tmp_path / "field"
+    (field / "visits").mkdir(parents=True)
+    visits = [shutil.copy(v, field / "visits") for v in tract_sim["visits"]]
+    grid = shutil.copy(tract_sim["grid"], field / "visits")
+    assert main(["tract", str(field / "tract"), *map(str, visits), "--grid", str(grid),
+                 "--patches", "1x1", "--overlap", "0"]) == 0
+    shutil.move(field, tmp_path / "moved")
+    store = tmp_path / "moved" / "tract" / "patch_0_0" / "store.h5"
+    paths = json.loads(Store(store).read("visits").attrs["paths"])
+    assert paths["relative"] == [f"../../visits/{Path(v).name}" for v in visits]
+    capsys.readouterr()
+    assert main(["forced", str(store), "-o", str(tmp_path / "f.fits")]) == 0
+    assert f"on {len(visits)} visits" in capsys.readouterr().out

@@ -254,3 +254,13 @@ def visits_table(visits: list[Visit], rows: list[dict], zeropoint, kernel) -> xr
     )
     stamp(ds, "visits", 1)
     return validate(ds)
+
+
+def record_relative_paths(table: xr.Dataset, store_path) -> None:
+    """Add to the visits table's ``paths`` the visit files relative to the folder of the
+    store at ``store_path``: a folder holding the store and its visits (the demo's output,
+    a tract and its visits) may then be moved whole and forced still finds them."""
+    paths = json.loads(table.attrs.get("paths") or "{}")
+    folder = os.path.abspath(os.path.dirname(os.path.abspath(store_path)))
+    paths["relative"] = [os.path.relpath(p, folder) for p in paths.get("absolute", [])]
+    table.attrs["paths"] = json.dumps(paths)

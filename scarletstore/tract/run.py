@@ -168,6 +168,7 @@ def _file_stats(path) -> list:
 
 def _build_store(path: Path, job: PatchJob) -> dict:
     """coadd -> detect -> deblend of one patch into a new store at ``path``; stage times and counts."""
+    from ..coadd.stack import record_relative_paths
     from ..deblend.config import DeblendConfig
     from ..deblend.run import deblend_exposure
     from ..detect.detect import detect
@@ -176,6 +177,7 @@ def _build_store(path: Path, job: PatchJob) -> dict:
     times = {}
     t = time.process_time()
     groups, dropped = _patch_coadd(job)
+    record_relative_paths(groups["visits"], path)  # a tract moved with its visits keeps them
     store = Store.create(path, groups)
     times["coadd"], t = time.process_time() - t, time.process_time()
     exposure = store.read("exposure")
